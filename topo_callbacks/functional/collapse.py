@@ -1,0 +1,240 @@
+"""The collapse index (CI): the write-up's formula with each term made well-posed, plus side channels."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from topo_callbacks.functional._validation import check_eps, check_points, check_prime
+from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std
+from topo_callbacks.functional.topology import (
+    betti_from_distances,
+    h0_diagram,
+    pairwise_distances,
+    persistence_entropy,
+)
+
+__all__ = ["PAPER_WEIGHTS", "TERMS", "CollapseReport", "collapse_index", "resolve_weights", "scale_from_quantile"]
+
+#: The terms a CI can weigh, each in [0, 1] with 1 meaning collapsed.
+TERMS: tuple[str, ...] = ("betti", "entropy", "anisotropy", "rank", "std")
+#: The write-up's weights: ``CI = 0.4 (1 - b1/b0) + 0.3 (1 - PE) + 0.3 A``.
+PAPER_WEIGHTS: Mapping[str, float] = {"betti": 0.4, "entropy": 0.3, "anisotropy": 0.3}
+#: Default scale rule: the distance at which a point has this many neighbours on average.
+DEFAULT_NEIGHBORS = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseReport:
+    """The CI of one batch, every term and channel behind it, as plain floats.
+
+    Terms (each in [0, 1], 1 = collapsed): ``betti_term = 1 - min(b1/b0, 1)``, ``entropy_term = 1 - PE``,
+    ``anisotropy_term = A``, ``rank_term = 1 - (erank - 1)/(min(n, d) - 1)``, ``std_term = 1 - min(sqrt(d) std, 1)``.
+    Channels: ``b0``, ``b1``, ``persistence_entropy`` (normalised, of the H0 diagram), ``effective_rank``,
+    ``std_l2`` (lightly's statistic), ``b0_fraction = b0/n``, ``nonfinite_fraction`` (rows dropped before the
+    call, filled in by the monitors). ``eps`` is the scale used, ``time_s`` the wall time of the call.
+    """
+
+    ci: float
+    betti_term: float
+    entropy_term: float
+    anisotropy_term: float
+    rank_term: float
+    std_term: float
+    b0: float
+    b1: float
+    persistence_entropy: float
+    effective_rank: float
+    std_l2: float
+    b0_fraction: float
+    nonfinite_fraction: float
+    n: int
+    d: int
+    eps: float
+    time_s: float
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """All fields as ``{prefix + name: float}``, ready for a logger.
+
+        Example:
+            >>> import torch
+            >>> rep = collapse_index(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)))
+            >>> sorted(rep.as_dict("collapse/"))[:3]
+            ['collapse/anisotropy_term', 'collapse/b0', 'collapse/b0_fraction']
+        """
+        return {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def term(self, name: str) -> float:
+        """The value of one CI term by its weight name (``"betti"``, ``"entropy"``, ...)."""
+        return float(getattr(self, f"{name}_term"))
+
+
+def resolve_weights(weights: str | Mapping[str, float]) -> dict[str, float]:
+    """Validate CI weights: ``"paper"`` or a mapping from term names in `TERMS` to non-negative floats.
+
+    Raises:
+        ValueError: for an unknown preset, an unknown term, a negative or non-finite weight, or all zeros.
+    """
+    if isinstance(weights, str):
+        if weights != "paper":
+            raise ValueError(f"`weights` must be 'paper' or a mapping of {list(TERMS)} to floats; got {weights!r}.")
+        return dict(PAPER_WEIGHTS)
+    if not isinstance(weights, Mapping):
+        raise ValueError(
+            f"`weights` must be 'paper' or a mapping of {list(TERMS)} to floats; got {type(weights).__name__}."
+        )
+    unknown = sorted(set(weights) - set(TERMS))
+    if unknown:
+        raise ValueError(f"`weights` has unknown term(s) {unknown}; accepted terms are {list(TERMS)}.")
+    out = {}
+    for key, value in weights.items():
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"`weights[{key!r}]` must be a finite number >= 0; got {weights[key]!r}.")
+        out[key] = value
+    if sum(out.values()) <= 0:
+        raise ValueError(f"`weights` must have at least one weight > 0; got {dict(weights)!r}.")
+    return out
+
+
+def scale_from_quantile(dist: Tensor, quantile: float | None = None) -> float:
+    """A positive Vietoris-Rips scale: the ``quantile`` of the off-diagonal pairwise distances.
+
+    ``quantile=None`` (the default) takes ``min(DEFAULT_NEIGHBORS / (n - 1), 0.5)``: the distance at which a point
+    has 8 neighbours on average. High-dimensional data concentrate distances: at the median distance nearly
+    everything is connected and ``b0 = 1, b1 = 0`` for healthy and collapsed data alike, while at a fixed low
+    quantile a small batch has no loops at all and a large one has tens of thousands (slow to reduce). A fixed
+    mean degree keeps the eps-graph sparse and its loops countable at every batch size. When the quantile is 0
+    (many duplicates) the smallest positive distance is used, and 1.0 when all points coincide (any positive
+    scale then gives the same complex).
+
+    Example:
+        >>> import torch
+        >>> scale_from_quantile(torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]]), 0.5)
+        2.0
+    """
+    n = dist.shape[0]
+    if quantile is None:
+        quantile = min(DEFAULT_NEIGHBORS / max(n - 1, 1), 0.5)
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"`eps_quantile` must be in (0, 1) or None; got {quantile!r}.")
+    iu = torch.triu_indices(n, n, offset=1, device=dist.device)
+    values = dist[iu[0], iu[1]]
+    if values.numel() == 0:
+        return 1.0
+    if values.numel() > 2_000_000:  # torch.quantile has an input-size limit; a strided sample is plenty
+        values = values[:: values.numel() // 1_000_000 + 1]
+    eps = float(torch.quantile(values, quantile))
+    if eps <= 0.0:
+        positive = values[values > 0]
+        eps = float(positive.min()) if positive.numel() else 1.0
+    return eps
+
+
+def collapse_index(
+    x: Tensor,
+    *,
+    eps: float | None = None,
+    eps_quantile: float | None = None,
+    weights: str | Mapping[str, float] = "paper",
+    normalize: Literal["l2", "none"] = "l2",
+    coeff: int = 2,
+) -> CollapseReport:
+    r"""Collapse index of an embedding batch, with every term and channel.
+
+    .. math:: \mathrm{CI} = \frac{\sum_t w_t\, T_t}{\sum_t w_t}, \qquad
+              \text{paper: } 0.4\,(1 - \min(b_1/b_0, 1)) + 0.3\,(1 - \mathrm{PE}) + 0.3\,A
+
+    - ``b0, b1``: Betti numbers of the Vietoris-Rips complex at scale ``eps`` (exact, `betti_numbers`);
+      the ratio is clipped to [0, 1].
+    - ``PE``: persistence entropy of the H0 diagram divided by ``log(#bars)``, in [0, 1].
+    - ``A``: `anisotropy`, the eigenvalue ratio normalised against isotropic data of the same ``n`` and ``d``.
+
+    The topological terms are computed on L2-normalised rows by default (``normalize="l2"``): it makes the
+    scale ``eps`` meaningful across training (the norm of embeddings drifts) while complete collapse still
+    shrinks all distances. ``eps=None`` takes `scale_from_quantile` of this batch's pairwise distances (by default
+    the distance at which points have 8 neighbours on average); that scale moves with the data, so for a series
+    of batches calibrate it once and pass it (the monitors do this): a collapse then shows as the eps-graph
+    filling in (``b0 -> 1, b1 -> 0``).
+
+    Args:
+        x: embeddings, shape ``(n, d)``, ``n >= 2``, finite.
+        eps: Vietoris-Rips scale (> 0), or None for the quantile heuristic.
+        eps_quantile: the quantile used when ``eps`` is None, in (0, 1); None for the 8-neighbour rule.
+        weights: ``"paper"`` or a mapping from term names (``betti``, ``entropy``, ``anisotropy``, ``rank``,
+            ``std``) to non-negative weights; the CI is the weighted mean of the terms, so it lies in [0, 1].
+        normalize: ``"l2"`` (default) or ``"none"``: how rows are scaled before the topological terms.
+        coeff: prime p of the homology coefficients Z/p.
+
+    Returns:
+        A `CollapseReport`.
+
+    Raises:
+        ValueError: for a non-2-D, too small or non-finite ``x``, ``eps <= 0``, unknown weights or options.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> healthy = torch.randn(256, 32, generator=g)
+        >>> eps = collapse_index(healthy).eps
+        >>> collapsed = healthy[:1] + 1e-3 * torch.randn(256, 32, generator=g)
+        >>> collapse_index(healthy, eps=eps).ci < collapse_index(collapsed, eps=eps).ci
+        True
+    """
+    start = time.perf_counter()
+    x = check_points(x, min_rows=2)
+    w = resolve_weights(weights)
+    coeff = check_prime(coeff)
+    if normalize not in ("l2", "none"):
+        raise ValueError(f"`normalize` must be 'l2' or 'none'; got {normalize!r}.")
+    if eps is not None:
+        eps = check_eps(eps)
+    n, d = x.shape
+
+    z = x.to(torch.float64)
+    if normalize == "l2":
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    # Duplicate rows are dominated vertices: dropping them changes no Betti number and no non-zero H0 bar.
+    z = torch.unique(z, dim=0)
+    dist = pairwise_distances(z, exact_near=eps)
+    if eps is None:
+        eps = scale_from_quantile(dist, eps_quantile)
+    b0, b1 = betti_from_distances(dist, eps, coeff=coeff)
+    pe = persistence_entropy(h0_diagram(dist))
+    aniso = anisotropy(x)
+    erank = effective_rank(x)
+    std = l2_normalized_std(x)
+
+    terms = {
+        "betti": 1.0 - min(b1 / b0, 1.0),
+        "entropy": 1.0 - pe,
+        "anisotropy": aniso,
+        "rank": 1.0 - min(max((erank - 1.0) / max(min(n, d) - 1, 1), 0.0), 1.0),
+        "std": 1.0 - min(std * math.sqrt(d), 1.0),
+    }
+    ci = sum(w[k] * terms[k] for k in w) / sum(w.values())
+    return CollapseReport(
+        ci=float(ci),
+        betti_term=terms["betti"],
+        entropy_term=terms["entropy"],
+        anisotropy_term=terms["anisotropy"],
+        rank_term=terms["rank"],
+        std_term=terms["std"],
+        b0=float(b0),
+        b1=float(b1),
+        persistence_entropy=pe,
+        effective_rank=erank,
+        std_l2=std,
+        b0_fraction=b0 / n,  # per input row: a batch of duplicates is one component out of n rows
+        nonfinite_fraction=0.0,
+        n=n,
+        d=d,
+        eps=float(eps),
+        time_s=time.perf_counter() - start,
+    )

@@ -1,0 +1,154 @@
+"""Spectral channels of an embedding batch: anisotropy (made well-posed), effective rank, std of normalised rows."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from topo_callbacks.functional._validation import check_points
+
+__all__ = ["anisotropy", "anisotropy_ratio", "effective_rank", "l2_normalized_std"]
+
+#: The lower quantile of the observable spectrum that stands in for the smallest eigenvalue (see `anisotropy`).
+LOW_QUANTILE = 0.1
+#: How far beyond the isotropic ratio counts as fully anisotropic: the write-up's "over 100 is collapse".
+COLLAPSE_RATIO = 100.0
+
+
+def _observable_spectrum(x: Tensor) -> Tensor:
+    """Ascending non-zero-rank eigenvalues of the sample covariance: the first ``min(n - 1, d)`` of them."""
+    x = x.to(torch.float64)
+    xc = x - x.mean(dim=0, keepdim=True)
+    n, d = xc.shape
+    m = min(n - 1, d)
+    gram = xc @ xc.T if n <= d else xc.T @ xc  # the smaller side has the same non-zero spectrum
+    eig = torch.linalg.eigvalsh(gram / max(n - 1, 1))
+    return eig[-m:].clamp_min(0.0)
+
+
+@lru_cache(maxsize=256)
+def _isotropic_ratio(m: int, big: int, quantile: float = LOW_QUANTILE) -> float:
+    """Expected ``lambda_max / lambda_(quantile)`` for isotropic Gaussian data, from the Marchenko-Pastur law.
+
+    The non-zero spectrum of an ``m``-by-``big`` Gaussian sample covariance (``m <= big``) follows MP with aspect
+    ratio ``q = m / big``, support ``[(1 - sqrt q)^2, (1 + sqrt q)^2]``; ratios do not depend on the scale.
+    """
+    q = m / big
+    a, b = (1 - math.sqrt(q)) ** 2, (1 + math.sqrt(q)) ** 2
+    # x = a + (b - a)(1 - cos t)/2 removes the square-root edges of the density, so a plain grid integrates well.
+    t = np.linspace(0.0, math.pi, 4097)
+    xs = a + (b - a) * (1 - np.cos(t)) / 2
+    dens = np.sqrt(np.clip((b - xs) * (xs - a), 0, None)) / (2 * math.pi * q * np.maximum(xs, 1e-300))
+    integrand = dens * (b - a) * np.sin(t) / 2
+    cdf = np.concatenate([[0.0], np.cumsum((integrand[1:] + integrand[:-1]) / 2 * np.diff(t))])
+    cdf /= cdf[-1]
+    low = float(np.interp(quantile, cdf, xs))
+    # Finite m: the largest of m eigenvalues sits below the edge b; use the (1 - 1/(2m)) quantile instead.
+    top = float(np.interp(1.0 - 0.5 / m, cdf, xs)) if m > 1 else low
+    return top / max(low, 1e-300)
+
+
+def anisotropy_ratio(x: Tensor) -> float:
+    """``lambda_max / lambda_(q)`` of the covariance of ``x``, with ``lambda_(q)`` its lower-decile eigenvalue.
+
+    The raw ratio the write-up names (largest over smallest eigenvalue) is infinite for ``n <= d`` and near the
+    smallest eigenvalue's noise floor otherwise; the lower decile of the ``min(n - 1, d)`` observable eigenvalues
+    is a stable stand-in. Returns ``inf`` when that eigenvalue is numerically zero.
+
+    Example:
+        >>> import torch
+        >>> round(anisotropy_ratio(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.5], [0.0, -0.5]])), 6)
+        4.0
+    """
+    x = check_points(x, min_rows=2)
+    eig = _observable_spectrum(x)
+    top = float(eig[-1])
+    if top <= 0.0:
+        return math.inf
+    low = float(torch.quantile(eig, LOW_QUANTILE))
+    if low <= top * eig.numel() * torch.finfo(torch.float64).eps:
+        return math.inf
+    return top / low
+
+
+def anisotropy(x: Tensor) -> float:
+    r"""Anisotropy of an embedding batch in [0, 1], 0 for isotropic data at any ``n`` and ``d``.
+
+    The write-up's anisotropy is ``lambda_max / lambda_min`` of the embedding covariance with "over 100 is
+    collapse"; taken literally it is infinite whenever ``n <= d`` and above 100 for isotropic Gaussian batches
+    when ``n < ~1.5 d`` (Marchenko-Pastur). Made well-posed:
+
+    .. math:: A = \mathrm{clip}\left(\frac{\log(r / r_{\mathrm{iso}}(n, d))}{\log 100}, 0, 1\right)
+
+    where ``r`` is :func:`anisotropy_ratio` (top eigenvalue over the lower-decile eigenvalue of the
+    ``min(n - 1, d)`` observable ones) and ``r_iso`` the same ratio expected for isotropic data of the same
+    ``n`` and ``d`` from the Marchenko-Pastur law. So ``A = 1`` means "100 times more elongated than an
+    isotropic batch of this size", the write-up's threshold read relative to the right baseline.
+    A batch whose points all coincide, or whose spread lies in fewer than ~90% of the observable directions
+    (rank ``k`` data with ``k < 0.9 min(n - 1, d)``), scores 1. Rank-``k`` data is only told apart from
+    isotropic data when the batch can see more than ``k`` directions: with ``n - 1 <= k`` it cannot.
+
+    Args:
+        x: embeddings, shape ``(n, d)`` with ``n >= 2``.
+
+    Returns:
+        A float in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> iso = torch.randn(512, 64, generator=g)
+        >>> anisotropy(iso) < 0.1
+        True
+        >>> flat = torch.randn(512, 2, generator=g) @ torch.randn(2, 64, generator=g)
+        >>> anisotropy(flat + 1e-3 * torch.randn(512, 64, generator=g))
+        1.0
+    """
+    x = check_points(x, min_rows=2)
+    n, d = x.shape
+    ratio = anisotropy_ratio(x)
+    if math.isinf(ratio):
+        return 1.0
+    m, big = min(n - 1, d), max(n - 1, d)
+    score = math.log(ratio / _isotropic_ratio(m, big)) / math.log(COLLAPSE_RATIO)
+    return min(max(score, 0.0), 1.0)
+
+
+def effective_rank(x: Tensor, *, eps: float = 1e-7) -> float:
+    """RankMe effective rank: ``exp`` of the entropy of the normalised singular values of ``x`` (Garrido et al.).
+
+    ``p_k = s_k / sum(s) + eps``; the result is between 1 and ``min(n, d)`` (0 for an all-zero batch). As in
+    RankMe the embeddings are not centred, so a batch collapsed to one non-zero point has rank 1.
+
+    Example:
+        >>> import torch
+        >>> round(effective_rank(torch.eye(4)), 3)
+        4.0
+    """
+    x = check_points(x).to(torch.float64)
+    s = torch.linalg.svdvals(x)
+    total = float(s.sum())
+    if total <= 0.0:
+        return 0.0
+    p = s / total + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def l2_normalized_std(x: Tensor) -> float:
+    """Mean over dimensions of the std of the L2-normalised rows (lightly's SimSiam collapse statistic).
+
+    About ``1/sqrt(d)`` for isotropic data and 0 under complete collapse (all rows pointing the same way).
+    Rows of norm zero are left as zero.
+
+    Example:
+        >>> import torch
+        >>> l2_normalized_std(torch.ones(8, 3))
+        0.0
+    """
+    x = check_points(x, min_rows=2).to(torch.float64)
+    z = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return float(z.std(dim=0).mean())
