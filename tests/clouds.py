@@ -50,7 +50,7 @@ def gudhi_betti(points: np.ndarray, eps: float, coeff: int = 2) -> tuple[int, in
 
     st = gudhi.RipsComplex(points=points, max_edge_length=eps).create_simplex_tree(max_dimension=2)
     st.compute_persistence(homology_coeff_field=coeff, persistence_dim_max=True)
-    betti = st.betti_numbers() + [0, 0]
+    betti = [*st.betti_numbers(), 0, 0]
     return betti[0], betti[1]
 
 

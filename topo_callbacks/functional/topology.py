@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
 from torch import Tensor
 
 from topo_callbacks.functional._validation import check_eps, check_points, check_prime
@@ -116,15 +117,14 @@ def _minimum_spanning_tree(dist: Tensor) -> Tensor:
     return torch.sort(torch.cat(weights)).values
 
 
-def _sparse_eps_graph(dist: Tensor, eps: float):  # noqa: ANN202  (scipy type)
-    import scipy.sparse as sp
+def _sparse_eps_graph(dist: Tensor, eps: float) -> coo_matrix:
 
     n = dist.shape[0]
     # ripser reads a sparse matrix's upper triangle (i < j); a lower-triangle input is silently misread.
     i, j = torch.nonzero(torch.triu(dist <= eps, diagonal=1), as_tuple=True)
     # Only which edges exist matters for Betti numbers; ordering edges by length keeps ripser's reduction short.
     values = (1.0 + dist[i, j]).cpu().numpy()
-    return sp.coo_matrix((values, (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
+    return coo_matrix((values, (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
 
 
 def betti_numbers(x: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
