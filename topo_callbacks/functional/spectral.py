@@ -61,8 +61,9 @@ def anisotropy_ratio(x: Tensor) -> float:
 
     Example:
         >>> import torch
-        >>> round(anisotropy_ratio(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.5], [0.0, -0.5]])), 6)
-        4.0
+        >>> x = torch.cat([torch.eye(11), -torch.eye(11)]) * torch.tensor([3.0] + [1.0] * 10)
+        >>> round(anisotropy_ratio(x), 6)  # variance 9 along one axis, 1 along the ten others
+        9.0
     """
     x = check_points(x, min_rows=2)
     eig = _observable_spectrum(x)

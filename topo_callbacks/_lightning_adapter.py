@@ -1,0 +1,96 @@
+"""The Lightning adapter, written once over the framework-agnostic core for both Lightning flavours.
+
+`topo_callbacks.lightning` builds it on ``lightning.pytorch.Callback`` and `topo_callbacks.pytorch_lightning`
+on ``pytorch_lightning.Callback``; the flavour is the user's explicit choice of module, never guessed from
+what is importable (installing ``lightning`` installs ``pytorch_lightning`` too).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
+
+
+def build_collapse_monitor(callback_base: type) -> type:
+    """A ``CollapseMonitor`` class deriving from ``callback_base`` (a Lightning ``Callback`` class)."""
+
+    class CollapseMonitor(CollapseMonitorCore, callback_base):  # type: ignore[valid-type,misc]
+        __doc__ = _DOC
+
+        @property
+        def state_key(self) -> str:
+            layer = self.layer if isinstance(self.layer, str) else getattr(self.layer, "__qualname__", "callable")
+            return self._generate_state_key(layer=layer, monitor=self.monitor)
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if stage != "fit":
+                return
+            for other in trainer.callbacks:
+                if other is not self and isinstance(other, CollapseMonitorCore) and other.monitor == self.monitor:
+                    raise ValueError(
+                        f"two collapse monitors log under `monitor={self.monitor!r}`; give each its own key"
+                        " (e.g. monitor='collapse/encoder/ci')."
+                    )
+            self.attach(pl_module)
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.prepare_step(trainer.global_step + 1)
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = trainer.global_step
+            if not self.is_check_step(step):
+                return
+            result = self.run_check(step)
+            if result.report is not None:
+                value = torch.tensor(result.report.ci, device=pl_module.device)
+                # Same value on every rank (computed from the gathered sample), so no sync_dist.
+                pl_module.log(self.monitor, value, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+                for logger in trainer.loggers:
+                    logger.log_metrics(result.logged, step=step)
+            self._reduce_stop(trainer, step, result)
+
+        def _reduce_stop(self, trainer: Any, step: int, result: CheckResult) -> None:
+            should_stop = trainer.strategy.reduce_boolean_decision(result.should_stop, all=False)
+            if should_stop:
+                trainer.should_stop = True
+                self.record_stop(step, result)
+
+        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            self.detach()
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self.detach()
+
+    return CollapseMonitor
+
+
+_DOC = """Lightning callback: log a collapse index of one layer's embeddings, warn, and optionally stop.
+
+Every ``every_n_train_steps`` optimizer steps it gathers up to ``max_samples`` pooled embeddings of ``layer``
+from all ranks, computes the collapse index (CI), logs it under ``monitor`` with ``pl_module.log`` (progress bar,
+``trainer.callback_metrics``, usable by ``EarlyStopping``/``ModelCheckpoint``), sends the CI and every term to
+the loggers, and evaluates the alarm rule. An alarm warns once per episode (``CollapseWarning``); with
+``stop_on_alarm=True`` the run stops on every rank at the same step (the decision is reduced over ranks).
+
+All arguments are those of :class:`topo_callbacks.core.CollapseMonitorCore`.
+
+Attributes:
+    history: one dict per check: ``step``, ``ci``, ``alarm``, ``reason`` and every term and channel.
+    stopped_step: the global step at which the monitor stopped the run, or None.
+    stopping_reason: a :class:`~topo_callbacks.core.StoppingReason`.
+    stopping_reason_message: the message of the rule that stopped the run.
+    first_alarm_step: the first check at which an alarm fired, or None.
+    eps: the calibrated (or given) Vietoris-Rips scale.
+
+Example::
+
+    from lightning.pytorch import Trainer
+    from topo_callbacks.lightning import CollapseMonitor
+
+    trainer = Trainer(callbacks=[CollapseMonitor(layer="encoder", every_n_train_steps=50)])
+
+.. tip:: Several monitors (one per layer) can run together; give each its own ``monitor`` key.
+"""

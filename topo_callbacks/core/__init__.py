@@ -1,0 +1,20 @@
+"""Framework-agnostic monitoring: capture, gather, schedule, calibration, alarm and state."""
+
+from topo_callbacks.core.alarm import AlarmRule, StoppingReason
+from topo_callbacks.core.capture import EmbeddingCapture, pool_output, resolve_layer, select_tensor, unwrap_model
+from topo_callbacks.core.gather import gather_samples
+from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore, CollapseWarning
+
+__all__ = [
+    "AlarmRule",
+    "CheckResult",
+    "CollapseMonitorCore",
+    "CollapseWarning",
+    "EmbeddingCapture",
+    "StoppingReason",
+    "gather_samples",
+    "pool_output",
+    "resolve_layer",
+    "select_tensor",
+    "unwrap_model",
+]

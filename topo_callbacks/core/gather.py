@@ -1,0 +1,71 @@
+"""Gather captured rows from every rank: budget split before the gather, uneven and empty ranks, one padded gather."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["gather_samples", "sum_across_ranks", "world_size"]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _subsample(x: Tensor, budget: int) -> Tensor:
+    if x.shape[0] <= budget:
+        return x
+    keep = torch.linspace(0, x.shape[0] - 1, budget, device=x.device).round().long()
+    return x[keep]
+
+
+def gather_samples(x: Tensor | None, max_samples: int, device: torch.device | str = "cpu") -> Tensor:
+    """All ranks' rows concatenated in rank order, at most ``max_samples`` in total, identical on every rank.
+
+    Each rank first keeps ``ceil(max_samples / world)`` evenly spaced rows, so memory is bounded by the budget,
+    not by the world size. Then the shapes are gathered, rows padded to the largest rank and gathered once, and
+    the padding trimmed. A rank with nothing (``x`` None or ``(0, d)``) still takes part. Every rank must call
+    this at the same point (it is a collective when a process group is initialised).
+
+    Example:
+        >>> import torch
+        >>> gather_samples(torch.arange(10.0).reshape(5, 2), max_samples=3)
+        tensor([[0., 1.],
+                [4., 5.],
+                [8., 9.]])
+    """
+    world = world_size()
+    budget = math.ceil(max_samples / world)
+    if x is not None:
+        x = _subsample(x, budget)
+        device = x.device
+    if world == 1:
+        return x if x is not None else torch.zeros(0, 0, device=device)
+    local = torch.tensor(
+        [0 if x is None else x.shape[0], 0 if x is None else x.shape[1]], dtype=torch.long, device=device
+    )
+    shapes = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(shapes, local)
+    rows = [int(s[0]) for s in shapes]
+    d = max(int(s[1]) for s in shapes)
+    if d == 0 or max(rows) == 0:
+        return torch.zeros(0, d, dtype=torch.float32, device=device)
+    if x is None or x.shape[1] == 0:
+        x = torch.zeros(0, d, dtype=torch.float32, device=device)
+    padded = torch.zeros(max(rows), d, dtype=torch.float32, device=device)
+    padded[: x.shape[0]] = x.to(torch.float32)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:r] for part, r in zip(parts, rows, strict=False)])
+
+
+def sum_across_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:
+    """Element-wise sum of small integer counters over ranks (a collective when a process group exists)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]

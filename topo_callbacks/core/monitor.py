@@ -1,0 +1,314 @@
+"""The framework-agnostic collapse monitor: schedule, capture, gather, CI, scale calibration, alarm, state.
+
+Adapters (Lightning, Accelerate, HF) translate their events into three calls: `attach` once, `prepare_step`
+before each optimizer step's forward passes, and `run_check` after an optimizer step for which `is_check_step`
+holds; they log `CheckResult.logged` and reduce `CheckResult.should_stop` over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from topo_callbacks.core.alarm import AlarmRule, StoppingReason
+from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
+from topo_callbacks.core.gather import gather_samples, sum_across_ranks, world_size
+from topo_callbacks.functional._validation import check_eps
+from topo_callbacks.functional.collapse import CollapseReport, collapse_index, resolve_weights
+
+__all__ = ["CheckResult", "CollapseMonitorCore", "CollapseWarning"]
+
+
+class CollapseWarning(UserWarning):
+    """Raised (as a warning) when the alarm rule fires, or when a check had to be skipped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """What one check produced. ``report`` is None when the check was skipped (``skipped`` says why)."""
+
+    step: int
+    report: CollapseReport | None
+    reason: StoppingReason = StoppingReason.NOT_STOPPED
+    message: str = ""
+    alarm: bool = False
+    should_stop: bool = False
+    skipped: str | None = None
+    logged: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class CollapseMonitorCore:
+    """Watch one layer's embeddings every ``every_n_train_steps`` optimizer steps and raise a collapse alarm.
+
+    Args:
+        layer: dotted path of the submodule to watch (``"encoder"``, ``"backbone.layer4"``), resolved on the
+            unwrapped model, or a callable ``model -> nn.Module``.
+        every_n_train_steps: check after every this many optimizer steps (decided from the global step, so the
+            same on every rank and once per step under gradient accumulation).
+        max_samples: global budget of embedding rows per check, split over ranks before gathering.
+        pool: how outputs of more than 2 dims become rows: ``"mean"``, ``"first"``, ``"last"``, ``"flatten"`` or a
+            callable. See `pool_output`.
+        select: callable picking the tensor out of a non-tensor layer output (default: `select_tensor`'s rule).
+        eps: a fixed Vietoris-Rips scale; None calibrates it: the median of the 8-neighbour scale of the first
+            ``calibration_checks`` checks, then held fixed, so that collapse shows as the eps-graph filling in.
+        eps_quantile: quantile of pairwise distances for the calibration (None: the 8-neighbour rule).
+        calibration_checks: number of checks whose scales are pooled into the calibrated eps.
+        weights: CI weights, ``"paper"`` or a mapping (see `collapse_index`).
+        normalize: row scaling for the topological terms, ``"l2"`` or ``"none"``.
+        monitor: the key the CI is logged under; the terms are logged beside it with the same prefix
+            (``collapse/ci`` -> ``collapse/betti_term``, ...). Give each monitor of a run its own key.
+        mode, min_delta, patience, stopping_threshold, divergence_threshold, check_finite: as in Lightning's
+            ``EarlyStopping``, applied to the CI at each check (``mode="min"``: a lower CI is healthier).
+        max_rise: alarm when the CI is more than this above the run's baseline (the mean of the
+            ``baseline_checks`` checks after calibration) for ``rise_patience`` consecutive checks; None: off.
+        baseline_checks: checks averaged into the baseline.
+        rise_patience: consecutive checks the rise must last.
+        stop_on_alarm: stop training when the alarm fires; False only warns and logs.
+        strict: raise on a monitoring failure instead of warning and skipping the check.
+        verbose: also report every check (not only alarms) through ``warnings``/the adapter's logger.
+    """
+
+    def __init__(
+        self,
+        layer: LayerSpec,
+        *,
+        every_n_train_steps: int = 50,
+        max_samples: int = 1024,
+        pool: str | Callable[[Tensor], Tensor] = "mean",
+        select: Callable[[Any], Tensor] | None = None,
+        eps: float | None = None,
+        eps_quantile: float | None = None,
+        calibration_checks: int = 3,
+        weights: str | Mapping[str, float] = "paper",
+        normalize: Literal["l2", "none"] = "l2",
+        monitor: str = "collapse/ci",
+        mode: str = "min",
+        min_delta: float = 0.0,
+        patience: int | None = None,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        max_rise: float | None = 0.15,
+        baseline_checks: int = 3,
+        rise_patience: int = 2,
+        check_finite: bool = True,
+        stop_on_alarm: bool = False,
+        strict: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        if not (isinstance(layer, str) and layer) and not callable(layer):
+            raise ValueError(
+                f"`layer` must be a dotted module path (str) or a callable(model) -> Module; got {layer!r}."
+            )
+        _check_int("every_n_train_steps", every_n_train_steps, 1)
+        _check_int("max_samples", max_samples, 8)
+        _check_int("calibration_checks", calibration_checks, 1)
+        if not callable(pool) and pool not in POOLS:
+            raise ValueError(f"`pool` must be one of {POOLS} or a callable; got {pool!r}.")
+        if select is not None and not callable(select):
+            raise ValueError(f"`select` must be a callable(output) -> Tensor or None; got {select!r}.")
+        if eps_quantile is not None and not 0.0 < eps_quantile < 1.0:
+            raise ValueError(f"`eps_quantile` must be in (0, 1) or None; got {eps_quantile!r}.")
+        if normalize not in ("l2", "none"):
+            raise ValueError(f"`normalize` must be 'l2' or 'none'; got {normalize!r}.")
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be a non-empty string key; got {monitor!r}.")
+        self.layer = layer
+        self.every_n_train_steps = every_n_train_steps
+        self.max_samples = max_samples
+        self.pool = pool
+        self.select = select
+        self.fixed_eps = None if eps is None else check_eps(eps)
+        self.eps_quantile = eps_quantile
+        self.calibration_checks = calibration_checks
+        self.weights = resolve_weights(weights)
+        self.normalize = normalize
+        self.monitor = monitor
+        self.prefix = monitor.rsplit("/", 1)[0] + "/" if "/" in monitor else ""
+        self.rule = AlarmRule(
+            mode=mode,
+            min_delta=float(min_delta),
+            patience=patience,
+            stopping_threshold=stopping_threshold,
+            divergence_threshold=divergence_threshold,
+            check_finite=check_finite,
+            max_rise=max_rise,
+            baseline_checks=baseline_checks,
+            rise_patience=rise_patience,
+            monitor=monitor,
+        )
+        self.stop_on_alarm = bool(stop_on_alarm)
+        self.strict = bool(strict)
+        self.verbose = bool(verbose)
+        self.capture = EmbeddingCapture(max_samples, pool=pool, select=select)
+        self.module: nn.Module | None = None
+        self._device: torch.device = torch.device("cpu")
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.eps_candidates: list[float] = []
+        self.eps: float | None = self.fixed_eps
+        self.last_checked_step = -1
+        self.stopped_step: int | None = None
+        self.stopping_reason = StoppingReason.NOT_STOPPED
+        self.stopping_reason_message: str | None = None
+        self.first_alarm_step: int | None = None
+        self._in_alarm = False
+        self._armed_steps = 0
+        self._capture_steps = self.every_n_train_steps  # until the rows per step are known
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Resolve ``layer`` on ``model`` and register the forward hook; raises ValueError for a bad layer."""
+        self.module = resolve_layer(model, self.layer)
+        param = next(model.parameters(), None)
+        self._device = param.device if param is not None else torch.device("cpu")
+        self.capture.max_samples = math.ceil(self.max_samples / world_size())
+        self.capture.attach(self.module)
+        return self.module
+
+    def detach(self) -> None:
+        """Remove the hook; the monitor's results and state stay."""
+        self.capture.detach()
+        self.capture.armed = False
+
+    # ---------------------------------------------------------------- schedule
+    def is_check_step(self, step: int) -> bool:
+        """Whether the optimizer step just completed (global count ``step``) is due for a check."""
+        return step > 0 and step % self.every_n_train_steps == 0 and step != self.last_checked_step
+
+    def prepare_step(self, next_step: int) -> None:
+        """Arm the hook when optimizer step number ``next_step`` falls in the capture window before a check."""
+        until_check = (-next_step) % self.every_n_train_steps
+        armed = next_step > 0 and until_check < self._capture_steps
+        if armed and not (self.capture.armed and self._last_prepared == next_step):
+            self._armed_steps += 1
+        self._last_prepared = next_step
+        self.capture.armed = armed
+
+    _last_prepared = -1
+
+    # ------------------------------------------------------------------- check
+    def run_check(self, step: int) -> CheckResult:
+        """Gather, compute the CI, update calibration and alarm, record history. Call on every rank."""
+        self.last_checked_step = step
+        self.capture.armed = False
+        local = self.capture.take()
+        error, self.capture.error = self.capture.error, None
+        seen, nonfinite = sum_across_ranks([self.capture.seen, self.capture.nonfinite], self._device)
+        if self._armed_steps and self.capture.seen:
+            per_step = self.capture.seen / self._armed_steps
+            self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
+        self._armed_steps = 0
+        self.capture.reset()
+        x = gather_samples(local, self.max_samples, self._device)
+        if error is not None:
+            return self._skip(step, f"capturing the layer output failed: {error!r}", error)
+        if x.ndim != 2 or x.shape[0] < 2:
+            return self._skip(step, f"fewer than 2 finite embeddings captured ({seen} seen, {nonfinite} non-finite)")
+        calibrating = self.eps is None
+        try:
+            report = collapse_index(
+                x, eps=self.eps, eps_quantile=self.eps_quantile, weights=self.weights, normalize=self.normalize
+            )
+        except Exception as err:
+            return self._skip(step, f"computing the collapse index failed: {err!r}", err)
+        report = dataclasses.replace(report, nonfinite_fraction=nonfinite / max(seen, 1))
+        if calibrating:
+            self.eps_candidates.append(report.eps)
+            if len(self.eps_candidates) >= self.calibration_checks:
+                self.eps = float(statistics.median(self.eps_candidates))
+        reason, message = self.rule.evaluate(report.ci, baseline_ready=not calibrating)
+        alarm = reason is not StoppingReason.NOT_STOPPED
+        if alarm and not self._in_alarm:
+            self._warn(f"Collapse alarm at step {step}: {message}")
+            if self.first_alarm_step is None:
+                self.first_alarm_step = step
+        elif self.verbose:
+            self._warn(f"step {step}: {self.monitor} = {report.ci:.4f}")
+        self._in_alarm = alarm
+        should_stop = alarm and self.stop_on_alarm
+        logged = report.as_dict(self.prefix)
+        logged[self.monitor] = report.ci
+        self.history.append(
+            {
+                "step": step,
+                "ci": report.ci,
+                "alarm": alarm,
+                "reason": reason.name,
+                "calibrating": calibrating,
+                **report.as_dict(),
+            }
+        )
+        return CheckResult(step, report, reason, message, alarm, should_stop, None, logged)
+
+    def record_stop(self, step: int, result: CheckResult | None) -> None:
+        """Remember that the run stopped at ``step`` (after the adapter reduced the decision over ranks)."""
+        if self.stopped_step is not None:
+            return
+        self.stopped_step = step
+        if result is not None and result.alarm:
+            self.stopping_reason, self.stopping_reason_message = result.reason, result.message
+        else:  # another rank (or another monitor) asked to stop
+            self.stopping_reason_message = "Stopped because another rank raised a collapse alarm."
+
+    def _skip(self, step: int, why: str, error: Exception | None = None) -> CheckResult:
+        if self.strict:
+            raise RuntimeError(f"collapse check at step {step} failed: {why}") from error
+        self._warn(f"Collapse check skipped at step {step}: {why}")
+        return CheckResult(step, None, skipped=why)
+
+    def _warn(self, message: str) -> None:
+        if _rank() == 0:
+            warnings.warn(message, CollapseWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python types only (checkpoints load with ``weights_only=True``)."""
+        return {
+            "eps": self.eps,
+            "eps_candidates": list(self.eps_candidates),
+            "last_checked_step": self.last_checked_step,
+            "rule": self.rule.state_dict(),
+            "history": [dict(h) for h in self.history],
+            "stopped_step": self.stopped_step,
+            "stopping_reason": self.stopping_reason.value,
+            "stopping_reason_message": self.stopping_reason_message,
+            "first_alarm_step": self.first_alarm_step,
+            "in_alarm": self._in_alarm,
+            "capture_steps": self._capture_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        eps = state.get("eps", self.fixed_eps)
+        self.eps = None if eps is None else float(eps)
+        self.eps_candidates = [float(v) for v in state.get("eps_candidates", [])]
+        self.last_checked_step = int(state.get("last_checked_step", -1))
+        self.rule.load_state_dict(state.get("rule", {}))
+        self.history = [dict(h) for h in state.get("history", [])]
+        stopped = state.get("stopped_step")
+        self.stopped_step = None if stopped is None else int(stopped)
+        self.stopping_reason = StoppingReason(state.get("stopping_reason", 0))
+        self.stopping_reason_message = state.get("stopping_reason_message")
+        first = state.get("first_alarm_step")
+        self.first_alarm_step = None if first is None else int(first)
+        self._in_alarm = bool(state.get("in_alarm", False))
+        self._capture_steps = int(state.get("capture_steps", self.every_n_train_steps))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")

@@ -1,0 +1,11 @@
+"""Lightning (``lightning.pytorch``) callbacks. Importing this module imports Lightning; the package does not."""
+
+from lightning.pytorch import Callback
+
+from topo_callbacks._lightning_adapter import build_collapse_monitor
+
+CollapseMonitor = build_collapse_monitor(Callback)
+CollapseMonitor.__module__ = __name__
+CollapseMonitor.__qualname__ = CollapseMonitor.__name__ = "CollapseMonitor"
+
+__all__ = ["CollapseMonitor"]
