@@ -8,24 +8,45 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+class Collapser(nn.Module):
+    """Identity, or (enabled) every row replaced by the batch mean: complete collapse of the encoder output."""
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * 0 + z.mean(dim=0, keepdim=True) if self.enabled else z
+
+
+class Poison(nn.Module):
+    """Overwrite the first ``rows`` rows with NaN (no gradient flows through them, so the weights stay finite)."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return z
+        z = z.clone()
+        z[: self.rows] = float("nan")
+        return z
+
+
 class TinyModel(pl.LightningModule):
     """Regression on random data; ``encoder`` is the watched layer. ``nan_rows`` poisons part of each batch."""
 
     def __init__(self, collapse: bool = False, nan_rows: int = 0, lr: float = 0.05) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+        self.encoder = nn.Sequential(
+            nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), Collapser(collapse), Poison(nan_rows)
+        )
         self.head = nn.Linear(16, 1)
-        self.collapse = collapse
-        self.nan_rows = nan_rows
         self.lr = lr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.nan_rows:
-            x = x.clone()
-            x[: self.nan_rows] = float("nan")
         z = self.encoder(x)
-        if self.collapse:
-            z = z * 0 + z.mean()  # every row the same: complete collapse
         return self.head(torch.nan_to_num(z))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

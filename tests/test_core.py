@@ -1,0 +1,195 @@
+"""Core pieces without a framework: capture, pooling, layer resolution, alarm rule, gather, metric, state."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from topo_callbacks.core import (
+    AlarmRule,
+    CollapseMonitorCore,
+    EmbeddingCapture,
+    StoppingReason,
+    gather_samples,
+    pool_output,
+    resolve_layer,
+    select_tensor,
+)
+from topo_callbacks.metrics import CollapseIndex
+
+
+def test_import_pulls_in_no_framework():
+    code = (
+        "import sys, topo_callbacks, topo_callbacks.functional, topo_callbacks.core, topo_callbacks.metrics;"
+        "print([m for m in ('lightning', 'pytorch_lightning', 'accelerate', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+def test_pooling_rules():
+    assert pool_output(torch.ones(4, 7)).shape == (4, 7)
+    tokens = torch.arange(24.0).reshape(2, 3, 4)
+    assert torch.equal(pool_output(tokens), tokens.mean(dim=1))
+    assert torch.equal(pool_output(tokens, "first"), tokens[:, 0])
+    assert torch.equal(pool_output(tokens, "last"), tokens[:, -1])
+    assert pool_output(tokens, "flatten").shape == (2, 12)
+    maps = torch.randn(2, 5, 4, 4)
+    assert torch.allclose(pool_output(maps), maps.mean(dim=(2, 3)))
+    assert pool_output(maps, lambda t: t[:, :, 0, 0]).shape == (2, 5)
+    with pytest.raises(ValueError, match="accepted"):
+        pool_output(maps, "first")
+
+
+def test_select_rule_for_non_tensor_outputs():
+    t = torch.ones(2, 3)
+    assert select_tensor((t, None)) is t
+    assert select_tensor([None, t]) is t
+    assert select_tensor({"logits": torch.zeros(1), "last_hidden_state": t}) is t
+    assert select_tensor({"a": None, "b": t}) is t
+    with pytest.raises(TypeError, match="select="):
+        select_tensor({"a": 1})
+
+
+class Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        self.head = nn.Linear(4, 1)
+
+
+def test_resolve_layer_paths_prefixes_and_close_matches():
+    model = Wrapped()
+    assert resolve_layer(model, "encoder.0") is model.encoder[0]
+    assert resolve_layer(model, "module.encoder") is model.encoder
+    assert resolve_layer(model, lambda m: m.head) is model.head
+    compiled = torch.compile(model)
+    assert resolve_layer(compiled, "_orig_mod.encoder") is model.encoder
+    assert resolve_layer(compiled, "encoder") is model.encoder
+    with pytest.raises(ValueError, match=r"Close matches: \['encoder'"):
+        resolve_layer(model, "encodr")
+    with pytest.raises(ValueError, match=r"nn\.Module"):
+        resolve_layer(model, lambda m: 3)
+
+
+def test_capture_budget_nonfinite_and_disarmed_cost():
+    layer = nn.Identity()
+    cap = EmbeddingCapture(max_samples=10)
+    cap.attach(layer)
+    layer(torch.randn(4, 2))
+    assert cap.take() is None  # disarmed: nothing kept
+    cap.armed = True
+    for i in range(5):
+        x = torch.full((4, 2), float(i))
+        x[0, 0] = float("nan")
+        layer(x)
+    rows = cap.take()
+    assert rows.shape == (10, 2)  # newest 10 of the 15 finite rows
+    assert rows[-1, 1] == 4.0
+    assert rows[0, 1] == 1.0
+    assert (cap.seen, cap.nonfinite) == (20, 5)
+    cap.detach()
+    assert not layer._forward_hooks
+
+
+def test_capture_never_raises_into_the_forward_pass():
+    layer = nn.Identity()
+    cap = EmbeddingCapture(max_samples=10, select=lambda out: out["missing"])
+    cap.attach(layer)
+    cap.armed = True
+    out = layer(torch.ones(2, 2))  # the user's forward pass completes
+    assert torch.equal(out, torch.ones(2, 2))
+    assert isinstance(cap.error, IndexError)  # kept for the next check to report (or raise, with strict=True)
+
+
+def test_alarm_rule_reasons_in_early_stopping_order():
+    rule = AlarmRule(check_finite=True)
+    assert rule.evaluate(math.nan)[0] is StoppingReason.NON_FINITE_METRIC
+    assert AlarmRule(stopping_threshold=0.2).evaluate(0.1)[0] is StoppingReason.STOPPING_THRESHOLD
+    reason, message = AlarmRule(divergence_threshold=0.5).evaluate(0.7)
+    assert reason is StoppingReason.DIVERGENCE_THRESHOLD
+    assert "0.7000 > 0.5" in message
+    patient = AlarmRule(patience=2, max_rise=None)
+    assert [patient.evaluate(v)[0].name for v in (0.5, 0.6, 0.7)] == [
+        "NOT_STOPPED",
+        "NOT_STOPPED",
+        "PATIENCE_EXHAUSTED",
+    ]
+    maxed = AlarmRule(mode="max", divergence_threshold=0.5)
+    assert maxed.evaluate(0.4)[0] is StoppingReason.DIVERGENCE_THRESHOLD
+
+
+def test_alarm_rule_baseline_rise():
+    rule = AlarmRule(max_rise=0.15, baseline_checks=3, rise_patience=2)
+    assert rule.evaluate(0.9, baseline_ready=False)[0] is StoppingReason.NOT_STOPPED  # calibrating: not in base
+    for v in (0.30, 0.32, 0.28):
+        assert rule.evaluate(v)[0] is StoppingReason.NOT_STOPPED
+    assert rule.baseline == pytest.approx(0.30)
+    assert rule.evaluate(0.50)[0] is StoppingReason.NOT_STOPPED  # first elevated check
+    assert rule.evaluate(0.31)[0] is StoppingReason.NOT_STOPPED  # back down resets the count
+    assert rule.evaluate(0.50)[0] is StoppingReason.NOT_STOPPED
+    reason, message = rule.evaluate(0.60)
+    assert reason is StoppingReason.BASELINE_RISE
+    assert "baseline 0.3000" in message
+    restored = AlarmRule()
+    restored.load_state_dict(json.loads(json.dumps(rule.state_dict())))
+    assert restored.state_dict() == rule.state_dict()
+
+
+def test_gather_single_process_subsamples_to_budget():
+    x = torch.arange(20.0).reshape(10, 2)
+    assert gather_samples(x, max_samples=100) is x
+    assert gather_samples(x, max_samples=4).shape == (4, 2)
+    assert gather_samples(None, max_samples=4).shape[0] == 0
+
+
+def test_monitor_core_in_a_plain_loop_and_state_is_plain_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+    mon = CollapseMonitorCore("0", every_n_train_steps=3, max_samples=64, calibration_checks=1, baseline_checks=1)
+    mon.attach(model)
+    for step in range(1, 13):
+        mon.prepare_step(step)
+        model(torch.randn(16, 8))
+        if mon.is_check_step(step):
+            result = mon.run_check(step)
+            assert result.report is not None
+            assert result.logged["collapse/ci"] == result.report.ci
+            assert set(result.logged) >= {"collapse/betti_term", "collapse/entropy_term", "collapse/anisotropy_term"}
+    assert [h["step"] for h in mon.history] == [3, 6, 9, 12]
+    assert mon.history[0]["n"] == 48  # first period: armed throughout, 3 steps x 16 rows
+    assert mon._capture_steps == 3  # 64 samples at 16 rows per step: 4 steps, capped at the period
+    state = mon.state_dict()
+    assert json.loads(json.dumps(state)) == state  # plain types only
+    again = CollapseMonitorCore("0", every_n_train_steps=3)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+    assert not mon.is_check_step(12)  # already checked at this step
+
+
+def test_collapse_index_metric_drops_nonfinite_and_merges():
+    g = torch.Generator().manual_seed(0)
+    metric = CollapseIndex()
+    x = torch.randn(100, 8, generator=g)
+    x[:10] = float("nan")
+    metric.update(x)
+    metric.update(torch.zeros(0, 8))
+    value = metric.compute()
+    assert value.shape == ()
+    assert metric.report.n == 90
+    assert metric.report.nonfinite_fraction == pytest.approx(0.1)
+    assert float(value) == pytest.approx(metric.report.ci)
+    capped = CollapseIndex(max_samples=32)
+    capped.update(torch.randn(100, 8, generator=g))
+    capped.compute()
+    assert capped.report.n == 32
+    with pytest.raises(ValueError, match="eps"):
+        CollapseIndex(eps=0)
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        metric.update(torch.zeros(3))
