@@ -170,3 +170,40 @@ def test_bad_arguments_fail_at_construction():
         CollapseMonitor(layer="encoder", weights={"loops": 1.0})
     with pytest.raises(ValueError, match="layer"):
         CollapseMonitor(layer="")
+
+
+def test_standalone_pytorch_lightning_flavour(tmp_path):
+    import pytorch_lightning as ptl
+
+    from topo_callbacks.pytorch_lightning import CollapseMonitor as PTLCollapseMonitor
+
+    class PTLModel(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+            self.head = torch.nn.Linear(16, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.head(self.encoder(x)), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    mon = PTLCollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64)
+    assert isinstance(mon, ptl.Callback)
+    assert not isinstance(mon, CollapseMonitor)
+    t = ptl.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[mon],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    t.fit(PTLModel(), loader())
+    assert [h["step"] for h in mon.history] == [5, 10]
+    assert "collapse/ci" in t.callback_metrics

@@ -19,15 +19,32 @@ LOW_QUANTILE = 0.1
 COLLAPSE_RATIO = 100.0
 
 
-def _observable_spectrum(x: Tensor) -> Tensor:
-    """Ascending non-zero-rank eigenvalues of the sample covariance: the first ``min(n - 1, d)`` of them."""
-    x = x.to(torch.float64)
-    xc = x - x.mean(dim=0, keepdim=True)
-    n, d = xc.shape
-    m = min(n - 1, d)
-    gram = xc @ xc.T if n <= d else xc.T @ xc  # the smaller side has the same non-zero spectrum
-    eig = torch.linalg.eigvalsh(gram / max(n - 1, 1))
-    return eig[-m:].clamp_min(0.0)
+#: Above this many observable dimensions the spectra are computed in float32 (cubic cost; see `_gram_spectrum`).
+FLOAT64_MAX_DIM = 512
+
+
+def _gram_spectrum(x: Tensor, *, center: bool) -> Tensor:
+    """Ascending eigenvalues of the smaller Gram matrix of ``x`` (centred if asked): the squared singular values.
+
+    float64 up to `FLOAT64_MAX_DIM` dimensions, float32 above: an eigendecomposition is cubic in that size and
+    float32 keeps 1e-7 of the top eigenvalue, far below what either channel resolves (callers treat eigenvalues
+    under that floor as zero).
+    """
+    n, d = x.shape
+    dtype = torch.float64 if min(n, d) <= FLOAT64_MAX_DIM else torch.float32
+    x = x.to(dtype)
+    if center:
+        x = x - x.mean(dim=0, keepdim=True)
+    gram = x @ x.T if n <= d else x.T @ x  # the smaller side has the same non-zero spectrum
+    return torch.linalg.eigvalsh(gram).to(torch.float64).clamp_min(0.0)
+
+
+def _observable_spectrum(x: Tensor) -> tuple[Tensor, float]:
+    """The ``min(n - 1, d)`` eigenvalues of the sample covariance that can be non-zero, and their dtype's eps."""
+    n, d = x.shape
+    eig = _gram_spectrum(x, center=True) / max(n - 1, 1)
+    eps = torch.finfo(torch.float64 if min(n, d) <= FLOAT64_MAX_DIM else torch.float32).eps
+    return eig[-min(n - 1, d) :], eps
 
 
 @lru_cache(maxsize=256)
@@ -66,12 +83,12 @@ def anisotropy_ratio(x: Tensor) -> float:
         9.0
     """
     x = check_points(x, min_rows=2)
-    eig = _observable_spectrum(x)
+    eig, eps = _observable_spectrum(x)
     top = float(eig[-1])
     if top <= 0.0:
         return math.inf
     low = float(torch.quantile(eig, LOW_QUANTILE))
-    if low <= top * eig.numel() * torch.finfo(torch.float64).eps:
+    if low <= top * eig.numel() * eps:
         return math.inf
     return top / low
 
@@ -130,8 +147,8 @@ def effective_rank(x: Tensor, *, eps: float = 1e-7) -> float:
         >>> round(effective_rank(torch.eye(4)), 3)
         4.0
     """
-    x = check_points(x).to(torch.float64)
-    s = torch.linalg.svdvals(x)
+    x = check_points(x)
+    s = _gram_spectrum(x, center=False).sqrt()
     total = float(s.sum())
     if total <= 0.0:
         return 0.0
