@@ -193,3 +193,16 @@ def test_collapse_index_metric_drops_nonfinite_and_merges():
         CollapseIndex(eps=0)
     with pytest.raises(ValueError, match=r"\(N, d\)"):
         metric.update(torch.zeros(3))
+
+
+def test_capture_copies_so_later_inplace_ops_do_not_corrupt_it():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True))
+    cap = EmbeddingCapture(max_samples=10)
+    cap.attach(model[0])
+    cap.armed = True
+    x = torch.randn(6, 3)
+    expected = model[0](x).detach().clone()
+    cap.take()
+    model(x)
+    assert torch.equal(cap.take(), expected)  # negative values kept, not zeroed by the in-place ReLU
+    assert (expected < 0).any()

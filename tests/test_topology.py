@@ -111,11 +111,12 @@ def test_mst_total_weight_matches_scipy():
     for n in (2, 3, 17, 200):
         pts = rng.standard_normal((n, 5))
         dist = cdist(pts, pts)
-        ours = _minimum_spanning_tree(torch.from_numpy(dist))
+        ours, u, v = _minimum_spanning_tree(torch.from_numpy(dist))
         assert ours.numel() == n - 1
+        assert torch.equal(torch.from_numpy(dist)[u, v], ours)
         assert float(ours.sum()) == pytest.approx(minimum_spanning_tree(dist).sum(), rel=1e-12)
     ties = torch.ones(30, 30).fill_diagonal_(0.0)  # every spanning tree is minimal: no cycle may form
-    assert _minimum_spanning_tree(ties).tolist() == [1.0] * 29
+    assert _minimum_spanning_tree(ties)[0].tolist() == [1.0] * 29
 
 
 @pytest.mark.parametrize("thresh", [math.inf, 0.5])
@@ -171,3 +172,21 @@ def test_persistence_entropy_normalized_in_unit_interval(pairs):
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@SETTINGS
+@given(kind=st.sampled_from(KINDS), n=st.integers(1, 60), quantile=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_components_from_tree_match_scipy(kind, n, quantile, seed):
+    from scipy.sparse.csgraph import connected_components
+
+    from topo_callbacks.functional.topology import components_from_tree
+
+    pts = cloud(kind, n, 3, np.random.default_rng(seed))
+    dist = torch.from_numpy(cdist(pts, pts))
+    eps = float(torch.quantile(dist.flatten(), quantile))
+    w, u, v = _minimum_spanning_tree(dist)
+    labels = components_from_tree(n, u[w <= eps], v[w <= eps])
+    count, ref = connected_components((dist <= eps).numpy(), directed=False)
+    assert int(torch.unique(labels).numel()) == count
+    same = labels[:, None] == labels[None, :]
+    assert torch.equal(same, torch.from_numpy(ref[:, None] == ref[None, :]))

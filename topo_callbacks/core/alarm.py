@@ -35,6 +35,11 @@ class AlarmRule:
     5. ``patience``: no improvement by more than ``min_delta`` for ``patience`` checks (None: off).
 
     "Worse" is "higher" for ``mode="min"`` (the CI: lower is healthier) and "lower" for ``mode="max"``.
+
+    Example:
+        >>> rule = AlarmRule(max_rise=0.2, baseline_checks=2, rise_patience=1)
+        >>> [rule.evaluate(v)[0].name for v in (0.10, 0.14, 0.20, 0.50)]
+        ['NOT_STOPPED', 'NOT_STOPPED', 'NOT_STOPPED', 'BASELINE_RISE']
     """
 
     mode: str = "min"

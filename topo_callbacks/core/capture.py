@@ -28,7 +28,14 @@ LayerSpec = str | Callable[[nn.Module], nn.Module]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip torch.compile and (D)DP wrappers, whose submodule names carry ``_orig_mod.`` / ``module.`` prefixes."""
+    """Strip torch.compile and (D)DP wrappers, whose submodule names carry ``_orig_mod.`` / ``module.`` prefixes.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap_model(nn.DataParallel(net)) is net
+        True
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -93,6 +100,13 @@ def select_tensor(output: Any) -> Tensor:
 
     A tensor is used as is; a tuple or list gives its first tensor; a mapping (dict, HF ``ModelOutput``) gives
     ``last_hidden_state`` if present, else its first tensor value. Pass ``select=`` to choose otherwise.
+
+    Example:
+        >>> import torch
+        >>> select_tensor((torch.ones(2, 3), "cache")).shape
+        torch.Size([2, 3])
+        >>> select_tensor({"logits": torch.zeros(2, 5), "last_hidden_state": torch.ones(2, 4, 8)}).shape
+        torch.Size([2, 4, 8])
     """
     if isinstance(output, Tensor):
         return output
@@ -186,7 +200,8 @@ class EmbeddingCapture:
             return
         try:
             with torch.no_grad():
-                rows = pool_output(self.select(output), self.pool).detach().to(torch.float32)
+                # Always a copy: the output may be modified in place later in the forward pass (ReLU(inplace=True)).
+                rows = pool_output(self.select(output), self.pool).detach().to(torch.float32, copy=True)
                 finite = torch.isfinite(rows).all(dim=1)
                 self.seen += rows.shape[0]
                 bad = int((~finite).sum())

@@ -63,7 +63,12 @@ def gather_samples(x: Tensor | None, max_samples: int, device: torch.device | st
 
 
 def sum_across_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:
-    """Element-wise sum of small integer counters over ranks (a collective when a process group exists)."""
+    """Element-wise sum of small integer counters over ranks (a collective when a process group exists).
+
+    Example:
+        >>> sum_across_ranks([3, 1])  # a single process: unchanged
+        [3, 1]
+    """
     if world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.long, device=device)

@@ -79,6 +79,21 @@ class CollapseMonitorCore:
         stop_on_alarm: stop training when the alarm fires; False only warns and logs.
         strict: raise on a monitoring failure instead of warning and skipping the check.
         verbose: also report every check (not only alarms) through ``warnings``/the adapter's logger.
+
+    Example (a plain PyTorch loop; the framework adapters make these calls for you):
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        >>> monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=64)
+        >>> _ = monitor.attach(model)
+        >>> for step in range(1, 11):
+        ...     monitor.prepare_step(step)
+        ...     _ = model(torch.randn(32, 8))  # forward (+ backward and optimizer step)
+        ...     if monitor.is_check_step(step):
+        ...         result = monitor.run_check(step)
+        >>> [h["step"] for h in monitor.history], 0.0 <= monitor.history[-1]["ci"] <= 1.0
+        ([5, 10], True)
+        >>> monitor.detach()
     """
 
     def __init__(

@@ -14,8 +14,10 @@ from torch import Tensor
 from topo_callbacks.functional._validation import check_eps, check_points, check_prime
 from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std
 from topo_callbacks.functional.topology import (
+    _h0_from_tree,
+    _minimum_spanning_tree,
     betti_from_distances,
-    h0_diagram,
+    components_from_tree,
     pairwise_distances,
     persistence_entropy,
 )
@@ -80,6 +82,12 @@ def resolve_weights(weights: str | Mapping[str, float]) -> dict[str, float]:
 
     Raises:
         ValueError: for an unknown preset, an unknown term, a negative or non-finite weight, or all zeros.
+
+    Example:
+        >>> resolve_weights("paper")
+        {'betti': 0.4, 'entropy': 0.3, 'anisotropy': 0.3}
+        >>> resolve_weights({"rank": 1, "std": 1})
+        {'rank': 1.0, 'std': 1.0}
     """
     if isinstance(weights, str):
         if weights != "paper":
@@ -129,7 +137,7 @@ def scale_from_quantile(dist: Tensor, quantile: float | None = None) -> float:
     if values.numel() == 0:
         return 1.0
     # A selection, not torch.quantile's full sort: this runs at every calibration check.
-    k = min(max(int(round(quantile * (values.numel() - 1))), 0), values.numel() - 1)
+    k = min(max(round(quantile * (values.numel() - 1)), 0), values.numel() - 1)
     eps = float(values.kthvalue(k + 1).values)
     if eps <= 0.0:
         positive = values[values > 0]
@@ -205,8 +213,11 @@ def collapse_index(
     dist = pairwise_distances(z, exact_near=eps)
     if eps is None:
         eps = scale_from_quantile(dist, eps_quantile)
-    b0, b1 = betti_from_distances(dist, eps, coeff=coeff)
-    pe = persistence_entropy(h0_diagram(dist))
+    tree, tree_u, tree_v = _minimum_spanning_tree(dist)
+    within = tree <= eps
+    labels = components_from_tree(dist.shape[0], tree_u[within], tree_v[within])
+    b0, b1 = betti_from_distances(dist, eps, coeff=coeff, labels=labels)
+    pe = persistence_entropy(_h0_from_tree(tree))
     aniso = anisotropy(x)
     erank = effective_rank(x)
     std = l2_normalized_std(x)

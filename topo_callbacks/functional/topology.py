@@ -21,6 +21,7 @@ from topo_callbacks.functional._validation import check_eps, check_points, check
 __all__ = [
     "betti_from_distances",
     "betti_numbers",
+    "components_from_tree",
     "h0_diagram",
     "pairwise_distances",
     "persistence_diagrams",
@@ -51,28 +52,39 @@ def pairwise_distances(x: Tensor, *, exact_near: float | None = None) -> Tensor:
     x = check_points(x).to(torch.float64)
     x = x - x.mean(dim=0, keepdim=True)  # smaller norms make the Gram formula more accurate
     sq = (x * x).sum(dim=1)
-    gram = x @ x.T
-    gram = 0.5 * (gram + gram.T)  # BLAS need not return a bit-symmetric product; MST tie-breaking needs one
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min_(0.0)
-    # Forward error bound of the Gram formula (dot products of length d): a generous multiple of d * u.
-    tol = (4.0 * (x.shape[1] + 2) * torch.finfo(torch.float64).eps) * (sq[:, None] + sq[None, :])
+    d2 = torch.addmm(sq[:, None] + sq[None, :], x, x.T, alpha=-2.0)
+    # BLAS need not return a bit-symmetric product, and MST tie-breaking needs one.
+    d2 = torch.minimum(d2, d2.T).clamp_min_(0.0)
+    # Forward error bound of the Gram formula (dot products of length d), a generous multiple of d * u,
+    # uniform over pairs: |computed - exact| <= tol for every pair.
+    tol = 4.0 * (x.shape[1] + 2) * torch.finfo(torch.float64).eps * 2.0 * float(sq.max())
     suspect = d2 <= tol
     if exact_near is not None:
-        suspect |= (d2 - exact_near * exact_near).abs() <= tol
+        suspect |= (d2 - exact_near * exact_near).abs_() <= tol
     suspect.fill_diagonal_(False)
-    rows = torch.nonzero(suspect.any(dim=1)).flatten()
-    block = max(1, (1 << 22) // max(x.shape[0], 1))  # bounds each exact block to ~32 MB of float64
-    for start in range(0, rows.numel(), block):
-        r = rows[start : start + block]
-        exact = torch.cdist(x[r], x, compute_mode="donot_use_mm_for_euclid_dist") ** 2
-        d2[r] = torch.where(suspect[r], exact, d2[r])
-        d2[:, r] = torch.where(suspect[:, r], exact.T, d2[:, r])
+    n = x.shape[0]
+    i, j = torch.nonzero(torch.triu(suspect), as_tuple=True)
+    if i.numel() <= 8 * n:  # few suspects (the usual case): recompute just those pairs
+        chunk = max(1, (1 << 22) // x.shape[1])
+        for start in range(0, i.numel(), chunk):
+            ii, jj = i[start : start + chunk], j[start : start + chunk]
+            exact = ((x[ii] - x[jj]) ** 2).sum(dim=1)
+            d2[ii, jj] = exact
+            d2[jj, ii] = exact
+    else:  # many (near-duplicate clouds): whole rows by blocks, without the Gram formula
+        rows = torch.unique(torch.cat([i, j]))
+        block = max(1, (1 << 22) // max(n, 1))  # bounds each exact block to ~32 MB of float64
+        for start in range(0, rows.numel(), block):
+            r = rows[start : start + block]
+            exact = torch.cdist(x[r], x, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+            d2[r] = torch.where(suspect[r], exact, d2[r])
+            d2[:, r] = torch.where(suspect[:, r], exact.T, d2[:, r])
     d2.fill_diagonal_(0.0)
     return d2.sqrt_()
 
 
-def _minimum_spanning_tree(dist: Tensor) -> Tensor:
-    """Edge weights of a minimum spanning tree of the complete graph on ``dist`` (Borůvka, on device).
+def _minimum_spanning_tree(dist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A minimum spanning tree of the complete graph on ``dist`` (Borůvka, on device): sorted (weights, u, v).
 
     Every round each component picks its lightest outgoing edge under the total order (weight, edge id), which
     rules out cycles; components at least halve per round, so there are O(log n) rounds of O(n^2) work.
@@ -82,6 +94,7 @@ def _minimum_spanning_tree(dist: Tensor) -> Tensor:
     labels = torch.arange(n, device=device)
     idx = torch.arange(n, device=device)
     weights: list[Tensor] = []
+    ends: list[Tensor] = []
     inf = torch.tensor(float("inf"), dtype=dist.dtype, device=device)
     big = torch.tensor(n * n, device=device)
     while True:
@@ -100,6 +113,7 @@ def _minimum_spanning_tree(dist: Tensor) -> Tensor:
         unique_edges = torch.unique(chosen)
         u, v = unique_edges // n, unique_edges % n
         weights.append(dist[u, v])
+        ends.append(unique_edges)
         # Hook every component onto the one its edge reaches; mutual choices form 2-cycles, broken by label.
         target = torch.where(labels[chosen // n] == roots, labels[chosen % n], labels[chosen // n])
         parent = idx.clone()
@@ -113,8 +127,11 @@ def _minimum_spanning_tree(dist: Tensor) -> Tensor:
             parent = jumped
         labels = parent[labels]
     if not weights:
-        return dist.new_zeros(0)
-    return torch.sort(torch.cat(weights)).values
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return dist.new_zeros(0), empty, empty
+    w, order = torch.sort(torch.cat(weights))
+    e = torch.cat(ends)[order]
+    return w, e // n, e % n
 
 
 def _sparse_eps_graph(dist: Tensor, eps: float) -> coo_matrix:
@@ -162,8 +179,16 @@ def betti_numbers(x: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
     return betti_from_distances(pairwise_distances(x, exact_near=eps), eps, coeff=coeff)
 
 
-def betti_from_distances(dist: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
+def betti_from_distances(dist: Tensor, eps: float, *, coeff: int = 2, labels: Tensor | None = None) -> tuple[int, int]:
     """``(b0, b1)`` of the clique complex of the graph ``dist <= eps``; ``dist`` from `pairwise_distances`.
+
+    ``labels`` may pass the eps-graph's component labels when already known (`components_from_tree`).
+
+    Example:
+        >>> import torch
+        >>> square = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+        >>> betti_from_distances(pairwise_distances(square), 1.0)  # 4 edges, no diagonal: one loop
+        (1, 1)
 
     Components of the eps-graph are found on the device. A component whose graph is complete is a simplex
     (contractible: b0 = 1, b1 = 0) and is skipped; in dense ones, dominated vertices are removed (a strong
@@ -173,7 +198,8 @@ def betti_from_distances(dist: Tensor, eps: float, *, coeff: int = 2) -> tuple[i
     from ripser import ripser
 
     adj = dist <= eps  # closed neighbourhoods: the diagonal is True
-    labels = _components(adj)
+    if labels is None:
+        labels = _components(adj)
     _, comp, size = torch.unique(labels, return_inverse=True, return_counts=True)
     degree = adj.sum(dim=1) - 1
     edges_per_comp = torch.zeros_like(size).scatter_add_(0, comp, degree) // 2
@@ -230,12 +256,47 @@ def _components(adj: Tensor) -> Tensor:
 
 
 def h0_diagram(dist: Tensor, thresh: float = math.inf) -> Tensor:
-    """Exact H0 diagram (float64) from the minimum spanning tree of ``dist``; see `persistence_diagrams`."""
-    mst = _minimum_spanning_tree(dist)
+    """Exact H0 diagram (float64) from the minimum spanning tree of ``dist``; see `persistence_diagrams`.
+
+    Example:
+        >>> import torch
+        >>> h0_diagram(pairwise_distances(torch.tensor([[0.0], [2.0]])))
+        tensor([[0., 2.],
+                [0., inf]], dtype=torch.float64)
+    """
+    return _h0_from_tree(_minimum_spanning_tree(dist)[0], thresh)
+
+
+def _h0_from_tree(mst: Tensor, thresh: float = math.inf) -> Tensor:
     mst = mst[mst > 0]
     deaths = torch.where(mst <= thresh, mst, torch.full_like(mst, math.inf))
     deaths = torch.cat([deaths, deaths.new_full((1,), math.inf)])
     return torch.stack([torch.zeros_like(deaths), deaths], dim=1)
+
+
+def components_from_tree(n: int, u: Tensor, v: Tensor) -> Tensor:
+    """Component labels (the smallest vertex of each) of the forest with edges ``(u[k], v[k])`` on ``n`` vertices.
+
+    The minimum spanning tree's edges no longer than ``eps`` span exactly the components of the eps-graph, so
+    this gives them in O(n) work per round instead of O(n^2). Roots hook onto smaller roots, then full pointer
+    jumping; a few rounds.
+
+    Example:
+        >>> import torch
+        >>> components_from_tree(5, torch.tensor([0, 3]), torch.tensor([1, 4]))
+        tensor([0, 0, 2, 3, 3])
+    """
+    parent = torch.arange(n, device=u.device)
+    while True:
+        pu, pv = parent[u], parent[v]
+        if torch.equal(pu, pv):
+            return parent
+        parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
+        while True:
+            jumped = parent[parent]
+            if torch.equal(jumped, parent):
+                break
+            parent = jumped
 
 
 def persistence_diagrams(x: Tensor, *, maxdim: int = 1, thresh: float = math.inf) -> list[Tensor]:

@@ -1,0 +1,100 @@
+"""The gatherer and the core monitor across two real gloo processes (uneven ranks, an empty rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from topo_callbacks.core import CollapseMonitorCore, gather_samples
+
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+    rank = dist.get_rank()
+    out = {}
+    # uneven: rank 0 has 3 rows, rank 1 has 7; budget 100 keeps all
+    x = torch.full((3 if rank == 0 else 7, 4), float(rank))
+    out["uneven"] = gather_samples(x, max_samples=100).tolist()
+    # empty rank: rank 1 captured nothing at all
+    out["empty"] = gather_samples(torch.ones(5, 4) if rank == 0 else None, max_samples=100).tolist()
+    # budget split before gathering: 2 ranks x ceil(6 / 2) rows
+    out["budget"] = list(gather_samples(torch.randn(50, 4), max_samples=6).shape)
+
+    # the monitor: ranks see different data, yet log the same CI and take the same decision
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+    mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, divergence_threshold=0.99,
+                              stop_on_alarm=True)
+    mon.attach(model)
+    g = torch.Generator().manual_seed(100 + rank)
+    cis = []
+    for step in range(1, 7):
+        mon.prepare_step(step)
+        rows = 8 if rank == 0 else (0 if step == 3 or step == 4 else 12)  # rank 1 empty around check 4
+        if rows:
+            model(torch.randn(rows, 8, generator=g))
+        if mon.is_check_step(step):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = mon.run_check(step)
+            cis.append(None if result.report is None else [result.report.ci, result.report.n])
+    out["cis"] = cis
+    print("RESULT" + json.dumps(out), flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gather_and_monitor_agree_across_two_gloo_ranks(tmp_path: Path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    keep = ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR")
+    procs = []
+    for rank in range(2):
+        env = {k: os.environ[k] for k in keep if k in os.environ}
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            PYTHONPATH=str(root),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        try:
+            stdout, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("a rank hung")
+        assert proc.returncode == 0
+        (line,) = [ln for ln in stdout.splitlines() if ln.startswith("RESULT")]
+        results.append(json.loads(line[len("RESULT") :]))
+    r0, r1 = results
+    assert r0["uneven"] == r1["uneven"]
+    assert [row[0] for row in r0["uneven"]] == [0.0] * 3 + [1.0] * 7
+    assert r0["empty"] == r1["empty"] == [[1.0] * 4] * 5
+    assert r0["budget"] == r1["budget"] == [6, 4]
+    assert r0["cis"] == r1["cis"]  # same CI, same sample size, on both ranks, at every check
+    assert [c[1] for c in r0["cis"]] == [40.0, 16.0, 40.0]  # check 4: rank 1 contributed nothing
