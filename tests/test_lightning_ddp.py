@@ -1,0 +1,104 @@
+"""CollapseMonitor under Lightning DDP with two real CPU processes (gloo): same CI on both ranks, same stop step.
+
+Each run is a subprocess with a clean environment, a free port and a timeout: Lightning's ``ddp`` re-runs the
+launching command for rank 1 and leaves its process group behind, so it must not run inside pytest itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    import lightning.pytorch as pl
+    from tests.lightning_helpers import TinyModel, loader
+    from topo_callbacks.lightning import CollapseMonitor
+
+
+    class Uneven(TinyModel):
+        # rank 1 trains on 8 of its 32 rows, and on none in steps 5-8 (its whole capture window for the check at 8);
+        # the encoder collapses (every row one constant vector) from step 15 on
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if self.global_rank == 1:
+                keep = 0 if 5 <= self.global_step + 1 <= 8 else 8
+                x, y = x[:keep], y[:keep]
+            self.encoder[3].enabled = self.global_step >= 14
+            pred = self(x)
+            return ((pred - y) ** 2).sum() / max(len(x), 1)
+
+
+    class Dump(pl.Callback):
+        # written from inside each rank's run: ddp_spawn does not send callback state back to the parent
+        def __init__(self, monitor, out):
+            self.monitor, self.out = monitor, out
+
+        def on_train_end(self, trainer, pl_module):
+            mon = self.monitor
+            result = {"rank": trainer.global_rank, "global_step": trainer.global_step,
+                      "stopped_step": mon.stopped_step, "reason": mon.stopping_reason.name,
+                      "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history]}
+            with open(f"{self.out}/rank{trainer.global_rank}.json", "w") as fh:
+                json.dump(result, fh)
+
+
+    if __name__ == "__main__":  # ddp_spawn re-imports this file in its workers
+        strategy, out = sys.argv[1], sys.argv[2]
+        warnings.simplefilter("ignore")
+        mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=96, divergence_threshold=0.9,
+                              stop_on_alarm=True)
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=40,
+                             callbacks=[mon, Dump(mon, out)],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(Uneven(), loader(n=2048, batch_size=32))
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: str):
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    keep = ("PATH", "HOME", "LANG", "TMPDIR")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(PYTHONPATH=str(root), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), strategy, str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["ci"] == r1["ci"]  # identical CI series (values and gathered sample sizes) on both ranks
+    sizes = {c[0]: c[2] for c in r0["ci"]}
+    assert sizes[4] == 48 + 32  # uneven ranks: rank 0's budget share (48 of 96) + rank 1's 4 steps x 8 rows
+    assert sizes[8] == 48  # rank 1 had no rows for this check and still took part in the gather
+    stop = r0["stopped_step"]
+    assert stop == r1["stopped_step"] == r0["global_step"] == r1["global_step"]  # the same step on both ranks
+    assert stop in (16, 20)  # the encoder collapses from step 15 on; the check at 16 or 20 sees it
+    assert r0["reason"] == r1["reason"] == "DIVERGENCE_THRESHOLD"
+    assert [c[0] for c in r0["ci"]] == list(range(4, stop + 1, 4))
+    assert all(ci <= 0.9 for step, ci, _ in r0["ci"] if step <= 12)  # no stop before the collapse
+    assert r0["ci"][-1][1] > 0.9
