@@ -6,17 +6,36 @@ import argparse
 import sys
 
 
+def verdict(summary: dict) -> str:
+    """Whether a demo run came out as the demo claims: collapse: t0 <= alarm < drop; healthy: neither.
+
+    Example:
+        >>> verdict({"healthy": False, "t0_step": 600, "alarm_step": 700, "drop_step": 1600})
+        'as expected (alarm 900 steps before the accuracy drop)'
+        >>> verdict({"healthy": True, "t0_step": None, "alarm_step": 300, "drop_step": None})
+        'NOT as expected: a healthy run raised an alarm at step 300'
+    """
+    alarm, drop = summary["alarm_step"], summary["drop_step"]
+    if summary["healthy"]:
+        if alarm is not None:
+            return f"NOT as expected: a healthy run raised an alarm at step {alarm}"
+        if drop is not None:
+            return f"NOT as expected: the healthy run's accuracy dropped at step {drop}"
+        return "as expected (no alarm, no accuracy drop)"
+    if alarm is None:
+        return "NOT as expected: no alarm in the collapse run"
+    if drop is None:
+        return "NOT as expected: the accuracy did not drop within the run (try more --steps)"
+    if not summary["t0_step"] <= alarm < drop:
+        return f"NOT as expected: alarm at {alarm}, accuracy drop at {drop}, t0 {summary['t0_step']}"
+    return f"as expected (alarm {drop - alarm} steps before the accuracy drop)"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from topo_callbacks.demo import run_demo
 
     summary = run_demo(args.out, healthy=args.healthy, seed=args.seed, steps=args.steps, t0=args.t0)
-    if args.healthy:
-        ok = summary["alarm_step"] is None and summary["drop_step"] is None
-    else:
-        ok = summary["alarm_step"] is not None and (
-            summary["drop_step"] is None or summary["alarm_step"] < summary["drop_step"]
-        )
-    print("demo outcome:", "as expected" if ok else "NOT as expected (see summary.json)")
+    print("demo outcome:", verdict(summary))
     return 0
 
 

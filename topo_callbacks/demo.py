@@ -71,7 +71,7 @@ def _knn_accuracy(train_z: Tensor, train_y: Tensor, test_z: Tensor, test_y: Tens
     return float((votes.argmax(dim=1) == test_y).float().mean()) * 100.0
 
 
-def _build_module(t0: int | None, lr: float, steps: int) -> Any:
+def _build_module(t0: int | None, lr: float) -> Any:
     import lightning.pytorch as pl
 
     class SimSiam(pl.LightningModule):
@@ -124,7 +124,7 @@ def run_demo(
     t0 = (3 * steps) // 10 if t0 is None else t0
     pl.seed_everything(seed, verbose=False)
     x_train, y_train, x_test, y_test = _load_digits(seed)
-    model = _build_module(None if healthy else t0, lr, steps)
+    model = _build_module(None if healthy else t0, lr)
     monitor = CollapseMonitor(layer="projector")
     knn: list[tuple[int, float]] = []
     rows: list[str] = []

@@ -183,6 +183,7 @@ class CollapseMonitorCore:
         self.first_alarm_step: int | None = None
         self._in_alarm = False
         self._armed_steps = 0
+        self._last_prepared = -1
         self._capture_steps = self.every_n_train_steps  # until the rows per step are known
 
     # ------------------------------------------------------------------ wiring
@@ -213,8 +214,6 @@ class CollapseMonitorCore:
             self._armed_steps += 1
         self._last_prepared = next_step
         self.capture.armed = armed
-
-    _last_prepared = -1
 
     # ------------------------------------------------------------------- check
     def run_check(self, step: int) -> CheckResult:

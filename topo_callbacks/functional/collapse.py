@@ -17,7 +17,6 @@ from topo_callbacks.functional.topology import (
     _h0_from_tree,
     _minimum_spanning_tree,
     betti_from_distances,
-    components_from_tree,
     pairwise_distances,
     persistence_entropy,
 )
@@ -213,11 +212,9 @@ def collapse_index(
     dist = pairwise_distances(z, exact_near=eps)
     if eps is None:
         eps = scale_from_quantile(dist, eps_quantile)
-    tree, tree_u, tree_v = _minimum_spanning_tree(dist)
-    within = tree <= eps
-    labels = components_from_tree(dist.shape[0], tree_u[within], tree_v[within])
-    b0, b1 = betti_from_distances(dist, eps, coeff=coeff, labels=labels)
-    pe = persistence_entropy(_h0_from_tree(tree))
+    tree = _minimum_spanning_tree(dist)
+    b0, b1 = betti_from_distances(dist, eps, coeff=coeff, tree=tree)
+    pe = persistence_entropy(_h0_from_tree(tree[0]))
     aniso = anisotropy(x)
     erank = effective_rank(x)
     std = l2_normalized_std(x)

@@ -179,27 +179,31 @@ def betti_numbers(x: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
     return betti_from_distances(pairwise_distances(x, exact_near=eps), eps, coeff=coeff)
 
 
-def betti_from_distances(dist: Tensor, eps: float, *, coeff: int = 2, labels: Tensor | None = None) -> tuple[int, int]:
+def betti_from_distances(
+    dist: Tensor, eps: float, *, coeff: int = 2, tree: tuple[Tensor, Tensor, Tensor] | None = None
+) -> tuple[int, int]:
     """``(b0, b1)`` of the clique complex of the graph ``dist <= eps``; ``dist`` from `pairwise_distances`.
 
-    ``labels`` may pass the eps-graph's component labels when already known (`components_from_tree`).
+    The eps-graph's components come from its minimum spanning tree (`components_from_tree`); pass ``tree``
+    (from `_minimum_spanning_tree`) when it is already computed.
+
+    Components of the eps-graph are found on the device. A component whose graph is complete is a simplex
+    (contractible: b0 = 1, b1 = 0) and is skipped; in dense ones, dominated vertices are removed (a strong
+    collapse, homotopy-preserving). Only what is left is handed to ripser. This keeps a collapsed cloud, whose
+    eps-graph is one big clique or nearly so, from costing a full reduction.
 
     Example:
         >>> import torch
         >>> square = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
         >>> betti_from_distances(pairwise_distances(square), 1.0)  # 4 edges, no diagonal: one loop
         (1, 1)
-
-    Components of the eps-graph are found on the device. A component whose graph is complete is a simplex
-    (contractible: b0 = 1, b1 = 0) and is skipped; in dense ones, dominated vertices are removed (a strong
-    collapse, homotopy-preserving). Only what is left is handed to ripser. This keeps a collapsed cloud, whose
-    eps-graph is one big clique or nearly so, from costing a full reduction.
     """
     from ripser import ripser
 
     adj = dist <= eps  # closed neighbourhoods: the diagonal is True
-    if labels is None:
-        labels = _components(adj)
+    weights, u, v = _minimum_spanning_tree(dist) if tree is None else tree
+    within = weights <= eps
+    labels = components_from_tree(dist.shape[0], u[within], v[within])
     _, comp, size = torch.unique(labels, return_inverse=True, return_counts=True)
     degree = adj.sum(dim=1) - 1
     edges_per_comp = torch.zeros_like(size).scatter_add_(0, comp, degree) // 2
@@ -239,20 +243,6 @@ def _undominated(adj: Tensor, keep: Tensor) -> Tensor:
         if not bool(dominated.any()):
             return keep
         keep[ids[dominated]] = False
-
-
-def _components(adj: Tensor) -> Tensor:
-    """Connected-component labels (the smallest vertex index in each) by min-label propagation with jumping."""
-    n = adj.shape[0]
-    labels = torch.arange(n, device=adj.device)
-    sentinel = torch.full_like(labels, n)
-    while True:
-        neighbour_min = torch.where(adj, labels[None, :], sentinel[None, :]).amin(dim=1)
-        new = torch.minimum(labels, neighbour_min)
-        new = new[new]  # pointer jumping: follow the new label's own label
-        if torch.equal(new, labels):
-            return labels
-        labels = new
 
 
 def h0_diagram(dist: Tensor, thresh: float = math.inf) -> Tensor:
