@@ -206,3 +206,17 @@ def test_capture_copies_so_later_inplace_ops_do_not_corrupt_it():
     model(x)
     assert torch.equal(cap.take(), expected)  # negative values kept, not zeroed by the in-place ReLU
     assert (expected < 0).any()
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_does_not_capture_twice(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = nn.Linear(3, 4)
+    cap = EmbeddingCapture(max_samples=100)
+    cap.attach(layer)
+    cap.armed = True
+    x = torch.randn(5, 3, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=use_reentrant).sum().backward()  # the recompute runs inside backward
+    assert cap.take().shape == (5, 4)
+    assert cap.seen == 5

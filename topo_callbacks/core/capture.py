@@ -155,6 +155,12 @@ def pool_output(out: Tensor, pool: str | Callable[[Tensor], Tensor] = "mean") ->
     raise ValueError(f"`pool={pool!r}` cannot pool an output of shape {tuple(out.shape)}; accepted: {POOLS}.")
 
 
+def _in_backward() -> bool:
+    """True inside the autograd engine: activation checkpointing re-runs forwards (and their hooks) there."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 class EmbeddingCapture:
     """A forward hook that keeps, while armed, the latest ``max_samples`` pooled rows of a layer's output.
 
@@ -196,7 +202,7 @@ class EmbeddingCapture:
         return self._handle is not None
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self.armed or not module.training:
+        if not self.armed or not module.training or _in_backward():
             return
         try:
             with torch.no_grad():
