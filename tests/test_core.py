@@ -220,3 +220,23 @@ def test_activation_checkpointing_does_not_capture_twice(use_reentrant):
     checkpoint(layer, x, use_reentrant=use_reentrant).sum().backward()  # the recompute runs inside backward
     assert cap.take().shape == (5, 4)
     assert cap.seen == 5
+
+
+def test_monitor_skips_a_failed_capture_or_raises_when_strict():
+    from topo_callbacks.core import CollapseWarning
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    for strict in (False, True):
+        mon = CollapseMonitorCore("0", every_n_train_steps=1, select=lambda out: out.no_such_field, strict=strict)
+        mon.attach(model)
+        mon.prepare_step(1)
+        model(torch.randn(8, 4))
+        if strict:
+            with pytest.raises(RuntimeError, match="capturing the layer output failed: AttributeError"):
+                mon.run_check(1)
+        else:
+            with pytest.warns(CollapseWarning, match="skipped at step 1: capturing the layer output failed"):
+                result = mon.run_check(1)
+            assert result.report is None
+            assert mon.history == []
+        mon.detach()

@@ -11,7 +11,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from topo_callbacks.functional._validation import check_eps
+from topo_callbacks.core.gather import subsample_rows
+from topo_callbacks.functional._validation import check_eps, drop_nonfinite
 from topo_callbacks.functional.collapse import CollapseReport, collapse_index, resolve_weights
 
 __all__ = ["CollapseIndex"]
@@ -95,18 +96,16 @@ class CollapseIndex(Metric):
         """Add a batch of embeddings ``(N, d)``."""
         if embeddings.ndim != 2:
             raise ValueError(f"`embeddings` must have shape (N, d); got {tuple(embeddings.shape)}.")
-        embeddings = embeddings.detach().to(torch.float32)
-        finite = torch.isfinite(embeddings).all(dim=1)
+        kept, dropped = drop_nonfinite(embeddings.detach().to(torch.float32))
         self.seen += embeddings.shape[0]
-        self.nonfinite += int((~finite).sum())
-        self.embeddings.append(embeddings[finite])
+        self.nonfinite += dropped
+        self.embeddings.append(kept)
 
     def compute(self) -> Tensor:
         """The CI of all embeddings seen (all ranks); the full report is stored in :attr:`report`."""
         x = dim_zero_cat(self.embeddings)
-        if self.max_samples is not None and x.shape[0] > self.max_samples:
-            keep = torch.linspace(0, x.shape[0] - 1, self.max_samples, device=x.device).round().long()
-            x = x[keep]
+        if self.max_samples is not None:
+            x = subsample_rows(x, self.max_samples)
         report = collapse_index(x, eps=self.eps, weights=self.weights, normalize=self.normalize)
         seen = max(int(self.seen), 1)
         self.report = dataclasses.replace(report, nonfinite_fraction=int(self.nonfinite) / seen)

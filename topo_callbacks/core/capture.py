@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from topo_callbacks.functional._validation import drop_nonfinite
+
 __all__ = [
     "POOLS",
     "EmbeddingCapture",
@@ -208,12 +210,9 @@ class EmbeddingCapture:
             with torch.no_grad():
                 # Always a copy: the output may be modified in place later in the forward pass (ReLU(inplace=True)).
                 rows = pool_output(self.select(output), self.pool).detach().to(torch.float32, copy=True)
-                finite = torch.isfinite(rows).all(dim=1)
                 self.seen += rows.shape[0]
-                bad = int((~finite).sum())
-                if bad:
-                    self.nonfinite += bad
-                    rows = rows[finite]
+                rows, dropped = drop_nonfinite(rows)
+                self.nonfinite += dropped
                 self.add(rows)
         except Exception as err:  # never break the user's forward pass; the monitor reports it at the check
             self.error = err

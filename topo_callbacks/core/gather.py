@@ -8,14 +8,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_samples", "sum_across_ranks", "world_size"]
+__all__ = ["gather_samples", "subsample_rows", "sum_across_ranks", "world_size"]
 
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _subsample(x: Tensor, budget: int) -> Tensor:
+def subsample_rows(x: Tensor, budget: int) -> Tensor:
+    """At most ``budget`` evenly spaced rows of ``x`` (first and last kept), in order.
+
+    Example:
+        >>> import torch
+        >>> subsample_rows(torch.arange(5.0)[:, None], 3).flatten().tolist()
+        [0.0, 2.0, 4.0]
+    """
     if x.shape[0] <= budget:
         return x
     keep = torch.linspace(0, x.shape[0] - 1, budget, device=x.device).round().long()
@@ -40,7 +47,7 @@ def gather_samples(x: Tensor | None, max_samples: int, device: torch.device | st
     world = world_size()
     budget = math.ceil(max_samples / world)
     if x is not None:
-        x = _subsample(x, budget)
+        x = subsample_rows(x, budget)
         device = x.device
     if world == 1:
         return x if x is not None else torch.zeros(0, 0, device=device)

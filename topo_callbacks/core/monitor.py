@@ -222,15 +222,19 @@ class CollapseMonitorCore:
         self.capture.armed = False
         local = self.capture.take()
         error, self.capture.error = self.capture.error, None
-        seen, nonfinite = sum_across_ranks([self.capture.seen, self.capture.nonfinite], self._device)
+        # the error flag rides along so that every rank skips a check that failed on any rank, and logs alike
+        seen, nonfinite, failed = sum_across_ranks(
+            [self.capture.seen, self.capture.nonfinite, int(error is not None)], self._device
+        )
         if self._armed_steps and self.capture.seen:
             per_step = self.capture.seen / self._armed_steps
             self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
         self._armed_steps = 0
         self.capture.reset()
         x = gather_samples(local, self.max_samples, self._device)
-        if error is not None:
-            return self._skip(step, f"capturing the layer output failed: {error!r}", error)
+        if failed:
+            where = f"{error!r}" if error is not None else f"on {failed} other rank(s)"
+            return self._skip(step, f"capturing the layer output failed: {where}", error)
         if x.ndim != 2 or x.shape[0] < 2:
             return self._skip(step, f"fewer than 2 finite embeddings captured ({seen} seen, {nonfinite} non-finite)")
         calibrating = self.eps is None
@@ -260,7 +264,6 @@ class CollapseMonitorCore:
         self.history.append(
             {
                 "step": step,
-                "ci": report.ci,
                 "alarm": alarm,
                 "reason": reason.name,
                 "calibrating": calibrating,

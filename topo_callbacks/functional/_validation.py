@@ -36,6 +36,20 @@ def check_points(x: Tensor, *, name: str = "x", min_rows: int = 1) -> Tensor:
     return x
 
 
+def drop_nonfinite(rows: Tensor) -> tuple[Tensor, int]:
+    """The rows of ``rows`` ``(n, d)`` that are all finite, and how many were dropped.
+
+    Example:
+        >>> import torch
+        >>> kept, dropped = drop_nonfinite(torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]))
+        >>> kept.tolist(), dropped
+        ([[1.0, 2.0]], 1)
+    """
+    finite = torch.isfinite(rows).all(dim=1)
+    dropped = int((~finite).sum())
+    return (rows[finite] if dropped else rows), dropped
+
+
 def check_eps(eps: float) -> float:
     """Validate a Vietoris-Rips scale: a finite float > 0."""
     try:
