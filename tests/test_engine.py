@@ -1,0 +1,155 @@
+"""MMHMEngine against gudhi after random edit sequences (moves, inserts, removes, duplicates)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.spatial.distance import cdist
+
+from tests.clouds import KINDS, circle, cloud, gudhi_betti, torus
+from topo_callbacks.engine import MMHMEngine
+
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def far_from_ties(points: np.ndarray, eps: float, margin: float = 1e-7) -> bool:
+    """True when no pairwise distance is within ``margin`` (relative) of eps: the contract's only exception."""
+    if len(points) < 2:
+        return True
+    dist = cdist(points, points)
+    return not bool((np.abs(dist - eps) <= margin * eps).any())
+
+
+edits = st.lists(
+    st.tuples(st.sampled_from(["move", "insert", "remove", "duplicate"]), st.integers(1, 6), st.integers(0, 2**31 - 1)),
+    max_size=8,
+)
+
+
+@SETTINGS
+@given(
+    kind=st.sampled_from(KINDS),
+    n=st.integers(0, 50),
+    d=st.integers(1, 6),
+    eps=st.floats(0.2, 2.5),
+    coeff=st.sampled_from([2, 3]),
+    seed=st.integers(0, 2**31 - 1),
+    plan=edits,
+)
+def test_betti_after_edit_sequences_matches_gudhi(kind, n, d, eps, coeff, seed, plan):
+    rng = np.random.default_rng(seed)
+    engine = MMHMEngine(eps, coeff=coeff, dtype=torch.float64, capacity=4)
+    start = cloud(kind, n, d, rng) if n else np.zeros((0, d))
+    d = start.shape[1]  # the circle generator needs 2 columns
+    ids = engine.reset(torch.from_numpy(start))
+    current = {int(i): p for i, p in zip(ids, engine.points(ids).numpy(), strict=True)}
+    for op, k, edit_seed in plan:
+        r = np.random.default_rng(edit_seed)
+        alive = list(current)
+        if op == "insert" or not alive:
+            new = r.standard_normal((k, d)) * r.choice([0.1, 1.0])
+            for i, p in zip(engine.insert(torch.from_numpy(new)).tolist(), new, strict=True):
+                current[i] = p
+        elif op == "remove":
+            gone = list(r.choice(alive, size=min(k, len(alive)), replace=False))
+            engine.remove(gone)
+            for i in gone:
+                del current[i]
+        else:
+            chosen = list(r.choice(alive, size=min(k, len(alive)), replace=False))
+            if op == "move":
+                new = np.stack([current[i] for i in chosen]) + r.standard_normal((len(chosen), d)) * r.choice([0.05, 1])
+            else:  # move onto other points: exact duplicates
+                new = np.stack([current[int(r.choice(alive))] for _ in chosen])
+            engine.move(chosen, torch.from_numpy(new))
+            for i, p in zip(chosen, new, strict=True):
+                current[i] = p
+        if r.random() < 0.5:  # query between some edits, not all: dirty regions also accumulate
+            pts = np.stack(list(current.values())) if current else np.zeros((0, d))
+            if far_from_ties(pts, eps):
+                assert engine.betti() == (gudhi_betti(pts, eps, coeff) if len(pts) else (0, 0))
+    pts = np.stack(list(current.values())) if current else np.zeros((0, d))
+    if far_from_ties(pts, eps):
+        assert engine.betti() == (gudhi_betti(pts, eps, coeff) if len(pts) else (0, 0))
+
+
+def test_known_loops_circle_and_torus():
+    rng = np.random.default_rng(0)
+    engine = MMHMEngine(0.4, dtype=torch.float64)
+    engine.reset(torch.from_numpy(circle(80, rng, noise=0.01)))
+    assert engine.betti() == (1, 1)
+    engine = MMHMEngine(1.05, dtype=torch.float64)
+    engine.reset(torch.from_numpy(torus(100, rng)))
+    assert engine.betti() == (1, 2)
+
+
+def test_only_touched_modules_are_rebuilt():
+    rng = np.random.default_rng(1)
+    centres = np.arange(10)[:, None] * np.array([[10.0, 0.0]])  # 10 well-separated clusters
+    pts = np.concatenate([c + 0.3 * rng.standard_normal((20, 2)) for c in centres])
+    engine = MMHMEngine(0.5, dtype=torch.float64)
+    ids = engine.reset(torch.from_numpy(pts))
+    engine.betti()
+    modules = engine.stats()["modules"]
+    assert engine.stats()["modules_rebuilt"] == modules
+    engine.move(ids[:3], torch.from_numpy(pts[:3] + 0.01))  # inside cluster 0
+    assert engine.betti() == gudhi_betti(engine.points().numpy(), 0.5)
+    assert 1 <= engine.stats()["modules_rebuilt"] <= 3  # cluster 0's pieces, not the other nine clusters
+    engine.betti()
+    assert engine.stats()["modules_rebuilt"] == 0  # nothing dirty: all cached
+
+
+def test_float32_storage_and_device_match_input():
+    x = torch.randn(30, 3)
+    engine = MMHMEngine(1.0)
+    engine.reset(x)
+    assert engine.points().dtype == torch.float32
+    assert engine.points().device == x.device
+    assert engine.betti() == gudhi_betti(x.double().numpy(), 1.0)
+
+
+def test_bad_input_raises_and_leaves_state_unchanged():
+    engine = MMHMEngine(1.0, dtype=torch.float64)
+    ids = engine.reset(torch.randn(10, 3, dtype=torch.float64))
+    before = (engine.betti(), engine.points().clone())
+    with pytest.raises(ValueError, match="d = 3"):
+        engine.move(ids[:2], torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="one row per id"):
+        engine.move(ids[:2], torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        engine.insert(torch.tensor([[0.0, float("nan"), 0.0]]))
+    with pytest.raises(KeyError, match="unknown"):
+        engine.move([999], torch.zeros(1, 3))
+    engine.remove(ids[:1])
+    with pytest.raises(KeyError, match="unknown or removed"):
+        engine.remove(ids[:1])
+    with pytest.raises(ValueError, match="repeat"):
+        engine.remove([int(ids[1]), int(ids[1])])
+    with pytest.raises(ValueError, match="eps"):
+        MMHMEngine(0.0)
+    with pytest.raises(ValueError, match="prime"):
+        MMHMEngine(1.0, coeff=6)
+    assert torch.equal(engine.points(), before[1][1:])
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_exact_decisions_near_eps_far_from_the_origin(inside):
+    # Points 1e6 away from the centroid: the Gram formula's error (~1e-4 in d^2) dwarfs a 1e-9 margin around eps.
+    rng = np.random.default_rng(3)
+    d, eps = 20, 1.0
+    spread = 1e6 * np.concatenate([np.eye(d), -np.eye(d)])
+    centre = spread[0] + 0.5
+    direction = rng.standard_normal(d)
+    direction /= np.linalg.norm(direction)
+    near = centre + eps * (1 - 1e-9 if inside else 1 + 1e-9) * direction
+    pts = np.concatenate([spread, [centre, near]])
+    assert (np.linalg.norm(near - centre) <= eps) == inside
+    engine = MMHMEngine(eps, dtype=torch.float64)
+    ids = engine.reset(torch.from_numpy(pts))
+    assert engine.betti() == (len(pts) - 1 if inside else len(pts), 0)
+    across = centre + eps * (1 + 1e-9 if inside else 1 - 1e-9) * direction  # move to the other side of eps
+    engine.move(ids[-1:], torch.from_numpy(across[None]))
+    assert engine.betti() == (len(pts) if inside else len(pts) - 1, 0)

@@ -1,0 +1,342 @@
+"""MMHM: the Vietoris-Rips complex of a point set at one fixed scale, kept exact under sparse edits.
+
+Points live in slots of a device tensor and carry stable integer ids. The eps-graph is a boolean adjacency
+matrix on the same device. An edit of k points recomputes k rows of distances (O(k n d); pairs near eps are
+recomputed exactly in float64), and marks a *dirty region*: the modules (connected components of the eps-graph)
+the edited points belonged to, plus the modules of their new neighbours. The region is closed: an edge leaves it
+only at an edited point, and those edges' other ends are in it. `betti` relabels the region only and re-reduces
+only its modules; every other module keeps its cached b1. A module is reduced by homotopy-preserving strong
+collapses (dominated vertices) before ripser reduces what is left over Z/p.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from torch import Tensor
+
+from topo_callbacks.functional._validation import check_eps, check_prime
+from topo_callbacks.functional.topology import _undominated, pairwise_distances
+
+__all__ = ["MMHMEngine"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class MMHMEngine:
+    """Exact Betti numbers (b0, b1) of the Vietoris-Rips complex at scale ``eps``, maintained under edits.
+
+    Exactness: after any sequence of edits, `betti` equals what gudhi or ripser compute from scratch on the
+    current points at the same ``eps``, for the points as stored (in ``dtype``): distances are decided in float64
+    from the stored values, so with ``dtype=torch.float64`` the contract is the float64 one, and in lower
+    precision the only differences from the float64 input come from pairs whose distance rounds across ``eps``
+    when the points are stored.
+
+    Args:
+        eps: the scale (edge iff ``||x_i - x_j|| <= eps``), > 0.
+        coeff: a prime p: homology with coefficients in Z/p.
+        device: where points and the eps-graph live; None: the device of the first ``reset`` input.
+        dtype: storage dtype of the points.
+        capacity: initial number of slots (grows by doubling).
+
+    Example:
+        >>> import math, torch
+        >>> t = torch.arange(12) * (2 * math.pi / 12)
+        >>> engine = MMHMEngine(0.6, dtype=torch.float64)
+        >>> ids = engine.reset(torch.stack([t.cos(), t.sin()], dim=1))
+        >>> engine.betti()
+        (1, 1)
+        >>> engine.move(ids[:1], torch.tensor([[0.0, 0.0]], dtype=torch.float64))  # pull one point to the centre
+        >>> engine.betti()  # that point is now alone, and the gap it left opens the loop
+        (2, 0)
+        >>> engine.stats()["modules_rebuilt"]  # the two modules the edit touched: the arc and the lone point
+        2
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        *,
+        coeff: int = 2,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        capacity: int | None = None,
+    ) -> None:
+        self.eps = check_eps(eps)
+        self.coeff = check_prime(coeff)
+        if dtype not in _DTYPES:
+            raise ValueError(f"`dtype` must be one of {[str(t) for t in _DTYPES]}; got {dtype!r}.")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"`capacity` must be an int >= 1 or None; got {capacity!r}.")
+        self.dtype = dtype
+        self.device = None if device is None else torch.device(device)
+        self.capacity = capacity
+        self._d: int | None = None
+        self._allocate(capacity or 0, 0)
+        self._next_id = 0
+        self._last_rebuilt = 0
+        self._times: dict[str, float] = {"distances": 0.0, "components": 0.0, "reduction": 0.0}
+
+    # ------------------------------------------------------------------ storage
+    def _allocate(self, cap: int, d: int) -> None:
+        device = self.device or torch.device("cpu")
+        self._x = torch.zeros(cap, d, dtype=self.dtype, device=device)
+        self._alive = torch.zeros(cap, dtype=torch.bool, device=device)
+        self._adj = torch.zeros(cap, cap, dtype=torch.bool, device=device)
+        self._labels = torch.full((cap,), -1, dtype=torch.long, device=device)
+        self._slot_of: dict[int, int] = {}
+        self._id_of: list[int] = [-1] * cap
+        self._free: list[int] = list(range(cap - 1, -1, -1))
+        self._b1: dict[int, int] = {}
+        self._region: set[int] = set()
+
+    def _grow(self, needed: int) -> None:
+        cap = self._x.shape[0]
+        if len(self._free) >= needed:
+            return
+        new_cap = max(2 * cap, cap + needed - len(self._free), 8)
+        x = torch.zeros(new_cap, self._x.shape[1], dtype=self.dtype, device=self._x.device)
+        x[:cap] = self._x
+        alive = torch.zeros(new_cap, dtype=torch.bool, device=self._x.device)
+        alive[:cap] = self._alive
+        adj = torch.zeros(new_cap, new_cap, dtype=torch.bool, device=self._x.device)
+        adj[:cap, :cap] = self._adj
+        labels = torch.full((new_cap,), -1, dtype=torch.long, device=self._x.device)
+        labels[:cap] = self._labels
+        self._x, self._alive, self._adj, self._labels = x, alive, adj, labels
+        self._id_of += [-1] * (new_cap - cap)
+        self._free = list(range(new_cap - 1, cap - 1, -1)) + self._free
+
+    # ------------------------------------------------------------------ checks
+    def _check_points(self, x: Tensor, name: str) -> Tensor:
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"`{name}` must be a 2-D tensor (k, d); got {shape}.")
+        if self._d is not None and x.shape[0] and x.shape[1] != self._d:
+            raise ValueError(f"`{name}` must have d = {self._d} columns like the engine's points; got {x.shape[1]}.")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"`{name}` holds NaN or Inf; only finite points are accepted.")
+        return x
+
+    def _check_ids(self, ids: Tensor | list[int]) -> list[int]:
+        out = [int(i) for i in (ids.tolist() if isinstance(ids, Tensor) else ids)]
+        if len(set(out)) != len(out):
+            raise ValueError("`ids` must not repeat an id within one edit.")
+        unknown = [i for i in out if i not in self._slot_of]
+        if unknown:
+            raise KeyError(f"unknown or removed point id(s) {unknown[:10]}.")
+        return out
+
+    # ------------------------------------------------------------------- edits
+    def reset(self, x: Tensor) -> Tensor:
+        """Replace all points by ``x`` ``(n, d)``; returns their new ids (int64, on the CPU)."""
+        x = self._check_points(x, "x")
+        if self.device is None:
+            self.device = x.device
+        n, d = x.shape
+        start = time.perf_counter()
+        self._d = d
+        self._allocate(max(n, self.capacity or 0), d)
+        xs = x.detach().to(device=self._x.device, dtype=self.dtype)
+        self._x[:n] = xs
+        self._alive[:n] = True
+        if n:
+            # float64 from the stored values, exact near eps
+            self._adj[:n, :n] = pairwise_distances(xs, exact_near=self.eps) <= self.eps
+            self._adj[:n, :n].fill_diagonal_(False)
+        ids = list(range(self._next_id, self._next_id + n))
+        self._next_id += n
+        for slot, pid in enumerate(ids):
+            self._slot_of[pid] = slot
+            self._id_of[slot] = pid
+        self._free = list(range(self._x.shape[0] - 1, n - 1, -1))
+        self._region = set(range(n))
+        self._times = {"distances": time.perf_counter() - start, "components": 0.0, "reduction": 0.0}
+        return torch.tensor(ids, dtype=torch.long)
+
+    def insert(self, x_new: Tensor) -> Tensor:
+        """Add points ``(k, d)``; returns their ids."""
+        x_new = self._check_points(x_new, "x_new")
+        if self._d is None:
+            return self.reset(x_new)
+        k = x_new.shape[0]
+        self._grow(k)
+        slots = [self._free.pop() for _ in range(k)]
+        ids = list(range(self._next_id, self._next_id + k))
+        self._next_id += k
+        for slot, pid in zip(slots, ids, strict=True):
+            self._slot_of[pid] = slot
+            self._id_of[slot] = pid
+        self._place(slots, x_new)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def move(self, ids: Tensor | list[int], x_new: Tensor) -> None:
+        """Points ``ids`` moved to ``x_new`` ``(len(ids), d)``."""
+        pids = self._check_ids(ids)
+        x_new = self._check_points(x_new, "x_new")
+        if x_new.shape[0] != len(pids):
+            raise ValueError(f"`x_new` must have one row per id: {len(pids)} ids, {x_new.shape[0]} rows.")
+        slots = [self._slot_of[p] for p in pids]
+        self._dirty_old(slots)
+        self._place(slots, x_new)
+
+    def remove(self, ids: Tensor | list[int]) -> None:
+        """Points ``ids`` are gone (their ids are not reused)."""
+        pids = self._check_ids(ids)
+        slots = [self._slot_of.pop(p) for p in pids]
+        self._dirty_old(slots)
+        s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
+        self._alive[s] = False
+        self._adj[s] = False
+        self._adj[:, s] = False
+        self._labels[s] = -1
+        for slot in slots:
+            self._id_of[slot] = -1
+            self._region.discard(slot)
+        self._free.extend(slots)
+
+    def _dirty_old(self, slots: list[int]) -> None:
+        """Mark the modules the edited slots belong to now (before the edit) as part of the dirty region."""
+        s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
+        old = self._labels[s]
+        old = old[old >= 0]
+        if old.numel():
+            members = torch.isin(self._labels, old)
+            self._region.update(torch.nonzero(members).flatten().tolist())
+            for label in old.tolist():
+                self._b1.pop(int(label), None)
+
+    def _place(self, slots: list[int], x_new: Tensor) -> None:
+        """Store points in ``slots`` and recompute their adjacency rows; neighbours' modules join the region."""
+        start = time.perf_counter()
+        s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
+        self._x[s] = x_new.detach().to(device=self._x.device, dtype=self.dtype)
+        self._alive[s] = True
+        rows = _rows_within(self._x[s], self._x, self.eps) & self._alive[None, :]
+        rows[torch.arange(len(slots), device=s.device), s] = False
+        self._adj[s] = rows
+        self._adj[:, s] = rows.T
+        neighbours = torch.nonzero(rows.any(dim=0)).flatten()
+        labels = self._labels[neighbours]
+        labels = torch.unique(labels[labels >= 0])
+        if labels.numel():
+            self._region.update(torch.nonzero(torch.isin(self._labels, labels)).flatten().tolist())
+            for label in labels.tolist():
+                self._b1.pop(int(label), None)
+        self._region.update(slots)
+        self._region.update(neighbours.tolist())
+        self._times["distances"] = time.perf_counter() - start
+
+    # ---------------------------------------------------------------- queries
+    def betti(self) -> tuple[int, int]:
+        """``(b0, b1)`` of the current points; only the modules dirtied since the last call are recomputed."""
+        self._last_rebuilt = 0
+        if self._region:
+            self._rebuild_region()
+        alive_labels = self._labels[self._alive]
+        b0 = int(torch.unique(alive_labels).numel()) if alive_labels.numel() else 0
+        return b0, int(sum(self._b1.values()))
+
+    def _rebuild_region(self) -> None:
+        start = time.perf_counter()
+        region = torch.tensor(sorted(self._region), dtype=torch.long, device=self._x.device)
+        region = region[self._alive[region]]
+        self._region = set()
+        for label in torch.unique(self._labels[region]).tolist():
+            self._b1.pop(int(label), None)
+        sub = self._adj[region][:, region]
+        local = _component_labels(sub)
+        labels = torch.zeros_like(local)
+        labels.scatter_reduce_(
+            0, local, torch.arange(local.numel(), device=local.device), reduce="amin", include_self=False
+        )
+        self._labels[region] = region[labels[local]]
+        self._times["components"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for comp in torch.unique(local).tolist():
+            members = region[local == comp]
+            self._b1[int(members.min())] = self._module_b1(members)
+            self._last_rebuilt += 1
+        self._times["reduction"] = time.perf_counter() - start
+
+    def _module_b1(self, members: Tensor) -> int:
+        k = members.numel()
+        if k <= 2:
+            return 0
+        adj = self._adj[members][:, members]
+        edges = int(adj.sum()) // 2
+        if edges == k - 1 or edges == k * (k - 1) // 2:  # a tree, or a simplex
+            return 0
+        closed = adj.clone().fill_diagonal_(True)
+        keep = _undominated(closed, torch.ones(k, dtype=torch.bool, device=adj.device))
+        if int(keep.sum()) <= 3:  # a clique complex on at most 3 vertices has no loop (3 edges span a triangle)
+            return 0
+        from ripser import ripser
+
+        # Only which edges exist matters; ordering them by length keeps ripser's reduction short.
+        left = members[keep]
+        i, j = torch.nonzero(torch.triu(adj[keep][:, keep], diagonal=1), as_tuple=True)
+        pts = self._x[left].to(torch.float64)
+        lengths = 1.0 + (pts[i] - pts[j]).norm(dim=1)
+        graph = coo_matrix((lengths.cpu().numpy(), (i.cpu().numpy(), j.cpu().numpy())), shape=(len(left), len(left)))
+        dgms = ripser(graph, distance_matrix=True, maxdim=1, coeff=self.coeff)["dgms"]
+        return int(np.isinf(dgms[1][:, 1]).sum())
+
+    def ids(self) -> Tensor:
+        """The ids of the current points, in slot order."""
+        return torch.tensor([i for i in self._id_of if i >= 0], dtype=torch.long)
+
+    def points(self, ids: Tensor | list[int] | None = None) -> Tensor:
+        """The stored points of ``ids`` (all current points, in `ids` order, when None)."""
+        pids = self.ids().tolist() if ids is None else self._check_ids(ids)
+        slots = torch.tensor([self._slot_of[p] for p in pids], dtype=torch.long, device=self._x.device)
+        return self._x[slots]
+
+    def stats(self) -> dict[str, Any]:
+        """Points, edges, modules, modules rebuilt by the last `betti`, time per stage (s) of the last edit/query."""
+        alive = self._alive
+        labels = self._labels[alive]
+        return {
+            "points": int(alive.sum()),
+            "edges": int(self._adj.sum()) // 2,
+            "modules": int(torch.unique(labels).numel()) if labels.numel() else 0,
+            "modules_rebuilt": self._last_rebuilt,
+            "dirty_points": len(self._region),
+            "time_s": dict(self._times),
+            "state_bytes": sum(t.numel() * t.element_size() for t in (self._x, self._alive, self._adj, self._labels)),
+        }
+
+
+def _rows_within(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """``||a_i - b_j|| <= eps`` for all pairs, decided in float64 from the stored values, exact near eps."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    center = b64.mean(dim=0, keepdim=True) if b64.shape[0] else 0.0
+    a64, b64 = a64 - center, b64 - center
+    sa, sb = (a64 * a64).sum(dim=1), (b64 * b64).sum(dim=1)
+    d2 = torch.addmm(sa[:, None] + sb[None, :], a64, b64.T, alpha=-2.0)
+    scale = float(torch.cat([sa, sb]).max()) if sa.numel() + sb.numel() else 0.0
+    tol = 4.0 * (a64.shape[1] + 2) * torch.finfo(torch.float64).eps * 2.0 * scale
+    e2 = eps * eps
+    near = (d2 - e2).abs() <= tol
+    i, j = torch.nonzero(near, as_tuple=True)
+    if i.numel():
+        d2[i, j] = ((a64[i] - b64[j]) ** 2).sum(dim=1)
+    return d2 <= e2
+
+
+def _component_labels(adj: Tensor) -> Tensor:
+    """Component index per vertex (0..c-1) of a small boolean graph, by min-label propagation with jumping."""
+    n = adj.shape[0]
+    labels = torch.arange(n, device=adj.device)
+    sentinel = torch.full_like(labels, n)
+    while True:
+        neighbour_min = torch.where(adj, labels[None, :], sentinel[None, :]).amin(dim=1) if n else labels
+        new = torch.minimum(labels, neighbour_min)
+        new = new[new]
+        if torch.equal(new, labels):
+            return torch.unique(labels, return_inverse=True)[1]
+        labels = new
