@@ -20,7 +20,7 @@ from scipy.sparse import coo_matrix
 from torch import Tensor
 
 from topo_callbacks.functional._validation import check_eps, check_prime
-from topo_callbacks.functional.topology import _undominated, pairwise_distances
+from topo_callbacks.functional.topology import _undominated, squared_distances
 
 __all__ = ["MMHMEngine"]
 
@@ -145,8 +145,8 @@ class MMHMEngine:
         self._x[:n] = xs
         self._alive[:n] = True
         if n:
-            # float64 from the stored values, exact near eps
-            self._adj[:n, :n] = pairwise_distances(xs, exact_near=self.eps) <= self.eps
+            # float64 from the stored values, exact near eps; the same comparison as an edit's rows
+            self._adj[:n, :n] = squared_distances(xs, xs, exact_near=self.eps, same=True) <= self.eps**2
             self._adj[:n, :n].fill_diagonal_(False)
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
@@ -216,7 +216,7 @@ class MMHMEngine:
         s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
         self._x[s] = x_new.detach().to(device=self._x.device, dtype=self.dtype)
         self._alive[s] = True
-        rows = _rows_within(self._x[s], self._x, self.eps) & self._alive[None, :]
+        rows = (squared_distances(self._x[s], self._x, exact_near=self.eps) <= self.eps**2) & self._alive[None, :]
         rows[torch.arange(len(slots), device=s.device), s] = False
         self._adj[s] = rows
         self._adj[:, s] = rows.T
@@ -309,23 +309,6 @@ class MMHMEngine:
             "time_s": dict(self._times),
             "state_bytes": sum(t.numel() * t.element_size() for t in (self._x, self._alive, self._adj, self._labels)),
         }
-
-
-def _rows_within(a: Tensor, b: Tensor, eps: float) -> Tensor:
-    """``||a_i - b_j|| <= eps`` for all pairs, decided in float64 from the stored values, exact near eps."""
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    center = b64.mean(dim=0, keepdim=True) if b64.shape[0] else 0.0
-    a64, b64 = a64 - center, b64 - center
-    sa, sb = (a64 * a64).sum(dim=1), (b64 * b64).sum(dim=1)
-    d2 = torch.addmm(sa[:, None] + sb[None, :], a64, b64.T, alpha=-2.0)
-    scale = float(torch.cat([sa, sb]).max()) if sa.numel() + sb.numel() else 0.0
-    tol = 4.0 * (a64.shape[1] + 2) * torch.finfo(torch.float64).eps * 2.0 * scale
-    e2 = eps * eps
-    near = (d2 - e2).abs() <= tol
-    i, j = torch.nonzero(near, as_tuple=True)
-    if i.numel():
-        d2[i, j] = ((a64[i] - b64[j]) ** 2).sum(dim=1)
-    return d2 <= e2
 
 
 def _component_labels(adj: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "pairwise_distances",
     "persistence_diagrams",
     "persistence_entropy",
+    "squared_distances",
 ]
 
 
@@ -49,38 +50,57 @@ def pairwise_distances(x: Tensor, *, exact_near: float | None = None) -> Tensor:
         tensor([[0., 5.],
                 [5., 0.]], dtype=torch.float64)
     """
-    x = check_points(x).to(torch.float64)
-    x = x - x.mean(dim=0, keepdim=True)  # smaller norms make the Gram formula more accurate
-    sq = (x * x).sum(dim=1)
-    d2 = torch.addmm(sq[:, None] + sq[None, :], x, x.T, alpha=-2.0)
-    # BLAS need not return a bit-symmetric product, and MST tie-breaking needs one.
-    d2 = torch.minimum(d2, d2.T).clamp_min_(0.0)
-    # Forward error bound of the Gram formula (dot products of length d), a generous multiple of d * u,
-    # uniform over pairs: |computed - exact| <= tol for every pair.
-    tol = 4.0 * (x.shape[1] + 2) * torch.finfo(torch.float64).eps * 2.0 * float(sq.max())
+    x = check_points(x)
+    return squared_distances(x, x, exact_near=exact_near, same=True).sqrt_()
+
+
+def squared_distances(a: Tensor, b: Tensor, *, exact_near: float | None = None, same: bool = False) -> Tensor:
+    """Squared Euclidean distances ``(k, m)`` between the rows of ``a`` and ``b``, in float64, exact where it matters.
+
+    The fast Gram formula has an absolute error bound (a generous multiple of ``d * u`` times the largest squared
+    norm, after centring on ``b``'s mean). Every pair whose computed value lies within that bound of 0 or of
+    ``exact_near**2`` is recomputed from the differences, so comparisons with ``exact_near`` and zero distances
+    (duplicates) are decided exactly. ``same=True`` (``a is b``) also makes the result bit-symmetric with a zero
+    diagonal, which the MST's tie-breaking needs (BLAS does not return a bit-symmetric Gram matrix).
+
+    Example:
+        >>> import torch
+        >>> squared_distances(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+        tensor([[25.,  1.]], dtype=torch.float64)
+    """
+    a = a.to(torch.float64)
+    b = a if same else b.to(torch.float64)
+    center = b.mean(dim=0, keepdim=True) if b.shape[0] else 0.0  # smaller norms: a more accurate Gram formula
+    a = a - center
+    b = a if same else b - center
+    sa, sb = (a * a).sum(dim=1), (b * b).sum(dim=1)
+    d2 = torch.addmm(sa[:, None] + sb[None, :], a, b.T, alpha=-2.0)
+    if same:
+        d2 = torch.minimum(d2, d2.T)
+    d2.clamp_min_(0.0)
+    largest = max(float(sa.max()) if sa.numel() else 0.0, float(sb.max()) if sb.numel() else 0.0)
+    tol = 4.0 * (a.shape[1] + 2) * torch.finfo(torch.float64).eps * 2.0 * largest
     suspect = d2 <= tol
     if exact_near is not None:
         suspect |= (d2 - exact_near * exact_near).abs_() <= tol
-    suspect.fill_diagonal_(False)
-    n = x.shape[0]
-    i, j = torch.nonzero(torch.triu(suspect), as_tuple=True)
-    if i.numel() <= 8 * n:  # few suspects (the usual case): recompute just those pairs
-        chunk = max(1, (1 << 22) // x.shape[1])
+    if same:
+        suspect.fill_diagonal_(False)
+    i, j = torch.nonzero(suspect, as_tuple=True)
+    if i.numel() <= 8 * max(d2.shape):  # few suspects (the usual case): recompute just those pairs
+        chunk = max(1, (1 << 22) // max(a.shape[1], 1))
         for start in range(0, i.numel(), chunk):
             ii, jj = i[start : start + chunk], j[start : start + chunk]
-            exact = ((x[ii] - x[jj]) ** 2).sum(dim=1)
-            d2[ii, jj] = exact
-            d2[jj, ii] = exact
+            d2[ii, jj] = ((a[ii] - b[jj]) ** 2).sum(dim=1)
     else:  # many (near-duplicate clouds): whole rows by blocks, without the Gram formula
-        rows = torch.unique(torch.cat([i, j]))
-        block = max(1, (1 << 22) // max(n, 1))  # bounds each exact block to ~32 MB of float64
+        rows = torch.unique(i)
+        block = max(1, (1 << 22) // max(b.shape[0], 1))  # bounds each exact block to ~32 MB of float64
         for start in range(0, rows.numel(), block):
             r = rows[start : start + block]
-            exact = torch.cdist(x[r], x, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+            exact = torch.cdist(a[r], b, compute_mode="donot_use_mm_for_euclid_dist") ** 2
             d2[r] = torch.where(suspect[r], exact, d2[r])
-            d2[:, r] = torch.where(suspect[:, r], exact.T, d2[:, r])
-    d2.fill_diagonal_(0.0)
-    return d2.sqrt_()
+    if same:
+        d2.fill_diagonal_(0.0)
+    return d2
 
 
 def _minimum_spanning_tree(dist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
