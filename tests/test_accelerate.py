@@ -1,0 +1,142 @@
+"""AccelerateCollapseMonitor in a plain Accelerate loop: one process in-test, two processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+
+from accelerate import Accelerator
+
+from tests.lightning_helpers import Collapser, loader
+from topo_callbacks.accelerate import AccelerateCollapseMonitor
+from topo_callbacks.core import StoppingReason
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), Collapser(False))
+    return torch.nn.Sequential(encoder, torch.nn.Linear(16, 1))
+
+
+def train(accelerator, model, monitor, steps, collapse_at=None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=4096, batch_size=32))
+    for i, (x, y) in enumerate(data):
+        if i == steps:
+            break
+        accelerator.unwrap_model(model)[0][2].enabled = collapse_at is not None and i >= collapse_at
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if monitor.step():
+            return i + 1
+    return steps
+
+
+def test_single_process_loop_checks_logs_and_stops(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with AccelerateCollapseMonitor(
+            accelerator,
+            model,
+            layer="0",
+            every_n_train_steps=5,
+            max_samples=64,
+            divergence_threshold=0.9,
+            stop_on_alarm=True,
+        ) as mon:
+            stopped = train(accelerator, model, mon, steps=60, collapse_at=30)
+    assert [h["step"] for h in mon.history][:6] == [5, 10, 15, 20, 25, 30]
+    assert stopped == mon.stopped_step == 35  # collapse from step 31: the check at 35 sees it
+    assert mon.stopping_reason is StoppingReason.DIVERGENCE_THRESHOLD
+    assert not model[0]._forward_hooks  # closed by the with block
+
+
+def test_register_for_checkpointing_roundtrip(tmp_path):
+    accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
+    model = make_model()
+    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=5, max_samples=64)
+    accelerator.register_for_checkpointing(mon)
+    train(accelerator, model, mon, steps=20)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    saved = mon.state_dict()
+    fresh_acc = Accelerator(cpu=True, project_dir=str(tmp_path))
+    fresh = AccelerateCollapseMonitor(fresh_acc, make_model(), layer="0", every_n_train_steps=5, max_samples=64)
+    fresh_acc.register_for_checkpointing(fresh)
+    fresh_acc.load_state(str(tmp_path / "ckpt"))
+    assert fresh.global_step == 20
+    assert fresh.state_dict() == saved
+    mon.close()
+    fresh.close()
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    from accelerate import Accelerator
+    from tests.test_accelerate import make_model, train
+    from topo_callbacks.accelerate import AccelerateCollapseMonitor
+
+    warnings.simplefilter("ignore")
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    mon = AccelerateCollapseMonitor(accelerator, model, layer="module.0", every_n_train_steps=5, max_samples=64,
+                                    divergence_threshold=0.9, stop_on_alarm=True)
+    stopped = train(accelerator, model, mon, steps=60, collapse_at=30)
+    out = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stopped": stopped,
+           "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history]}
+    with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
+        json.dump(out, fh)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_same_ci_and_same_stop(tmp_path: Path):
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    keep = ("PATH", "HOME", "LANG", "TMPDIR")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2  # really distributed, not two independent processes
+    assert r0["ci"] == r1["ci"]
+    assert r0["ci"][0][2] == 64  # the global budget, split over the two ranks
+    assert r0["stopped"] == r1["stopped"] == r0["stopped_step"] == r1["stopped_step"] == 35

@@ -1,0 +1,86 @@
+"""Accelerate adapter: the collapse monitor for a plain ``accelerate`` training loop.
+
+Importing this module imports ``accelerate``; ``import topo_callbacks`` does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from topo_callbacks.core.capture import LayerSpec
+from topo_callbacks.core.monitor import CollapseMonitorCore
+
+__all__ = ["AccelerateCollapseMonitor"]
+
+
+class AccelerateCollapseMonitor(CollapseMonitorCore):
+    """Collapse monitor for an Accelerate loop: call `step` after each optimizer step; stop when it returns True.
+
+    ``layer`` is resolved on ``accelerator.unwrap_model(model)`` (so ``module.``/``_orig_mod.`` prefixes don't
+    matter). Every ``every_n_train_steps`` steps `step` gathers embeddings from all processes, computes the CI,
+    logs the CI and its terms with ``accelerator.log`` and evaluates the alarm rule; with ``stop_on_alarm=True``
+    the decision goes through ``set_trigger``/``check_trigger``, so `step` returns True on every process at the
+    same step. The monitor counts steps itself; pass ``step=`` to use your own global step (e.g. after resuming).
+    It is checkpointable: ``accelerator.register_for_checkpointing(monitor)``. ``close()`` (or a ``with``
+    block) removes the hook. All other arguments are those of
+    :class:`~topo_callbacks.core.CollapseMonitorCore`.
+
+    Example::
+
+        accelerator = Accelerator()
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        with AccelerateCollapseMonitor(accelerator, model, layer="encoder", stop_on_alarm=True) as monitor:
+            accelerator.register_for_checkpointing(monitor)
+            for batch in loader:
+                loss = model(batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                if monitor.step():
+                    break
+    """
+
+    def __init__(self, accelerator: Any, model: nn.Module, layer: LayerSpec, **kwargs: Any) -> None:
+        super().__init__(layer, **kwargs)
+        self.accelerator = accelerator
+        self.global_step = 0
+        self.attach(accelerator.unwrap_model(model))
+        self.prepare_step(1)
+
+    def step(self, step: int | None = None) -> bool:
+        """Count one optimizer step (or set it to ``step``); check when due. True: stop, on every process."""
+        self.global_step = self.global_step + 1 if step is None else int(step)
+        current = self.global_step
+        stop = False
+        if self.is_check_step(current):
+            result = self.run_check(current)
+            if result.report is not None:
+                self.accelerator.log(result.logged, step=current)
+            if result.should_stop:
+                self.accelerator.set_trigger()
+            # a collective at every check on every process (the schedule is the same everywhere)
+            stop = bool(self.accelerator.check_trigger())
+            if stop:
+                self.record_stop(current, result)
+        self.prepare_step(current + 1)
+        return stop
+
+    def close(self) -> None:
+        """Remove the forward hook (results and state stay)."""
+        self.detach()
+
+    def __enter__(self) -> AccelerateCollapseMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.global_step = int(state.get("global_step", self.global_step))
+        self.prepare_step(self.global_step + 1)
