@@ -201,13 +201,14 @@ class MMHMEngine:
 
     def _dirty_old(self, slots: list[int]) -> None:
         """Mark the modules the edited slots belong to now (before the edit) as part of the dirty region."""
-        s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
-        old = self._labels[s]
-        old = old[old >= 0]
-        if old.numel():
-            members = torch.isin(self._labels, old)
-            self._region.update(torch.nonzero(members).flatten().tolist())
-            for label in old.tolist():
+        self._dirty_modules(self._labels[torch.tensor(slots, dtype=torch.long, device=self._x.device)])
+
+    def _dirty_modules(self, labels: Tensor) -> None:
+        """Add every member of the modules ``labels`` to the dirty region and drop their cached b1."""
+        labels = torch.unique(labels[labels >= 0])
+        if labels.numel():
+            self._region.update(torch.nonzero(torch.isin(self._labels, labels)).flatten().tolist())
+            for label in labels.tolist():
                 self._b1.pop(int(label), None)
 
     def _place(self, slots: list[int], x_new: Tensor) -> None:
@@ -221,12 +222,7 @@ class MMHMEngine:
         self._adj[s] = rows
         self._adj[:, s] = rows.T
         neighbours = torch.nonzero(rows.any(dim=0)).flatten()
-        labels = self._labels[neighbours]
-        labels = torch.unique(labels[labels >= 0])
-        if labels.numel():
-            self._region.update(torch.nonzero(torch.isin(self._labels, labels)).flatten().tolist())
-            for label in labels.tolist():
-                self._b1.pop(int(label), None)
+        self._dirty_modules(self._labels[neighbours])
         self._region.update(slots)
         self._region.update(neighbours.tolist())
         self._times["distances"] = time.perf_counter() - start
@@ -245,9 +241,7 @@ class MMHMEngine:
         start = time.perf_counter()
         region = torch.tensor(sorted(self._region), dtype=torch.long, device=self._x.device)
         region = region[self._alive[region]]
-        self._region = set()
-        for label in torch.unique(self._labels[region]).tolist():
-            self._b1.pop(int(label), None)
+        self._region = set()  # every edit that dirtied these modules already dropped their cached b1
         sub = self._adj[region][:, region]
         local = _component_labels(sub)
         labels = torch.zeros_like(local)
