@@ -14,13 +14,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.sparse import coo_matrix
 from torch import Tensor
 
 from topo_callbacks.functional._validation import check_eps, check_prime
-from topo_callbacks.functional.topology import _undominated, squared_distances
+from topo_callbacks.functional.topology import _clique_complex_b1, _undominated, squared_distances
 
 __all__ = ["MMHMEngine"]
 
@@ -269,16 +267,10 @@ class MMHMEngine:
         keep = _undominated(closed, torch.ones(k, dtype=torch.bool, device=adj.device))
         if int(keep.sum()) <= 3:  # a clique complex on at most 3 vertices has no loop (3 edges span a triangle)
             return 0
-        from ripser import ripser
-
-        # Only which edges exist matters; ordering them by length keeps ripser's reduction short.
         left = members[keep]
         i, j = torch.nonzero(torch.triu(adj[keep][:, keep], diagonal=1), as_tuple=True)
         pts = self._x[left].to(torch.float64)
-        lengths = 1.0 + (pts[i] - pts[j]).norm(dim=1)
-        graph = coo_matrix((lengths.cpu().numpy(), (i.cpu().numpy(), j.cpu().numpy())), shape=(len(left), len(left)))
-        dgms = ripser(graph, distance_matrix=True, maxdim=1, coeff=self.coeff)["dgms"]
-        return int(np.isinf(dgms[1][:, 1]).sum())
+        return _clique_complex_b1(len(left), i, j, (pts[i] - pts[j]).norm(dim=1), self.coeff)
 
     def ids(self) -> Tensor:
         """The ids of the current points, in slot order."""

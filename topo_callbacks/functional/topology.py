@@ -154,14 +154,18 @@ def _minimum_spanning_tree(dist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return w, e // n, e % n
 
 
-def _sparse_eps_graph(dist: Tensor, eps: float) -> coo_matrix:
+def _clique_complex_b1(n: int, i: Tensor, j: Tensor, lengths: Tensor, coeff: int) -> int:
+    """b1 of the clique complex of the graph on ``n`` vertices with edges ``(i[k], j[k])``, ``i < j``, by ripser.
 
-    n = dist.shape[0]
+    Only which edges exist matters; weighting each edge by ``1 + length`` keeps ripser's reduction short.
+    """
+    from ripser import ripser
+
     # ripser reads a sparse matrix's upper triangle (i < j); a lower-triangle input is silently misread.
-    i, j = torch.nonzero(torch.triu(dist <= eps, diagonal=1), as_tuple=True)
-    # Only which edges exist matters for Betti numbers; ordering edges by length keeps ripser's reduction short.
-    values = (1.0 + dist[i, j]).cpu().numpy()
-    return coo_matrix((values, (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
+    weights = (1.0 + lengths.to(torch.float64)).cpu().numpy()
+    graph = coo_matrix((weights, (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
+    dgms = ripser(graph, distance_matrix=True, maxdim=1, coeff=coeff)["dgms"]
+    return int(np.isinf(dgms[1][:, 1]).sum())
 
 
 def betti_numbers(x: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
@@ -218,8 +222,6 @@ def betti_from_distances(
         >>> betti_from_distances(pairwise_distances(square), 1.0)  # 4 edges, no diagonal: one loop
         (1, 1)
     """
-    from ripser import ripser
-
     adj = dist <= eps  # closed neighbourhoods: the diagonal is True
     weights, u, v = _minimum_spanning_tree(dist) if tree is None else tree
     within = weights <= eps
@@ -235,8 +237,8 @@ def betti_from_distances(
     if not bool(keep.any()):
         return b0, 0
     sub = dist[keep][:, keep]
-    dgms = ripser(_sparse_eps_graph(sub, eps), distance_matrix=True, maxdim=1, coeff=coeff)["dgms"]
-    return b0, int(np.isinf(dgms[1][:, 1]).sum())
+    i, j = torch.nonzero(torch.triu(sub <= eps, diagonal=1), as_tuple=True)
+    return b0, _clique_complex_b1(sub.shape[0], i, j, sub[i, j], coeff)
 
 
 #: Mean degree above which dominated vertices are removed before ripser (sparse graphs gain little from it).
