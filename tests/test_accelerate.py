@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +17,7 @@ pytest.importorskip("accelerate")
 from accelerate import Accelerator
 
 from tests.lightning_helpers import Collapser, loader
+from tests.procs import clean_env, free_port
 from topo_callbacks.accelerate import AccelerateCollapseMonitor
 from topo_callbacks.core import StoppingReason
 
@@ -102,24 +101,20 @@ WORKER = textwrap.dedent(
            "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history]}
     with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
         json.dump(out, fh)
+    # exiting with the gloo group alive can abort at interpreter shutdown ("terminate called without an active
+    # exception"): tear it down first
+    accelerator.end_training()  # destroys the process group in accelerate >= 1.x
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     """
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_same_ci_and_same_stop(tmp_path: Path):
-    root = Path(__file__).resolve().parents[1]
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    keep = ("PATH", "HOME", "LANG", "TMPDIR")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    env = clean_env()
     cmd = [
         sys.executable,
         "-m",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.procs import clean_env, free_port
 
 WORKER = textwrap.dedent(
     """
@@ -56,29 +56,13 @@ WORKER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gather_and_monitor_agree_across_two_gloo_ranks(tmp_path: Path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = free_port()
-    root = Path(__file__).resolve().parents[1]
-    keep = ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR")
     procs = []
     for rank in range(2):
-        env = {k: os.environ[k] for k in keep if k in os.environ}
-        env.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            PYTHONPATH=str(root),
-            OMP_NUM_THREADS="1",
-        )
+        env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True))
     results = []
     for proc in procs:
