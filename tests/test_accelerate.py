@@ -28,14 +28,18 @@ def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(encoder, torch.nn.Linear(16, 1))
 
 
-def train(accelerator, model, monitor, steps, collapse_at=None):
+def train(accelerator, model, monitor, steps, collapse_at=None, uneven=False):
+    """``uneven``: process 1 trains on 8 of its 32 rows, and on none in steps 6-10 (the window of the check at 10)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=4096, batch_size=32))
     for i, (x, y) in enumerate(data):
         if i == steps:
             break
+        if uneven and accelerator.process_index == 1:
+            keep = 0 if 6 <= i + 1 <= 10 else 8
+            x, y = x[:keep], y[:keep]
         accelerator.unwrap_model(model)[0][2].enabled = collapse_at is not None and i >= collapse_at
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = ((model(x) - y) ** 2).sum() / max(len(x), 1)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -96,7 +100,7 @@ WORKER = textwrap.dedent(
     model = make_model()
     mon = AccelerateCollapseMonitor(accelerator, model, layer="module.0", every_n_train_steps=5, max_samples=64,
                                     divergence_threshold=0.9, stop_on_alarm=True)
-    stopped = train(accelerator, model, mon, steps=60, collapse_at=30)
+    stopped = train(accelerator, model, mon, steps=60, collapse_at=30, uneven=True)
     out = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stopped": stopped,
            "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history]}
     with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
@@ -111,7 +115,7 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_same_ci_and_same_stop(tmp_path: Path):
+def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_same_stop(tmp_path: Path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = clean_env()
@@ -133,5 +137,7 @@ def test_torchrun_two_processes_same_ci_and_same_stop(tmp_path: Path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2  # really distributed, not two independent processes
     assert r0["ci"] == r1["ci"]
-    assert r0["ci"][0][2] == 64  # the global budget, split over the two ranks
+    n_by_step = {s: n for s, _, n in r0["ci"]}
+    assert n_by_step[5] == 64  # the global budget, split over the two ranks (32 each)
+    assert n_by_step[10] == 32  # process 1 contributed nothing to this check
     assert r0["stopped"] == r1["stopped"] == r0["stopped_step"] == r1["stopped_step"] == 35

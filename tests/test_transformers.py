@@ -1,0 +1,212 @@
+"""CollapseMonitorCallback in a real HF Trainer: one process in-test, two processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from tests.lightning_helpers import Collapser
+from tests.procs import clean_env, free_port
+from topo_callbacks.core import CollapseWarning, StoppingReason
+from topo_callbacks.transformers import CollapseMonitorCallback
+
+
+class TinyRegressor(nn.Module):
+    """A model the Trainer accepts: ``forward(x, labels) -> {"loss", "logits"}``, with a switchable collapse.
+
+    On process 1 (``uneven=True``) it trains on 8 of its rows, and on none in steps 5-8 (the whole capture window
+    of the check at step 8).
+    """
+
+    def __init__(self, uneven: bool = False) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), Collapser(False))
+        self.head = nn.Linear(16, 1)
+        self.uneven = uneven
+        self.step = 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.uneven and torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            keep = 0 if 5 <= self.step <= 8 else 8
+            x, labels = x[:keep], labels[:keep]
+        pred = self.head(self.encoder(x))
+        loss = ((pred - labels) ** 2).sum() / max(len(x), 1)
+        return {"loss": loss, "logits": pred}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 4096, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 16, generator=g)
+        self.y = self.x[:, :1] * 2 + 0.1 * torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class CollapseAt(TrainerCallback):
+    """Tells the model its step and switches the encoder to constant output from optimizer step ``at`` on."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        model.step = state.global_step + 1
+        model.encoder[3].enabled = self.at is not None and state.global_step + 1 >= self.at
+
+
+def make_trainer(out: Path, max_steps: int, collapse_at: int | None, uneven: bool = False, **kwargs) -> Trainer:
+    torch.manual_seed(0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=32,
+        max_steps=max_steps,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        report_to="none",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        seed=0,
+        **kwargs,
+    )
+    return Trainer(model=TinyRegressor(uneven), args=args, train_dataset=Rows(), callbacks=[CollapseAt(collapse_at)])
+
+
+def monitor_entries(trainer: Trainer, key: str = "collapse/ci") -> list[tuple[int, float]]:
+    return [(e["step"], e[key]) for e in trainer.state.log_history if key in e]
+
+
+def test_checks_log_through_trainer_and_stop_on_threshold(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=60, collapse_at=31)
+    mon = CollapseMonitorCallback(
+        trainer=trainer, layer="encoder", every_n_train_steps=5, max_samples=64, divergence_threshold=0.9,
+        stop_on_alarm=True,
+    )  # fmt: skip
+    trainer.add_callback(mon)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        trainer.train()
+    assert [h["step"] for h in mon.history] == [5, 10, 15, 20, 25, 30, 35]
+    assert trainer.state.global_step == mon.stopped_step == 35
+    assert mon.stopping_reason is StoppingReason.DIVERGENCE_THRESHOLD
+    # through trainer.log: in log_history with the Trainer's own fields, every term beside the CI
+    assert monitor_entries(trainer) == [(h["step"], h["ci"]) for h in mon.history]
+    last = trainer.state.log_history[-2]  # the final entry is the Trainer's train summary
+    assert {"epoch", "collapse/betti_term", "collapse/effective_rank", "collapse/b0"} <= set(last)
+    assert not trainer.model.encoder._forward_hooks  # detached at the end of training
+
+
+def test_unbound_callback_still_records_and_says_so(tmp_path):
+    mon = CollapseMonitorCallback(layer="encoder", every_n_train_steps=5, max_samples=64)
+    trainer = make_trainer(tmp_path, max_steps=10, collapse_at=None)
+    trainer.add_callback(mon)
+    with pytest.warns(CollapseWarning, match="report_to"):
+        trainer.train()
+    assert [s for s, _ in monitor_entries(trainer)] == [5, 10]
+
+
+def test_wrong_layer_fails_when_the_trainer_is_built(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1)
+    with pytest.raises(ValueError, match=r"encodr.*Close matches: \['encoder'"):
+        Trainer(model=TinyRegressor(), args=args, train_dataset=Rows(64), callbacks=[CollapseMonitorCallback("encodr")])
+
+
+def test_arguments_are_json_and_callables_must_be_importable():
+    mon = CollapseMonitorCallback("encoder", pool="tests.test_transformers:first_row", weights={"betti": 1.0})
+    json.dumps(mon.state())
+    assert mon.state()["args"]["pool"] == "tests.test_transformers:first_row"
+    assert CollapseMonitorCallback("encoder", pool=first_row).state()["args"]["pool"] == mon.state()["args"]["pool"]
+    with pytest.raises(ValueError, match="`select` must be a string or a module-level function"):
+        CollapseMonitorCallback("encoder", select=lambda out: out)
+    with pytest.raises(ValueError, match="`layer` must be a dotted module path"):
+        CollapseMonitorCallback(nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+def first_row(out: torch.Tensor) -> torch.Tensor:
+    return out.reshape(out.shape[0], -1)
+
+
+def test_resume_restores_scale_baseline_and_history(tmp_path):
+    kwargs = {"layer": "encoder", "every_n_train_steps": 5, "max_samples": 64}
+    common = {"save_strategy": "steps", "save_steps": 30, "restore_callback_states_from_checkpoint": True}
+    first = make_trainer(tmp_path, max_steps=30, collapse_at=None, **common)
+    first.add_callback(CollapseMonitorCallback(trainer=first, **kwargs))
+    first.train()
+    saved = json.loads((tmp_path / "checkpoint-30" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["CollapseMonitorCallback"]["attributes"]["monitor_state"]["eps"] > 0
+
+    second = make_trainer(tmp_path, max_steps=40, collapse_at=None, **common)
+    placeholder = CollapseMonitorCallback(trainer=second, **kwargs)
+    second.add_callback(placeholder)
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-30"))
+    (restored,) = [cb for cb in second.callback_handler.callbacks if isinstance(cb, CollapseMonitorCallback)]
+    assert restored is not placeholder  # the Trainer rebuilt it from the JSON state
+    before = saved["stateful_callbacks"]["CollapseMonitorCallback"]["attributes"]["monitor_state"]
+    assert restored.eps == before["eps"]
+    assert restored.rule.state_dict()["baseline_values"] == before["rule"]["baseline_values"]
+    assert [h["step"] for h in restored.history] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [h["ci"] for h in restored.history[:6]] == [h["ci"] for h in before["history"]]
+    # the rebuilt callback found its trainer again: the new checks went through trainer.log
+    assert [s for s, _ in monitor_entries(second)][-2:] == [35, 40]
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    from tests.test_transformers import make_trainer
+    from topo_callbacks.transformers import CollapseMonitorCallback
+
+    warnings.simplefilter("ignore")
+    out = sys.argv[1]
+    trainer = make_trainer(out, max_steps=60, collapse_at=13, uneven=True, ddp_backend="gloo")
+    mon = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=4, max_samples=96,
+                                  divergence_threshold=0.9, stop_on_alarm=True)
+    trainer.add_callback(mon)
+    trainer.train()
+    rank = torch.distributed.get_rank()
+    result = {"rank": rank, "world": torch.distributed.get_world_size(), "global_step": trainer.state.global_step,
+              "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history],
+              "logged": [[e["step"], e["collapse/ci"]] for e in trainer.state.log_history if "collapse/ci" in e]}
+    with open(f"{out}/rank{rank}.json", "w") as fh:
+        json.dump(result, fh)
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_stop(tmp_path: Path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["ci"] == r1["ci"]
+    assert r0["logged"] == r1["logged"] == [[s, ci] for s, ci, _ in r0["ci"]]
+    n_by_step = {s: n for s, _, n in r0["ci"]}
+    assert n_by_step[4] == 80  # 48 rows from rank 0 (its share of 96) + 32 from rank 1 (8 per step)
+    assert n_by_step[8] == 48  # rank 1 contributed nothing to this check
+    # collapse from step 13: the check at 16 is the first whose capture windows (rank 1: steps 13-16) are all collapsed
+    assert r0["stopped_step"] == r1["stopped_step"] == r0["global_step"] == r1["global_step"] == 16
