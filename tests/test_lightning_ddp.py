@@ -1,4 +1,4 @@
-"""CollapseMonitor under Lightning DDP with two real CPU processes (gloo): same CI on both ranks, same stop step.
+"""CollapseMonitor under Lightning ddp, ddp_spawn and FSDP2 with two real CPU processes (gloo), and resumed on one.
 
 Each run is a subprocess with a clean environment, a free port and a timeout: Lightning's ``ddp`` re-runs the
 launching command for rank 1 and leaves its process group behind, so it must not run inside pytest itself.
@@ -38,6 +38,19 @@ SCRIPT = textwrap.dedent(
             return ((pred - y) ** 2).sum() / max(len(x), 1)
 
 
+    class Sharded(Uneven):
+        # FSDP2 through Lightning's ModelParallelStrategy (Lightning's FSDPStrategy, FSDP1, needs a GPU): each
+        # Linear and then the root sharded over the data-parallel mesh; the watched `encoder` is not itself sharded
+        def configure_model(self):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for module in self.modules():
+                if isinstance(module, torch.nn.Linear):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+
+
     class Dump(pl.Callback):
         # written from inside each rank's run: ddp_spawn does not send callback state back to the parent
         def __init__(self, monitor, out):
@@ -60,11 +73,16 @@ SCRIPT = textwrap.dedent(
         warnings.simplefilter("ignore")
         mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=96, divergence_threshold=0.9,
                               stop_on_alarm=True)
+        model = Uneven()
+        if strategy == "fsdp2":
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            strategy, model = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), Sharded()
         trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=40,
                              callbacks=[mon, Dump(mon, out)],
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False)
-        trainer.fit(Uneven(), loader(n=2048, batch_size=32))
+        trainer.fit(model, loader(n=2048, batch_size=32))
         if torch.distributed.is_initialized():  # ddp: tear the gloo group down before the interpreter exits
             torch.distributed.destroy_process_group()
     """
@@ -72,7 +90,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp2"])
 def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: str):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
@@ -98,3 +116,59 @@ def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: s
     assert [c[0] for c in r0["ci"]] == list(range(4, stop + 1, 4))
     assert all(ci <= 0.9 for step, ci, _ in r0["ci"] if step <= 12)  # no stop before the collapse
     assert r0["ci"][-1][1] > 0.9
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from tests.lightning_helpers import TinyModel, loader
+    from topo_callbacks.lightning import CollapseMonitor
+
+    out = sys.argv[1]
+    pl.seed_everything(0, verbose=False)
+    warnings.simplefilter("ignore")
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64)
+    ckpt = ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=12, save_top_k=-1)
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=12, callbacks=[mon, ckpt],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyModel(), loader(n=2048, batch_size=32))
+    if trainer.global_rank == 0:
+        with open(f"{out}/state.json", "w") as fh:
+            json.dump(mon.state_dict(), fh)
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_continues_the_series(tmp_path: Path):
+    """Two ddp processes save at step 12; one process resumes: scale, baseline and history go on, budget re-split."""
+    from tests.lightning_helpers import TinyModel, loader, trainer
+    from topo_callbacks.lightning import CollapseMonitor
+
+    script = tmp_path / "train.py"
+    script.write_text(RESUME_SCRIPT)
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["world_size"] == 2
+    assert [h["n"] for h in saved["history"]] == [64, 64, 64]  # 32 rows per rank
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+
+    resumed = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64)
+    t = trainer(tmp_path, max_steps=24, callbacks=[resumed])
+    t.fit(TinyModel(), loader(n=2048, batch_size=32), ckpt_path=str(path))
+    assert resumed.eps == saved["eps"]  # calibrated on two processes, held on one
+    assert resumed.history[:3] == saved["history"]
+    assert [h["step"] for h in resumed.history] == [4, 8, 12, 16, 20, 24]
+    # calibration ended at the third check (before the save); the baseline is the three checks after it
+    assert saved["rule"]["baseline_values"] == []
+    assert resumed.rule.state_dict()["baseline_values"] == [h["ci"] for h in resumed.history[3:]]
+    # the whole budget now comes from the one process, from the first check after the resume on
+    assert [h["n"] for h in resumed.history[3:]] == [64, 64, 64]

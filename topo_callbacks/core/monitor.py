@@ -307,6 +307,7 @@ class CollapseMonitorCore:
             "first_alarm_step": self.first_alarm_step,
             "in_alarm": self._in_alarm,
             "capture_steps": self._capture_steps,
+            "world_size": world_size(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -323,7 +324,11 @@ class CollapseMonitorCore:
         first = state.get("first_alarm_step")
         self.first_alarm_step = None if first is None else int(first)
         self._in_alarm = bool(state.get("in_alarm", False))
-        self._capture_steps = int(state.get("capture_steps", self.every_n_train_steps))
+        # the capture window was sized for the saved per-rank budget; on another world size it is re-learned
+        same_world = int(state.get("world_size", world_size())) == world_size()
+        self._capture_steps = (
+            int(state.get("capture_steps", self.every_n_train_steps)) if same_world else (self.every_n_train_steps)
+        )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
