@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -30,8 +31,9 @@ class AlarmRule:
     1. ``check_finite``: the value is NaN or infinite;
     2. ``stopping_threshold``: the value reached this *good* level (EarlyStopping's "good enough, stop");
     3. ``divergence_threshold``: the value is worse than this level;
-    4. ``max_rise``: the value is worse than the run's own baseline (the mean of the ``baseline_checks`` checks
-       after eps calibration) by more than ``max_rise``, for ``rise_patience`` consecutive checks;
+    4. ``max_rise``: the value is worse than the run's own baseline (the median of the ``baseline_checks``
+       checks after eps calibration, so one outlying check early in training does not set it) by more than
+       ``max_rise``, for ``rise_patience`` consecutive checks;
     5. ``patience``: no improvement by more than ``min_delta`` for ``patience`` checks (None: off).
 
     "Worse" is "higher" for ``mode="min"`` (the CI: lower is healthier) and "lower" for ``mode="max"``.
@@ -74,10 +76,10 @@ class AlarmRule:
 
     @property
     def baseline(self) -> float | None:
-        """Mean of the baseline checks, once all of them are in."""
+        """Median of the baseline checks, once all of them are in."""
         if len(self.baseline_values) < self.baseline_checks:
             return None
-        return sum(self.baseline_values) / len(self.baseline_values)
+        return statistics.median(self.baseline_values)
 
     def _worse(self, a: float, b: float) -> bool:
         return a > b if self.mode == "min" else a < b

@@ -72,9 +72,9 @@ class CollapseMonitorCore:
             (``collapse/ci`` -> ``collapse/betti_term``, ...). Give each monitor of a run its own key.
         mode, min_delta, patience, stopping_threshold, divergence_threshold, check_finite: as in Lightning's
             ``EarlyStopping``, applied to the CI at each check (``mode="min"``: a lower CI is healthier).
-        max_rise: alarm when the CI is more than this above the run's baseline (the mean of the
+        max_rise: alarm when the CI is more than this above the run's baseline (the median of the
             ``baseline_checks`` checks after calibration) for ``rise_patience`` consecutive checks; None: off.
-        baseline_checks: checks averaged into the baseline.
+        baseline_checks: checks whose median is the baseline.
         rise_patience: consecutive checks the rise must last.
         stop_on_alarm: stop training when the alarm fires; False only warns and logs.
         strict: raise on a monitoring failure instead of warning and skipping the check.

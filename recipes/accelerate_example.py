@@ -1,0 +1,58 @@
+"""AccelerateCollapseMonitor in a plain Accelerate loop: a digits classifier whose learning rate jumps 30x.
+
+One process:      python recipes/accelerate_example.py
+Two processes:    torchrun --nproc_per_node 2 recipes/accelerate_example.py
+                  (or: accelerate launch --multi_gpu --num_processes 2 recipes/accelerate_example.py)
+Healthy twin:     add --healthy
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from _digits import DigitsNet, digits_dataset, lr_multiplier, parse_args, write_summary
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from topo_callbacks.accelerate import AccelerateCollapseMonitor
+from topo_callbacks.core import CollapseWarning
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    # without CUDA, cpu=True is what makes torchrun's processes one distributed job (not independent runs)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(0)
+    warnings.simplefilter("ignore", CollapseWarning)  # the summary below reports the alarms
+    model = DigitsNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(args.collapse_at))
+    loader = DataLoader(digits_dataset(), batch_size=64, shuffle=True, drop_last=True)
+    # the schedule stays out of prepare(): a prepared scheduler advances once per process at each step, and this
+    # example needs the learning-rate jump at the same optimizer step on any number of processes
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    with AccelerateCollapseMonitor(
+        accelerator, model, layer="encoder", every_n_train_steps=args.every, max_samples=512, stop_on_alarm=True
+    ) as monitor:
+        accelerator.register_for_checkpointing(monitor)  # saved and restored by save_state / load_state
+        step, stop = 0, False
+        while step < args.steps and not stop:
+            for x, y in loader:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                accelerator.backward(loss)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                step += 1
+                stop = monitor.step()  # the same answer on every process
+                if stop or step == args.steps:
+                    break
+    if accelerator.is_main_process:
+        write_summary(args.out, "accelerate", accelerator.num_processes, args, monitor)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
