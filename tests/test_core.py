@@ -83,6 +83,19 @@ def test_resolve_layer_paths_prefixes_and_close_matches():
         resolve_layer(model, lambda m: 3)
 
 
+def test_resolve_layer_through_activation_checkpoint_wrappers():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    plain, wrapped = Wrapped(), Wrapped()
+    apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, nn.Linear))
+    inner_names = [n for n, _ in wrapped.named_modules() if "_checkpoint_wrapped_module" in n]
+    assert inner_names  # the wrapper really changed the names
+    for name in inner_names:  # a name copied from the wrapped model resolves on the plain one ...
+        assert isinstance(resolve_layer(plain, name), nn.Linear)
+    # ... and the plain name resolves on the wrapped model (to the wrapper, whose forward runs the layer)
+    assert type(resolve_layer(wrapped, "encoder.0")).__name__ == "CheckpointWrapper"
+
+
 def test_capture_budget_nonfinite_and_disarmed_cost():
     layer = nn.Identity()
     cap = EmbeddingCapture(max_samples=10)

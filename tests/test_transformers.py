@@ -210,3 +210,23 @@ def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_stop(tmp_path:
     assert n_by_step[8] == 48  # rank 1 contributed nothing to this check
     # collapse from step 13: the check at 16 is the first whose capture windows (rank 1: steps 13-16) are all collapsed
     assert r0["stopped_step"] == r1["stopped_step"] == r0["global_step"] == r1["global_step"] == 16
+
+
+@pytest.mark.parametrize("layer", ["encoder", "encoder.layer.1", "encoder.layer.1.attention"])
+def test_hf_model_outputs_are_selected_by_the_documented_rule(layer):
+    """A randomly initialised tiny BERT (nothing downloaded): ModelOutput, tuple and tensor outputs all yield rows."""
+    from transformers import BertConfig, BertModel
+
+    from topo_callbacks.core import CollapseMonitorCore
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16)  # fmt: skip
+    torch.manual_seed(0)
+    bert = BertModel(config).train()
+    mon = CollapseMonitorCore(layer, every_n_train_steps=1, max_samples=64, strict=True)
+    mon.attach(bert)
+    mon.prepare_step(1)
+    bert(input_ids=torch.randint(0, 50, (24, 10)))
+    result = mon.run_check(1)
+    assert result.report is not None
+    assert (result.report.n, result.report.d) == (24, 32)  # one mean-pooled row per sequence

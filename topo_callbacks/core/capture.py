@@ -54,6 +54,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+#: Path components that wrappers insert inside a model: FSDP1 per-module wrapping, activation checkpointing,
+#: torch.compile of a submodule. They forward attribute access to the wrapped module, so dropping them from a
+#: path still resolves on a wrapped tree, and resolves on the unwrapped tree too (Lightning calls `setup` first).
+_INNER_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
 def _strip_prefixes(name: str) -> str:
     changed = True
     while changed:
@@ -61,13 +67,14 @@ def _strip_prefixes(name: str) -> str:
         for attr in _WRAPPER_ATTRS:
             if name.startswith(attr + "."):
                 name, changed = name[len(attr) + 1 :], True
-    return name
+    return ".".join(part for part in name.split(".") if part not in _INNER_WRAPPER_PARTS)
 
 
 def resolve_layer(model: nn.Module, layer: LayerSpec) -> nn.Module:
     """The submodule of ``model`` named by a dotted path (``"encoder.3"``), or returned by ``layer(model)``.
 
-    Wrapper prefixes (``module.``, ``_orig_mod.``) are accepted and ignored on either side.
+    Wrapper prefixes (``module.``, ``_orig_mod.``) and the parts that FSDP1 and activation checkpointing insert
+    (``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``) are accepted and ignored on either side.
 
     Raises:
         ValueError: when the path names no submodule; the message lists the closest existing names.
@@ -89,6 +96,10 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> nn.Module:
     path = _strip_prefixes(layer)
     try:
         return root.get_submodule(path)
+    except AttributeError:
+        pass
+    try:
+        return root.get_submodule(layer)  # a path through wrappers that do not forward attributes
     except AttributeError:
         names = [n for n, _ in root.named_modules() if n]
         close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
