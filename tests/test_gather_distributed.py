@@ -31,25 +31,32 @@ WORKER = textwrap.dedent(
     # budget split before gathering: 2 ranks x ceil(6 / 2) rows
     out["budget"] = list(gather_samples(torch.randn(50, 4), max_samples=6).shape)
 
-    # the monitor: ranks see different data, yet log the same CI and take the same decision
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
-    mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, divergence_threshold=0.99,
-                              stop_on_alarm=True)
-    mon.attach(model)
-    g = torch.Generator().manual_seed(100 + rank)
-    cis = []
-    for step in range(1, 7):
-        mon.prepare_step(step)
-        rows = 8 if rank == 0 else (0 if step == 3 or step == 4 else 12)  # rank 1 empty around check 4
-        if rows:
-            model(torch.randn(rows, 8, generator=g))
-        if mon.is_check_step(step):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = mon.run_check(step)
-            cis.append(None if result.report is None else [result.report.ci, result.report.n])
-    out["cis"] = cis
+    # to one rank only: rank 0 gets everything, rank 1 nothing
+    out["to_rank0"] = list(gather_samples(x, max_samples=100, dst=0).shape)
+
+    def monitored_run(compute_on):
+        # the monitor: ranks see different data, yet log the same CI and take the same decision
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, divergence_threshold=0.99,
+                                  stop_on_alarm=True, compute_on=compute_on)
+        mon.attach(model)
+        g = torch.Generator().manual_seed(100 + rank)
+        cis = []
+        for step in range(1, 7):
+            mon.prepare_step(step)
+            rows = 8 if rank == 0 else (0 if step == 3 or step == 4 else 12)  # rank 1 empty around check 4
+            if rows:
+                model(torch.randn(rows, 8, generator=g))
+            if mon.is_check_step(step):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = mon.run_check(step)
+                cis.append(None if result.report is None else [result.report.ci, result.report.n, mon.eps])
+        return cis
+
+    out["cis"] = monitored_run("all")
+    out["cis_rank0"] = monitored_run("rank0")
     print("RESULT" + json.dumps(out), flush=True)
     dist.destroy_process_group()
     """
@@ -82,3 +89,7 @@ def test_gather_and_monitor_agree_across_two_gloo_ranks(tmp_path: Path):
     assert r0["budget"] == r1["budget"] == [6, 4]
     assert r0["cis"] == r1["cis"]  # same CI, same sample size, on both ranks, at every check
     assert [c[1] for c in r0["cis"]] == [40.0, 16.0, 40.0]  # check 4: rank 1 contributed nothing
+    assert r0["to_rank0"] == [10, 4]
+    assert r1["to_rank0"] == [0, 4]
+    # computed on rank 0 and broadcast: the same values, scale included, on both ranks and as computed everywhere
+    assert r0["cis_rank0"] == r1["cis_rank0"] == r0["cis"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_samples", "subsample_rows", "sum_across_ranks", "world_size"]
+__all__ = ["broadcast_from_rank0", "gather_samples", "subsample_rows", "sum_across_ranks", "world_size"]
 
 
 def world_size() -> int:
@@ -29,8 +30,13 @@ def subsample_rows(x: Tensor, budget: int) -> Tensor:
     return x[keep]
 
 
-def gather_samples(x: Tensor | None, max_samples: int, device: torch.device | str = "cpu") -> Tensor:
+def gather_samples(
+    x: Tensor | None, max_samples: int, device: torch.device | str = "cpu", dst: int | None = None
+) -> Tensor:
     """All ranks' rows concatenated in rank order, at most ``max_samples`` in total, identical on every rank.
+
+    With ``dst`` set, only that rank receives the rows (``dist.gather``: the global sample is held by one rank);
+    the others get a ``(0, d)`` tensor.
 
     Each rank first keeps ``ceil(max_samples / world)`` evenly spaced rows, so memory is bounded by the budget,
     not by the world size. Then the shapes are gathered, rows padded to the largest rank and gathered once, and
@@ -64,8 +70,15 @@ def gather_samples(x: Tensor | None, max_samples: int, device: torch.device | st
         x = torch.zeros(0, d, dtype=torch.float32, device=device)
     padded = torch.zeros(max(rows), d, dtype=torch.float32, device=device)
     padded[: x.shape[0]] = x.to(torch.float32)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
+    if dst is None:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+    else:
+        receiving = dist.get_rank() == dst
+        parts = [torch.empty_like(padded) for _ in range(world)] if receiving else []
+        dist.gather(padded, parts if receiving else None, dst=dst)
+        if not receiving:
+            return torch.zeros(0, d, dtype=torch.float32, device=device)
     return torch.cat([part[:r] for part, r in zip(parts, rows, strict=False)])
 
 
@@ -81,3 +94,17 @@ def sum_across_ranks(values: list[int], device: torch.device | str = "cpu") -> l
     t = torch.tensor(values, dtype=torch.long, device=device)
     dist.all_reduce(t)
     return [int(v) for v in t.tolist()]
+
+
+def broadcast_from_rank0(obj: Any, device: torch.device | str = "cpu") -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank (a collective when a process group exists).
+
+    Example:
+        >>> broadcast_from_rank0({"ci": 0.25})  # a single process: unchanged
+        {'ci': 0.25}
+    """
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=torch.device(device) if str(device) != "cpu" else None)
+    return box[0]

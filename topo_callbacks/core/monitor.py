@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
-from topo_callbacks.core.gather import gather_samples, sum_across_ranks, world_size
+from topo_callbacks.core.gather import broadcast_from_rank0, gather_samples, sum_across_ranks, world_size
 from topo_callbacks.functional._validation import check_eps
 from topo_callbacks.functional.collapse import CollapseReport, collapse_index, resolve_weights
 
@@ -59,6 +59,10 @@ class CollapseMonitorCore:
         every_n_train_steps: check after every this many optimizer steps (decided from the global step, so the
             same on every rank and once per step under gradient accumulation).
         max_samples: global budget of embedding rows per check, split over ranks before gathering.
+        compute_on: ``"all"``: every rank receives the global sample (one all-gather) and computes the CI (no
+            further communication; the result is the same everywhere); ``"rank0"``: only rank 0 receives it (one
+            gather) and computes, then broadcasts the report, so the other ranks hold no global sample and spend
+            no compute (they wait for rank 0 instead).
         pool: how outputs of more than 2 dims become rows: ``"mean"``, ``"first"``, ``"last"``, ``"flatten"`` or a
             callable. See `pool_output`.
         select: callable picking the tensor out of a non-tensor layer output (default: `select_tensor`'s rule).
@@ -102,6 +106,7 @@ class CollapseMonitorCore:
         *,
         every_n_train_steps: int = 50,
         max_samples: int = 1024,
+        compute_on: Literal["all", "rank0"] = "all",
         pool: str | Callable[[Tensor], Tensor] = "mean",
         select: Callable[[Any], Tensor] | None = None,
         eps: float | None = None,
@@ -136,6 +141,8 @@ class CollapseMonitorCore:
             raise ValueError(f"`select` must be a callable(output) -> Tensor or None; got {select!r}.")
         if eps_quantile is not None and not 0.0 < eps_quantile < 1.0:
             raise ValueError(f"`eps_quantile` must be in (0, 1) or None; got {eps_quantile!r}.")
+        if compute_on not in ("all", "rank0"):
+            raise ValueError(f"`compute_on` must be 'all' or 'rank0'; got {compute_on!r}.")
         if normalize not in ("l2", "none"):
             raise ValueError(f"`normalize` must be 'l2' or 'none'; got {normalize!r}.")
         if not isinstance(monitor, str) or not monitor:
@@ -143,6 +150,7 @@ class CollapseMonitorCore:
         self.layer = layer
         self.every_n_train_steps = every_n_train_steps
         self.max_samples = max_samples
+        self.compute_on = compute_on
         self.pool = pool
         self.select = select
         self.fixed_eps = None if eps is None else check_eps(eps)
@@ -231,19 +239,20 @@ class CollapseMonitorCore:
             self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
         self._armed_steps = 0
         self.capture.reset()
-        x = gather_samples(local, self.max_samples, self._device)
+        on_rank0 = self.compute_on == "rank0" and world_size() > 1
+        x = gather_samples(local, self.max_samples, self._device, dst=0 if on_rank0 else None)
         if failed:
             where = f"{error!r}" if error is not None else f"on {failed} other rank(s)"
             return self._skip(step, f"capturing the layer output failed: {where}", error)
-        if x.ndim != 2 or x.shape[0] < 2:
-            return self._skip(step, f"fewer than 2 finite embeddings captured ({seen} seen, {nonfinite} non-finite)")
         calibrating = self.eps is None
-        try:
-            report = collapse_index(
-                x, eps=self.eps, eps_quantile=self.eps_quantile, weights=self.weights, normalize=self.normalize
-            )
-        except Exception as err:
-            return self._skip(step, f"computing the collapse index failed: {err!r}", err)
+        report: CollapseReport | None = None
+        why, err = None, None
+        if not on_rank0 or _rank() == 0:
+            report, why, err = self._compute(x, seen, nonfinite)
+        if on_rank0:  # every rank logs and decides on rank 0's report
+            report, why = broadcast_from_rank0((report, why), self._device)
+        if report is None:
+            return self._skip(step, why or "no report", err)
         report = dataclasses.replace(report, nonfinite_fraction=nonfinite / max(seen, 1))
         if calibrating:
             self.eps_candidates.append(report.eps)
@@ -271,6 +280,19 @@ class CollapseMonitorCore:
             }
         )
         return CheckResult(step, report, reason, message, alarm, should_stop, None, logged)
+
+    def _compute(
+        self, x: Tensor, seen: int, nonfinite: int
+    ) -> tuple[CollapseReport | None, str | None, Exception | None]:
+        if x.ndim != 2 or x.shape[0] < 2:
+            return None, f"fewer than 2 finite embeddings captured ({seen} seen, {nonfinite} non-finite)", None
+        try:
+            report = collapse_index(
+                x, eps=self.eps, eps_quantile=self.eps_quantile, weights=self.weights, normalize=self.normalize
+            )
+        except Exception as err:
+            return None, f"computing the collapse index failed: {err!r}", err
+        return report, None, None
 
     def record_stop(self, step: int, result: CheckResult | None) -> None:
         """Remember that the run stopped at ``step`` (after the adapter reduced the decision over ranks)."""
