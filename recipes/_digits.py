@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -81,3 +82,15 @@ def write_summary(out: str, framework: str, world_size: int, args: argparse.Name
     )
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def finish_distributed() -> None:
+    """Wait for every process, collect garbage, then destroy the process group (call after dropping the model).
+
+    A DDP-wrapped model freed after its process group is gone (when the script's locals go) intermittently hung
+    a process at exit in our tests; freeing it first, then destroying the group, did not.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        gc.collect()
+        torch.distributed.destroy_process_group()

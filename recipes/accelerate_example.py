@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from _digits import DigitsNet, digits_dataset, lr_multiplier, parse_args, write_summary
+from _digits import DigitsNet, digits_dataset, finish_distributed, lr_multiplier, parse_args, write_summary
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -51,7 +51,12 @@ def main() -> None:
                     break
     if accelerator.is_main_process:
         write_summary(args.out, "accelerate", accelerator.num_processes, args, monitor)
+    # free the prepared (DDP-wrapped) model before end_training destroys the process group (see finish_distributed)
+    del model, optimizer, loader, schedule
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    finish_distributed()  # in case this accelerate version leaves the group up
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import warnings
 
 import torch
-from _digits import DigitsNet, digits_dataset, lr_multiplier, parse_args, write_summary
+from _digits import DigitsNet, digits_dataset, finish_distributed, lr_multiplier, parse_args, write_summary
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -72,8 +72,8 @@ def main() -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         write_summary(args.out, "hf_trainer", training_args.world_size, args, monitor)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    del trainer, model, optimizer, schedule
+    finish_distributed()
 
 
 if __name__ == "__main__":

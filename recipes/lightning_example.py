@@ -11,7 +11,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from _digits import DigitsNet, digits_dataset, lr_multiplier, parse_args, write_summary
+from _digits import DigitsNet, digits_dataset, finish_distributed, lr_multiplier, parse_args, write_summary
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch.utils.data import DataLoader
@@ -59,6 +59,8 @@ def main() -> None:
     trainer.fit(DigitsModule(args.collapse_at), loader)
     if trainer.is_global_zero:
         write_summary(args.out, "lightning", trainer.world_size, args, monitor)
+    del trainer
+    finish_distributed()
 
 
 if __name__ == "__main__":

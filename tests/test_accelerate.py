@@ -106,7 +106,10 @@ WORKER = textwrap.dedent(
     with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
         json.dump(out, fh)
     # exiting with the gloo group alive can abort at interpreter shutdown ("terminate called without an active
-    # exception"): tear it down first
+    # exception"): tear it down first, after freeing the DDP-wrapped model (freed later, it intermittently hung)
+    del model
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group in accelerate >= 1.x
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

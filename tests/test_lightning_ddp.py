@@ -172,3 +172,42 @@ def test_resume_on_another_world_size_continues_the_series(tmp_path: Path):
     assert resumed.rule.state_dict()["baseline_values"] == [h["ci"] for h in resumed.history[3:]]
     # the whole budget now comes from the one process, from the first check after the resume on
     assert [h["n"] for h in resumed.history[3:]] == [64, 64, 64]
+
+
+WRONG_LAYER_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    import torch
+    import lightning.pytorch as pl
+    from tests.lightning_helpers import TinyModel, loader
+    from topo_callbacks.lightning import CollapseMonitor
+
+    out = sys.argv[1]
+    warnings.simplefilter("ignore")
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=5,
+                         callbacks=[CollapseMonitor(layer="encodr.2")], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    try:
+        trainer.fit(TinyModel(), loader())
+    except ValueError as err:
+        with open(f"{out}/rank{trainer.global_rank}.txt", "w") as fh:
+            fh.write(f"{trainer.global_step} {err}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_wrong_layer_fails_before_training_on_every_rank(tmp_path: Path):
+    script = tmp_path / "train.py"
+    script.write_text(WRONG_LAYER_SCRIPT)
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        step, message = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
+        assert step == "0"  # not one optimizer step was taken
+        assert "Close matches: ['encoder.2'" in message
