@@ -348,9 +348,8 @@ class CollapseMonitorCore:
         self._in_alarm = bool(state.get("in_alarm", False))
         # the capture window was sized for the saved per-rank budget; on another world size it is re-learned
         same_world = int(state.get("world_size", world_size())) == world_size()
-        self._capture_steps = (
-            int(state.get("capture_steps", self.every_n_train_steps)) if same_world else (self.every_n_train_steps)
-        )
+        saved_window = int(state.get("capture_steps", self.every_n_train_steps))
+        self._capture_steps = saved_window if same_world else self.every_n_train_steps
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
