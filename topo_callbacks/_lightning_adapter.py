@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
+from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
 
 def build_collapse_monitor(callback_base: type) -> type:
@@ -65,6 +66,46 @@ def build_collapse_monitor(callback_base: type) -> type:
             self.detach()
 
     return CollapseMonitor
+
+
+def build_neuron_monitor(callback_base: type) -> type:
+    """A ``NeuronTopologyMonitor`` class deriving from ``callback_base`` (a Lightning ``Callback`` class)."""
+
+    class NeuronTopologyMonitor(NeuronTopologyMonitorCore, callback_base):  # type: ignore[valid-type,misc]
+        __doc__ = _NEURON_DOC
+
+        @property
+        def state_key(self) -> str:
+            return self._generate_state_key(layers=",".join(self.layers), prefix=self.prefix)
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if stage == "fit":
+                self.attach(pl_module)
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = trainer.global_step
+            if self.is_check_step(step):
+                # the weights are the same on every rank (DDP), so are the values; loggers write on rank 0
+                logged = self.run_check(step, trainer.optimizers[0] if trainer.optimizers else None)
+                for logger in trainer.loggers:
+                    logger.log_metrics(logged, step=step)
+
+    return NeuronTopologyMonitor
+
+
+_NEURON_DOC = """Lightning callback: the neuron-topology monitor (merging neurons, bi-Lipschitz distortion, sharpness).
+
+Every ``every_n_train_steps`` optimizer steps it measures the neuron cloud of each watched layer and sends the
+values to the loggers (``neurons/{layer}/b0``, ``.../merged_fraction``, ``.../lip_min``, ``.../breaking``, ...);
+``history`` keeps them. All arguments and the measured quantities are those of
+:class:`topo_callbacks.core.NeuronTopologyMonitorCore`.
+
+Example::
+
+    from topo_callbacks.lightning import NeuronTopologyMonitor
+
+    trainer = Trainer(callbacks=[NeuronTopologyMonitor(layers=["encoder.0", "encoder.2"], every_n_train_steps=20)])
+"""
 
 
 _DOC = """Lightning callback: log a collapse index of one layer's embeddings, warn, and optionally stop.

@@ -11,8 +11,9 @@ from torch import nn
 
 from topo_callbacks.core.capture import LayerSpec
 from topo_callbacks.core.monitor import CollapseMonitorCore
+from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
-__all__ = ["AccelerateCollapseMonitor"]
+__all__ = ["AccelerateCollapseMonitor", "AccelerateNeuronTopologyMonitor"]
 
 
 class AccelerateCollapseMonitor(CollapseMonitorCore):
@@ -84,3 +85,43 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         super().load_state_dict(state)
         self.global_step = int(state.get("global_step", self.global_step))
         self.prepare_step(self.global_step + 1)
+
+
+class AccelerateNeuronTopologyMonitor(NeuronTopologyMonitorCore):
+    """The neuron-topology monitor for an Accelerate loop: call `step` after each optimizer step.
+
+    Layers are resolved on ``accelerator.unwrap_model(model)``; at a check the values go to ``accelerator.log``
+    and are returned. Checkpointable with ``accelerator.register_for_checkpointing``. All other arguments are those
+    of :class:`~topo_callbacks.core.NeuronTopologyMonitorCore`.
+
+    Example::
+
+        monitor = AccelerateNeuronTopologyMonitor(accelerator, model, layers=["encoder.0"], every_n_train_steps=20)
+        for batch in loader:
+            ...
+            optimizer.step()
+            monitor.step(optimizer)
+    """
+
+    def __init__(self, accelerator: Any, model: nn.Module, layers: str | list[str], **kwargs: Any) -> None:
+        super().__init__(layers, **kwargs)
+        self.accelerator = accelerator
+        self.global_step = 0
+        self.attach(accelerator.unwrap_model(model))
+
+    def step(self, optimizer: Any = None, step: int | None = None) -> dict[str, float] | None:
+        """Count one optimizer step (or set it to ``step``); at a check, log and return the values."""
+        self.global_step = self.global_step + 1 if step is None else int(step)
+        if not self.is_check_step(self.global_step):
+            return None
+        # an AcceleratedOptimizer keeps the torch optimizer (its param_groups, its state) in `.optimizer`
+        logged = self.run_check(self.global_step, getattr(optimizer, "optimizer", optimizer))
+        self.accelerator.log(logged, step=self.global_step)
+        return logged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.global_step = int(state.get("global_step", self.global_step))

@@ -17,8 +17,9 @@ from transformers.trainer_callback import ExportableState
 from topo_callbacks.core.capture import resolve_layer
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
+from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
-__all__ = ["CollapseMonitorCallback"]
+__all__ = ["CollapseMonitorCallback", "NeuronTopologyCallback"]
 
 # Trainers bound with `trainer=`, keyed by id of their TrainingArguments: a callback that
 # `restore_callback_states_from_checkpoint` rebuilt from JSON finds its trainer again through the `args` the
@@ -53,7 +54,60 @@ def _load_path(path: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-class CollapseMonitorCallback(CollapseMonitorCore, TrainerCallback, ExportableState):
+class _TrainerAdapter:
+    """What both callbacks share: JSON state for ``ExportableState``, binding to a Trainer (kept across the
+    Trainer's rebuild of the callback from JSON) and logging through it. Needs ``_args``, ``state_dict`` and
+    ``load_state_dict`` from the class it is mixed into."""
+
+    _args: dict[str, Any]
+    _trainer: weakref.ref[Any] | None = None
+    _warned_unbound = False
+
+    def state(self) -> dict[str, Any]:
+        return {"args": dict(self._args), "attributes": {"monitor_state": self.monitor_state}}
+
+    @property
+    def monitor_state(self) -> dict[str, Any]:
+        """The core's plain-data state; assigning it restores it (the Trainer sets attributes on restore)."""
+        return self.state_dict()  # type: ignore[attr-defined,no-any-return]
+
+    @monitor_state.setter
+    def monitor_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)  # type: ignore[attr-defined]
+
+    def bind(self, trainer: Any) -> Any:
+        """Log through ``trainer.log`` (also after the Trainer rebuilt this callback from a checkpoint)."""
+        self._trainer = weakref.ref(trainer)
+        for key in [k for k, (args, bound) in _BOUND.items() if args() is None or bound() is None]:
+            del _BOUND[key]
+        _BOUND[id(trainer.args)] = (weakref.ref(trainer.args), self._trainer)
+        return self
+
+    def _find_trainer(self, args: Any) -> None:
+        if self._trainer is None:
+            refs = _BOUND.get(id(args))
+            if refs is not None and refs[0]() is args and refs[1]() is not None:
+                self._trainer = refs[1]
+
+    def _log(self, state: Any, values: dict[str, float], step: int) -> None:
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            trainer.log(dict(values))
+            return
+        state.log_history.append({**values, "step": step})
+        if not self._warned_unbound:
+            self._warned_unbound = True
+            if state.is_world_process_zero:
+                warnings.warn(
+                    f"{type(self).__name__} has no trainer: its values go to `state.log_history` only, not to the"
+                    " `report_to` integrations. Pass `trainer=` (trainer.add_callback(Callback(trainer=trainer,"
+                    " ...))) or call `callback.bind(trainer)`.",
+                    CollapseWarning,
+                    stacklevel=3,
+                )
+
+
+class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallback, ExportableState):
     """HF Trainer callback: log a collapse index of one layer's embeddings, warn, and optionally stop.
 
     Every ``every_n_train_steps`` optimizer steps it gathers up to ``max_samples`` pooled embeddings of ``layer``
@@ -105,32 +159,10 @@ class CollapseMonitorCallback(CollapseMonitorCore, TrainerCallback, ExportableSt
             **kwargs,
         )
         self._args: dict[str, Any] = {"layer": layer, "pool": pool_path, "select": select_path, **kwargs}
-        self._trainer: weakref.ref[Any] | None = None
-        self._warned_unbound = False
         if trainer is not None:
             self.bind(trainer)
 
-    def bind(self, trainer: Any) -> CollapseMonitorCallback:
-        """Log through ``trainer.log`` (also after the Trainer rebuilt this callback from a checkpoint)."""
-        self._trainer = weakref.ref(trainer)
-        for key in [k for k, (args, bound) in _BOUND.items() if args() is None or bound() is None]:
-            del _BOUND[key]
-        _BOUND[id(trainer.args)] = (weakref.ref(trainer.args), self._trainer)
-        return self
-
     # ------------------------------------------------------------------ state (JSON, via ExportableState)
-    def state(self) -> dict[str, Any]:
-        return {"args": dict(self._args), "attributes": {"monitor_state": self.monitor_state}}
-
-    @property
-    def monitor_state(self) -> dict[str, Any]:
-        """The core's plain-data state; assigning it restores it (the Trainer sets attributes on restore)."""
-        return self.state_dict()
-
-    @monitor_state.setter
-    def monitor_state(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state)
-
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")
@@ -139,10 +171,7 @@ class CollapseMonitorCallback(CollapseMonitorCore, TrainerCallback, ExportableSt
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.attach(kwargs["model"])
-        if self._trainer is None:
-            refs = _BOUND.get(id(args))
-            if refs is not None and refs[0]() is args and refs[1]() is not None:
-                self._trainer = refs[1]
+        self._find_trainer(args)
         self.prepare_step(state.global_step + 1)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -165,19 +194,41 @@ class CollapseMonitorCallback(CollapseMonitorCore, TrainerCallback, ExportableSt
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.detach()
 
-    def _log(self, state: Any, values: dict[str, float], step: int) -> None:
-        trainer = self._trainer() if self._trainer is not None else None
+
+class NeuronTopologyCallback(NeuronTopologyMonitorCore, _TrainerAdapter, TrainerCallback, ExportableState):
+    """HF Trainer callback: the neuron-topology monitor (merging neurons, bi-Lipschitz distortion, sharpness).
+
+    Every ``every_n_train_steps`` optimizer steps it measures the neuron cloud of each watched layer and logs the
+    values (``neurons/{layer}/b0``, ...) through ``trainer.log`` (pass ``trainer=``; see
+    `CollapseMonitorCallback`). ``layers`` are dotted paths; ``loss_fn`` (for ``sharpness=True``) is a module-level
+    function ``loss_fn(model) -> loss`` or its import path ``"package.module:function"``, so that the arguments
+    stay JSON. All other arguments: :class:`topo_callbacks.core.NeuronTopologyMonitorCore`.
+
+    Example::
+
+        trainer.add_callback(NeuronTopologyCallback(trainer=trainer, layers=["bert.encoder.layer.0.output.dense"]))
+    """
+
+    def __init__(
+        self,
+        layers: str | list[str],
+        *,
+        trainer: Any = None,
+        loss_fn: str | Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        loss_path = _import_path("loss_fn", loss_fn)
+        super().__init__(layers, loss_fn=_load_path(loss_path) if loss_path else None, **kwargs)
+        self._args: dict[str, Any] = {"layers": layers, "loss_fn": loss_path, **kwargs}
         if trainer is not None:
-            trainer.log(dict(values))
-            return
-        state.log_history.append({**values, "step": step})
-        if not self._warned_unbound:
-            self._warned_unbound = True
-            if state.is_world_process_zero:
-                warnings.warn(
-                    "CollapseMonitorCallback has no trainer: its values go to `state.log_history` only, not to the"
-                    " `report_to` integrations. Pass `trainer=` (trainer.add_callback(CollapseMonitorCallback("
-                    "trainer=trainer, ...))) or call `callback.bind(trainer)`.",
-                    CollapseWarning,
-                    stacklevel=2,
-                )
+            self.bind(trainer)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.attach(kwargs["model"])
+        self._find_trainer(args)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        if self.is_check_step(step):
+            optimizer = kwargs.get("optimizer")
+            self._log(state, self.run_check(step, getattr(optimizer, "optimizer", optimizer)), step)

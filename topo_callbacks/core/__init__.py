@@ -4,6 +4,7 @@ from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.capture import EmbeddingCapture, pool_output, resolve_layer, select_tensor, unwrap_model
 from topo_callbacks.core.gather import gather_samples
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore, CollapseWarning
+from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
 __all__ = [
     "AlarmRule",
@@ -11,6 +12,7 @@ __all__ = [
     "CollapseMonitorCore",
     "CollapseWarning",
     "EmbeddingCapture",
+    "NeuronTopologyMonitorCore",
     "StoppingReason",
     "gather_samples",
     "pool_output",
