@@ -43,3 +43,27 @@ def test_example_on_two_processes_alarms_after_the_lr_jump_and_stops(tmp_path: P
     assert 200 < summary["first_alarm_step"] <= 260
     assert summary["stopped_step"] == summary["first_alarm_step"]
     assert "stopped at" in proc.stdout
+
+
+@pytest.mark.slow
+def test_lr_critical_point_sweep_quick(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    cmd = [sys.executable, str(RECIPES / "lr_critical_point.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "lr_critical_point.png").stat().st_size > 10_000
+    sweeps = json.loads((tmp_path / "results.json").read_text())["sweeps"]
+    assert set(sweeps) == {"0.0", "0.01"}
+    for results in sweeps.values():
+        assert [r["lr"] for r in results] == [0.03, 0.3, 3.0, 30.0]
+        for r in results:
+            assert r["checks"] == 21  # step 0 and every 5 steps up to 100
+            if r["stability_ratio_max"] < 1:  # below the edge of stability: the step map stays bi-Lipschitz
+                assert r["lip_min"] > 0.9
+                assert r["breaking_checks"] == 0
+                assert r["merged_fraction_max"] == 0
+    far = sweeps["0.01"][-1]  # lr 30 with weight decay: neurons merge
+    assert far["merged_fraction_max"] > 0.1
+    assert far["b0_last"] < 64
+    assert far["lip_min"] < 0.5
+    assert "weight decay 0.01" in proc.stdout

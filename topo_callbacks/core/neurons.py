@@ -39,8 +39,9 @@ class NeuronTopologyMonitorCore:
 
     - ``nn_q0``, ``nn_q10``, ``nn_q50``: quantiles of nearest-neighbour distances over the median neuron norm;
       ``merged_fraction``: neurons with a neighbour closer than ``rel_eps`` times the median norm;
-    - ``b0``, ``b1``: Betti numbers of the neuron cloud at the fixed scale ``eps = rel_eps x`` (median neuron norm
-      at the first check), kept by an `MMHMEngine` whose points (the same neurons) are moved at each check;
+    - ``b0``, ``b1``: Betti numbers of the neuron cloud at scale ``rel_eps`` in units of the median neuron norm
+      (so ``b0`` counts neurons and groups of merged neurons), kept by an `MMHMEngine` whose points, the same
+      neurons rescaled, are moved at each check;
     - ``lip_min``, ``lip_max``, ``contracted``: the empirical bi-Lipschitz constants of the map from the previous
       check's neurons to these, over the previous cloud's ``k_neighbors``-nearest-neighbour pairs, and the count
       of pairs whose distance shrank below ``contraction`` times what it was;
@@ -128,7 +129,6 @@ class NeuronTopologyMonitorCore:
         self.modules: dict[str, tuple[nn.Module, nn.Module | None]] = {}
         self.history: list[dict[str, float]] = []
         self.last_checked_step = -1
-        self.eps: dict[str, float] = {}  # the engine's fixed scale per layer, set at the first check
         self._engines: dict[str, tuple[MMHMEngine, Tensor]] = {}  # engine, neuron ids
         self._previous: dict[str, tuple[Tensor, Tensor, float]] = {}  # points, their neighbour pairs, b0
         self._eigvec: list[Tensor] | None = None
@@ -165,13 +165,15 @@ class NeuronTopologyMonitorCore:
 
     def _layer_check(self, name: str, points: Tensor) -> dict[str, float]:
         out = merging_statistics(points, self.rel_eps)
+        # in units of the current median norm, so that the engine's fixed eps is the merging scale at every check
+        # even as the weights grow or shrink; the neurons are the same points from check to check (moves)
+        scaled = points.to(torch.float64) / out["scale"]
         if name not in self._engines:
-            self.eps.setdefault(name, self.rel_eps * out["scale"])
-            engine = MMHMEngine(self.eps[name], dtype=torch.float64, device=points.device)
-            self._engines[name] = (engine, engine.reset(points.to(torch.float64)))
+            engine = MMHMEngine(self.rel_eps, dtype=torch.float64, device=points.device)
+            self._engines[name] = (engine, engine.reset(scaled))
         else:
             engine, ids = self._engines[name]
-            engine.move(ids, points.to(torch.float64))
+            engine.move(ids, scaled)
         b0, b1 = engine.betti()
         out.update(b0=float(b0), b1=float(b1))
         previous = self._previous.get(name)
@@ -211,18 +213,16 @@ class NeuronTopologyMonitorCore:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: the history, the last checked step and the engines' scales (the previous cloud is not
-        kept, so the first check after a resume has no bi-Lipschitz values)."""
+        """Plain data: the history and the last checked step (the previous cloud is not kept, so the first check
+        after a resume has no bi-Lipschitz values)."""
         return {
             "history": [dict(h) for h in self.history],
             "last_checked_step": self.last_checked_step,
-            "eps": dict(self.eps),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state.get("history", [])]
         self.last_checked_step = int(state.get("last_checked_step", -1))
-        self.eps = {str(k): float(v) for k, v in state.get("eps", {}).items()}
         self._engines, self._previous = {}, {}
 
 
