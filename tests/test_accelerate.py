@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -17,7 +15,7 @@ pytest.importorskip("accelerate")
 from accelerate import Accelerator
 
 from tests.lightning_helpers import Collapser, loader
-from tests.procs import clean_env, free_port
+from tests.procs import run_script
 from topo_callbacks.accelerate import AccelerateCollapseMonitor
 from topo_callbacks.core import StoppingReason
 
@@ -119,24 +117,7 @@ WORKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_same_stop(tmp_path: Path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = clean_env()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(script),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(WORKER, tmp_path, launcher="torchrun")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2  # really distributed, not two independent processes
     assert r0["ci"] == r1["ci"]

@@ -7,14 +7,12 @@ launching command for rank 1 and leaves its process group behind, so it must not
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.procs import clean_env, free_port
+from tests.procs import run_script
 
 SCRIPT = textwrap.dedent(
     """
@@ -66,7 +64,7 @@ SCRIPT = textwrap.dedent(
 
 
     if __name__ == "__main__":  # ddp_spawn re-imports this file in its workers
-        strategy, out = sys.argv[1], sys.argv[2]
+        out, strategy = sys.argv[1], sys.argv[2]
         seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
         # a fixed initialisation: the tiny model's healthy CI wanders with it (up to ~0.7 seen)
         pl.seed_everything(seed, verbose=False)
@@ -92,18 +90,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp2"])
 def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: str):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run(
-        [sys.executable, str(script), strategy, str(tmp_path)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, strategy)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["ci"] == r1["ci"]  # identical CI series (values and gathered sample sizes) on both ranks
     sizes = {c[0]: c[2] for c in r0["ci"]}
@@ -149,13 +136,7 @@ def test_resume_on_another_world_size_continues_the_series(tmp_path: Path):
     from tests.lightning_helpers import TinyModel, loader, trainer
     from topo_callbacks.lightning import CollapseMonitor
 
-    script = tmp_path / "train.py"
-    script.write_text(RESUME_SCRIPT)
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(RESUME_SCRIPT, tmp_path)
     saved = json.loads((tmp_path / "state.json").read_text())
     assert saved["world_size"] == 2
     assert [h["n"] for h in saved["history"]] == [64, 64, 64]  # 32 rows per rank
@@ -200,13 +181,7 @@ WRONG_LAYER_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_wrong_layer_fails_before_training_on_every_rank(tmp_path: Path):
-    script = tmp_path / "train.py"
-    script.write_text(WRONG_LAYER_SCRIPT)
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(WRONG_LAYER_SCRIPT, tmp_path, timeout=120)
     for rank in (0, 1):
         step, message = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
         assert step == "0"  # not one optimizer step was taken

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, clean_env, free_port
+from tests.procs import ROOT, run_checked, torchrun
 
 RECIPES = ROOT / "recipes"
-
-
-def torchrun(script: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), str(RECIPES / script)]  # fmt: skip
 
 
 def launch(framework: str) -> list[str]:
     """The README's two-process command; ports are picked at launch, not at import (tests run minutes later)."""
     if framework == "lightning":
         return [sys.executable, str(RECIPES / "lightning_example.py"), "--devices", "2"]
-    return torchrun(f"{framework}_example.py")
+    return torchrun(RECIPES / f"{framework}_example.py")
 
 
 @pytest.mark.slow
@@ -31,9 +25,7 @@ def launch(framework: str) -> list[str]:
 def test_example_on_two_processes_alarms_after_the_lr_jump_and_stops(tmp_path: Path, framework: str):
     pytest.importorskip({"hf_trainer": "transformers"}.get(framework, framework))
     cmd = [*launch(framework), "--steps", "300", "--collapse-at", "200", "--out", str(tmp_path)]
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_checked(cmd, tmp_path, timeout=180)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["framework"] == framework
     assert summary["world_size"] == 2
@@ -49,8 +41,7 @@ def test_example_on_two_processes_alarms_after_the_lr_jump_and_stops(tmp_path: P
 def test_lr_critical_point_sweep_quick(tmp_path: Path):
     pytest.importorskip("matplotlib")
     cmd = [sys.executable, str(RECIPES / "lr_critical_point.py"), "--quick", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_checked(cmd, tmp_path, timeout=300)
     assert (tmp_path / "lr_critical_point.png").stat().st_size > 10_000
     sweeps = json.loads((tmp_path / "results.json").read_text())["sweeps"]
     assert set(sweeps) == {"0.0", "0.01"}

@@ -15,6 +15,14 @@ from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
 
+def build_callbacks(callback_base: type, module: str) -> tuple[type, type]:
+    """``(CollapseMonitor, NeuronTopologyMonitor)`` on ``callback_base``, named as if defined in ``module``."""
+    classes = build_collapse_monitor(callback_base), build_neuron_monitor(callback_base)
+    for cls, name in zip(classes, ("CollapseMonitor", "NeuronTopologyMonitor"), strict=True):
+        cls.__module__, cls.__qualname__, cls.__name__ = module, name, name
+    return classes
+
+
 def build_collapse_monitor(callback_base: type) -> type:
     """A ``CollapseMonitor`` class deriving from ``callback_base`` (a Lightning ``Callback`` class)."""
 

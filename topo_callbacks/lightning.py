@@ -2,13 +2,8 @@
 
 from lightning.pytorch import Callback
 
-from topo_callbacks._lightning_adapter import build_collapse_monitor, build_neuron_monitor
+from topo_callbacks._lightning_adapter import build_callbacks
 
-CollapseMonitor = build_collapse_monitor(Callback)
-CollapseMonitor.__module__ = __name__
-CollapseMonitor.__qualname__ = CollapseMonitor.__name__ = "CollapseMonitor"
-NeuronTopologyMonitor = build_neuron_monitor(Callback)
-NeuronTopologyMonitor.__module__ = __name__
-NeuronTopologyMonitor.__qualname__ = NeuronTopologyMonitor.__name__ = "NeuronTopologyMonitor"
+CollapseMonitor, NeuronTopologyMonitor = build_callbacks(Callback, __name__)
 
 __all__ = ["CollapseMonitor", "NeuronTopologyMonitor"]
