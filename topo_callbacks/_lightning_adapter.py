@@ -7,12 +7,26 @@ what is importable (installing ``lightning`` installs ``pytorch_lightning`` too)
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
 
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
+
+
+def diagram_path(log_dir: str, monitor: str) -> str:
+    """Where the latest H0 diagram of ``monitor`` is kept, next to the logger's files."""
+    return os.path.join(log_dir, f"collapse_diagram_{monitor.replace('/', '_')}.json")
+
+
+def write_diagram(log_dir: str, diagram: dict[str, Any]) -> None:
+    """Overwrite the latest diagram file (small: one float per embedding row)."""
+    os.makedirs(log_dir, exist_ok=True)
+    with open(diagram_path(log_dir, diagram["monitor"]), "w") as fh:
+        json.dump(diagram, fh)
 
 
 def build_callbacks(callback_base: type, module: str) -> tuple[type, type]:
@@ -59,6 +73,8 @@ def build_collapse_monitor(callback_base: type) -> type:
                 pl_module.log(self.monitor, value, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
                 for logger in trainer.loggers:
                     logger.log_metrics(result.logged, step=step)
+                if trainer.is_global_zero and trainer.loggers and trainer.log_dir:  # no logger, no files
+                    write_diagram(trainer.log_dir, self.latest_diagram(step, result.report))
             self._reduce_stop(trainer, step, result)
 
         def _reduce_stop(self, trainer: Any, step: int, result: CheckResult) -> None:
@@ -120,9 +136,11 @@ _DOC = """Lightning callback: log a collapse index of one layer's embeddings, wa
 
 Every ``every_n_train_steps`` optimizer steps it gathers up to ``max_samples`` pooled embeddings of ``layer``
 from all ranks, computes the collapse index (CI), logs it under ``monitor`` with ``pl_module.log`` (progress bar,
-``trainer.callback_metrics``, usable by ``EarlyStopping``/``ModelCheckpoint``), sends the CI and every term to
-the loggers, and evaluates the alarm rule. An alarm warns once per episode (``CollapseWarning``); with
-``stop_on_alarm=True`` the run stops on every rank at the same step (the decision is reduced over ranks).
+``trainer.callback_metrics``, usable by ``EarlyStopping``/``ModelCheckpoint``), sends the CI, every term and an
+``alarm`` flag (0/1) to the loggers, keeps the check's H0 persistence diagram in ``collapse_diagram_*.json`` in
+``trainer.log_dir`` when there is a logger (for ``topo-callbacks report``), and evaluates the alarm rule. An
+alarm warns once per episode (``CollapseWarning``); with ``stop_on_alarm=True`` the run stops on every rank at
+the same step (the decision is reduced over ranks).
 
 All arguments are those of :class:`topo_callbacks.core.CollapseMonitorCore`.
 

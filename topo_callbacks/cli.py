@@ -39,6 +39,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from topo_callbacks.report import write_report
+
+    try:
+        summary = write_report(args.logdir, args.out, monitor=args.monitor)
+    except (FileNotFoundError, KeyError, RuntimeError) as err:
+        print(f"topo-callbacks report: {err}", file=sys.stderr)
+        return 2
+    first = summary["first_alarm_step"]
+    print(
+        f"{summary['checks']} checks of {summary['monitor']}, last at step {summary['last_step']};"
+        f" {'first alarm at step ' + str(first) if first is not None else 'no alarm'}"
+        f" -> {summary.get('html', summary['png'])}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="topo-callbacks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
     demo.add_argument("--t0", type=int, default=None, help="step at which the stop-gradient goes (default 30%%)")
     demo.set_defaults(func=_demo)
-    for name, what in (("report", "turn a run's logs into a report"), ("bench", "the collapse-scenario benchmark")):
-        p = sub.add_parser(name, help=f"{what} (not implemented yet)")
-        p.set_defaults(func=lambda a, name=name: _not_yet(name))
+    report = sub.add_parser("report", help="a run's logs (CSVLogger or TensorBoard) -> PNG/HTML report")
+    report.add_argument("logdir", help="a folder holding metrics.csv or events.out.tfevents.* files")
+    report.add_argument("--out", default=None, help="report.html or report.png (default LOGDIR/collapse_report.html)")
+    report.add_argument("--monitor", default="collapse/ci", help="the logged CI key (default collapse/ci)")
+    report.set_defaults(func=_report)
+    bench = sub.add_parser("bench", help="the collapse-scenario benchmark (not implemented yet)")
+    bench.set_defaults(func=lambda a: _not_yet("bench"))
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command == "demo":
+    if rest and args.command in ("demo", "report"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args.func(args))
 

@@ -270,6 +270,7 @@ class CollapseMonitorCore:
         should_stop = alarm and self.stop_on_alarm
         logged = report.as_dict(self.prefix)
         logged[self.monitor] = report.ci
+        logged[f"{self.prefix}alarm"] = float(alarm)
         self.history.append(
             {
                 "step": step,
@@ -280,6 +281,10 @@ class CollapseMonitorCore:
             }
         )
         return CheckResult(step, report, reason, message, alarm, should_stop, None, logged)
+
+    def latest_diagram(self, step: int, report: CollapseReport) -> dict[str, Any]:
+        """The check's H0 persistence diagram as plain data, for `topo-callbacks report` (births are all 0)."""
+        return {"monitor": self.monitor, "step": step, "eps": report.eps, "h0_deaths": list(report.h0_deaths)}
 
     def _compute(
         self, x: Tensor, seen: int, nonfinite: int

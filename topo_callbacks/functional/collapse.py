@@ -59,9 +59,12 @@ class CollapseReport:
     d: int
     eps: float
     time_s: float
+    #: The H0 persistence diagram (all births 0): the death scales, i.e. the minimum-spanning-tree edge lengths
+    #: of the (normalised) rows. Not a scalar, so not in `as_dict`.
+    h0_deaths: tuple[float, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """All fields as ``{prefix + name: float}``, ready for a logger.
+        """All scalar fields as ``{prefix + name: float}``, ready for a logger.
 
         Example:
             >>> import torch
@@ -69,7 +72,9 @@ class CollapseReport:
             >>> sorted(rep.as_dict("collapse/"))[:3]
             ['collapse/anisotropy_term', 'collapse/b0', 'collapse/b0_fraction']
         """
-        return {f"{prefix}{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {
+            f"{prefix}{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "h0_deaths"
+        }
 
     def term(self, name: str) -> float:
         """The value of one CI term by its weight name (``"betti"``, ``"entropy"``, ...)."""
@@ -245,4 +250,5 @@ def collapse_index(
         d=d,
         eps=float(eps),
         time_s=time.perf_counter() - start,
+        h0_deaths=tuple(float(v) for v in tree[0].tolist()),
     )
