@@ -385,7 +385,8 @@ def persistence_entropy(diagrams: Tensor | Sequence[Tensor], *, normalize: bool 
     if life.numel() <= 1:
         return 0.0
     p = life / life.sum()
-    entropy = float(-(p * p.log()).sum())
+    # xlogy: 0 log 0 = 0, for bars so short (subnormal) that their share underflows to 0
+    entropy = float(-torch.special.xlogy(p, p).sum())
     if normalize:
         entropy = min(max(entropy / math.log(life.numel()), 0.0), 1.0)
     return entropy
