@@ -288,3 +288,21 @@ def test_hf_adapter_logs_through_the_trainer(tmp_path):
     assert [e["step"] for e in entries] == [5, 10]
     assert entries[-1]["neurons/encoder.2/b0"] == mon.history[-1]["neurons/encoder.2/b0"]
     assert set(mon.state()["args"]) == {"layers", "loss_fn", "every_n_train_steps"}
+
+
+def test_hf_adapter_state_is_restored_from_a_checkpoint(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_transformers import make_trainer
+    from topo_callbacks.transformers import NeuronTopologyCallback
+
+    common = {"save_strategy": "steps", "save_steps": 10, "restore_callback_states_from_checkpoint": True}
+    first = make_trainer(tmp_path, max_steps=10, collapse_at=None, **common)
+    first.add_callback(NeuronTopologyCallback(trainer=first, layers="encoder.0", every_n_train_steps=5))
+    first.train()
+    second = make_trainer(tmp_path, max_steps=15, collapse_at=None, **common)
+    second.add_callback(NeuronTopologyCallback(trainer=second, layers="encoder.0", every_n_train_steps=5))
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    (restored,) = [cb for cb in second.callback_handler.callbacks if isinstance(cb, NeuronTopologyCallback)]
+    assert [h["step"] for h in restored.history] == [5, 10, 15]
+    assert "neurons/encoder.0/lip_min" not in restored.history[2]  # the previous cloud is not in the state
+    assert [e["step"] for e in second.state.log_history if "neurons/encoder.0/b0" in e][-1] == 15
