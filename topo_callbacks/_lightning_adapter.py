@@ -73,8 +73,12 @@ def build_collapse_monitor(callback_base: type) -> type:
                 pl_module.log(self.monitor, value, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
                 for logger in trainer.loggers:
                     logger.log_metrics(result.logged, step=step)
-                if trainer.is_global_zero and trainer.loggers and trainer.log_dir:  # no logger, no files
-                    write_diagram(trainer.log_dir, self.latest_diagram(step, result.report))
+                if trainer.is_global_zero and trainer.loggers:  # no logger, no files
+                    # the logger's own folder: `trainer.log_dir` is a broadcast under DDP, not for rank 0 alone
+                    logger = trainer.loggers[0]
+                    log_dir = getattr(logger, "log_dir", None) or logger.save_dir
+                    if log_dir:
+                        write_diagram(log_dir, self.latest_diagram(step, result.report))
             self._reduce_stop(trainer, step, result)
 
         def _reduce_stop(self, trainer: Any, step: int, result: CheckResult) -> None:
@@ -138,7 +142,7 @@ Every ``every_n_train_steps`` optimizer steps it gathers up to ``max_samples`` p
 from all ranks, computes the collapse index (CI), logs it under ``monitor`` with ``pl_module.log`` (progress bar,
 ``trainer.callback_metrics``, usable by ``EarlyStopping``/``ModelCheckpoint``), sends the CI, every term and an
 ``alarm`` flag (0/1) to the loggers, keeps the check's H0 persistence diagram in ``collapse_diagram_*.json`` in
-``trainer.log_dir`` when there is a logger (for ``topo-callbacks report``), and evaluates the alarm rule. An
+the first logger's ``log_dir`` when there is a logger (for ``topo-callbacks report``), and evaluates the alarm rule. An
 alarm warns once per episode (``CollapseWarning``); with ``stop_on_alarm=True`` the run stops on every rank at
 the same step (the decision is reduced over ranks).
 
