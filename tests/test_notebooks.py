@@ -1,0 +1,35 @@
+"""The notebooks run top to bottom (a reduced setting, TOPO_NOTEBOOK_QUICK=1) and show what they claim."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.procs import ROOT
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+
+
+def execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("TOPO_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("TOPO_NOTEBOOK_LOGS", str(tmp_path / "logs"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    return "".join(
+        out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_notebook(tmp_path, monkeypatch):
+    text = execute("quickstart.ipynb", tmp_path, monkeypatch)
+    assert "step  100" in text  # the history was printed, up to the learning-rate jump and beyond
+    first = int(text.split("first alarm: ")[1].split()[0])
+    assert 100 < first <= 160  # the alarm came after the jump, not before
+    assert (tmp_path / "logs" / "report.html").exists()
