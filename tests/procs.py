@@ -54,3 +54,19 @@ def run_script(source: str, tmp_path: Path, *args: str, launcher: str = "python"
     cmd = [sys.executable, str(script)] if launcher == "python" else torchrun(script)
     run_checked([*cmd, str(tmp_path), *args], tmp_path, timeout)
     return tmp_path
+
+
+def finish_distributed() -> None:
+    """For worker scripts, after they dropped their trainer/model: wait, collect, destroy the process group.
+
+    Freed after the group is gone (at interpreter exit), distributed models intermittently hung a process or
+    aborted it ("terminate called without an active exception").
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
     import json, sys, warnings
     import torch
     import lightning.pytorch as pl
+    from tests.procs import finish_distributed
     from tests.lightning_helpers import TinyModel, loader
     from topo_callbacks.lightning import CollapseMonitor
 
@@ -81,8 +82,8 @@ SCRIPT = textwrap.dedent(
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False)
         trainer.fit(model, loader(n=2048, batch_size=32))
-        if torch.distributed.is_initialized():  # ddp: tear the gloo group down before the interpreter exits
-            torch.distributed.destroy_process_group()
+        del trainer, model, mon
+        finish_distributed()
     """
 )
 
@@ -110,6 +111,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import json, sys, warnings
     import torch
     import lightning.pytorch as pl
+    from tests.procs import finish_distributed
     from lightning.pytorch.callbacks import ModelCheckpoint
     from tests.lightning_helpers import TinyModel, loader
     from topo_callbacks.lightning import CollapseMonitor
@@ -125,7 +127,8 @@ RESUME_SCRIPT = textwrap.dedent(
     if trainer.global_rank == 0:
         with open(f"{out}/state.json", "w") as fh:
             json.dump(mon.state_dict(), fh)
-    torch.distributed.destroy_process_group()
+    del trainer, mon
+    finish_distributed()
     """
 )
 
@@ -160,6 +163,7 @@ WRONG_LAYER_SCRIPT = textwrap.dedent(
     import sys, warnings
     import torch
     import lightning.pytorch as pl
+    from tests.procs import finish_distributed
     from tests.lightning_helpers import TinyModel, loader
     from topo_callbacks.lightning import CollapseMonitor
 
@@ -173,8 +177,8 @@ WRONG_LAYER_SCRIPT = textwrap.dedent(
     except ValueError as err:
         with open(f"{out}/rank{trainer.global_rank}.txt", "w") as fh:
             fh.write(f"{trainer.global_step} {err}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    del trainer
+    finish_distributed()
     """
 )
 

@@ -168,8 +168,9 @@ def test_resume_restores_scale_baseline_and_history(tmp_path):
 
 WORKER = textwrap.dedent(
     """
-    import gc, json, sys, warnings
+    import json, sys, warnings
     import torch
+    from tests.procs import finish_distributed
     from tests.test_transformers import make_trainer
     from topo_callbacks.transformers import CollapseMonitorCallback
 
@@ -186,11 +187,8 @@ WORKER = textwrap.dedent(
               "logged": [[e["step"], e["collapse/ci"]] for e in trainer.state.log_history if "collapse/ci" in e]}
     with open(f"{out}/rank{rank}.json", "w") as fh:
         json.dump(result, fh)
-    # free the DDP-wrapped model before the process group: the other order intermittently hung a process at exit
-    torch.distributed.barrier()
     del trainer, mon
-    gc.collect()
-    torch.distributed.destroy_process_group()
+    finish_distributed()
     """
 )
 
