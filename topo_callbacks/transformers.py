@@ -162,7 +162,6 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         if trainer is not None:
             self.bind(trainer)
 
-    # ------------------------------------------------------------------ state (JSON, via ExportableState)
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")

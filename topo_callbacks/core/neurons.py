@@ -21,6 +21,7 @@ from topo_callbacks.functional.neurons import (
     directional_curvature,
     hessian_max_eigenvalue,
     merging_statistics,
+    neighbour_distances,
     neighbour_pairs,
     neuron_points,
     stability_threshold,
@@ -164,7 +165,8 @@ class NeuronTopologyMonitorCore:
         return logged
 
     def _layer_check(self, name: str, points: Tensor) -> dict[str, float]:
-        out = merging_statistics(points, self.rel_eps)
+        distances = neighbour_distances(points)  # one O(n^2 d) pass, shared by the statistics and the pairs
+        out = merging_statistics(points, self.rel_eps, distances=distances)
         # in units of the current median norm, so that the engine's fixed eps is the merging scale at every check
         # even as the weights grow or shrink; the neurons are the same points from check to check (moves)
         scaled = points.to(torch.float64) / out["scale"]
@@ -181,7 +183,7 @@ class NeuronTopologyMonitorCore:
             before, pairs, b0_before = previous
             out.update(bilipschitz_constants(before, points, pairs, contraction=self.contraction))
             out["breaking"] = float(b0 < b0_before or out["contracted"] > 0)
-        pairs = neighbour_pairs(points, self.k_neighbors)
+        pairs = neighbour_pairs(points, self.k_neighbors, distances=distances)
         self._previous[name] = (points.clone(), pairs, float(b0))
         return out
 

@@ -17,6 +17,7 @@ __all__ = [
     "directional_curvature",
     "hessian_max_eigenvalue",
     "merging_statistics",
+    "neighbour_distances",
     "neighbour_pairs",
     "neuron_points",
     "stability_threshold",
@@ -56,19 +57,34 @@ def neuron_points(layer: nn.Module, next_layer: nn.Module | None = None) -> Tens
     return torch.cat(parts, dim=1).to(torch.float32)
 
 
-def _pairwise(points: Tensor) -> Tensor:
+def neighbour_distances(points: Tensor) -> Tensor:
+    """Pairwise distances of the rows in float64, with ``inf`` on the diagonal (no point is its own neighbour).
+
+    Compute it once and pass it as ``distances=`` to `merging_statistics` and `neighbour_pairs`.
+
+    Example:
+        >>> import torch
+        >>> neighbour_distances(torch.tensor([[0.0], [2.0]])).tolist()
+        [[inf, 2.0], [2.0, inf]]
+    """
     x = points.to(torch.float64)
-    return torch.cdist(x, x)
+    dist = torch.cdist(x, x)
+    dist.fill_diagonal_(float("inf"))
+    return dist
 
 
 def merging_statistics(
-    points: Tensor, rel_eps: float = 0.05, quantiles: Sequence[float] = (0.0, 0.1, 0.5)
+    points: Tensor,
+    rel_eps: float = 0.05,
+    quantiles: Sequence[float] = (0.0, 0.1, 0.5),
+    *,
+    distances: Tensor | None = None,
 ) -> dict[str, float]:
     """Nearest-neighbour distances of the neuron cloud, relative to the median neuron norm.
 
     Returns ``nn_q{q}`` for each quantile of the nearest-neighbour distances (``nn_q0`` is the closest pair),
     ``merged_fraction`` (neurons with a neighbour closer than ``rel_eps`` times the median norm) and ``scale``
-    (the median norm). Distances in float64.
+    (the median norm). Distances in float64; pass ``distances=neighbour_distances(points)`` to reuse them.
 
     Example:
         >>> import torch
@@ -81,8 +97,7 @@ def merging_statistics(
         raise ValueError(f"`points` must be (n >= 2, d); got shape {tuple(points.shape)}.")
     if not rel_eps > 0:
         raise ValueError(f"`rel_eps` must be > 0; got {rel_eps!r}.")
-    dist = _pairwise(points)
-    dist.fill_diagonal_(float("inf"))
+    dist = neighbour_distances(points) if distances is None else distances
     nearest = dist.min(dim=1).values
     scale = float(points.to(torch.float64).norm(dim=1).median())
     scale = scale if scale > 0 else 1.0
@@ -95,7 +110,7 @@ def merging_statistics(
     return out
 
 
-def neighbour_pairs(points: Tensor, k: int = 5) -> Tensor:
+def neighbour_pairs(points: Tensor, k: int = 5, *, distances: Tensor | None = None) -> Tensor:
     """The ``(m, 2)`` index pairs ``i < j`` where ``j`` is among the ``k`` nearest neighbours of ``i`` or back.
 
     Example:
@@ -105,8 +120,7 @@ def neighbour_pairs(points: Tensor, k: int = 5) -> Tensor:
     """
     n = points.shape[0]
     k = min(k, n - 1)
-    dist = _pairwise(points)
-    dist.fill_diagonal_(float("inf"))
+    dist = neighbour_distances(points) if distances is None else distances
     nearest = dist.topk(k, dim=1, largest=False).indices
     rows = torch.arange(n, device=points.device).repeat_interleave(k)
     pairs = torch.stack([rows, nearest.flatten()], dim=1)
