@@ -71,17 +71,38 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", default=None, help="report.html or report.png (default LOGDIR/collapse_report.html)")
     report.add_argument("--monitor", default="collapse/ci", help="the logged CI key (default collapse/ci)")
     report.set_defaults(func=_report)
-    bench = sub.add_parser("bench", help="the collapse-scenario benchmark (not implemented yet)")
-    bench.set_defaults(func=lambda a: _not_yet("bench"))
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command in ("demo", "report"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    bench = sub.add_parser("bench", help="collapse scenarios x seeds: lead times and false positives per detector")
+    bench.add_argument("--scenarios", nargs="+", default=None, help="scenario names (default: all)")
+    bench.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1; the first half calibrates (default 10)")
+    bench.add_argument("--out", default="bench_out", help="output folder (runs are cached in OUT/runs)")
+    bench.add_argument("--quick", action="store_true", help="short runs: a smoke test of the pipeline, not results")
+    bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
     return int(args.func(args))
 
 
-def _not_yet(name: str) -> int:
-    print(f"`topo-callbacks {name}` is not implemented yet (tracked in the project's issues).", file=sys.stderr)
-    return 2
+def _bench(args: argparse.Namespace) -> int:
+    from topo_callbacks.bench.runner import run_benchmark
+    from topo_callbacks.bench.scenarios import SCENARIOS
+
+    if args.scenarios and sorted(set(args.scenarios) - set(SCENARIOS)):
+        print(f"topo-callbacks bench: unknown scenario(s); accepted: {' '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    try:
+        results = run_benchmark(args.out, scenarios=args.scenarios, seeds=args.seeds, quick=args.quick)
+    except ValueError as err:
+        print(f"topo-callbacks bench: {err}", file=sys.stderr)
+        return 2
+    print(f"\n{'detector':<48} {'detected':>9} {'lead':>6} {'FP':>7}   (test seeds {results['test_seeds']})")
+    for name, d in results["detectors"].items():
+        if name.startswith("ablation"):
+            continue
+        o = d["overall"]
+        lead = "-" if o["median_lead_vs_drop"] is None else f"{o['median_lead_vs_drop']:+.0f}"
+        det, fp = f"{o['detected']}/{o['collapsed_runs']}", f"{o['false_positives']}/{o['runs']}"
+        print(f"{name:<48} {det:>9} {lead:>6} {fp:>7}")
+    print(f"-> {args.out}/results.md, results.json, timeline_*.png")
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ projector, and a kNN probe on held-out digits measures the backbone's downstream
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from topo_callbacks.bench.scenarios import _augment, _knn_accuracy
+from topo_callbacks.bench.scenarios import _digits as _load_digits
 
 __all__ = ["drop_step", "run_demo"]
 
@@ -33,42 +35,9 @@ def drop_step(knn_acc: list[tuple[int, float]], points: float = DROP_POINTS, eva
         >>> drop_step([(0, 90.0), (10, 80.0), (20, 90.0), (30, 80.0)]) is None
         True
     """
-    best = -math.inf
-    for i, (step, acc) in enumerate(knn_acc):
-        best = max(best, acc)
-        window = knn_acc[i : i + evals]
-        if len(window) == evals and all(a <= best - points for _, a in window):
-            return step
-    return None
+    from topo_callbacks.bench.detectors import drop_step as _drop
 
-
-def _load_digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    cut = int(0.8 * len(x))
-    return x[:cut], y[:cut], x[cut:], y[cut:]
-
-
-def _augment(x: Tensor, g: torch.Generator) -> Tensor:
-    """Random +-1 pixel shifts, 20% pixel masking and Gaussian noise on 8x8 images."""
-    img = x.view(-1, 8, 8)
-    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
-    img = torch.roll(img, shifts=(dy, dx), dims=(1, 2))
-    keep = (torch.rand(img.shape, generator=g) > 0.2).float()
-    return (img * keep + 0.1 * torch.randn(img.shape, generator=g)).view(-1, 64)
-
-
-def _knn_accuracy(train_z: Tensor, train_y: Tensor, test_z: Tensor, test_y: Tensor, k: int = 5) -> float:
-    a = nn.functional.normalize(train_z, dim=1)
-    b = nn.functional.normalize(test_z, dim=1)
-    idx = (b @ a.T).topk(k, dim=1).indices
-    votes = nn.functional.one_hot(train_y[idx], 10).sum(dim=1)
-    return float((votes.argmax(dim=1) == test_y).float().mean()) * 100.0
+    return _drop(knn_acc, mode="max", points=points, evals_needed=evals)
 
 
 def _build_module(t0: int | None, lr: float) -> Any:
