@@ -29,9 +29,11 @@ def bench(tmp_path_factory):
 def test_bench_writes_its_outputs_and_splits_seeds(bench):
     out, results, records = bench
     assert len(records) == 2 * (2 + 1)  # 2 seeds x (healthy + collapse, one control arm)
-    assert results["calibration_seeds"] == [0] and results["test_seeds"] == [1]
+    assert results["calibration_seeds"] == [0]
+    assert results["test_seeds"] == [1]
     md = (out / "results.md").read_text()
-    assert "| CI, paper weights |" in md and "QUICK setting" in md
+    assert "| CI, paper weights |" in md
+    assert "QUICK setting" in md
     for name in SUBSET:
         assert (out / f"timeline_{name}.png").stat().st_size > 10_000
     paper = results["detectors"]["CI, paper weights"]
@@ -47,7 +49,8 @@ def test_collapse_arm_really_degrades_and_healthy_arm_does_not(bench):
             continue
         t_c = ground_truth(rec)["t_c"]
         if rec.arm == "collapse":
-            assert t_c is not None and t_c >= rec.t0, (rec.seed, rec.evals)
+            assert t_c is not None, (rec.seed, rec.evals)
+            assert t_c >= rec.t0, (rec.seed, rec.evals)
         else:
             assert t_c is None, (rec.seed, rec.evals)
 
@@ -86,8 +89,10 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
 
 def test_every_scenario_declares_consistent_arms():
     for sc in SCENARIOS.values():
-        assert sc.quick_steps < sc.steps and sc.quick_t0 < sc.quick_steps
-        assert sc.t0 < sc.steps and sc.eval_every <= sc.check_every * 2
+        assert sc.quick_steps < sc.steps
+        assert sc.quick_t0 < sc.quick_steps
+        assert sc.t0 < sc.steps
+        assert sc.eval_every <= sc.check_every * 2
         assert sc.arms == (("healthy", "collapse") if sc.kind == "collapse" else ("control",))
 
 
@@ -139,5 +144,7 @@ def test_scoring_counts_hits_late_alarms_and_false_positives():
     ]  # fmt: skip
     s = score(outcomes)
     assert (s["collapsed_runs"], s["detected"], s["late"], s["false_positives"], s["runs"]) == (3, 1, 1, 2, 6)
-    assert s["detection_rate"] == pytest.approx(1 / 3) and s["false_positive_rate"] == pytest.approx(2 / 6)
-    assert s["median_lead_vs_drop"] == 100 and s["median_lead_vs_standard"] == 5
+    assert s["detection_rate"] == pytest.approx(1 / 3)
+    assert s["false_positive_rate"] == pytest.approx(2 / 6)
+    assert s["median_lead_vs_drop"] == 100
+    assert s["median_lead_vs_standard"] == 5

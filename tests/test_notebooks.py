@@ -33,3 +33,13 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
     first = int(text.split("first alarm: ")[1].split()[0])
     assert 100 < first <= 160  # the alarm came after the jump, not before
     assert (tmp_path / "logs" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_notebook(tmp_path, monkeypatch):
+    text = execute("benchmark.ipynb", tmp_path, monkeypatch)
+    assert "scenarios: classifier_lr, benign_neural_collapse" in text
+    assert "CI, paper weights" in text
+    assert "quick: True" in text
+    assert "2 timelines shown" in text
+    assert (tmp_path / "logs" / "results.json").exists()

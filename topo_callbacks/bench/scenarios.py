@@ -313,6 +313,19 @@ def _ssl_setup(kind: str, switch: bool, seed: int, t0: int, steps: int) -> _Setu
 
 
 # ------------------------------------------------------------------------------------- classifier scenarios
+def _lr_ramp(t0: int, length: int, top: float = 30.0) -> Callable[[int], float]:
+    """Learning-rate multiplier 1 until ``t0``, then a linear ramp to ``top`` over ``length`` steps.
+
+    A ramp, not a jump: a jump breaks the run within one evaluation, which leaves no time in which any rule
+    could warn; a ramp crosses the stable range at a step the run itself decides, as a mis-set schedule does.
+    """
+
+    def factor(step: int) -> float:
+        return 1.0 + (top - 1.0) * min(max((step - t0) / length, 0.0), 1.0)
+
+    return factor
+
+
 class _MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -343,11 +356,7 @@ def _classifier_setup(kind: str, arm: str, seed: int, t0: int) -> _Setup:
         acc = float((logits.argmax(1) == y_test).float().mean()) * 100.0
         return acc, float(ce(logits, y_test))
 
-    lr_factor = None
-    if kind == "classifier_lr" and arm == "collapse":
-
-        def lr_factor(step: int) -> float:
-            return 30.0 if step >= t0 else 1.0
+    lr_factor = _lr_ramp(t0, 300) if kind == "classifier_lr" and arm == "collapse" else None
 
     return _Setup(model, opt, step_loss, evaluate, lr_factor)
 
@@ -398,11 +407,8 @@ def _lm_setup(arm: str, seed: int, t0: int) -> _Setup:
         return (math.exp(loss) if math.isfinite(loss) and loss < 50 else math.inf), loss
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    lr_factor = None
-    if arm == "collapse":  # Wortsman et al.: attention-logit growth at a high learning rate, no warm-up
-
-        def lr_factor(step: int) -> float:
-            return 30.0 if step >= t0 else 1.0
+    # Wortsman et al.: attention-logit growth at a high learning rate (no qk-layernorm here)
+    lr_factor = _lr_ramp(t0, 300) if arm == "collapse" else None
 
     return _Setup(model, opt, step_loss, evaluate, lr_factor, pool="last")
 
@@ -413,9 +419,11 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("simsiam", "SimSiam on digits", "collapse", "stop-gradient removed", 2000, 600, 50, 50,
                  "knn_acc", "projector", 400, 150),
-        Scenario("classifier_lr", "MLP classifier on digits", "collapse", "learning rate x30", 1200, 400, 25, 25,
+        Scenario("classifier_lr", "MLP classifier on digits", "collapse",
+                 "learning rate ramped x1 -> x30 over 300 steps", 1200, 400, 25, 25,
                  "val_acc", "body", 300, 100),
-        Scenario("byte_lm", "byte-level transformer on CPython's stdlib", "collapse", "Adam learning rate x30",
+        Scenario("byte_lm", "byte-level transformer on CPython's stdlib", "collapse",
+                 "Adam learning rate ramped x1 -> x30 over 300 steps",
                  1000, 400, 50, 50, "val_ppl", "ln_f", 300, 150),
         Scenario("benign_neural_collapse", "MLP classifier on digits, long training", "control",
                  "none (terminal phase, weight decay 5e-4)", 3000, 0, 50, 50, "val_acc", "body", 400, 0),
