@@ -95,7 +95,7 @@ def _fixed(fn: Callable[[RunRecord], int | None]) -> Detector:
 def detectors() -> dict[str, tuple[Detector, Sequence[float]]]:
     """Every rule the benchmark compares: name -> (alarm function, threshold grid; one value = fixed)."""
     out: dict[str, tuple[Detector, Sequence[float]]] = {
-        "CI, paper weights, shipped rule (rise 0.15)": (_fixed(lambda r: r.monitor_alarm_step), (0.15,)),
+        "CI, paper weights, rule before the benchmark (rise 0.15)": (_fixed(lambda r: r.monitor_alarm_step), (0.15,)),
         "CI, paper weights": (_rise_detector(PAPER_WEIGHTS), RISE_GRID),
     }
     for term in TERMS:

@@ -70,7 +70,8 @@ class CollapseMonitorCore:
             ``calibration_checks`` checks, then held fixed, so that collapse shows as the eps-graph filling in.
         eps_quantile: quantile of pairwise distances for the calibration (None: the 8-neighbour rule).
         calibration_checks: number of checks whose scales are pooled into the calibrated eps.
-        weights: CI weights, ``"paper"`` or a mapping (see `collapse_index`).
+        weights: CI weights: ``"benchmark"`` (default: betti, entropy, anisotropy and rank terms, equally; chosen by
+            the collapse-scenario benchmark), ``"paper"`` (the published 0.4/0.3/0.3) or a mapping (`collapse_index`).
         normalize: row scaling for the topological terms, ``"l2"`` or ``"none"``.
         monitor: the key the CI is logged under; the terms are logged beside it with the same prefix
             (``collapse/ci`` -> ``collapse/betti_term``, ...). Give each monitor of a run its own key.
@@ -112,7 +113,7 @@ class CollapseMonitorCore:
         eps: float | None = None,
         eps_quantile: float | None = None,
         calibration_checks: int = 3,
-        weights: str | Mapping[str, float] = "paper",
+        weights: str | Mapping[str, float] = "benchmark",
         normalize: Literal["l2", "none"] = "l2",
         monitor: str = "collapse/ci",
         mode: str = "min",
@@ -120,7 +121,7 @@ class CollapseMonitorCore:
         patience: int | None = None,
         stopping_threshold: float | None = None,
         divergence_threshold: float | None = None,
-        max_rise: float | None = 0.15,
+        max_rise: float | None = 0.2,
         baseline_checks: int = 3,
         rise_patience: int = 2,
         check_finite: bool = True,

@@ -21,12 +21,16 @@ from topo_callbacks.functional.topology import (
     persistence_entropy,
 )
 
-__all__ = ["PAPER_WEIGHTS", "TERMS", "CollapseReport", "collapse_index", "resolve_weights", "scale_from_quantile"]
+__all__ = ["BENCHMARK_WEIGHTS", "PAPER_WEIGHTS", "TERMS", "CollapseReport", "collapse_index", "resolve_weights", "scale_from_quantile"]
 
 #: The terms a CI can weigh, each in [0, 1] with 1 meaning collapsed.
 TERMS: tuple[str, ...] = ("betti", "entropy", "anisotropy", "rank", "std")
 #: The write-up's weights: ``CI = 0.4 (1 - b1/b0) + 0.3 (1 - PE) + 0.3 A``.
 PAPER_WEIGHTS: Mapping[str, float] = {"betti": 0.4, "entropy": 0.3, "anisotropy": 0.3}
+#: The monitors' default: the weighting the collapse-scenario benchmark chose on its calibration seeds (equal
+#: weights over the subset of terms that best separated collapse runs from healthy twins and controls; README,
+#: "Does it work?"). With it the monitors' default rise rule is ``max_rise=0.2``.
+BENCHMARK_WEIGHTS: Mapping[str, float] = {"betti": 0.25, "entropy": 0.25, "anisotropy": 0.25, "rank": 0.25}
 #: Default scale rule: the distance at which a point has this many neighbours on average.
 DEFAULT_NEIGHBORS = 8.0
 
@@ -82,7 +86,7 @@ class CollapseReport:
 
 
 def resolve_weights(weights: str | Mapping[str, float]) -> dict[str, float]:
-    """Validate CI weights: ``"paper"`` or a mapping from term names in `TERMS` to non-negative floats.
+    """Validate CI weights: ``"paper"``, ``"benchmark"`` or a mapping from term names in `TERMS` to non-negative floats.
 
     Raises:
         ValueError: for an unknown preset, an unknown term, a negative or non-finite weight, or all zeros.
@@ -90,13 +94,18 @@ def resolve_weights(weights: str | Mapping[str, float]) -> dict[str, float]:
     Example:
         >>> resolve_weights("paper")
         {'betti': 0.4, 'entropy': 0.3, 'anisotropy': 0.3}
+        >>> resolve_weights("benchmark")["rank"]
+        0.25
         >>> resolve_weights({"rank": 1, "std": 1})
         {'rank': 1.0, 'std': 1.0}
     """
     if isinstance(weights, str):
-        if weights != "paper":
-            raise ValueError(f"`weights` must be 'paper' or a mapping of {list(TERMS)} to floats; got {weights!r}.")
-        return dict(PAPER_WEIGHTS)
+        presets = {"paper": PAPER_WEIGHTS, "benchmark": BENCHMARK_WEIGHTS}
+        if weights not in presets:
+            raise ValueError(
+                f"`weights` must be 'paper', 'benchmark' or a mapping of {list(TERMS)} to floats; got {weights!r}."
+            )
+        return dict(presets[weights])
     if not isinstance(weights, Mapping):
         raise ValueError(
             f"`weights` must be 'paper' or a mapping of {list(TERMS)} to floats; got {type(weights).__name__}."
