@@ -153,7 +153,8 @@ def _objective(s: Mapping[str, Any]) -> float:
 def _evaluate(
     detect: Detector, threshold: float, records: Sequence[RunRecord], truths: Mapping[int, Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
-    return [_outcome(r, detect(r, threshold), truths[id(r)]) | {"alarm": detect(r, threshold)} for r in records]
+    alarms = [detect(r, threshold) for r in records]
+    return [_outcome(r, a, truths[id(r)]) | {"alarm": a} for r, a in zip(records, alarms, strict=True)]
 
 
 def _calibrate(
@@ -186,6 +187,7 @@ def choose_weights(
 
 def analyse(records: Sequence[RunRecord], calibration_seeds: Sequence[int]) -> dict[str, Any]:
     """Calibrate on ``calibration_seeds``, score every detector on the other seeds, overall and per scenario."""
+    _SPIKE_CACHE.clear()  # keyed by id(): valid only for the records of this call
     truths = {id(r): ground_truth(r) for r in records}
     cal = [r for r in records if r.seed in calibration_seeds]
     test = [r for r in records if r.seed not in calibration_seeds]

@@ -176,8 +176,8 @@ def _train(setup: _Setup, scenario: Scenario, arm: str, seed: int, steps: int, t
         every_n_train_steps=scenario.check_every,
         max_samples=512,
         pool=setup.pool,
-        # the published CI and the pre-benchmark rule, so that the "rule before the benchmark" rows stay comparable across versions;
-        # every term is recorded, so any other weighting is replayed exactly
+        # the published CI and the pre-benchmark rule, so that the "rule before the benchmark" rows stay comparable
+        # across versions; every term is recorded, so any other weighting is replayed exactly
         weights="paper",
         max_rise=0.15,
         stop_on_alarm=False,
@@ -454,7 +454,7 @@ def run_scenario(name: str, arm: Arm, seed: int = 0, *, quick: bool = False) -> 
     Example:
         >>> rec = run_scenario("classifier_lr", "healthy", seed=0, quick=True)
         >>> rec.steps, len(rec.loss), [c["step"] for c in rec.checks][:2]
-        (300, 300, [25, 50])
+        (500, 500, [25, 50])
     """
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; accepted: {sorted(SCENARIOS)}.")

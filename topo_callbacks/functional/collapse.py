@@ -21,7 +21,15 @@ from topo_callbacks.functional.topology import (
     persistence_entropy,
 )
 
-__all__ = ["BENCHMARK_WEIGHTS", "PAPER_WEIGHTS", "TERMS", "CollapseReport", "collapse_index", "resolve_weights", "scale_from_quantile"]
+__all__ = [
+    "BENCHMARK_WEIGHTS",
+    "PAPER_WEIGHTS",
+    "TERMS",
+    "CollapseReport",
+    "collapse_index",
+    "resolve_weights",
+    "scale_from_quantile",
+]
 
 #: The terms a CI can weigh, each in [0, 1] with 1 meaning collapsed.
 TERMS: tuple[str, ...] = ("betti", "entropy", "anisotropy", "rank", "std")
