@@ -17,10 +17,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from topo_callbacks.engine.graph import (
+    WORD,
+    neighbour_rows,
+    pack_bits,
+    popcount,
+    propagate_min_labels,
+    spanning_forest,
+    triangles,
+    unpack_bits,
+    words_for,
+)
+from topo_callbacks.engine.reduction import gf2_boundary_rank
 from topo_callbacks.functional._validation import check_eps, check_prime
-from topo_callbacks.functional.topology import _clique_complex_b1, _undominated, squared_distances
+from topo_callbacks.functional.topology import _clique_complex_b1, _undominated
 
 __all__ = ["MMHMEngine"]
+
+_BLOCK = 16 * WORD  # rows per distance block in `reset`
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -84,28 +98,31 @@ class MMHMEngine:
         device = self.device or torch.device("cpu")
         self._x = torch.zeros(cap, d, dtype=self.dtype, device=device)
         self._alive = torch.zeros(cap, dtype=torch.bool, device=device)
-        self._adj = torch.zeros(cap, cap, dtype=torch.bool, device=device)
+        self._bits = torch.zeros(cap, words_for(cap), dtype=torch.int64, device=device)  # the eps-graph
         self._labels = torch.full((cap,), -1, dtype=torch.long, device=device)
+        self._dirty = torch.zeros(cap, dtype=torch.bool, device=device)
         self._slot_of: dict[int, int] = {}
         self._id_of: list[int] = [-1] * cap
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._b1: dict[int, int] = {}
-        self._region: set[int] = set()
 
     def _grow(self, needed: int) -> None:
         cap = self._x.shape[0]
         if len(self._free) >= needed:
             return
         new_cap = max(2 * cap, cap + needed - len(self._free), 8)
-        x = torch.zeros(new_cap, self._x.shape[1], dtype=self.dtype, device=self._x.device)
+        device = self._x.device
+        x = torch.zeros(new_cap, self._x.shape[1], dtype=self.dtype, device=device)
         x[:cap] = self._x
-        alive = torch.zeros(new_cap, dtype=torch.bool, device=self._x.device)
+        bits = torch.zeros(new_cap, words_for(new_cap), dtype=torch.int64, device=device)
+        bits[:cap, : self._bits.shape[1]] = self._bits
+        alive = torch.zeros(new_cap, dtype=torch.bool, device=device)
         alive[:cap] = self._alive
-        adj = torch.zeros(new_cap, new_cap, dtype=torch.bool, device=self._x.device)
-        adj[:cap, :cap] = self._adj
-        labels = torch.full((new_cap,), -1, dtype=torch.long, device=self._x.device)
+        dirty = torch.zeros(new_cap, dtype=torch.bool, device=device)
+        dirty[:cap] = self._dirty
+        labels = torch.full((new_cap,), -1, dtype=torch.long, device=device)
         labels[:cap] = self._labels
-        self._x, self._alive, self._adj, self._labels = x, alive, adj, labels
+        self._x, self._bits, self._alive, self._dirty, self._labels = x, bits, alive, dirty, labels
         self._id_of += [-1] * (new_cap - cap)
         self._free = list(range(new_cap - 1, cap - 1, -1)) + self._free
 
@@ -142,17 +159,23 @@ class MMHMEngine:
         xs = x.detach().to(device=self._x.device, dtype=self.dtype)
         self._x[:n] = xs
         self._alive[:n] = True
-        if n:
-            # float64 from the stored values, exact near eps; the same comparison as an edit's rows
-            self._adj[:n, :n] = squared_distances(xs, xs, exact_near=self.eps, same=True) <= self.eps**2
-            self._adj[:n, :n].fill_diagonal_(False)
+        self._dirty[:n] = True
+        # upper blocks of the symmetric distance matrix only; each block's rows and its transpose are packed
+        for i0 in range(0, n, _BLOCK):
+            i1 = min(n, i0 + _BLOCK)
+            mask = neighbour_rows(xs[i0:i1], xs[i0:], self.eps)
+            w0 = i0 // WORD  # _BLOCK is a multiple of WORD, so blocks start on word boundaries
+            rows = pack_bits(mask)
+            self._bits[i0:i1, w0 : w0 + rows.shape[1]] = rows
+            cols = pack_bits(mask.T.contiguous())
+            self._bits[i0:n, w0 : w0 + cols.shape[1]] |= cols
+        self._clear_self_bits(torch.arange(n, device=self._x.device))
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
         for slot, pid in enumerate(ids):
             self._slot_of[pid] = slot
             self._id_of[slot] = pid
         self._free = list(range(self._x.shape[0] - 1, n - 1, -1))
-        self._region = set(range(n))
         self._times = {"distances": time.perf_counter() - start, "components": 0.0, "reduction": 0.0}
         return torch.tensor(ids, dtype=torch.long)
 
@@ -189,13 +212,26 @@ class MMHMEngine:
         self._dirty_old(slots)
         s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
         self._alive[s] = False
-        self._adj[s] = False
-        self._adj[:, s] = False
+        self._dirty[s] = False
         self._labels[s] = -1
+        self._bits[s] = 0
+        self._set_columns(s, torch.zeros(len(slots), self._x.shape[0], dtype=torch.bool, device=s.device))
         for slot in slots:
             self._id_of[slot] = -1
-            self._region.discard(slot)
         self._free.extend(slots)
+
+    def _clear_self_bits(self, s: Tensor) -> None:
+        self._bits[s, s // WORD] &= ~(torch.ones_like(s) << (s % WORD))
+
+    def _set_columns(self, s: Tensor, mask: Tensor) -> None:
+        """Column ``s[i]`` of the adjacency becomes ``mask[i]`` (the symmetric half of a row update)."""
+        words, where = torch.unique(s // WORD, return_inverse=True)
+        bit = torch.ones_like(s) << (s % WORD)
+        # distinct bits within a word: sums are ORs
+        cleared = torch.zeros(words.numel(), dtype=torch.int64, device=s.device).index_add_(0, where, bit)
+        values = torch.zeros(mask.shape[1], words.numel(), dtype=torch.int64, device=s.device)
+        values.index_add_(1, where, mask.T.long() * bit[None, :])
+        self._bits[:, words] = (self._bits[:, words] & ~cleared[None, :]) | values
 
     def _dirty_old(self, slots: list[int]) -> None:
         """Mark the modules the edited slots belong to now (before the edit) as part of the dirty region."""
@@ -205,7 +241,7 @@ class MMHMEngine:
         """Add every member of the modules ``labels`` to the dirty region and drop their cached b1."""
         labels = torch.unique(labels[labels >= 0])
         if labels.numel():
-            self._region.update(torch.nonzero(torch.isin(self._labels, labels)).flatten().tolist())
+            self._dirty |= torch.isin(self._labels, labels)
             for label in labels.tolist():
                 self._b1.pop(int(label), None)
 
@@ -215,51 +251,81 @@ class MMHMEngine:
         s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
         self._x[s] = x_new.detach().to(device=self._x.device, dtype=self.dtype)
         self._alive[s] = True
-        rows = (squared_distances(self._x[s], self._x, exact_near=self.eps) <= self.eps**2) & self._alive[None, :]
+        rows = neighbour_rows(self._x[s], self._x, self.eps) & self._alive[None, :]
         rows[torch.arange(len(slots), device=s.device), s] = False
-        self._adj[s] = rows
-        self._adj[:, s] = rows.T
-        neighbours = torch.nonzero(rows.any(dim=0)).flatten()
-        self._dirty_modules(self._labels[neighbours])
-        self._region.update(slots)
-        self._region.update(neighbours.tolist())
+        self._bits[s] = pack_bits(rows)
+        self._set_columns(s, rows)
+        self._dirty_modules(self._labels[rows.any(dim=0)])
+        self._dirty[s] = True
+        self._dirty |= rows.any(dim=0)
         self._times["distances"] = time.perf_counter() - start
 
     # ---------------------------------------------------------------- queries
     def betti(self) -> tuple[int, int]:
         """``(b0, b1)`` of the current points; only the modules dirtied since the last call are recomputed."""
         self._last_rebuilt = 0
-        if self._region:
+        if bool((self._dirty & self._alive).any()):
             self._rebuild_region()
         alive_labels = self._labels[self._alive]
         b0 = int(torch.unique(alive_labels).numel()) if alive_labels.numel() else 0
         return b0, int(sum(self._b1.values()))
 
+    def _region_edges(self, region: Tensor) -> tuple[Tensor, Tensor]:
+        """Edges ``u < v`` (local indices into ``region``, sorted row-major) of the region's induced graph."""
+        cap = self._x.shape[0]
+        inside = torch.zeros(cap, dtype=torch.bool, device=region.device)
+        inside[region] = True
+        local = torch.full((cap,), -1, dtype=torch.long, device=region.device)
+        local[region] = torch.arange(region.numel(), device=region.device)
+        us: list[Tensor] = []
+        vs: list[Tensor] = []
+        step = max(1, (1 << 24) // max(cap, 1))  # rows unpacked at a time: ~16 MB of booleans
+        for r0 in range(0, region.numel(), step):
+            rows = region[r0 : r0 + step]
+            block = unpack_bits(self._bits[rows], cap) & inside[None, :]
+            block &= torch.arange(cap, device=rows.device)[None, :] > rows[:, None]  # upper triangle
+            i, j = torch.nonzero(block, as_tuple=True)
+            us.append(i + r0)
+            vs.append(local[j])
+        return torch.cat(us), torch.cat(vs)
+
     def _rebuild_region(self) -> None:
         start = time.perf_counter()
-        region = torch.tensor(sorted(self._region), dtype=torch.long, device=self._x.device)
-        region = region[self._alive[region]]
-        self._region = set()  # every edit that dirtied these modules already dropped their cached b1
-        sub = self._adj[region][:, region]
-        local = _component_labels(sub)
-        labels = torch.zeros_like(local)
-        labels.scatter_reduce_(
-            0, local, torch.arange(local.numel(), device=local.device), reduce="amin", include_self=False
-        )
-        self._labels[region] = region[labels[local]]
+        region = torch.nonzero(self._dirty & self._alive).flatten()
+        self._dirty.zero_()  # every edit that dirtied these modules already dropped their cached b1
+        n = region.numel()
+        u, v = self._region_edges(region)
+        roots = propagate_min_labels(torch.arange(n, device=region.device), u, v)
+        self._labels[region] = region[roots]
+        module_ids, module = torch.unique(roots, return_inverse=True)
+        n_modules = module_ids.numel()
+        vertices = torch.bincount(module, minlength=n_modules)
+        edges = torch.bincount(module[u], minlength=n_modules)
         self._times["components"] = time.perf_counter() - start
         start = time.perf_counter()
-        for comp in torch.unique(local).tolist():
-            members = region[local == comp]
-            self._b1[int(members.min())] = self._module_b1(members)
-            self._last_rebuilt += 1
+        if self.coeff == 2:
+            tree = spanning_forest(n, u, v, roots)
+            column = torch.full((u.numel(),), -1, dtype=torch.long, device=u.device)
+            cycle_edges = ~tree
+            n_cols = int(cycle_edges.sum())
+            column[cycle_edges] = torch.arange(n_cols, device=u.device)
+            a, b, c = triangles(n, u, v)
+            rows = column[torch.stack([a, b, c], dim=1)] if a.numel() else torch.zeros(0, 3, dtype=torch.long)
+            rank = gf2_boundary_rank(rows.to(u.device), n_cols, module[u[cycle_edges]], n_modules)
+            b1 = (edges - vertices + 1 - rank).tolist()
+        else:
+            b1 = [self._module_b1(region[module == m]) for m in range(n_modules)]
+        for slot, value in zip(region[module_ids].tolist(), b1, strict=True):
+            self._b1[int(slot)] = int(value)
+        self._last_rebuilt = n_modules
         self._times["reduction"] = time.perf_counter() - start
 
     def _module_b1(self, members: Tensor) -> int:
+        """b1 of one module over Z/p, p odd: strong collapses, then ripser on what is left."""
         k = members.numel()
         if k <= 2:
             return 0
-        adj = self._adj[members][:, members]
+        adj = unpack_bits(self._bits[members], self._x.shape[0])[:, members]
         edges = int(adj.sum()) // 2
         if edges == k - 1 or edges == k * (k - 1) // 2:  # a tree, or a simplex
             return 0
@@ -288,24 +354,12 @@ class MMHMEngine:
         labels = self._labels[alive]
         return {
             "points": int(alive.sum()),
-            "edges": int(self._adj.sum()) // 2,
+            "edges": popcount(self._bits) // 2,
             "modules": int(torch.unique(labels).numel()) if labels.numel() else 0,
             "modules_rebuilt": self._last_rebuilt,
-            "dirty_points": len(self._region),
+            "dirty_points": int((self._dirty & alive).sum()),
             "time_s": dict(self._times),
-            "state_bytes": sum(t.numel() * t.element_size() for t in (self._x, self._alive, self._adj, self._labels)),
+            "state_bytes": sum(
+                t.numel() * t.element_size() for t in (self._x, self._alive, self._bits, self._labels, self._dirty)
+            ),
         }
-
-
-def _component_labels(adj: Tensor) -> Tensor:
-    """Component index per vertex (0..c-1) of a small boolean graph, by min-label propagation with jumping."""
-    n = adj.shape[0]
-    labels = torch.arange(n, device=adj.device)
-    sentinel = torch.full_like(labels, n)
-    while True:
-        neighbour_min = torch.where(adj, labels[None, :], sentinel[None, :]).amin(dim=1) if n else labels
-        new = torch.minimum(labels, neighbour_min)
-        new = new[new]
-        if torch.equal(new, labels):
-            return torch.unique(labels, return_inverse=True)[1]
-        labels = new

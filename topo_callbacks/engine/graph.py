@@ -1,0 +1,209 @@
+"""The eps-graph as tensors: exact neighbour rows, bit-packed adjacency, components, spanning forest, triangles.
+
+Everything here is a tensor operation on the points' device; no Python loop runs per vertex or per edge.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from topo_callbacks.functional.topology import squared_distances
+
+WORD = 64  # bits per adjacency word (int64)
+
+# rows of the exact refinement done per block: bounds its float64 temporaries to ~32 MB
+_EXACT_BLOCK_ELEMENTS = 1 << 22
+
+
+def words_for(n: int) -> int:
+    """Number of int64 words that hold ``n`` bits."""
+    return (n + WORD - 1) // WORD
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """``(r, m)`` bool -> ``(r, words_for(m))`` int64, bit ``j % 64`` of word ``j // 64`` is ``mask[:, j]``.
+
+    Built byte by byte and viewed as int64 (little-endian, as on x86, ARM and CUDA devices).
+
+    Example:
+        >>> import torch
+        >>> pack_bits(torch.tensor([[True, False, True]])).tolist()
+        [[5]]
+    """
+    r, m = mask.shape
+    w = words_for(m)
+    padded = torch.zeros(r, w * WORD, dtype=torch.uint8, device=mask.device)
+    padded[:, :m] = mask
+    bytes_ = padded.view(r, w * 8, 8)
+    out = bytes_[:, :, 0].clone()
+    for k in range(1, 8):
+        out |= bytes_[:, :, k] << k
+    return out.view(torch.int64)
+
+
+def unpack_bits(words: Tensor, m: int) -> Tensor:
+    """Inverse of `pack_bits`: ``(r, w)`` int64 -> ``(r, m)`` bool, by a 256-entry byte table."""
+    table = ((torch.arange(256, device=words.device)[:, None] >> torch.arange(8, device=words.device)) & 1).bool()
+    bytes_ = words.contiguous().view(torch.uint8).long()
+    return table[bytes_].view(words.shape[0], -1)[:, :m]
+
+
+def test_bits(words: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Whether bit ``cols[k]`` of row ``rows[k]`` is set, for every k."""
+    return ((words[rows, cols // WORD] >> (cols % WORD)) & 1).bool()
+
+
+def popcount(words: Tensor) -> int:
+    """Number of set bits in an int64 tensor."""
+    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=words.device)
+    return int(table[words.contiguous().view(torch.uint8).long()].sum())
+
+
+def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """``(k, m)`` bool: ``||a_i - b_j|| <= eps``, decided exactly in float64 from the given values.
+
+    Points stored in float32 or less go through a float32 Gram matrix (the fast path); every pair whose float32
+    value lies within a rigorous error bound of ``eps**2`` is recomputed from the float64 differences, so the
+    answer is the float64 one. float64 points use the float64 path of `squared_distances`.
+
+    Example:
+        >>> import torch
+        >>> neighbour_rows(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0], [1.0, 0.0]]), 5.0).tolist()
+        [[True, True]]
+    """
+    if a.dtype == torch.float64 or b.dtype == torch.float64:
+        return squared_distances(a, b, exact_near=eps) <= eps * eps
+    k, m = a.shape[0], b.shape[0]
+    if k == 0 or m == 0:
+        return torch.zeros(k, m, dtype=torch.bool, device=a.device)
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    center = b64.mean(dim=0, keepdim=True)
+    a32, b32 = (a64 - center).float(), (b64 - center).float()  # smaller norms: a tighter Gram error
+    sa, sb = (a32 * a32).sum(dim=1), (b32 * b32).sum(dim=1)
+    d2 = torch.addmm(sa[:, None] + sb[None, :], a32, b32.T, alpha=-2.0)
+    largest = float(torch.maximum(sa.max(), sb.max()))
+    unit = torch.finfo(torch.float32).eps
+    # GEMM and norms: (d + 2) u per term, four terms of size <= largest; the rounding of the centred points to
+    # float32 moves a squared distance by at most 8 u largest; doubled for safety
+    tol = 2.0 * (4.0 * (a.shape[1] + 2) * unit * largest + 8.0 * unit * largest)
+    eps2 = eps * eps
+    mask = d2 <= eps2
+    i, j = torch.nonzero((d2 - eps2).abs_() <= tol, as_tuple=True)
+    chunk = max(1, _EXACT_BLOCK_ELEMENTS // max(a.shape[1], 1))
+    for start in range(0, i.numel(), chunk):
+        ii, jj = i[start : start + chunk], j[start : start + chunk]
+        mask[ii, jj] = ((a64[ii] - b64[jj]) ** 2).sum(dim=1) <= eps2
+    return mask
+
+
+def propagate_min_labels(labels: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """Connected components of the graph with edges ``(u, v)`` over the vertices of ``labels``.
+
+    Min-label propagation with pointer jumping; returns, per vertex, the smallest starting label in its
+    component (pass ``arange(n)`` to get the smallest vertex index).
+    """
+    labels = labels.clone()
+    if u.numel() == 0:
+        return labels
+    while True:
+        low = torch.minimum(labels[u], labels[v])
+        new = labels.clone()
+        new.scatter_reduce_(0, u, low, reduce="amin")
+        new.scatter_reduce_(0, v, low, reduce="amin")
+        new = new[new]
+        new = new[new]
+        if torch.equal(new, labels):
+            return labels
+        labels = new
+
+
+def spanning_forest(n: int, u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
+    """A breadth-first spanning forest of the graph (edges ``u, v``; components ``labels`` from
+    `propagate_min_labels`), as a bool mask over the edges.
+
+    Each component grows from its highest-degree vertex, and each newly reached vertex hangs from its
+    highest-degree neighbour in the frontier: hubs as parents put many triangles on two tree edges, which is
+    what lets `gf2_boundary_rank` eliminate without a dense core. One tensor pass per level.
+    """
+    m = u.numel()
+    device = u.device
+    tree = torch.zeros(m, dtype=torch.bool, device=device)
+    if m == 0:
+        return tree
+    degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
+    score = degree * n + (n - 1 - torch.arange(n, device=device))  # distinct: degree, then lower index
+    best_in_component = torch.full((n,), -1, dtype=torch.long, device=device)
+    best_in_component.scatter_reduce_(0, labels, score, reduce="amax")
+    reached = score == best_in_component[labels]
+    src, dst = torch.cat([u, v]), torch.cat([v, u])
+    eid = torch.arange(m, device=device).repeat(2)
+    key = score[src] * (m + 1) + eid  # the parent's score decides; the edge id only decodes (score is unique)
+    while True:
+        frontier_edge = reached[src] & ~reached[dst]
+        if not bool(frontier_edge.any()):
+            return tree
+        best = torch.full((n,), -1, dtype=torch.long, device=device)
+        best.scatter_reduce_(0, dst[frontier_edge], key[frontier_edge], reduce="amax")
+        newly = best >= 0
+        tree[best[newly] % (m + 1)] = True
+        reached |= newly
+
+
+def triangles(n: int, u: Tensor, v: Tensor, is_edge: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Every triangle of the graph with sorted edge list ``u < v`` (row-major), as three edge indices.
+
+    Edges are oriented from the lower to the higher (degree, index) end, so each vertex pairs only its
+    out-neighbours (at most about ``sqrt(2 |E|)`` of them) and each triangle is found once. ``is_edge`` is a
+    callable-free lookup: a bool ``(n, n)`` tensor, or None to look the third edge up in the sorted edge keys.
+    """
+    device = u.device
+    m = u.numel()
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    if m < 3:
+        return empty, empty, empty
+    degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
+    rank = degree * n + torch.arange(n, device=device)
+    forward = rank[u] < rank[v]
+    tail, head = torch.where(forward, u, v), torch.where(forward, v, u)
+    order = torch.argsort(tail, stable=True)
+    tail, head = tail[order], head[order]
+    out_degree = torch.bincount(tail, minlength=n)
+    first_of = torch.cumsum(out_degree, 0) - out_degree
+    later = out_degree[tail] - 1 - (torch.arange(m, device=device) - first_of[tail])  # partners after me
+    keys = u * n + v
+    tri_a: list[Tensor] = []
+    tri_b: list[Tensor] = []
+    tri_c: list[Tensor] = []
+    # wedges in chunks of whole edges, so the pair tensors stay bounded (~64 MB)
+    ends = torch.cumsum(later, 0)
+    budget = 1 << 22
+    start = 0
+    while start < m:
+        base = int(ends[start - 1]) if start else 0
+        stop = int(torch.searchsorted(ends, base + budget, right=True))
+        stop = max(stop, start + 1)
+        counts = later[start:stop]
+        total = int(counts.sum())
+        if total:
+            first = torch.repeat_interleave(torch.arange(start, stop, device=device), counts)
+            offset = torch.arange(total, device=device) - torch.repeat_interleave(
+                torch.cumsum(counts, 0) - counts, counts
+            )
+            second = first + 1 + offset
+            p, q = head[first], head[second]
+            lo, hi = torch.minimum(p, q), torch.maximum(p, q)
+            if is_edge is not None:
+                closed = is_edge[lo, hi]
+                third = torch.searchsorted(keys, lo[closed] * n + hi[closed])
+            else:
+                pos = torch.searchsorted(keys, lo * n + hi).clamp_max_(m - 1)
+                closed = keys[pos] == lo * n + hi
+                third = pos[closed]
+            tri_a.append(order[first[closed]])
+            tri_b.append(order[second[closed]])
+            tri_c.append(third)
+        start = stop
+    if not tri_a:
+        return empty, empty, empty
+    return torch.cat(tri_a), torch.cat(tri_b), torch.cat(tri_c)
