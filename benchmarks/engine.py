@@ -49,7 +49,7 @@ def percentile_distance(x: torch.Tensor, pct: float) -> float:
     dist = torch.cdist(x.double(), x.double())
     i, j = torch.triu_indices(x.shape[0], x.shape[0], 1)
     values = dist[i, j]
-    k = max(1, int(round(pct / 100.0 * values.numel())))
+    k = max(1, round(pct / 100.0 * values.numel()))
     # midway between two order statistics: no pair sits at eps, where tools may round either way
     below, above = float(torch.kthvalue(values, k).values), float(torch.kthvalue(values, k + 1).values)
     return (below + above) / 2.0
@@ -120,7 +120,7 @@ def run_config(kind: str, n: int, d: int, pct: float, reps: int, peers: bool, se
     rng = np.random.default_rng(seed + 1)
     scale = 0.05 * eps
     for share in (0.01, 0.05):
-        k = max(1, int(round(share * n)))
+        k = max(1, round(share * n))
         times = []
         for _ in range(reps):
             engine, _ = engine_from_scratch()
@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = args.sizes or ([256, 512] if args.quick else [1024, 2048, 4096, 8192])
     dims = args.dims or ([64] if args.quick else [64, 768])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(
         f"# engine benchmark: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )

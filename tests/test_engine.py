@@ -153,3 +153,57 @@ def test_exact_decisions_near_eps_far_from_the_origin(inside):
     across = centre + eps * (1 + 1e-9 if inside else 1 - 1e-9) * direction  # move to the other side of eps
     engine.move(ids[-1:], torch.from_numpy(across[None]))
     assert engine.betti() == (len(pts) if inside else len(pts) - 1, 0)
+
+
+@SETTINGS
+@given(
+    kind=st.sampled_from(KINDS),
+    n=st.integers(1, 60),
+    d=st.integers(1, 8),
+    eps=st.floats(0.2, 2.5),
+    seed=st.integers(0, 2**31 - 1),
+    share=st.floats(0.0, 0.5),
+)
+def test_float32_fast_path_matches_gudhi_after_a_move(kind, n, d, eps, seed, share):
+    """float32 points go through the float32 Gram and its exact refinement; gudhi sees the same stored values."""
+    rng = np.random.default_rng(seed)
+    pts = cloud(kind, n, d, rng).astype(np.float32)
+    engine = MMHMEngine(eps)
+    ids = engine.reset(torch.from_numpy(pts))
+    if far_from_ties(pts.astype(np.float64), eps):
+        assert engine.betti() == gudhi_betti(pts.astype(np.float64), eps)
+    k = int(share * len(pts))
+    chosen = rng.choice(len(pts), size=k, replace=False)
+    pts[chosen] += (0.3 * rng.standard_normal((k, pts.shape[1]))).astype(np.float32)
+    engine.move(ids[torch.from_numpy(chosen)], torch.from_numpy(pts[chosen]))
+    if far_from_ties(pts.astype(np.float64), eps):
+        assert engine.betti() == gudhi_betti(pts.astype(np.float64), eps)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "collapsed"])
+@pytest.mark.parametrize("pct", [1.0, 5.0])
+def test_one_giant_module_matches_ripser_after_moves(kind, pct):
+    """Benchmark-like clouds (a giant module with hundreds of loops) against ripser, then after two 5% moves."""
+    from tests.clouds import ripser_betti
+
+    rng = np.random.default_rng(7)
+    n, d = 400, 32
+    pts = cloud(kind, n, d, rng).astype(np.float32)
+    dist = cdist(pts.astype(np.float64), pts.astype(np.float64))
+    eps = float(np.percentile(dist[np.triu_indices(n, 1)], pct))
+    engine = MMHMEngine(eps)
+    ids = engine.reset(torch.from_numpy(pts))
+    for _ in range(3):
+        dist = cdist(pts.astype(np.float64), pts.astype(np.float64))
+        assert engine.betti() == ripser_betti(dist, eps)
+        chosen = rng.choice(n, size=n // 20, replace=False)
+        pts[chosen] += (0.1 * eps / np.sqrt(d) * rng.standard_normal((len(chosen), d))).astype(np.float32)
+        engine.move(ids[torch.from_numpy(chosen)], torch.from_numpy(pts[chosen]))
+    assert engine.stats()["modules_rebuilt"] >= 1
+
+
+def test_state_is_bit_packed():
+    engine = MMHMEngine(1.0)
+    engine.reset(torch.randn(1000, 16))
+    # the adjacency takes n^2 / 8 bytes, not n^2
+    assert engine.stats()["state_bytes"] < 1000 * 16 * 4 + 1000 * 1000 // 8 + 1000 * 32

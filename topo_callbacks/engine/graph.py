@@ -33,23 +33,27 @@ def pack_bits(mask: Tensor) -> Tensor:
     """
     r, m = mask.shape
     w = words_for(m)
+    if r == 0 or w == 0:
+        return torch.zeros(r, w, dtype=torch.int64, device=mask.device)
     padded = torch.zeros(r, w * WORD, dtype=torch.uint8, device=mask.device)
     padded[:, :m] = mask
     bytes_ = padded.view(r, w * 8, 8)
-    out = bytes_[:, :, 0].clone()
-    for k in range(1, 8):
+    out = torch.zeros(r, w * 8, dtype=torch.uint8, device=mask.device)
+    for k in range(8):
         out |= bytes_[:, :, k] << k
     return out.view(torch.int64)
 
 
 def unpack_bits(words: Tensor, m: int) -> Tensor:
     """Inverse of `pack_bits`: ``(r, w)`` int64 -> ``(r, m)`` bool, by a 256-entry byte table."""
+    if words.numel() == 0:
+        return torch.zeros(words.shape[0], m, dtype=torch.bool, device=words.device)
     table = ((torch.arange(256, device=words.device)[:, None] >> torch.arange(8, device=words.device)) & 1).bool()
     bytes_ = words.contiguous().view(torch.uint8).long()
     return table[bytes_].view(words.shape[0], -1)[:, :m]
 
 
-def test_bits(words: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def read_bits(words: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """Whether bit ``cols[k]`` of row ``rows[k]`` is set, for every k."""
     return ((words[rows, cols // WORD] >> (cols % WORD)) & 1).bool()
 

@@ -23,12 +23,10 @@ from topo_callbacks.engine.graph import (
     pack_bits,
     popcount,
     propagate_min_labels,
-    spanning_forest,
-    triangles,
     unpack_bits,
     words_for,
 )
-from topo_callbacks.engine.reduction import gf2_boundary_rank
+from topo_callbacks.engine.reduction import flag_betti_gf2
 from topo_callbacks.functional._validation import check_eps, check_prime
 from topo_callbacks.functional.topology import _clique_complex_b1, _undominated
 
@@ -293,31 +291,19 @@ class MMHMEngine:
         start = time.perf_counter()
         region = torch.nonzero(self._dirty & self._alive).flatten()
         self._dirty.zero_()  # every edit that dirtied these modules already dropped their cached b1
-        n = region.numel()
         u, v = self._region_edges(region)
-        roots = propagate_min_labels(torch.arange(n, device=region.device), u, v)
-        self._labels[region] = region[roots]
-        module_ids, module = torch.unique(roots, return_inverse=True)
-        n_modules = module_ids.numel()
-        vertices = torch.bincount(module, minlength=n_modules)
-        edges = torch.bincount(module[u], minlength=n_modules)
         self._times["components"] = time.perf_counter() - start
         start = time.perf_counter()
         if self.coeff == 2:
-            tree = spanning_forest(n, u, v, roots)
-            column = torch.full((u.numel(),), -1, dtype=torch.long, device=u.device)
-            cycle_edges = ~tree
-            n_cols = int(cycle_edges.sum())
-            column[cycle_edges] = torch.arange(n_cols, device=u.device)
-            a, b, c = triangles(n, u, v)
-            rows = column[torch.stack([a, b, c], dim=1)] if a.numel() else torch.zeros(0, 3, dtype=torch.long)
-            rank = gf2_boundary_rank(rows.to(u.device), n_cols, module[u[cycle_edges]], n_modules)
-            b1 = (edges - vertices + 1 - rank).tolist()
+            roots, b1 = flag_betti_gf2(region.numel(), u, v)
         else:
-            b1 = [self._module_b1(region[module == m]) for m in range(n_modules)]
-        for slot, value in zip(region[module_ids].tolist(), b1, strict=True):
+            roots = propagate_min_labels(torch.arange(region.numel(), device=region.device), u, v)
+            module = torch.unique(roots, return_inverse=True)[1]
+            b1 = torch.tensor([self._module_b1(region[module == m]) for m in range(int(module.max()) + 1)])
+        self._labels[region] = region[roots]
+        for slot, value in zip(region[torch.unique(roots)].tolist(), b1.tolist(), strict=True):
             self._b1[int(slot)] = int(value)
-        self._last_rebuilt = n_modules
+        self._last_rebuilt = b1.numel()
         self._times["reduction"] = time.perf_counter() - start
 
     def _module_b1(self, members: Tensor) -> int:

@@ -19,7 +19,87 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from topo_callbacks.engine.graph import propagate_min_labels
+from topo_callbacks.engine.graph import propagate_min_labels, spanning_forest, triangles
+
+
+def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Components and b1 over Z/2 of the clique complex of a graph, module by module.
+
+    Args:
+        n: number of vertices.
+        u, v: the edges, ``u < v``, sorted row-major (as `torch.nonzero` of an upper triangle returns them).
+
+    Returns:
+        ``(roots, b1)``: per vertex the smallest vertex of its component, and per component (in the order of
+        ``torch.unique(roots)``) its b1 = ``#non-tree edges - rank`` of the triangle rows.
+
+    Example:
+        >>> import torch
+        >>> u, v = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 3, 2, 3])  # a square: one loop
+        >>> roots, b1 = flag_betti_gf2(5, u, v)  # vertex 4 is alone
+        >>> roots.tolist(), b1.tolist()
+        ([0, 0, 0, 0, 4], [1, 0])
+    """
+    device = u.device
+    roots = propagate_min_labels(torch.arange(n, device=device), u, v)
+    module_ids, module = torch.unique(roots, return_inverse=True)
+    n_modules = module_ids.numel()
+    vertices = torch.bincount(module, minlength=n_modules)
+    edges = torch.bincount(module[u], minlength=n_modules)
+    # a tree or a simplex (a collapsed cloud is one big clique) has b1 = 0: no triangles to enumerate
+    simple = (edges == vertices - 1) | (edges == vertices * (vertices - 1) // 2)
+    keep = _strong_collapse(n, u, v, ~simple[module])
+    b1 = torch.zeros(n_modules, dtype=torch.long, device=device)
+    if not bool(keep.any()):
+        return roots, b1
+    kept = torch.nonzero(keep).flatten()
+    local = torch.full((n,), -1, dtype=torch.long, device=device)
+    local[kept] = torch.arange(kept.numel(), device=device)
+    inside = keep[u] & keep[v]
+    lu, lv = local[u[inside]], local[v[inside]]  # a monotone relabelling: still sorted row-major
+    k = kept.numel()
+    sub_module = module[kept]
+    tree = spanning_forest(k, lu, lv, propagate_min_labels(torch.arange(k, device=device), lu, lv))
+    cycle_edges = ~tree
+    n_cols = int(cycle_edges.sum())
+    column = torch.full((lu.numel(),), -1, dtype=torch.long, device=device)
+    column[cycle_edges] = torch.arange(n_cols, device=device)
+    a, b, c = triangles(k, lu, lv)
+    rows = column[torch.stack([a, b, c], dim=1)]
+    rank = gf2_boundary_rank(rows, n_cols, sub_module[lu[cycle_edges]], n_modules)
+    cycles = torch.bincount(sub_module[lu], minlength=n_modules) - torch.bincount(sub_module, minlength=n_modules) + 1
+    return roots, torch.where(simple, b1, cycles - rank)
+
+
+#: Dominated vertices are removed first when the mean degree exceeds this share of the vertices (near-cliques,
+#: e.g. collapsed embeddings: each vertex has ~n^2 triangles, and most vertices are dominated). Below it, the
+#: k x k matmuls of the domination test cost more than the triangles they would save (measured).
+DENSE_SHARE = 0.125
+#: Largest number of vertices given to the dense domination test (a k x k matmul per round).
+DENSE_LIMIT = 4096
+
+
+def _strong_collapse(n: int, u: Tensor, v: Tensor, keep: Tensor) -> Tensor:
+    """Drop dominated vertices (N[v] inside N[w]) from ``keep`` when the kept graph is dense: homotopy-preserving,
+    and on a collapsed cloud it leaves few vertices (hence few triangles)."""
+    count = int(keep.sum())
+    inside = keep[u] & keep[v]
+    mean_degree = 2 * int(inside.sum()) / max(count, 1)
+    # up to ~1000 vertices a round costs <= 2 GFLOP: worth it from a modest degree on
+    dense = mean_degree > (16 if count <= 1024 else DENSE_SHARE * count)
+    if count == 0 or count > DENSE_LIMIT or not dense:
+        return keep
+    from topo_callbacks.functional.topology import _undominated
+
+    kept = torch.nonzero(keep).flatten()
+    local = torch.full((n,), -1, dtype=torch.long, device=u.device)
+    local[kept] = torch.arange(count, device=u.device)
+    closed = torch.eye(count, dtype=torch.bool, device=u.device)
+    closed[local[u[inside]], local[v[inside]]] = True
+    closed[local[v[inside]], local[u[inside]]] = True
+    out = torch.zeros_like(keep)
+    out[kept] = _undominated(closed, torch.ones(count, dtype=torch.bool, device=u.device))
+    return out
 
 
 def _sort_and_cancel(rows: Tensor) -> Tensor:

@@ -196,11 +196,12 @@ def betti_numbers(x: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
         >>> betti_numbers(circle, eps=0.1)
         (12, 0)
     """
+    from topo_callbacks.engine.mmhm import MMHMEngine
+
     x = check_points(x)
-    eps = check_eps(eps)
-    coeff = check_prime(coeff)
-    x = torch.unique(x.to(torch.float64), dim=0)  # duplicates are dominated vertices: homology unchanged
-    return betti_from_distances(pairwise_distances(x, exact_near=eps), eps, coeff=coeff)
+    engine = MMHMEngine(check_eps(eps), coeff=check_prime(coeff), dtype=torch.float64, device=x.device)
+    engine.reset(x)
+    return engine.betti()
 
 
 def betti_from_distances(
@@ -223,6 +224,12 @@ def betti_from_distances(
         (1, 1)
     """
     adj = dist <= eps  # closed neighbourhoods: the diagonal is True
+    if coeff == 2:  # the MMHM engine's reduction (components, forest, Morse-style elimination over Z/2)
+        from topo_callbacks.engine.reduction import flag_betti_gf2
+
+        i, j = torch.nonzero(torch.triu(adj, diagonal=1), as_tuple=True)
+        roots, b1 = flag_betti_gf2(dist.shape[0], i, j)
+        return int(torch.unique(roots).numel()), int(b1.sum())
     weights, u, v = _minimum_spanning_tree(dist) if tree is None else tree
     within = weights <= eps
     labels = components_from_tree(dist.shape[0], u[within], v[within])
