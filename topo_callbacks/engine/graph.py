@@ -154,12 +154,18 @@ def spanning_forest(n: int, u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
         reached |= newly
 
 
-def triangles(n: int, u: Tensor, v: Tensor, is_edge: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Every triangle of the graph with sorted edge list ``u < v`` (row-major), as three edge indices.
 
     Edges are oriented from the lower to the higher (degree, index) end, so each vertex pairs only its
-    out-neighbours (at most about ``sqrt(2 |E|)`` of them) and each triangle is found once. ``is_edge`` is a
-    callable-free lookup: a bool ``(n, n)`` tensor, or None to look the third edge up in the sorted edge keys.
+    out-neighbours (at most about ``sqrt(2 |E|)`` of them) and each triangle is found once. The third edge of a
+    wedge is looked up in the sorted edge keys.
+
+    Example:
+        >>> import torch
+        >>> a, b, c = triangles(4, torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 2, 3]))
+        >>> sorted([int(a[0]), int(b[0]), int(c[0])])  # the triangle 0-1-2 is edges 0, 1, 2
+        [0, 1, 2]
     """
     device = u.device
     m = u.numel()
@@ -197,13 +203,9 @@ def triangles(n: int, u: Tensor, v: Tensor, is_edge: Tensor | None = None) -> tu
             second = first + 1 + offset
             p, q = head[first], head[second]
             lo, hi = torch.minimum(p, q), torch.maximum(p, q)
-            if is_edge is not None:
-                closed = is_edge[lo, hi]
-                third = torch.searchsorted(keys, lo[closed] * n + hi[closed])
-            else:
-                pos = torch.searchsorted(keys, lo * n + hi).clamp_max_(m - 1)
-                closed = keys[pos] == lo * n + hi
-                third = pos[closed]
+            pos = torch.searchsorted(keys, lo * n + hi).clamp_max_(m - 1)
+            closed = keys[pos] == lo * n + hi
+            third = pos[closed]
             tri_a.append(order[first[closed]])
             tri_b.append(order[second[closed]])
             tri_c.append(third)
