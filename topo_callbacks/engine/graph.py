@@ -53,11 +53,6 @@ def unpack_bits(words: Tensor, m: int) -> Tensor:
     return table[bytes_].view(words.shape[0], -1)[:, :m]
 
 
-def read_bits(words: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """Whether bit ``cols[k]`` of row ``rows[k]`` is set, for every k."""
-    return ((words[rows, cols // WORD] >> (cols % WORD)) & 1).bool()
-
-
 def popcount(words: Tensor) -> int:
     """Number of set bits in an int64 tensor."""
     table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=words.device)
@@ -101,30 +96,9 @@ def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     return mask
 
 
-def propagate_min_labels(labels: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """Connected components of the graph with edges ``(u, v)`` over the vertices of ``labels``.
-
-    Min-label propagation with pointer jumping; returns, per vertex, the smallest starting label in its
-    component (pass ``arange(n)`` to get the smallest vertex index).
-    """
-    labels = labels.clone()
-    if u.numel() == 0:
-        return labels
-    while True:
-        low = torch.minimum(labels[u], labels[v])
-        new = labels.clone()
-        new.scatter_reduce_(0, u, low, reduce="amin")
-        new.scatter_reduce_(0, v, low, reduce="amin")
-        new = new[new]
-        new = new[new]
-        if torch.equal(new, labels):
-            return labels
-        labels = new
-
-
 def spanning_forest(n: int, u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
     """A breadth-first spanning forest of the graph (edges ``u, v``; components ``labels`` from
-    `propagate_min_labels`), as a bool mask over the edges.
+    `components_from_tree`), as a bool mask over the edges.
 
     Each component grows from its highest-degree vertex, and each newly reached vertex hangs from its
     highest-degree neighbour in the frontier: hubs as parents put many triangles on two tree edges, which is

@@ -22,13 +22,12 @@ from topo_callbacks.engine.graph import (
     neighbour_rows,
     pack_bits,
     popcount,
-    propagate_min_labels,
     unpack_bits,
     words_for,
 )
 from topo_callbacks.engine.reduction import flag_betti_gf2
 from topo_callbacks.functional._validation import check_eps, check_prime
-from topo_callbacks.functional.topology import _clique_complex_b1, _undominated
+from topo_callbacks.functional.topology import _clique_complex_b1, _undominated, components_from_tree
 
 __all__ = ["MMHMEngine"]
 
@@ -253,9 +252,10 @@ class MMHMEngine:
         rows[torch.arange(len(slots), device=s.device), s] = False
         self._bits[s] = pack_bits(rows)
         self._set_columns(s, rows)
-        self._dirty_modules(self._labels[rows.any(dim=0)])
+        neighbours = rows.any(dim=0)
+        self._dirty_modules(self._labels[neighbours])
         self._dirty[s] = True
-        self._dirty |= rows.any(dim=0)
+        self._dirty |= neighbours
         self._times["distances"] = time.perf_counter() - start
 
     # ---------------------------------------------------------------- queries
@@ -297,7 +297,7 @@ class MMHMEngine:
         if self.coeff == 2:
             roots, b1 = flag_betti_gf2(region.numel(), u, v)
         else:
-            roots = propagate_min_labels(torch.arange(region.numel(), device=region.device), u, v)
+            roots = components_from_tree(region.numel(), u, v)
             module = torch.unique(roots, return_inverse=True)[1]
             b1 = torch.tensor([self._module_b1(region[module == m]) for m in range(int(module.max()) + 1)])
         self._labels[region] = region[roots]

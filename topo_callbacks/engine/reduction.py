@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from topo_callbacks.engine.graph import propagate_min_labels, spanning_forest, triangles
+from topo_callbacks.engine.graph import spanning_forest, triangles
+from topo_callbacks.functional.topology import components_from_tree
 
 
 def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,7 +42,7 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         ([0, 0, 0, 0, 4], [1, 0])
     """
     device = u.device
-    roots = propagate_min_labels(torch.arange(n, device=device), u, v)
+    roots = components_from_tree(n, u, v)
     module_ids, module = torch.unique(roots, return_inverse=True)
     n_modules = module_ids.numel()
     vertices = torch.bincount(module, minlength=n_modules)
@@ -59,7 +60,7 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     lu, lv = local[u[inside]], local[v[inside]]  # a monotone relabelling: still sorted row-major
     k = kept.numel()
     sub_module = module[kept]
-    tree = spanning_forest(k, lu, lv, propagate_min_labels(torch.arange(k, device=device), lu, lv))
+    tree = spanning_forest(k, lu, lv, components_from_tree(k, lu, lv))
     cycle_edges = ~tree
     n_cols = int(cycle_edges.sum())
     column = torch.full((lu.numel(),), -1, dtype=torch.long, device=device)
@@ -135,7 +136,6 @@ def gf2_boundary_rank(rows: Tensor, n_cols: int, col_module: Tensor, n_modules: 
     # one node per column, after one "ground" node per module: a one-entry row {c} is the two-entry row
     # {c, ground}, so a single propagation both kills and identifies columns; a component holding a ground node
     # (the smallest labels) is zero in the quotient, any other collapses to its smallest column
-    nodes = torch.arange(n_modules + n_cols, device=device)
     module_of_node = torch.cat([torch.arange(n_modules, device=device), col_module])
     while rows.shape[0]:
         filled = (rows >= 0).sum(dim=1)
@@ -144,7 +144,7 @@ def gf2_boundary_rank(rows: Tensor, n_cols: int, col_module: Tensor, n_modules: 
             pairs = rows[short] + n_modules
             a = torch.where(pairs[:, 1] >= n_modules, pairs[:, 1], module_of_node[pairs[:, 2]])  # ground if single
             b = pairs[:, 2]
-            labels = propagate_min_labels(nodes, a, b)
+            labels = components_from_tree(n_modules + n_cols, a, b)
             touched = torch.unique(torch.cat([a, b]))
             touched = touched[touched >= n_modules]
             live = torch.unique(labels[touched])
