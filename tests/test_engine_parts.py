@@ -1,13 +1,16 @@
-"""The engine's building blocks: bit packing, and the Z/2 rank of triangle rows against a plain elimination."""
+"""The engine's building blocks: bit packing, the spanning triangles, and the Z/2 rank of triangle rows against a
+plain elimination."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topo_callbacks.engine.graph import pack_bits, popcount, unpack_bits
+from topo_callbacks.engine.graph import lowest_bits, pack_bits, popcount, spanning_triangles, unpack_bits
 from topo_callbacks.engine.reduction import flag_betti_gf2, gf2_boundary_rank
 
 
@@ -22,6 +25,14 @@ def test_pack_unpack_round_trip(r, m, seed):
     if r and m:
         i, j = torch.nonzero(torch.ones(r, m, dtype=torch.bool), as_tuple=True)
         assert torch.equal(((words[i, j // 64] >> (j % 64)) & 1).bool(), mask[i, j])  # bit j % 64 of word j // 64
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.integers(1, 9), m=st.integers(1, 200), seed=st.integers(0, 2**31 - 1))
+def test_lowest_bits(r, m, seed):
+    mask = torch.from_numpy(np.random.default_rng(seed).random((r, m)) < 0.05)
+    mask[:, -1] = True  # every row nonzero
+    assert lowest_bits(pack_bits(mask)).tolist() == mask.to(torch.uint8).argmax(dim=1).tolist()
 
 
 def plain_gf2_rank(rows: np.ndarray, n_cols: int) -> int:
@@ -80,3 +91,34 @@ def test_flag_betti_of_a_clique_a_tree_and_an_octahedron():
     square = [(0, 1), (1, 2), (2, 3), (0, 3)]
     u, v = torch.tensor(square).T
     assert flag_betti_gf2(4, u, v)[1].tolist() == [1]
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 24), density=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_spanning_triangles_span_all_triangle_boundaries(n, density, seed):
+    """The returned triples are triangles, each found once, and their boundaries have the rank of all triangles'."""
+    rng = np.random.default_rng(seed)
+    edges = [(a, b) for a, b in itertools.combinations(range(n), 2) if rng.random() < density]
+    index = {e: k for k, e in enumerate(edges)}
+    every = [
+        (index[(a, b)], index[(a, c)], index[(b, c)])
+        for a, b, c in itertools.combinations(range(n), 3)
+        if (a, b) in index and (a, c) in index and (b, c) in index
+    ]
+    u = torch.tensor([e[0] for e in edges], dtype=torch.long)
+    v = torch.tensor([e[1] for e in edges], dtype=torch.long)
+    got = torch.stack(spanning_triangles(n, u, v), dim=1).tolist()
+    assert len({tuple(sorted(t)) for t in got}) == len(got)
+    assert {tuple(sorted(t)) for t in got} <= {tuple(sorted(t)) for t in every}
+    assert plain_gf2_rank(np.array(got).reshape(-1, 3), len(edges)) == plain_gf2_rank(
+        np.array(every).reshape(-1, 3), len(edges)
+    )
+
+
+def test_spanning_triangles_of_a_clique_are_the_cone_on_its_first_vertex():
+    """K_n has C(n, 3) triangles; the C(n - 1, 2) through one vertex span their boundaries."""
+    u, v = torch.triu_indices(30, 30, offset=1)
+    a, b, c = spanning_triangles(30, u, v)
+    assert a.numel() == 29 * 28 // 2
+    apex = torch.stack([u[a], v[a], u[b], v[b], u[c], v[c]], dim=1)
+    assert bool((apex == 0).any(dim=1).all())

@@ -1,4 +1,4 @@
-"""The eps-graph as tensors: exact neighbour rows, bit-packed adjacency, components, spanning forest, triangles.
+"""The eps-graph as tensors: exact neighbour rows, bit-packed adjacency, spanning forest, spanning triangles.
 
 Everything here is a tensor operation on the points' device; no Python loop runs per vertex or per edge.
 """
@@ -128,18 +128,53 @@ def spanning_forest(n: int, u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
         reached |= newly
 
 
-def triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Every triangle of the graph with sorted edge list ``u < v`` (row-major), as three edge indices.
-
-    Edges are oriented from the lower to the higher (degree, index) end, so each vertex pairs only its
-    out-neighbours (at most about ``sqrt(2 |E|)`` of them) and each triangle is found once. The third edge of a
-    wedge is looked up in the sorted edge keys.
+def lowest_bits(words: Tensor) -> Tensor:
+    """Index of the lowest set bit of each row of a packed ``(r, w)`` tensor whose rows are not all zero.
 
     Example:
         >>> import torch
-        >>> a, b, c = triangles(4, torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 2, 3]))
-        >>> sorted([int(a[0]), int(b[0]), int(c[0])])  # the triangle 0-1-2 is edges 0, 1, 2
-        [0, 1, 2]
+        >>> lowest_bits(torch.tensor([[0, 12], [6, 1]])).tolist()  # 12 = 0b1100 in the second word
+        [66, 1]
+    """
+    word = (words != 0).to(torch.uint8).argmax(dim=1)  # the first nonzero word
+    value = words.gather(1, word[:, None]).squeeze(1)
+    _, exponent = torch.frexp((value & -value).to(torch.float64).abs())  # a power of two, exact in float64
+    return word * WORD + exponent.long() - 1
+
+
+def packed_adjacency(n: int, u: Tensor, v: Tensor, closed: bool = False) -> Tensor:
+    """``(n, words_for(n))`` packed adjacency of the graph with edges ``u, v`` (each edge once);
+    ``closed`` also sets each vertex's own bit."""
+    w = words_for(n)
+    src, dst = torch.cat([u, v]), torch.cat([v, u])
+    if closed:
+        diagonal = torch.arange(n, device=u.device)
+        src, dst = torch.cat([src, diagonal]), torch.cat([dst, diagonal])
+    out = torch.zeros(n * w, dtype=torch.int64, device=u.device)
+    # distinct bits of one word add without carries, so the sum is their OR
+    out.index_add_(0, src * w + dst // WORD, torch.ones_like(dst) << (dst % WORD))
+    return out.view(n, w)
+
+
+def spanning_triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Triangles whose boundaries span the boundaries of all triangles of the graph (edges ``u < v``, sorted
+    row-major), as three edge indices each; usually a small fraction of all triangles.
+
+    Vertices are ordered by decreasing degree. The lexicographic Morse matching pairs a triangle ``{a < b < c}``
+    with the tetrahedron ``{d, a, b, c}`` when some common neighbour ``d < a`` exists, and then, since the
+    tetrahedron's boundary is a cycle, the triangle's boundary is the sum of the boundaries of its three other
+    faces, whose smallest vertex ``d`` is smaller. By induction on the smallest vertex, the triangles with no
+    such ``d`` span every boundary (over any coefficients). For the top edge ``{b, c}`` these are the apexes
+    ``a`` in ``S = N(b) & N(c) & [0, b)`` with no neighbour in ``S`` below them; a greedy pass over ``S``
+    (take the lowest apex, drop it and its neighbours) returns them, and possibly a few more, with bit-packed
+    tensor operations over all edges at once.
+
+    Example:
+        >>> import torch
+        >>> u, v = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([1, 2, 3, 2, 3, 3])  # a tetrahedron's edges
+        >>> a, b, c = spanning_triangles(4, u, v)
+        >>> a.numel()  # of its four triangles, three span the boundaries
+        3
     """
     device = u.device
     m = u.numel()
@@ -147,43 +182,39 @@ def triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if m < 3:
         return empty, empty, empty
     degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
-    rank = degree * n + torch.arange(n, device=device)
-    forward = rank[u] < rank[v]
-    tail, head = torch.where(forward, u, v), torch.where(forward, v, u)
-    order = torch.argsort(tail, stable=True)
-    tail, head = tail[order], head[order]
-    out_degree = torch.bincount(tail, minlength=n)
-    first_of = torch.cumsum(out_degree, 0) - out_degree
-    later = out_degree[tail] - 1 - (torch.arange(m, device=device) - first_of[tail])  # partners after me
-    keys = u * n + v
-    tri_a: list[Tensor] = []
-    tri_b: list[Tensor] = []
-    tri_c: list[Tensor] = []
-    # wedges in chunks of whole edges, so the pair tensors stay bounded (~64 MB)
-    ends = torch.cumsum(later, 0)
-    budget = 1 << 22
-    start = 0
-    while start < m:
-        base = int(ends[start - 1]) if start else 0
-        stop = int(torch.searchsorted(ends, base + budget, right=True))
-        stop = max(stop, start + 1)
-        counts = later[start:stop]
-        total = int(counts.sum())
-        if total:
-            first = torch.repeat_interleave(torch.arange(start, stop, device=device), counts)
-            offset = torch.arange(total, device=device) - torch.repeat_interleave(
-                torch.cumsum(counts, 0) - counts, counts
-            )
-            second = first + 1 + offset
-            p, q = head[first], head[second]
-            lo, hi = torch.minimum(p, q), torch.maximum(p, q)
-            pos = torch.searchsorted(keys, lo * n + hi).clamp_max_(m - 1)
-            closed = keys[pos] == lo * n + hi
-            third = pos[closed]
-            tri_a.append(order[first[closed]])
-            tri_b.append(order[second[closed]])
-            tri_c.append(third)
-        start = stop
-    if not tri_a:
+    order = torch.argsort(degree, descending=True, stable=True)
+    relabel = torch.empty_like(order)
+    relabel[order] = torch.arange(n, device=device)
+    ru, rv = relabel[u], relabel[v]
+    lo, hi = torch.minimum(ru, rv), torch.maximum(ru, rv)
+    keys, edge_of = torch.sort(lo * n + hi)  # edge_of: sorted position -> input edge index
+    lo, hi = keys // n, keys % n
+    closed = packed_adjacency(n, lo, hi, closed=True)
+    w = closed.shape[1]
+    word_index = torch.arange(w, device=device)
+    apexes: list[Tensor] = []
+    tops: list[Tensor] = []
+    chunk = max(1, (1 << 22) // w)  # ~32 MB of candidate rows at a time
+    for start in range(0, m, chunk):
+        top = torch.arange(start, min(start + chunk, m), device=device)
+        b = lo[top]
+        below = torch.where(word_index[None, :] < (b // WORD)[:, None], -1, 0)
+        below |= torch.where(
+            word_index[None, :] == (b // WORD)[:, None], ((torch.ones_like(b) << (b % WORD)) - 1)[:, None], 0
+        )
+        candidates = closed[b] & closed[hi[top]] & below
+        while True:
+            live = (candidates != 0).any(dim=1)
+            candidates, top = candidates[live], top[live]
+            if top.numel() == 0:
+                break
+            apex = lowest_bits(candidates)
+            apexes.append(apex)
+            tops.append(top)
+            candidates &= ~closed[apex]
+    if not apexes:
         return empty, empty, empty
-    return torch.cat(tri_a), torch.cat(tri_b), torch.cat(tri_c)
+    apex, top = torch.cat(apexes), torch.cat(tops)
+    side_b = torch.searchsorted(keys, apex * n + lo[top])
+    side_c = torch.searchsorted(keys, apex * n + hi[top])
+    return edge_of[top], edge_of[side_b], edge_of[side_c]

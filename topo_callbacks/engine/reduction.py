@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from topo_callbacks.engine.graph import spanning_forest, triangles
+from topo_callbacks.engine.graph import spanning_forest, spanning_triangles
 from topo_callbacks.functional.topology import components_from_tree
 
 
@@ -65,7 +65,7 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     n_cols = int(cycle_edges.sum())
     column = torch.full((lu.numel(),), -1, dtype=torch.long, device=device)
     column[cycle_edges] = torch.arange(n_cols, device=device)
-    a, b, c = triangles(k, lu, lv)
+    a, b, c = spanning_triangles(k, lu, lv)
     rows = column[torch.stack([a, b, c], dim=1)]
     rank = gf2_boundary_rank(rows, n_cols, sub_module[lu[cycle_edges]], n_modules)
     cycles = torch.bincount(sub_module[lu], minlength=n_modules) - torch.bincount(sub_module, minlength=n_modules) + 1
