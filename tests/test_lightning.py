@@ -13,6 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.lightning_helpers import TinyModel, loader, trainer
 from topo_callbacks.core import CollapseWarning, StoppingReason
+from topo_callbacks.core.probe import embed_probe
+from topo_callbacks.core.tracker import unit_rows
+from topo_callbacks.functional import betti_numbers
 from topo_callbacks.lightning import CollapseMonitor
 
 
@@ -40,6 +43,26 @@ def test_ci_and_terms_logged_at_check_steps(tmp_path):
     assert mon.eps is not None  # calibrated after 3 checks
     assert mon.history[0]["calibrating"]
     assert not mon.history[3]["calibrating"]
+
+
+def test_probe_source_embeds_the_probe_and_moves_the_engine_points(tmp_path):
+    probe = torch.randn(40, 16, generator=torch.Generator().manual_seed(5))
+    mon = CollapseMonitor(
+        layer="encoder", every_n_train_steps=5, max_samples=128, source="probe", probe=probe, calibration_checks=1
+    )
+    t = trainer(tmp_path, max_steps=20, log_every_n_steps=1)
+    t.callbacks.append(mon)
+    model = TinyModel()
+    t.fit(model, loader())
+    assert [h["step"] for h in mon.history] == [5, 10, 15, 20]
+    assert [h["n"] for h in mon.history] == [40] * 4
+    assert mon.tracker.resets == 1
+    assert mon.tracker.last_edit == "move 40"
+    assert mon.capture.seen == 0
+    # the last check saw the final weights: same probe rows, same Betti numbers
+    z = unit_rows(embed_probe(model, model.encoder, probe), "l2")
+    assert (mon.history[-1]["b0"], mon.history[-1]["b1"]) == tuple(float(b) for b in betti_numbers(z, mon.eps))
+    assert model.training
 
 
 def test_stop_on_divergence_threshold(tmp_path):

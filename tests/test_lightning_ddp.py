@@ -58,6 +58,7 @@ SCRIPT = textwrap.dedent(
         def on_train_end(self, trainer, pl_module):
             mon = self.monitor
             result = {"rank": trainer.global_rank, "global_step": trainer.global_step,
+                      "resets": mon.tracker.resets, "last_edit": mon.tracker.last_edit,
                       "stopped_step": mon.stopped_step, "reason": mon.stopping_reason.name,
                       "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history]}
             with open(f"{self.out}/rank{trainer.global_rank}.json", "w") as fh:
@@ -70,8 +71,11 @@ SCRIPT = textwrap.dedent(
         # a fixed initialisation: the tiny model's healthy CI wanders with it (up to ~0.7 seen)
         pl.seed_everything(seed, verbose=False)
         warnings.simplefilter("ignore")
+        strategy, _, source = strategy.partition("+")
+        probe = torch.randn(40, 16, generator=torch.Generator().manual_seed(7)) if source == "probe" else None
         mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=96, divergence_threshold=0.9,
-                              stop_on_alarm=True)
+                              stop_on_alarm=True, source=source or "stream", probe=probe,
+                              calibration_checks=1 if probe is not None else 3)
         model = Uneven()
         if strategy == "fsdp2":
             from lightning.pytorch.strategies import ModelParallelStrategy
@@ -104,6 +108,20 @@ def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: s
     assert [c[0] for c in r0["ci"]] == list(range(4, stop + 1, 4))
     assert all(ci <= 0.9 for step, ci, _ in r0["ci"] if step <= 12)  # no stop before the collapse
     assert r0["ci"][-1][1] > 0.9
+
+
+@pytest.mark.slow
+def test_ddp_probe_checks_agree_on_both_ranks_and_stop_together(tmp_path: Path):
+    """source="probe": each rank embeds the same probe; the engine is fed moves; the collapse stops both ranks."""
+    run_script(SCRIPT, tmp_path, "ddp+probe")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["ci"] == r1["ci"]
+    assert {c[2] for c in r0["ci"]} == {40}  # the probe's 40 rows, counted once, at every check
+    stop = r0["stopped_step"]
+    assert stop == r1["stopped_step"] == r0["global_step"] == r1["global_step"] == 16  # first check after step 15
+    assert r0["reason"] == r1["reason"] == "DIVERGENCE_THRESHOLD"
+    assert r0["resets"] == r1["resets"] == 1  # one engine since calibration (check 4): a reset at 8, then moves
+    assert r0["last_edit"] == r1["last_edit"] == "move 40"
 
 
 RESUME_SCRIPT = textwrap.dedent(

@@ -136,6 +136,8 @@ def test_arguments_are_json_and_callables_must_be_importable():
         CollapseMonitorCallback("encoder", select=lambda out: out)
     with pytest.raises(ValueError, match="`layer` must be a dotted module path"):
         CollapseMonitorCallback(nn.Linear(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not available in the HF callback"):
+        CollapseMonitorCallback("encoder", source="probe", probe=torch.zeros(4, 2))
 
 
 def first_row(out: torch.Tensor) -> torch.Tensor:

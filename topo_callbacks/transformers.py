@@ -150,6 +150,12 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             raise ValueError(
                 f"`layer` must be a dotted module path (a non-empty str, so the callback state is JSON); got {layer!r}."
             )
+        if kwargs.get("source", "stream") != "stream" or "probe" in kwargs:
+            raise ValueError(
+                "`source='probe'`/`probe` are not available in the HF callback: its arguments are saved as JSON in"
+                " trainer_state.json and the Trainer rebuilds the callback from them, which a probe batch cannot"
+                " survive. Use the default source='stream'."
+            )
         pool_path = _import_path("pool", pool)
         select_path = _import_path("select", select)
         super().__init__(

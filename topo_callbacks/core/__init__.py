@@ -5,6 +5,8 @@ from topo_callbacks.core.capture import EmbeddingCapture, pool_output, resolve_l
 from topo_callbacks.core.gather import gather_samples
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore, CollapseWarning
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
+from topo_callbacks.core.probe import embed_probe
+from topo_callbacks.core.tracker import EngineTracker
 
 __all__ = [
     "AlarmRule",
@@ -12,8 +14,10 @@ __all__ = [
     "CollapseMonitorCore",
     "CollapseWarning",
     "EmbeddingCapture",
+    "EngineTracker",
     "NeuronTopologyMonitorCore",
     "StoppingReason",
+    "embed_probe",
     "gather_samples",
     "pool_output",
     "resolve_layer",

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
 from topo_callbacks.core.gather import broadcast_from_rank0, gather_samples, sum_across_ranks, world_size
-from topo_callbacks.functional._validation import check_eps
+from topo_callbacks.core.probe import embed_probe, probe_rows
+from topo_callbacks.core.tracker import SOURCES, EngineTracker, Source, unit_rows
+from topo_callbacks.functional._validation import check_eps, drop_nonfinite
 from topo_callbacks.functional.collapse import CollapseReport, collapse_index, resolve_weights
 
 __all__ = ["CheckResult", "CollapseMonitorCore", "CollapseWarning"]
@@ -59,6 +61,14 @@ class CollapseMonitorCore:
         every_n_train_steps: check after every this many optimizer steps (decided from the global step, so the
             same on every rank and once per step under gradient accumulation).
         max_samples: global budget of embedding rows per check, split over ranks before gathering.
+        source: where a check's points come from. ``"stream"`` (default): the training batches' rows captured
+            just before the check. ``"probe"``: the fixed ``probe`` batch, embedded at each check by every rank
+            (eval mode, no gradients, see `embed_probe`); row ``i`` is the same example every time, so the series
+            is comparable from check to check and the Betti numbers are updated by moves of the rows that
+            changed. In both cases, once eps is fixed, b0/b1 come from one `MMHMEngine` kept across checks
+            (`EngineTracker`; float32 rows).
+        probe: the probe inputs for ``source="probe"``: a tensor (``model(probe)``), a tuple/list
+            (``model(*probe)``) or a mapping (``model(**probe)``), at most ``max_samples`` rows.
         compute_on: ``"all"``: every rank receives the global sample (one all-gather) and computes the CI (no
             further communication; the result is the same everywhere); ``"rank0"``: only rank 0 receives it (one
             gather) and computes, then broadcasts the report, so the other ranks hold no global sample and spend
@@ -107,6 +117,8 @@ class CollapseMonitorCore:
         *,
         every_n_train_steps: int = 50,
         max_samples: int = 1024,
+        source: Source = "stream",
+        probe: Any = None,
         compute_on: Literal["all", "rank0"] = "all",
         pool: str | Callable[[Tensor], Tensor] = "mean",
         select: Callable[[Any], Tensor] | None = None,
@@ -136,6 +148,19 @@ class CollapseMonitorCore:
         _check_int("every_n_train_steps", every_n_train_steps, 1)
         _check_int("max_samples", max_samples, 8)
         _check_int("calibration_checks", calibration_checks, 1)
+        if source not in SOURCES:
+            raise ValueError(f"`source` must be one of {SOURCES}; got {source!r}.")
+        if source == "probe":
+            rows = probe_rows(probe)
+            if rows is None:
+                raise ValueError(
+                    "`probe` must be a batch of model inputs (a tensor, a tuple/list or a mapping holding a tensor)"
+                    f" when source='probe'; got {type(probe).__name__}."
+                )
+            if rows > max_samples:
+                raise ValueError(f"`probe` has {rows} rows, more than `max_samples={max_samples}`.")
+        elif probe is not None:
+            raise ValueError("`probe` is only used with source='probe'; pass source='probe' or drop `probe`.")
         if not callable(pool) and pool not in POOLS:
             raise ValueError(f"`pool` must be one of {POOLS} or a callable; got {pool!r}.")
         if select is not None and not callable(select):
@@ -151,6 +176,9 @@ class CollapseMonitorCore:
         self.layer = layer
         self.every_n_train_steps = every_n_train_steps
         self.max_samples = max_samples
+        self.source = source
+        self.probe = probe
+        self.tracker = EngineTracker(source)
         self.compute_on = compute_on
         self.pool = pool
         self.select = select
@@ -178,6 +206,7 @@ class CollapseMonitorCore:
         self.verbose = bool(verbose)
         self.capture = EmbeddingCapture(max_samples, pool=pool, select=select)
         self.module: nn.Module | None = None
+        self.model: nn.Module | None = None
         self._device: torch.device = torch.device("cpu")
         self._reset_state()
 
@@ -199,6 +228,7 @@ class CollapseMonitorCore:
     def attach(self, model: nn.Module) -> nn.Module:
         """Resolve ``layer`` on ``model`` and register the forward hook; raises ValueError for a bad layer."""
         self.module = resolve_layer(model, self.layer)
+        self.model = model
         param = next(model.parameters(), None)
         self._device = param.device if param is not None else torch.device("cpu")
         self.capture.max_samples = math.ceil(self.max_samples / world_size())
@@ -218,7 +248,7 @@ class CollapseMonitorCore:
     def prepare_step(self, next_step: int) -> None:
         """Arm the hook when optimizer step number ``next_step`` falls in the capture window before a check."""
         until_check = (-next_step) % self.every_n_train_steps
-        armed = next_step > 0 and until_check < self._capture_steps
+        armed = self.source == "stream" and next_step > 0 and until_check < self._capture_steps
         if armed and not (self.capture.armed and self._last_prepared == next_step):
             self._armed_steps += 1
         self._last_prepared = next_step
@@ -229,19 +259,26 @@ class CollapseMonitorCore:
         """Gather, compute the CI, update calibration and alarm, record history. Call on every rank."""
         self.last_checked_step = step
         self.capture.armed = False
-        local = self.capture.take()
-        error, self.capture.error = self.capture.error, None
+        if self.source == "probe":
+            local, error, own_seen, own_nonfinite = self._embed_probe()
+            if _rank() != 0:  # every rank embedded the same probe: count it once
+                own_seen = own_nonfinite = 0
+        else:
+            local = self.capture.take()
+            error, self.capture.error = self.capture.error, None
+            own_seen, own_nonfinite = self.capture.seen, self.capture.nonfinite
         # the error flag rides along so that every rank skips a check that failed on any rank, and logs alike
-        seen, nonfinite, failed = sum_across_ranks(
-            [self.capture.seen, self.capture.nonfinite, int(error is not None)], self._device
-        )
+        seen, nonfinite, failed = sum_across_ranks([own_seen, own_nonfinite, int(error is not None)], self._device)
         if self._armed_steps and self.capture.seen:
             per_step = self.capture.seen / self._armed_steps
             self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
         self._armed_steps = 0
         self.capture.reset()
         on_rank0 = self.compute_on == "rank0" and world_size() > 1
-        x = gather_samples(local, self.max_samples, self._device, dst=0 if on_rank0 else None)
+        if self.source == "probe":
+            x = local if local is not None else torch.zeros(0, 0, device=self._device)
+        else:
+            x = gather_samples(local, self.max_samples, self._device, dst=0 if on_rank0 else None)
         if failed:
             where = f"{error!r}" if error is not None else f"on {failed} other rank(s)"
             return self._skip(step, f"capturing the layer output failed: {where}", error)
@@ -293,12 +330,31 @@ class CollapseMonitorCore:
         if x.ndim != 2 or x.shape[0] < 2:
             return None, f"fewer than 2 finite embeddings captured ({seen} seen, {nonfinite} non-finite)", None
         try:
+            betti = None if self.eps is None else self.tracker.betti(unit_rows(x, self.normalize), self.eps)
             report = collapse_index(
-                x, eps=self.eps, eps_quantile=self.eps_quantile, weights=self.weights, normalize=self.normalize
+                x,
+                eps=self.eps,
+                eps_quantile=self.eps_quantile,
+                weights=self.weights,
+                normalize=self.normalize,
+                betti=betti,
             )
         except Exception as err:
+            self.tracker = EngineTracker(self.source)  # start the next check from scratch
             return None, f"computing the collapse index failed: {err!r}", err
         return report, None, None
+
+    def _embed_probe(self) -> tuple[Tensor | None, Exception | None, int, int]:
+        """The probe's rows on this rank (non-finite ones dropped), the error if the forward failed, the counts."""
+        if self.model is None or self.module is None:
+            return None, RuntimeError("the monitor is not attached to a model"), 0, 0
+        try:
+            rows = embed_probe(self.model, self.module, self.probe, self.pool, self.select)
+        except Exception as err:  # never break training: the check is skipped on every rank
+            return None, err, 0, 0
+        seen = rows.shape[0]
+        rows, dropped = drop_nonfinite(rows)
+        return rows, None, seen, dropped
 
     def record_stop(self, step: int, result: CheckResult | None) -> None:
         """Remember that the run stopped at ``step`` (after the adapter reduced the decision over ranks)."""

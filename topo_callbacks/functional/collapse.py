@@ -174,6 +174,7 @@ def collapse_index(
     weights: str | Mapping[str, float] = "paper",
     normalize: Literal["l2", "none"] = "l2",
     coeff: int = 2,
+    betti: tuple[int, int] | None = None,
 ) -> CollapseReport:
     r"""Collapse index of an embedding batch, with every term and channel.
 
@@ -200,6 +201,8 @@ def collapse_index(
             ``std``) to non-negative weights; the CI is the weighted mean of the terms, so it lies in [0, 1].
         normalize: ``"l2"`` (default) or ``"none"``: how rows are scaled before the topological terms.
         coeff: prime p of the homology coefficients Z/p.
+        betti: ``(b0, b1)`` already known for these points at ``eps`` (e.g. from an `MMHMEngine` kept across
+            checks, as the monitors do); requires ``eps``. None computes them here.
 
     Returns:
         A `CollapseReport`.
@@ -224,6 +227,14 @@ def collapse_index(
         raise ValueError(f"`normalize` must be 'l2' or 'none'; got {normalize!r}.")
     if eps is not None:
         eps = check_eps(eps)
+    elif betti is not None:
+        raise ValueError("`betti` needs the `eps` it was computed at; got eps=None.")
+    if betti is not None and not (
+        len(betti) == 2 and all(isinstance(b, int) and not isinstance(b, bool) for b in betti) and betti[0] >= 1
+    ):
+        raise ValueError(f"`betti` must be (b0, b1) ints with b0 >= 1 and b1 >= 0; got {betti!r}.")
+    if betti is not None and betti[1] < 0:
+        raise ValueError(f"`betti` must be (b0, b1) ints with b0 >= 1 and b1 >= 0; got {betti!r}.")
     n, d = x.shape
 
     z = x.to(torch.float64)
@@ -235,7 +246,10 @@ def collapse_index(
     if eps is None:
         eps = scale_from_quantile(dist, eps_quantile)
     tree = _minimum_spanning_tree(dist)
-    b0, b1 = betti_from_distances(dist, eps, coeff=coeff, tree=tree)
+    if betti is None:
+        b0, b1 = betti_from_distances(dist, eps, coeff=coeff, tree=tree)
+    else:
+        b0, b1 = betti
     pe = persistence_entropy(_h0_from_tree(tree[0]))
     aniso = anisotropy(x)
     erank = effective_rank(x)
