@@ -67,6 +67,31 @@ def test_single_process_loop_checks_logs_and_stops(tmp_path):
     assert not model[0]._forward_hooks  # closed by the with block
 
 
+def test_single_process_probe_source_stops_on_collapse():
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    probe = torch.randn(48, 16, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with AccelerateCollapseMonitor(
+            accelerator,
+            model,
+            layer="0",
+            every_n_train_steps=5,
+            max_samples=64,
+            source="probe",
+            probe=probe,
+            calibration_checks=1,
+            divergence_threshold=0.9,
+            stop_on_alarm=True,
+        ) as mon:
+            stopped = train(accelerator, model, mon, steps=60, collapse_at=30)
+    assert stopped == mon.stopped_step == 35
+    assert [h["n"] for h in mon.history] == [48] * 7
+    assert mon.tracker.resets == 1
+    assert mon.tracker.last_edit == "move 48"
+
+
 def test_register_for_checkpointing_roundtrip(tmp_path):
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
     model = make_model()
