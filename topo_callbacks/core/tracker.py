@@ -8,17 +8,15 @@ import torch
 from torch import Tensor
 
 from topo_callbacks.engine import MMHMEngine
+from topo_callbacks.functional.collapse import topology_rows
 
 Source = Literal["stream", "probe"]
 SOURCES: tuple[str, ...] = ("stream", "probe")
 
 
 def unit_rows(x: Tensor, normalize: str) -> Tensor:
-    """The rows the topology is computed on, as `collapse_index` scales them, stored in float32 for the engine."""
-    z = x.to(torch.float64)
-    if normalize == "l2":
-        z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    return z.to(torch.float32)
+    """The rows the topology is computed on (`topology_rows`, as `collapse_index` scales them), in float32."""
+    return topology_rows(x, normalize).to(torch.float32)
 
 
 class EngineTracker:

@@ -166,6 +166,20 @@ def scale_from_quantile(dist: Tensor, quantile: float | None = None) -> float:
     return eps
 
 
+def topology_rows(x: Tensor, normalize: str = "l2") -> Tensor:
+    """The rows the topological terms are computed on: float64, L2-normalised unless ``normalize="none"``.
+
+    Example:
+        >>> import torch
+        >>> topology_rows(torch.tensor([[3.0, 4.0]])).tolist()
+        [[0.6, 0.8]]
+    """
+    z = x.to(torch.float64)
+    if normalize == "l2":
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return z
+
+
 def collapse_index(
     x: Tensor,
     *,
@@ -230,16 +244,15 @@ def collapse_index(
     elif betti is not None:
         raise ValueError("`betti` needs the `eps` it was computed at; got eps=None.")
     if betti is not None and not (
-        len(betti) == 2 and all(isinstance(b, int) and not isinstance(b, bool) for b in betti) and betti[0] >= 1
+        len(betti) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) for b in betti)
+        and betti[0] >= 1
+        and betti[1] >= 0
     ):
-        raise ValueError(f"`betti` must be (b0, b1) ints with b0 >= 1 and b1 >= 0; got {betti!r}.")
-    if betti is not None and betti[1] < 0:
         raise ValueError(f"`betti` must be (b0, b1) ints with b0 >= 1 and b1 >= 0; got {betti!r}.")
     n, d = x.shape
 
-    z = x.to(torch.float64)
-    if normalize == "l2":
-        z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    z = topology_rows(x, normalize)
     # Duplicate rows are dominated vertices: dropping them changes no Betti number and no non-zero H0 bar.
     z = torch.unique(z, dim=0)
     dist = pairwise_distances(z, exact_near=eps)
