@@ -122,3 +122,38 @@ def test_spanning_triangles_of_a_clique_are_the_cone_on_its_first_vertex():
     assert a.numel() == 29 * 28 // 2
     apex = torch.stack([u[a], v[a], u[b], v[b], u[c], v[c]], dim=1)
     assert bool((apex == 0).any(dim=1).all())
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    d=st.integers(1, 96),
+    offset=st.sampled_from([0.0, 1e2, 1e4, 1e6]),
+    planar=st.booleans(),
+    nudge=st.sampled_from([0.0, -1e-7, 1e-7, -1e-4, 1e-4]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_float32_neighbour_rows_decide_like_float64_differences(n, d, offset, planar, nudge, seed):
+    """Far from the origin, on a plane (the collapsed case) and with eps equal to one of the distances: every
+    pair of float32 points is decided as the float64 differences decide it, ties included."""
+    from topo_callbacks.engine.graph import neighbour_rows
+
+    rng = np.random.default_rng(seed)
+    if planar:  # a 2-dim cloud embedded in d dims: small distances against large norms
+        basis = np.linalg.qr(rng.standard_normal((d, min(d, 2))))[0].T
+        pts = rng.standard_normal((n, basis.shape[0])) @ basis
+    else:
+        pts = rng.standard_normal((n, d))
+    x = torch.from_numpy((pts + offset * rng.standard_normal(d)).astype(np.float32))
+    i, j = torch.nonzero(torch.ones(n, n, dtype=torch.bool), as_tuple=True)
+    diff = x.double()[i] - x.double()[j]
+    d2 = (diff * diff).sum(dim=1)
+    off_diagonal = d2[i != j]
+    if not bool((off_diagonal > 0).any()):
+        return
+    eps = float(off_diagonal[int(rng.integers(off_diagonal.numel()))].sqrt()) * (1.0 + nudge)
+    if eps <= 0:
+        return
+    expected = (d2 <= eps * eps).view(n, n)
+    got = neighbour_rows(x, x, eps)
+    assert torch.equal(got, expected), int((got != expected).sum())

@@ -5,6 +5,8 @@ Everything here is a tensor operation on the points' device; no Python loop runs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -59,12 +61,84 @@ def popcount(words: Tensor) -> int:
     return int(table[words.contiguous().view(torch.uint8).long()].sum())
 
 
+@dataclass(frozen=True)
+class CentredRows:
+    """Rows prepared for `neighbour_mask`: float32 copies centred on a common point, their squared norms, and the
+    rows as given (the exact refinement reads those)."""
+
+    values: Tensor
+    squares: Tensor
+    source: Tensor
+
+    def __getitem__(self, index: slice) -> CentredRows:
+        return CentredRows(self.values[index], self.squares[index], self.source[index])
+
+
+def centre_rows(x: Tensor, center: Tensor | None = None) -> CentredRows:
+    """Prepare ``x`` ``(n, d)`` for `neighbour_mask`: ``x - center`` (default: the mean row) rounded to float32.
+    Any common centre keeps the distances, and small norms make the Gram error bound tight."""
+    x64 = x.to(torch.float64)
+    values = (x64 - (x64.mean(dim=0, keepdim=True) if center is None else center)).float()
+    return CentredRows(values, (values * values).sum(dim=1), x)
+
+
+def _gram_tolerance(norm_sum: Tensor | float, d: int, eps: float) -> Tensor | float:
+    """Rigorous bound on ``|d2 - ||a - b||^2|`` near ``eps`` for the float32 Gram value ``d2`` of a pair whose
+    centred float32 norms add up to ``norm_sum`` (S).
+
+    - Rounding the centred rows to float32 perturbs each by at most ``u`` times its norm, so near ``eps`` the
+      squared distance moves by at most ``2 eps u S + u^2 S^2``.
+    - The norms and the dot product of ``d`` terms, then ``sa + sb - 2 ab``: at most ``gamma_(d+2)`` times
+      ``sa + sb + 2 |a| |b| = S^2``, for any summation order.
+    - Comparing in float32 with ``eps^2`` rounded: ``4 u eps^2``.
+
+    Everything is doubled, and the norms are inflated, for safety.
+    """
+    u = 2.0**-24 * 1.01
+    gamma = (d + 4) * u / (1.0 - (d + 4) * u)
+    s = norm_sum * 1.01
+    return 2.0 * ((gamma + u * u) * s * s + 2.0 * eps * u * s + 4.0 * u * eps * eps)
+
+
+def neighbour_mask(a: CentredRows, b: CentredRows, eps: float) -> Tensor:
+    """``(k, m)`` bool: ``||a_i - b_j|| <= eps`` for rows prepared by `centre_rows` on one centre, decided exactly
+    in float64 from the rows as given.
+
+    A float32 Gram matrix decides every pair outside a rigorous error band around ``eps**2`` (`_gram_tolerance`:
+    first the bound for the largest norms, then each candidate's own, which is much narrower when norms differ
+    or ``eps`` is small against them); the pairs left are recomputed from the float64 differences.
+    """
+    k, m = a.values.shape[0], b.values.shape[0]
+    if k == 0 or m == 0:
+        return torch.zeros(k, m, dtype=torch.bool, device=a.values.device)
+    d = a.values.shape[1]
+    d2 = torch.addmm(a.squares[:, None] + b.squares[None, :], a.values, b.values.T, alpha=-2.0)
+    norm_a, norm_b = a.squares.sqrt(), b.squares.sqrt()
+    widest = float(_gram_tolerance(float(norm_a.max() + norm_b.max()), d, eps))
+    eps2 = eps * eps
+    mask = d2 <= eps2 - widest
+    band = (d2 <= eps2 + widest) ^ mask
+    i, j = torch.nonzero(band, as_tuple=True)
+    del band
+    if i.numel() == 0:
+        return mask
+    value = d2[i, j].double()
+    undecided = (value - eps2).abs() <= _gram_tolerance(norm_a[i].double() + norm_b[j].double(), d, eps)
+    mask[i, j] = value <= eps2
+    i, j = i[undecided], j[undecided]
+    chunk = max(1, _EXACT_BLOCK_ELEMENTS // max(d, 1))
+    for start in range(0, i.numel(), chunk):
+        ii, jj = i[start : start + chunk], j[start : start + chunk]
+        diff = a.source[ii].to(torch.float64) - b.source[jj].to(torch.float64)
+        mask[ii, jj] = (diff * diff).sum(dim=1) <= eps2
+    return mask
+
+
 def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     """``(k, m)`` bool: ``||a_i - b_j|| <= eps``, decided exactly in float64 from the given values.
 
-    Points stored in float32 or less go through a float32 Gram matrix (the fast path); every pair whose float32
-    value lies within a rigorous error bound of ``eps**2`` is recomputed from the float64 differences, so the
-    answer is the float64 one. float64 points use the float64 path of `squared_distances`.
+    Points stored in float32 or less go through `neighbour_mask` (a float32 Gram matrix, pairs near ``eps``
+    recomputed in float64); float64 points use the float64 path of `squared_distances`.
 
     Example:
         >>> import torch
@@ -73,27 +147,10 @@ def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     """
     if a.dtype == torch.float64 or b.dtype == torch.float64:
         return squared_distances(a, b, exact_near=eps) <= eps * eps
-    k, m = a.shape[0], b.shape[0]
-    if k == 0 or m == 0:
-        return torch.zeros(k, m, dtype=torch.bool, device=a.device)
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    center = b64.mean(dim=0, keepdim=True)
-    a32, b32 = (a64 - center).float(), (b64 - center).float()  # smaller norms: a tighter Gram error
-    sa, sb = (a32 * a32).sum(dim=1), (b32 * b32).sum(dim=1)
-    d2 = torch.addmm(sa[:, None] + sb[None, :], a32, b32.T, alpha=-2.0)
-    largest = float(torch.maximum(sa.max(), sb.max()))
-    unit = torch.finfo(torch.float32).eps
-    # GEMM and norms: (d + 2) u per term, four terms of size <= largest; the rounding of the centred points to
-    # float32 moves a squared distance by at most 8 u largest; doubled for safety
-    tol = 2.0 * (4.0 * (a.shape[1] + 2) * unit * largest + 8.0 * unit * largest)
-    eps2 = eps * eps
-    mask = d2 <= eps2
-    i, j = torch.nonzero((d2 - eps2).abs_() <= tol, as_tuple=True)
-    chunk = max(1, _EXACT_BLOCK_ELEMENTS // max(a.shape[1], 1))
-    for start in range(0, i.numel(), chunk):
-        ii, jj = i[start : start + chunk], j[start : start + chunk]
-        mask[ii, jj] = ((a64[ii] - b64[jj]) ** 2).sum(dim=1) <= eps2
-    return mask
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return torch.zeros(a.shape[0], b.shape[0], dtype=torch.bool, device=a.device)
+    center = b.to(torch.float64).mean(dim=0, keepdim=True)
+    return neighbour_mask(centre_rows(a, center), centre_rows(b, center), eps)
 
 
 def spanning_forest(n: int, u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
@@ -191,27 +248,38 @@ def spanning_triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     lo, hi = keys // n, keys % n
     closed = packed_adjacency(n, lo, hi, closed=True)
     w = closed.shape[1]
-    word_index = torch.arange(w, device=device)
+    # edges come sorted by `lo`, and an edge's apexes lie below `lo`: edges whose `lo` is under 64 * width need the
+    # first `width` words only, and with hubs first most edges have a small `lo` (3x less traffic than full rows)
+    widths = [1 << k for k in range(max(1, w - 1).bit_length()) if 1 << k < w] + [w]
+    ends = torch.searchsorted(lo, torch.tensor(widths, device=device) * WORD).tolist()
     apexes: list[Tensor] = []
     tops: list[Tensor] = []
-    chunk = max(1, (1 << 22) // w)  # ~32 MB of candidate rows at a time
-    for start in range(0, m, chunk):
-        top = torch.arange(start, min(start + chunk, m), device=device)
-        b = lo[top]
-        below = torch.where(word_index[None, :] < (b // WORD)[:, None], -1, 0)
-        below |= torch.where(
-            word_index[None, :] == (b // WORD)[:, None], ((torch.ones_like(b) << (b % WORD)) - 1)[:, None], 0
-        )
-        candidates = closed[b] & closed[hi[top]] & below
-        while True:
-            live = (candidates != 0).any(dim=1)
-            candidates, top = candidates[live], top[live]
-            if top.numel() == 0:
-                break
-            apex = lowest_bits(candidates)
-            apexes.append(apex)
-            tops.append(top)
-            candidates &= ~closed[apex]
+    start = 0
+    for width, end_of_width in zip(widths, ends, strict=True):
+        rows = closed[:, :width]
+        word_index = torch.arange(width, device=device)[None, :]
+        step = max(1, (1 << 22) // width)  # ~32 MB of candidate words at a time
+        for chunk_start in range(start, end_of_width, step):
+            top = torch.arange(chunk_start, min(chunk_start + step, end_of_width), device=device)
+            b = lo[top]
+            b_word = (b // WORD)[:, None]
+            below = torch.where(
+                word_index < b_word,
+                -1,
+                torch.where(word_index == b_word, ((torch.ones_like(b) << (b % WORD)) - 1)[:, None], 0),
+            )
+            candidates = rows[b] & rows[hi[top]] & below
+            while True:
+                live = (candidates != 0).any(dim=1)
+                if not bool(live.all()):
+                    candidates, top = candidates[live], top[live]
+                if top.numel() == 0:
+                    break
+                apex = lowest_bits(candidates)
+                apexes.append(apex)
+                tops.append(top)
+                candidates &= ~rows[apex]
+        start = max(start, end_of_width)
     if not apexes:
         return empty, empty, empty
     apex, top = torch.cat(apexes), torch.cat(tops)

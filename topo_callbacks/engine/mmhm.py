@@ -19,6 +19,8 @@ from torch import Tensor
 
 from topo_callbacks.engine.graph import (
     WORD,
+    centre_rows,
+    neighbour_mask,
     neighbour_rows,
     pack_bits,
     popcount,
@@ -31,7 +33,7 @@ from topo_callbacks.functional.topology import _clique_complex_b1, _undominated,
 
 __all__ = ["MMHMEngine"]
 
-_BLOCK = 16 * WORD  # rows per distance block in `reset`
+_BLOCK = 4 * WORD  # rows per distance block in `reset`: small blocks skip most of the lower triangle
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -102,6 +104,8 @@ class MMHMEngine:
         self._id_of: list[int] = [-1] * cap
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._b1: dict[int, int] = {}
+        # the edges found by `reset` (slots u < v, row-major) until the first `betti` or edit uses or voids them
+        self._fresh_edges: tuple[Tensor, Tensor] | None = None
 
     def _grow(self, needed: int) -> None:
         cap = self._x.shape[0]
@@ -157,15 +161,27 @@ class MMHMEngine:
         self._x[:n] = xs
         self._alive[:n] = True
         self._dirty[:n] = True
-        # upper blocks of the symmetric distance matrix only; each block's rows and its transpose are packed
+        # upper blocks of the symmetric distance matrix only; each block's rows and its transpose are packed, and
+        # its edges are kept for the first `betti`, which would otherwise unpack them again
+        prepared = None if self.dtype == torch.float64 or n == 0 else centre_rows(xs)
+        us: list[Tensor] = []
+        vs: list[Tensor] = []
         for i0 in range(0, n, _BLOCK):
             i1 = min(n, i0 + _BLOCK)
-            mask = neighbour_rows(xs[i0:i1], xs[i0:], self.eps)
+            if prepared is None:
+                mask = neighbour_rows(xs[i0:i1], xs[i0:], self.eps)
+            else:
+                mask = neighbour_mask(prepared[i0:i1], prepared[i0:], self.eps)
             w0 = i0 // WORD  # _BLOCK is a multiple of WORD, so blocks start on word boundaries
             rows = pack_bits(mask)
             self._bits[i0:i1, w0 : w0 + rows.shape[1]] = rows
             cols = pack_bits(mask.T.contiguous())
             self._bits[i0:n, w0 : w0 + cols.shape[1]] |= cols
+            i, j = torch.nonzero(mask.triu_(1), as_tuple=True)
+            us.append(i + i0)
+            vs.append(j + i0)
+        if us:
+            self._fresh_edges = (torch.cat(us), torch.cat(vs))
         self._clear_self_bits(torch.arange(n, device=self._x.device))
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
@@ -232,6 +248,7 @@ class MMHMEngine:
 
     def _dirty_old(self, slots: list[int]) -> None:
         """Mark the modules the edited slots belong to now (before the edit) as part of the dirty region."""
+        self._fresh_edges = None
         self._dirty_modules(self._labels[torch.tensor(slots, dtype=torch.long, device=self._x.device)])
 
     def _dirty_modules(self, labels: Tensor) -> None:
@@ -245,6 +262,7 @@ class MMHMEngine:
     def _place(self, slots: list[int], x_new: Tensor) -> None:
         """Store points in ``slots`` and recompute their adjacency rows; neighbours' modules join the region."""
         start = time.perf_counter()
+        self._fresh_edges = None
         s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
         self._x[s] = x_new.detach().to(device=self._x.device, dtype=self.dtype)
         self._alive[s] = True
@@ -291,7 +309,11 @@ class MMHMEngine:
         start = time.perf_counter()
         region = torch.nonzero(self._dirty & self._alive).flatten()
         self._dirty.zero_()  # every edit that dirtied these modules already dropped their cached b1
-        u, v = self._region_edges(region)
+        if self._fresh_edges is not None:  # right after `reset`: the region is every slot 0..n-1
+            u, v = self._fresh_edges
+            self._fresh_edges = None
+        else:
+            u, v = self._region_edges(region)
         self._times["components"] = time.perf_counter() - start
         start = time.perf_counter()
         if self.coeff == 2:
@@ -346,6 +368,7 @@ class MMHMEngine:
             "dirty_points": int((self._dirty & alive).sum()),
             "time_s": dict(self._times),
             "state_bytes": sum(
-                t.numel() * t.element_size() for t in (self._x, self._alive, self._bits, self._labels, self._dirty)
+                t.numel() * t.element_size()
+                for t in (self._x, self._alive, self._bits, self._labels, self._dirty, *(self._fresh_edges or ()))
             ),
         }
