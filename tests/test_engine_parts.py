@@ -1,5 +1,5 @@
-"""The engine's building blocks: bit packing, the spanning triangles, and the Z/2 rank of triangle rows against a
-plain elimination."""
+"""The engine's building blocks: bit packing, the lexicographic Morse matching (by brute force), the spanning
+triangles, and the Z/2 rank of all triangle boundaries against a plain elimination."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
-from topo_callbacks.engine.graph import lowest_bits, pack_bits, popcount, spanning_triangles, unpack_bits
-from topo_callbacks.engine.reduction import flag_betti_gf2, gf2_boundary_rank
+from topo_callbacks.engine.graph import (
+    lexicographic_matching,
+    lowest_bits,
+    pack_bits,
+    popcount,
+    spanning_triangles,
+    unpack_bits,
+)
+from topo_callbacks.engine.reduction import boundary_rank_gf2, flag_betti_gf2
+from topo_callbacks.functional.topology import components_from_tree
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,27 +63,59 @@ def plain_gf2_rank(rows: np.ndarray, n_cols: int) -> int:
     return rank
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    n_cols=st.integers(1, 40),
-    n_rows=st.integers(0, 80),
-    modules=st.integers(1, 3),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_gf2_rank_matches_plain_elimination(n_cols, n_rows, modules, seed):
-    """Random rows of 1-3 entries (repeats allowed: they cancel) within a module, per module."""
+def random_graph(n: int, density: float, seed: int) -> tuple[list[tuple[int, int]], Tensor, Tensor]:
     rng = np.random.default_rng(seed)
-    col_module = rng.integers(0, modules, n_cols)
-    rows = np.full((n_rows, 3), -1)
-    for k in range(n_rows):
-        members = np.flatnonzero(col_module == rng.integers(0, modules))
-        if len(members):
-            size = rng.integers(1, 4)
-            rows[k, :size] = rng.choice(members, size=size)
-    got = gf2_boundary_rank(torch.from_numpy(rows), n_cols, torch.from_numpy(col_module), modules).tolist()
-    want = [
-        plain_gf2_rank(rows[np.isin(rows, np.flatnonzero(col_module == m)).any(axis=1)], n_cols) for m in range(modules)
+    edges = [(a, b) for a, b in itertools.combinations(range(n), 2) if rng.random() < density]
+    u = torch.tensor([e[0] for e in edges], dtype=torch.long)
+    v = torch.tensor([e[1] for e in edges], dtype=torch.long)
+    return edges, u, v
+
+
+def all_triangles(n: int, edges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    index = {e: k for k, e in enumerate(edges)}
+    return [
+        (index[(a, b)], index[(a, c)], index[(b, c)])
+        for a, b, c in itertools.combinations(range(n), 3)
+        if (a, b) in index and (a, c) in index and (b, c) in index
     ]
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 24), density=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_lexicographic_matching_by_brute_force(n, density, seed):
+    """Each edge is matched with its lowest apex below its lower end (new labels); the critical triangles are
+    exactly the non-lowest apexes with no neighbour among the edge's apexes below them."""
+    edges, u, v = random_graph(n, density, seed)
+    matching = lexicographic_matching(n, u, v)
+    neighbours: dict[int, set[int]] = {k: set() for k in range(n)}
+    for a, b in edges:
+        neighbours[int(matching.relabel[a])].add(int(matching.relabel[b]))
+        neighbours[int(matching.relabel[b])].add(int(matching.relabel[a]))
+    want_down, want_critical = [], set()
+    for lo, hi in zip(matching.lo.tolist(), matching.hi.tolist(), strict=True):
+        apexes = sorted(a for a in neighbours[lo] & neighbours[hi] if a < lo)
+        want_down.append(apexes[0] if apexes else -1)
+        want_critical |= {(lo, hi, a) for a in apexes[1:] if not any(d < a and d in neighbours[a] for d in apexes)}
+    assert matching.down.tolist() == want_down
+    tops = matching.extra_top.tolist()
+    got_critical = [
+        (int(matching.lo[t]), int(matching.hi[t]), a) for t, a in zip(tops, matching.extra_apex.tolist(), strict=True)
+    ]
+    assert len(got_critical) == len(set(got_critical))
+    assert set(got_critical) == want_critical
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(0, 24), density=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_boundary_rank_matches_plain_elimination_of_all_triangles(n, density, seed):
+    """Matched pairs plus the flowed critical rows give the rank of every triangle boundary, per component."""
+    edges, u, v = random_graph(n, density, seed)
+    roots = components_from_tree(n, u, v)
+    modules, module = torch.unique(roots, return_inverse=True)
+    got = boundary_rank_gf2(lexicographic_matching(n, u, v), module, modules.numel()).tolist()
+    every = np.array(all_triangles(n, edges), dtype=np.int64).reshape(-1, 3)
+    edge_module = module[u].numpy() if edges else np.zeros(0, dtype=np.int64)
+    want = [plain_gf2_rank(every[edge_module[every[:, 0]] == m], len(edges)) for m in range(modules.numel())]
     assert got == want
 
 
@@ -97,16 +138,8 @@ def test_flag_betti_of_a_clique_a_tree_and_an_octahedron():
 @given(n=st.integers(0, 24), density=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1))
 def test_spanning_triangles_span_all_triangle_boundaries(n, density, seed):
     """The returned triples are triangles, each found once, and their boundaries have the rank of all triangles'."""
-    rng = np.random.default_rng(seed)
-    edges = [(a, b) for a, b in itertools.combinations(range(n), 2) if rng.random() < density]
-    index = {e: k for k, e in enumerate(edges)}
-    every = [
-        (index[(a, b)], index[(a, c)], index[(b, c)])
-        for a, b, c in itertools.combinations(range(n), 3)
-        if (a, b) in index and (a, c) in index and (b, c) in index
-    ]
-    u = torch.tensor([e[0] for e in edges], dtype=torch.long)
-    v = torch.tensor([e[1] for e in edges], dtype=torch.long)
+    edges, u, v = random_graph(n, density, seed)
+    every = all_triangles(n, edges)
     got = torch.stack(spanning_triangles(n, u, v), dim=1).tolist()
     assert len({tuple(sorted(t)) for t in got}) == len(got)
     assert {tuple(sorted(t)) for t in got} <= {tuple(sorted(t)) for t in every}

@@ -1,4 +1,4 @@
-"""The eps-graph as tensors: exact neighbour rows, bit-packed adjacency, spanning forest, spanning triangles.
+"""The eps-graph as tensors: exact neighbour rows, bit-packed adjacency, the lexicographic Morse matching.
 
 Everything here is a tensor operation on the points' device; no Python loop runs per vertex or per edge.
 """
@@ -153,38 +153,6 @@ def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
     return neighbour_mask(centre_rows(a, center), centre_rows(b, center), eps)
 
 
-def spanning_forest(n: int, u: Tensor, v: Tensor, labels: Tensor) -> Tensor:
-    """A breadth-first spanning forest of the graph (edges ``u, v``; components ``labels`` from
-    `components_from_tree`), as a bool mask over the edges.
-
-    Each component grows from its highest-degree vertex, and each newly reached vertex hangs from its
-    highest-degree neighbour in the frontier: hubs as parents put many triangles on two tree edges, which is
-    what lets `gf2_boundary_rank` eliminate without a dense core. One tensor pass per level.
-    """
-    m = u.numel()
-    device = u.device
-    tree = torch.zeros(m, dtype=torch.bool, device=device)
-    if m == 0:
-        return tree
-    degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
-    score = degree * n + (n - 1 - torch.arange(n, device=device))  # distinct: degree, then lower index
-    best_in_component = torch.full((n,), -1, dtype=torch.long, device=device)
-    best_in_component.scatter_reduce_(0, labels, score, reduce="amax")
-    reached = score == best_in_component[labels]
-    src, dst = torch.cat([u, v]), torch.cat([v, u])
-    eid = torch.arange(m, device=device).repeat(2)
-    key = score[src] * (m + 1) + eid  # the parent's score decides; the edge id only decodes (score is unique)
-    while True:
-        frontier_edge = reached[src] & ~reached[dst]
-        if not bool(frontier_edge.any()):
-            return tree
-        best = torch.full((n,), -1, dtype=torch.long, device=device)
-        best.scatter_reduce_(0, dst[frontier_edge], key[frontier_edge], reduce="amax")
-        newly = best >= 0
-        tree[best[newly] % (m + 1)] = True
-        reached |= newly
-
-
 def lowest_bits(words: Tensor) -> Tensor:
     """Index of the lowest set bit of each row of a packed ``(r, w)`` tensor whose rows are not all zero.
 
@@ -213,18 +181,131 @@ def packed_adjacency(n: int, u: Tensor, v: Tensor, closed: bool = False) -> Tens
     return out.view(n, w)
 
 
-def spanning_triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Triangles whose boundaries span the boundaries of all triangles of the graph (edges ``u < v``, sorted
-    row-major), as three edge indices each; usually a small fraction of all triangles.
+@dataclass(frozen=True)
+class LexicographicMatching:
+    """The lexicographic Morse matching of a flag complex's edges and triangles (see `lexicographic_matching`).
 
-    Vertices are ordered by decreasing degree. The lexicographic Morse matching pairs a triangle ``{a < b < c}``
-    with the tetrahedron ``{d, a, b, c}`` when some common neighbour ``d < a`` exists, and then, since the
-    tetrahedron's boundary is a cycle, the triangle's boundary is the sum of the boundaries of its three other
-    faces, whose smallest vertex ``d`` is smaller. By induction on the smallest vertex, the triangles with no
-    such ``d`` span every boundary (over any coefficients). For the top edge ``{b, c}`` these are the apexes
-    ``a`` in ``S = N(b) & N(c) & [0, b)`` with no neighbour in ``S`` below them; a greedy pass over ``S``
-    (take the lowest apex, drop it and its neighbours) returns them, and possibly a few more, with bit-packed
-    tensor operations over all edges at once.
+    Vertices are relabelled by decreasing degree; edges are sorted by ``key = lo * n + hi`` in the new labels.
+
+    Attributes:
+        n: number of vertices.
+        keys, lo, hi: the sorted edges (``lo < hi``, new labels).
+        edge_of: sorted position -> index of the edge in the input.
+        relabel: input vertex -> new label.
+        down: per sorted edge, the apex of the triangle it is matched with (its lowest apex below ``lo``), or -1
+            for a critical edge.
+        extra_top, extra_apex: the critical triangles, as their top edge (sorted position) and apex.
+    """
+
+    n: int
+    keys: Tensor
+    lo: Tensor
+    hi: Tensor
+    edge_of: Tensor
+    relabel: Tensor
+    down: Tensor
+    extra_top: Tensor
+    extra_apex: Tensor
+
+    def edge_index(self, a: Tensor, b: Tensor) -> Tensor:
+        """Sorted positions of the edges ``{a, b}`` (new labels, ``a < b``), which must exist."""
+        return torch.searchsorted(self.keys, a * self.n + b)
+
+
+def _below(vertex: Tensor, width: int) -> Tensor:
+    """``(k, width)`` packed masks of the vertices ``< vertex[i]``."""
+    word_index = torch.arange(width, device=vertex.device)[None, :]
+    word = (vertex // WORD)[:, None]
+    partial = ((torch.ones_like(vertex) << (vertex % WORD)) - 1)[:, None]
+    return torch.where(word_index < word, -1, torch.where(word_index == word, partial, 0))
+
+
+def lexicographic_matching(n: int, u: Tensor, v: Tensor) -> LexicographicMatching:
+    """The lexicographic Morse matching of the flag complex of a graph (edges ``u, v``), up to triangles.
+
+    Vertices are ordered by decreasing degree (hubs first). A simplex ``s`` is matched with ``s + {w}`` for the
+    smallest common neighbour ``w`` of ``s`` below ``min(s)``, when there is one; the matching is acyclic since
+    every step of a gradient path lowers the smallest vertex. So:
+
+    - an edge ``{b < c}`` is matched with the triangle of its lowest apex in ``S = N(b) & N(c) & [0, b)``, and is
+      critical when ``S`` is empty;
+    - a triangle ``{a, b, c}``, ``a`` in ``S``, is matched with a tetrahedron when some ``d`` in ``S`` below ``a``
+      is adjacent to ``a``; otherwise, and when ``a`` is not the lowest apex, it is critical.
+
+    Critical triangles are found per top edge by greedy bit-packed passes over ``S`` (take the lowest apex, drop
+    it and its neighbours, keep the apex when no neighbour in ``S`` lies below it): a few tensor passes over all
+    edges at once. Critical and matched triangles together span every triangle boundary (a triangle matched with
+    a tetrahedron is, up to sign, the sum of that tetrahedron's other faces, whose smallest vertex is smaller).
+
+    Example:
+        >>> import torch
+        >>> u, v = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([1, 2, 3, 2, 3, 3])  # a tetrahedron's edges
+        >>> matching = lexicographic_matching(4, u, v)
+        >>> int((matching.down >= 0).sum()), matching.extra_top.numel()  # 3 matched edges, no critical triangle
+        (3, 0)
+    """
+    device = u.device
+    m = u.numel()
+    degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
+    order = torch.argsort(degree, descending=True, stable=True)
+    relabel = torch.empty_like(order)
+    relabel[order] = torch.arange(n, device=device)
+    ru, rv = relabel[u], relabel[v]
+    lo, hi = torch.minimum(ru, rv), torch.maximum(ru, rv)
+    keys, edge_of = torch.sort(lo * n + hi)
+    lo, hi = (keys // n, keys % n) if m else (keys, keys)
+    down = torch.full((m,), -1, dtype=torch.long, device=device)
+    extra_top: list[Tensor] = []
+    extra_apex: list[Tensor] = []
+    closed = packed_adjacency(n, lo, hi, closed=True)
+    w = closed.shape[1]
+    # edges come sorted by `lo`, and an edge's apexes lie below `lo`: edges whose `lo` is under 64 * width need the
+    # first `width` words only, and with hubs first most edges have a small `lo` (3x less traffic than full rows)
+    widths = [1 << k for k in range(max(1, w - 1).bit_length()) if 1 << k < w] + [w]
+    ends = torch.searchsorted(lo, torch.tensor(widths, device=device) * WORD).tolist() if m else [0] * len(widths)
+    start = 0
+    for width, end_of_width in zip(widths, ends, strict=True):
+        rows = closed[:, :width]
+        step = max(1, (1 << 22) // max(width, 1))  # ~32 MB of candidate words at a time
+        for chunk_start in range(start, end_of_width, step):
+            top = torch.arange(chunk_start, min(chunk_start + step, end_of_width), device=device)
+            apexes = rows[lo[top]] & rows[hi[top]] & _below(lo[top], width)
+            candidates = apexes
+            first = True
+            while True:
+                live = (candidates != 0).any(dim=1)
+                if not bool(live.all()):
+                    candidates, apexes, top = candidates[live], apexes[live], top[live]
+                if top.numel() == 0:
+                    break
+                apex = lowest_bits(candidates)
+                if first:
+                    down[top] = apex
+                    first = False
+                else:
+                    critical = ((rows[apex] & apexes & _below(apex, width)) == 0).all(dim=1)
+                    extra_top.append(top[critical])
+                    extra_apex.append(apex[critical])
+                candidates &= ~rows[apex]
+        start = max(start, end_of_width)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return LexicographicMatching(
+        n,
+        keys,
+        lo,
+        hi,
+        edge_of,
+        relabel,
+        down,
+        torch.cat(extra_top) if extra_top else empty,
+        torch.cat(extra_apex) if extra_apex else empty,
+    )
+
+
+def spanning_triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Triangles whose boundaries span the boundaries of all triangles of the graph (edges ``u, v``): those of
+    `lexicographic_matching` that are matched with an edge or critical, as three input edge indices each (the
+    top edge first); usually a small fraction of all triangles.
 
     Example:
         >>> import torch
@@ -233,56 +314,10 @@ def spanning_triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
         >>> a.numel()  # of its four triangles, three span the boundaries
         3
     """
-    device = u.device
-    m = u.numel()
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    if m < 3:
-        return empty, empty, empty
-    degree = torch.bincount(u, minlength=n) + torch.bincount(v, minlength=n)
-    order = torch.argsort(degree, descending=True, stable=True)
-    relabel = torch.empty_like(order)
-    relabel[order] = torch.arange(n, device=device)
-    ru, rv = relabel[u], relabel[v]
-    lo, hi = torch.minimum(ru, rv), torch.maximum(ru, rv)
-    keys, edge_of = torch.sort(lo * n + hi)  # edge_of: sorted position -> input edge index
-    lo, hi = keys // n, keys % n
-    closed = packed_adjacency(n, lo, hi, closed=True)
-    w = closed.shape[1]
-    # edges come sorted by `lo`, and an edge's apexes lie below `lo`: edges whose `lo` is under 64 * width need the
-    # first `width` words only, and with hubs first most edges have a small `lo` (3x less traffic than full rows)
-    widths = [1 << k for k in range(max(1, w - 1).bit_length()) if 1 << k < w] + [w]
-    ends = torch.searchsorted(lo, torch.tensor(widths, device=device) * WORD).tolist()
-    apexes: list[Tensor] = []
-    tops: list[Tensor] = []
-    start = 0
-    for width, end_of_width in zip(widths, ends, strict=True):
-        rows = closed[:, :width]
-        word_index = torch.arange(width, device=device)[None, :]
-        step = max(1, (1 << 22) // width)  # ~32 MB of candidate words at a time
-        for chunk_start in range(start, end_of_width, step):
-            top = torch.arange(chunk_start, min(chunk_start + step, end_of_width), device=device)
-            b = lo[top]
-            b_word = (b // WORD)[:, None]
-            below = torch.where(
-                word_index < b_word,
-                -1,
-                torch.where(word_index == b_word, ((torch.ones_like(b) << (b % WORD)) - 1)[:, None], 0),
-            )
-            candidates = rows[b] & rows[hi[top]] & below
-            while True:
-                live = (candidates != 0).any(dim=1)
-                if not bool(live.all()):
-                    candidates, top = candidates[live], top[live]
-                if top.numel() == 0:
-                    break
-                apex = lowest_bits(candidates)
-                apexes.append(apex)
-                tops.append(top)
-                candidates &= ~rows[apex]
-        start = max(start, end_of_width)
-    if not apexes:
-        return empty, empty, empty
-    apex, top = torch.cat(apexes), torch.cat(tops)
-    side_b = torch.searchsorted(keys, apex * n + lo[top])
-    side_c = torch.searchsorted(keys, apex * n + hi[top])
-    return edge_of[top], edge_of[side_b], edge_of[side_c]
+    matching = lexicographic_matching(n, u, v)
+    matched = torch.nonzero(matching.down >= 0).flatten()
+    top = torch.cat([matched, matching.extra_top])
+    apex = torch.cat([matching.down[matched], matching.extra_apex])
+    side_b = matching.edge_index(apex, matching.lo[top])
+    side_c = matching.edge_index(apex, matching.hi[top])
+    return matching.edge_of[top], matching.edge_of[side_b], matching.edge_of[side_c]

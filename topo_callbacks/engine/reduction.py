@@ -1,17 +1,18 @@
-"""Rank of the triangle boundaries over Z/2, module by module, by Morse-style eliminations and a small core.
+"""b1 over Z/2 of a flag complex, module by module, from its lexicographic Morse matching.
 
-After a spanning forest is contracted (its vertex-edge pairs are the first Morse matching), the cycle space
-has one basis vector per non-tree edge, and a triangle's boundary is the sum of its non-tree edges (at most
-three). b1 of a module is ``#non-tree edges - rank`` of these rows. The rank is found by eliminations that
-never fill in, each a unit-coefficient pairing of a row with a column (algebraic Morse reductions):
+The matching (`engine.graph.lexicographic_matching`) pairs most edges with a triangle; in a Vietoris-Rips graph of
+a few thousand points, only a few thousand edges and about a thousand triangles stay critical. The rank of the
+triangle boundaries is then the number of matched pairs plus the rank of the critical triangles' boundaries
+*reduced* to critical edges:
 
-- a row with one entry kills its column (the triangle's boundary is that cycle);
-- rows with two entries identify their columns (over Z/2, ``e_a + e_b = 0``): the columns of a connected
-  component of these rows collapse to one, adding ``size - 1`` to the rank;
-- a column in a single row pairs with that row (a free face), adding one.
+- order edges by their lower end; a matched triangle ``{a, b, c}`` (``a`` the apex) has its top edge ``{b, c}``
+  as its strictly largest edge, and distinct matched triangles have distinct top edges, so they are
+  independent, and every vector is congruent, modulo their span, to exactly one vector on critical edges;
+- that vector is found by *flowing*: a matched edge ``{b, c}`` is replaced by ``{a, b} + {a, c}``, whose lower
+  ends are smaller, until only critical edges are left (a gradient path, a few tensor passes for all rows).
 
-Rows never grow, so each round is a few tensor passes. What is left when no rule applies (usually nothing, or a
-few hundred rows) is reduced exactly on the CPU with Python integers as bit vectors.
+The reduced critical rows are few and short; their rank is found exactly on the CPU with Python ints as bit
+vectors. b1 of a module is ``#edges - #vertices + 1 - rank``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from topo_callbacks.engine.graph import spanning_forest, spanning_triangles
+from topo_callbacks.engine.graph import LexicographicMatching, lexicographic_matching
 from topo_callbacks.functional.topology import components_from_tree
 
 
@@ -28,11 +29,11 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
     Args:
         n: number of vertices.
-        u, v: the edges, ``u < v``, sorted row-major (as `torch.nonzero` of an upper triangle returns them).
+        u, v: the edges, each once.
 
     Returns:
         ``(roots, b1)``: per vertex the smallest vertex of its component, and per component (in the order of
-        ``torch.unique(roots)``) its b1 = ``#non-tree edges - rank`` of the triangle rows.
+        ``torch.unique(roots)``) its b1.
 
     Example:
         >>> import torch
@@ -47,7 +48,7 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     n_modules = module_ids.numel()
     vertices = torch.bincount(module, minlength=n_modules)
     edges = torch.bincount(module[u], minlength=n_modules)
-    # a tree or a simplex (a collapsed cloud is one big clique) has b1 = 0: no triangles to enumerate
+    # a tree or a simplex (a collapsed cloud is one big clique) has b1 = 0: no triangles to look at
     simple = (edges == vertices - 1) | (edges == vertices * (vertices - 1) // 2)
     keep = _strong_collapse(n, u, v, ~simple[module])
     b1 = torch.zeros(n_modules, dtype=torch.long, device=device)
@@ -57,37 +58,97 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     local = torch.full((n,), -1, dtype=torch.long, device=device)
     local[kept] = torch.arange(kept.numel(), device=device)
     inside = keep[u] & keep[v]
-    lu, lv = local[u[inside]], local[v[inside]]  # a monotone relabelling: still sorted row-major
-    k = kept.numel()
+    lu, lv = local[u[inside]], local[v[inside]]
     sub_module = module[kept]
-    tree = spanning_forest(k, lu, lv, components_from_tree(k, lu, lv))
-    cycle_edges = ~tree
-    n_cols = int(cycle_edges.sum())
-    column = torch.full((lu.numel(),), -1, dtype=torch.long, device=device)
-    column[cycle_edges] = torch.arange(n_cols, device=device)
-    a, b, c = spanning_triangles(k, lu, lv)
-    rows = column[torch.stack([a, b, c], dim=1)]
-    rank = gf2_boundary_rank(rows, n_cols, sub_module[lu[cycle_edges]], n_modules)
+    # strong collapses keep each module's homotopy type, so it stays connected
     cycles = torch.bincount(sub_module[lu], minlength=n_modules) - torch.bincount(sub_module, minlength=n_modules) + 1
+    rank = boundary_rank_gf2(lexicographic_matching(kept.numel(), lu, lv), sub_module, n_modules)
     return roots, torch.where(simple, b1, cycles - rank)
 
 
+def boundary_rank_gf2(matching: LexicographicMatching, vertex_module: Tensor, n_modules: int) -> Tensor:
+    """Rank over Z/2 of all triangle boundaries of the matched graph, per module: ``(n_modules,)`` int64.
+
+    ``vertex_module`` gives each vertex's module in the graph's input labels.
+
+    Example:
+        >>> import torch
+        >>> u, v = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([1, 2, 3, 2, 3, 3])  # a tetrahedron
+        >>> boundary_rank_gf2(lexicographic_matching(4, u, v), torch.zeros(4, dtype=torch.long), 1).tolist()
+        [3]
+    """
+    module_of = torch.empty_like(vertex_module)
+    module_of[matching.relabel] = vertex_module  # by new label
+    edge_module = module_of[matching.lo]
+    matched = matching.down >= 0
+    rank = torch.bincount(edge_module[matched], minlength=n_modules)
+    if matching.extra_top.numel() == 0:
+        return rank
+    row, col = _flow_to_critical(matching)
+    extra_rank = _sparse_rank_gf2(row, col, edge_module[matching.extra_top], n_modules)
+    return rank + extra_rank.to(rank.device)
+
+
+def _flow_to_critical(matching: LexicographicMatching) -> tuple[Tensor, Tensor]:
+    """The critical triangles' boundaries reduced modulo the matched ones: ``(row, edge)`` entries, each once
+    (entries that meet an even number of times cancel), on critical edges only."""
+    top, apex = matching.extra_top, matching.extra_apex
+    m = matching.keys.numel()
+    row = torch.arange(top.numel(), device=top.device).repeat(3)
+    edge = torch.cat([top, matching.edge_index(apex, matching.lo[top]), matching.edge_index(apex, matching.hi[top])])
+    critical = matching.down < 0
+    done: list[Tensor] = []
+    while edge.numel():
+        key, count = torch.unique(row * m + edge, return_counts=True)
+        key = key[count % 2 == 1]
+        row, edge = key // m, key % m
+        final = critical[edge]
+        done.append(key[final])
+        row, edge = row[~final], edge[~final]
+        a = matching.down[edge]  # {b, c} -> {a, b} + {a, c}, both with a lower end a < b
+        row = row.repeat(2)
+        edge = torch.cat([matching.edge_index(a, matching.lo[edge]), matching.edge_index(a, matching.hi[edge])])
+    key, count = torch.unique(torch.cat(done), return_counts=True)
+    key = key[count % 2 == 1]
+    return key // m, key % m
+
+
+def _sparse_rank_gf2(row: Tensor, col: Tensor, row_module: Tensor, n_modules: int) -> Tensor:
+    """Exact Z/2 rank, per module, of the sparse rows given as ``(row, col)`` entries: Gaussian elimination with
+    Python ints as bit vectors, one pivot per leading bit."""
+    rank = [0] * n_modules
+    _, local = torch.unique(col, return_inverse=True)  # compact columns: short bit vectors
+    vectors = [0] * row_module.numel()
+    for r, c in zip(row.tolist(), local.tolist(), strict=True):
+        vectors[r] |= 1 << c
+    pivots: dict[tuple[int, int], int] = {}
+    for module, vector in zip(row_module.tolist(), vectors, strict=True):
+        while vector:
+            lead = vector.bit_length() - 1
+            pivot = pivots.get((module, lead))
+            if pivot is None:
+                pivots[(module, lead)] = vector
+                rank[module] += 1
+                break
+            vector ^= pivot
+    return torch.tensor(rank, dtype=torch.long)
+
+
 #: Dominated vertices are removed first when the mean degree exceeds this share of the vertices (near-cliques,
-#: e.g. collapsed embeddings: each vertex has ~n^2 triangles, and most vertices are dominated). Below it, the
-#: k x k matmuls of the domination test cost more than the triangles they would save (measured).
-DENSE_SHARE = 0.125
+#: e.g. collapsed embeddings at a large scale: most vertices are dominated). Below it, the k x k matmuls of the
+#: domination test cost more than the matching pass they shorten (measured: equal at 0.3, 2.5x faster at 0.6 and
+#: 5x at 0.9 for n = 1024; 2-6x slower at 0.05).
+DENSE_SHARE = 0.3
 #: Largest number of vertices given to the dense domination test (a k x k matmul per round).
 DENSE_LIMIT = 4096
 
 
 def _strong_collapse(n: int, u: Tensor, v: Tensor, keep: Tensor) -> Tensor:
     """Drop dominated vertices (N[v] inside N[w]) from ``keep`` when the kept graph is dense: homotopy-preserving,
-    and on a collapsed cloud it leaves few vertices (hence few triangles)."""
+    and on a collapsed cloud it leaves few vertices (hence few edges to match)."""
     count = int(keep.sum())
     inside = keep[u] & keep[v]
-    mean_degree = 2 * int(inside.sum()) / max(count, 1)
-    # up to ~1000 vertices a round costs <= 2 GFLOP: worth it from a modest degree on
-    dense = mean_degree > (16 if count <= 1024 else DENSE_SHARE * count)
+    dense = 2 * int(inside.sum()) > DENSE_SHARE * count * count
     if count == 0 or count > DENSE_LIMIT or not dense:
         return keep
     from topo_callbacks.functional.topology import _undominated
@@ -101,92 +162,3 @@ def _strong_collapse(n: int, u: Tensor, v: Tensor, keep: Tensor) -> Tensor:
     out = torch.zeros_like(keep)
     out[kept] = _undominated(closed, torch.ones(count, dtype=torch.bool, device=u.device))
     return out
-
-
-def _sort_and_cancel(rows: Tensor) -> Tensor:
-    """Sort each 3-slot row (-1 = empty), cancel equal pairs (Z/2), and drop rows that became zero."""
-    a, b, c = rows.unbind(dim=1)
-    a, b = torch.minimum(a, b), torch.maximum(a, b)
-    b, c = torch.minimum(b, c), torch.maximum(b, c)
-    a, b = torch.minimum(a, b), torch.maximum(a, b)
-    pair_bc = (b == c) & (c >= 0)
-    pair_ab = (a == b) & (a >= 0) & ~pair_bc
-    empty = torch.full_like(a, -1)
-    last = torch.where(pair_bc, a, c)
-    out = torch.stack([torch.where(pair_bc | pair_ab, empty, a), torch.where(pair_bc | pair_ab, empty, b), last], dim=1)
-    # after cancelling a pair the survivor sits last; an `a` that survives pair_bc may be -1 (row is zero)
-    return out[out[:, 2] >= 0]
-
-
-def gf2_boundary_rank(rows: Tensor, n_cols: int, col_module: Tensor, n_modules: int) -> Tensor:
-    """Rank over Z/2 of the rows (``(r, 3)`` column ids, -1 = empty), per module: ``(n_modules,)`` int64.
-
-    Every row's columns must belong to one module (``col_module``), which holds since a triangle lies in one
-    component.
-
-    Example:
-        >>> import torch
-        >>> rows = torch.tensor([[0, 1, -1], [1, 2, -1], [0, 2, -1], [3, -1, -1]])
-        >>> gf2_boundary_rank(rows, 4, torch.tensor([0, 0, 0, 1]), 2).tolist()  # e0+e1, e1+e2, e0+e2: rank 2
-        [2, 1]
-    """
-    device = rows.device
-    rank = torch.zeros(n_modules, dtype=torch.long, device=device)
-    rows = _sort_and_cancel(rows)
-    # one node per column, after one "ground" node per module: a one-entry row {c} is the two-entry row
-    # {c, ground}, so a single propagation both kills and identifies columns; a component holding a ground node
-    # (the smallest labels) is zero in the quotient, any other collapses to its smallest column
-    module_of_node = torch.cat([torch.arange(n_modules, device=device), col_module])
-    while rows.shape[0]:
-        filled = (rows >= 0).sum(dim=1)
-        short = filled <= 2
-        if bool(short.any()):
-            pairs = rows[short] + n_modules
-            a = torch.where(pairs[:, 1] >= n_modules, pairs[:, 1], module_of_node[pairs[:, 2]])  # ground if single
-            b = pairs[:, 2]
-            labels = components_from_tree(n_modules + n_cols, a, b)
-            touched = torch.unique(torch.cat([a, b]))
-            touched = touched[touched >= n_modules]
-            live = torch.unique(labels[touched])
-            live = live[live >= n_modules]
-            rank += torch.bincount(module_of_node[touched], minlength=n_modules)
-            rank -= torch.bincount(module_of_node[live], minlength=n_modules)
-            rows = rows[~short]
-            mapped = labels[rows.clamp_min(0) + n_modules] - n_modules
-            rows = _sort_and_cancel(torch.where((rows >= 0) & (mapped >= 0), mapped, -1))
-            continue
-        flat = rows[rows >= 0]
-        count = torch.bincount(flat, minlength=n_cols)
-        free = ((count[rows.clamp_min(0)] == 1) & (rows >= 0)).any(dim=1)
-        if not bool(free.any()):
-            break
-        rank += torch.bincount(col_module[rows[free, 2]], minlength=n_modules)
-        rows = rows[~free]
-    if rows.shape[0]:
-        rank += _dense_core_rank(rows, col_module, n_modules)
-    return rank
-
-
-def _dense_core_rank(rows: Tensor, col_module: Tensor, n_modules: int) -> Tensor:
-    """Exact Z/2 rank, per module, of the rows no elimination rule applies to (small): Gaussian elimination with
-    Python ints as bit vectors, one pivot per leading bit."""
-    rank = [0] * n_modules
-    module_of_row = col_module[rows[:, 2]].tolist()
-    used, local = torch.unique(rows.clamp_min(0), return_inverse=True)  # short bit vectors: compact columns
-    rows = torch.where(rows >= 0, local, -1)
-    del used
-    pivots: dict[tuple[int, int], int] = {}
-    for module, row in zip(module_of_row, rows.tolist(), strict=True):
-        vector = 0
-        for col in row:
-            if col >= 0:
-                vector ^= 1 << col
-        while vector:
-            lead = vector.bit_length() - 1
-            pivot = pivots.get((module, lead))
-            if pivot is None:
-                pivots[(module, lead)] = vector
-                rank[module] += 1
-                break
-            vector ^= pivot
-    return torch.tensor(rank, dtype=torch.long, device=rows.device)
