@@ -5,8 +5,9 @@ matrix on the same device. An edit of k points recomputes k rows of distances (O
 recomputed exactly in float64), and marks a *dirty region*: the modules (connected components of the eps-graph)
 the edited points belonged to, plus the modules of their new neighbours. The region is closed: an edge leaves it
 only at an edited point, and those edges' other ends are in it. `betti` relabels the region only and re-reduces
-only its modules; every other module keeps its cached b1. A module is reduced by homotopy-preserving strong
-collapses (dominated vertices) before ripser reduces what is left over Z/p.
+only its modules; every other module keeps its cached b1. A module's b1 over Z/p comes from the lexicographic
+Morse matching of its flag complex (`engine.reduction`), after strong collapses (dominated vertices) when it is
+nearly a clique.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from topo_callbacks.engine.graph import (
     unpack_bits,
     words_for,
 )
-from topo_callbacks.engine.reduction import flag_betti_gf2
+from topo_callbacks.engine.reduction import flag_betti
 from topo_callbacks.functional._validation import check_eps, check_prime
-from topo_callbacks.functional.topology import _clique_complex_b1, _undominated, components_from_tree
 
 __all__ = ["MMHMEngine"]
 
@@ -316,35 +316,12 @@ class MMHMEngine:
             u, v = self._region_edges(region)
         self._times["components"] = time.perf_counter() - start
         start = time.perf_counter()
-        if self.coeff == 2:
-            roots, b1 = flag_betti_gf2(region.numel(), u, v)
-        else:
-            roots = components_from_tree(region.numel(), u, v)
-            module = torch.unique(roots, return_inverse=True)[1]
-            b1 = torch.tensor([self._module_b1(region[module == m]) for m in range(int(module.max()) + 1)])
+        roots, b1 = flag_betti(region.numel(), u, v, self.coeff)
         self._labels[region] = region[roots]
         for slot, value in zip(region[torch.unique(roots)].tolist(), b1.tolist(), strict=True):
             self._b1[int(slot)] = int(value)
         self._last_rebuilt = b1.numel()
         self._times["reduction"] = time.perf_counter() - start
-
-    def _module_b1(self, members: Tensor) -> int:
-        """b1 of one module over Z/p, p odd: strong collapses, then ripser on what is left."""
-        k = members.numel()
-        if k <= 2:
-            return 0
-        adj = unpack_bits(self._bits[members], self._x.shape[0])[:, members]
-        edges = int(adj.sum()) // 2
-        if edges == k - 1 or edges == k * (k - 1) // 2:  # a tree, or a simplex
-            return 0
-        closed = adj.clone().fill_diagonal_(True)
-        keep = _undominated(closed, torch.ones(k, dtype=torch.bool, device=adj.device))
-        if int(keep.sum()) <= 3:  # a clique complex on at most 3 vertices has no loop (3 edges span a triangle)
-            return 0
-        left = members[keep]
-        i, j = torch.nonzero(torch.triu(adj[keep][:, keep], diagonal=1), as_tuple=True)
-        pts = self._x[left].to(torch.float64)
-        return _clique_complex_b1(len(left), i, j, (pts[i] - pts[j]).norm(dim=1), self.coeff)
 
     def ids(self) -> Tensor:
         """The ids of the current points, in slot order."""

@@ -1,4 +1,4 @@
-"""b1 over Z/2 of a flag complex, module by module, from its lexicographic Morse matching.
+"""b1 over Z/p of a flag complex, module by module, from its lexicographic Morse matching.
 
 The matching (`engine.graph.lexicographic_matching`) pairs most edges with a triangle; in a Vietoris-Rips graph of
 a few thousand points, only a few thousand edges and about a thousand triangles stay critical. The rank of the
@@ -8,11 +8,12 @@ triangle boundaries is then the number of matched pairs plus the rank of the cri
 - order edges by their lower end; a matched triangle ``{a, b, c}`` (``a`` the apex) has its top edge ``{b, c}``
   as its strictly largest edge, and distinct matched triangles have distinct top edges, so they are
   independent, and every vector is congruent, modulo their span, to exactly one vector on critical edges;
-- that vector is found by *flowing*: a matched edge ``{b, c}`` is replaced by ``{a, b} + {a, c}``, whose lower
+- that vector is found by *flowing*: a matched edge ``[b, c]`` is replaced by ``[a, c] - [a, b]``, whose lower
   ends are smaller, until only critical edges are left (a gradient path, a few tensor passes for all rows).
 
-The reduced critical rows are few and short; their rank is found exactly on the CPU with Python ints as bit
-vectors. b1 of a module is ``#edges - #vertices + 1 - rank``.
+Both steps hold over any field, since a matched pair has a coefficient of +-1. The reduced critical rows are few
+and short; their rank is found exactly on the CPU (Python ints as bit vectors over Z/2, dicts over Z/p). b1 of a
+module is ``#edges - #vertices + 1 - rank``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from topo_callbacks.engine.graph import LexicographicMatching, lexicographic_mat
 from topo_callbacks.functional.topology import components_from_tree
 
 
-def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Components and b1 over Z/2 of the clique complex of a graph, module by module.
+def flag_betti(n: int, u: Tensor, v: Tensor, coeff: int = 2) -> tuple[Tensor, Tensor]:
+    """Components and b1 over Z/``coeff`` (a prime) of the clique complex of a graph, module by module.
 
     Args:
         n: number of vertices.
         u, v: the edges, each once.
+        coeff: a prime p.
 
     Returns:
         ``(roots, b1)``: per vertex the smallest vertex of its component, and per component (in the order of
@@ -38,7 +40,7 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     Example:
         >>> import torch
         >>> u, v = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 3, 2, 3])  # a square: one loop
-        >>> roots, b1 = flag_betti_gf2(5, u, v)  # vertex 4 is alone
+        >>> roots, b1 = flag_betti(5, u, v)  # vertex 4 is alone
         >>> roots.tolist(), b1.tolist()
         ([0, 0, 0, 0, 4], [1, 0])
     """
@@ -62,19 +64,19 @@ def flag_betti_gf2(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     sub_module = module[kept]
     # strong collapses keep each module's homotopy type, so it stays connected
     cycles = torch.bincount(sub_module[lu], minlength=n_modules) - torch.bincount(sub_module, minlength=n_modules) + 1
-    rank = boundary_rank_gf2(lexicographic_matching(kept.numel(), lu, lv), sub_module, n_modules)
+    rank = boundary_rank(lexicographic_matching(kept.numel(), lu, lv), sub_module, n_modules, coeff)
     return roots, torch.where(simple, b1, cycles - rank)
 
 
-def boundary_rank_gf2(matching: LexicographicMatching, vertex_module: Tensor, n_modules: int) -> Tensor:
-    """Rank over Z/2 of all triangle boundaries of the matched graph, per module: ``(n_modules,)`` int64.
+def boundary_rank(matching: LexicographicMatching, vertex_module: Tensor, n_modules: int, coeff: int = 2) -> Tensor:
+    """Rank over Z/``coeff`` of all triangle boundaries of the matched graph, per module: ``(n_modules,)`` int64.
 
     ``vertex_module`` gives each vertex's module in the graph's input labels.
 
     Example:
         >>> import torch
         >>> u, v = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([1, 2, 3, 2, 3, 3])  # a tetrahedron
-        >>> boundary_rank_gf2(lexicographic_matching(4, u, v), torch.zeros(4, dtype=torch.long), 1).tolist()
+        >>> boundary_rank(lexicographic_matching(4, u, v), torch.zeros(4, dtype=torch.long), 1).tolist()
         [3]
     """
     module_of = torch.empty_like(vertex_module)
@@ -84,45 +86,64 @@ def boundary_rank_gf2(matching: LexicographicMatching, vertex_module: Tensor, n_
     rank = torch.bincount(edge_module[matched], minlength=n_modules)
     if matching.extra_top.numel() == 0:
         return rank
-    row, col = _flow_to_critical(matching)
-    extra_rank = _sparse_rank_gf2(row, col, edge_module[matching.extra_top], n_modules)
-    return rank + extra_rank.to(rank.device)
+    row, col, value = _flow_to_critical(matching, coeff)
+    row_module = edge_module[matching.extra_top].tolist()
+    if coeff == 2:
+        extra = _sparse_rank_gf2(row, col, row_module, n_modules)
+    else:
+        extra = _sparse_rank_mod_p(row, col, value, row_module, n_modules, coeff)
+    return rank + torch.tensor(extra, dtype=torch.long, device=rank.device)
 
 
-def _flow_to_critical(matching: LexicographicMatching) -> tuple[Tensor, Tensor]:
-    """The critical triangles' boundaries reduced modulo the matched ones: ``(row, edge)`` entries, each once
-    (entries that meet an even number of times cancel), on critical edges only."""
+def _flow_to_critical(matching: LexicographicMatching, coeff: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The critical triangles' boundaries reduced modulo the matched ones: ``(row, edge, value)`` entries with
+    ``value`` in 1..p-1, each ``(row, edge)`` once, on critical edges only.
+
+    With edges oriented from the lower to the higher new label, ``d[a, b, c] = [b, c] - [a, c] + [a, b]`` for
+    ``a < b < c``; a matched edge ``[b, c]`` with coefficient x (apex ``a``) becomes ``x [a, c] - x [a, b]``.
+    """
     top, apex = matching.extra_top, matching.extra_apex
     m = matching.keys.numel()
     row = torch.arange(top.numel(), device=top.device).repeat(3)
     edge = torch.cat([top, matching.edge_index(apex, matching.lo[top]), matching.edge_index(apex, matching.hi[top])])
+    value = torch.ones_like(row)
+    value[2 * top.numel() :] = coeff - 1  # -[a, c]
     critical = matching.down < 0
     done: list[Tensor] = []
-    while edge.numel():
-        key, count = torch.unique(row * m + edge, return_counts=True)
-        key = key[count % 2 == 1]
+    while True:
+        key, where = torch.unique(row * m + edge, return_inverse=True)
+        value = torch.zeros_like(key).index_add_(0, where, value) % coeff  # equal entries add up (or cancel)
+        key, value = key[value != 0], value[value != 0]
         row, edge = key // m, key % m
+        if edge.numel() == 0:
+            break
         final = critical[edge]
-        done.append(key[final])
-        row, edge = row[~final], edge[~final]
-        a = matching.down[edge]  # {b, c} -> {a, b} + {a, c}, both with a lower end a < b
+        done.append(torch.stack([key[final], value[final]]))
+        row, edge, value = row[~final], edge[~final], value[~final]
+        a = matching.down[edge]
         row = row.repeat(2)
         edge = torch.cat([matching.edge_index(a, matching.lo[edge]), matching.edge_index(a, matching.hi[edge])])
-    key, count = torch.unique(torch.cat(done), return_counts=True)
-    key = key[count % 2 == 1]
-    return key // m, key % m
+        value = torch.cat([(coeff - value) % coeff, value])  # -x [a, b] + x [a, c]
+    if not done:
+        empty = torch.zeros(0, dtype=torch.long, device=top.device)
+        return empty, empty, empty
+    key, value = torch.cat(done, dim=1)
+    key, where = torch.unique(key, return_inverse=True)
+    value = torch.zeros_like(key).index_add_(0, where, value) % coeff
+    key, value = key[value != 0], value[value != 0]
+    return key // m, key % m, value
 
 
-def _sparse_rank_gf2(row: Tensor, col: Tensor, row_module: Tensor, n_modules: int) -> Tensor:
-    """Exact Z/2 rank, per module, of the sparse rows given as ``(row, col)`` entries: Gaussian elimination with
+def _sparse_rank_gf2(row: Tensor, col: Tensor, row_module: list[int], n_modules: int) -> list[int]:
+    """Exact Z/2 rank, per module, of sparse rows given as ``(row, col)`` entries: Gaussian elimination with
     Python ints as bit vectors, one pivot per leading bit."""
     rank = [0] * n_modules
     _, local = torch.unique(col, return_inverse=True)  # compact columns: short bit vectors
-    vectors = [0] * row_module.numel()
+    vectors = [0] * len(row_module)
     for r, c in zip(row.tolist(), local.tolist(), strict=True):
         vectors[r] |= 1 << c
     pivots: dict[tuple[int, int], int] = {}
-    for module, vector in zip(row_module.tolist(), vectors, strict=True):
+    for module, vector in zip(row_module, vectors, strict=True):
         while vector:
             lead = vector.bit_length() - 1
             pivot = pivots.get((module, lead))
@@ -131,7 +152,36 @@ def _sparse_rank_gf2(row: Tensor, col: Tensor, row_module: Tensor, n_modules: in
                 rank[module] += 1
                 break
             vector ^= pivot
-    return torch.tensor(rank, dtype=torch.long)
+    return rank
+
+
+def _sparse_rank_mod_p(
+    row: Tensor, col: Tensor, value: Tensor, row_module: list[int], n_modules: int, p: int
+) -> list[int]:
+    """Exact Z/p rank, per module, of sparse rows given as ``(row, col, value)`` entries: Gaussian elimination
+    on dicts, pivots normalised to a leading 1."""
+    rank = [0] * n_modules
+    vectors: list[dict[int, int]] = [{} for _ in row_module]
+    for r, c, x in zip(row.tolist(), col.tolist(), value.tolist(), strict=True):
+        vectors[r][c] = x
+    pivots: dict[tuple[int, int], dict[int, int]] = {}
+    for module, vector in zip(row_module, vectors, strict=True):
+        while vector:
+            lead = max(vector)
+            pivot = pivots.get((module, lead))
+            if pivot is None:
+                scale = pow(vector[lead], p - 2, p)  # the inverse, p prime
+                pivots[(module, lead)] = {c: x * scale % p for c, x in vector.items()}
+                rank[module] += 1
+                break
+            factor = vector[lead]
+            for c, x in pivot.items():
+                updated = (vector.get(c, 0) - factor * x) % p
+                if updated:
+                    vector[c] = updated
+                else:
+                    vector.pop(c, None)
+    return rank
 
 
 #: Dominated vertices are removed first when the mean degree exceeds this share of the vertices (near-cliques,

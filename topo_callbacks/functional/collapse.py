@@ -260,7 +260,7 @@ def collapse_index(
         eps = scale_from_quantile(dist, eps_quantile)
     tree = _minimum_spanning_tree(dist)
     if betti is None:
-        b0, b1 = betti_from_distances(dist, eps, coeff=coeff, tree=tree)
+        b0, b1 = betti_from_distances(dist, eps, coeff=coeff)
     else:
         b0, b1 = betti
     pe = persistence_entropy(_h0_from_tree(tree[0]))

@@ -3,7 +3,8 @@
 Distances are computed on the input's device in float64. Pairs whose Gram-formula distance is too close to
 ``eps`` (or to zero) to be trusted are recomputed by direct differences, so the eps-graph is exact up to the
 rounding of a float64 norm. H0 comes from a minimum spanning tree built with tensor operations on the
-device (Borůvka); H1 and the fixed-scale Betti numbers come from ripser run on the sparse eps-graph.
+device (Borůvka). The fixed-scale Betti numbers come from the MMHM engine (`topo_callbacks.engine`); the H1
+persistence diagram comes from ripser.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from scipy.sparse import coo_matrix
 from torch import Tensor
 
 from topo_callbacks.functional._validation import check_eps, check_points, check_prime
@@ -154,20 +153,6 @@ def _minimum_spanning_tree(dist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return w, e // n, e % n
 
 
-def _clique_complex_b1(n: int, i: Tensor, j: Tensor, lengths: Tensor, coeff: int) -> int:
-    """b1 of the clique complex of the graph on ``n`` vertices with edges ``(i[k], j[k])``, ``i < j``, by ripser.
-
-    Only which edges exist matters; weighting each edge by ``1 + length`` keeps ripser's reduction short.
-    """
-    from ripser import ripser
-
-    # ripser reads a sparse matrix's upper triangle (i < j); a lower-triangle input is silently misread.
-    weights = (1.0 + lengths.to(torch.float64)).cpu().numpy()
-    graph = coo_matrix((weights, (i.cpu().numpy(), j.cpu().numpy())), shape=(n, n))
-    dgms = ripser(graph, distance_matrix=True, maxdim=1, coeff=coeff)["dgms"]
-    return int(np.isinf(dgms[1][:, 1]).sum())
-
-
 def betti_numbers(x: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
     """Betti numbers ``(b0, b1)`` of the Vietoris-Rips complex of ``x`` at the fixed scale ``eps``.
 
@@ -204,18 +189,12 @@ def betti_numbers(x: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
     return engine.betti()
 
 
-def betti_from_distances(
-    dist: Tensor, eps: float, *, coeff: int = 2, tree: tuple[Tensor, Tensor, Tensor] | None = None
-) -> tuple[int, int]:
+def betti_from_distances(dist: Tensor, eps: float, *, coeff: int = 2) -> tuple[int, int]:
     """``(b0, b1)`` of the clique complex of the graph ``dist <= eps``; ``dist`` from `pairwise_distances`.
 
-    The eps-graph's components come from its minimum spanning tree (`components_from_tree`); pass ``tree``
-    (from `_minimum_spanning_tree`) when it is already computed.
-
-    Components of the eps-graph are found on the device. A component whose graph is complete is a simplex
-    (contractible: b0 = 1, b1 = 0) and is skipped; in dense ones, dominated vertices are removed (a strong
-    collapse, homotopy-preserving). Only what is left is handed to ripser. This keeps a collapsed cloud, whose
-    eps-graph is one big clique or nearly so, from costing a full reduction.
+    The MMHM engine's reduction (`topo_callbacks.engine.reduction.flag_betti`): components on the device, then per
+    component the lexicographic Morse matching of its flag complex, after strong collapses when it is nearly a
+    clique; a complete component is a simplex and is skipped.
 
     Example:
         >>> import torch
@@ -223,33 +202,11 @@ def betti_from_distances(
         >>> betti_from_distances(pairwise_distances(square), 1.0)  # 4 edges, no diagonal: one loop
         (1, 1)
     """
-    adj = dist <= eps  # closed neighbourhoods: the diagonal is True
-    if coeff == 2:  # the MMHM engine's reduction (components, forest, Morse-style elimination over Z/2)
-        from topo_callbacks.engine.reduction import flag_betti_gf2
+    from topo_callbacks.engine.reduction import flag_betti
 
-        i, j = torch.nonzero(torch.triu(adj, diagonal=1), as_tuple=True)
-        roots, b1 = flag_betti_gf2(dist.shape[0], i, j)
-        return int(torch.unique(roots).numel()), int(b1.sum())
-    weights, u, v = _minimum_spanning_tree(dist) if tree is None else tree
-    within = weights <= eps
-    labels = components_from_tree(dist.shape[0], u[within], v[within])
-    _, comp, size = torch.unique(labels, return_inverse=True, return_counts=True)
-    degree = adj.sum(dim=1) - 1
-    edges_per_comp = torch.zeros_like(size).scatter_add_(0, comp, degree) // 2
-    clique = edges_per_comp == size * (size - 1) // 2
-    b0 = int(size.numel())
-    keep = ~clique[comp]
-    if int(degree[keep].sum()) > 2 * DENSE_DEGREE * int(keep.sum()):
-        keep = _undominated(adj, keep)
-    if not bool(keep.any()):
-        return b0, 0
-    sub = dist[keep][:, keep]
-    i, j = torch.nonzero(torch.triu(sub <= eps, diagonal=1), as_tuple=True)
-    return b0, _clique_complex_b1(sub.shape[0], i, j, sub[i, j], coeff)
-
-
-#: Mean degree above which dominated vertices are removed before ripser (sparse graphs gain little from it).
-DENSE_DEGREE = 8
+    i, j = torch.nonzero(torch.triu(dist <= eps, diagonal=1), as_tuple=True)
+    roots, b1 = flag_betti(dist.shape[0], i, j, check_prime(coeff))
+    return int(torch.unique(roots).numel()), int(b1.sum())
 
 
 def _undominated(adj: Tensor, keep: Tensor) -> Tensor:
