@@ -300,24 +300,3 @@ def lexicographic_matching(n: int, u: Tensor, v: Tensor) -> LexicographicMatchin
         torch.cat(extra_top) if extra_top else empty,
         torch.cat(extra_apex) if extra_apex else empty,
     )
-
-
-def spanning_triangles(n: int, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Triangles whose boundaries span the boundaries of all triangles of the graph (edges ``u, v``): those of
-    `lexicographic_matching` that are matched with an edge or critical, as three input edge indices each (the
-    top edge first); usually a small fraction of all triangles.
-
-    Example:
-        >>> import torch
-        >>> u, v = torch.tensor([0, 0, 0, 1, 1, 2]), torch.tensor([1, 2, 3, 2, 3, 3])  # a tetrahedron's edges
-        >>> a, b, c = spanning_triangles(4, u, v)
-        >>> a.numel()  # of its four triangles, three span the boundaries
-        3
-    """
-    matching = lexicographic_matching(n, u, v)
-    matched = torch.nonzero(matching.down >= 0).flatten()
-    top = torch.cat([matched, matching.extra_top])
-    apex = torch.cat([matching.down[matched], matching.extra_apex])
-    side_b = matching.edge_index(apex, matching.lo[top])
-    side_c = matching.edge_index(apex, matching.hi[top])
-    return matching.edge_of[top], matching.edge_of[side_b], matching.edge_of[side_c]
