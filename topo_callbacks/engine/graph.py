@@ -154,12 +154,12 @@ def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
 
 
 def lowest_bits(words: Tensor) -> Tensor:
-    """Index of the lowest set bit of each row of a packed ``(r, w)`` tensor whose rows are not all zero.
+    """Index of the lowest set bit of each row of a packed ``(r, w)`` tensor; -1 for a row of zeros.
 
     Example:
         >>> import torch
-        >>> lowest_bits(torch.tensor([[0, 12], [6, 1]])).tolist()  # 12 = 0b1100 in the second word
-        [66, 1]
+        >>> lowest_bits(torch.tensor([[0, 12], [6, 1], [0, 0]])).tolist()  # 12 = 0b1100 in the second word
+        [66, 1, -1]
     """
     word = (words != 0).to(torch.uint8).argmax(dim=1)  # the first nonzero word
     value = words.gather(1, word[:, None]).squeeze(1)
@@ -212,14 +212,6 @@ class LexicographicMatching:
         return torch.searchsorted(self.keys, a * self.n + b)
 
 
-def _below(vertex: Tensor, width: int) -> Tensor:
-    """``(k, width)`` packed masks of the vertices ``< vertex[i]``."""
-    word_index = torch.arange(width, device=vertex.device)[None, :]
-    word = (vertex // WORD)[:, None]
-    partial = ((torch.ones_like(vertex) << (vertex % WORD)) - 1)[:, None]
-    return torch.where(word_index < word, -1, torch.where(word_index == word, partial, 0))
-
-
 def lexicographic_matching(n: int, u: Tensor, v: Tensor) -> LexicographicMatching:
     """The lexicographic Morse matching of the flag complex of a graph (edges ``u, v``), up to triangles.
 
@@ -269,21 +261,23 @@ def lexicographic_matching(n: int, u: Tensor, v: Tensor) -> LexicographicMatchin
         step = max(1, (1 << 22) // max(width, 1))  # ~32 MB of candidate words at a time
         for chunk_start in range(start, end_of_width, step):
             top = torch.arange(chunk_start, min(chunk_start + step, end_of_width), device=device)
-            apexes = rows[lo[top]] & rows[hi[top]] & _below(lo[top], width)
-            candidates = apexes
+            # closed neighbourhoods: `common` holds b, c and the apexes; below b, it holds exactly the apexes
+            b = lo[top]
+            common = rows[b] & rows[hi[top]]
+            candidates = common.clone()
             first = True
             while True:
-                live = (candidates != 0).any(dim=1)
+                apex = lowest_bits(candidates)  # -1 for an emptied row
+                live = (apex >= 0) & (apex < b)
                 if not bool(live.all()):
-                    candidates, apexes, top = candidates[live], apexes[live], top[live]
+                    candidates, common, top, b, apex = candidates[live], common[live], top[live], b[live], apex[live]
                 if top.numel() == 0:
                     break
-                apex = lowest_bits(candidates)
                 if first:
                     down[top] = apex
                     first = False
-                else:
-                    critical = ((rows[apex] & apexes & _below(apex, width)) == 0).all(dim=1)
+                else:  # critical iff no apex below it is its neighbour: then its lowest common bit is itself
+                    critical = lowest_bits(rows[apex] & common) == apex
                     extra_top.append(top[critical])
                     extra_apex.append(apex[critical])
                 candidates &= ~rows[apex]
