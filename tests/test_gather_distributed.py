@@ -1,4 +1,4 @@
-"""The gatherer and the core monitor across two real gloo processes (uneven ranks, an empty rank)."""
+"""The gatherer and the core monitor across two real gloo processes (uneven ranks, an empty rank, a probe)."""
 
 from __future__ import annotations
 
@@ -55,9 +55,35 @@ WORKER = textwrap.dedent(
                 cis.append(None if result.report is None else [result.report.ci, result.report.n, mon.eps])
         return cis
 
+    def probe_run(compute_on):
+        # a probe on every rank, a model that trains between checks: rows move, and one engine follows them
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        probe = torch.randn(24, 8, generator=torch.Generator().manual_seed(7))
+        mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, calibration_checks=1,
+                                  source="probe", probe=probe, compute_on=compute_on)
+        mon.attach(model)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank trains on its own data
+        cis = []
+        for step in range(1, 9):
+            mon.prepare_step(step)
+            optimizer.zero_grad()
+            model(torch.randn(16, 8, generator=g)).pow(2).mean().backward()
+            optimizer.step()
+            if mon.is_check_step(step):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = mon.run_check(step)
+                cis.append(None if result.report is None else [result.report.ci, result.report.n, mon.eps])
+        return cis, {"resets": mon.tracker.resets, "last_edit": mon.tracker.last_edit}
+
     out["cis"] = monitored_run("all")
     out["cis_rank0"] = monitored_run("rank0")
+    out["probe_all"] = probe_run("all")
+    out["probe_rank0"] = probe_run("rank0")
     print("RESULT" + json.dumps(out), flush=True)
+    dist.barrier()  # neither rank tears gloo down while the other may still be in a collective
     dist.destroy_process_group()
     """
 )
@@ -93,3 +119,14 @@ def test_gather_and_monitor_agree_across_two_gloo_ranks(tmp_path: Path):
     assert r1["to_rank0"] == [0, 4]
     # computed on rank 0 and broadcast: the same values, scale included, on both ranks and as computed everywhere
     assert r0["cis_rank0"] == r1["cis_rank0"] == r0["cis"]
+    # probe source: each rank trains on its own data, so ranks embed the probe with different weights; rank 0's
+    # embedding decides. "all": every rank computes on its own embedding; "rank0": rank 0 computes, and its
+    # engine, the only one fed, follows the probe by moves
+    (cis_all0, tracker_all0), (cis_all1, _) = r0["probe_all"], r1["probe_all"]
+    (cis_r0, tracker_r0), (cis_r1, tracker_r1) = r0["probe_rank0"], r1["probe_rank0"]
+    assert [c[1] for c in cis_all0] == [24.0] * 4
+    assert cis_r0 == cis_r1 == cis_all0  # rank 1 logs rank 0's values
+    assert cis_all1 != cis_all0  # (the ranks' models differ, so this is not vacuous)
+    assert tracker_r0 == {"resets": 1, "last_edit": "move 24"}
+    assert tracker_r1 == {"resets": 0, "last_edit": "none"}
+    assert tracker_all0 == tracker_r0
