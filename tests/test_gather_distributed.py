@@ -83,8 +83,9 @@ WORKER = textwrap.dedent(
     out["probe_all"] = probe_run("all")
     out["probe_rank0"] = probe_run("rank0")
     print("RESULT" + json.dumps(out), flush=True)
-    dist.barrier()  # neither rank tears gloo down while the other may still be in a collective
-    dist.destroy_process_group()
+    from tests.procs import finish_distributed
+
+    finish_distributed()
     """
 )
 
