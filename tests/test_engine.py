@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scipy.spatial.distance import cdist
+from scipy.spatial.distance import cdist, pdist
 
 from tests.clouds import KINDS, circle, cloud, gudhi_betti, torus
 from topo_callbacks.engine import MMHMEngine
@@ -100,6 +100,52 @@ def test_only_touched_modules_are_rebuilt():
     assert 1 <= engine.stats()["modules_rebuilt"] <= 3  # cluster 0's pieces, not the other nine clusters
     engine.betti()
     assert engine.stats()["modules_rebuilt"] == 0  # nothing dirty: all cached
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bulk_edits_rebuild_the_graph_and_match_gudhi(dtype):
+    """Half the points or more moved, or every point replaced (the monitors' usual checks), rebuild the whole
+    eps-graph; with a hole in the slots they go the incremental way. Both agree with gudhi."""
+    rng = np.random.default_rng(5)
+    n, eps = 600, 0.2  # more than one 256-row block of the rebuild
+    pts = cloud("circle", n, 2, rng)
+    engine = MMHMEngine(eps, dtype=dtype)
+    ids = engine.reset(torch.from_numpy(pts))
+    engine.betti()
+
+    def check() -> None:
+        stored = engine.points().to(torch.float64).numpy()
+        assert engine.betti() == gudhi_betti(stored, eps)
+        assert engine.stats()["edges"] == int((pdist(stored) <= eps).sum())  # the kept bits, not only this betti
+
+    def rebuilds() -> int:
+        return engine.stats()["graph_rebuilds"]
+
+    assert rebuilds() == 1  # the reset
+    pts = cloud("gauss", n, 2, rng)  # every point moved, to a different graph
+    engine.move(ids, torch.from_numpy(pts))
+    assert rebuilds() == 2
+    check()
+    engine.move(ids[:3], torch.from_numpy(pts[:3] * 2.0))  # a few: row by row, on the rebuilt bits
+    assert rebuilds() == 2
+    check()
+    pts = cloud("circle", n, 2, rng)
+    engine.move(ids[: n // 2], torch.from_numpy(pts[: n // 2]))  # half of them
+    assert rebuilds() == 3
+    check()
+    engine.move(ids[n // 2 : n // 2 + 3], torch.from_numpy(pts[n // 2 : n // 2 + 3]))
+    check()
+    engine.remove(ids)  # a stream sample replaced
+    assert engine.stats()["edges"] == 0
+    ids = engine.insert(torch.from_numpy(cloud("circle", n, 2, rng)))
+    assert rebuilds() == 4
+    check()
+    engine.remove(engine.ids()[:1])  # slot 0 empty: the points no longer fill slots 0..n-1
+    engine.move(engine.ids(), torch.from_numpy(cloud("gauss", n - 1, 2, rng)))
+    assert rebuilds() == 4
+    check()
+    ids = engine.insert(torch.from_numpy(cloud("gauss", 3 * n, 2, rng)))  # fills the hole, then grows
+    check()
 
 
 def test_float32_storage_and_device_match_input():

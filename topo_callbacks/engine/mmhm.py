@@ -90,6 +90,7 @@ class MMHMEngine:
         self._allocate(capacity or 0, 0)
         self._next_id = 0
         self._last_rebuilt = 0
+        self._graph_rebuilds = 0
         self._times: dict[str, float] = {"distances": 0.0, "components": 0.0, "reduction": 0.0}
 
     # ------------------------------------------------------------------ storage
@@ -160,9 +161,24 @@ class MMHMEngine:
         xs = x.detach().to(device=self._x.device, dtype=self.dtype)
         self._x[:n] = xs
         self._alive[:n] = True
-        self._dirty[:n] = True
-        # upper blocks of the symmetric distance matrix only; each block's rows and its transpose are packed, and
-        # its edges are kept for the first `betti`, which would otherwise unpack them again
+        self._rebuild_graph(n)
+        ids = list(range(self._next_id, self._next_id + n))
+        self._next_id += n
+        for slot, pid in enumerate(ids):
+            self._slot_of[pid] = slot
+            self._id_of[slot] = pid
+        self._free = list(range(self._x.shape[0] - 1, n - 1, -1))
+        self._times = {"distances": time.perf_counter() - start, "components": 0.0, "reduction": 0.0}
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _rebuild_graph(self, n: int) -> None:
+        """Recompute the eps-graph of slots ``0..n-1``, which must be all the points, and mark every module dirty.
+
+        Upper blocks of the symmetric distance matrix only; each block's rows and its transpose are packed, and
+        its edges are kept for the next `betti`, which would otherwise unpack them again.
+        """
+        xs = self._x[:n]
+        self._bits[:n] = 0
         prepared = None if self.dtype == torch.float64 or n == 0 else centre_rows(xs)
         us: list[Tensor] = []
         vs: list[Tensor] = []
@@ -180,17 +196,11 @@ class MMHMEngine:
             i, j = torch.nonzero(mask.triu_(1), as_tuple=True)
             us.append(i + i0)
             vs.append(j + i0)
-        if us:
-            self._fresh_edges = (torch.cat(us), torch.cat(vs))
+        self._fresh_edges = (torch.cat(us), torch.cat(vs)) if us else None
         self._clear_self_bits(torch.arange(n, device=self._x.device))
-        ids = list(range(self._next_id, self._next_id + n))
-        self._next_id += n
-        for slot, pid in enumerate(ids):
-            self._slot_of[pid] = slot
-            self._id_of[slot] = pid
-        self._free = list(range(self._x.shape[0] - 1, n - 1, -1))
-        self._times = {"distances": time.perf_counter() - start, "components": 0.0, "reduction": 0.0}
-        return torch.tensor(ids, dtype=torch.long)
+        self._dirty[:n] = True
+        self._b1.clear()
+        self._graph_rebuilds += 1
 
     def insert(self, x_new: Tensor) -> Tensor:
         """Add points ``(k, d)``; returns their ids."""
@@ -227,8 +237,11 @@ class MMHMEngine:
         self._alive[s] = False
         self._dirty[s] = False
         self._labels[s] = -1
-        self._bits[s] = 0
-        self._set_columns(s, torch.zeros(len(slots), self._x.shape[0], dtype=torch.bool, device=s.device))
+        if self._slot_of:
+            self._bits[s] = 0
+            self._set_columns(s, torch.zeros(len(slots), self._x.shape[0], dtype=torch.bool, device=s.device))
+        else:  # every point is gone (a stream sample replaced): no edge is left
+            self._bits.zero_()
         for slot in slots:
             self._id_of[slot] = -1
         self._free.extend(slots)
@@ -260,20 +273,29 @@ class MMHMEngine:
                 self._b1.pop(int(label), None)
 
     def _place(self, slots: list[int], x_new: Tensor) -> None:
-        """Store points in ``slots`` and recompute their adjacency rows; neighbours' modules join the region."""
+        """Store points in ``slots`` and recompute their adjacency rows; neighbours' modules join the region.
+
+        An edit of at least half the points (a probe that moved as a whole, a stream sample replaced) rebuilds the
+        whole eps-graph instead, when the points fill slots ``0..n-1``: the upper blocks cost no more than ``k``
+        full rows, and the next `betti` then skips unpacking the region.
+        """
         start = time.perf_counter()
         self._fresh_edges = None
         s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
         self._x[s] = x_new.detach().to(device=self._x.device, dtype=self.dtype)
         self._alive[s] = True
-        rows = neighbour_rows(self._x[s], self._x, self.eps) & self._alive[None, :]
-        rows[torch.arange(len(slots), device=s.device), s] = False
-        self._bits[s] = pack_bits(rows)
-        self._set_columns(s, rows)
-        neighbours = rows.any(dim=0)
-        self._dirty_modules(self._labels[neighbours])
-        self._dirty[s] = True
-        self._dirty |= neighbours
+        n = int(self._alive.sum())
+        if 2 * len(slots) >= n and bool(self._alive[:n].all()):
+            self._rebuild_graph(n)
+        else:
+            rows = neighbour_rows(self._x[s], self._x, self.eps) & self._alive[None, :]
+            rows[torch.arange(len(slots), device=s.device), s] = False
+            self._bits[s] = pack_bits(rows)
+            self._set_columns(s, rows)
+            neighbours = rows.any(dim=0)
+            self._dirty_modules(self._labels[neighbours])
+            self._dirty[s] = True
+            self._dirty |= neighbours
         self._times["distances"] = time.perf_counter() - start
 
     # ---------------------------------------------------------------- queries
@@ -334,7 +356,8 @@ class MMHMEngine:
         return self._x[slots]
 
     def stats(self) -> dict[str, Any]:
-        """Points, edges, modules, modules rebuilt by the last `betti`, time per stage (s) of the last edit/query."""
+        """Points, edges, modules, modules rebuilt by the last `betti`, whole eps-graph recomputations so far
+        (`reset` and edits of at least half the points), time per stage (s) of the last edit/query."""
         alive = self._alive
         labels = self._labels[alive]
         return {
@@ -342,6 +365,7 @@ class MMHMEngine:
             "edges": popcount(self._bits) // 2,
             "modules": int(torch.unique(labels).numel()) if labels.numel() else 0,
             "modules_rebuilt": self._last_rebuilt,
+            "graph_rebuilds": self._graph_rebuilds,
             "dirty_points": int((self._dirty & alive).sum()),
             "time_s": dict(self._times),
             "state_bytes": sum(
