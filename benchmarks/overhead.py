@@ -7,6 +7,7 @@ through its framework-agnostic core, so the number is the monitor's own cost, no
 
     python benchmarks/overhead.py            # full setting: 5 repeats x 500 steps
     python benchmarks/overhead.py --dim 1024 # a wider watched layer (the check's spectra grow as D^3)
+    python benchmarks/overhead.py --source probe  # a fixed probe batch embedded at each check
     python benchmarks/overhead.py --quick    # CI setting: 2 repeats x 150 steps
 """
 
@@ -32,8 +33,14 @@ def make_model(dim: int) -> nn.Module:
     )
 
 
-def run(steps: int, monitored: bool, every: int, samples: int, dim: int, seed: int = 0) -> tuple[float, list[float]]:
-    """Mean wall time per training step, and the wall time of each check (timed around `run_check`)."""
+def run(
+    steps: int, monitored: bool, every: int, samples: int, dim: int, seed: int = 0, source: str = "stream"
+) -> tuple[float, list[float]]:
+    """Mean wall time per training step, and the wall time of each check (timed around `run_check`).
+
+    ``source="probe"``: the monitor embeds a fixed batch of ``samples`` inputs at each check instead of keeping
+    the training batches' outputs.
+    """
     torch.manual_seed(seed)
     model = make_model(dim)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -41,7 +48,10 @@ def run(steps: int, monitored: bool, every: int, samples: int, dim: int, seed: i
     y = torch.randint(0, 10, (steps, 256))
     monitor = None
     if monitored:
-        monitor = CollapseMonitorCore(WATCHED, every_n_train_steps=every, max_samples=samples)
+        probe = torch.randn(samples, 784, generator=torch.Generator().manual_seed(1)) if source == "probe" else None
+        monitor = CollapseMonitorCore(
+            WATCHED, every_n_train_steps=every, max_samples=samples, source=source, probe=probe
+        )
         monitor.attach(model)
     checks: list[float] = []
     start = time.perf_counter()
@@ -69,15 +79,18 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=256, help="width of the watched layer")
+    parser.add_argument(
+        "--source", choices=["stream", "probe"], default="stream", help="what the monitor embeds (see the core)"
+    )
     args = parser.parse_args()
     repeats, steps = (2, 150) if args.quick else (5, 500)
     warnings.simplefilter("ignore")
     # Warm-up through one check: the first check pays the lazy imports (ripser, scipy.sparse), ~1 s, once per process.
-    run(args.every, True, args.every, args.samples, args.dim)
+    run(args.every, True, args.every, args.samples, args.dim, source=args.source)
     off, on, check_times = [], [], []
     for r in range(repeats):
         off.append(run(steps, False, args.every, args.samples, args.dim, seed=r)[0])
-        t, checks = run(steps, True, args.every, args.samples, args.dim, seed=r)
+        t, checks = run(steps, True, args.every, args.samples, args.dim, seed=r, source=args.source)
         on.append(t)
         check_times += checks
     m_off, m_on = statistics.median(off), statistics.median(on)
@@ -87,7 +100,7 @@ def main() -> None:
     )
     print(
         f"model: MLP 784-1024-1024-{args.dim}-10, batch 256; monitor on the {args.dim}-wide layer"
-        f" every {args.every} steps, {args.samples} samples"
+        f" every {args.every} steps, {args.samples} samples, source={args.source}"
     )
     print(f"steps per run: {steps} ({len(check_times) // repeats} checks), repeats: {repeats}")
     print(f"step time without monitor: {m_off * 1e3:.2f} ms (median)")
