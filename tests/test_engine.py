@@ -13,6 +13,8 @@ from tests.clouds import KINDS, circle, cloud, gudhi_betti, torus
 from topo_callbacks.engine import MMHMEngine
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the engine's tensors live on the points' device: CPU always, CUDA when this machine has it
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def far_from_ties(points: np.ndarray, eps: float, margin: float = 1e-7) -> bool:
@@ -38,20 +40,21 @@ edits = st.lists(
     coeff=st.sampled_from([2, 3]),
     seed=st.integers(0, 2**31 - 1),
     plan=edits,
+    device=st.sampled_from(DEVICES),
 )
-def test_betti_after_edit_sequences_matches_gudhi(kind, n, d, eps, coeff, seed, plan):
+def test_betti_after_edit_sequences_matches_gudhi(kind, n, d, eps, coeff, seed, plan, device):
     rng = np.random.default_rng(seed)
-    engine = MMHMEngine(eps, coeff=coeff, dtype=torch.float64, capacity=4)
+    engine = MMHMEngine(eps, coeff=coeff, dtype=torch.float64, capacity=4, device=device)
     start = cloud(kind, n, d, rng) if n else np.zeros((0, d))
     d = start.shape[1]  # the circle generator needs 2 columns
-    ids = engine.reset(torch.from_numpy(start))
-    current = {int(i): p for i, p in zip(ids, engine.points(ids).numpy(), strict=True)}
+    ids = engine.reset(torch.from_numpy(start).to(device))
+    current = {int(i): p for i, p in zip(ids, engine.points(ids).cpu().numpy(), strict=True)}
     for op, k, edit_seed in plan:
         r = np.random.default_rng(edit_seed)
         alive = list(current)
         if op == "insert" or not alive:
             new = r.standard_normal((k, d)) * r.choice([0.1, 1.0])
-            for i, p in zip(engine.insert(torch.from_numpy(new)).tolist(), new, strict=True):
+            for i, p in zip(engine.insert(torch.from_numpy(new).to(device)).tolist(), new, strict=True):
                 current[i] = p
         elif op == "remove":
             gone = list(r.choice(alive, size=min(k, len(alive)), replace=False))
@@ -64,7 +67,7 @@ def test_betti_after_edit_sequences_matches_gudhi(kind, n, d, eps, coeff, seed, 
                 new = np.stack([current[i] for i in chosen]) + r.standard_normal((len(chosen), d)) * r.choice([0.05, 1])
             else:  # move onto other points: exact duplicates
                 new = np.stack([current[int(r.choice(alive))] for _ in chosen])
-            engine.move(chosen, torch.from_numpy(new))
+            engine.move(chosen, torch.from_numpy(new).to(device))
             for i, p in zip(chosen, new, strict=True):
                 current[i] = p
         if r.random() < 0.5:  # query between some edits, not all: dirty regions also accumulate
@@ -209,21 +212,45 @@ def test_exact_decisions_near_eps_far_from_the_origin(inside):
     eps=st.floats(0.2, 2.5),
     seed=st.integers(0, 2**31 - 1),
     share=st.floats(0.0, 0.5),
+    device=st.sampled_from(DEVICES),
 )
-def test_float32_fast_path_matches_gudhi_after_a_move(kind, n, d, eps, seed, share):
+def test_float32_fast_path_matches_gudhi_after_a_move(kind, n, d, eps, seed, share, device):
     """float32 points go through the float32 Gram and its exact refinement; gudhi sees the same stored values."""
     rng = np.random.default_rng(seed)
     pts = cloud(kind, n, d, rng).astype(np.float32)
-    engine = MMHMEngine(eps)
-    ids = engine.reset(torch.from_numpy(pts))
+    engine = MMHMEngine(eps, device=device)
+    ids = engine.reset(torch.from_numpy(pts).to(device))
     if far_from_ties(pts.astype(np.float64), eps):
         assert engine.betti() == gudhi_betti(pts.astype(np.float64), eps)
     k = int(share * len(pts))
     chosen = rng.choice(len(pts), size=k, replace=False)
     pts[chosen] += (0.3 * rng.standard_normal((k, pts.shape[1]))).astype(np.float32)
-    engine.move(ids[torch.from_numpy(chosen)], torch.from_numpy(pts[chosen]))
+    engine.move(ids[torch.from_numpy(chosen)], torch.from_numpy(pts[chosen]).to(device))
     if far_from_ties(pts.astype(np.float64), eps):
         assert engine.betti() == gudhi_betti(pts.astype(np.float64), eps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("kind", ["gauss", "collapsed"])
+@pytest.mark.parametrize("pct", [1.0, 5.0])
+def test_cuda_matches_cpu_on_benchmark_like_clouds(kind, pct):
+    """Same float32 points on both devices: the same eps-graph and Betti numbers, after a reset and after moves."""
+    rng = np.random.default_rng(11)
+    n, d = 1500, 128
+    pts = cloud(kind, n, d, rng).astype(np.float32)
+    dist = cdist(pts.astype(np.float64), pts.astype(np.float64))
+    eps = float(np.percentile(dist[np.triu_indices(n, 1)], pct))
+    engines = {device: MMHMEngine(eps, device=device) for device in ("cpu", "cuda")}
+    ids = {device: engine.reset(torch.from_numpy(pts).to(device)) for device, engine in engines.items()}
+    for share in (0.05, 1.0):
+        results = {device: (engine.betti(), engine.stats()["edges"]) for device, engine in engines.items()}
+        assert results["cpu"] == results["cuda"]
+        chosen = rng.choice(n, size=int(share * n), replace=False)
+        pts[chosen] += (0.05 * eps / np.sqrt(d) * rng.standard_normal((len(chosen), d))).astype(np.float32)
+        for device, engine in engines.items():
+            engine.move(ids[device][torch.from_numpy(chosen)], torch.from_numpy(pts[chosen]).to(device))
+    assert engines["cpu"].betti() == engines["cuda"].betti()
+    assert engines["cuda"].points().device.type == "cuda"
 
 
 @pytest.mark.parametrize("kind", ["gauss", "collapsed"])
