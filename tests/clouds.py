@@ -45,6 +45,16 @@ def cloud(kind: str, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
 KINDS = ("gauss", "clusters", "circle", "collapsed", "duplicates", "point")
 
 
+def float32_cloud_at_percentile(
+    kind: str, n: int, d: int, pct: float, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
+    """A float32 `cloud` and eps at the ``pct``-th percentile of its pairwise distances (as the benchmark picks it)."""
+    from scipy.spatial.distance import pdist
+
+    pts = cloud(kind, n, d, rng).astype(np.float32)
+    return pts, float(np.percentile(pdist(pts.astype(np.float64)), pct))
+
+
 def gudhi_betti(points: np.ndarray, eps: float, coeff: int = 2) -> tuple[int, int]:
     import gudhi
 

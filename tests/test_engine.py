@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import cdist, pdist
 
-from tests.clouds import KINDS, circle, cloud, gudhi_betti, torus
+from tests.clouds import KINDS, circle, cloud, float32_cloud_at_percentile, gudhi_betti, torus
 from topo_callbacks.engine import MMHMEngine
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -237,9 +237,7 @@ def test_cuda_matches_cpu_on_benchmark_like_clouds(kind, pct):
     """Same float32 points on both devices: the same eps-graph and Betti numbers, after a reset and after moves."""
     rng = np.random.default_rng(11)
     n, d = 1500, 128
-    pts = cloud(kind, n, d, rng).astype(np.float32)
-    dist = cdist(pts.astype(np.float64), pts.astype(np.float64))
-    eps = float(np.percentile(dist[np.triu_indices(n, 1)], pct))
+    pts, eps = float32_cloud_at_percentile(kind, n, d, pct, rng)
     engines = {device: MMHMEngine(eps, device=device) for device in ("cpu", "cuda")}
     ids = {device: engine.reset(torch.from_numpy(pts).to(device)) for device, engine in engines.items()}
     for share in (0.05, 1.0):
@@ -261,9 +259,7 @@ def test_one_giant_module_matches_ripser_after_moves(kind, pct):
 
     rng = np.random.default_rng(7)
     n, d = 400, 32
-    pts = cloud(kind, n, d, rng).astype(np.float32)
-    dist = cdist(pts.astype(np.float64), pts.astype(np.float64))
-    eps = float(np.percentile(dist[np.triu_indices(n, 1)], pct))
+    pts, eps = float32_cloud_at_percentile(kind, n, d, pct, rng)
     engine = MMHMEngine(eps)
     ids = engine.reset(torch.from_numpy(pts))
     for _ in range(3):
