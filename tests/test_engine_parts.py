@@ -95,6 +95,17 @@ def all_triangles(n: int, edges: list[tuple[int, int]]) -> list[tuple[int, int, 
 def test_lexicographic_matching_by_brute_force(n, density, seed):
     """Each edge is matched with its lowest apex below its lower end (new labels); the critical triangles are
     exactly the non-lowest apexes with no neighbour among the edge's apexes below them."""
+    check_matching(n, density, seed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(65, 260), density=st.floats(0.01, 0.15), seed=st.integers(0, 2**31 - 1))
+def test_lexicographic_matching_by_brute_force_across_words(n, density, seed):
+    """Rows of several 64-bit words: edges are matched in windows of different widths and offsets."""
+    check_matching(n, density, seed)
+
+
+def check_matching(n: int, density: float, seed: int) -> None:
     edges, u, v = random_graph(n, density, seed)
     matching = lexicographic_matching(n, u, v)
     neighbours: dict[int, set[int]] = {k: set() for k in range(n)}
