@@ -105,7 +105,7 @@ class MMHMEngine:
         self._id_of: list[int] = [-1] * cap
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._b1: dict[int, int] = {}
-        # the edges found by `reset` (slots u < v, row-major) until the first `betti` or edit uses or voids them
+        # the edges found by `_rebuild_graph` (slots u < v, row-major) until the next `betti` or edit uses or voids them
         self._fresh_edges: tuple[Tensor, Tensor] | None = None
 
     def _grow(self, needed: int) -> None:
@@ -331,7 +331,7 @@ class MMHMEngine:
         start = time.perf_counter()
         region = torch.nonzero(self._dirty & self._alive).flatten()
         self._dirty.zero_()  # every edit that dirtied these modules already dropped their cached b1
-        if self._fresh_edges is not None:  # right after `reset`: the region is every slot 0..n-1
+        if self._fresh_edges is not None:  # right after `_rebuild_graph`: the region is every slot 0..n-1
             u, v = self._fresh_edges
             self._fresh_edges = None
         else:
