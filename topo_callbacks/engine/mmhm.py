@@ -224,24 +224,24 @@ class MMHMEngine:
         x_new = self._check_points(x_new, "x_new")
         if x_new.shape[0] != len(pids):
             raise ValueError(f"`x_new` must have one row per id: {len(pids)} ids, {x_new.shape[0]} rows.")
-        slots = [self._slot_of[p] for p in pids]
-        self._dirty_old(slots)
-        self._place(slots, x_new)
+        self._place([self._slot_of[p] for p in pids], x_new, moved=True)
 
     def remove(self, ids: Tensor | list[int]) -> None:
         """Points ``ids`` are gone (their ids are not reused)."""
         pids = self._check_ids(ids)
         slots = [self._slot_of.pop(p) for p in pids]
-        self._dirty_old(slots)
         s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
+        self._fresh_edges = None
+        if self._slot_of:
+            self._dirty_modules(self._labels[s])
+            self._bits[s] = 0
+            self._set_columns(s, torch.zeros(len(slots), self._x.shape[0], dtype=torch.bool, device=s.device))
+        else:  # every point is gone (a stream sample replaced): no edge and no module is left
+            self._bits.zero_()
+            self._b1.clear()
         self._alive[s] = False
         self._dirty[s] = False
         self._labels[s] = -1
-        if self._slot_of:
-            self._bits[s] = 0
-            self._set_columns(s, torch.zeros(len(slots), self._x.shape[0], dtype=torch.bool, device=s.device))
-        else:  # every point is gone (a stream sample replaced): no edge is left
-            self._bits.zero_()
         for slot in slots:
             self._id_of[slot] = -1
         self._free.extend(slots)
@@ -259,11 +259,6 @@ class MMHMEngine:
         values.index_add_(1, where, mask.T.long() * bit[None, :])
         self._bits[:, words] = (self._bits[:, words] & ~cleared[None, :]) | values
 
-    def _dirty_old(self, slots: list[int]) -> None:
-        """Mark the modules the edited slots belong to now (before the edit) as part of the dirty region."""
-        self._fresh_edges = None
-        self._dirty_modules(self._labels[torch.tensor(slots, dtype=torch.long, device=self._x.device)])
-
     def _dirty_modules(self, labels: Tensor) -> None:
         """Add every member of the modules ``labels`` to the dirty region and drop their cached b1."""
         labels = torch.unique(labels[labels >= 0])
@@ -272,8 +267,9 @@ class MMHMEngine:
             for label in labels.tolist():
                 self._b1.pop(int(label), None)
 
-    def _place(self, slots: list[int], x_new: Tensor) -> None:
-        """Store points in ``slots`` and recompute their adjacency rows; neighbours' modules join the region.
+    def _place(self, slots: list[int], x_new: Tensor, *, moved: bool = False) -> None:
+        """Store points in ``slots`` and recompute their adjacency rows; the modules of the points (when they
+        ``moved``: before the move) and of their new neighbours join the region.
 
         An edit of at least half the points (a probe that moved as a whole, a stream sample replaced) rebuilds the
         whole eps-graph instead, when the points fill slots ``0..n-1``: the upper blocks cost no more than ``k``
@@ -287,7 +283,9 @@ class MMHMEngine:
         n = int(self._alive.sum())
         if 2 * len(slots) >= n and bool(self._alive[:n].all()):
             self._rebuild_graph(n)
-        else:
+        else:  # a bulk edit dirties everything anyway: only a sparse one looks up the modules the points leave
+            if moved:
+                self._dirty_modules(self._labels[s])
             rows = neighbour_rows(self._x[s], self._x, self.eps) & self._alive[None, :]
             rows[torch.arange(len(slots), device=s.device), s] = False
             self._bits[s] = pack_bits(rows)
