@@ -121,11 +121,15 @@ WORKER = textwrap.dedent(
     warnings.simplefilter("ignore")
     accelerator = Accelerator(cpu=True)
     model = make_model()
+    source = sys.argv[2]
+    probe = torch.randn(48, 16, generator=torch.Generator().manual_seed(3)) if source == "probe" else None
     mon = AccelerateCollapseMonitor(accelerator, model, layer="module.0", every_n_train_steps=5, max_samples=64,
-                                    divergence_threshold=0.9, stop_on_alarm=True)
+                                    divergence_threshold=0.9, stop_on_alarm=True, source=source, probe=probe,
+                                    calibration_checks=1 if probe is not None else 3)
     stopped = train(accelerator, model, mon, steps=60, collapse_at=30, uneven=True)
     out = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stopped": stopped,
-           "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history]}
+           "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history],
+           "resets": mon.tracker.resets, "last_edit": mon.tracker.last_edit}
     with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
         json.dump(out, fh)
     # exiting with the gloo group alive can abort at interpreter shutdown ("terminate called without an active
@@ -142,7 +146,7 @@ WORKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_same_stop(tmp_path: Path):
-    run_script(WORKER, tmp_path, launcher="torchrun")
+    run_script(WORKER, tmp_path, "stream", launcher="torchrun")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2  # really distributed, not two independent processes
     assert r0["ci"] == r1["ci"]
@@ -150,3 +154,18 @@ def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_same_stop(tmp_
     assert n_by_step[5] == 64  # the global budget, split over the two ranks (32 each)
     assert n_by_step[10] == 32  # process 1 contributed nothing to this check
     assert r0["stopped"] == r1["stopped"] == r0["stopped_step"] == r1["stopped_step"] == 35
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_probe_source_same_ci_and_same_stop(tmp_path: Path):
+    """source="probe" under torchrun: both ranks embed the probe through the DDP-wrapped model; it counts once."""
+    run_script(WORKER, tmp_path, "probe", launcher="torchrun")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["ci"] == r1["ci"]
+    assert {n for _, _, n in r0["ci"]} == {48}  # the probe's rows, at every check, also when rank 1 had no batch
+    assert r0["stopped"] == r1["stopped"] == r0["stopped_step"] == r1["stopped_step"] == 35
+    assert all(ci <= 0.9 for step, ci, _ in r0["ci"] if step <= 30)
+    # one engine since calibration (the check at 5): a reset at 10, then every check moves the probe's rows
+    assert r0["resets"] == r1["resets"] == 1
+    assert r0["last_edit"] == r1["last_edit"] == "move 48"

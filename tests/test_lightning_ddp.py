@@ -111,9 +111,11 @@ def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: s
 
 
 @pytest.mark.slow
-def test_ddp_probe_checks_agree_on_both_ranks_and_stop_together(tmp_path: Path):
-    """source="probe": each rank embeds the same probe; the engine is fed moves; the collapse stops both ranks."""
-    run_script(SCRIPT, tmp_path, "ddp+probe")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_probe_checks_agree_on_both_ranks_and_stop_together(tmp_path: Path, strategy: str):
+    """source="probe": each rank embeds the same probe (under FSDP2 a forward that all-gathers the shards, so
+    every rank must take part); the engine is fed moves; the collapse stops both ranks."""
+    run_script(SCRIPT, tmp_path, f"{strategy}+probe")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["ci"] == r1["ci"]
     assert {c[2] for c in r0["ci"]} == {40}  # the probe's 40 rows, counted once, at every check
