@@ -1,5 +1,6 @@
 """The engine's building blocks: bit packing, the lexicographic Morse matching (by brute force), the spanning
-triangles, and the Z/2 rank of all triangle boundaries against a plain elimination."""
+triangles, the Z/2 rank of all triangle boundaries against a plain elimination, and the link condition for edge
+flips (gudhi)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from topo_callbacks.engine.graph import (
     lexicographic_matching,
     lowest_bits,
     pack_bits,
+    packed_adjacency,
     popcount,
     unpack_bits,
 )
+from topo_callbacks.engine.links import flips_keep_betti, packed_pairs
 from topo_callbacks.engine.reduction import boundary_rank, flag_betti
 from topo_callbacks.functional.topology import components_from_tree
 
@@ -238,3 +241,70 @@ def test_float32_neighbour_rows_decide_like_float64_differences(n, d, offset, pl
     expected = (d2 <= eps * eps).view(n, n)
     got = neighbour_rows(x, x, eps)
     assert torch.equal(got, expected), int((got != expected).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.integers(0, 9), m=st.integers(0, 200), seed=st.integers(0, 2**31 - 1))
+def test_packed_pairs_lists_the_set_bits_row_major(r, m, seed):
+    mask = torch.from_numpy(np.random.default_rng(seed).random((r, m)) < 0.05)
+    names = torch.arange(r) * 10
+    row, col = packed_pairs(pack_bits(mask), names)
+    i, j = torch.nonzero(mask, as_tuple=True)
+    assert row.tolist() == (i * 10).tolist()
+    assert col.tolist() == j.tolist()
+
+
+def gudhi_flag_betti(n: int, edges: set[tuple[int, int]], coeff: int) -> tuple[int, int]:
+    import gudhi
+
+    tree = gudhi.SimplexTree()
+    for a in range(n):
+        tree.insert([a])
+    for a, b in edges:
+        tree.insert([a, b])
+    tree.expansion(2)
+    tree.compute_persistence(homology_coeff_field=coeff, persistence_dim_max=True)
+    betti = [*tree.betti_numbers(), 0, 0]
+    return betti[0], betti[1]
+
+
+def partition(n: int, edges: set[tuple[int, int]]) -> list[int]:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = zip(*edges, strict=True) if edges else ((), ())
+    _, labels = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+    first: dict[int, int] = {}
+    return [first.setdefault(int(label), vertex) for vertex, label in enumerate(labels)]
+
+
+def test_flips_that_pass_the_link_condition_keep_components_and_b1_gudhi():
+    """Random graphs and random edge flips: whenever `flips_keep_betti` says so, gudhi finds the same b0 and b1
+    (Z/2 and Z/3) and the same components before and after. Both answers must occur, and some refused flip sets
+    must really change b1 (the check is not vacuous, nor a refusal of everything)."""
+    rng = np.random.default_rng(11)
+    kept = refused = refused_and_changed = 0
+    for _ in range(400):
+        n = int(rng.integers(3, 15))
+        density = rng.uniform(0.2, 0.9)
+        edges = {(a, b) for a, b in itertools.combinations(range(n), 2) if rng.random() < density}
+        pairs = list(itertools.combinations(range(n), 2))
+        flips = [pairs[i] for i in rng.choice(len(pairs), size=min(len(pairs), int(rng.integers(1, 5))), replace=False)]
+        u = torch.tensor([a for a, _ in flips])
+        v = torch.tensor([b for _, b in flips])
+        removed = torch.tensor([f in edges for f in flips])
+        listed = sorted(edges)
+        bits = packed_adjacency(n, torch.tensor([a for a, _ in listed], dtype=torch.long),
+                                torch.tensor([b for _, b in listed], dtype=torch.long))  # fmt: skip
+        after = edges ^ set(flips)
+        same = all(gudhi_flag_betti(n, edges, p) == gudhi_flag_betti(n, after, p) for p in (2, 3))
+        if flips_keep_betti(bits, u, v, removed):
+            kept += 1
+            assert same, (n, sorted(edges), flips)
+            assert partition(n, edges) == partition(n, after)
+        else:
+            refused += 1
+            refused_and_changed += not same
+    assert kept >= 40
+    assert refused >= 40
+    assert refused_and_changed >= 20

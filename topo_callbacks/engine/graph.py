@@ -75,10 +75,14 @@ class CentredRows:
 
 
 def centre_rows(x: Tensor, center: Tensor | None = None) -> CentredRows:
-    """Prepare ``x`` ``(n, d)`` for `neighbour_mask`: ``x - center`` (default: the mean row) rounded to float32.
-    Any common centre keeps the distances, and small norms make the Gram error bound tight."""
-    x64 = x.to(torch.float64)
-    values = (x64 - (x64.mean(dim=0, keepdim=True) if center is None else center)).float()
+    """Prepare ``x`` ``(n, d)`` for `neighbour_mask`: ``x - center`` (default: the mean row) in float32.
+    Any common centre keeps the distances, and small norms make the Gram error bound tight. Rows stored in float32
+    or less are centred in float32 (one rounding per entry, which the bound allows for), without a float64 copy."""
+    if x.dtype == torch.float64:
+        values = (x - (x.mean(dim=0, keepdim=True) if center is None else center.to(torch.float64))).float()
+    else:
+        x32 = x.float()
+        values = x32 - (x32.mean(dim=0, keepdim=True) if center is None else center.to(torch.float32))
     return CentredRows(values, (values * values).sum(dim=1), x)
 
 
@@ -134,11 +138,12 @@ def neighbour_mask(a: CentredRows, b: CentredRows, eps: float) -> Tensor:
     return mask
 
 
-def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
+def neighbour_rows(a: Tensor, b: Tensor, eps: float, center: Tensor | None = None) -> Tensor:
     """``(k, m)`` bool: ``||a_i - b_j|| <= eps``, decided exactly in float64 from the given values.
 
     Points stored in float32 or less go through `neighbour_mask` (a float32 Gram matrix, pairs near ``eps``
-    recomputed in float64); float64 points use the float64 path of `squared_distances`.
+    recomputed in float64), centred on ``center`` (default: the mean of ``b``; any point near the cloud keeps the
+    error band narrow); float64 points use the float64 path of `squared_distances`.
 
     Example:
         >>> import torch
@@ -149,7 +154,8 @@ def neighbour_rows(a: Tensor, b: Tensor, eps: float) -> Tensor:
         return squared_distances(a, b, exact_near=eps) <= eps * eps
     if a.shape[0] == 0 or b.shape[0] == 0:
         return torch.zeros(a.shape[0], b.shape[0], dtype=torch.bool, device=a.device)
-    center = b.to(torch.float64).mean(dim=0, keepdim=True)
+    if center is None:
+        center = b.float().mean(dim=0, keepdim=True)
     return neighbour_mask(centre_rows(a, center), centre_rows(b, center), eps)
 
 

@@ -8,6 +8,9 @@ only at an edited point, and those edges' other ends are in it. `betti` relabels
 only its modules; every other module keeps its cached b1. A module's b1 over Z/p comes from the lexicographic
 Morse matching of its flag complex (`engine.reduction`), after strong collapses (dominated vertices) when it is
 nearly a clique.
+
+A move dirties nothing at all when every edge it changed has a non-empty connected link at its turn
+(`engine.links`): such flips keep every component and its b1, so the cost is that of the k distance rows.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from topo_callbacks.engine.graph import (
     unpack_bits,
     words_for,
 )
+from topo_callbacks.engine.links import flips_keep_betti, packed_pairs
 from topo_callbacks.engine.reduction import flag_betti
 from topo_callbacks.functional._validation import check_eps, check_prime
 
@@ -91,7 +95,8 @@ class MMHMEngine:
         self._next_id = 0
         self._last_rebuilt = 0
         self._graph_rebuilds = 0
-        self._times: dict[str, float] = {"distances": 0.0, "components": 0.0, "reduction": 0.0}
+        self._kept_moves = 0
+        self._times: dict[str, float] = {"distances": 0.0, "links": 0.0, "components": 0.0, "reduction": 0.0}
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, cap: int, d: int) -> None:
@@ -107,6 +112,9 @@ class MMHMEngine:
         self._b1: dict[int, int] = {}
         # the edges found by `_rebuild_graph` (slots u < v, row-major) until the next `betti` or edit uses or voids them
         self._fresh_edges: tuple[Tensor, Tensor] | None = None
+        # the float32 centre of the last `_rebuild_graph`, reused by sparse edits: any common centre keeps the
+        # distances, and one near the cloud keeps the Gram error band narrow, without a pass over all points
+        self._centre: Tensor | None = None
 
     def _grow(self, needed: int) -> None:
         cap = self._x.shape[0]
@@ -162,24 +170,28 @@ class MMHMEngine:
         self._x[:n] = xs
         self._alive[:n] = True
         self._rebuild_graph(n)
+        self._dirty_all(n)
         ids = list(range(self._next_id, self._next_id + n))
         self._next_id += n
         for slot, pid in enumerate(ids):
             self._slot_of[pid] = slot
             self._id_of[slot] = pid
         self._free = list(range(self._x.shape[0] - 1, n - 1, -1))
-        self._times = {"distances": time.perf_counter() - start, "components": 0.0, "reduction": 0.0}
+        self._times = {"distances": time.perf_counter() - start, "links": 0.0, "components": 0.0, "reduction": 0.0}
         return torch.tensor(ids, dtype=torch.long)
 
     def _rebuild_graph(self, n: int) -> None:
-        """Recompute the eps-graph of slots ``0..n-1``, which must be all the points, and mark every module dirty.
+        """Recompute the eps-graph of slots ``0..n-1``, which must be all the points.
 
         Upper blocks of the symmetric distance matrix only; each block's rows and its transpose are packed, and
         its edges are kept for the next `betti`, which would otherwise unpack them again.
         """
         xs = self._x[:n]
         self._bits[:n] = 0
-        prepared = None if self.dtype == torch.float64 or n == 0 else centre_rows(xs)
+        prepared = None
+        if self.dtype != torch.float64 and n:
+            self._centre = xs.float().mean(dim=0, keepdim=True)
+            prepared = centre_rows(xs, self._centre)
         us: list[Tensor] = []
         vs: list[Tensor] = []
         for i0 in range(0, n, _BLOCK):
@@ -198,9 +210,11 @@ class MMHMEngine:
             vs.append(j + i0)
         self._fresh_edges = (torch.cat(us), torch.cat(vs)) if us else None
         self._clear_self_bits(torch.arange(n, device=self._x.device))
+        self._graph_rebuilds += 1
+
+    def _dirty_all(self, n: int) -> None:
         self._dirty[:n] = True
         self._b1.clear()
-        self._graph_rebuilds += 1
 
     def insert(self, x_new: Tensor) -> Tensor:
         """Add points ``(k, d)``; returns their ids."""
@@ -234,8 +248,8 @@ class MMHMEngine:
         self._fresh_edges = None
         if self._slot_of:
             self._dirty_modules(self._labels[s])
+            self._flip_columns(*packed_pairs(self._bits[s], s))
             self._bits[s] = 0
-            self._set_columns(s, torch.zeros(len(slots), self._x.shape[0], dtype=torch.bool, device=s.device))
         else:  # every point is gone (a stream sample replaced): no edge and no module is left
             self._bits.zero_()
             self._b1.clear()
@@ -249,15 +263,18 @@ class MMHMEngine:
     def _clear_self_bits(self, s: Tensor) -> None:
         self._bits[s, s // WORD] &= ~(torch.ones_like(s) << (s % WORD))
 
-    def _set_columns(self, s: Tensor, mask: Tensor) -> None:
-        """Column ``s[i]`` of the adjacency becomes ``mask[i]`` (the symmetric half of a row update)."""
-        words, where = torch.unique(s // WORD, return_inverse=True)
-        bit = torch.ones_like(s) << (s % WORD)
-        # distinct bits within a word: sums are ORs
-        cleared = torch.zeros(words.numel(), dtype=torch.int64, device=s.device).index_add_(0, where, bit)
-        values = torch.zeros(mask.shape[1], words.numel(), dtype=torch.int64, device=s.device)
-        values.index_add_(1, where, mask.T.long() * bit[None, :])
-        self._bits[:, words] = (self._bits[:, words] & ~cleared[None, :]) | values
+    def _flip_columns(self, r: Tensor, c: Tensor) -> None:
+        """Flip bit ``r[i]`` of row ``c[i]``: the symmetric half of the row edits that changed pairs ``(r, c)``.
+
+        Only the changed pairs are touched; rows that are themselves edited are overwritten afterwards.
+        """
+        if r.numel() == 0:
+            return
+        flat = self._bits.view(-1)
+        words, where = torch.unique(c * self._bits.shape[1] + r // WORD, return_inverse=True)
+        # distinct bits within a word (each pair is listed once per row): sums are ORs
+        flips = torch.zeros(words.numel(), dtype=torch.int64, device=r.device)
+        flat[words] ^= flips.index_add_(0, where, torch.ones_like(r) << (r % WORD))
 
     def _dirty_modules(self, labels: Tensor) -> None:
         """Add every member of the modules ``labels`` to the dirty region and drop their cached b1."""
@@ -273,33 +290,68 @@ class MMHMEngine:
 
         An edit of at least half the points (a probe that moved as a whole, a stream sample replaced) rebuilds the
         whole eps-graph instead, when the points fill slots ``0..n-1``: the upper blocks cost no more than ``k``
-        full rows, and the next `betti` then skips unpacking the region.
+        full rows, and the next `betti` then skips unpacking the region. A move whose changed edges all pass the
+        link condition (`engine.links`) dirties nothing: every module keeps its b1.
         """
         start = time.perf_counter()
+        self._times["links"] = 0.0
         self._fresh_edges = None
         s = torch.tensor(slots, dtype=torch.long, device=self._x.device)
         self._x[s] = x_new.detach().to(device=self._x.device, dtype=self.dtype)
         self._alive[s] = True
         n = int(self._alive.sum())
         if 2 * len(slots) >= n and bool(self._alive[:n].all()):
+            before = self._bits[:n].clone() if moved else None
             self._rebuild_graph(n)
-        else:  # a bulk edit dirties everything anyway: only a sparse one looks up the modules the points leave
-            if moved:
-                self._dirty_modules(self._labels[s])
-            rows = neighbour_rows(self._x[s], self._x, self.eps) & self._alive[None, :]
+            if before is not None:
+                r, c = packed_pairs(before ^ self._bits[:n])
+            if before is not None and self._flips_keep_betti(before, r, c, None, n):
+                self._fresh_edges = None
+            else:
+                self._dirty_all(n)
+        else:
+            rows = neighbour_rows(self._x[s], self._x, self.eps, self._centre) & self._alive[None, :]
             rows[torch.arange(len(slots), device=s.device), s] = False
-            self._bits[s] = pack_bits(rows)
-            self._set_columns(s, rows)
-            neighbours = rows.any(dim=0)
-            self._dirty_modules(self._labels[neighbours])
-            self._dirty[s] = True
-            self._dirty |= neighbours
-        self._times["distances"] = time.perf_counter() - start
+            packed = pack_bits(rows)
+            r, c = packed_pairs(self._bits[s] ^ packed, s)
+            kept = moved and self._flips_keep_betti(self._bits, r, c, s, n)
+            if moved and not kept:
+                self._dirty_modules(self._labels[s])
+            self._flip_columns(r, c)
+            self._bits[s] = packed
+            if not kept:
+                neighbours = rows.any(dim=0)
+                self._dirty_modules(self._labels[neighbours])
+                self._dirty[s] = True
+                self._dirty |= neighbours
+        self._times["distances"] = time.perf_counter() - start - self._times["links"]
+
+    def _flips_keep_betti(self, before: Tensor, r: Tensor, c: Tensor, slots: Tensor | None, n: int) -> bool:
+        """Whether the edges a move changed keep every module (`engine.links.flips_keep_betti`).
+
+        ``r, c``: the changed pairs, listed from the rows of ``slots`` (every row when None); ``before``: the
+        adjacency before the move. Each flip costs a few Python-level bit operations, so past ``64 + n // 4``
+        flips the modules are recomputed instead, which is then cheaper.
+        """
+        start = time.perf_counter()
+        listed = torch.ones(before.shape[0], dtype=torch.bool, device=r.device)
+        if slots is not None:
+            listed.zero_()
+            listed[slots] = True
+        keep = (r < c) | ~listed[c]  # a pair listed from both ends counts once
+        u, v = r[keep], c[keep]
+        kept = u.numel() <= 64 + n // 4 and flips_keep_betti(
+            before, u, v, ((before[u, v // WORD] >> (v % WORD)) & 1).bool()
+        )
+        self._kept_moves += kept
+        self._times["links"] = time.perf_counter() - start
+        return kept
 
     # ---------------------------------------------------------------- queries
     def betti(self) -> tuple[int, int]:
         """``(b0, b1)`` of the current points; only the modules dirtied since the last call are recomputed."""
         self._last_rebuilt = 0
+        self._times["components"] = self._times["reduction"] = 0.0
         if bool((self._dirty & self._alive).any()):
             self._rebuild_region()
         alive_labels = self._labels[self._alive]
@@ -355,7 +407,8 @@ class MMHMEngine:
 
     def stats(self) -> dict[str, Any]:
         """Points, edges, modules, modules rebuilt by the last `betti`, whole eps-graph recomputations so far
-        (`reset` and edits of at least half the points), time per stage (s) of the last edit/query."""
+        (`reset` and edits of at least half the points), moves so far that kept every module (each changed edge
+        passed the link condition), time per stage (s) of the last edit/query."""
         alive = self._alive
         labels = self._labels[alive]
         return {
@@ -364,10 +417,12 @@ class MMHMEngine:
             "modules": int(torch.unique(labels).numel()) if labels.numel() else 0,
             "modules_rebuilt": self._last_rebuilt,
             "graph_rebuilds": self._graph_rebuilds,
+            "kept_moves": self._kept_moves,
             "dirty_points": int((self._dirty & alive).sum()),
             "time_s": dict(self._times),
             "state_bytes": sum(
                 t.numel() * t.element_size()
                 for t in (self._x, self._alive, self._bits, self._labels, self._dirty, *(self._fresh_edges or ()))
+                + ((self._centre,) if self._centre is not None else ())
             ),
         }
