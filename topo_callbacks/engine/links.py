@@ -69,16 +69,19 @@ class _HostRows:
 
 
 def _connected(vertices: int, rows: _HostRows) -> bool:
-    """Whether the graph induced on the non-empty bit set ``vertices`` is connected (a breadth-first search)."""
+    """Whether the graph induced on the non-empty bit set ``vertices`` is connected: a breadth-first search that
+    stops as soon as everything is reached (in a thick link, after one or two rows)."""
     seen = frontier = vertices & -vertices
     while frontier:
-        grown = 0
+        grown = seen
         while frontier:
             low = frontier & -frontier
-            grown |= rows[low.bit_length() - 1]
+            grown |= rows[low.bit_length() - 1] & vertices
+            if grown == vertices:
+                return True
             frontier ^= low
-        frontier = grown & vertices & ~seen
-        seen |= frontier
+        frontier = grown & ~seen
+        seen = grown
     return seen == vertices
 
 
