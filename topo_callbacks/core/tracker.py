@@ -23,7 +23,8 @@ class EngineTracker:
     """Keeps the Vietoris-Rips complex of a layer's latest check at a fixed eps and returns its (b0, b1).
 
     ``source="probe"``: the same probe inputs are embedded at every check, so row ``i`` is the same example each
-    time; the rows that changed are given to `MMHMEngine.move` and only the modules they touch are re-reduced.
+    time; the rows that changed are given to `MMHMEngine.move` and only the modules they touch are re-reduced
+    (none, when every edge that changed passes the engine's link condition).
     ``source="stream"``: each check's sample replaces the previous one (`MMHMEngine.remove` of the old ids,
     `MMHMEngine.insert` of the new rows); the engine's storage is kept. A new eps (calibration), device or
     width, or a probe whose rows changed in number, starts a new engine.
