@@ -35,8 +35,9 @@ def make_model(dim: int) -> nn.Module:
 
 def run(
     steps: int, monitored: bool, every: int, samples: int, dim: int, seed: int = 0, source: str = "stream"
-) -> tuple[float, list[float]]:
-    """Mean wall time per training step, and the wall time of each check (timed around `run_check`).
+) -> tuple[float, list[float], tuple[int, int]]:
+    """Mean wall time per training step, the wall time of each check (timed around `run_check`), and how many
+    of the checks that moved the engine's points kept every module (the engine's link condition), of how many.
 
     ``source="probe"``: the monitor embeds a fixed batch of ``samples`` inputs at each check instead of keeping
     the training batches' outputs.
@@ -68,9 +69,13 @@ def run(
             monitor.run_check(step)
             checks.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
+    kept = (0, 0)
     if monitor is not None:
         monitor.detach()
-    return elapsed / steps, checks
+        stats = monitor.tracker.stats()
+        if source == "probe" and "kept_moves" in stats:
+            kept = (stats["kept_moves"], len(checks) - stats["resets"])
+    return elapsed / steps, checks, kept
 
 
 def main() -> None:
@@ -88,11 +93,13 @@ def main() -> None:
     # Warm-up through one check: the first check pays the lazy imports (ripser, scipy.sparse), ~1 s, once per process.
     run(args.every, True, args.every, args.samples, args.dim, source=args.source)
     off, on, check_times = [], [], []
+    kept, moves = 0, 0
     for r in range(repeats):
         off.append(run(steps, False, args.every, args.samples, args.dim, seed=r)[0])
-        t, checks = run(steps, True, args.every, args.samples, args.dim, seed=r, source=args.source)
+        t, checks, (k, m) = run(steps, True, args.every, args.samples, args.dim, seed=r, source=args.source)
         on.append(t)
         check_times += checks
+        kept, moves = kept + k, moves + m
     m_off, m_on = statistics.median(off), statistics.median(on)
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -110,6 +117,8 @@ def main() -> None:
     # Whole-run step times drift by several percent on a shared machine; the check-time ratio is the stable one.
     print(f"overhead ratio (step time with / without; noisy on a shared machine): {m_on / m_off:.3f}")
     print(f"overhead ratio from the check time alone: {1 + med_check / (args.every * m_off):.3f}")
+    if args.source == "probe":
+        print(f"probe checks that moved the engine's points: {moves}; of them kept every module: {kept}")
 
 
 if __name__ == "__main__":
