@@ -250,7 +250,11 @@ def test_cuda_matches_cpu_on_benchmark_like_clouds(kind, pct):
     engines = {device: MMHMEngine(eps, device=device) for device in ("cpu", "cuda")}
     ids = {device: engine.reset(torch.from_numpy(pts).to(device)) for device, engine in engines.items()}
     for share in (0.05, 1.0):
-        results = {device: (engine.betti(), engine.stats()["edges"]) for device, engine in engines.items()}
+        # kept_moves: the link condition, read from host copies of the needed rows on CUDA, decides alike
+        results = {
+            device: (engine.betti(), engine.stats()["edges"], engine.stats()["kept_moves"])
+            for device, engine in engines.items()
+        }
         assert results["cpu"] == results["cuda"]
         chosen = rng.choice(n, size=int(share * n), replace=False)
         pts[chosen] += (0.05 * eps / np.sqrt(d) * rng.standard_normal((len(chosen), d))).astype(np.float32)

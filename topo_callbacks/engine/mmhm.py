@@ -303,10 +303,8 @@ class MMHMEngine:
         if 2 * len(slots) >= n and bool(self._alive[:n].all()):
             before = self._bits[:n].clone() if moved else None
             self._rebuild_graph(n)
-            if before is not None:
-                r, c = packed_pairs(before ^ self._bits[:n])
-            if before is not None and self._flips_keep_betti(before, r, c, None, n):
-                self._fresh_edges = None
+            if before is not None and self._flips_keep_betti(before, *packed_pairs(before ^ self._bits[:n]), None, n):
+                self._fresh_edges = None  # no module to recompute: nothing would read them
             else:
                 self._dirty_all(n)
         else:
