@@ -298,7 +298,9 @@ def test_flips_that_pass_the_link_condition_keep_components_and_b1_gudhi():
                                 torch.tensor([b for _, b in listed], dtype=torch.long))  # fmt: skip
         after = edges ^ set(flips)
         same = all(gudhi_flag_betti(n, edges, p) == gudhi_flag_betti(n, after, p) for p in (2, 3))
-        if flips_keep_betti(bits, u, v, removed):
+        keeps = flips_keep_betti(bits, u, v, removed)
+        assert flips_keep_betti(bits, u, v, removed, copy_rows=True) == keeps  # the CUDA way: needed rows copied
+        if keeps:
             kept += 1
             assert same, (n, sorted(edges), flips)
             assert partition(n, edges) == partition(n, after)

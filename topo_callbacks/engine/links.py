@@ -46,8 +46,8 @@ class _HostRows:
     """Adjacency rows as Python ints (bit ``j`` = neighbour ``j``), read from a host copy of the packed words on
     first use and then edited in place by the flips."""
 
-    def __init__(self, bits: Tensor, needed: Tensor) -> None:
-        if bits.device.type == "cpu":  # a zero-copy view: rows are converted only when a link reaches them
+    def __init__(self, bits: Tensor, needed: Tensor | None) -> None:
+        if needed is None:  # a zero-copy view of CPU words: rows are converted only when a link reaches them
             self._host = bits.contiguous().numpy()
             self._index: dict[int, int] | None = None
         else:  # only the rows a flip can read cross to the host
@@ -85,7 +85,7 @@ def _connected(vertices: int, rows: _HostRows) -> bool:
     return seen == vertices
 
 
-def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor) -> bool:
+def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor, *, copy_rows: bool | None = None) -> bool:
     """Whether toggling the edges ``{u[i], v[i]}`` of a flag complex keeps b0, b1 and the components.
 
     The removals are applied first, then the additions, each in the given order; the answer is True when every
@@ -96,6 +96,8 @@ def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor) -> boo
         bits: the packed adjacency (`engine.graph.pack_bits` rows, no self-loops) before any flip.
         u, v: the flipped vertex pairs, each once.
         removed: per pair, whether the edge was there before (a removal) or not (an addition).
+        copy_rows: copy to the host only the rows a flip can read (the flips' ends and their neighbours) instead
+            of reading the words in place; default: when ``bits`` are not on the CPU.
 
     Example:
         >>> import torch
@@ -112,9 +114,10 @@ def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor) -> boo
         return True
     order = torch.argsort((~removed).to(torch.uint8), stable=True)  # removals first, then additions
     u, v = u[order], v[order]
-    ends = torch.unique(torch.cat([u, v]))
-    needed = ends
-    if bits.device.type != "cpu":  # a link lies in the old neighbourhood of the flip's ends, or among the ends
+    needed = None
+    if bits.device.type != "cpu" if copy_rows is None else copy_rows:
+        # a link lies in the old neighbourhood of the flips' ends, or among the ends
+        ends = torch.unique(torch.cat([u, v]))
         near = unpack_bits(bits[ends], bits.shape[0]).any(dim=0)  # columns past the rows are never set
         near[ends] = True
         needed = torch.nonzero(near).flatten()
