@@ -317,3 +317,15 @@ def test_moves_whose_changed_edges_pass_the_link_condition_keep_every_module(sha
         kept += engine.stats()["modules_rebuilt"] == 0
     assert flipped > 0  # edges did change: the link condition, not an unchanged graph, kept the modules
     assert engine.stats()["kept_moves"] == kept >= 2
+
+
+def test_empty_edits_change_nothing():
+    engine = MMHMEngine(1.0)
+    engine.reset(torch.from_numpy(cloud("clusters", 40, 3, np.random.default_rng(2))).float())
+    before = engine.betti(), engine.stats()["edges"]
+    engine.move([], torch.zeros(0, 3))
+    engine.insert(torch.zeros(0, 3))
+    engine.remove([])
+    assert (engine.betti(), engine.stats()["edges"]) == before
+    assert engine.stats()["kept_moves"] == 0  # an empty move is not counted as one that kept its modules
+    assert engine.stats()["modules_rebuilt"] == 0

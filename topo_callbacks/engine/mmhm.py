@@ -293,6 +293,8 @@ class MMHMEngine:
         full rows, and the next `betti` then skips unpacking the region. A move whose changed edges all pass the
         link condition (`engine.links`) dirties nothing: every module keeps its b1.
         """
+        if not slots:  # nothing changed: no counter moves, and edges kept for `betti` stay valid
+            return
         start = time.perf_counter()
         self._times["links"] = 0.0
         self._fresh_edges = None
