@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from topo_callbacks.engine.graph import (
+    _pack_bits_by_tensors,
+    _unpack_bits_by_tensors,
     lexicographic_matching,
     lowest_bits,
     pack_bits,
@@ -32,6 +34,10 @@ def test_pack_unpack_round_trip(r, m, seed):
     words = pack_bits(mask)
     assert words.shape == (r, (m + 63) // 64)
     assert torch.equal(unpack_bits(words, m), mask)
+    if r and m:  # the tensor passes that other devices use give the same words and bits as numpy on the CPU
+        assert torch.equal(_pack_bits_by_tensors(mask), words)
+        assert torch.equal(_unpack_bits_by_tensors(words, m), mask)
+        assert torch.equal(pack_bits(mask.T), pack_bits(mask.T.contiguous()))  # any strides
     assert popcount(words) == int(mask.sum())
     if r and m:
         i, j = torch.nonzero(torch.ones(r, m, dtype=torch.bool), as_tuple=True)

