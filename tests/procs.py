@@ -70,3 +70,22 @@ def finish_distributed() -> None:
         dist.barrier()
         gc.collect()
         dist.destroy_process_group()
+
+
+def destroy_group_at_exit() -> None:
+    """For worker scripts that a launcher re-imports in the processes it spawns (Lightning's ``ddp_spawn``): those
+    processes hand their results back and exit with the process group alive, which intermittently aborted one of
+    them at interpreter shutdown ("terminate called without an active exception"). Destroy the group first."""
+    import atexit
+
+    atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()

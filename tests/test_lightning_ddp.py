@@ -19,9 +19,11 @@ SCRIPT = textwrap.dedent(
     import json, sys, warnings
     import torch
     import lightning.pytorch as pl
-    from tests.procs import finish_distributed
+    from tests.procs import destroy_group_at_exit, finish_distributed
     from tests.lightning_helpers import TinyModel, loader
     from topo_callbacks.lightning import CollapseMonitor
+
+    destroy_group_at_exit()  # module level: runs in the processes ddp_spawn starts, which never reach the end below
 
 
     class Uneven(TinyModel):
