@@ -62,14 +62,11 @@ def finish_distributed() -> None:
     Freed after the group is gone (at interpreter exit), distributed models intermittently hung a process or
     aborted it ("terminate called without an active exception").
     """
-    import gc
-
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        gc.collect()
-        dist.destroy_process_group()
+    _destroy_group()
 
 
 def destroy_group_at_exit() -> None:

@@ -85,7 +85,7 @@ def _connected(vertices: int, rows: _HostRows) -> bool:
     return seen == vertices
 
 
-def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor, *, copy_rows: bool | None = None) -> bool:
+def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, *, copy_rows: bool | None = None) -> bool:
     """Whether toggling the edges ``{u[i], v[i]}`` of a flag complex keeps b0, b1 and the components.
 
     The removals are applied first, then the additions, each in the given order; the answer is True when every
@@ -94,8 +94,7 @@ def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor, *, cop
 
     Args:
         bits: the packed adjacency (`engine.graph.pack_bits` rows, no self-loops) before any flip.
-        u, v: the flipped vertex pairs, each once.
-        removed: per pair, whether the edge was there before (a removal) or not (an addition).
+        u, v: the flipped vertex pairs, each once; a pair whose bit is set in ``bits`` is a removal.
         copy_rows: copy to the host only the rows a flip can read (the flips' ends and their neighbours) instead
             of reading the words in place; default: when ``bits`` are not on the CPU.
 
@@ -103,7 +102,7 @@ def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor, *, cop
         >>> import torch
         >>> from topo_callbacks.engine.graph import packed_adjacency
         >>> square = packed_adjacency(4, torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))  # 0-1-2-3-0
-        >>> diagonal = torch.tensor([0]), torch.tensor([2]), torch.tensor([False])
+        >>> diagonal = torch.tensor([0]), torch.tensor([2])
         >>> flips_keep_betti(square, *diagonal)  # its link {1, 3} is disconnected: the diagonal fills the loop
         False
         >>> filled = packed_adjacency(4, torch.tensor([0, 1, 2, 3, 1]), torch.tensor([1, 2, 3, 0, 3]))
@@ -112,6 +111,7 @@ def flips_keep_betti(bits: Tensor, u: Tensor, v: Tensor, removed: Tensor, *, cop
     """
     if u.numel() == 0:
         return True
+    removed = ((bits[u, v // WORD] >> (v % WORD)) & 1).bool()
     order = torch.argsort((~removed).to(torch.uint8), stable=True)  # removals first, then additions
     u, v = u[order], v[order]
     needed = None

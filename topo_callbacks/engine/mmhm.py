@@ -28,7 +28,6 @@ from topo_callbacks.engine.graph import (
     neighbour_rows,
     pack_bits,
     popcount,
-    unpack_bits,
     words_for,
 )
 from topo_callbacks.engine.links import flips_keep_betti, packed_pairs
@@ -341,9 +340,7 @@ class MMHMEngine:
             listed[slots] = True
         keep = (r < c) | ~listed[c]  # a pair listed from both ends counts once
         u, v = r[keep], c[keep]
-        kept = u.numel() <= 64 + n // 4 and flips_keep_betti(
-            before, u, v, ((before[u, v // WORD] >> (v % WORD)) & 1).bool()
-        )
+        kept = u.numel() <= 64 + n // 4 and flips_keep_betti(before, u, v)
         self._kept_moves += kept
         self._times["links"] = time.perf_counter() - start
         return kept
@@ -362,20 +359,17 @@ class MMHMEngine:
     def _region_edges(self, region: Tensor) -> tuple[Tensor, Tensor]:
         """Edges ``u < v`` (local indices into ``region``, sorted row-major) of the region's induced graph."""
         cap = self._x.shape[0]
-        inside = torch.zeros(cap, dtype=torch.bool, device=region.device)
-        inside[region] = True
         local = torch.full((cap,), -1, dtype=torch.long, device=region.device)
         local[region] = torch.arange(region.numel(), device=region.device)
         us: list[Tensor] = []
         vs: list[Tensor] = []
-        step = max(1, (1 << 24) // max(cap, 1))  # rows unpacked at a time: ~16 MB of booleans
+        step = max(1, (1 << 24) // max(cap, 1))  # rows read at a time: at most ~16 MB of unpacked booleans
         for r0 in range(0, region.numel(), step):
-            rows = region[r0 : r0 + step]
-            block = unpack_bits(self._bits[rows], cap) & inside[None, :]
-            block &= torch.arange(cap, device=rows.device)[None, :] > rows[:, None]  # upper triangle
-            i, j = torch.nonzero(block, as_tuple=True)
-            us.append(i + r0)
-            vs.append(local[j])
+            i, j = packed_pairs(self._bits[region[r0 : r0 + step]])
+            i += r0
+            keep = local[j] > i  # inside the region (local >= 0) and the upper triangle, as local indices
+            us.append(i[keep])
+            vs.append(local[j[keep]])
         return torch.cat(us), torch.cat(vs)
 
     def _rebuild_region(self) -> None:
