@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import textwrap
 import warnings
 from pathlib import Path
@@ -68,8 +69,11 @@ class CollapseAt(TrainerCallback):
         model.encoder[3].enabled = self.at is not None and state.global_step + 1 >= self.at
 
 
-def make_trainer(out: Path, max_steps: int, collapse_at: int | None, uneven: bool = False, **kwargs) -> Trainer:
+def make_trainer(
+    out: Path, max_steps: int, collapse_at: int | None, uneven: bool = False, callbacks: list | None = None, **kwargs
+) -> Trainer:
     torch.manual_seed(0)
+    settings = {"report_to": "none", "logging_steps": 10_000, **kwargs}
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=32,
@@ -78,14 +82,17 @@ def make_trainer(out: Path, max_steps: int, collapse_at: int | None, uneven: boo
         optim="sgd",
         lr_scheduler_type="constant",
         use_cpu=True,
-        report_to="none",
-        logging_steps=10_000,
         disable_tqdm=True,
         dataloader_drop_last=True,
         seed=0,
-        **kwargs,
+        **settings,
     )
-    return Trainer(model=TinyRegressor(uneven), args=args, train_dataset=Rows(), callbacks=[CollapseAt(collapse_at)])
+    return Trainer(
+        model=TinyRegressor(uneven),
+        args=args,
+        train_dataset=Rows(),
+        callbacks=[CollapseAt(collapse_at), *(callbacks or [])],
+    )
 
 
 def monitor_entries(trainer: Trainer, key: str = "collapse/ci") -> list[tuple[int, float]]:
@@ -144,7 +151,7 @@ def first_row(out: torch.Tensor) -> torch.Tensor:
     return out.reshape(out.shape[0], -1)
 
 
-def test_resume_restores_scale_baseline_and_history(tmp_path):
+def test_resume_restores_scale_baseline_and_history_into_the_users_object(tmp_path):
     kwargs = {"layer": "encoder", "every_n_train_steps": 5, "max_samples": 64}
     common = {"save_strategy": "steps", "save_steps": 30, "restore_callback_states_from_checkpoint": True}
     first = make_trainer(tmp_path, max_steps=30, collapse_at=None, **common)
@@ -154,18 +161,137 @@ def test_resume_restores_scale_baseline_and_history(tmp_path):
     assert saved["stateful_callbacks"]["CollapseMonitorCallback"]["attributes"]["monitor_state"]["eps"] > 0
 
     second = make_trainer(tmp_path, max_steps=40, collapse_at=None, **common)
-    placeholder = CollapseMonitorCallback(trainer=second, **kwargs)
-    second.add_callback(placeholder)
+    mine = CollapseMonitorCallback(trainer=second, **kwargs)
+    second.add_callback(mine)
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-30"))
-    (restored,) = [cb for cb in second.callback_handler.callbacks if isinstance(cb, CollapseMonitorCallback)]
-    assert restored is not placeholder  # the Trainer rebuilt it from the JSON state
+    # the Trainer rebuilt a copy from the JSON state; the object the user holds is the one that kept watching
     before = saved["stateful_callbacks"]["CollapseMonitorCallback"]["attributes"]["monitor_state"]
-    assert restored.eps == before["eps"]
-    assert restored.rule.state_dict()["baseline_values"] == before["rule"]["baseline_values"]
-    assert [h["step"] for h in restored.history] == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert [h["ci"] for h in restored.history[:6]] == [h["ci"] for h in before["history"]]
-    # the rebuilt callback found its trainer again: the new checks went through trainer.log
+    assert mine.eps == before["eps"]
+    assert mine.rule.state_dict()["baseline_values"] == before["rule"]["baseline_values"]
+    assert [h["step"] for h in mine.history] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [h["ci"] for h in mine.history[:6]] == [h["ci"] for h in before["history"]]
+    (live,) = [cb for cb in second.callback_handler.callbacks if isinstance(cb, CollapseMonitorCallback)]
+    assert live.state() == mine.state()
+    assert not second.model.encoder._forward_hooks  # one hook, the user's object's, removed at the end
+    # the new checks went through trainer.log
     assert [s for s, _ in monitor_entries(second)][-2:] == [35, 40]
+
+
+def _two_monitors(trainer: Trainer | None, keys: tuple[str, str]) -> list[CollapseMonitorCallback]:
+    return [
+        CollapseMonitorCallback(trainer=trainer, layer=layer, monitor=key, every_n_train_steps=5, max_samples=64)
+        for layer, key in zip(("encoder.0", "encoder.2"), keys, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("pattern", ["add_callback", "callbacks"])
+def test_two_monitors_resume_from_their_own_latest_state(tmp_path, pattern):
+    """Two callbacks of one class: the Trainer appends each save's states to a list that starts with the states at
+    the start of training, and restores by position, so the first (stale) entries used to win."""
+    keys = ("collapse/e0/ci", "collapse/e2/ci")
+    common = {"save_strategy": "steps", "save_steps": 20, "restore_callback_states_from_checkpoint": True}
+
+    def build(max_steps: int) -> tuple[Trainer, list[CollapseMonitorCallback]]:
+        if pattern == "add_callback":
+            trainer = make_trainer(tmp_path, max_steps=max_steps, collapse_at=None, **common)
+            monitors = _two_monitors(trainer, keys)
+            for mon in monitors:
+                trainer.add_callback(mon)
+            return trainer, monitors
+        monitors = _two_monitors(None, keys)
+        trainer = make_trainer(tmp_path, max_steps=max_steps, collapse_at=None, callbacks=monitors, **common)
+        for mon in monitors:
+            mon.bind(trainer)
+        return trainer, monitors
+
+    first, before = build(40)
+    first.train()
+    saved = json.loads((tmp_path / "checkpoint-40" / "trainer_state.json").read_text())
+    entries = saved["stateful_callbacks"]["CollapseMonitorCallback"]
+    assert len(entries) == 2  # the current states only, not those of step 0 and step 20 as well
+    second, after = build(60)
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-40"))
+    for old, new in zip(before, after, strict=True):
+        assert new.eps == old.eps
+        assert [h["step"] for h in new.history] == list(range(5, 65, 5))
+        assert [h["ci"] for h in new.history[:8]] == [h["ci"] for h in old.history]
+    assert after[0].history[-1]["ci"] != after[1].history[-1]["ci"]  # each restored its own, not its twin's
+
+
+def test_two_monitors_with_one_key_are_refused(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, collapse_at=None)
+    for mon in _two_monitors(trainer, ("collapse/ci", "collapse/ci")):
+        trainer.add_callback(mon)
+    with pytest.raises(ValueError, match="two CollapseMonitorCallbacks log under 'collapse/ci'"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(("logging_steps", "every"), [(10, 10), (10, 5), (4, 6)])
+@pytest.mark.parametrize("pattern", ["add_callback", "callbacks"])
+def test_the_trainers_own_logs_are_kept_at_the_same_steps(tmp_path, logging_steps, every, pattern):
+    """`trainer.log` from a callback runs the handler's `on_log`, which cleared `control.should_log`, so the Trainer
+    skipped its own loss/grad_norm/learning_rate logs at every check step."""
+
+    def trainers_logs(trainer: Trainer) -> list[tuple[int, list[str]]]:
+        return [
+            (e["step"], sorted(k for k in e if k not in ("train_runtime", "train_samples_per_second",
+                                                         "train_steps_per_second")))
+            for e in trainer.state.log_history
+            if not any(k.startswith("collapse/") for k in e)
+        ]  # fmt: skip
+
+    plain = make_trainer(tmp_path / "plain", max_steps=30, collapse_at=None, logging_steps=logging_steps)
+    plain.train()
+    mon = CollapseMonitorCallback(layer="encoder", every_n_train_steps=every, max_samples=64)
+    watched = make_trainer(tmp_path / "watched", max_steps=30, collapse_at=None, logging_steps=logging_steps,
+                           callbacks=[mon] if pattern == "callbacks" else [])  # fmt: skip
+    if pattern == "add_callback":
+        watched.add_callback(mon)
+    mon.bind(watched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        watched.train()
+    expected = trainers_logs(plain)
+    assert [s for s, keys in expected if "loss" in keys] == list(range(logging_steps, 31, logging_steps))
+    assert trainers_logs(watched) == expected
+    assert [s for s, _ in monitor_entries(watched)] == list(range(every, 31, every))
+
+
+def test_tensorboard_receives_the_trainers_loss_and_the_checks(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tmp_path, max_steps=20, collapse_at=None, logging_steps=10, report_to="tensorboard")
+    trainer.add_callback(CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=10,
+                                                 max_samples=64))  # fmt: skip
+    trainer.train()
+    (events,) = list(tmp_path.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [10, 20]
+    assert [e.step for e in acc.Scalars("train/collapse/ci")] == [10, 20]
+    # the barcode panel of `topo-callbacks report` reads the latest H0 diagram next to the event file
+    diagram = json.loads((events.parent / "collapse_diagram_collapse_ci.json").read_text())
+    assert diagram["step"] == 20
+    assert len(diagram["h0_deaths"]) > 0
+
+
+def test_logger_false_keeps_values_out_of_the_logs_and_a_summary_ends_the_run(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, max_steps=10, collapse_at=None, logging_steps=5)
+    mon = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=5, max_samples=64,
+                                  logger=False)  # fmt: skip
+    trainer.add_callback(mon)
+    with caplog.at_level(logging.INFO, logger="transformers.topo_callbacks"):
+        trainer.train()
+    assert [h["step"] for h in mon.history] == [5, 10]
+    assert monitor_entries(trainer) == []
+    assert any("collapse/ci: 2 checks (steps 5-10), no alarm" in r.message for r in caplog.records)
+
+
+def test_a_run_shorter_than_the_check_interval_warns(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, collapse_at=None)
+    trainer.add_callback(CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=50))
+    with pytest.warns(CollapseWarning, match=r"no collapse check ran \(the run ended at step 10, before the first"):
+        trainer.train()
 
 
 WORKER = textwrap.dedent(

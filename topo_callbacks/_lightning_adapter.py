@@ -7,26 +7,15 @@ what is importable (installing ``lightning`` installs ``pytorch_lightning`` too)
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import torch
 
+from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
-
-def diagram_path(log_dir: str, monitor: str) -> str:
-    """Where the latest H0 diagram of ``monitor`` is kept, next to the logger's files."""
-    return os.path.join(log_dir, f"collapse_diagram_{monitor.replace('/', '_')}.json")
-
-
-def write_diagram(log_dir: str, diagram: dict[str, Any]) -> None:
-    """Overwrite the latest diagram file (small: one float per embedding row)."""
-    os.makedirs(log_dir, exist_ok=True)
-    with open(diagram_path(log_dir, diagram["monitor"]), "w") as fh:
-        json.dump(diagram, fh)
+__all__ = ["build_callbacks", "diagram_path", "write_diagram"]
 
 
 def build_callbacks(callback_base: type, module: str) -> tuple[type, type]:

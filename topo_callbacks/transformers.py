@@ -5,26 +5,67 @@ Importing this module imports ``transformers``; ``import topo_callbacks`` does n
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import logging
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from topo_callbacks.core.capture import resolve_layer
+from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
 __all__ = ["CollapseMonitorCallback", "NeuronTopologyCallback"]
 
-# Trainers bound with `trainer=`, keyed by id of their TrainingArguments: a callback that
-# `restore_callback_states_from_checkpoint` rebuilt from JSON finds its trainer again through the `args` the
-# Trainer passes to every event (the rebuilt instance cannot receive it any other way).
-_BOUND: dict[int, tuple[weakref.ref[Any], weakref.ref[Any]]] = {}
+# Per training setup, keyed by id of its TrainingArguments (the object the Trainer passes to every event): the
+# Trainer bound with `trainer=` and the callbacks the user built (bound, or passed in `Trainer(callbacks=[...])`).
+# A callback that `restore_callback_states_from_checkpoint` rebuilt from JSON finds through it its trainer and the
+# user's own object, to which it then forwards every event: the object the user holds stays the live one.
+_SETUPS: dict[int, dict[str, Any]] = {}
+# Per training run, keyed by id of its TrainerState: the live monitors, to refuse two that log under one key.
+_RUNS: dict[int, tuple[weakref.ref[Any], list[weakref.ref[Any]]]] = {}
+# transformers' own logger tree: its verbosity (`TrainingArguments(log_level=...)`) applies to the summary too
+_LOG = logging.getLogger("transformers.topo_callbacks")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _setup_of(args: Any, create: bool = False) -> dict[str, Any] | None:
+    for key in [k for k, entry in _SETUPS.items() if entry["args"]() is None]:
+        del _SETUPS[key]
+    entry = _SETUPS.get(id(args))
+    if entry is not None and entry["args"]() is args:
+        return entry
+    if not create:
+        return None
+    entry = {"args": weakref.ref(args), "trainer": None, "callbacks": []}
+    _SETUPS[id(args)] = entry
+    return entry
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of ``cls.__init__``'s argument ``name`` (one source of truth for saved-args lookups)."""
+    return inspect.signature(cls).parameters[name].default
+
+
+def _forwarded(event: _F) -> _F:
+    """Run ``event`` on the user's own callback when this one is the Trainer's rebuilt copy of it."""
+
+    @functools.wraps(event)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._delegate is not None:
+            return getattr(self._delegate, event.__name__)(*args, **kwargs)
+        return event(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _import_path(name: str, value: Any) -> str | None:
@@ -55,15 +96,32 @@ def _load_path(path: str) -> Callable[..., Any]:
 
 
 class _TrainerAdapter:
-    """What both callbacks share: JSON state for ``ExportableState``, binding to a Trainer (kept across the
-    Trainer's rebuild of the callback from JSON) and logging through it. Needs ``_args``, ``state_dict`` and
-    ``load_state_dict`` from the class it is mixed into."""
+    """What both callbacks share: JSON state for ``ExportableState``, binding to a Trainer, restoring from a
+    checkpoint, keeping the user's object live when the Trainer rebuilds callbacks from JSON, and logging through
+    the Trainer without touching its own logs. Needs ``_args``, ``state_dict``, ``load_state_dict``, ``history``
+    and ``logger`` from the class it is mixed into."""
 
     _args: dict[str, Any]
     _trainer: weakref.ref[Any] | None = None
     _warned_unbound = False
+    # set when the Trainer rebuilt this object from a checkpoint's JSON (it assigns `monitor_state`)
+    _rebuilt = False
+    # the user's own callback, which this rebuilt copy forwards every event to
+    _delegate: Any = None
+
+    # ------------------------------------------------------------- identity and state
+    @property
+    def identity(self) -> str:
+        """What tells two callbacks of this class apart in one run (and in a checkpoint): their log key."""
+        raise NotImplementedError
+
+    @classmethod
+    def _identity_of(cls, saved_args: dict[str, Any]) -> str:
+        raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
+        if self._delegate is not None:
+            return self._delegate.state()  # type: ignore[no-any-return]
         return {"args": dict(self._args), "attributes": {"monitor_state": self.monitor_state}}
 
     @property
@@ -73,26 +131,108 @@ class _TrainerAdapter:
 
     @monitor_state.setter
     def monitor_state(self, state: dict[str, Any]) -> None:
+        self._rebuilt = True
         self.load_state_dict(state)  # type: ignore[attr-defined]
 
+    def _saved_state(self, state: Any) -> dict[str, Any] | None:
+        """This callback's state in the checkpoint being resumed: the last entry of its class with its identity.
+
+        The Trainer appends every save's states to a list that starts with the states at the start of training,
+        so for two callbacks of one class the first entries are stale; matching by identity also survives a
+        change in the callbacks' order.
+        """
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        entries = saved if isinstance(saved, list) else [saved] if isinstance(saved, dict) else []
+        for entry in reversed(entries):
+            if self._identity_of(entry.get("args", {})) == self.identity:
+                found = entry.get("attributes", {}).get("monitor_state")
+                return found if isinstance(found, dict) else None
+        return None
+
+    def _forget_saved_entries(self, state: Any) -> None:
+        """Empty this class's list in ``state.stateful_callbacks`` so that the next checkpoint holds only the
+        current states (the Trainer appends to the list at each save instead of replacing it)."""
+        saved = getattr(state, "stateful_callbacks", None)
+        if isinstance(saved, dict) and isinstance(saved.get(type(self).__name__), list):
+            saved[type(self).__name__] = []
+
+    # -------------------------------------------------------------------- binding
     def bind(self, trainer: Any) -> Any:
         """Log through ``trainer.log`` (also after the Trainer rebuilt this callback from a checkpoint)."""
         self._trainer = weakref.ref(trainer)
-        for key in [k for k, (args, bound) in _BOUND.items() if args() is None or bound() is None]:
-            del _BOUND[key]
-        _BOUND[id(trainer.args)] = (weakref.ref(trainer.args), self._trainer)
+        setup = _setup_of(trainer.args, create=True)
+        assert setup is not None
+        setup["trainer"] = self._trainer
+        self._register(setup)
         return self
 
-    def _find_trainer(self, args: Any) -> None:
-        if self._trainer is None:
-            refs = _BOUND.get(id(args))
-            if refs is not None and refs[0]() is args and refs[1]() is not None:
-                self._trainer = refs[1]
+    def _register(self, setup: dict[str, Any]) -> None:
+        if not any(ref() is self for ref in setup["callbacks"]):
+            setup["callbacks"].append(weakref.ref(self))
 
-    def _log(self, state: Any, values: dict[str, float], step: int) -> None:
+    def _begin(self, args: Any, state: Any) -> bool:
+        """At the start of training: find the trainer, hand over to the user's object if this is the Trainer's
+        rebuilt copy (returns False then), refuse a second monitor with the same key, restore from a checkpoint."""
+        setup = _setup_of(args)
+        if self._trainer is None and setup is not None and setup["trainer"] is not None:
+            self._trainer = setup["trainer"]
+        if self._rebuilt and setup is not None:
+            for ref in reversed(setup["callbacks"]):
+                other = ref()
+                if (
+                    other is not None
+                    and other is not self
+                    and type(other) is type(self)
+                    and not other._rebuilt
+                    and other.identity == self.identity
+                ):
+                    self._delegate = other
+                    return False
+        for stale in [k for k, (ref, _) in _RUNS.items() if ref() is None]:
+            del _RUNS[stale]
+        run = _RUNS.get(id(state))
+        if run is None or run[0]() is not state:
+            run = (weakref.ref(state), [])
+            _RUNS[id(state)] = run
+        key = self.identity
+        for ref in run[1]:
+            other = ref()
+            if (
+                other is not None
+                and other is not self
+                and type(other) is type(self)
+                and other.identity == self.identity
+            ):
+                raise ValueError(
+                    f"two {type(self).__name__}s log under {self.identity!r}; give each its own key ({self._key_hint})."
+                )
+        run[1].append(weakref.ref(self))
+        if state.global_step > 0 and getattr(args, "restore_callback_states_from_checkpoint", False):
+            saved = self._saved_state(state)
+            if saved is not None:
+                self.load_state_dict(saved)  # type: ignore[attr-defined]
+            elif state.is_world_process_zero:
+                warnings.warn(
+                    f"{type(self).__name__} {self.identity!r}: the checkpoint holds no state for this key; it"
+                    " starts afresh (calibration again).",
+                    CollapseWarning,
+                    stacklevel=3,
+                )
+        return True
+
+    _key_hint = "the `monitor` argument"
+
+    # -------------------------------------------------------------------- logging
+    def _log(self, state: Any, control: Any, values: dict[str, float], step: int) -> None:
+        if not getattr(self, "logger", True):
+            return
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is not None:
+            # `trainer.log` runs the callback handler's `on_log`, which clears `control.should_log`: the Trainer
+            # would then skip its own logs (loss, grad_norm, learning_rate) at this step. Put the flag back.
+            should_log = control.should_log
             trainer.log(dict(values))
+            control.should_log = trainer.control.should_log = should_log
             return
         state.log_history.append({**values, "step": step})
         if not self._warned_unbound:
@@ -105,6 +245,16 @@ class _TrainerAdapter:
                     CollapseWarning,
                     stacklevel=3,
                 )
+
+    def _log_dir(self, args: Any) -> str:
+        """Where TensorBoard writes this run's events (the report looks there), else the output dir."""
+        trainer = self._trainer() if self._trainer is not None else None
+        for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
+            writer = getattr(callback, "tb_writer", None)
+            log_dir = getattr(writer, "log_dir", None) or getattr(callback, "logging_dir", None)
+            if log_dir:
+                return str(log_dir)
+        return str(args.output_dir)
 
 
 class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallback, ExportableState):
@@ -168,27 +318,45 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         if trainer is not None:
             self.bind(trainer)
 
+    @property
+    def identity(self) -> str:
+        return self.monitor
+
+    @classmethod
+    def _identity_of(cls, saved_args: dict[str, Any]) -> str:
+        return str(saved_args.get("monitor", _default(CollapseMonitorCore, "monitor")))
+
     # ------------------------------------------------------------------ events
+    @_forwarded
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._register(_setup_of(args, create=True))  # type: ignore[arg-type]
         model = kwargs.get("model")
         if model is not None:  # a wrong layer fails when the Trainer is built, on every process
             resolve_layer(model, self.layer)
 
+    @_forwarded
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._begin(args, state):
+            self._delegate.on_train_begin(args, state, control, **kwargs)
+            return
         self.attach(kwargs["model"])
-        self._find_trainer(args)
         self.prepare_step(state.global_step + 1)
 
+    @_forwarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.prepare_step(state.global_step + 1)
 
+    @_forwarded
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._forget_saved_entries(state)
         step = state.global_step
         if not self.is_check_step(step):
             return None
         result = self.run_check(step)
         if result.report is not None:
-            self._log(state, result.logged, step)
+            self._log(state, control, result.logged, step)
+            if state.is_world_process_zero and self.logger:
+                write_diagram(self._log_dir(args), self.latest_diagram(step, result.report))
         # every process reaches this line at every check: the schedule depends on the global step only
         (stop,) = sum_across_ranks([int(result.should_stop)], self._device)
         if stop:
@@ -196,8 +364,16 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             self.record_stop(step, result)
         return control
 
+    @_forwarded
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._forget_saved_entries(state)
+
+    @_forwarded
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.detach()
+        message = self.end_of_training(state.global_step)
+        if state.is_world_process_zero:
+            _LOG.info(message)
 
 
 class NeuronTopologyCallback(NeuronTopologyMonitorCore, _TrainerAdapter, TrainerCallback, ExportableState):
@@ -228,12 +404,35 @@ class NeuronTopologyCallback(NeuronTopologyMonitorCore, _TrainerAdapter, Trainer
         if trainer is not None:
             self.bind(trainer)
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.attach(kwargs["model"])
-        self._find_trainer(args)
+    _key_hint = "the `prefix` argument"
 
+    @property
+    def identity(self) -> str:
+        return self.prefix
+
+    @classmethod
+    def _identity_of(cls, saved_args: dict[str, Any]) -> str:
+        return str(saved_args.get("prefix", _default(NeuronTopologyMonitorCore, "prefix")))
+
+    @_forwarded
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._register(_setup_of(args, create=True))  # type: ignore[arg-type]
+
+    @_forwarded
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._begin(args, state):
+            self._delegate.on_train_begin(args, state, control, **kwargs)
+            return
+        self.attach(kwargs["model"])
+
+    @_forwarded
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._forget_saved_entries(state)
         step = state.global_step
         if self.is_check_step(step):
             optimizer = kwargs.get("optimizer")
-            self._log(state, self.run_check(step, getattr(optimizer, "optimizer", optimizer)), step)
+            self._log(state, control, self.run_check(step, getattr(optimizer, "optimizer", optimizer)), step)
+
+    @_forwarded
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._forget_saved_entries(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -94,6 +95,9 @@ class CollapseMonitorCore:
         stop_on_alarm: stop training when the alarm fires; False only warns and logs.
         strict: raise on a monitoring failure instead of warning and skipping the check.
         verbose: also report every check (not only alarms) through ``warnings``/the adapter's logger.
+        prog_bar: show the CI in the progress bar (Lightning; as ``LightningModule.log(prog_bar=...)``).
+        logger: send the check's values to the framework's loggers (Lightning loggers, ``trainer.log``,
+            ``accelerator.log``); False keeps them in ``history`` (and, in Lightning, ``callback_metrics``) only.
 
     Example (a plain PyTorch loop; the framework adapters make these calls for you):
         >>> import torch
@@ -140,6 +144,8 @@ class CollapseMonitorCore:
         stop_on_alarm: bool = False,
         strict: bool = False,
         verbose: bool = False,
+        prog_bar: bool = True,
+        logger: bool = True,
     ) -> None:
         if not (isinstance(layer, str) and layer) and not callable(layer):
             raise ValueError(
@@ -204,6 +210,11 @@ class CollapseMonitorCore:
         self.stop_on_alarm = bool(stop_on_alarm)
         self.strict = bool(strict)
         self.verbose = bool(verbose)
+        for name, flag in (("prog_bar", prog_bar), ("logger", logger)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False; got {flag!r}.")
+        self.prog_bar = prog_bar
+        self.logger = logger
         self.capture = EmbeddingCapture(max_samples, pool=pool, select=select)
         self.module: nn.Module | None = None
         self.model: nn.Module | None = None
@@ -223,6 +234,9 @@ class CollapseMonitorCore:
         self._armed_steps = 0
         self._last_prepared = -1
         self._capture_steps = self.every_n_train_steps  # until the rows per step are known
+        self.skipped_checks = 0
+        self.time_spent_s = 0.0
+        self.last_step = 0
 
     # ------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> nn.Module:
@@ -257,6 +271,16 @@ class CollapseMonitorCore:
     # ------------------------------------------------------------------- check
     def run_check(self, step: int) -> CheckResult:
         """Gather, compute the CI, update calibration and alarm, record history. Call on every rank."""
+        start = time.perf_counter()
+        try:
+            result = self._run_check(step)
+        finally:
+            self.time_spent_s += time.perf_counter() - start
+        if result.report is None:
+            self.skipped_checks += 1
+        return result
+
+    def _run_check(self, step: int) -> CheckResult:
         self.last_checked_step = step
         self.capture.armed = False
         if self.source == "probe":
@@ -365,6 +389,68 @@ class CollapseMonitorCore:
             self.stopping_reason, self.stopping_reason_message = result.reason, result.message
         else:  # another rank (or another monitor) asked to stop
             self.stopping_reason_message = "Stopped because another rank raised a collapse alarm."
+        # EarlyStopping says why it stopped a run; so does this monitor (once, on rank 0)
+        self._warn(f"{self.monitor}: stopping training at step {step} (stop_on_alarm=True). {self.stopping_reason_message}")
+
+    def end_of_training(self, step: int) -> str:
+        """Close a run at global step ``step``: warn if no check ran, and return `summary_message`.
+
+        Adapters call it at the end of training on every rank and log the summary on rank 0.
+        """
+        self.last_step = max(int(step), self.last_step)
+        if not self.history and not self.skipped_checks:
+            why = (
+                f"the run ended at step {step}, before the first check at step {self.every_n_train_steps}"
+                if step < self.every_n_train_steps
+                else f"{step} steps were counted"
+            )
+            self._warn(
+                f"{self.monitor}: no collapse check ran ({why}; `every_n_train_steps={self.every_n_train_steps}`)."
+                " Lower `every_n_train_steps` to watch shorter runs."
+            )
+        return self.summary_message()
+
+    def summary(self) -> dict[str, Any]:
+        """What the monitor saw, as plain data: checks run and skipped, the first alarm, the stop, time spent.
+
+        Example:
+            >>> CollapseMonitorCore("0").summary()["checks"]
+            0
+        """
+        first = next((h for h in self.history if h["alarm"]), None)
+        return {
+            "monitor": self.monitor,
+            "checks": len(self.history),
+            "skipped_checks": self.skipped_checks,
+            "last_check_step": self.history[-1]["step"] if self.history else None,
+            "first_alarm_step": self.first_alarm_step,
+            "first_alarm_reason": None if first is None else first["reason"],
+            "first_alarm_value": None if first is None else first["ci"],
+            "baseline": self.rule.baseline,
+            "stopped_step": self.stopped_step,
+            "eps": self.eps,
+            "time_s": self.time_spent_s,
+        }
+
+    def summary_message(self) -> str:
+        """One line for the end of training, e.g. ``collapse/ci: 10 checks (steps 50-500), no alarm; 1.2 s``."""
+        info = self.summary()
+        if not info["checks"]:
+            checks = "no check ran"
+        else:
+            checks = f"{info['checks']} checks (steps {self.history[0]['step']}-{info['last_check_step']})"
+        if info["skipped_checks"]:
+            checks += f", {info['skipped_checks']} skipped"
+        if info["first_alarm_step"] is None:
+            alarm = "no alarm"
+        else:
+            base = info["baseline"]
+            alarm = (
+                f"first alarm at step {info['first_alarm_step']}: {self.monitor} = {info['first_alarm_value']:.4f}"
+                f" ({info['first_alarm_reason']}{'' if base is None else f', baseline {base:.4f}'})"
+            )
+        stop = "" if info["stopped_step"] is None else f"; stopped the run at step {info['stopped_step']}"
+        return f"{self.monitor}: {checks}, {alarm}{stop}; {info['time_s']:.2f} s spent in checks."
 
     def _skip(self, step: int, why: str, error: Exception | None = None) -> CheckResult:
         if self.strict:
