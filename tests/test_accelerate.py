@@ -169,3 +169,74 @@ def test_torchrun_two_processes_probe_source_same_ci_and_same_stop(tmp_path: Pat
     # one engine since calibration (the check at 5): a reset at 10, then every check moves the probe's rows
     assert r0["resets"] == r1["resets"] == 1
     assert r0["last_edit"] == r1["last_edit"] == "move 48"
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    """Under `accelerator.accumulate`, the user calls `optimizer.step()` (and the monitor) every micro-batch; only the
+    calls where the optimizer really stepped (`sync_gradients`) count, so steps and checks follow optimizer steps."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=4096, batch_size=8))
+    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=5, max_samples=64)
+    weight = accelerator.unwrap_model(model)[1].weight
+    stepped = 0
+    for i, (x, y) in enumerate(data):
+        if i == 120:
+            break
+        with accelerator.accumulate(model):
+            loss = ((model(x) - y) ** 2).mean()
+            accelerator.backward(loss)
+            before = weight.detach().clone()
+            optimizer.step()
+            stepped += int(not torch.equal(before, weight))  # the optimizer really updated the weights
+            optimizer.zero_grad()
+            mon.step()
+    mon.close()
+    assert stepped == mon.global_step == 30
+    assert [h["step"] for h in mon.history] == [5, 10, 15, 20, 25, 30]
+    # a check sees the rows of every micro-batch in its capture window: 64 rows = 8 micro-batches of 8
+    assert {h["n"] for h in mon.history} == {64}
+
+
+def test_tensorboard_tracker_gets_the_checks_and_the_diagram_and_close_summarises(tmp_path, caplog):
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    accelerator.init_trackers("run")
+    model = make_model()
+    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=5, max_samples=64)
+    train(accelerator, model, mon, steps=10)
+    with caplog.at_level(logging.INFO, logger="topo_callbacks.accelerate"):
+        mon.close()
+        mon.close()  # idempotent: one summary
+    accelerator.end_training()
+    (events,) = list(tmp_path.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("collapse/ci")] == [5, 10]
+    diagram = json.loads((events.parent / "collapse_diagram_collapse_ci.json").read_text())
+    assert diagram["step"] == 10
+    assert [r.message for r in caplog.records if "checks" in r.message] == [mon.summary_message()]
+    assert mon.summary_message().startswith("collapse/ci: 2 checks (steps 5-10), no alarm;")
+
+
+def test_logger_false_keeps_the_checks_out_of_the_trackers(tmp_path):
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    accelerator.init_trackers("run")
+    model = make_model()
+    with AccelerateCollapseMonitor(
+        accelerator, model, layer="0", every_n_train_steps=5, max_samples=64, logger=False
+    ) as mon:
+        train(accelerator, model, mon, steps=10)
+    accelerator.end_training()
+    assert len(mon.history) == 2
+    assert not list(tmp_path.rglob("collapse_diagram_*.json"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list(tmp_path.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    assert "collapse/ci" not in acc.Tags()["scalars"]

@@ -5,15 +5,19 @@ Importing this module imports ``accelerate``; ``import topo_callbacks`` does not
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
 
 from topo_callbacks.core.capture import LayerSpec
+from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
 __all__ = ["AccelerateCollapseMonitor", "AccelerateNeuronTopologyMonitor"]
+
+_LOG = logging.getLogger(__name__)
 
 
 class AccelerateCollapseMonitor(CollapseMonitorCore):
@@ -23,7 +27,11 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
     matter). Every ``every_n_train_steps`` steps `step` gathers embeddings from all processes, computes the CI,
     logs the CI and its terms with ``accelerator.log`` and evaluates the alarm rule; with ``stop_on_alarm=True``
     the decision goes through ``set_trigger``/``check_trigger``, so `step` returns True on every process at the
-    same step. The monitor counts steps itself; pass ``step=`` to use your own global step (e.g. after resuming).
+    same step. The monitor counts optimizer steps itself: under gradient accumulation (``accelerator.accumulate``)
+    call `step` after every ``optimizer.step()`` as usual; a call while ``accelerator.sync_gradients`` is False (a
+    micro-batch whose step the optimizer skipped) is not counted. Pass ``step=`` to use your own global step (e.g.
+    after resuming). With a TensorBoard tracker, the latest H0 diagram is kept next to its events for
+    ``topo-callbacks report``; ``close()`` logs a one-line summary (logger ``topo_callbacks.accelerate``).
     It is checkpointable: ``accelerator.register_for_checkpointing(monitor)``. ``close()`` (or a ``with``
     block) removes the hook. All other arguments are those of
     :class:`~topo_callbacks.core.CollapseMonitorCore`.
@@ -51,14 +59,25 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         self.prepare_step(1)
 
     def step(self, step: int | None = None) -> bool:
-        """Count one optimizer step (or set it to ``step``); check when due. True: stop, on every process."""
+        """Count one optimizer step (or set it to ``step``); check when due. True: stop, on every process.
+
+        Without ``step``, a call during gradient accumulation's micro-batches (``accelerator.sync_gradients`` False:
+        the optimizer skipped its step) counts nothing and returns False.
+        """
+        if step is None and not getattr(self.accelerator, "sync_gradients", True):
+            return False
         self.global_step = self.global_step + 1 if step is None else int(step)
         current = self.global_step
         stop = False
         if self.is_check_step(current):
             result = self.run_check(current)
-            if result.report is not None:
+            if result.report is not None and self.logger:
                 self.accelerator.log(result.logged, step=current)
+                if self.accelerator.is_main_process:
+                    for tracker in getattr(self.accelerator, "trackers", []):
+                        log_dir = getattr(tracker, "logging_dir", None)
+                        if isinstance(log_dir, str) and log_dir:
+                            write_diagram(log_dir, self.latest_diagram(current, result.report))
             if result.should_stop:
                 self.accelerator.set_trigger()
             # a collective at every check on every process (the schedule is the same everywhere)
@@ -69,7 +88,11 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         return stop
 
     def close(self) -> None:
-        """Remove the forward hook (results and state stay)."""
+        """Remove the forward hook (results and state stay) and log the run's summary (once)."""
+        if self.capture.attached:
+            message = self.end_of_training(self.global_step)
+            if self.accelerator.is_main_process:
+                _LOG.info(message)
         self.detach()
 
     def __enter__(self) -> AccelerateCollapseMonitor:
@@ -110,7 +133,12 @@ class AccelerateNeuronTopologyMonitor(NeuronTopologyMonitorCore):
         self.attach(accelerator.unwrap_model(model))
 
     def step(self, optimizer: Any = None, step: int | None = None) -> dict[str, float] | None:
-        """Count one optimizer step (or set it to ``step``); at a check, log and return the values."""
+        """Count one optimizer step (or set it to ``step``); at a check, log and return the values.
+
+        As `AccelerateCollapseMonitor.step`: a call while ``accelerator.sync_gradients`` is False counts nothing.
+        """
+        if step is None and not getattr(self.accelerator, "sync_gradients", True):
+            return None
         self.global_step = self.global_step + 1 if step is None else int(step)
         if not self.is_check_step(self.global_step):
             return None
