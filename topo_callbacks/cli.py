@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Callable
+
+from topo_callbacks import __version__
 
 
 def verdict(summary: dict) -> str:
@@ -40,24 +44,79 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from topo_callbacks.report import write_report
+    from topo_callbacks.report import ReportWarning, write_report
 
-    try:
-        summary = write_report(args.logdir, args.out, monitor=args.monitor)
-    except (FileNotFoundError, KeyError, RuntimeError) as err:
-        print(f"topo-callbacks report: {err}", file=sys.stderr)
-        return 2
+    code = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReportWarning)
+        try:
+            summary = write_report(
+                args.logdir,
+                args.out,
+                monitor=args.monitor,
+                run=args.run,
+                calibration_checks=args.calibration_checks,
+                baseline_checks=args.baseline_checks,
+                max_rise=args.max_rise,
+            )
+        except (FileNotFoundError, ValueError, RuntimeError) as err:  # ReportError is a ValueError
+            print(f"topo-callbacks report: {err}", file=sys.stderr)
+            code = 2
+    # which run was drawn and which were not is said even when the report then failed
+    for w in caught:
+        if issubclass(w.category, ReportWarning):
+            print(f"topo-callbacks report: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if code:
+        return code
     first = summary["first_alarm_step"]
     print(
         f"{summary['checks']} checks of {summary['monitor']}, last at step {summary['last_step']};"
         f" {'first alarm at step ' + str(first) if first is not None else 'no alarm'}"
-        f" -> {summary.get('html', summary['png'])}"
+        f" -> {summary.get('html', summary['figure'])}"
     )
+    print(f"  {summary['rule']}")
     return 0
+
+
+def _max_rise(text: str) -> float | None:
+    """``--max-rise``: a positive number, or ``none``/``off`` for a monitor whose rise rule was off."""
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none'; got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none'; got {text!r}")
+    return value
+
+
+def _count(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
+        return value
+
+    return parse
+
+
+REPORT_HELP = """\
+Draw one run's collapse index, its logged terms, the calibration window, the baseline and the alarm threshold,
+the alarms, and the latest H0 barcode. When LOGDIR holds several runs (subfolders with the monitor's values, or
+several event files with them in one folder), the most recently written run is reported, the others are listed,
+and --run picks one; runs are never merged. The monitor key is found with or without HF Trainer's train/ prefix.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="topo-callbacks", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="SimSiam on bundled digits; stop-gradient removed at t0 (CPU, ~15 s)")
     demo.add_argument("--out", default="demo_out", help="output folder for summary.json and timeline.png")
@@ -66,10 +125,53 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
     demo.add_argument("--t0", type=int, default=None, help="step at which the stop-gradient goes (default 30%%)")
     demo.set_defaults(func=_demo)
-    report = sub.add_parser("report", help="a run's logs (CSVLogger or TensorBoard) -> PNG/HTML report")
-    report.add_argument("logdir", help="a folder holding metrics.csv or events.out.tfevents.* files")
-    report.add_argument("--out", default=None, help="report.html or report.png (default LOGDIR/collapse_report.html)")
-    report.add_argument("--monitor", default="collapse/ci", help="the logged CI key (default collapse/ci)")
+    from topo_callbacks.report import OUT_SUFFIXES, rule_defaults
+
+    rule = rule_defaults()  # the monitor's own defaults (CollapseMonitorCore's signature), not copies
+    report = sub.add_parser(
+        "report",
+        help="a run's logs (CSVLogger or TensorBoard) -> HTML/PNG/PDF/SVG report",
+        description=REPORT_HELP,
+    )
+    report.add_argument("logdir", help="a folder holding metrics.csv or events.out.tfevents.* files (at any depth)")
+    report.add_argument(
+        "--out",
+        default=None,
+        help=f"the report file; accepted extensions: {', '.join(OUT_SUFFIXES)} (.html embeds a PNG written beside it;"
+        " default LOGDIR/collapse_report.html)",
+    )
+    report.add_argument(
+        "--monitor",
+        default="collapse/ci",
+        help="the logged CI key (default collapse/ci; a train/collapse/ci tag is found too)",
+    )
+    report.add_argument(
+        "--run",
+        default=None,
+        help="the run to report when LOGDIR holds several: its path relative to LOGDIR, as listed (default: the"
+        " most recently written run, i.e. the newest log file)",
+    )
+    report.add_argument(
+        "--calibration-checks",
+        type=_count(0),
+        default=rule["calibration_checks"],
+        help=f"the monitor's calibration_checks: the first checks, which calibrate the scale (default"
+        f" {rule['calibration_checks']}; 0 for a monitor given a fixed eps)",
+    )
+    report.add_argument(
+        "--baseline-checks",
+        type=_count(1),
+        default=rule["baseline_checks"],
+        help=f"the monitor's baseline_checks: the checks after calibration whose median is the baseline (default"
+        f" {rule['baseline_checks']})",
+    )
+    report.add_argument(
+        "--max-rise",
+        type=_max_rise,
+        default=rule["max_rise"],
+        help=f"alarm when the CI is more than this above the baseline (default {rule['max_rise']}, the monitor's"
+        " max_rise; 'none' if the rise rule was off)",
+    )
     report.set_defaults(func=_report)
     bench = sub.add_parser("bench", help="collapse scenarios x seeds: lead times and false positives per detector")
     bench.add_argument("--scenarios", nargs="+", default=None, help="scenario names (default: all)")
