@@ -45,6 +45,48 @@ def test_ci_and_terms_logged_at_check_steps(tmp_path):
     assert not mon.history[3]["calibrating"]
 
 
+@pytest.mark.parametrize("log_every_n_steps", [1, 7])
+def test_each_check_is_logged_once_at_its_step(tmp_path, log_every_n_steps):
+    """The CI went to the loggers through `pl_module.log` (at the step before, and again at every later logging
+    step) and through `logger.log_metrics`: metrics.csv had it at 4 and 5, 9 and 10, ... and 57 rows for 6 checks."""
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128)
+    t = trainer(tmp_path, max_steps=30, log_every_n_steps=log_every_n_steps, callbacks=[mon])
+    t.fit(TinyModel(), loader())
+    rows = logged_rows(tmp_path)
+    ci_rows = [(int(r["step"]), float(r["collapse/ci"])) for r in rows if r.get("collapse/ci")]
+    assert ci_rows == [(h["step"], pytest.approx(h["ci"], rel=1e-6)) for h in mon.history]
+    assert [s for s, _ in ci_rows] == [5, 10, 15, 20, 25, 30]
+    # the user's own metric is still logged as without the monitor
+    plain = trainer(tmp_path / "plain", max_steps=30, log_every_n_steps=log_every_n_steps)
+    plain.fit(TinyModel(), loader())
+    mine = [r["step"] for r in rows if r.get("train_loss")]
+    assert mine == [r["step"] for r in logged_rows(tmp_path / "plain") if r.get("train_loss")]
+    assert mine
+
+
+def test_prog_bar_and_logger_switches(tmp_path, caplog):
+    import logging
+
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64, prog_bar=False, logger=False)
+    t = trainer(tmp_path, max_steps=10, log_every_n_steps=1, callbacks=[mon])
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        t.fit(TinyModel(), loader())
+    assert len(mon.history) == 2
+    assert "collapse/ci" in t.callback_metrics  # EarlyStopping and ModelCheckpoint still see it
+    assert "collapse/ci" not in t.progress_bar_metrics
+    assert not any(k.startswith("collapse/") for r in logged_rows(tmp_path) for k, v in r.items() if v)
+    assert not list(tmp_path.rglob("collapse_diagram_*.json"))
+    summaries = [r.message for r in caplog.records if r.message.startswith("collapse/ci:")]
+    assert summaries == [mon.summary_message()]
+    assert "2 checks (steps 5-10), no alarm" in summaries[0]
+
+
+def test_a_run_shorter_than_the_check_interval_warns(tmp_path):
+    t = trainer(tmp_path, max_steps=10, callbacks=[CollapseMonitor(layer="encoder", every_n_train_steps=50)])
+    with pytest.warns(CollapseWarning, match=r"no collapse check ran \(the run ended at step 10, before the first"):
+        t.fit(TinyModel(), loader())
+
+
 def test_probe_source_embeds_the_probe_and_moves_the_engine_points(tmp_path):
     probe = torch.randn(40, 16, generator=torch.Generator().manual_seed(5))
     mon = CollapseMonitor(

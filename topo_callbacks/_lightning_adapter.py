@@ -7,6 +7,7 @@ what is importable (installing ``lightning`` installs ``pytorch_lightning`` too)
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -28,6 +29,10 @@ def build_callbacks(callback_base: type, module: str) -> tuple[type, type]:
 
 def build_collapse_monitor(callback_base: type) -> type:
     """A ``CollapseMonitor`` class deriving from ``callback_base`` (a Lightning ``Callback`` class)."""
+
+    # a child of the flavour's own logger (`lightning.pytorch` / `pytorch_lightning`), which prints INFO as
+    # EarlyStopping's messages do
+    log = logging.getLogger(f"{callback_base.__module__.split('.callbacks')[0]}.callbacks.topo_callbacks")
 
     class CollapseMonitor(CollapseMonitorCore, callback_base):  # type: ignore[valid-type,misc]
         __doc__ = _DOC
@@ -58,11 +63,23 @@ def build_collapse_monitor(callback_base: type) -> type:
             result = self.run_check(step)
             if result.report is not None:
                 value = torch.tensor(result.report.ci, device=pl_module.device)
-                # Same value on every rank (computed from the gathered sample), so no sync_dist.
-                pl_module.log(self.monitor, value, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-                for logger in trainer.loggers:
-                    logger.log_metrics(result.logged, step=step)
-                if trainer.is_global_zero and trainer.loggers:  # no logger, no files
+                # For the progress bar and `callback_metrics` (EarlyStopping, ModelCheckpoint) only: the loggers get
+                # every value of the check once, below, at the check's step (through both paths, the CI was
+                # written twice, and `log_every_n_steps` re-wrote the last one at later steps). Same value on
+                # every rank (computed from the gathered sample), so no sync_dist.
+                pl_module.log(
+                    self.monitor,
+                    value,
+                    prog_bar=self.prog_bar,
+                    logger=False,
+                    on_step=True,
+                    on_epoch=False,
+                    batch_size=1,
+                )
+                if self.logger:
+                    for logger in trainer.loggers:
+                        logger.log_metrics(result.logged, step=step)
+                if self.logger and trainer.is_global_zero and trainer.loggers:  # no logger, no files
                     # the logger's own folder: `trainer.log_dir` is a broadcast under DDP, not for rank 0 alone
                     logger = trainer.loggers[0]
                     log_dir = getattr(logger, "log_dir", None) or logger.save_dir
@@ -75,6 +92,11 @@ def build_collapse_monitor(callback_base: type) -> type:
             if should_stop:
                 trainer.should_stop = True
                 self.record_stop(step, result)
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            message = self.end_of_training(trainer.global_step)
+            if trainer.is_global_zero:
+                log.info(message)
 
         def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
             self.detach()
@@ -128,12 +150,14 @@ Example::
 _DOC = """Lightning callback: log a collapse index of one layer's embeddings, warn, and optionally stop.
 
 Every ``every_n_train_steps`` optimizer steps it gathers up to ``max_samples`` pooled embeddings of ``layer``
-from all ranks, computes the collapse index (CI), logs it under ``monitor`` with ``pl_module.log`` (progress bar,
-``trainer.callback_metrics``, usable by ``EarlyStopping``/``ModelCheckpoint``), sends the CI, every term and an
-``alarm`` flag (0/1) to the loggers, keeps the check's H0 persistence diagram in ``collapse_diagram_*.json`` in
+from all ranks, computes the collapse index (CI), logs it under ``monitor`` with ``pl_module.log(logger=False)``
+(progress bar unless ``prog_bar=False``, ``trainer.callback_metrics``, usable by ``EarlyStopping``/
+``ModelCheckpoint``), sends the CI, every term and an ``alarm`` flag (0/1) to the loggers once, at the check's
+global step (unless ``logger=False``), keeps the check's H0 persistence diagram in ``collapse_diagram_*.json`` in
 the first logger's ``log_dir`` when there is a logger (for ``topo-callbacks report``), and evaluates the alarm rule. An
 alarm warns once per episode (``CollapseWarning``); with ``stop_on_alarm=True`` the run stops on every rank at
-the same step (the decision is reduced over ranks).
+the same step (the decision is reduced over ranks) and a warning says so. At the end of training a one-line summary
+(checks, first alarm, stop, time spent) goes to Lightning's console logger.
 
 All arguments are those of :class:`topo_callbacks.core.CollapseMonitorCore`.
 
