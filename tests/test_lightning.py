@@ -272,3 +272,31 @@ def test_standalone_pytorch_lightning_flavour(tmp_path):
     t.fit(PTLModel(), loader())
     assert [h["step"] for h in mon.history] == [5, 10]
     assert "collapse/ci" in t.callback_metrics
+
+
+def test_wandb_logger_offline_gets_each_check_once(tmp_path, monkeypatch):
+    """The W&B logger (offline: nothing leaves the machine) beside CSV and TensorBoard: one `wandb.log` call per
+    check on top of the user's own, and the last values in the run summary."""
+    pytest.importorskip("wandb")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+
+    def run(monitor: CollapseMonitor | None) -> dict:
+        torch.manual_seed(0)
+        logger = WandbLogger(project="topo-callbacks-test", save_dir=str(tmp_path), offline=True)
+        t = trainer(tmp_path, max_steps=10, log_every_n_steps=1, logger=logger, callbacks=[monitor] if monitor else [])
+        t.fit(TinyModel(), loader())
+        summary = dict(logger.experiment.summary)
+        wandb.finish()
+        return summary
+
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64)
+    watched, plain = run(mon), run(None)
+    assert [h["step"] for h in mon.history] == [5, 10]
+    assert watched["_step"] == plain["_step"] + len(mon.history)
+    assert watched["collapse/ci"] == pytest.approx(mon.history[-1]["ci"])
+    assert watched["train_loss"] == pytest.approx(plain["train_loss"])
