@@ -194,7 +194,6 @@ class _TrainerAdapter:
         if run is None or run[0]() is not state:
             run = (weakref.ref(state), [])
             _RUNS[id(state)] = run
-        key = self.identity
         for ref in run[1]:
             other = ref()
             if (

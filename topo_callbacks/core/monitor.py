@@ -390,7 +390,9 @@ class CollapseMonitorCore:
         else:  # another rank (or another monitor) asked to stop
             self.stopping_reason_message = "Stopped because another rank raised a collapse alarm."
         # EarlyStopping says why it stopped a run; so does this monitor (once, on rank 0)
-        self._warn(f"{self.monitor}: stopping training at step {step} (stop_on_alarm=True). {self.stopping_reason_message}")
+        self._warn(
+            f"{self.monitor}: stopping training at step {step} (stop_on_alarm=True). {self.stopping_reason_message}"
+        )
 
     def end_of_training(self, step: int) -> str:
         """Close a run at global step ``step``: warn if no check ran, and return `summary_message`.
