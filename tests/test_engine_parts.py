@@ -4,9 +4,12 @@ flips (gudhi)."""
 
 from __future__ import annotations
 
+import ast
 import itertools
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,8 +26,8 @@ from topo_callbacks.engine.graph import (
     unpack_bits,
 )
 from topo_callbacks.engine.links import flips_keep_betti, packed_pairs
+from topo_callbacks.engine.primitives import components_from_tree
 from topo_callbacks.engine.reduction import boundary_rank, flag_betti
-from topo_callbacks.functional.topology import components_from_tree
 
 
 @settings(max_examples=60, deadline=None)
@@ -315,3 +318,34 @@ def test_flips_that_pass_the_link_condition_keep_components_and_b1_gudhi():
     assert kept >= 40
     assert refused >= 40
     assert refused_and_changed >= 20
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` names anywhere in ``path`` (inside functions too), with
+    relative imports resolved against ``package``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    return found
+
+
+ROOT = Path(__file__).resolve().parents[1] / "topo_callbacks"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "engine").glob("*.py")), ids=lambda p: p.name)
+def test_the_engine_does_not_import_the_functional_package(path):
+    """`functional` is built on `engine`, never the other way round: no import cycle, even a lazy one."""
+    imported = _imported_modules(path, "topo_callbacks.engine")
+    assert not {m for m in imported if m == "topo_callbacks.functional" or m.startswith("topo_callbacks.functional.")}
+    assert "topo_callbacks" not in imported  # `from topo_callbacks import functional` would sneak it back in
+
+
+def test_the_shared_validation_module_imports_no_package_module():
+    imported = _imported_modules(ROOT / "_validation.py", "topo_callbacks")
+    assert not {m for m in imported if m.split(".")[0] == "topo_callbacks"}

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from topo_callbacks.functional.topology import squared_distances
+from topo_callbacks.engine.primitives import squared_distances
 
 WORD = 64  # bits per adjacency word (int64)
 

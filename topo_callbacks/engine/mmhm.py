@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from topo_callbacks._validation import check_eps, check_prime
 from topo_callbacks.engine.graph import (
     WORD,
     centre_rows,
@@ -32,7 +33,6 @@ from topo_callbacks.engine.graph import (
 )
 from topo_callbacks.engine.links import flips_keep_betti, packed_pairs
 from topo_callbacks.engine.reduction import flag_betti
-from topo_callbacks.functional._validation import check_eps, check_prime
 
 __all__ = ["MMHMEngine"]
 
@@ -144,7 +144,7 @@ class MMHMEngine:
             raise ValueError(f"`{name}` must have d = {self._d} columns like the engine's points; got {x.shape[1]}.")
         if x.numel() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"`{name}` holds NaN or Inf; only finite points are accepted.")
-        return x
+        return x.detach()  # stored in the engine's own buffers: autograd has nothing to track there
 
     def _check_ids(self, ids: Tensor | list[int]) -> list[int]:
         out = [int(i) for i in (ids.tolist() if isinstance(ids, Tensor) else ids)]

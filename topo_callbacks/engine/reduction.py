@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from topo_callbacks.engine.graph import LexicographicMatching, lexicographic_matching
-from topo_callbacks.functional.topology import components_from_tree
+from topo_callbacks.engine.primitives import components_from_tree, undominated
 
 
 def flag_betti(n: int, u: Tensor, v: Tensor, coeff: int = 2) -> tuple[Tensor, Tensor]:
@@ -201,8 +201,6 @@ def _strong_collapse(n: int, u: Tensor, v: Tensor, keep: Tensor) -> Tensor:
     dense = 2 * int(inside.sum()) > DENSE_SHARE * count * count
     if count == 0 or count > DENSE_LIMIT or not dense:
         return keep
-    from topo_callbacks.functional.topology import _undominated
-
     kept = torch.nonzero(keep).flatten()
     local = torch.full((n,), -1, dtype=torch.long, device=u.device)
     local[kept] = torch.arange(count, device=u.device)
@@ -210,5 +208,5 @@ def _strong_collapse(n: int, u: Tensor, v: Tensor, keep: Tensor) -> Tensor:
     closed[local[u[inside]], local[v[inside]]] = True
     closed[local[v[inside]], local[u[inside]]] = True
     out = torch.zeros_like(keep)
-    out[kept] = _undominated(closed, torch.ones(count, dtype=torch.bool, device=u.device))
+    out[kept] = undominated(closed, torch.ones(count, dtype=torch.bool, device=u.device))
     return out

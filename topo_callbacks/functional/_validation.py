@@ -1,18 +1,30 @@
-"""Input checks shared by the functional API; every message says what was wrong and what is accepted."""
+"""Input checks shared by the functional API; every message says what was wrong and what is accepted.
+
+The scalar checks (`as_real`, `check_eps`, `check_prime`) live in `topo_callbacks._validation`, below the engine,
+and are re-exported here for the modules that import them from this one.
+"""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
+from topo_callbacks._validation import as_real, check_eps, check_prime
 
-def check_points(x: Tensor, *, name: str = "x", min_rows: int = 1) -> Tensor:
-    """Validate a point cloud ``(n, d)`` and return it as a floating tensor.
+__all__ = ["as_real", "check_eps", "check_points", "check_prime", "drop_nonfinite"]
+
+
+def check_points(x: Tensor, *, name: str = "x", min_rows: int = 1, min_features: int = 1) -> Tensor:
+    """Validate a point cloud ``(n, d)`` and return it as a floating tensor, detached from autograd.
+
+    The functional API is not differentiable (Betti numbers, bars chosen by a spanning tree and eigenvalue
+    quantiles carry no useful gradient): inputs that require grad are computed on ``x.detach()``, and results
+    never require grad. ``min_features=2`` is for the embedding channels (see `topo_callbacks.functional`): with a
+    single feature a cloud has no shape across directions to measure.
 
     Raises:
-        ValueError: when ``x`` is not a 2-D finite floating tensor with at least ``min_rows`` rows.
+        ValueError: when ``x`` is not a 2-D finite tensor with at least ``min_rows`` rows and ``min_features``
+            columns.
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"`{name}` must be a torch.Tensor of shape (n, d); got {type(x).__name__}.")
@@ -23,8 +35,15 @@ def check_points(x: Tensor, *, name: str = "x", min_rows: int = 1) -> Tensor:
         )
     if x.shape[0] < min_rows:
         raise ValueError(f"`{name}` must have at least {min_rows} row(s); got shape {tuple(x.shape)}.")
-    if x.shape[1] < 1:
-        raise ValueError(f"`{name}` must have at least one column (d >= 1); got shape {tuple(x.shape)}.")
+    if x.shape[1] < min_features:
+        if min_features == 1:
+            raise ValueError(f"`{name}` must have at least one column (d >= 1); got shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"`{name}` must have at least {min_features} features (columns, d >= {min_features}); got shape"
+            f" {tuple(x.shape)}. With one feature the embedding channels are constant whatever the data"
+            " (anisotropy 0, effective rank 1, normalised rows +-1); the topology functions accept d = 1."
+        )
+    x = x.detach()
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
     if not bool(torch.isfinite(x).all()):
@@ -48,23 +67,3 @@ def drop_nonfinite(rows: Tensor) -> tuple[Tensor, int]:
     finite = torch.isfinite(rows).all(dim=1)
     dropped = int((~finite).sum())
     return (rows[finite] if dropped else rows), dropped
-
-
-def check_eps(eps: float) -> float:
-    """Validate a Vietoris-Rips scale: a finite float > 0."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"`eps` must be a finite number > 0; got {eps!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`eps` must be a finite number > 0; got {eps!r}.")
-    return value
-
-
-def check_prime(coeff: int) -> int:
-    """Validate a coefficient field Z/p: p must be a prime."""
-    if isinstance(coeff, bool) or not isinstance(coeff, int) or coeff < 2:
-        raise ValueError(f"`coeff` must be a prime number (2, 3, 5, ...); got {coeff!r}.")
-    if any(coeff % k == 0 for k in range(2, math.isqrt(coeff) + 1)):
-        raise ValueError(f"`coeff` must be a prime number (2, 3, 5, ...); got {coeff} which is not prime.")
-    return coeff

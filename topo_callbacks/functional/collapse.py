@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from topo_callbacks.functional._validation import check_eps, check_points, check_prime
+from topo_callbacks.functional._validation import as_real, check_eps, check_points, check_prime
 from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std
 from topo_callbacks.functional.topology import (
     _h0_from_tree,
@@ -122,14 +122,22 @@ def resolve_weights(weights: str | Mapping[str, float]) -> dict[str, float]:
     if unknown:
         raise ValueError(f"`weights` has unknown term(s) {unknown}; accepted terms are {list(TERMS)}.")
     out = {}
-    for key, value in weights.items():
-        value = float(value)
+    for key, given in weights.items():
+        value = as_real(given, f"weights[{key!r}]", "a finite number >= 0")
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"`weights[{key!r}]` must be a finite number >= 0; got {weights[key]!r}.")
+            raise ValueError(f"`weights[{key!r}]` must be a finite number >= 0; got {given!r}.")
         out[key] = value
     if sum(out.values()) <= 0:
         raise ValueError(f"`weights` must have at least one weight > 0; got {dict(weights)!r}.")
     return out
+
+
+def _check_quantile(quantile: object) -> float:
+    accepted = "a number in (0, 1) or None"
+    value = as_real(quantile, "eps_quantile", accepted)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"`eps_quantile` must be {accepted}; got {quantile!r}.")
+    return value
 
 
 def scale_from_quantile(dist: Tensor, quantile: float | None = None) -> float:
@@ -151,8 +159,7 @@ def scale_from_quantile(dist: Tensor, quantile: float | None = None) -> float:
     n = dist.shape[0]
     if quantile is None:
         quantile = min(DEFAULT_NEIGHBORS / max(n - 1, 1), 0.5)
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"`eps_quantile` must be in (0, 1) or None; got {quantile!r}.")
+    quantile = _check_quantile(quantile)
     iu = torch.triu_indices(n, n, offset=1, device=dist.device)
     values = dist[iu[0], iu[1]]
     if values.numel() == 0:
@@ -180,6 +187,21 @@ def topology_rows(x: Tensor, normalize: str = "l2") -> Tensor:
     return z
 
 
+def _check_eps_in_range(eps: float, *, low: float, high: float, normalize: str) -> None:
+    """Raise when ``eps`` is outside ``[low, high]``, the nonzero pairwise distances: the Betti term saturates."""
+    if low <= eps <= high:
+        return
+    rows = "L2-normalised rows" if normalize == "l2" else "rows"
+    effect = "joins every point into one clique" if eps > high else "leaves every point isolated"
+    raise ValueError(
+        f"`eps`={eps!r} lies outside [{low:.4g}, {high:.4g}], the range of this batch's nonzero pairwise distances"
+        f" (of the {rows}, as the topological terms see them): it {effect}, so the Betti term is 1 whatever the"
+        " data. Pass an eps inside that range, eps=None to take the scale from this batch, or strict_eps=False"
+        " for a scale calibrated on other batches and held fixed (a collapsed batch then legitimately has every"
+        " distance below eps)."
+    )
+
+
 def collapse_index(
     x: Tensor,
     *,
@@ -189,6 +211,7 @@ def collapse_index(
     normalize: Literal["l2", "none"] = "l2",
     coeff: int = 2,
     betti: tuple[int, int] | None = None,
+    strict_eps: bool = True,
 ) -> CollapseReport:
     r"""Collapse index of an embedding batch, with every term and channel.
 
@@ -204,11 +227,18 @@ def collapse_index(
     scale ``eps`` meaningful across training (the norm of embeddings drifts) while complete collapse still
     shrinks all distances. ``eps=None`` takes `scale_from_quantile` of this batch's pairwise distances (by default
     the distance at which points have 8 neighbours on average); that scale moves with the data, so for a series
-    of batches calibrate it once and pass it (the monitors do this): a collapse then shows as the eps-graph
-    filling in (``b0 -> 1, b1 -> 0``).
+    of batches calibrate it once and pass it with ``strict_eps=False`` (the monitors do this): a collapse then
+    shows as the eps-graph filling in (``b0 -> 1, b1 -> 0``).
+
+    An ``eps`` passed for this batch alone is checked against it: outside ``[min, max]`` of the nonzero pairwise
+    distances of the (normalised) rows, every point is isolated or all are joined, and the Betti term is 1
+    whatever the data, so that raises a ValueError that gives the range. A scale held fixed across batches is
+    not checked (``strict_eps=False``, or ``betti`` given, which means the caller keeps the complex at that scale
+    across checks): there a collapsed batch legitimately has every distance below ``eps``.
 
     Args:
-        x: embeddings, shape ``(n, d)``, ``n >= 2``, finite.
+        x: embeddings, shape ``(n, d)``, ``n >= 2``, ``d >= 2`` (with one feature the spectral terms are constant
+            whatever the data; see `topo_callbacks.functional`), finite.
         eps: Vietoris-Rips scale (> 0), or None for the quantile heuristic.
         eps_quantile: the quantile used when ``eps`` is None, in (0, 1); None for the 8-neighbour rule.
         weights: ``"paper"`` or a mapping from term names (``betti``, ``entropy``, ``anisotropy``, ``rank``,
@@ -216,13 +246,19 @@ def collapse_index(
         normalize: ``"l2"`` (default) or ``"none"``: how rows are scaled before the topological terms.
         coeff: prime p of the homology coefficients Z/p.
         betti: ``(b0, b1)`` already known for these points at ``eps`` (e.g. from an `MMHMEngine` kept across
-            checks, as the monitors do); requires ``eps``. None computes them here.
+            checks, as the monitors do); requires ``eps``. None computes them here. ``eps`` is then not checked
+            against this batch's distances.
+        strict_eps: check a given ``eps`` against the range of this batch's nonzero (normalised) pairwise
+            distances. False for a scale calibrated on other batches and held fixed (`CollapseIndex(eps=...)`
+            passes False).
 
     Returns:
         A `CollapseReport`.
 
     Raises:
-        ValueError: for a non-2-D, too small or non-finite ``x``, ``eps <= 0``, unknown weights or options.
+        ValueError: for a non-2-D, too small or non-finite ``x``, ``d < 2``, ``eps <= 0``, a given ``eps``
+            outside this batch's distances (unless ``strict_eps=False`` or ``betti`` is given), a number given as
+            a string, unknown weights or options.
 
     Example:
         >>> import torch
@@ -230,15 +266,24 @@ def collapse_index(
         >>> healthy = torch.randn(256, 32, generator=g)
         >>> eps = collapse_index(healthy).eps
         >>> collapsed = healthy[:1] + 1e-3 * torch.randn(256, 32, generator=g)
-        >>> collapse_index(healthy, eps=eps).ci < collapse_index(collapsed, eps=eps).ci
+        >>> collapse_index(healthy, eps=eps).ci < collapse_index(collapsed, eps=eps, strict_eps=False).ci
         True
+        >>> # for this batch alone that eps joins every point, and its Betti term would say nothing
+        >>> collapse_index(collapsed, eps=eps)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: `eps`=... lies outside [...], the range of this batch's nonzero pairwise distances (...
     """
     start = time.perf_counter()
-    x = check_points(x, min_rows=2)
+    x = check_points(x, min_rows=2, min_features=2)
     w = resolve_weights(weights)
     coeff = check_prime(coeff)
     if normalize not in ("l2", "none"):
         raise ValueError(f"`normalize` must be 'l2' or 'none'; got {normalize!r}.")
+    if eps_quantile is not None:
+        _check_quantile(eps_quantile)
+    if not isinstance(strict_eps, bool):
+        raise ValueError(f"`strict_eps` must be True or False; got {strict_eps!r}.")
     if eps is not None:
         eps = check_eps(eps)
     elif betti is not None:
@@ -256,9 +301,11 @@ def collapse_index(
     # Duplicate rows are dominated vertices: dropping them changes no Betti number and no non-zero H0 bar.
     z = torch.unique(z, dim=0)
     dist = pairwise_distances(z, exact_near=eps)
+    tree = _minimum_spanning_tree(dist)
     if eps is None:
         eps = scale_from_quantile(dist, eps_quantile)
-    tree = _minimum_spanning_tree(dist)
+    elif strict_eps and betti is None and tree[0].numel():
+        _check_eps_in_range(eps, low=float(tree[0][0]), high=float(dist.max()), normalize=normalize)
     if betti is None:
         b0, b1 = betti_from_distances(dist, eps, coeff=coeff)
     else:

@@ -7,10 +7,13 @@ distinct neurons cannot merge, above it they can. These functions measure that o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from topo_callbacks.functional._validation import as_real
 
 __all__ = [
     "bilipschitz_constants",
@@ -95,8 +98,8 @@ def merging_statistics(
     """
     if points.ndim != 2 or points.shape[0] < 2:
         raise ValueError(f"`points` must be (n >= 2, d); got shape {tuple(points.shape)}.")
-    if not rel_eps > 0:
-        raise ValueError(f"`rel_eps` must be > 0; got {rel_eps!r}.")
+    if not 0 < as_real(rel_eps, "rel_eps", "a finite number > 0") < math.inf:
+        raise ValueError(f"`rel_eps` must be a finite number > 0; got {rel_eps!r}.")
     dist = neighbour_distances(points) if distances is None else distances
     nearest = dist.min(dim=1).values
     scale = float(points.to(torch.float64).norm(dim=1).median())
@@ -149,6 +152,8 @@ def bilipschitz_constants(
     if before.shape != after.shape or before.ndim != 2:
         raise ValueError(f"`before` and `after` must be (n, d) of one shape; got {tuple(before.shape)}, "
                          f"{tuple(after.shape)}.")  # fmt: skip
+    if not 0 < as_real(contraction, "contraction", "a finite number > 0") < math.inf:
+        raise ValueError(f"`contraction` must be a finite number > 0; got {contraction!r}.")
     if pairs is None:
         pairs = neighbour_pairs(before, k)
     b, a = before.to(torch.float64), after.to(torch.float64)

@@ -1,4 +1,9 @@
-"""Spectral channels of an embedding batch: anisotropy (made well-posed), effective rank, std of normalised rows."""
+"""Spectral channels of an embedding batch: anisotropy (made well-posed), effective rank, std of normalised rows.
+
+Each needs ``d >= 2`` features and raises a ValueError below: they measure how a batch spreads across directions,
+and with one feature there is one direction, so anisotropy would be 0, the effective rank 1 and the normalised
+rows +-1 whatever the data (see `topo_callbacks.functional`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from topo_callbacks.functional._validation import check_points
+from topo_callbacks.functional._validation import as_real, check_points
 
 __all__ = ["anisotropy", "anisotropy_ratio", "effective_rank", "l2_normalized_std"]
 
@@ -74,7 +79,7 @@ def anisotropy_ratio(x: Tensor) -> float:
 
     The raw ratio the write-up names (largest over smallest eigenvalue) is infinite for ``n <= d`` and near the
     smallest eigenvalue's noise floor otherwise; the lower decile of the ``min(n - 1, d)`` observable eigenvalues
-    is a stable stand-in. Returns ``inf`` when that eigenvalue is numerically zero.
+    is a stable stand-in. Returns ``inf`` when that eigenvalue is numerically zero. Needs ``n >= 2``, ``d >= 2``.
 
     Example:
         >>> import torch
@@ -82,7 +87,7 @@ def anisotropy_ratio(x: Tensor) -> float:
         >>> round(anisotropy_ratio(x), 6)  # variance 9 along one axis, 1 along the ten others
         9.0
     """
-    x = check_points(x, min_rows=2)
+    x = check_points(x, min_rows=2, min_features=2)
     eig, eps = _observable_spectrum(x)
     top = float(eig[-1])
     if top <= 0.0:
@@ -111,7 +116,7 @@ def anisotropy(x: Tensor) -> float:
     isotropic data when the batch can see more than ``k`` directions: with ``n - 1 <= k`` it cannot.
 
     Args:
-        x: embeddings, shape ``(n, d)`` with ``n >= 2``.
+        x: embeddings, shape ``(n, d)`` with ``n >= 2`` and ``d >= 2``.
 
     Returns:
         A float in [0, 1].
@@ -126,7 +131,7 @@ def anisotropy(x: Tensor) -> float:
         >>> anisotropy(flat + 1e-3 * torch.randn(512, 64, generator=g))
         1.0
     """
-    x = check_points(x, min_rows=2)
+    x = check_points(x, min_rows=2, min_features=2)
     n, d = x.shape
     ratio = anisotropy_ratio(x)
     if math.isinf(ratio):
@@ -140,14 +145,18 @@ def effective_rank(x: Tensor, *, eps: float = 1e-7) -> float:
     """RankMe effective rank: ``exp`` of the entropy of the normalised singular values of ``x`` (Garrido et al.).
 
     ``p_k = s_k / sum(s) + eps``; the result is between 1 and ``min(n, d)`` (0 for an all-zero batch). As in
-    RankMe the embeddings are not centred, so a batch collapsed to one non-zero point has rank 1.
+    RankMe the embeddings are not centred, so a batch collapsed to one non-zero point has rank 1. Needs ``d >= 2``
+    (with one feature the rank is 1 whatever the data); ``eps`` is a finite number >= 0.
 
     Example:
         >>> import torch
         >>> round(effective_rank(torch.eye(4)), 3)
         4.0
     """
-    x = check_points(x)
+    x = check_points(x, min_features=2)
+    eps = as_real(eps, "eps", "a finite number >= 0")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"`eps` must be a finite number >= 0; got {eps!r}.")
     s = _gram_spectrum(x, center=False).sqrt()
     total = float(s.sum())
     if total <= 0.0:
@@ -160,13 +169,13 @@ def l2_normalized_std(x: Tensor) -> float:
     """Mean over dimensions of the std of the L2-normalised rows (lightly's SimSiam collapse statistic).
 
     About ``1/sqrt(d)`` for isotropic data and 0 under complete collapse (all rows pointing the same way).
-    Rows of norm zero are left as zero.
+    Rows of norm zero are left as zero. Needs ``n >= 2``, ``d >= 2``.
 
     Example:
         >>> import torch
         >>> l2_normalized_std(torch.ones(8, 3))
         0.0
     """
-    x = check_points(x, min_rows=2).to(torch.float64)
+    x = check_points(x, min_rows=2, min_features=2).to(torch.float64)
     z = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     return float(z.std(dim=0).mean())
