@@ -258,3 +258,33 @@ def test_monitor_skips_a_failed_capture_or_raises_when_strict():
             assert result.report is None
             assert mon.history == []
         mon.detach()
+
+
+def test_a_logged_ci_is_recomputed_offline_from_the_recorded_weights_and_scale():
+    """The monitors default to `weights="benchmark"`, `collapse_index` to `"paper"`: each check records its weights
+    and scale, and with them the functional API gives back the logged value."""
+    import topo_callbacks as tc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+    probe = torch.randn(48, 8)
+    mon = CollapseMonitorCore("1", every_n_train_steps=1, max_samples=64, source="probe", probe=probe, strict=True)
+    mon.attach(model)
+    for step in range(1, 6):
+        mon.prepare_step(step)
+        mon.run_check(step)
+    last = mon.history[-1]
+    assert last["weights"] == "benchmark"
+    rows = model[1](model[0](probe)).detach()
+    offline = tc.collapse_index(rows, eps=last["eps"], weights=last["weights"], strict_eps=False)
+    assert offline.ci == pytest.approx(last["ci"], abs=1e-6)
+    assert tc.collapse_index(rows, eps=last["eps"], strict_eps=False).ci != pytest.approx(last["ci"], abs=1e-6)
+    from topo_callbacks.core.monitor import CollapseWarning
+
+    assert tc.CollapseWarning is CollapseWarning
+
+
+@pytest.mark.parametrize("name", ["stopping_threshold", "divergence_threshold", "max_rise", "min_delta"])
+def test_thresholds_given_as_strings_fail_at_construction(name):
+    with pytest.raises(ValueError, match=f"`{name}` must be a number"):
+        CollapseMonitorCore("0", **{name: "0.9"})

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from topo_callbacks._validation import as_real
+
 __all__ = ["AlarmRule", "StoppingReason"]
 
 
@@ -39,7 +41,7 @@ class AlarmRule:
     "Worse" is "higher" for ``mode="min"`` (the CI: lower is healthier) and "lower" for ``mode="max"``.
 
     Example:
-        >>> rule = AlarmRule(max_rise=0.2, baseline_checks=2, rise_patience=1)
+        >>> rule = AlarmRule(baseline_checks=2, rise_patience=1)
         >>> [rule.evaluate(v)[0].name for v in (0.10, 0.14, 0.20, 0.50)]
         ['NOT_STOPPED', 'NOT_STOPPED', 'NOT_STOPPED', 'BASELINE_RISE']
     """
@@ -50,7 +52,8 @@ class AlarmRule:
     stopping_threshold: float | None = None
     divergence_threshold: float | None = None
     check_finite: bool = True
-    max_rise: float | None = 0.15
+    # the same defaults as CollapseMonitorCore's (tests/test_docs.py checks it)
+    max_rise: float | None = 0.2
     baseline_checks: int = 3
     rise_patience: int = 2
     monitor: str = "collapse/ci"
@@ -63,6 +66,15 @@ class AlarmRule:
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
             raise ValueError(f"`mode` must be 'min' or 'max'; got {self.mode!r}.")
+        # a threshold given as a string ("0.9", read from a config and never converted) is a mistake, not a number
+        self.min_delta = as_real(self.min_delta, "min_delta", "a number >= 0")
+        for name in ("stopping_threshold", "divergence_threshold", "max_rise"):
+            value = getattr(self, name)
+            if value is not None:
+                value = as_real(value, name, "a number or None")
+                if math.isnan(value):
+                    raise ValueError(f"`{name}` must be a number or None; got nan.")
+                setattr(self, name, value)
         if self.min_delta < 0:
             raise ValueError(f"`min_delta` must be >= 0; got {self.min_delta!r}.")
         for name in ("patience", "baseline_checks", "rise_patience"):

@@ -192,12 +192,14 @@ class CollapseMonitorCore:
         self.eps_quantile = eps_quantile
         self.calibration_checks = calibration_checks
         self.weights = resolve_weights(weights)
+        # recorded with each check, so that a logged CI can be recomputed offline (`collapse_index(weights=...)`)
+        self.weights_spec: str | dict[str, float] = weights if isinstance(weights, str) else dict(self.weights)
         self.normalize = normalize
         self.monitor = monitor
         self.prefix = monitor.rsplit("/", 1)[0] + "/" if "/" in monitor else ""
         self.rule = AlarmRule(
             mode=mode,
-            min_delta=float(min_delta),
+            min_delta=min_delta,
             patience=patience,
             stopping_threshold=stopping_threshold,
             divergence_threshold=divergence_threshold,
@@ -339,6 +341,7 @@ class CollapseMonitorCore:
                 "alarm": alarm,
                 "reason": reason.name,
                 "calibrating": calibrating,
+                "weights": self.weights_spec,
                 **report.as_dict(),
             }
         )
