@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ __all__ = [
     "pool_output",
     "resolve_layer",
     "select_tensor",
+    "selection_warning",
     "unwrap_model",
 ]
 
@@ -111,8 +112,24 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> nn.Module:
 def select_tensor(output: Any) -> Tensor:
     """The documented rule for layers whose output is not a tensor.
 
-    A tensor is used as is; a tuple or list gives its first tensor; a mapping (dict, HF ``ModelOutput``) gives
-    ``last_hidden_state`` if present, else its first tensor value. Pass ``select=`` to choose otherwise.
+    Which tensor is watched:
+
+    - a tensor output is used as is;
+    - a tuple or list gives its first tensor with at least one dimension (a 0-d scalar, such as a loss, is
+      skipped);
+    - a mapping (dict, HF ``ModelOutput``) gives ``last_hidden_state`` if it holds a tensor, else its first tensor
+      value with at least one dimension, in the mapping's order.
+
+    Pass ``select=`` (a callable given the layer's output, e.g. ``select=lambda out: out["z"]``; the HF callback
+    takes a module-level function or a ``"module:function"`` path) to choose otherwise.
+
+    When a warning is given: `EmbeddingCapture` inspects the output of the first armed forward of each output
+    structure and records a warning (see `selection_warning`; the monitors emit it as ``CollapseWarning`` at the
+    next check, and raise with ``strict=True``) when the watched rows have fewer than 2 features after pooling (a
+    point cloud of dimension < 2 has no geometry to lose: the collapse index stays constant), or, with this
+    default rule, when the output holds another tensor with the same leading (batch) size and more features (the
+    ``d`` that ``pool="mean"`` gives: ``(B, d)`` and ``(B, T, d)`` give ``d``, ``(B, C, H, W)`` gives ``C``, ``(B,)``
+    gives 1): the selected tensor is then probably not the layer's main output. Capturing goes on either way.
 
     Example:
         >>> import torch
@@ -120,6 +137,8 @@ def select_tensor(output: Any) -> Tensor:
         torch.Size([2, 3])
         >>> select_tensor({"logits": torch.zeros(2, 5), "last_hidden_state": torch.ones(2, 4, 8)}).shape
         torch.Size([2, 4, 8])
+        >>> select_tensor({"loss": torch.tensor(0.5), "logits": torch.zeros(2, 5)}).shape
+        torch.Size([2, 5])
     """
     if isinstance(output, Tensor):
         return output
@@ -129,11 +148,104 @@ def select_tensor(output: Any) -> Tensor:
         output = list(output.values())
     if isinstance(output, (tuple, list)):
         for item in output:
-            if isinstance(item, Tensor):
+            if isinstance(item, Tensor) and item.ndim > 0:
                 return item
     raise TypeError(
-        f"cannot find a tensor in a layer output of type {type(output).__name__}; pass `select=` to pick one."
+        f"cannot find a tensor with a batch dimension in a layer output of type {type(output).__name__};"
+        " pass `select=` to pick one."
     )
+
+
+def _width(t: Tensor) -> int:
+    """Features per example as ``pool="mean"`` counts them: (B,) 1, (B, d) and (B, T, d) d, (B, C, ...) C."""
+    if t.ndim <= 1:
+        return 1
+    return int(t.shape[2] if t.ndim == 3 else t.shape[1])
+
+
+def _tensor_items(output: Any) -> list[tuple[Hashable, Tensor]]:
+    """The top-level tensors (with a batch dimension) of a layer output: (key or index, tensor)."""
+    if isinstance(output, Mapping):
+        pairs: Any = output.items()
+    elif isinstance(output, (tuple, list)):
+        pairs = enumerate(output)
+    else:
+        return []
+    return [(key, value) for key, value in pairs if isinstance(value, Tensor) and value.ndim > 0]
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(int(n)) for n in t.shape) + ("," if t.ndim == 1 else "") + ")"
+
+
+def selection_warning(output: Any, selected: Tensor, d: int, *, default_rule: bool = True) -> str | None:
+    """Why the tensor watched in a layer's ``output`` looks wrong, or None when it looks right.
+
+    ``selected`` is the tensor the capture took (by `select_tensor` when ``default_rule``, else by the user's
+    ``select=``) and ``d`` its number of features after pooling. A warning is given when ``d < 2``, or, with the
+    default rule only (a user's ``select=`` is deliberate), when another top-level tensor of the output has the
+    same leading (batch) size and more features than the selected one. The message lists the output's tensors with
+    their shapes (keys for mappings, indices for tuples and lists) and says how to choose one with ``select=``.
+
+    Example:
+        >>> import torch
+        >>> out = {"aux": torch.zeros(8), "z": torch.ones(8, 16)}
+        >>> message = selection_warning(out, select_tensor(out), 1)
+        >>> "'aux' (8,), 'z' (8, 16)" in message, 'select=lambda out: out["z"]' in message
+        (True, True)
+        >>> selection_warning(torch.ones(8, 16), torch.ones(8, 16), 16) is None
+        True
+    """
+    items = _tensor_items(output)
+    batch = int(selected.shape[0]) if selected.ndim else None
+    width = _width(selected)
+    wider = [(key, t) for key, t in items if t is not selected and int(t.shape[0]) == batch and _width(t) > width]
+    if d >= 2 and not (default_rule and wider):
+        return None
+    mapping = isinstance(output, Mapping)
+
+    def label(key: Hashable) -> str:
+        return repr(key) if mapping else f"[{key}]"
+
+    def access(key: Hashable) -> str:
+        return "out[" + (f'"{key}"' if isinstance(key, str) else repr(key)) + "]"
+
+    if items:
+        listed = ", ".join(f"{label(key)} {_shape(t)}" for key, t in items)
+        message = f"The watched layer returns a {type(output).__name__} of tensors: {listed}; the capture watches "
+        message += next((label(key) for key, t in items if t is selected), f"`select=`'s tensor {_shape(selected)}")
+    elif isinstance(output, Tensor) and output is selected:
+        message = f"The watched layer returns a tensor of shape {_shape(selected)}"
+    else:
+        kind = "a tensor" if isinstance(output, Tensor) else f"a {type(output).__name__}"
+        message = f"The watched layer returns {kind}; the capture watches `select=`'s tensor {_shape(selected)}"
+    if d < 2:
+        message += (
+            f", which gives {d} feature{'' if d == 1 else 's'} per example after pooling: points of dimension < 2 have"
+            " no geometry to collapse, so the collapse index stays constant."
+        )
+    else:
+        message += "."
+    how = "a callable given the layer's output"
+    hf = '(the HF callback takes a module-level function or a "module:function" path)'
+    if default_rule and wider:
+        key, best = max(wider, key=lambda pair: _width(pair[1]))
+        message += (
+            f" {label(key)} has the same batch size and more features ({_width(best)} > {width}), so the watched"
+            f" tensor is probably not the layer's main output. Choose the tensor with `select=`, {how}, e.g."
+            f" `select=lambda out: {access(key)}` {hf}."
+        )
+    elif others := [key for key, t in items if t is not selected]:
+        message += (
+            f" Watch a wider layer, or choose another tensor with `select=`, {how}, e.g."
+            f" `select=lambda out: {access(others[0])}` {hf}."
+        )
+    else:
+        message += (
+            " Watch a wider layer, or build the rows differently with `pool=` or `select=` (a callable given the"
+            ' layer\'s output; the HF callback takes a module-level function or a "module:function" path).'
+        )
+    return message
 
 
 def pool_output(out: Tensor, pool: str | Callable[[Tensor], Tensor] = "mean") -> Tensor:
@@ -174,11 +286,87 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
+#: At most this many output structures are remembered as inspected (then the memory starts over).
+_MAX_STRUCTURES = 256
+
+
+def _structure_key(output: Any, selected: Tensor, d: int) -> Hashable:
+    """What `selection_warning` depends on, without the batch size (so a smaller last batch is not new)."""
+    batch = selected.shape[0] if selected.ndim else None
+    items = tuple((key, t is selected, t.shape[0] == batch, tuple(t.shape[1:])) for key, t in _tensor_items(output))
+    return type(output), d, tuple(selected.shape[1:]), items
+
+
+def _capture(capture: EmbeddingCapture, module: nn.Module, output: Any) -> None:
+    """The armed hook's work; runs eagerly, outside any compiled graph (see `EmbeddingCapture`)."""
+    if capture._handle is None or _in_backward():  # a hook kept by a compiled graph after `detach`; a recompute
+        return
+    try:
+        with torch.no_grad():
+            selected = capture.select(output)
+            # Always a copy: the output may be modified in place later in the forward pass (ReLU(inplace=True)).
+            rows = pool_output(selected, capture.pool).detach().to(torch.float32, copy=True)
+            capture.seen += rows.shape[0]
+            kept, dropped = drop_nonfinite(rows)
+            capture.nonfinite += dropped
+            capture.add(kept)
+    except Exception as err:  # never break the user's forward pass; the monitor reports it at the check
+        capture.error = err
+        return
+    try:
+        capture._inspect(output, selected, rows)
+    except Exception as err:  # a diagnostic must not cost the check
+        capture._record(f"could not inspect the watched layer's output: {err!r}")
+
+
+#: `_capture`, or the same function marked for dynamo to skip once `EmbeddingCapture.attach` has run.
+_capture_outside_graph: Callable[[EmbeddingCapture, nn.Module, Any], None] = _capture
+
+
+def _mark_outside_graph() -> None:
+    """Mark `_capture` for ``torch.compile`` to leave out of its graphs (imports torch._dynamo, ~1 s, once)."""
+    global _capture_outside_graph
+    if _capture_outside_graph is not _capture:
+        return
+    try:
+        _capture_outside_graph = torch.compiler.disable(_capture)
+    except Exception:  # a torch without dynamo: there is nothing to stay out of
+        _capture_outside_graph = _capture
+
+
 class EmbeddingCapture:
     """A forward hook that keeps, while armed, the latest ``max_samples`` pooled rows of a layer's output.
 
     Rows are detached, cast to float32 and kept on the layer's device; rows with NaN/Inf are dropped and
-    counted. Disarmed, the hook returns at once. Memory never exceeds ``max_samples`` rows.
+    counted (``seen``, ``nonfinite``). Disarmed, in eval mode or inside backward (activation checkpointing
+    re-runs forwards there), the hook returns at once. Memory never exceeds ``max_samples`` rows. The hook never
+    raises into the forward pass: an error is kept in ``error`` for the next check.
+
+    ``torch.compile``: only the hook's check of ``training`` and ``armed`` is traced (dynamo guards on ``armed``:
+    switching it selects between compiled variants, it does not recompile); the capture itself is wrapped in
+    ``torch.compiler.disable`` and runs eagerly, so its Python state causes no recompiles and its ``.item()`` no
+    graph break inside it. The call is one graph break at the watched layer, which dynamo (``nested_graph_breaks``
+    off, as by default in torch 2.13) takes at the outermost call on the stack: inside a loop (``nn.Sequential``, a
+    loop over blocks) that frame then runs eagerly. When the first compiled forward is disarmed, disarmed forwards
+    stay one graph; when it is armed, the graph-broken code serves both. ``fullgraph=True`` forbids the break: an
+    armed forward fails to compile there; use ``source="probe"`` with such a model. Dynamo does not guard on module
+    hooks: attach before the model's first compiled forward (a hook attached later is never called).
+
+    The first armed forward of each output structure is inspected (no per-forward or per-row cost after that):
+    a watched tensor with fewer than 2 features after pooling, or a larger tensor beside it, records a warning
+    (see `select_tensor`); `pop_warnings` hands the pending ones over, each distinct warning once per capture.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = nn.Linear(4, 3)
+        >>> cap = EmbeddingCapture(max_samples=8)
+        >>> cap.attach(layer)
+        >>> cap.armed = True
+        >>> _ = layer(torch.randn(5, 4))
+        >>> cap.take().shape, cap.seen, cap.pop_warnings()
+        (torch.Size([5, 3]), 5, [])
+        >>> cap.detach()
     """
 
     def __init__(
@@ -193,6 +381,10 @@ class EmbeddingCapture:
         self.armed = False
         self.error: Exception | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        # kept across `reset`: each distinct warning is recorded once per capture object
+        self._inspected: set[Hashable] = set()
+        self._warned: set[str] = set()
+        self._pending: list[str] = []
         self.reset()
 
     def reset(self) -> None:
@@ -203,6 +395,7 @@ class EmbeddingCapture:
 
     def attach(self, module: nn.Module) -> None:
         self.detach()
+        _mark_outside_graph()
         self._handle = module.register_forward_hook(self._hook)
 
     def detach(self) -> None:
@@ -215,18 +408,49 @@ class EmbeddingCapture:
         return self._handle is not None
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self.armed or not module.training or _in_backward():
+        # Traced by dynamo in a compiled model: only these two reads (guarded) stay in the graph. `training` first:
+        # in eval mode `armed` is not read, so it adds no variant.
+        if not module.training or not self.armed:
             return
-        try:
-            with torch.no_grad():
-                # Always a copy: the output may be modified in place later in the forward pass (ReLU(inplace=True)).
-                rows = pool_output(self.select(output), self.pool).detach().to(torch.float32, copy=True)
-                self.seen += rows.shape[0]
-                rows, dropped = drop_nonfinite(rows)
-                self.nonfinite += dropped
-                self.add(rows)
-        except Exception as err:  # never break the user's forward pass; the monitor reports it at the check
-            self.error = err
+        _capture_outside_graph(self, module, output)
+
+    def _inspect(self, output: Any, selected: Tensor, rows: Tensor) -> None:
+        """Record a `selection_warning` for this output structure, once; a plain wide tensor costs nothing."""
+        d = int(rows.shape[1]) if rows.ndim == 2 else 1
+        if d >= 2 and isinstance(output, Tensor):
+            return
+        key = _structure_key(output, selected, d)
+        if key in self._inspected:
+            return
+        if len(self._inspected) >= _MAX_STRUCTURES:
+            self._inspected.clear()
+        self._inspected.add(key)
+        message = selection_warning(output, selected, d, default_rule=self.select is select_tensor)
+        if message is not None:
+            self._record(message)
+
+    def _record(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self._pending.append(message)
+
+    def pop_warnings(self) -> list[str]:
+        """The warnings recorded since the last call (each distinct one once per capture), and forget them.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> layer = nn.Linear(4, 1)  # one feature per example: the collapse index would stay constant
+            >>> cap = EmbeddingCapture(max_samples=8)
+            >>> cap.attach(layer)
+            >>> cap.armed = True
+            >>> _ = layer(torch.randn(5, 4)), layer(torch.randn(5, 4))
+            >>> pending = cap.pop_warnings()  # two forwards, one structure: one warning
+            >>> len(pending), "1 feature per example" in pending[0], cap.pop_warnings()
+            (1, True, [])
+        """
+        pending, self._pending = self._pending, []
+        return pending
 
     def add(self, rows: Tensor) -> None:
         """Append rows, dropping the oldest beyond ``max_samples``."""

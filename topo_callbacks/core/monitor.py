@@ -293,8 +293,15 @@ class CollapseMonitorCore:
             local = self.capture.take()
             error, self.capture.error = self.capture.error, None
             own_seen, own_nonfinite = self.capture.seen, self.capture.nonfinite
+        # the watched tensor looks degenerate (d < 2) or secondary: each distinct warning once, on rank 0
+        selection = self.capture.pop_warnings()
+        if not self.strict:
+            for note in selection:
+                self._warn(f"{self.monitor}: {note}")
         # the error flag rides along so that every rank skips a check that failed on any rank, and logs alike
-        seen, nonfinite, failed = sum_across_ranks([own_seen, own_nonfinite, int(error is not None)], self._device)
+        seen, nonfinite, failed, degenerate = sum_across_ranks(
+            [own_seen, own_nonfinite, int(error is not None), len(selection)], self._device
+        )
         if self._armed_steps and self.capture.seen:
             per_step = self.capture.seen / self._armed_steps
             self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
@@ -305,6 +312,9 @@ class CollapseMonitorCore:
             x = local if local is not None else torch.zeros(0, 0, device=self._device)
         else:
             x = gather_samples(local, self.max_samples, self._device, dst=0 if on_rank0 else None)
+        if degenerate and self.strict:  # after the gather: every rank raises at the same point
+            detail = " ".join(selection) or "(reported on another rank)"
+            raise ValueError(f"{self.monitor}: the watched tensor looks wrong (strict=True). {detail}")
         if failed:
             where = f"{error!r}" if error is not None else f"on {failed} other rank(s)"
             return self._skip(step, f"capturing the layer output failed: {where}", error)
