@@ -13,7 +13,10 @@ For each cloud (n points in d dimensions, Gaussian or collapsed near a 2-dim sub
 checks that every tool reports the same (b0, b1) (infinite bars at ``thresh=eps``), and that the engine after
 each last move reports what a reset on its moved points does; prints the ratios. Memory:
 the engine's state after ``reset`` (``stats()["state_bytes"]``) and the process's peak resident growth during the
-reset (Linux only).
+reset (Linux only; on a GPU, the peak of CUDA memory allocated during the reset instead).
+
+``--device cuda`` keeps the points, the engine and ``cdist`` on the GPU (the peers stay on the CPU, as they run);
+eps is then found on the GPU too, and every timing waits for the device.
 
 Run ``python benchmarks/engine.py`` for the full table (about 15 minutes on a 2-core CPU), ``--quick`` for a
 smoke-sized one (CI).
@@ -49,7 +52,7 @@ def make_cloud(kind: str, n: int, d: int, seed: int) -> np.ndarray:
 def percentile_distance(x: torch.Tensor, pct: float) -> float:
     """The ``pct``-th percentile of all pairwise distances, placed between two distinct distances."""
     dist = torch.cdist(x.double(), x.double())
-    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1)
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
     values = dist[i, j]
     k = max(1, round(pct / 100.0 * values.numel()))
     # midway between two order statistics: no pair sits at eps, where tools may round either way
@@ -57,11 +60,22 @@ def percentile_distance(x: torch.Tensor, pct: float) -> float:
     return (below + above) / 2.0
 
 
-def median_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
+CPU = torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timing covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], reps: int, device: torch.device = CPU) -> tuple[float, Any]:
     times, out = [], None
     for _ in range(reps):
+        synchronize(device)
         start = time.perf_counter()
         out = fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -70,8 +84,16 @@ def infinite_bars(dgms: list[np.ndarray]) -> tuple[int, int]:
     return int(np.isinf(dgms[0][:, 1]).sum()), int(np.isinf(dgms[1][:, 1]).sum())
 
 
-def peak_rss_growth(fn: Callable[[], Any]) -> float | None:
-    """MB of resident memory the call added at its peak (Linux: VmHWM after resetting it), else None."""
+def peak_rss_growth(fn: Callable[[], Any], device: torch.device = CPU) -> float | None:
+    """MB of resident memory the call added at its peak (Linux: VmHWM after resetting it), else None; on a GPU, MB
+    of CUDA memory the call allocated at its peak (the engine's state lives there, not in host memory)."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     status = Path("/proc/self/status")
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -90,24 +112,27 @@ def _vm(status: Path, key: str) -> int:
     raise OSError(key)
 
 
-def run_config(kind: str, n: int, d: int, pct: float, reps: int, peers: bool, seed: int = 0) -> dict[str, Any]:
+def run_config(
+    kind: str, n: int, d: int, pct: float, reps: int, peers: bool, seed: int = 0, device: str = "cpu"
+) -> dict[str, Any]:
+    dev = torch.device(device)
     x_np = make_cloud(kind, n, d, seed)
-    x = torch.from_numpy(x_np)
+    x = torch.from_numpy(x_np).to(dev)
     eps = percentile_distance(x, pct)
-    row: dict[str, Any] = {"kind": kind, "n": n, "d": d, "pct": pct, "eps": eps}
+    row: dict[str, Any] = {"kind": kind, "n": n, "d": d, "pct": pct, "eps": eps, "device": dev.type}
 
     def engine_from_scratch() -> tuple[MMHMEngine, tuple[int, int]]:
-        engine = MMHMEngine(eps)
+        engine = MMHMEngine(eps, device=dev)
         engine.reset(x)
         return engine, engine.betti()
 
-    engine_from_scratch()  # warm-up: lazy imports and allocator
-    row["engine_s"], (engine, betti) = median_time(engine_from_scratch, reps)
+    engine_from_scratch()  # warm-up: lazy imports and allocator (and, on a GPU, the kernels' first launch)
+    row["engine_s"], (engine, betti) = median_time(engine_from_scratch, reps, dev)
     row["b0"], row["b1"] = betti
     row["state_mb"] = engine.stats()["state_bytes"] / 2**20
-    row["peak_mb"] = peak_rss_growth(engine_from_scratch)
+    row["peak_mb"] = peak_rss_growth(engine_from_scratch, dev)
     x32 = x.float()  # the engine stores float32: the floor is a float32 distance matrix
-    row["cdist_s"], _ = median_time(lambda: torch.cdist(x32, x32), reps)
+    row["cdist_s"], _ = median_time(lambda: torch.cdist(x32, x32), reps, dev)
     if peers:
         from ripser import ripser
 
@@ -129,14 +154,15 @@ def run_config(kind: str, n: int, d: int, pct: float, reps: int, peers: bool, se
             engine, _ = engine_from_scratch()
             ids = engine.ids()
             chosen = torch.from_numpy(rng.choice(n, size=k, replace=False))
-            moved = x[chosen] + scale / np.sqrt(d) * torch.randn(k, d)
+            moved = x[chosen.to(dev)] + scale / np.sqrt(d) * torch.randn(k, d).to(dev)
+            synchronize(dev)
             start = time.perf_counter()
-            engine.move(ids[chosen], moved)
+            engine.move(ids[chosen.to(ids.device)], moved)
             after = engine.betti()
             times.append(time.perf_counter() - start)
         row[f"move{int(share * 100)}_s"] = statistics.median(times)
         # the edited engine against one reset on its points (a reset agrees with the peers above)
-        fresh = MMHMEngine(eps)
+        fresh = MMHMEngine(eps, device=dev)
         fresh.reset(engine.points())
         row[f"move{int(share * 100)}_agrees"] = fresh.betti() == after
     return row
@@ -188,11 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="skip ripser and giotto-ph")
     parser.add_argument("--peers-up-to", type=int, default=8192, help="largest n at which the peers run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--device", default="cpu", help="where the points, the engine and cdist live (cpu, cuda)")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([256, 512] if args.quick else [1024, 2048, 4096, 8192])
     dims = args.dims or ([64] if args.quick else [64, 768])
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(
         f"# engine benchmark: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        f", device {args.device} ({where})"
     )
     rows = []
     for d in dims:
@@ -201,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 for pct in args.pcts:
                     reps = args.reps or (1 if args.quick else (3 if n <= 2048 else 1))
                     peers = not args.no_peers and n <= args.peers_up_to
-                    row = run_config(kind, n, d, pct, reps, peers)
+                    row = run_config(kind, n, d, pct, reps, peers, device=args.device)
                     rows.append(row)
                     print(markdown([row]).splitlines()[-1], flush=True)
     print()
