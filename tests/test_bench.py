@@ -1,150 +1,232 @@
-"""`topo-callbacks bench`: real (short) training runs, replayed detectors, calibration on disjoint seeds."""
+"""`topo-callbacks bench`: forked training runs, replayed detectors, leave-one-family-out calibration, outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 
 import numpy as np
 import pytest
+import torch
 
-from topo_callbacks.bench.detectors import channel_series, drop_step, patience_step, rise_step, spike_step
-from topo_callbacks.bench.runner import ground_truth, score
-from topo_callbacks.bench.scenarios import SCENARIOS, RunRecord, run_scenario
+from topo_callbacks.bench.detectors import (
+    ema_zscore,
+    first_at_or_above,
+    mad_score,
+    patience_count,
+    patience_step,
+    rise_score,
+    rise_step,
+    running_mean_ratio,
+    spike_step,
+)
+from topo_callbacks.bench.families import FAMILIES, AttentionEntropyTask
+from topo_callbacks.bench.protocol import analyse, calibrated_threshold, clopper_pearson, fa_upper_bound
+from topo_callbacks.bench.record import RunRecord, _monitor, _Recorder, _train, train_arms
 from topo_callbacks.cli import main
-from topo_callbacks.functional.collapse import PAPER_WEIGHTS
 
-SUBSET = ["classifier_lr", "benign_neural_collapse"]
+SUBSET = ["classifier_lr", "dead_units", "batch_size"]
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert main(["bench", "--quick", "--seeds", "2", "--out", str(out), "--scenarios", *SUBSET]) == 0
+    assert main(["bench", "--quick", "--seeds", "2", "--jobs", "2", "--out", str(out), "--families", *SUBSET]) == 0
     records = [RunRecord.from_dict(json.loads(p.read_text())) for p in sorted((out / "runs").glob("*.json"))]
     return out, json.loads((out / "results.json").read_text()), records
 
 
+def test_forked_arms_continue_exactly_as_a_run_trained_straight_through():
+    """The snapshot at t0 holds everything a run depends on (weights, optimizer, generators, batch streams, the
+    global RNG, the monitor): the healthy arm forked from it equals the same seed trained without a fork."""
+    fam = FAMILIES["simsiam"]
+    steps, t0 = fam.schedule(quick=True)
+    healthy, failure = train_arms(fam, seed=3, quick=True)
+    task = fam.build(3, t0)
+    monitor = _monitor(task, fam)
+    recorder = _Recorder(task, fam, "healthy", 3, steps, t0)
+    monitor.attach(task.model)
+    _train(task, fam, monitor, recorder, 1, steps)
+    straight = recorder.rec
+    assert straight.loss == healthy.loss
+    assert straight.grad_norm == healthy.grad_norm
+    assert [c["ci"] for c in monitor.history] == [c["ci"] for c in healthy.checks]
+    assert failure.loss[:t0] == healthy.loss[:t0]
+    # the stop-gradient goes at step t0 + 1 (same loss value, other gradient): the arms part from the step after
+    assert failure.loss[t0] == healthy.loss[t0]
+    assert failure.loss[t0 + 1] != healthy.loss[t0 + 1]
+
+
+def test_every_step_records_every_channel():
+    # the logit-scale switch of the (dropped) attention-entropy candidate moves the attention channels for sure
+    fam = dataclasses.replace(FAMILIES["byte_lm"], build=AttentionEntropyTask)
+    healthy, failure = train_arms(fam, seed=0, quick=True)
+    steps, t0 = fam.schedule(quick=True)
+    for rec in (healthy, failure):
+        for series in (rec.loss, rec.grad_norm, rec.lr, rec.act_rms, rec.attn_max_logit, rec.attn_min_entropy):
+            assert len(series) == steps
+            assert all(math.isfinite(v) for v in series[:t0])
+        assert len(rec.update_norm) == len(rec.weight_norm) == steps
+        assert all(u[0] > 0 for u in rec.update_norm)
+        assert [s for s, _, _ in rec.evals][:2] == [0, fam.eval_every]
+        assert rec.step_s > 0
+        assert rec.channels_s > 0
+        assert rec.monitor_s > 0
+    # the logit scale ramps up after t0 in the failure arm: its max attention logit grows beyond the twin's
+    assert max(failure.attn_max_logit[t0:]) > 2 * max(healthy.attn_max_logit[t0:])
+
+
 @pytest.mark.slow
-def test_bench_writes_its_outputs_and_splits_seeds(bench):
+def test_bench_writes_its_outputs_and_the_summary_schema(bench):
     out, results, records = bench
-    assert len(records) == 2 * (2 + 1)  # 2 seeds x (healthy + collapse, one control arm)
+    assert len(records) == 2 * len(SUBSET) * 2  # 2 seeds x 2 arms per family
     assert results["calibration_seeds"] == [0]
     assert results["test_seeds"] == [1]
-    md = (out / "results.md").read_text()
-    assert "| CI, paper weights |" in md
-    assert "QUICK setting" in md
-    for name in SUBSET:
-        assert (out / f"timeline_{name}.png").stat().st_size > 10_000
-    paper = results["detectors"]["CI, paper weights"]
-    assert set(paper["alarms"]) == {f"{r.scenario}/{r.arm}/{r.seed}" for r in records if r.seed == 1}
-    assert paper["overall"]["runs"] == 3
+    for name in ("results.md", "curves.png", *(f"timeline_{f}.png" for f in SUBSET)):
+        assert (out / name).stat().st_size > 1000, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "leave-one-family-out"
+    assert summary["families"] == ["classifier_lr", "dead_units"]
+    assert summary["controls"] == ["batch_size"]
+    assert summary["runs"]["clean_test"] == 4  # two healthy twins, both arms of the control
+    default = summary["detectors"][summary["default"]]
+    for key in ("detected", "failure_runs", "false_alarms", "clean_runs", "fa_upper95", "median_lead",
+                "cost_ms_per_step", "per_family"):  # fmt: skip
+        assert key in default
+    assert set(default["per_family"]) == set(SUBSET)
+    assert "QUICK setting" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow
-def test_collapse_arm_really_degrades_and_healthy_arm_does_not(bench):
-    _, _, records = bench
-    for rec in records:
-        if rec.scenario != "classifier_lr":
-            continue
-        t_c = ground_truth(rec)["t_c"]
-        if rec.arm == "collapse":
-            assert t_c is not None, (rec.seed, rec.evals)
-            assert t_c >= rec.t0, (rec.seed, rec.evals)
-        else:
-            assert t_c is None, (rec.seed, rec.evals)
-
-
-@pytest.mark.slow
-def test_replayed_rule_reproduces_the_live_monitor(bench):
-    """Replaying the rise rule at the shipped 0.15 on the logged paper CI gives the live monitor's alarm step."""
-    _, _, records = bench
-    alarms = []
-    for rec in records:
-        steps = [c["step"] for c in rec.checks]
-        replay = rise_step(steps, channel_series(rec.checks, PAPER_WEIGHTS), 0.15)
-        assert replay == rec.monitor_alarm_step, rec.scenario
-        assert channel_series(rec.checks, PAPER_WEIGHTS) == pytest.approx([c["ci"] for c in rec.checks])
-        alarms.append(replay)
-    assert any(a is not None for a in alarms)  # the comparison is not between two Nones only
-
-
-@pytest.mark.slow
-def test_cached_runs_are_reused(bench, capsys):
+def test_cached_runs_are_reused(bench):
     out, results, _ = bench
-    assert main(["bench", "--quick", "--seeds", "2", "--out", str(out), "--scenarios", *SUBSET]) == 0
+    assert main(["bench", "--quick", "--seeds", "2", "--out", str(out), "--families", *SUBSET]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert again["detectors"]["CI, paper weights"]["alarms"] == results["detectors"]["CI, paper weights"]["alarms"]
-    assert again["wall_s"] < 5.0  # nothing retrained
+    assert again["wall_s"] < 60  # nothing retrained (the analysis and plots remain)
+    first = results["detectors"][json.loads((out / "summary.json").read_text())["default"]]["alarms"]
+    assert again["detectors"][next(iter(again["detectors"]))]["alarms"] == first
+
+
+@pytest.mark.slow
+def test_leave_one_family_out_never_fits_on_the_held_out_family(bench):
+    """Removing the held-out family's calibration runs leaves its thresholds unchanged, for every detector."""
+    _, _, records = bench
+    full = analyse(records, [0], learn_weights=True)
+    for fam in ("classifier_lr", "dead_units"):
+        rest = [r for r in records if not (r.family == fam and r.seed == 0)]
+        part = analyse(rest, [0], learn_weights=True)
+        for label, d in full["detectors"].items():
+            assert part["detectors"][label]["thresholds"][fam] == d["thresholds"][fam], (label, fam)
+        assert part["learned_weights"][fam] == full["learned_weights"][fam]
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
-    assert main(["bench", "--scenarios", "simsam", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--families", "simsam", "--out", str(tmp_path)]) == 2
     assert "simsiam" in capsys.readouterr().err
     assert main(["bench", "--seeds", "1", "--out", str(tmp_path)]) == 2
     assert "seeds" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="arms"):
-        run_scenario("benign_neural_collapse", "collapse")
+    assert main(["bench", "--jobs", "0", "--out", str(tmp_path)]) == 2
+    assert "jobs" in capsys.readouterr().err
 
 
-def test_every_scenario_declares_consistent_arms():
-    for sc in SCENARIOS.values():
-        assert sc.quick_steps < sc.steps
-        assert sc.quick_t0 < sc.quick_steps
-        assert sc.t0 < sc.steps
-        assert sc.eval_every <= sc.check_every * 2
-        assert sc.arms == (("healthy", "collapse") if sc.kind == "collapse" else ("control",))
+def test_every_family_declares_consistent_schedules():
+    kinds = {f.kind for f in FAMILIES.values()}
+    assert kinds == {"failure", "control"}
+    assert sum(f.kind == "failure" for f in FAMILIES.values()) >= 8
+    assert sum(f.kind == "control" for f in FAMILIES.values()) >= 5
+    for fam in FAMILIES.values():
+        for quick in (False, True):
+            steps, t0 = fam.schedule(quick)
+            assert 0 < t0 < steps
+            assert t0 % fam.eval_every == 0  # an evaluation at the fork
+        assert fam.arms == (("healthy", "failure") if fam.kind == "failure" else ("healthy", "control"))
+        assert fam.mechanism
+        assert fam.source
 
 
-def _spike_brute(values, k, window):
-    for i, v in enumerate(values):
-        if not np.isfinite(v):
-            return i + 1
-        if i < window:
-            continue
-        past = np.asarray(values[i - window : i])
-        med = np.median(past)
-        mad = np.median(np.abs(past - med))
-        if v > med + k * max(mad, 1e-12 * abs(med)):
-            return i + 1
-    return None
+# ----------------------------------------------------------------------------------- statistics vs references
+def test_loss_spike_statistic_matches_lightnings_spike_detection():
+    """The replayed statistic alarms where Lightning's own `SpikeDetection` (fed the same losses) first spikes."""
+    from lightning.fabric.utilities.spike import SpikeDetection
 
-
-def test_spike_rule_matches_a_direct_implementation():
     rng = random.Random(0)
-    for trial in range(200):
+    for trial in range(60):
+        n = rng.randint(2, 60)
+        values = [rng.uniform(0.5, 1.5) for _ in range(n)]
+        if trial % 2:
+            values[rng.randrange(1, n)] *= rng.choice([3.5, 10.0])
+        rtol = rng.choice([0.5, 2.0])
+        detector = SpikeDetection(rtol=rtol, window=10, warmup=1)
+        expected = None
+        for i, v in enumerate(values):
+            loss = torch.tensor(v)
+            if i >= detector.warmup and detector._is_spike(loss):
+                expected = i + 1
+                break
+            detector._update_stats(loss)
+        stat = running_mean_ratio(values, window=10, warmup=1)
+        assert first_at_or_above(np.arange(1, n + 1), stat, rtol) == expected, (values, rtol)
+
+
+def test_ema_zscore_matches_a_direct_loop():
+    rng = random.Random(1)
+    for _ in range(50):
         n = rng.randint(1, 80)
+        v = [rng.gauss(1.0, 0.2) for _ in range(n)]
+        mu = var = None
+        expected = []
+        for t, x in enumerate(v):
+            z = 0.0
+            if t >= 25 and mu is not None:
+                z = (x - mu) / max(var**0.5, 1e-12 * abs(mu) + 1e-30)
+            expected.append(z)
+            if mu is None:
+                mu, var = x, 0.0
+            else:
+                var = 0.97 * (var + 0.03 * (x - mu) ** 2)
+                mu = mu + 0.03 * (x - mu)
+        assert ema_zscore(v) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_threshold_statistics_agree_with_the_first_alarm_rules():
+    rng = random.Random(2)
+    for _ in range(100):
+        n = rng.randint(1, 60)
         values = [rng.gauss(1.0, 0.1) for _ in range(n)]
-        if trial % 3 == 0 and n > 10:
-            values[rng.randrange(n)] += rng.choice([0.5, 5.0, float("nan")])
+        if n > 10:
+            values[rng.randrange(n)] += rng.choice([0.5, 5.0])
+        steps = np.arange(1, n + 1)
         k, window = rng.choice([2.0, 6.0]), rng.randint(1, 20)
-        assert spike_step(values, k, window=window) == _spike_brute(values, k, window)
+        assert first_at_or_above(steps, mad_score(values, window), np.nextafter(k, math.inf)) == spike_step(
+            values, k, window=window
+        )
+        h = rng.choice([0.05, 0.1, 0.2])
+        assert first_at_or_above(steps, rise_score(values), np.nextafter(h, math.inf)) == rise_step(
+            list(steps), values, h
+        )
+        evals = list(zip(range(n), values, strict=True))
+        assert first_at_or_above(steps - 1, patience_count(evals), 3) == patience_step(evals, patience=3)
 
 
-def test_ground_truth_rules():
-    evals = [(0, 90.0), (10, 92.0), (20, 86.0), (30, 85.0), (40, 86.9)]
-    assert drop_step(evals, points=5.0) == 20
-    assert drop_step(evals, points=5.0, evals_needed=4) is None
-    assert drop_step([(0, 10.0), (10, float("inf")), (20, float("nan")), (30, 12.0)], mode="min", relative=0.1) == 10
-    assert patience_step([(0, 1.0), (1, 0.5), (2, 0.6), (3, 0.7)]) is None
-    assert patience_step([(0, 1.0), (1, float("nan"))]) == 1
-    assert patience_step([(0, 1.0), (1, 1.5), (2, 1.2), (3, 1.1), (4, 1.5)], mode="max") == 4
+def test_calibrated_threshold_gives_at_most_alpha_false_alarms_and_no_lower_one_does():
+    rng = random.Random(3)
+    for _ in range(200):
+        maxima = [rng.choice([rng.random(), 0.5]) for _ in range(rng.randint(1, 70))]
+        alpha = rng.choice([0.05, 0.1, 0.3])
+        h = calibrated_threshold(maxima, alpha)
+        assert sum(m >= h for m in maxima) <= alpha * len(maxima) + 1e-9
+        below = [m for m in maxima if m < h]
+        if below:
+            assert sum(m >= max(below) for m in maxima) > alpha * len(maxima)
 
 
-def test_scoring_counts_hits_late_alarms_and_false_positives():
-    outcomes = [
-        {"kind": "positive", "collapsed": True, "hit": True, "late": False, "false_positive": False,
-         "lead_vs_drop": 100, "lead_vs_standard": 50},
-        {"kind": "positive", "collapsed": True, "hit": False, "late": True, "false_positive": False,
-         "lead_vs_drop": -20, "lead_vs_standard": -40},
-        {"kind": "positive", "collapsed": True, "hit": False, "false_positive": True},  # alarm before t0
-        {"kind": "positive", "collapsed": False, "hit": False, "late": False, "false_positive": False},
-        {"kind": "negative", "false_positive": True},
-        {"kind": "negative", "false_positive": False},
-    ]  # fmt: skip
-    s = score(outcomes)
-    assert (s["collapsed_runs"], s["detected"], s["late"], s["false_positives"], s["runs"]) == (3, 1, 1, 2, 6)
-    assert s["detection_rate"] == pytest.approx(1 / 3)
-    assert s["false_positive_rate"] == pytest.approx(2 / 6)
-    assert s["median_lead_vs_drop"] == 100
-    assert s["median_lead_vs_standard"] == 5
+def test_intervals_match_scipys_exact_binomial():
+    from scipy.stats import binomtest
+
+    for k, n in [(0, 60), (3, 60), (40, 40), (17, 45), (1, 1)]:
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        assert clopper_pearson(k, n) == pytest.approx((ci.low, ci.high))
+        one_sided = binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").high
+        assert fa_upper_bound(k, n) == pytest.approx(one_sided)

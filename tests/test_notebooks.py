@@ -38,8 +38,8 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_benchmark_notebook(tmp_path, monkeypatch):
     text = execute("benchmark.ipynb", tmp_path, monkeypatch)
-    assert "scenarios: classifier_lr, benign_neural_collapse" in text
-    assert "CI, paper weights" in text
+    assert "families: classifier_lr, dead_units, batch_size" in text
+    assert "CI, benchmark weights, rise (the monitor's default) [stock]" in text
     assert "quick: True" in text
-    assert "2 timelines shown" in text
+    assert "3 timelines shown" in text
     assert (tmp_path / "logs" / "results.json").exists()

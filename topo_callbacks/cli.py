@@ -173,37 +173,44 @@ def main(argv: list[str] | None = None) -> int:
         " max_rise; 'none' if the rise rule was off)",
     )
     report.set_defaults(func=_report)
-    bench = sub.add_parser("bench", help="collapse scenarios x seeds: lead times and false positives per detector")
-    bench.add_argument("--scenarios", nargs="+", default=None, help="scenario names (default: all)")
+    bench = sub.add_parser(
+        "bench",
+        help="failure families and controls x seeds: detection, lead and false alarms per detector",
+        description="Train every family (shared-prefix forks; runs cached in OUT, so an interrupted run resumes) and"
+        " score every detector leave-one-family-out. See topo_callbacks/bench/protocol.py.",
+    )
+    bench.add_argument(
+        "--families", "--scenarios", nargs="+", default=None, dest="families", help="family names (default: all)"
+    )
     bench.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1; the first half calibrates (default 10)")
     bench.add_argument("--out", default="bench_out", help="output folder (runs are cached in OUT/runs)")
     bench.add_argument("--quick", action="store_true", help="short runs: a smoke test of the pipeline, not results")
+    bench.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from topo_callbacks.bench.families import FAMILIES
+    from topo_callbacks.bench.report import DEFAULT
     from topo_callbacks.bench.runner import run_benchmark
-    from topo_callbacks.bench.scenarios import SCENARIOS
 
-    if args.scenarios and sorted(set(args.scenarios) - set(SCENARIOS)):
-        print(f"topo-callbacks bench: unknown scenario(s); accepted: {' '.join(SCENARIOS)}", file=sys.stderr)
+    if args.families and sorted(set(args.families) - set(FAMILIES)):
+        print(f"topo-callbacks bench: unknown family; accepted: {' '.join(FAMILIES)}", file=sys.stderr)
         return 2
     try:
-        results = run_benchmark(args.out, scenarios=args.scenarios, seeds=args.seeds, quick=args.quick)
+        results = run_benchmark(args.out, families=args.families, seeds=args.seeds, quick=args.quick, jobs=args.jobs)
     except ValueError as err:
         print(f"topo-callbacks bench: {err}", file=sys.stderr)
         return 2
-    print(f"\n{'detector':<48} {'detected':>9} {'lead':>6} {'FP':>7}   (test seeds {results['test_seeds']})")
-    for name, d in results["detectors"].items():
-        if name.startswith("ablation"):
-            continue
-        o = d["overall"]
-        lead = "-" if o["median_lead_vs_drop"] is None else f"{o['median_lead_vs_drop']:+.0f}"
-        det, fp = f"{o['detected']}/{o['collapsed_runs']}", f"{o['false_positives']}/{o['runs']}"
-        print(f"{name:<48} {det:>9} {lead:>6} {fp:>7}")
-    print(f"-> {args.out}/results.md, results.json, timeline_*.png")
+    print(f"\n{'detector':<64} {'detected':>9} {'lead':>6} {'FA':>7}   (test seeds {results['test_seeds']})")
+    for label, d in results["detectors"].items():
+        p = d["pooled"]
+        lead = "-" if p["median_lead"] is None else f"{p['median_lead']:+.0f}"
+        det, fa = f"{p['detected']}/{p['failure_runs']}", f"{p['false_alarms']}/{p['clean_runs']}"
+        print(f"{label:<64} {det:>9} {lead:>6} {fa:>7}{'  <- default' if label == DEFAULT else ''}")
+    print(f"-> {args.out}/results.md, results.json, summary.json, curves.png, timeline_*.png")
     return 0
 
 

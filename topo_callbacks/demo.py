@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from topo_callbacks.bench.scenarios import _augment, _knn_accuracy
-from topo_callbacks.bench.scenarios import _digits as _load_digits
+from topo_callbacks.bench.tasks import augment as _augment
+from topo_callbacks.bench.tasks import knn_accuracy as _knn_accuracy
+from topo_callbacks.bench.tasks import digits as _load_digits
 
 __all__ = ["drop_step", "run_demo"]
 

@@ -168,3 +168,134 @@ def patience_step(
             if wait >= patience:
                 return int(step)
     return None
+
+
+# ------------------------------------------------------------------------------ alarm statistics (threshold-free)
+# A detector is replayed as a statistic series s_t over the points it sees (steps, checks or evaluations): at
+# threshold h it alarms at the first point with s_t >= h. One series per run serves every threshold, so a
+# detector is calibrated to a false-alarm rate, and swept into a detection-versus-false-alarm curve, cheaply.
+
+
+def first_at_or_above(steps: np.ndarray, stat: np.ndarray, threshold: float, start: int = 0) -> int | None:
+    """The first step (at index >= ``start``) whose statistic reaches ``threshold``, or None.
+
+    Example:
+        >>> first_at_or_above(np.array([1, 2, 3]), np.array([0.5, 2.0, 1.0]), 1.5)
+        2
+    """
+    hits = np.flatnonzero(stat[start:] >= threshold)
+    return int(steps[start + hits[0]]) if hits.size else None
+
+
+def running_mean_ratio(values: Sequence[float], window: int = 10, warmup: int = 1) -> np.ndarray:
+    """Lightning ``SpikeDetection``'s statistic: ``|x_t - mean| / |mean|`` over the previous ``window`` values, when
+    ``x_t`` is not better (lower) than ``x_{t-1}``, else 0; infinite for a non-finite value; 0 before ``warmup``.
+
+    Lightning raises at the first spike and updates its mean only with non-spikes, so before the first alarm at any
+    threshold the mean is the plain mean of the previous values: this replay is exact for the first alarm.
+
+    Example:
+        >>> [round(float(v), 2) for v in running_mean_ratio([1.0, 1.0, 4.0, 1.0], window=2)]
+        [0.0, 0.0, 3.0, 0.0]
+    """
+    v = np.asarray(values, dtype=np.float64)
+    out = np.zeros(len(v))
+    for t in range(max(warmup, 1), len(v)):
+        x = v[t]
+        if not math.isfinite(x):
+            out[t] = math.inf
+            continue
+        if x <= v[t - 1]:
+            continue
+        past = v[max(0, t - window) : t]
+        past = past[np.isfinite(past)]
+        if past.size == 0:
+            continue
+        mean = float(past.mean())
+        out[t] = abs(x - mean) / max(abs(mean), 1e-12)
+    return out
+
+
+def mad_score(values: Sequence[float], window: int = 200) -> np.ndarray:
+    """``(x_t - median) / MAD`` over the previous ``window`` values (0 before ``window``; inf if not finite).
+
+    Example:
+        >>> float(mad_score([1.0, 1.1, 0.9, 1.0, 5.0], window=3)[-1]) > 6
+        True
+    """
+    v = np.asarray(values, dtype=np.float64)
+    med, mad = rolling_median_mad(v, window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (v - med) / np.maximum(mad, 1e-12 * np.abs(med) + 1e-30)
+    out = np.where(np.isfinite(med), out, 0.0)
+    return np.where(np.isfinite(v), np.nan_to_num(out, nan=0.0), math.inf)
+
+
+def ema_zscore(values: Sequence[float], alpha: float = 0.97, warmup: int = 25) -> np.ndarray:
+    """ZClip's statistic: ``(x_t - mu) / sigma`` against an EMA mean and variance (``alpha``) of the values before
+    ``t``; 0 during ``warmup``, inf for a non-finite value.
+
+    Example:
+        >>> z = ema_zscore([1.0, 1.1] * 20 + [3.0], warmup=5)
+        >>> bool(z[-1] > 10), float(z[3])
+        (True, 0.0)
+    """
+    v = np.asarray(values, dtype=np.float64)
+    out = np.zeros(len(v))
+    mu, var = math.nan, 0.0
+    for t, x in enumerate(v):
+        if not math.isfinite(x):
+            out[t] = math.inf
+            continue
+        if t >= warmup and math.isfinite(mu):
+            out[t] = (x - mu) / max(math.sqrt(var), 1e-12 * abs(mu) + 1e-30)
+        if math.isnan(mu):
+            mu = x
+        else:
+            diff = x - mu
+            mu += (1 - alpha) * diff
+            var = alpha * (var + (1 - alpha) * diff * diff)
+    return out
+
+
+def rise_score(values: Sequence[float], *, skip: int = 3, baseline_checks: int = 3, patience: int = 2) -> np.ndarray:
+    """The monitor's rise rule as a statistic: at each check, the smallest rise over the baseline among the last
+    ``patience`` checks (the rule alarms at threshold h when all of them rose by more than h). See `rise_step`.
+
+    Example:
+        >>> [round(float(v), 2) for v in rise_score([0.9, 0.1, 0.1, 0.2, 0.5, 0.5, 0.5], skip=1)]
+        [-inf, -inf, -inf, -inf, -inf, 0.4, 0.4]
+    """
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(len(v), -math.inf)
+    first = skip + baseline_checks
+    if len(v) > first:
+        base = float(np.median(v[skip:first]))
+        rise = v - base
+        for i in range(first, len(v)):
+            window = rise[max(first, i - patience + 1) : i + 1]
+            out[i] = float(window.min()) if len(window) == patience else -math.inf
+    return np.where(np.isfinite(v), out, math.inf)
+
+
+def patience_count(evals: Sequence[tuple[int, float]], *, mode: str = "min", min_delta: float = 0.0) -> np.ndarray:
+    """``EarlyStopping``'s wait count at each evaluation (inf for a non-finite value); it alarms at ``patience``.
+
+    Example:
+        >>> patience_count([(0, 1.0), (10, 0.9), (20, 0.95), (30, 0.91), (40, 0.92)]).tolist()
+        [0.0, 0.0, 1.0, 2.0, 3.0]
+    """
+    out = np.zeros(len(evals))
+    best, wait = math.nan, 0
+    for i, (_, value) in enumerate(evals):
+        value = float(value)
+        if not math.isfinite(value):
+            out[i] = math.inf
+            continue
+        better = math.isnan(best) or (value < best - min_delta if mode == "min" else value > best + min_delta)
+        if better:
+            best, wait = value, 0
+        else:
+            wait += 1
+        out[i] = wait
+    return out

@@ -1,4 +1,4 @@
-"""The benchmark's outputs: a markdown table and one timeline plot per scenario."""
+"""The benchmark's outputs: a markdown report, a small machine-readable summary, timelines and detection curves."""
 
 from __future__ import annotations
 
@@ -10,182 +10,242 @@ from typing import Any
 
 import torch
 
-from topo_callbacks.bench.detectors import channel_series
-from topo_callbacks.bench.scenarios import SCENARIOS, RunRecord
-from topo_callbacks.functional.collapse import PAPER_WEIGHTS, TERMS
+from topo_callbacks.bench.families import DROPPED, FAMILIES
+from topo_callbacks.bench.record import RunRecord
 
-__all__ = ["MAIN_DETECTORS", "fmt_score", "plot_timelines", "write_markdown"]
+__all__ = ["DEFAULT", "cell", "plot_curves", "plot_timelines", "summary", "write_markdown"]
 
-#: Detectors shown in the per-scenario tables (ablations and the full weight search are in their own tables).
-MAIN_DETECTORS = (
-    "CI, paper weights, rule before the benchmark (rise 0.15)",
-    "CI, paper weights",
-    "CI, chosen weights",
-    "Betti term alone",
-    "persistence-entropy term alone",
-    "anisotropy term alone",
-    "effective rank (RankMe) alone",
-    "std of L2-normalised embeddings alone",
-    "gradient-norm spike",
-    "loss spike (6 MAD, standard)",
-    "val-loss patience 3 (standard)",
-)
+#: The monitor's current default alarm, as users run it.
+DEFAULT = "CI, benchmark weights, rise (the monitor's default) [stock]"
 
 
 def _lead(value: float | None) -> str:
     return "-" if value is None else f"{value:+.0f}"
 
 
-def fmt_score(s: Mapping[str, Any]) -> str:
-    """``detected/collapsed, lead L, FP f/n`` in one cell.
+def cell(s: Mapping[str, Any], clean: bool = True) -> str:
+    """``detected/failure runs, lead L, FA f/n`` in one table cell.
 
     Example:
-        >>> fmt_score({"detected": 3, "collapsed_runs": 4, "median_lead_vs_drop": 50, "false_positives": 1, "runs": 8})
-        '3/4, lead +50, FP 1/8'
+        >>> cell({"detected": 3, "failure_runs": 4, "median_lead": 50, "false_alarms": 1, "clean_runs": 8})
+        '3/4, lead +50, FA 1/8'
     """
-    det = f"{s['detected']}/{s['collapsed_runs']}" if s["collapsed_runs"] else "n/a"
-    return f"{det}, lead {_lead(s['median_lead_vs_drop'])}, FP {s['false_positives']}/{s['runs']}"
+    parts = []
+    if s.get("failure_runs"):
+        parts.append(f"{s['detected']}/{s['failure_runs']}, lead {_lead(s['median_lead'])}")
+    if clean and s.get("clean_runs"):
+        parts.append(f"FA {s['false_alarms']}/{s['clean_runs']}")
+    return ", ".join(parts) or "-"
 
 
-def _name(results: Mapping[str, Any], short: str) -> str | None:
-    if short in results["detectors"]:
-        return short
-    return next((n for n in results["detectors"] if n.startswith(short)), None)
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def _threshold(d: Mapping[str, Any]) -> str:
-    return f"{d['threshold']:g}" + ("" if d["calibrated"] else " (fixed)")
+def _ci(ci: Sequence[float] | None, pct: bool = True) -> str:
+    if ci is None:
+        return "-"
+    return f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]%" if pct else f"[{ci[0]:+.0f}, {ci[1]:+.0f}]"
+
+
+def summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The small machine-readable summary (``docs/bench/summary.json``)."""
+    fams = results["families"]
+    test = [r for r in results["runs"] if r["split"] == "test"]
+    dets = {}
+    for label, d in results["detectors"].items():
+        p = d["pooled"]
+        dets[label] = {
+            "detected": p["detected"],
+            "failure_runs": p["failure_runs"],
+            "false_alarms": p["false_alarms"],
+            "clean_runs": p["clean_runs"],
+            "fa_upper95": p["fa_upper95"],
+            "early": p["early"],
+            "median_lead": p["median_lead"],
+            "cost_ms_per_step": d["cost_ms_per_step"],
+            "per_family": {
+                f: {"detected": s["detected"], "failure_runs": s["failure_runs"], "median_lead": s["median_lead"],
+                    "false_alarms": s["false_alarms"], "clean_runs": s["clean_runs"]}
+                for f, s in d["per_family"].items()
+            },
+        }  # fmt: skip
+    return {
+        "protocol": "leave-one-family-out",
+        "alpha": results["alpha"],
+        "quick": results["quick"],
+        "families": [f for f, v in fams.items() if v["kind"] == "failure"],
+        "controls": [f for f, v in fams.items() if v["kind"] == "control"],
+        "runs": {
+            "failure_test": sum(r["failure"] and r["t_c"] is not None for r in test),
+            "failure_test_without_drop": sum(r["failure"] and r["t_c"] is None for r in test),
+            "clean_test": sum(not r["failure"] for r in test),
+        },
+        "default": DEFAULT,
+        "detectors": dets,
+    }
 
 
 def write_markdown(results: Mapping[str, Any]) -> str:
-    """The benchmark's tables as markdown (overall, per scenario, ablation, weight search, ground truth)."""
-    dets = results["detectors"]
-    setting = "QUICK setting (a smoke test of the pipeline, not results)" if results["quick"] else "full setting"
+    """``results.md``: setting, verification, the pooled table, per-family tables, what was dropped."""
+    fams = results["families"]
+    failures = [f for f, v in fams.items() if v["kind"] == "failure"]
+    controls = [f for f, v in fams.items() if v["kind"] == "control"]
+    s = summary(results)
     lines = [
         "# Collapse-scenario benchmark",
         "",
-        f"{datetime.date.today().isoformat()}; {platform.machine()} {platform.system()}, torch {torch.__version__},"
-        f" {torch.get_num_threads()} threads; {setting}.",
-        f"Calibration seeds {results['calibration_seeds']}, test seeds {results['test_seeds']}; every number below is"
-        f" on the test seeds. Wall time {results['wall_s']:.0f} s.",
+        f"{datetime.date.today().isoformat()}, {platform.machine()}, torch {torch.__version__}, "
+        f"{len(results['calibration_seeds'])} calibration seeds {results['calibration_seeds']}, test seeds "
+        f"{results['test_seeds']}, {results['wall_s'] / 60:.1f} min (`--jobs {results['jobs']}`).",
         "",
-        "Detection: alarm at or after t0 and at or before the metric drop t_c, over the collapse runs whose metric"
-        " dropped. Lead: t_c - alarm in optimizer steps (median over detections). Lead vs standard: the earliest of"
-        " loss spike, val-loss patience and metric drop, minus the alarm (median over collapse runs with both)."
-        " FP: runs with a false alarm (any alarm in a healthy twin or control, an alarm before t0 in a collapse run).",
-        "",
-        "## Scenarios",
-        "",
-        "| scenario | kind | switch at t0 | t0 / steps | metric |",
-        "|---|---|---|---|---|",
     ]
-    for name, sc in results["scenarios"].items():
-        lines.append(f"| {name} | {sc['kind']} | {sc['switch']} | {sc['t0']} / {sc['steps']} | {sc['metric']} |")
+    if results["quick"]:
+        lines += ["**QUICK setting: a smoke test of the pipeline, not results.**", ""]
+    lines += [
+        f"Test runs: {s['runs']['failure_test']} failure runs whose metric dropped "
+        f"({s['runs']['failure_test_without_drop']} failure arms whose metric did not drop are not scored), "
+        f"{s['runs']['clean_test']} clean runs (healthy twins and both arms of the controls). Protocol: "
+        f"leave-one-family-out; calibrated thresholds give at most {100 * results['alpha']:.0f}% false alarms on the "
+        "calibration negatives (`topo_callbacks/bench/protocol.py`).",
+        "",
+        "## Families",
+        "",
+        "| family | kind | switch at t0 | mechanism | source | metric | steps, t0 | verified (seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ver = results["verification"]
+    for f, v in fams.items():
+        vv = ver.get(f, {})
+        if v["kind"] == "failure":
+            check = (f"{'yes' if vv.get('verified') else 'NO'}: failure arm dropped {vv.get('failure_dropped')}/"
+                     f"{vv.get('seeds')}, healthy twin {vv.get('healthy_dropped')}")  # fmt: skip
+        else:
+            check = f"{'yes' if vv.get('verified') else 'NO'}: {vv.get('dropped')}/{vv.get('runs')} runs dropped"
+        lines.append(
+            f"| {f} | {v['kind']} | {v['switch']} | {v['mechanism']} | {v['source']} | {v['metric']} | "
+            f"{v['steps']}, {v['t0']} | {check} |"
+        )
+    lines += ["", "Dropped before the benchmark (failed verification):", ""]
+    lines += [f"- `{name}`: {why}" for name, why in DROPPED.items()]
     lines += [
         "",
-        "## All scenarios together",
+        "## All detectors, pooled over the held-out families (test seeds)",
         "",
-        "| detector | threshold | detected | late | median lead vs drop | median lead vs standard | FP (rate) |",
-        "|---|---|---|---|---|---|---|",
+        "*Detected*: alarm in [t0, metric drop). *FA*: clean runs with any alarm (95% upper bound). *Early*: failure"
+        " runs with an alarm before t0. *Lead*: median steps from alarm to drop (95% bootstrap interval). *Cost*:"
+        " ms per training step (and % of the step).",
+        "",
+        "| detector | setting | detected | 95% CI | lead | lead CI | FA | FA upper | early | cost ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, d in dets.items():
-        if name.startswith("ablation"):
-            continue
-        o = d["overall"]
-        rate = "-" if o["false_positive_rate"] is None else f"{o['false_positive_rate']:.2f}"
-        lines.append(
-            f"| {name} | {_threshold(d)} | {o['detected']}/{o['collapsed_runs']} | {o['late']} |"
-            f" {_lead(o['median_lead_vs_drop'])} | {_lead(o['median_lead_vs_standard'])} |"
-            f" {o['false_positives']}/{o['runs']} ({rate}) |"
+    for label, d in results["detectors"].items():
+        p = d["pooled"]
+        name = f"**{d['detector']}**" if label == DEFAULT else d["detector"]
+        cost = f"{d['cost_ms_per_step']:.3f}" + (
+            f" ({d['cost_pct_of_step']:.1f}%)" if d["cost_pct_of_step"] is not None else ""
         )
-    scen = list(results["scenarios"])
-    lines += ["", "## Per scenario (detected/collapsed, median lead vs drop, false positives/runs)", ""]
-    lines += ["| detector | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
-    for short in MAIN_DETECTORS:
-        name = _name(results, short)
-        if name is None:
-            continue
-        cells = [fmt_score(dets[name]["per_scenario"][s]) if s in dets[name]["per_scenario"] else "-" for s in scen]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Ablation: each term removed (threshold re-calibrated)", ""]
-    lines += ["| CI | threshold | detected | median lead vs drop | FP |", "|---|---|---|---|---|"]
-    chosen = _name(results, "CI, chosen weights")
-    for name in ["CI, paper weights", chosen] + [n for n in dets if n.startswith("ablation")]:
-        if name is None:
-            continue
-        o = dets[name]["overall"]
         lines.append(
-            f"| {name} | {_threshold(dets[name])} | {o['detected']}/{o['collapsed_runs']} |"
-            f" {_lead(o['median_lead_vs_drop'])} | {o['false_positives']}/{o['runs']} |"
+            f"| {name} | {d['setting']} | {p['detected']}/{p['failure_runs']} | {_ci(p['detection_ci95'])} | "
+            f"{_lead(p['median_lead'])} | {_ci(p['median_lead_ci95'], pct=False)} | {p['false_alarms']}/"
+            f"{p['clean_runs']} | {_pct(p['fa_upper95'])} | {p['early']} | {cost} |"
         )
-    lines += ["", "## Weight search on the calibration seeds (equal weights over a subset of terms; top 8)", ""]
-    lines += ["| terms | threshold | detected | FP | objective |", "|---|---|---|---|---|"]
-    for t in results["weight_search"][:8]:
-        lines.append(
-            f"| {'+'.join(t['weights'])} | {t['threshold']:g} | {t['detected']}/{t['collapsed_runs']} |"
-            f" {t['false_positives']}/{t['runs']} | {t['objective']:.2f} |"
-        )
-    lines += ["", "## Ground truth per run (all seeds)", ""]
-    lines += ["| scenario | arm | seed | split | t0 | metric drop t_c | loss spike | val-loss patience |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
-        lines.append(
-            f"| {r['scenario']} | {r['arm']} | {r['seed']} | {r['split']} | {r['t0']} | {r['t_c']} |"
-            f" {r['loss_spike']} | {r['val_loss_patience']} |"
-        )
+    lines += ["", "## Per failure family (held out)", ""]
+    labels = list(results["detectors"])
+    lines += ["| detector | " + " | ".join(failures) + " |", "|---|" + "---|" * len(failures)]
+    for label in labels:
+        d = results["detectors"][label]
+        lines.append(f"| {label} | " + " | ".join(cell(d["per_family"].get(f, {})) for f in failures) + " |")
+    if controls:
+        lines += ["", "## Controls (false alarms, test seeds)", ""]
+        lines += ["| detector | " + " | ".join(controls) + " |", "|---|" + "---|" * len(controls)]
+        for label in labels:
+            d = results["detectors"][label]
+            lines.append(f"| {label} | " + " | ".join(cell(d["per_family"].get(f, {})) for f in controls) + " |")
+    if results.get("learned_weights"):
+        lines += ["", "## CI weights learned per held-out family", ""]
+        for fold, w in results["learned_weights"].items():
+            lines.append(f"- held out `{fold}`: {' + '.join(w)}")
+    lines += [
+        "",
+        "Detection-versus-false-alarm curves: `curves.png`; one timeline per family: `timeline_<family>.png`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def plot_timelines(records: Sequence[RunRecord], results: Mapping[str, Any], out: Path) -> list[Path]:
-    """One PNG per scenario (first test seed): task metric, CI with both weightings, the terms, and the alarms."""
+def plot_curves(results: Mapping[str, Any], out: Path) -> Path:
+    """Each detector's detection rate against its false-alarm rate over the test runs (a threshold sweep)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = dict(results["chosen_weights"])
-    chosen_name = _name(results, "CI, chosen weights")
+    fig, ax = plt.subplots(figsize=(8, 6))
+    seen = set()
+    for d in results["detectors"].values():
+        if d["detector"] in seen:  # one curve per detector (the setting only moves the point on it)
+            continue
+        seen.add(d["detector"])
+        curve = d["curve"]
+        ax.step([c[1] for c in curve], [c[2] for c in curve], where="post", label=d["detector"], linewidth=1.2)
+        p = d["pooled"]
+        if p["detection_rate"] is not None and p["fa_rate"] is not None:
+            ax.plot([p["fa_rate"]], [p["detection_rate"]], "o", color=ax.lines[-1].get_color(), markersize=4)
+    ax.axvline(results["alpha"], color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel("false-alarm rate on clean test runs")
+    ax.set_ylabel("detection rate (alarm in [t0, drop)) on held-out failure runs")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.set_title("Detection vs false alarms (threshold sweep; dots: each detector's calibrated or stock setting)")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_timelines(records: Sequence[RunRecord], results: Mapping[str, Any], out: Path) -> list[Path]:
+    """One PNG per family (first test seed): task metric, loss, gradient norm, the default CI, and the alarms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     seed = results["test_seeds"][0]
+    truth = {r["run"]: r["t_c"] for r in results["runs"]}
+    default = results["detectors"].get(DEFAULT, {}).get("alarms", {})
     paths = []
-    for name in results["scenarios"]:
-        runs = [r for r in records if r.scenario == name and r.seed == seed]
+    for name in results["families"]:
+        runs = [r for r in records if r.family == name and r.seed == seed]
         if not runs:
             continue
-        sc = SCENARIOS[name]
-        fig, axes = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
+        fam = FAMILIES[name]
+        fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
         for rec in runs:
-            style = "-" if rec.arm != "healthy" else ":"
-            steps = [s for s, _, _ in rec.evals]
-            axes[0].plot(steps, [m for _, m, _ in rec.evals], style, label=f"{rec.arm}: {sc.metric}")
-            cs = [c["step"] for c in rec.checks]
-            axes[1].plot(cs, channel_series(rec.checks, PAPER_WEIGHTS), style, label=f"{rec.arm}: CI, paper")
-            axes[1].plot(cs, channel_series(rec.checks, chosen), style, label=f"{rec.arm}: CI, chosen")
+            style = ":" if rec.arm == "healthy" else "-"
+            axes[0].plot([s for s, _, _ in rec.evals], [m for _, m, _ in rec.evals], style, label=f"{rec.arm}")
+            axes[1].plot(range(1, len(rec.loss) + 1), rec.loss, style, linewidth=0.6, label=f"{rec.arm}: loss")
+            axes[2].plot(range(1, len(rec.grad_norm) + 1), rec.grad_norm, style, linewidth=0.6, label=rec.arm)
+            axes[3].plot([c["step"] for c in rec.checks], [c["ci"] for c in rec.checks], style, label=rec.arm)
         main = next((r for r in runs if r.arm != "healthy"), runs[0])
-        cs = [c["step"] for c in main.checks]
-        for term in TERMS:
-            axes[2].plot(cs, [c[f"{term}_term"] for c in main.checks], label=f"{term} ({main.arm})")
-        key = f"{name}/{main.arm}/{seed}"
-        truth = next(r for r in results["runs"] if r["scenario"] == name and r["arm"] == main.arm and r["seed"] == seed)
-        marks = [("t0", main.t0, ":"), ("metric drop", truth["t_c"], "-.")]
-        marks.append(("standard warning", truth["standard"], "--"))
-        if chosen_name is not None:
-            marks.append(("CI alarm (chosen)", results["detectors"][chosen_name]["alarms"].get(key), "-"))
+        marks = [("t0", main.t0, ":"), ("metric drop", truth.get(main.key), "-.")]
+        marks.append(("default alarm", default.get(main.key), "--"))
         for label, step, ls in marks:
             if step is not None:
                 for ax in axes:
                     ax.axvline(step, color="k", linestyle=ls, linewidth=1, label=label if ax is axes[0] else None)
-        if sc.metric == "val_ppl":
+        if fam.metric == "val_ppl":
             axes[0].set_yscale("log")
-        axes[0].set_ylabel(sc.metric)
-        axes[1].set_ylabel("CI")
-        axes[2].set_ylabel("terms")
-        axes[2].set_xlabel("optimizer step")
-        for ax in axes:
+        axes[2].set_yscale("log")
+        for ax, ylabel in zip(axes, (fam.metric, "loss", "grad norm", "CI (default)"), strict=True):
+            ax.set_ylabel(ylabel)
             ax.legend(fontsize=6, loc="best")
-        axes[0].set_title(f"{name}: {sc.switch} (seed {seed})")
+        axes[3].set_xlabel("optimizer step")
+        axes[0].set_title(f"{name}: {fam.switch} (seed {seed})", fontsize=9)
         fig.tight_layout()
         path = out / f"timeline_{name}.png"
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=80)
         plt.close(fig)
         paths.append(path)
     return paths

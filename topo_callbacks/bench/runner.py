@@ -1,308 +1,170 @@
-"""Run the scenarios over seeds, replay every detector, choose thresholds on calibration seeds, report on test seeds.
+"""Run the families over seeds (shared-prefix forks, cached, in parallel), replay every detector, write the outputs.
 
-Protocol (ARCHITECTURE section 9, `../shared/research/collapse_anchors.md` section 4.2):
-
-- ground truth ``t_c``: the first evaluation at which the task metric is 5 points (accuracy) or 10% (perplexity)
-  worse than its best so far and stays so for 3 evaluations;
-- standard warning ``t_s``: the earliest of a loss spike (loss above the median of the previous 200 steps by 6
-  MADs), ``EarlyStopping(patience=3)`` on the validation loss, and the metric drop ``t_c`` itself;
-- a detector's alarm in a collapse arm is a *detection* when ``t0 <= alarm <= t_c``, *late* when after ``t_c``,
-  a *false positive* when before ``t0``; any alarm in a healthy twin or a control run is a false positive;
-- thresholds (and the chosen CI weights) maximise detection rate minus false-positive rate on the calibration
-  seeds (ties: the larger threshold); every number reported is on the other seeds.
+Each (family, seed) is one unit of work: its prefix is trained once and snapshotted (``OUT/prefix``), its arms are
+forked from the snapshot and saved as JSON (``OUT/runs``). A unit whose arms are on disk is not retrained, and a
+unit whose prefix is on disk retrains only its arms, so an interrupted benchmark resumes where it stopped.
+``jobs`` units run in parallel processes (one torch thread each). The protocol is in
+`topo_callbacks.bench.protocol`; seeds ``0..n/2-1`` calibrate, the others are scored.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from topo_callbacks.bench.detectors import (
-    channel_series,
-    drop_step,
-    patience_step,
-    rise_step,
-    rolling_median_mad,
-    spike_step,
-)
-from topo_callbacks.bench.scenarios import SCENARIOS, RunRecord, run_scenario
-from topo_callbacks.functional.collapse import PAPER_WEIGHTS, TERMS
+from topo_callbacks.bench.families import FAMILIES, Family
+from topo_callbacks.bench.record import RunRecord, train_arm, train_prefix
 
-__all__ = ["analyse", "ground_truth", "run_benchmark"]
-
-RISE_GRID = (0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-SPIKE_GRID = (3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
-TERM_LABELS = {
-    "betti": "Betti term alone",
-    "entropy": "persistence-entropy term alone",
-    "anisotropy": "anisotropy term alone",
-    "rank": "effective rank (RankMe) alone",
-    "std": "std of L2-normalised embeddings alone",
-}
+__all__ = ["load_records", "run_benchmark", "run_unit"]
 
 
-def ground_truth(rec: RunRecord) -> dict[str, int | None]:
-    """``t_c`` (metric drop) and the standard warnings of one run."""
-    sc = SCENARIOS[rec.scenario]
-    metric = [(s, m) for s, m, _ in rec.evals]
-    if sc.metric_mode == "min":
-        t_c = drop_step(metric, mode="min", relative=0.1)
+def _tag(quick: bool) -> str:
+    return "__quick" if quick else ""
+
+
+def run_path(out: Path, family: str, arm: str, seed: int, quick: bool) -> Path:
+    return out / "runs" / f"{family}__{arm}__{seed}{_tag(quick)}.json"
+
+
+def prefix_path(out: Path, family: str, seed: int, quick: bool) -> Path:
+    return out / "prefix" / f"{family}__{seed}{_tag(quick)}.pt"
+
+
+def run_unit(out: str | Path, family: str, seed: int, quick: bool, threads: int = 1) -> list[RunRecord]:
+    """Both arms of one seed of one family: loaded from ``out`` when cached, else trained (prefix reused if cached).
+
+    Training uses ``threads`` torch threads (1 by default: these models are small, parallelism comes from running
+    units side by side, and the same thread count everywhere keeps results the same with any ``jobs``).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    fam = FAMILIES[family]
+    paths = [run_path(out, family, arm, seed, quick) for arm in fam.arms]
+    if all(p.exists() for p in paths):
+        return [RunRecord.from_dict(json.loads(p.read_text())) for p in paths]
+    ppath = prefix_path(out, family, seed, quick)
+    if ppath.exists():
+        snapshot = torch.load(ppath, weights_only=False)
     else:
-        t_c = drop_step(metric, mode="max", points=5.0)
-    loss_spike = spike_step(rec.loss, 6.0, window=200)
-    patience = patience_step([(s, v) for s, _, v in rec.evals], patience=3)
-    standard = [s for s in (t_c, loss_spike, patience) if s is not None]
-    return {
-        "t_c": t_c,
-        "loss_spike": loss_spike,
-        "val_loss_patience": patience,
-        "standard": min(standard) if standard else None,
-    }
+        snapshot = train_prefix(fam, seed, quick)
+        ppath.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(snapshot, ppath)
+    records = []
+    for arm, path in zip(fam.arms, paths, strict=True):
+        if path.exists():
+            rec = RunRecord.from_dict(json.loads(path.read_text()))
+        else:
+            rec = train_arm(fam, seed, quick, arm, snapshot)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec.as_dict()))
+            tmp.replace(path)  # a unit interrupted mid-write is retrained, never read half-written
+        records.append(rec)
+    return records
 
 
-# -------------------------------------------------------------------------------------------------- detectors
-Detector = Callable[[RunRecord, float], "int | None"]
-
-
-def _rise_detector(weights: Mapping[str, float]) -> Detector:
-    def detect(rec: RunRecord, threshold: float) -> int | None:
-        steps = [int(c["step"]) for c in rec.checks]
-        return rise_step(steps, channel_series(rec.checks, weights), threshold)
-
-    return detect
-
-
-_SPIKE_CACHE: dict[int, Any] = {}
-
-
-def _grad_spike(rec: RunRecord, k: float) -> int | None:
-    key = id(rec)
-    if key not in _SPIKE_CACHE:
-        _SPIKE_CACHE[key] = (rec, rolling_median_mad(rec.grad_norm, 200))
-    return spike_step(rec.grad_norm, k, stats=_SPIKE_CACHE[key][1])
-
-
-def _fixed(fn: Callable[[RunRecord], int | None]) -> Detector:
-    return lambda rec, _threshold: fn(rec)
-
-
-def detectors() -> dict[str, tuple[Detector, Sequence[float]]]:
-    """Every rule the benchmark compares: name -> (alarm function, threshold grid; one value = fixed)."""
-    out: dict[str, tuple[Detector, Sequence[float]]] = {
-        "CI, paper weights, rule before the benchmark (rise 0.15)": (_fixed(lambda r: r.monitor_alarm_step), (0.15,)),
-        "CI, paper weights": (_rise_detector(PAPER_WEIGHTS), RISE_GRID),
-    }
-    for term in TERMS:
-        out[TERM_LABELS[term]] = (_rise_detector({term: 1.0}), RISE_GRID)
-    out["gradient-norm spike"] = (_grad_spike, SPIKE_GRID)
-    out["loss spike (6 MAD, standard)"] = (_fixed(lambda r: ground_truth(r)["loss_spike"]), (6.0,))
-    out["val-loss patience 3 (standard)"] = (_fixed(lambda r: ground_truth(r)["val_loss_patience"]), (3.0,))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------- scoring
-def _outcome(rec: RunRecord, alarm: int | None, truth: Mapping[str, int | None]) -> dict[str, Any]:
-    sc = SCENARIOS[rec.scenario]
-    if sc.kind == "control" or rec.arm == "healthy":
-        return {"kind": "negative", "false_positive": alarm is not None}
-    t0 = rec.t0 or 0
-    t_c, t_s = truth["t_c"], truth["standard"]
-    if alarm is not None and alarm < t0:
-        return {"kind": "positive", "false_positive": True, "collapsed": t_c is not None, "hit": False}
-    return {
-        "kind": "positive",
-        "false_positive": False,
-        "collapsed": t_c is not None,
-        "hit": alarm is not None and t_c is not None and alarm <= t_c,
-        "late": alarm is not None and t_c is not None and alarm > t_c,
-        "lead_vs_drop": None if alarm is None or t_c is None else t_c - alarm,
-        "lead_vs_standard": None if alarm is None or t_s is None else t_s - alarm,
-    }
-
-
-def score(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Detection rate over collapse runs whose metric dropped, false-positive rate over all runs, median leads."""
-    positives = [o for o in outcomes if o["kind"] == "positive" and o["collapsed"]]
-    hits = [o for o in positives if o["hit"]]
-    leads = [o["lead_vs_drop"] for o in hits]
-    std_leads = [o["lead_vs_standard"] for o in positives if o.get("lead_vs_standard") is not None]
-    fp = sum(bool(o["false_positive"]) for o in outcomes)
-    return {
-        "runs": len(outcomes),
-        "collapsed_runs": len(positives),
-        "detected": len(hits),
-        "late": sum(bool(o.get("late")) for o in positives),
-        "detection_rate": len(hits) / len(positives) if positives else None,
-        "false_positives": fp,
-        "false_positive_rate": fp / len(outcomes) if outcomes else None,
-        "median_lead_vs_drop": statistics.median(leads) if leads else None,
-        "median_lead_vs_standard": statistics.median(std_leads) if std_leads else None,
-    }
-
-
-def _objective(s: Mapping[str, Any]) -> float:
-    return (s["detection_rate"] or 0.0) - (s["false_positive_rate"] or 0.0)
-
-
-def _evaluate(
-    detect: Detector, threshold: float, records: Sequence[RunRecord], truths: Mapping[int, Mapping[str, Any]]
-) -> list[dict[str, Any]]:
-    alarms = [detect(r, threshold) for r in records]
-    return [_outcome(r, a, truths[id(r)]) | {"alarm": a} for r, a in zip(records, alarms, strict=True)]
-
-
-def _calibrate(
-    detect: Detector, grid: Sequence[float], records: Sequence[RunRecord], truths: Mapping[int, Mapping[str, Any]]
-) -> float:
-    best_t, best = grid[-1], -math.inf
-    for t in sorted(grid, reverse=True):  # ties keep the larger (more conservative) threshold
-        val = _objective(score(_evaluate(detect, t, records, truths)))
-        if val > best + 1e-12:
-            best_t, best = t, val
-    return best_t
-
-
-def choose_weights(
-    records: Sequence[RunRecord], truths: Mapping[int, Mapping[str, Any]]
-) -> tuple[dict[str, float], float, list[dict[str, Any]]]:
-    """Equal weights over each non-empty subset of the terms, threshold calibrated; the best on ``records``."""
-    tried = []
-    for size in range(1, len(TERMS) + 1):
-        for subset in itertools.combinations(TERMS, size):
-            w = dict.fromkeys(subset, 1.0)
-            det = _rise_detector(w)
-            thr = _calibrate(det, RISE_GRID, records, truths)
-            s = score(_evaluate(det, thr, records, truths))
-            tried.append({"weights": w, "threshold": thr, "objective": _objective(s), **s})
-    # best objective; ties: fewer false positives, then fewer terms (cheaper, simpler)
-    tried.sort(key=lambda d: (-d["objective"], d["false_positives"], len(d["weights"])))
-    return dict(tried[0]["weights"]), float(tried[0]["threshold"]), tried
-
-
-def analyse(records: Sequence[RunRecord], calibration_seeds: Sequence[int]) -> dict[str, Any]:
-    """Calibrate on ``calibration_seeds``, score every detector on the other seeds, overall and per scenario."""
-    _SPIKE_CACHE.clear()  # keyed by id(): valid only for the records of this call
-    truths = {id(r): ground_truth(r) for r in records}
-    cal = [r for r in records if r.seed in calibration_seeds]
-    test = [r for r in records if r.seed not in calibration_seeds]
-    dets = detectors()
-    weights, _, tried = choose_weights(cal, truths)
-    chosen_name = "CI, chosen weights " + "+".join(weights)
-    dets[chosen_name] = (_rise_detector(weights), RISE_GRID)
-    ablation_bases = {"paper": dict(PAPER_WEIGHTS), "chosen": weights}
-    for base_name, base in ablation_bases.items():
-        for term in base:
-            rest = {t: w for t, w in base.items() if t != term}
-            if rest:
-                dets[f"ablation: {base_name} without {term}"] = (_rise_detector(rest), RISE_GRID)
-    results: dict[str, Any] = {"detectors": {}, "chosen_weights": weights, "weight_search": tried}
-    for name, (detect, grid) in dets.items():
-        thr = _calibrate(detect, grid, cal, truths) if len(grid) > 1 else grid[0]
-        outcomes = _evaluate(detect, thr, test, truths)
-        per_scenario = {}
-        for sc_name in sorted({r.scenario for r in test}):
-            idx = [i for i, r in enumerate(test) if r.scenario == sc_name]
-            per_scenario[sc_name] = score([outcomes[i] for i in idx])
-        results["detectors"][name] = {
-            "threshold": thr,
-            "calibrated": len(grid) > 1,
-            "overall": score(outcomes),
-            "per_scenario": per_scenario,
-            "alarms": {f"{r.scenario}/{r.arm}/{r.seed}": o["alarm"] for r, o in zip(test, outcomes, strict=True)},
-        }
-    results["runs"] = [
-        {
-            "scenario": r.scenario,
-            "arm": r.arm,
-            "seed": r.seed,
-            "t0": r.t0,
-            "split": "calibration" if r.seed in calibration_seeds else "test",
-            "wall_s": r.wall_s,
-            "monitor_s": r.monitor_s,
-            **truths[id(r)],
-        }
-        for r in records
-    ]
-    return results
-
-
-# --------------------------------------------------------------------------------------------------- running
-def _record_path(out: Path, scenario: str, arm: str, seed: int, quick: bool) -> Path:
-    return out / "runs" / f"{scenario}__{arm}__{seed}{'__quick' if quick else ''}.json"
+def load_records(out: str | Path, quick: bool = False) -> list[RunRecord]:
+    """Every cached run under ``out/runs`` of the given setting."""
+    paths = sorted(Path(out, "runs").glob("*.json"))
+    return [RunRecord.from_dict(json.loads(p.read_text())) for p in paths if p.stem.endswith("__quick") == quick]
 
 
 def run_benchmark(
     out: str | Path = "bench_out",
     *,
-    scenarios: Sequence[str] | None = None,
-    seeds: int = 6,
+    families: Sequence[str] | None = None,
+    seeds: int = 10,
     quick: bool = False,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every arm of ``scenarios`` for seeds ``0..seeds-1`` (cached in ``out/runs``), analyse, write
-    ``results.json``, ``results.md`` and one timeline plot per scenario. The first half of the seeds (rounded up)
-    calibrates thresholds, the rest is reported.
+    """Run ``families`` (default: all) for seeds ``0..seeds-1``, analyse, and write ``results.json``, ``results.md``,
+    ``summary.json`` and the plots into ``out``. Returns the results.
 
     Example:
         >>> import tempfile
         >>> out = tempfile.mkdtemp()
-        >>> res = run_benchmark(out, scenarios=["classifier_lr"], seeds=2, quick=True, log=lambda s: None)
-        >>> res["calibration_seeds"], res["test_seeds"], "CI, paper weights" in res["detectors"]
-        ([0], [1], True)
+        >>> res = run_benchmark(out, families=["classifier_lr", "batch_size"], seeds=2, quick=True, log=lambda s: None)
+        >>> res["calibration_seeds"], res["test_seeds"], sorted(res["verification"])
+        ([0], [1], ['batch_size', 'classifier_lr'])
     """
-    names = list(scenarios) if scenarios else list(SCENARIOS)
-    unknown = sorted(set(names) - set(SCENARIOS))
+    names = list(families) if families else list(FAMILIES)
+    unknown = sorted(set(names) - set(FAMILIES))
     if unknown:
-        raise ValueError(f"unknown scenario(s) {unknown}; accepted: {sorted(SCENARIOS)}.")
-    if seeds < 2:
-        raise ValueError(f"`seeds` must be >= 2 (calibration and test seeds are disjoint); got {seeds}.")
+        raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; accepted: {sorted(FAMILIES)}.")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+        raise ValueError(f"`seeds` must be an int >= 2 (calibration and test seeds are disjoint); got {seeds!r}.")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"`jobs` must be an int >= 1; got {jobs!r}.")
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    records: list[RunRecord] = []
     start = time.perf_counter()
-    for seed in range(seeds):
-        for name in names:
-            for arm in SCENARIOS[name].arms:
-                path = _record_path(out, name, arm, seed, quick)
-                if path.exists():
-                    rec = RunRecord.from_dict(json.loads(path.read_text()))
-                else:
-                    rec = run_scenario(name, arm, seed, quick=quick)
-                    path.write_text(json.dumps(rec.as_dict()))
-                records.append(rec)
-                log(f"{name:<24} {arm:<8} seed {seed}: {rec.wall_s:5.1f} s, monitor alarm {rec.monitor_alarm_step}")
+    units = [(name, seed) for seed in range(seeds) for name in names]
+    records: list[RunRecord] = []
+
+    def done(name: str, seed: int, recs: list[RunRecord]) -> None:
+        records.extend(recs)
+        arms = ", ".join(f"{r.arm} {r.wall_s:.0f} s" for r in recs)
+        progress = f"{len(records)}/{2 * len(units)} runs, {time.perf_counter() - start:.0f} s"
+        log(f"{name:<24} seed {seed}: {arms}  [{progress}]")
+
+    if jobs == 1:
+        for name, seed in units:
+            done(name, seed, run_unit(out, name, seed, quick))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(run_unit, str(out), name, seed, quick, 1): (name, seed) for name, seed in units}
+            for future in as_completed(futures):
+                done(*futures[future], future.result())
+    records.sort(key=lambda r: (r.family, r.seed, r.arm))
     calibration = list(range(math.ceil(seeds / 2)))
+    from topo_callbacks.bench.protocol import analyse
+
     results = analyse(records, calibration)
     results.update(
         {
-            "scenarios": {
-                n: {"title": SCENARIOS[n].title, "kind": SCENARIOS[n].kind, "switch": SCENARIOS[n].switch,
-                    "metric": SCENARIOS[n].metric, "steps": records_steps(records, n), "t0": records_t0(records, n)}
-                for n in names
-            },
+            "families": {n: _describe(FAMILIES[n], quick) for n in names},
             "calibration_seeds": calibration,
             "test_seeds": [s for s in range(seeds) if s not in calibration],
             "quick": quick,
+            "jobs": jobs,
             "wall_s": time.perf_counter() - start,
         }
-    )  # fmt: skip
-    from topo_callbacks.bench.report import plot_timelines, write_markdown
+    )
+    from topo_callbacks.bench.report import plot_curves, plot_timelines, summary, write_markdown
 
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+    (out / "summary.json").write_text(json.dumps(summary(results), indent=1, default=_jsonable))
     (out / "results.md").write_text(write_markdown(results))
     plot_timelines(records, results, out)
+    plot_curves(results, out)
     return results
 
 
-def records_steps(records: Sequence[RunRecord], name: str) -> int:
-    return next(r.steps for r in records if r.scenario == name)
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def records_t0(records: Sequence[RunRecord], name: str) -> int | None:
-    return next(r.t0 for r in records if r.scenario == name)
+def _describe(fam: Family, quick: bool) -> dict[str, Any]:
+    steps, t0 = fam.schedule(quick)
+    return {
+        "kind": fam.kind,
+        "title": fam.title,
+        "switch": fam.switch,
+        "mechanism": fam.mechanism,
+        "source": fam.source,
+        "metric": fam.metric,
+        "steps": steps,
+        "t0": t0,
+        "eval_every": fam.eval_every,
+        "check_every": fam.check_every,
+    }

@@ -1,0 +1,425 @@
+"""The benchmark's protocol: ground truth, detectors, leave-one-family-out calibration, scoring with intervals.
+
+Pre-registered, the same for every family and detector:
+
+- **Ground truth** ``t_c``: the first evaluation at which the task metric is at least 5 points (accuracy) or 10%
+  (perplexity) worse than its best so far, and stays so for 3 evaluations.
+- **Runs.** A *failure run* is the switched arm of a failure family whose metric dropped (``t_c`` exists); a
+  failure arm whose metric did not drop is reported, not scored. A *clean run* is a healthy twin (of any family)
+  or either arm of a control.
+- **Outcomes.** In a failure run an alarm in ``[t0, t_c)`` is a *detection* (lead ``t_c - alarm``), at or after
+  ``t_c`` is *late*, before ``t0`` is a *false alarm before the fork*. Any alarm in a clean run is a *false alarm*.
+- **Calibration.** A detector is a statistic series; at threshold h it alarms at the first point where the
+  statistic reaches h. "Calibrated" sets h on calibration seeds to the smallest value at which at most
+  ``alpha`` (5%) of the calibration negatives (clean runs, and failure runs up to their fork) alarm: every
+  calibrated detector is then compared at the same false-alarm rate. "Stock" keeps the rule's usual setting.
+- **Leave one family out.** For failure family F, everything fit (thresholds, the learned CI weights) uses the
+  calibration seeds of the other families and the controls only; F's test seeds are then scored. False alarms
+  on clean test runs are counted at the threshold fit on every family's calibration seeds (the one a user would
+  get); each family's own healthy twins are also scored at its held-out threshold.
+- **Intervals.** Detection rate: 95% Clopper-Pearson interval. False-alarm rate: its 95% Clopper-Pearson upper
+  bound. Median lead: a 95% percentile-bootstrap interval over runs (2000 resamples, seeded).
+- **Curves.** Each detector's threshold swept over the test runs: detection rate against false-alarm rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from topo_callbacks.bench.detectors import (
+    drop_step,
+    ema_zscore,
+    first_at_or_above,
+    mad_score,
+    patience_count,
+    rise_score,
+    running_mean_ratio,
+)
+from topo_callbacks.bench.families import FAMILIES
+from topo_callbacks.bench.record import RunRecord
+from topo_callbacks.functional.collapse import TERMS, resolve_weights
+
+__all__ = ["ALPHA", "DETECTORS", "Detector", "analyse", "clopper_pearson", "ground_truth"]
+
+ALPHA = 0.05
+Series = tuple[np.ndarray, np.ndarray]
+
+
+def ground_truth(rec: RunRecord) -> int | None:
+    """``t_c``: the first evaluation 5 points (accuracy) or 10% (perplexity) worse than the best so far, for 3 evals."""
+    fam = FAMILIES[rec.family]
+    metric = [(s, m) for s, m, _ in rec.evals]
+    if fam.metric_mode == "min":
+        return drop_step(metric, mode="min", relative=0.1)
+    return drop_step(metric, mode="max", points=5.0)
+
+
+def is_failure(rec: RunRecord) -> bool:
+    return FAMILIES[rec.family].kind == "failure" and rec.arm == "failure"
+
+
+# ---------------------------------------------------------------------------------------------------- detectors
+@dataclass(frozen=True)
+class Detector:
+    """A replayable rule: ``series(run) -> (steps, statistic)``, its stock threshold (None: none, calibrate only),
+    what it reads (``"step"``, ``"check"`` or ``"eval"``: its cost) and a one-line description."""
+
+    name: str
+    series: Callable[[RunRecord], Series]
+    stock: float | None
+    reads: str
+    description: str
+    calibrate: bool = True
+
+
+def _per_step(values: Callable[[RunRecord], Sequence[float]], stat: Callable[[Sequence[float]], np.ndarray]) -> Any:
+    def series(rec: RunRecord) -> Series:
+        v = values(rec)
+        return np.arange(1, len(v) + 1), stat(v)
+
+    return series
+
+
+def _checks(weights: Mapping[str, float]) -> Callable[[RunRecord], Series]:
+    w = resolve_weights(dict(weights))
+    total = sum(w.values())
+
+    def series(rec: RunRecord) -> Series:
+        steps = np.array([int(c["step"]) for c in rec.checks], dtype=np.int64)
+        values = [sum(v * float(c[f"{t}_term"]) for t, v in w.items()) / total for c in rec.checks]
+        return steps, rise_score(values)
+
+    return series
+
+
+def _val_patience(rec: RunRecord) -> Series:
+    return np.array([s for s, _, _ in rec.evals]), patience_count([(s, v) for s, _, v in rec.evals])
+
+
+BENCHMARK_WEIGHTS = {"betti": 1.0, "entropy": 1.0, "anisotropy": 1.0, "rank": 1.0}
+PAPER = {"betti": 0.4, "entropy": 0.3, "anisotropy": 0.3}
+
+
+def _detectors() -> dict[str, Detector]:
+    out = [
+        Detector("CI, benchmark weights, rise (the monitor's default)", _checks(BENCHMARK_WEIGHTS), 0.2, "check",
+                 "CI = mean of the betti, entropy, anisotropy, rank terms; alarm 0.2 above baseline for 2 checks"),
+        Detector("CI, paper weights, rise", _checks(PAPER), 0.15, "check",
+                 "CI = 0.4 betti + 0.3 entropy + 0.3 anisotropy (the write-up's); the pre-benchmark rule"),
+        Detector("RankMe alone, rise", _checks({"rank": 1.0}), None, "check", "effective-rank term, rise rule"),
+        Detector("std of L2-normalised embeddings alone, rise", _checks({"std": 1.0}), None, "check",
+                 "std term (lightly's SimSiam statistic), rise rule"),
+        Detector("Betti term alone, rise", _checks({"betti": 1.0}), None, "check", "Betti term, rise rule"),
+        Detector("persistence-entropy term alone, rise", _checks({"entropy": 1.0}), None, "check",
+                 "entropy term, rise rule"),
+        Detector("anisotropy term alone, rise", _checks({"anisotropy": 1.0}), None, "check",
+                 "anisotropy term, rise rule"),
+        Detector("loss spike (Lightning SpikeDetection)", _per_step(lambda r: r.loss, running_mean_ratio), 2.0,
+                 "step", "loss above its running mean (10 steps) by rtol x the mean; stock rtol = 2"),
+        Detector("loss spike (median + k MAD over 200 steps)", _per_step(lambda r: r.loss, mad_score), 6.0, "step",
+                 "loss above the median of the previous 200 steps by k MADs; stock k = 6"),
+        Detector("gradient-norm z-score (ZClip EMA)", _per_step(lambda r: r.grad_norm, ema_zscore), 2.5, "step",
+                 "global gradient norm against an EMA mean/std (alpha 0.97, 25 warm-up steps); stock z = 2.5"),
+        Detector("gradient-norm spike (median + k MAD over 200 steps)", _per_step(lambda r: r.grad_norm, mad_score),
+                 None, "step", "global gradient norm above its 200-step median by k MADs"),
+        Detector("EarlyStopping(patience=3) on the validation loss", _val_patience, 3.0, "eval",
+                 "Lightning EarlyStopping's rule on the validation loss, stock patience 3", calibrate=False),
+    ]  # fmt: skip
+    return {d.name: d for d in out}
+
+
+DETECTORS: dict[str, Detector] = _detectors()
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial interval for ``k`` successes out of ``n``.
+
+    Example:
+        >>> lo, hi = clopper_pearson(0, 60)
+        >>> round(lo, 3), round(hi, 4)
+        (0.0, 0.0596)
+    """
+    from scipy.stats import beta
+
+    if n == 0:
+        return 0.0, 1.0
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+def fa_upper_bound(k: int, n: int) -> float:
+    """One-sided 95% Clopper-Pearson upper bound of a false-alarm rate (``3/n`` for ``k = 0``, about).
+
+    Example:
+        >>> round(fa_upper_bound(0, 60), 4)
+        0.0487
+    """
+    from scipy.stats import beta
+
+    if n == 0:
+        return 1.0
+    return 1.0 if k == n else float(beta.ppf(0.95, k + 1, n - k))
+
+
+def bootstrap_median(values: Sequence[float], reps: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of the median (None for no values)."""
+    if not values:
+        return None
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(values, dtype=np.float64)
+    meds = np.median(rng.choice(arr, size=(reps, len(arr)), replace=True), axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
+class _Replay:
+    """Each detector's statistic series per run, computed once; alarms at any threshold from them."""
+
+    def __init__(self, records: Sequence[RunRecord], detectors: Mapping[str, Detector]) -> None:
+        self.records = list(records)
+        self.truth = {r.key: ground_truth(r) for r in records}
+        self.series: dict[str, dict[str, Series]] = {
+            name: {r.key: d.series(r) for r in records} for name, d in detectors.items()
+        }
+
+    def alarm(self, name: str, rec: RunRecord, threshold: float, before: int | None = None) -> int | None:
+        steps, stat = self.series[name][rec.key]
+        if before is not None:  # only the points up to the fork (false alarms before t0)
+            keep = steps < before
+            steps, stat = steps[keep], stat[keep]
+        return first_at_or_above(steps, stat, threshold)
+
+    def negative_maxima(self, name: str, records: Sequence[RunRecord]) -> list[float]:
+        """Per negative unit (clean run, or a failure run up to its fork), the statistic's maximum."""
+        out = []
+        for rec in records:
+            steps, stat = self.series[name][rec.key]
+            if is_failure(rec):
+                stat = stat[steps < rec.t0]
+            out.append(float(stat.max()) if stat.size else -math.inf)
+        return out
+
+
+def calibrated_threshold(maxima: Sequence[float], alpha: float = ALPHA) -> float:
+    """The smallest threshold at which at most ``alpha`` of the negatives alarm (their maxima reach it).
+
+    Example:
+        >>> calibrated_threshold([0.1, 0.2, 0.3, 0.9], alpha=0.25)  # one in four may alarm: just above 0.3
+        0.30000000000000004
+    """
+    allowed = math.floor(alpha * len(maxima) + 1e-9)
+    ordered = sorted(maxima, reverse=True)
+    if allowed >= len(ordered):
+        return -math.inf
+    return float(np.nextafter(ordered[allowed], math.inf))
+
+
+def _outcome(replay: _Replay, name: str, rec: RunRecord, threshold: float) -> dict[str, Any]:
+    alarm = replay.alarm(name, rec, threshold)
+    if not is_failure(rec):
+        return {"run": rec.key, "alarm": alarm, "clean": True, "false_alarm": alarm is not None}
+    t_c = replay.truth[rec.key]
+    early = alarm is not None and alarm < rec.t0
+    detected = alarm is not None and not early and t_c is not None and alarm < t_c
+    return {
+        "run": rec.key,
+        "alarm": alarm,
+        "clean": False,
+        "dropped": t_c is not None,
+        "early": early,
+        "detected": detected,
+        "late": alarm is not None and not early and t_c is not None and alarm >= t_c,
+        "lead": (t_c - alarm) if detected and t_c is not None and alarm is not None else None,
+    }
+
+
+def _summary(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    fail = [o for o in outcomes if not o["clean"] and o["dropped"]]
+    clean = [o for o in outcomes if o["clean"]]
+    detected = [o for o in fail if o["detected"]]
+    leads = [float(o["lead"]) for o in detected]
+    fa = sum(o["false_alarm"] for o in clean)
+    early = sum(o["early"] for o in outcomes if not o["clean"])
+    det_ci = clopper_pearson(len(detected), len(fail))
+    return {
+        "detected": len(detected),
+        "failure_runs": len(fail),
+        "detection_rate": len(detected) / len(fail) if fail else None,
+        "detection_ci95": list(det_ci) if fail else None,
+        "late": sum(o["late"] for o in fail),
+        "early": early,
+        "false_alarms": fa,
+        "clean_runs": len(clean),
+        "fa_rate": fa / len(clean) if clean else None,
+        "fa_upper95": fa_upper_bound(fa, len(clean)) if clean else None,
+        "median_lead": statistics.median(leads) if leads else None,
+        "median_lead_ci95": bootstrap_median(leads),
+    }
+
+
+def _curve(replay: _Replay, name: str, test: Sequence[RunRecord]) -> list[tuple[float, float, float]]:
+    """(threshold, false-alarm rate, detection rate) over the test runs, for every distinct threshold."""
+    clean = [r for r in test if not is_failure(r)]
+    fail = [r for r in test if is_failure(r) and replay.truth[r.key] is not None]
+    candidates = {float(v) for r in test for v in replay.series[name][r.key][1] if math.isfinite(v)}
+    grid = sorted(candidates)
+    if len(grid) > 200:
+        grid = [grid[int(i)] for i in np.linspace(0, len(grid) - 1, 200)]
+    out = []
+    for h in [*grid, math.inf]:
+        fa = sum(replay.alarm(name, r, h) is not None for r in clean) / max(len(clean), 1)
+        det = sum(_outcome(replay, name, r, h)["detected"] for r in fail) / max(len(fail), 1)
+        out.append((h, fa, det))
+    return out
+
+
+def _cost(detector: Detector, records: Sequence[RunRecord]) -> dict[str, float | None]:
+    steps = sum(r.steps for r in records)
+    step_s = sum(r.step_s for r in records)
+    if detector.reads == "eval":
+        spent = 0.0  # the user evaluates anyway
+    elif detector.reads == "step":
+        spent = sum(r.channels_s for r in records)  # every per-step channel recorded: an upper bound
+    else:
+        spent = sum(r.monitor_s for r in records)
+    ms = 1000 * spent / max(steps, 1)
+    return {"cost_ms_per_step": ms, "cost_pct_of_step": 100 * spent / step_s if step_s else None}
+
+
+# --------------------------------------------------------------------------------------------- weight search
+def _learn_weights(replay: _Replay, train: Sequence[RunRecord], alpha: float) -> dict[str, float]:
+    """Equal weights over the subset of CI terms that detects most failure runs of ``train`` at a threshold
+    calibrated to ``alpha`` on its negatives (ties: fewer terms)."""
+    best: tuple[int, int, dict[str, float]] | None = None
+    fail = [r for r in train if is_failure(r) and replay.truth[r.key] is not None]
+    for size in range(1, len(TERMS) + 1):
+        for subset in itertools.combinations(TERMS, size):
+            w = dict.fromkeys(subset, 1.0)
+            name = "weights:" + "+".join(subset)
+            if name not in replay.series:
+                series = _checks(w)
+                replay.series[name] = {r.key: series(r) for r in replay.records}
+            h = calibrated_threshold(replay.negative_maxima(name, train), alpha)
+            hits = sum(_outcome(replay, name, r, h)["detected"] for r in fail)
+            if best is None or (hits, -size) > (best[0], -best[1]):
+                best = (hits, size, w)
+    assert best is not None
+    return best[2]
+
+
+# ---------------------------------------------------------------------------------------------------- analysis
+def analyse(
+    records: Sequence[RunRecord],
+    calibration_seeds: Sequence[int],
+    *,
+    alpha: float = ALPHA,
+    detectors: Mapping[str, Detector] | None = None,
+    learn_weights: bool = True,
+) -> dict[str, Any]:
+    """Score every detector on the test seeds, leave-one-family-out; see the module docstring for the protocol."""
+    dets = dict(detectors or DETECTORS)
+    replay = _Replay(records, dets)
+    cal = [r for r in records if r.seed in calibration_seeds]
+    test = [r for r in records if r.seed not in calibration_seeds]
+    failure_families = sorted({r.family for r in records if FAMILIES[r.family].kind == "failure"})
+    if learn_weights and failure_families:
+        # the learned CI: weights (and threshold) fit per held-out family on the others' calibration seeds
+        name = "CI, weights learned on the other families, rise"
+        learned = {f: _learn_weights(replay, [r for r in cal if r.family != f], alpha) for f in failure_families}
+        learned["all"] = _learn_weights(replay, cal, alpha)
+        for key, w in learned.items():
+            series = _checks(w)
+            replay.series[f"{name}|{key}"] = {r.key: series(r) for r in records}
+        why = "equal weights over the subset of CI terms that detects most other-family failures"
+        dets[name] = Detector(name, _checks(learned["all"]), None, "check", why)
+    else:
+        learned = {}
+
+    def series_name(det: str, fold: str) -> str:
+        return f"{det}|{fold}" if det.startswith("CI, weights learned") else det
+
+    results: dict[str, Any] = {"alpha": alpha, "detectors": {}, "learned_weights": learned}
+    for name, det in dets.items():
+        settings: list[tuple[str, float | None]] = [("stock", det.stock)] if det.stock is not None else []
+        if det.calibrate:
+            settings.append(("calibrated", None))
+        for setting, stock in settings:
+            label = f"{name} [{setting}]"
+            thresholds: dict[str, float] = {}
+            per_family: dict[str, Any] = {}
+            outcomes: list[dict[str, Any]] = []
+            for fam in failure_families:
+                sname = series_name(name, fam)
+                if stock is not None:
+                    h = stock
+                else:
+                    others = [r for r in cal if r.family != fam]
+                    h = calibrated_threshold(replay.negative_maxima(sname, others), alpha)
+                thresholds[fam] = h
+                fam_runs = [r for r in test if r.family == fam]
+                fam_out = [_outcome(replay, sname, r, h) for r in fam_runs]
+                per_family[fam] = _summary(fam_out)
+                outcomes += [o for o in fam_out if not o["clean"]]
+            sname = series_name(name, "all")
+            h_all = stock if stock is not None else calibrated_threshold(replay.negative_maxima(sname, cal), alpha)
+            thresholds["all"] = h_all
+            clean_out = [_outcome(replay, sname, r, h_all) for r in test if not is_failure(r)]
+            for fam in sorted({r.family for r in test if FAMILIES[r.family].kind == "control"}):
+                per_family[fam] = _summary([o for o in clean_out if o["run"].startswith(fam + "/")])
+            pooled = _summary(outcomes + clean_out)
+            results["detectors"][label] = {
+                "detector": name,
+                "setting": setting,
+                "reads": det.reads,
+                "description": det.description,
+                "thresholds": thresholds,
+                "pooled": pooled,
+                "per_family": per_family,
+                "alarms": {o["run"]: o["alarm"] for o in outcomes + clean_out},
+                "curve": _curve(replay, sname, test),
+                **_cost(det, test),
+            }
+    results["runs"] = [
+        {"run": r.key, "family": r.family, "arm": r.arm, "seed": r.seed, "t0": r.t0, "steps": r.steps,
+         "split": "calibration" if r.seed in calibration_seeds else "test", "t_c": replay.truth[r.key],
+         "failure": is_failure(r), "wall_s": r.wall_s, "step_ms": 1000 * r.step_s / max(r.steps, 1),
+         "monitor_alarm_step": r.monitor_alarm_step}
+        for r in records
+    ]  # fmt: skip
+    results["verification"] = verify(records, replay.truth)
+    return results
+
+
+def verify(records: Sequence[RunRecord], truth: Mapping[str, int | None]) -> dict[str, Any]:
+    """Per failure family: in how many seeds the failure arm's metric dropped (after t0) and the healthy twin's
+    did not; per control, how many arms dropped (none should)."""
+    out: dict[str, Any] = {}
+    for fam in sorted({r.family for r in records}):
+        runs = [r for r in records if r.family == fam]
+        kind = FAMILIES[fam].kind
+        if kind == "failure":
+            fail = [r for r in runs if r.arm == "failure"]
+            healthy = [r for r in runs if r.arm == "healthy"]
+            t_c = {r.key: truth[r.key] for r in fail}
+            dropped = [r for r in fail if (t := t_c[r.key]) is not None and t >= r.t0]
+            out[fam] = {
+                "kind": kind,
+                "seeds": len(fail),
+                "failure_dropped": len(dropped),
+                "dropped_before_t0": sum((t := t_c[r.key]) is not None and t < r.t0 for r in fail),
+                "healthy_dropped": sum(truth[r.key] is not None for r in healthy),
+                "verified": len(dropped) == len(fail) and not any(truth[r.key] is not None for r in healthy),
+            }
+        else:
+            out[fam] = {"kind": kind, "runs": len(runs), "dropped": sum(truth[r.key] is not None for r in runs),
+                        "verified": not any(truth[r.key] is not None for r in runs)}  # fmt: skip
+    return out

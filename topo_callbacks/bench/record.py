@@ -1,0 +1,242 @@
+"""Train a family's arms from one shared prefix, recording every channel a detector may use.
+
+A seed's run is trained once up to ``t0`` with the monitor attached; model, optimizer, generators, batch streams,
+the global RNG, the monitor's state and the series recorded so far are snapshotted; every arm then continues from
+that same snapshot. The arms differ only after ``t0``, which is also what makes "lead" well defined.
+
+Recorded, per optimizer step: the loss, the global gradient norm (before the step), the scheduled learning rate,
+per parameter group the update norm ||delta theta|| and the weight norm ||theta|| (after the step), the watched
+layer's activation RMS, and for the attention layers of the transformer families the max attention logit and the
+minimum per-head attention entropy. Per check: the monitor's full history row. Per evaluation: the task metric and
+the validation loss. Costs: the mean training step, the per-step channels and the checks, in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from topo_callbacks.bench.families import Attention, Family
+from topo_callbacks.bench.tasks import Task
+
+__all__ = ["RunRecord", "train_arms"]
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What one arm of one seed recorded, as plain data (JSON-ready)."""
+
+    family: str
+    arm: str
+    seed: int
+    steps: int
+    t0: int
+    loss: list[float]
+    grad_norm: list[float]
+    lr: list[float]
+    #: per step, per parameter group
+    update_norm: list[list[float]]
+    weight_norm: list[list[float]]
+    act_rms: list[float]
+    attn_max_logit: list[float]
+    attn_min_entropy: list[float]
+    #: (step, task metric, validation loss)
+    evals: list[tuple[int, float, float]]
+    checks: list[dict[str, Any]]
+    monitor_alarm_step: int | None
+    step_s: float = 0.0
+    channels_s: float = 0.0
+    monitor_s: float = 0.0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        data = dict(data)
+        data["evals"] = [tuple(e) for e in data["evals"]]
+        return cls(**data)
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}/{self.arm}/{self.seed}"
+
+
+class _Recorder:
+    """The per-step channels of one run, with their cost."""
+
+    def __init__(self, task: Task, family: Family, arm: str, seed: int, steps: int, t0: int) -> None:
+        self.rec = RunRecord(family.name, arm, seed, steps, t0, [], [], [], [], [], [], [], [], [], [], None)
+        self.task = task
+        self._rms: list[float] = []
+        self._attention = [m for m in task.model.modules() if isinstance(m, Attention)]
+
+    def hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if module.training and isinstance(output, Tensor):
+            self._rms.append(float(output.detach().float().pow(2).mean().sqrt()))
+
+    def before_step(self) -> list[list[Tensor]]:
+        return [[p.detach().clone() for p in g["params"]] for g in self.task.optimizer.param_groups]
+
+    def after_step(self, loss: float, grad_norm: float, prev: list[list[Tensor]]) -> None:
+        rec = self.rec
+        rec.loss.append(loss)
+        rec.grad_norm.append(grad_norm)
+        groups = self.task.optimizer.param_groups
+        rec.lr.append(float(groups[0]["lr"]))
+        upd, wn = [], []
+        for group, before in zip(groups, prev, strict=True):
+            params = group["params"]
+            upd.append(
+                math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(params, before, strict=True)))
+            )
+            wn.append(math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params)))
+        rec.update_norm.append(upd)
+        rec.weight_norm.append(wn)
+        rec.act_rms.append(sum(self._rms) / len(self._rms) if self._rms else math.nan)
+        self._rms = []
+        if self._attention:
+            rec.attn_max_logit.append(max(m.max_logit for m in self._attention))
+            rec.attn_min_entropy.append(min(m.min_entropy for m in self._attention))
+        else:
+            rec.attn_max_logit.append(math.nan)
+            rec.attn_min_entropy.append(math.nan)
+
+
+def _monitor(task: Task, family: Family) -> Any:
+    from topo_callbacks.core import CollapseMonitorCore
+
+    # the monitor's current defaults (benchmark weights, rise 0.2): the live alarm is the default detector's;
+    # every term is recorded, so any other weighting or rule is replayed exactly
+    return CollapseMonitorCore(task.layer, every_n_train_steps=family.check_every, max_samples=512, pool=task.pool)
+
+
+def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first: int, last: int) -> None:
+    """Optimizer steps ``first..last`` (1-based, inclusive), with evaluations and checks on their schedules."""
+    from topo_callbacks.core import resolve_layer
+
+    model, opt, rec = task.model, task.optimizer, recorder.rec
+    base = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
+    handle = resolve_layer(model, task.layer).register_forward_hook(recorder.hook)
+    try:
+        model.train()
+        for step in range(first, last + 1):
+            task.switched = recorder.rec.arm != "healthy" and step - 1 >= task.t0
+            factor = task.lr_factor(step - 1)
+            for group, lr in zip(opt.param_groups, base, strict=True):
+                group["lr"] = lr * factor
+            monitor.prepare_step(step)
+            tick = time.perf_counter()
+            loss = task.step_loss(step - 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            rec.step_s += time.perf_counter() - tick
+            tick = time.perf_counter()
+            grads = [p.grad.detach().pow(2).sum() for p in model.parameters() if p.grad is not None]
+            grad_norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+            prev = recorder.before_step()
+            rec.channels_s += time.perf_counter() - tick
+            tick = time.perf_counter()
+            opt.step()
+            task.after_step(step - 1)
+            rec.step_s += time.perf_counter() - tick
+            tick = time.perf_counter()
+            recorder.after_step(float(loss.detach()), grad_norm, prev)
+            rec.channels_s += time.perf_counter() - tick
+            if monitor.is_check_step(step):
+                tick = time.perf_counter()
+                monitor.run_check(step)
+                rec.monitor_s += time.perf_counter() - tick
+            if step % family.eval_every == 0:
+                _evaluate(task, rec, step)
+    finally:
+        handle.remove()
+
+
+def _evaluate(task: Task, rec: RunRecord, step: int) -> None:
+    was = task.model.training
+    task.model.eval()
+    with torch.no_grad():
+        metric, val_loss = task.evaluate()
+    task.model.train(was)
+    rec.evals.append((step, float(metric), float(val_loss)))
+
+
+def train_prefix(family: Family, seed: int, quick: bool) -> dict[str, Any]:
+    """Train seed ``seed`` of ``family`` up to ``t0``; returns the snapshot every arm starts from."""
+    steps, t0 = family.schedule(quick)
+    task = family.build(seed, t0)
+    monitor = _monitor(task, family)
+    recorder = _Recorder(task, family, "prefix", seed, steps, t0)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor.attach(task.model)
+        _evaluate(task, recorder.rec, 0)
+        _train(task, family, monitor, recorder, 1, t0)
+        monitor.detach()
+    recorder.rec.wall_s = time.perf_counter() - start
+    return {
+        "task": task.state(),
+        "monitor": monitor.state_dict(),
+        "record": recorder.rec.as_dict(),
+        "initial_lr": [g["initial_lr"] for g in task.optimizer.param_groups],
+    }
+
+
+def train_arm(family: Family, seed: int, quick: bool, arm: str, snapshot: dict[str, Any]) -> RunRecord:
+    """Continue ``snapshot`` (from `train_prefix`) to the end of the run as ``arm``."""
+    steps, t0 = family.schedule(quick)
+    task = family.build(seed, t0)
+    task.load(snapshot["task"])
+    for group, lr in zip(task.optimizer.param_groups, snapshot["initial_lr"], strict=True):
+        group["initial_lr"] = lr
+    monitor = _monitor(task, family)
+    monitor.load_state_dict(snapshot["monitor"])
+    recorder = _Recorder(task, family, arm, seed, steps, t0)
+    prefix = RunRecord.from_dict(snapshot["record"])
+    recorder.rec = dataclasses.replace(
+        prefix,
+        arm=arm,
+        loss=list(prefix.loss),
+        grad_norm=list(prefix.grad_norm),
+        lr=list(prefix.lr),
+        update_norm=[list(u) for u in prefix.update_norm],
+        weight_norm=[list(w) for w in prefix.weight_norm],
+        act_rms=list(prefix.act_rms),
+        attn_max_logit=list(prefix.attn_max_logit),
+        attn_min_entropy=list(prefix.attn_min_entropy),
+        evals=list(prefix.evals),
+        checks=[dict(c) for c in monitor.history],
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor.attach(task.model)
+        _train(task, family, monitor, recorder, t0 + 1, steps)
+        monitor.detach()
+    rec = recorder.rec
+    rec.checks = [dict(c) for c in monitor.history]
+    rec.monitor_alarm_step = monitor.first_alarm_step
+    rec.wall_s = prefix.wall_s + time.perf_counter() - start
+    return rec
+
+
+def train_arms(family: Family, seed: int, quick: bool = False) -> list[RunRecord]:
+    """Both arms of one seed of ``family``, forked from one shared prefix.
+
+    Example:
+        >>> from topo_callbacks.bench.families import FAMILIES
+        >>> healthy, failure = train_arms(FAMILIES["classifier_lr"], seed=0, quick=True)
+        >>> healthy.loss[:100] == failure.loss[:100], healthy.loss[-1] != failure.loss[-1]
+        (True, True)
+    """
+    snapshot = train_prefix(family, seed, quick)
+    return [train_arm(family, seed, quick, arm, snapshot) for arm in family.arms]
