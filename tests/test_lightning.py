@@ -112,8 +112,13 @@ def test_stop_on_divergence_threshold(tmp_path):
         layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.5, stop_on_alarm=True
     )
     t = trainer(tmp_path, max_steps=100, callbacks=[mon])
-    with pytest.warns(CollapseWarning, match=r"step 4: Divergence threshold exceeded: collapse/ci = 1\.0000 > 0\.5"):
+    with pytest.warns(CollapseWarning) as caught:
         t.fit(TinyModel(collapse=True), loader())
+    messages = [str(w.message) for w in caught]
+    assert any("step 4: Divergence threshold exceeded: collapse/ci = 1.0000 > 0.5" in m for m in messages)
+    # the run's end is explained as EarlyStopping explains its own: which monitor stopped it, when, why
+    stop = "collapse/ci: stopping training at step 4 (stop_on_alarm=True). Divergence"
+    assert any(m.startswith(stop) for m in messages)
     assert t.global_step == 4
     assert mon.stopped_step == 4
     assert mon.stopping_reason is StoppingReason.DIVERGENCE_THRESHOLD
