@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,17 @@ import torch
 from topo_callbacks.bench.families import DROPPED, FAMILIES
 from topo_callbacks.bench.record import RunRecord
 
-__all__ = ["DEFAULT", "cell", "plot_curves", "plot_timelines", "summary", "write_markdown"]
+__all__ = [
+    "BASELINES",
+    "DEFAULT",
+    "best_baseline",
+    "cell",
+    "plot_curves",
+    "plot_timelines",
+    "readme_tables",
+    "summary",
+    "write_markdown",
+]
 
 #: The monitor's current default alarm, as users run it.
 DEFAULT = "CI, benchmark weights, rise (the monitor's default) [stock]"
@@ -249,3 +260,63 @@ def plot_timelines(records: Sequence[RunRecord], results: Mapping[str, Any], out
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+#: The cheap baselines users already have (loss, gradient norm, validation loss), as opposed to embedding channels.
+BASELINES = (
+    "loss spike (Lightning SpikeDetection)",
+    "loss spike (median + k MAD over 200 steps)",
+    "gradient-norm z-score (ZClip EMA)",
+    "gradient-norm spike (median + k MAD over 200 steps)",
+    "EarlyStopping(patience=3) on the validation loss",
+)
+
+
+def best_baseline(results: Mapping[str, Any], family: str, setting: str = "calibrated") -> str | None:
+    """The cheap baseline (at ``setting``) that detects most held-out runs of ``family`` (ties: the longer lead)."""
+    best: tuple[int, float, str] | None = None
+    for label, d in results["detectors"].items():
+        if d["detector"] not in BASELINES or d["setting"] != setting:
+            continue
+        s = d["per_family"].get(family)
+        if not s or not s.get("failure_runs"):
+            continue
+        key = (s["detected"], s["median_lead"] if s["median_lead"] is not None else -math.inf, label)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+def readme_tables(results: Mapping[str, Any], detectors: Sequence[str]) -> str:
+    """The README's two tables: pooled figures of ``detectors``, then per family the default beside the best
+    calibrated cheap baseline."""
+    lines = [
+        "| detector | setting | detected (95% CI) | median lead (95% CI) | false alarms (95% upper) | early |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in detectors:
+        d = results["detectors"].get(label)
+        if d is None:
+            continue
+        p = d["pooled"]
+        lines.append(
+            f"| {d['detector']} | {d['setting']} | {p['detected']}/{p['failure_runs']} {_ci(p['detection_ci95'])} | "
+            f"{_lead(p['median_lead'])} {_ci(p['median_lead_ci95'], pct=False)} | {p['false_alarms']}/"
+            f"{p['clean_runs']} (<= {_pct(p['fa_upper95'])}) | {p['early']} |"
+        )
+    failures = [f for f, v in results["families"].items() if v["kind"] == "failure"]
+    lines += ["", "| family | the default (stock) | the default (calibrated) | best cheap baseline (calibrated) |",
+              "|---|---|---|---|"]  # fmt: skip
+    for fam in failures:
+        cells = []
+        for label in (DEFAULT, DEFAULT.replace("[stock]", "[calibrated]")):
+            d = results["detectors"].get(label)
+            cells.append(cell(d["per_family"].get(fam, {})) if d else "-")
+        base = best_baseline(results, fam)
+        if base is None:
+            cells.append("-")
+        else:
+            b = results["detectors"][base]
+            cells.append(f"{b['detector']}: {cell(b['per_family'][fam])}")
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
