@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from topo_callbacks.bench.tasks import augment as _augment
-from topo_callbacks.bench.tasks import knn_accuracy as _knn_accuracy
 from topo_callbacks.bench.tasks import digits as _load_digits
+from topo_callbacks.bench.tasks import knn_accuracy as _knn_accuracy
 
 __all__ = ["drop_step", "run_demo"]
 
