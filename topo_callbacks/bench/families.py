@@ -245,6 +245,13 @@ class NeuralCollapseTask(ClassifierTask):
     lr, weight_decay = 0.05, 5e-4
 
 
+class LRDecayTask(ClassifierTask):
+    """The switch decays the learning rate 10x (a reorganisation that helps: accuracy rises or holds)."""
+
+    def lr_factor(self, step: int) -> float:
+        return 0.1 if self.switched else 1.0
+
+
 class BatchSizeTask(ClassifierTask):
     """The switch quadruples the batch size (a benign change of gradient noise)."""
 
@@ -266,8 +273,10 @@ class DeadUnitsTask(ClassifierTask):
 
 
 class ForgettingTask(ClassifierTask):
-    """A backbone trained on digits 0-4, then fine-tuned on digits 5-9 from ``t0`` (both arms); the failure arm
-    fine-tunes at a 30x learning rate. The metric is a kNN probe of the backbone on held-out digits 0-4 (task A)."""
+    """A backbone trained on digits 0-4, then fine-tuned on digits 5-9 from ``t0`` (both arms): the healthy arm at a
+    tenth of the pre-training learning rate (at the full rate, task A's probe fell 5 points in 6 of 9 seeds), the
+    failure arm at a rate ramped to 200x that (20x the pre-training rate; at 20x and 60x of the healthy rate only 0
+    and 2 of 3 seeds dropped). The metric is a kNN probe of the backbone on held-out digits 0-4."""
 
     def __init__(self, seed: int, t0: int) -> None:
         super().__init__(seed, t0)
@@ -282,10 +291,12 @@ class ForgettingTask(ClassifierTask):
             return self.idx_a[self.streams["a"].next()]
         return self.idx_b[self.streams["b"].next()]
 
-    top, length = 20.0, 300
+    top, length, fine_tune = 200.0, 300, 0.1
 
     def lr_factor(self, step: int) -> float:
-        return ramp(step + 1, self.t0, self.length, self.top) if self.switched else 1.0
+        if step < self.t0:
+            return 1.0
+        return self.fine_tune * (ramp(step + 1, self.t0, self.length, self.top) if self.switched else 1.0)
 
     def evaluate(self) -> tuple[float, float]:
         body = self.body
@@ -534,7 +545,7 @@ FAMILIES: dict[str, Family] = {
                 "Sokar et al. 2023 (dormant neurons, ReDo); Lu et al. 2019 (dying ReLU)", 1200, 400, 25,
                 "val_acc", (240, 100)),
         _family("forgetting", "failure", ForgettingTask, "MLP on digits 0-4, fine-tuned on 5-9",
-                "fine-tuning learning rate ramped x1 -> x20 over 300 steps",
+                "fine-tuning learning rate ramped x1 -> x200 (of the healthy fine-tune's) over 300 steps",
                 "representation forgetting: the first task's features are overwritten by a too-fast fine-tune",
                 "Kumar et al. 2022 (fine-tuning distorts features); Kirkpatrick et al. 2017", 1000, 400, 25,
                 "task_a_knn", (240, 100)),
@@ -553,10 +564,9 @@ FAMILIES: dict[str, Family] = {
                 "none: the twin continues identically (terminal phase, weight decay 5e-4)",
                 "neural collapse of the last layers: within-class variability shrinks, accuracy does not",
                 "Papyan et al. 2020", 3000, 1500, 50, "val_acc", (250, 100)),
-        _family("lr_schedule", "control", SimSiamScheduleTask, "SimSiam on digits, warm-up then a 10x decay",
-                "learning rate decayed 10x at t0 (warm-up ended at step 100)",
-                "a schedule change: gradient and update scale change, quality does not",
-                "Goyal et al. 2017 (warm-up); step decay", 2000, 1000, 50, "knn_acc", (250, 100)),
+        _family("classifier_lr_decay", "control", LRDecayTask, "MLP classifier on digits",
+                "learning rate decayed 10x", "a schedule change that helps: update scale falls, accuracy rises",
+                "step decay (He et al. 2016)", 1200, 400, 25, "val_acc", (240, 100)),
         _family("contrastive_temperature", "control", InfoNCETask, "InfoNCE on digits",
                 "InfoNCE temperature 0.2 -> 0.02", "uniformity changes, the kNN probe does not fall (it rose)",
                 "Wang & Isola 2020", 2000, 600, 50, "knn_acc", (250, 100)),
@@ -577,6 +587,11 @@ DROPPED: dict[str, str] = {
     "attention_entropy": "the attention logit scale of the byte-level transformer ramped x1 -> x12 and x1 -> x60"
     " over 200 steps (AttentionEntropyTask): attention sharpened, but the perplexity rose at most 7% above the"
     " run's best and recovered; this pre-LN model adapts (measured, seed 0).",
+    "lr_schedule": "SimSiam with warm-up, then a 10x learning-rate decay at t0 (a control): the kNN probe fell 5"
+    " points below its best in 4 of 16 runs (both arms: SimSiam's probe sags late in training), so the control was"
+    " not clean; replaced by a classifier's 10x decay (classifier_lr_decay).",
+    "forgetting_full_rate": "representation forgetting with the healthy arm fine-tuning at the full pre-training"
+    " rate: its task-A probe fell 5 points in 6 of 9 seeds too; the healthy arm now fine-tunes at a tenth.",
     "dead_units_0.02": "the bias push at 0.02 per bias: accuracy fell 3-4 points, short of the 5-point drop (seeds 0,"
     " 1); the family runs at 0.1.",
     "byte_lm_ramp": "a learning-rate ramp to 30x and to 100x on the byte-level LM: this pre-LN transformer under"

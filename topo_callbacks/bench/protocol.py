@@ -4,9 +4,11 @@ Pre-registered, the same for every family and detector:
 
 - **Ground truth** ``t_c``: the first evaluation at which the task metric is at least 5 points (accuracy) or 10%
   (perplexity) worse than its best so far, and stays so for 3 evaluations.
-- **Runs.** A *failure run* is the switched arm of a failure family whose metric dropped (``t_c`` exists); a
-  failure arm whose metric did not drop is reported, not scored. A *clean run* is a healthy twin (of any family)
-  or either arm of a control.
+- **Runs.** A *failure run* is the switched arm of a failure family whose metric dropped after the fork
+  (``t_c >= t0``). A *clean run* is a healthy twin (of any family) or either arm of a control whose metric did not
+  drop. Arms that did not behave as designed (a failure arm without a drop after ``t0``, a clean arm whose metric
+  dropped anyway) are reported in the verification and not scored: an alarm there is neither a hit nor a false
+  alarm.
 - **Outcomes.** In a failure run an alarm in ``[t0, t_c)`` is a *detection* (lead ``t_c - alarm``), at or after
   ``t_c`` is *late*, before ``t0`` is a *false alarm before the fork*. Any alarm in a clean run is a *false alarm*.
 - **Calibration.** A detector is a statistic series; at threshold h it alarms at the first point where the
@@ -63,6 +65,11 @@ def ground_truth(rec: RunRecord) -> int | None:
 
 def is_failure(rec: RunRecord) -> bool:
     return FAMILIES[rec.family].kind == "failure" and rec.arm == "failure"
+
+
+def is_scored(rec: RunRecord, t_c: int | None) -> bool:
+    """A failure arm whose metric dropped after the fork, or a clean arm whose metric did not drop."""
+    return (t_c is not None and t_c >= rec.t0) if is_failure(rec) else t_c is None
 
 
 # ---------------------------------------------------------------------------------------------------- detectors
@@ -202,6 +209,8 @@ class _Replay:
         """Per negative unit (clean run, or a failure run up to its fork), the statistic's maximum."""
         out = []
         for rec in records:
+            if not is_scored(rec, self.truth[rec.key]):
+                continue
             steps, stat = self.series[name][rec.key]
             if is_failure(rec):
                 stat = stat[steps < rec.t0]
@@ -243,7 +252,7 @@ def _outcome(replay: _Replay, name: str, rec: RunRecord, threshold: float) -> di
 
 
 def _summary(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    fail = [o for o in outcomes if not o["clean"] and o["dropped"]]
+    fail = [o for o in outcomes if not o["clean"]]
     clean = [o for o in outcomes if o["clean"]]
     detected = [o for o in fail if o["detected"]]
     leads = [float(o["lead"]) for o in detected]
@@ -268,8 +277,9 @@ def _summary(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def _curve(replay: _Replay, name: str, test: Sequence[RunRecord]) -> list[tuple[float, float, float]]:
     """(threshold, false-alarm rate, detection rate) over the test runs, for every distinct threshold."""
-    clean = [r for r in test if not is_failure(r)]
-    fail = [r for r in test if is_failure(r) and replay.truth[r.key] is not None]
+    scored = [r for r in test if is_scored(r, replay.truth[r.key])]
+    clean = [r for r in scored if not is_failure(r)]
+    fail = [r for r in scored if is_failure(r)]
     candidates = {float(v) for r in test for v in replay.series[name][r.key][1] if math.isfinite(v)}
     grid = sorted(candidates)
     if len(grid) > 200:
@@ -300,7 +310,7 @@ def _learn_weights(replay: _Replay, train: Sequence[RunRecord], alpha: float) ->
     """Equal weights over the subset of CI terms that detects most failure runs of ``train`` at a threshold
     calibrated to ``alpha`` on its negatives (ties: fewer terms)."""
     best: tuple[int, int, dict[str, float]] | None = None
-    fail = [r for r in train if is_failure(r) and replay.truth[r.key] is not None]
+    fail = [r for r in train if is_failure(r) and is_scored(r, replay.truth[r.key])]
     for size in range(1, len(TERMS) + 1):
         for subset in itertools.combinations(TERMS, size):
             w = dict.fromkeys(subset, 1.0)
@@ -329,7 +339,7 @@ def analyse(
     dets = dict(detectors or DETECTORS)
     replay = _Replay(records, dets)
     cal = [r for r in records if r.seed in calibration_seeds]
-    test = [r for r in records if r.seed not in calibration_seeds]
+    test = [r for r in records if r.seed not in calibration_seeds and is_scored(r, replay.truth[r.key])]
     failure_families = sorted({r.family for r in records if FAMILIES[r.family].kind == "failure"})
     if learn_weights and failure_families:
         # the learned CI: weights (and threshold) fit per held-out family on the others' calibration seeds
@@ -391,7 +401,8 @@ def analyse(
     results["runs"] = [
         {"run": r.key, "family": r.family, "arm": r.arm, "seed": r.seed, "t0": r.t0, "steps": r.steps,
          "split": "calibration" if r.seed in calibration_seeds else "test", "t_c": replay.truth[r.key],
-         "failure": is_failure(r), "wall_s": r.wall_s, "step_ms": 1000 * r.step_s / max(r.steps, 1),
+         "failure": is_failure(r), "scored": is_scored(r, replay.truth[r.key]), "wall_s": r.wall_s,
+         "step_ms": 1000 * r.step_s / max(r.steps, 1),
          "monitor_alarm_step": r.monitor_alarm_step}
         for r in records
     ]  # fmt: skip
@@ -401,7 +412,8 @@ def analyse(
 
 def verify(records: Sequence[RunRecord], truth: Mapping[str, int | None]) -> dict[str, Any]:
     """Per failure family: in how many seeds the failure arm's metric dropped (after t0) and the healthy twin's
-    did not; per control, how many arms dropped (none should)."""
+    did not; per control, how many arms dropped. A family is kept ("verified") when at least 3/4 of its failure
+    arms dropped after t0 and at most 1/4 of its clean arms dropped."""
     out: dict[str, Any] = {}
     for fam in sorted({r.family for r in records}):
         runs = [r for r in records if r.family == fam]
@@ -417,9 +429,11 @@ def verify(records: Sequence[RunRecord], truth: Mapping[str, int | None]) -> dic
                 "failure_dropped": len(dropped),
                 "dropped_before_t0": sum((t := t_c[r.key]) is not None and t < r.t0 for r in fail),
                 "healthy_dropped": sum(truth[r.key] is not None for r in healthy),
-                "verified": len(dropped) == len(fail) and not any(truth[r.key] is not None for r in healthy),
+                "verified": len(dropped) >= 0.75 * len(fail)
+                and sum(truth[r.key] is not None for r in healthy) <= 0.25 * len(healthy),
             }
         else:
-            out[fam] = {"kind": kind, "runs": len(runs), "dropped": sum(truth[r.key] is not None for r in runs),
-                        "verified": not any(truth[r.key] is not None for r in runs)}  # fmt: skip
+            dropped_clean = sum(truth[r.key] is not None for r in runs)
+            out[fam] = {"kind": kind, "runs": len(runs), "dropped": dropped_clean,
+                        "verified": dropped_clean <= 0.25 * len(runs)}  # fmt: skip
     return out

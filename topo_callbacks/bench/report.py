@@ -88,9 +88,10 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
         "families": [f for f, v in fams.items() if v["kind"] == "failure"],
         "controls": [f for f, v in fams.items() if v["kind"] == "control"],
         "runs": {
-            "failure_test": sum(r["failure"] and r["t_c"] is not None for r in test),
-            "failure_test_without_drop": sum(r["failure"] and r["t_c"] is None for r in test),
-            "clean_test": sum(not r["failure"] for r in test),
+            "failure_test": sum(r["failure"] and r["scored"] for r in test),
+            "clean_test": sum(not r["failure"] and r["scored"] for r in test),
+            "failure_test_not_scored": sum(r["failure"] and not r["scored"] for r in test),
+            "clean_test_not_scored": sum(not r["failure"] and not r["scored"] for r in test),
         },
         "default": DEFAULT,
         "detectors": dets,
@@ -114,9 +115,10 @@ def write_markdown(results: Mapping[str, Any]) -> str:
     if results["quick"]:
         lines += ["**QUICK setting: a smoke test of the pipeline, not results.**", ""]
     lines += [
-        f"Test runs: {s['runs']['failure_test']} failure runs whose metric dropped "
-        f"({s['runs']['failure_test_without_drop']} failure arms whose metric did not drop are not scored), "
-        f"{s['runs']['clean_test']} clean runs (healthy twins and both arms of the controls). Protocol: "
+        f"Test runs: {s['runs']['failure_test']} failure runs whose metric dropped after t0 and "
+        f"{s['runs']['clean_test']} clean runs (healthy twins and both arms of the controls) whose metric did not "
+        f"drop; not scored: {s['runs']['failure_test_not_scored']} failure arms without a drop after t0 and "
+        f"{s['runs']['clean_test_not_scored']} clean arms whose metric dropped anyway. Protocol: "
         f"leave-one-family-out; calibrated thresholds give at most {100 * results['alpha']:.0f}% false alarms on the "
         "calibration negatives (`topo_callbacks/bench/protocol.py`).",
         "",
