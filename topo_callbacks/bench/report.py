@@ -199,8 +199,10 @@ def plot_curves(results: Mapping[str, Any], out: Path) -> Path:
         if d["detector"] in seen:  # one curve per detector (the setting only moves the point on it)
             continue
         seen.add(d["detector"])
-        curve = d["curve"]
-        ax.step([c[1] for c in curve], [c[2] for c in curve], where="post", label=d["detector"], linewidth=1.2)
+        # in threshold order: a lower threshold alarms earlier, which can turn a detection into an alarm before t0,
+        # so the curve need not rise monotonically
+        curve = sorted(d["curve"], key=lambda c: -c[0])
+        ax.plot([c[1] for c in curve], [c[2] for c in curve], label=d["detector"], linewidth=1.0)
         p = d["pooled"]
         if p["detection_rate"] is not None and p["fa_rate"] is not None:
             ax.plot([p["fa_rate"]], [p["detection_rate"]], "o", color=ax.lines[-1].get_color(), markersize=4)
@@ -210,7 +212,7 @@ def plot_curves(results: Mapping[str, Any], out: Path) -> Path:
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=6, loc="lower right")
-    ax.set_title("Detection vs false alarms (threshold sweep; dots: each detector's calibrated or stock setting)")
+    ax.set_title("Threshold sweep on the test runs (dots: the stock or calibrated settings)", fontsize=9)
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=90)
