@@ -3,7 +3,8 @@
 Pre-registered, the same for every family and detector:
 
 - **Ground truth** ``t_c``: the first evaluation at which the task metric is at least 5 points (accuracy) or 10%
-  (perplexity) worse than its best so far, and stays so for 3 evaluations.
+  (perplexity) worse than its best so far, and stays so for 3 evaluations; evaluations in the first 10% of the run
+  (warm-up) are not counted, as reference or as drop.
 - **Runs.** A *failure run* is the switched arm of a failure family whose metric dropped after the fork
   (``t_c >= t0``). A *clean run* is a healthy twin (of any family) or either arm of a control whose metric did not
   drop. Arms that did not behave as designed (a failure arm without a drop after ``t0``, a clean arm whose metric
@@ -54,10 +55,17 @@ ALPHA = 0.05
 Series = tuple[np.ndarray, np.ndarray]
 
 
+#: Evaluations before this share of the run are not a reference for the drop (see `ground_truth`).
+WARMUP = 0.1
+
+
 def ground_truth(rec: RunRecord) -> int | None:
-    """``t_c``: the first evaluation 5 points (accuracy) or 10% (perplexity) worse than the best so far, for 3 evals."""
+    """``t_c``: the first evaluation 5 points (accuracy) or 10% (perplexity) worse than the best so far, for 3 evals;
+    evaluations before ``WARMUP`` of the run are left out (a kNN probe of a barely trained self-supervised network
+    can peak by chance at steps 50-150 and then dip; with them, 13 of 15 unscored test runs of the first full run
+    were such "drops" before the fork, in both arms)."""
     fam = FAMILIES[rec.family]
-    metric = [(s, m) for s, m, _ in rec.evals]
+    metric = [(s, m) for s, m, _ in rec.evals if s >= WARMUP * rec.steps]
     if fam.metric_mode == "min":
         return drop_step(metric, mode="min", relative=0.1)
     return drop_step(metric, mode="max", points=5.0)
