@@ -8,7 +8,8 @@
 #   PYTHON=.venv/bin/python bash scripts/gpu_check.sh --device cpu   # small sizes, no bf16, nothing that needs
 #                                                # CUDA: the script's own check, on any machine (CI), ~1-2 minutes
 #   options: --device cuda|cpu (default cuda), --out DIR (default gpu_check_results), --budget SECONDS (default
-#   460: no step starts, and every step is cut, at that many seconds after the start)
+#   460: no step starts, and every step is cut, at that many seconds after the start), --no-tests (skip the two
+#   pytest steps: CI, whose test suite has just run the same tests)
 #   environment: PYTHON, the interpreter to use (default python3)
 #
 # The packages such a machine lacks (ripser, persim and Deprecated, which ripser needs, gudhi, giotto-ph) travel as
@@ -37,11 +38,13 @@ PY=${PYTHON:-python3}
 DEVICE=cuda
 OUT=gpu_check_results
 BUDGET=460
+RUN_TESTS=1
 while [ $# -gt 0 ]; do
     case $1 in
         --device) DEVICE=${2:?--device needs cuda or cpu}; shift 2 ;;
         --out) OUT=${2:?--out needs a folder}; shift 2 ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift 2 ;;
+        --no-tests) RUN_TESTS=0; shift ;;
         -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -189,8 +192,15 @@ pytest_step() {  # pytest_step NAME LIMIT PYTEST-ARGS...: a pytest run, failed o
         finish
     fi
 }
-pytest_step tests "$TEST_LIMIT" "${PYTEST[@]}" "${SELECT[@]}" tests/test_devices.py "${ENGINE_TESTS[@]}"
-pytest_step tests-ddp "$DDP_LIMIT" "${PYTEST[@]}" -m slow tests/test_devices.py
+if [ "$RUN_TESTS" = 1 ]; then
+    pytest_step tests "$TEST_LIMIT" "${PYTEST[@]}" "${SELECT[@]}" tests/test_devices.py "${ENGINE_TESTS[@]}"
+    pytest_step tests-ddp "$DDP_LIMIT" "${PYTEST[@]}" -m slow tests/test_devices.py
+else
+    for name in tests tests-ddp; do
+        echo "skipped: --no-tests" >"$OUT/logs/$name.log"
+        record "$name" skipped - 0 0 "pytest tests/test_devices.py" "--no-tests"
+    done
+fi
 
 # ---------------------------------------------------------------------------------------------- engine bench
 # benchmarks/engine.py on the device, one run per size so that each has its own limit (rows are printed as they
