@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -16,11 +17,9 @@ from topo_callbacks.bench.detectors import (
     first_at_or_above,
     mad_score,
     patience_count,
-    patience_step,
     rise_score,
-    rise_step,
+    rolling_median_mad,
     running_mean_ratio,
-    spike_step,
 )
 from topo_callbacks.bench.families import FAMILIES, AttentionEntropyTask
 from topo_callbacks.bench.protocol import analyse, calibrated_threshold, clopper_pearson, fa_upper_bound
@@ -147,6 +146,93 @@ def test_every_family_declares_consistent_schedules():
 
 
 # ----------------------------------------------------------------------------------- statistics vs references
+# The first-alarm rules as written directly (the benchmark used them before it replayed statistics): the references
+# the threshold statistics are checked against.
+
+
+def rise_step(
+    steps: Sequence[int],
+    values: Sequence[float],
+    threshold: float,
+    *,
+    skip: int = 3,
+    baseline_checks: int = 3,
+    patience: int = 2,
+) -> int | None:
+    """The monitor's rise rule: ``values`` above the run's baseline by more than ``threshold`` for ``patience`` checks.
+
+    The first ``skip`` checks calibrate the scale and are ignored; the median of the next ``baseline_checks`` is the
+    baseline (the defaults are `CollapseMonitorCore`'s). A non-finite value alarms at once.
+
+    Example:
+        >>> rise_step([1, 2, 3, 4, 5, 6, 7], [0.9, 0.1, 0.1, 0.2, 0.5, 0.5, 0.5], 0.2, skip=1)
+        6
+    """
+    base: list[float] = []
+    count = 0
+    for i, (step, value) in enumerate(zip(steps, values, strict=True)):
+        if not math.isfinite(value):
+            return int(step)
+        if i < skip:
+            continue
+        if len(base) < baseline_checks:
+            base.append(value)
+            continue
+        count = count + 1 if value - float(np.median(base)) > threshold else 0
+        if count >= patience:
+            return int(step)
+    return None
+
+
+def spike_step(
+    values: Sequence[float],
+    k: float,
+    *,
+    window: int = 200,
+) -> int | None:
+    """First optimizer step (1-based) whose value exceeds the median of the previous ``window`` by ``k`` MADs.
+
+    The loss-spike rule of the benchmark protocol is ``k=6, window=200``; a non-finite value is a spike.
+
+    Example:
+        >>> spike_step([1.0, 1.1, 0.9, 1.0, 5.0], k=6, window=3)
+        5
+    """
+    v = np.asarray(values, dtype=np.float64)
+    med, mad = rolling_median_mad(v, window)
+    bad = ~np.isfinite(v)
+    with np.errstate(invalid="ignore"):
+        spike = v > med + k * np.maximum(mad, 1e-12 * np.abs(med))
+    hits = np.flatnonzero(bad | (spike & np.isfinite(med)))
+    return int(hits[0]) + 1 if hits.size else None
+
+
+def patience_step(
+    evals: Sequence[tuple[int, float]], *, patience: int = 3, min_delta: float = 0.0, mode: str = "min"
+) -> int | None:
+    """Lightning ``EarlyStopping(patience=3)``'s rule: ``patience`` evaluations in a row without an improvement by
+    more than ``min_delta`` (a non-finite value stops at once, as ``check_finite=True`` does).
+
+    Example:
+        >>> patience_step([(0, 1.0), (10, 0.9), (20, 0.95), (30, 0.91), (40, 0.92)])
+        40
+    """
+    best = math.nan
+    wait = 0
+    for step, value in evals:
+        value = float(value)
+        if not math.isfinite(value):
+            return int(step)
+        better = math.isnan(best) or (value < best - min_delta if mode == "min" else value > best + min_delta)
+        if better:
+            best, wait = value, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return int(step)
+    return None
+
+
 def test_loss_spike_statistic_matches_lightnings_spike_detection():
     """The replayed statistic alarms where Lightning's own `SpikeDetection` (fed the same losses) first spikes."""
     from lightning.fabric.utilities.spike import SpikeDetection

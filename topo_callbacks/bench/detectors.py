@@ -1,8 +1,8 @@
 """Alarm rules replayed on recorded runs: the CI and its terms, cheap baselines, and the standard warnings.
 
-All functions are pure: they take the series a run recorded and return the step of the first alarm, or None.
-Replaying (rather than attaching one live monitor per rule) lets every rule see exactly the same training run,
-and lets thresholds be chosen on calibration seeds after the fact.
+All functions are pure: they take the series a run recorded and return a statistic series (or, for the ground
+truth, a step). Replaying (rather than attaching one live monitor per rule) lets every rule see exactly the same
+training run, and lets thresholds be chosen on calibration seeds after the fact.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ import numpy as np
 __all__ = [
     "channel_series",
     "drop_step",
-    "patience_step",
-    "rise_step",
-    "spike_step",
+    "ema_zscore",
+    "first_at_or_above",
+    "mad_score",
+    "patience_count",
+    "rise_score",
+    "rolling_median_mad",
+    "running_mean_ratio",
 ]
 
 
@@ -34,40 +38,6 @@ def channel_series(checks: Sequence[Mapping[str, Any]], weights: Mapping[str, fl
     return [sum(w * float(c[f"{t}_term"]) for t, w in weights.items()) / total for c in checks]
 
 
-def rise_step(
-    steps: Sequence[int],
-    values: Sequence[float],
-    threshold: float,
-    *,
-    skip: int = 3,
-    baseline_checks: int = 3,
-    patience: int = 2,
-) -> int | None:
-    """The monitor's rise rule: ``values`` above the run's baseline by more than ``threshold`` for ``patience`` checks.
-
-    The first ``skip`` checks calibrate the scale and are ignored; the median of the next ``baseline_checks`` is the
-    baseline (the defaults are `CollapseMonitorCore`'s). A non-finite value alarms at once.
-
-    Example:
-        >>> rise_step([1, 2, 3, 4, 5, 6, 7], [0.9, 0.1, 0.1, 0.2, 0.5, 0.5, 0.5], 0.2, skip=1)
-        6
-    """
-    base: list[float] = []
-    count = 0
-    for i, (step, value) in enumerate(zip(steps, values, strict=True)):
-        if not math.isfinite(value):
-            return int(step)
-        if i < skip:
-            continue
-        if len(base) < baseline_checks:
-            base.append(value)
-            continue
-        count = count + 1 if value - float(np.median(base)) > threshold else 0
-        if count >= patience:
-            return int(step)
-    return None
-
-
 def rolling_median_mad(values: Sequence[float] | np.ndarray, window: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """Median and median absolute deviation of the ``window`` values before each index (NaN before ``window``)."""
     v = np.asarray(values, dtype=np.float64)
@@ -79,31 +49,6 @@ def rolling_median_mad(values: Sequence[float] | np.ndarray, window: int = 200) 
         med[window:] = m
         mad[window:] = np.median(np.abs(past - m[:, None]), axis=1)
     return med, mad
-
-
-def spike_step(
-    values: Sequence[float],
-    k: float,
-    *,
-    window: int = 200,
-    stats: tuple[np.ndarray, np.ndarray] | None = None,
-) -> int | None:
-    """First optimizer step (1-based) whose value exceeds the median of the previous ``window`` by ``k`` MADs.
-
-    The loss-spike rule of the benchmark protocol is ``k=6, window=200``; a non-finite value is a spike.
-    ``stats`` takes precomputed `rolling_median_mad` output, to try many ``k`` cheaply.
-
-    Example:
-        >>> spike_step([1.0, 1.1, 0.9, 1.0, 5.0], k=6, window=3)
-        5
-    """
-    v = np.asarray(values, dtype=np.float64)
-    med, mad = stats if stats is not None else rolling_median_mad(v, window)
-    bad = ~np.isfinite(v)
-    with np.errstate(invalid="ignore"):
-        spike = v > med + k * np.maximum(mad, 1e-12 * np.abs(med))
-    hits = np.flatnonzero(bad | (spike & np.isfinite(med)))
-    return int(hits[0]) + 1 if hits.size else None
 
 
 def _worst(value: float, mode: str) -> float:
@@ -141,32 +86,6 @@ def drop_step(
         window = vals[i : i + evals_needed]
         if len(window) == evals_needed and all(bad(v, best) for _, v in window):
             return step
-    return None
-
-
-def patience_step(
-    evals: Sequence[tuple[int, float]], *, patience: int = 3, min_delta: float = 0.0, mode: str = "min"
-) -> int | None:
-    """Lightning ``EarlyStopping(patience=3)``'s rule: ``patience`` evaluations in a row without an improvement by
-    more than ``min_delta`` (a non-finite value stops at once, as ``check_finite=True`` does).
-
-    Example:
-        >>> patience_step([(0, 1.0), (10, 0.9), (20, 0.95), (30, 0.91), (40, 0.92)])
-        40
-    """
-    best = math.nan
-    wait = 0
-    for step, value in evals:
-        value = float(value)
-        if not math.isfinite(value):
-            return int(step)
-        better = math.isnan(best) or (value < best - min_delta if mode == "min" else value > best + min_delta)
-        if better:
-            best, wait = value, 0
-        else:
-            wait += 1
-            if wait >= patience:
-                return int(step)
     return None
 
 
@@ -260,7 +179,7 @@ def ema_zscore(values: Sequence[float], alpha: float = 0.97, warmup: int = 25) -
 
 def rise_score(values: Sequence[float], *, skip: int = 3, baseline_checks: int = 3, patience: int = 2) -> np.ndarray:
     """The monitor's rise rule as a statistic: at each check, the smallest rise over the baseline among the last
-    ``patience`` checks (the rule alarms at threshold h when all of them rose by more than h). See `rise_step`.
+    ``patience`` checks (the rule alarms at threshold h when all of them rose by more than h): the monitor's rise rule.
 
     Example:
         >>> [round(float(v), 2) for v in rise_score([0.9, 0.1, 0.1, 0.2, 0.5, 0.5, 0.5], skip=1)]

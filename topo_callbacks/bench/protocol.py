@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from topo_callbacks.bench.detectors import (
+    channel_series,
     drop_step,
     ema_zscore,
     first_at_or_above,
@@ -104,12 +105,10 @@ def _per_step(values: Callable[[RunRecord], Sequence[float]], stat: Callable[[Se
 
 def _checks(weights: Mapping[str, float]) -> Callable[[RunRecord], Series]:
     w = resolve_weights(dict(weights))
-    total = sum(w.values())
 
     def series(rec: RunRecord) -> Series:
         steps = np.array([int(c["step"]) for c in rec.checks], dtype=np.int64)
-        values = [sum(v * float(c[f"{t}_term"]) for t, v in w.items()) / total for c in rec.checks]
-        return steps, rise_score(values)
+        return steps, rise_score(channel_series(rec.checks, w))
 
     return series
 
