@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from topo_callbacks.bench.cusum import channel_statistic, fit_calibration, fused_series, on_step_grid
 from topo_callbacks.bench.detectors import (
     channel_series,
     drop_step,
@@ -48,6 +49,7 @@ from topo_callbacks.bench.detectors import (
 )
 from topo_callbacks.bench.families import FAMILIES
 from topo_callbacks.bench.record import RunRecord
+from topo_callbacks.core.detector import CHANNELS, DetectorCalibration
 from topo_callbacks.functional.collapse import TERMS, resolve_weights
 
 __all__ = ["ALPHA", "DETECTORS", "Detector", "analyse", "clopper_pearson", "ground_truth"]
@@ -123,7 +125,7 @@ PAPER = {"betti": 0.4, "entropy": 0.3, "anisotropy": 0.3}
 
 def _detectors() -> dict[str, Detector]:
     out = [
-        Detector("CI, benchmark weights, rise (the monitor's default)", _checks(BENCHMARK_WEIGHTS), 0.2, "check",
+        Detector("CI, benchmark weights, rise (alarm='rise')", _checks(BENCHMARK_WEIGHTS), 0.2, "check",
                  "CI = mean of the betti, entropy, anisotropy, rank terms; alarm 0.2 above baseline for 2 checks"),
         Detector("CI, paper weights, rise", _checks(PAPER), 0.15, "check",
                  "CI = 0.4 betti + 0.3 entropy + 0.3 anisotropy (the write-up's); the pre-benchmark rule"),
@@ -333,6 +335,40 @@ def _learn_weights(replay: _Replay, train: Sequence[RunRecord], alpha: float) ->
     return best[2]
 
 
+# ---------------------------------------------------------------------------------------------- CUSUM detector
+CUSUM = "CUSUM detector (the monitor's default)"
+#: The false-alarm rates the monitor accepts (``false_alarm_rate=``): one calibration each.
+SHIPPED_RATES = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def cusum_grids(rec: RunRecord) -> dict[str, np.ndarray]:
+    """Every recorded channel's CUSUM statistic on the run's step grid."""
+    out = {}
+    for name in CHANNELS:
+        stat = channel_statistic(rec, name)
+        if stat is not None:
+            out[name] = on_step_grid(*stat, rec.steps)
+    return out
+
+
+def fit_detector(
+    train: Sequence[RunRecord],
+    grids: Mapping[str, Mapping[str, np.ndarray]],
+    truth: Mapping[str, int | None],
+    alpha: float,
+    fit_on: str = "",
+) -> DetectorCalibration:
+    """The detector's calibration fit on ``train`` (scored runs only; see `fit_calibration`)."""
+    runs = [r for r in train if is_scored(r, truth[r.key])]
+    return fit_calibration(
+        [dict(grids[r.key]) for r in runs],
+        [r.t0 - 1 if is_failure(r) else None for r in runs],
+        [(r.t0, t) if is_failure(r) and (t := truth[r.key]) is not None else None for r in runs],
+        alpha,
+        fit_on=fit_on,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- analysis
 def analyse(
     records: Sequence[RunRecord],
@@ -361,10 +397,39 @@ def analyse(
     else:
         learned = {}
 
-    def series_name(det: str, fold: str) -> str:
-        return f"{det}|{fold}" if det.startswith("CI, weights learned") else det
+    calibrations: dict[str, Any] = {}
+    shipped: list[dict[str, Any]] = []
+    if failure_families:
+        # the default detector: channels, normalisers and threshold fit per held-out family on the others'
+        # calibration seeds (and on every family's for the clean runs); its statistic is over the threshold, so the
+        # fitted rule alarms at 1 in every fold
+        grids = {r.key: cusum_grids(r) for r in records}
+        folds = {f: [r for r in cal if r.family != f] for f in failure_families}
+        folds["all"] = cal
+        for fold, train in folds.items():
+            where = "every family" if fold == "all" else f"the families other than {fold}"
+            fitted = fit_detector(train, grids, replay.truth, alpha, fit_on=f"calibration seeds of {where}")
+            calibrations[fold] = fitted.as_dict()
+            replay.series[f"{CUSUM}|{fold}"] = {r.key: fused_series(grids[r.key], fitted) for r in records}
+        # what the monitor ships (`topo_callbacks.core._calibration`, written by scripts/write_calibration.py): the
+        # fit on every family's calibration seeds, at each false-alarm rate a user may ask for
+        shipped = [
+            fit_detector(cal, grids, replay.truth, rate, fit_on="calibration seeds of every family").as_dict()
+            for rate in SHIPPED_RATES
+        ]
+        full = DetectorCalibration.from_dict(calibrations["all"])
+        dets[CUSUM] = Detector(CUSUM, lambda r: fused_series(grids[r.key], full), 1.0, "step",
+                               "robust CUSUM per channel, fused and calibrated to 5% on the other families' healthy"
+                               " calibration runs (channels chosen there)", calibrate=False)  # fmt: skip
+        dets = {CUSUM: dets.pop(CUSUM), **dets}
 
-    results: dict[str, Any] = {"alpha": alpha, "detectors": {}, "learned_weights": learned}
+    def series_name(det: str, fold: str) -> str:
+        return f"{det}|{fold}" if det.startswith("CI, weights learned") or det == CUSUM else det
+
+    results: dict[str, Any] = {
+        "alpha": alpha, "detectors": {}, "learned_weights": learned, "detector_calibrations": calibrations,
+        "shipped_calibrations": shipped,
+    }  # fmt: skip
     for name, det in dets.items():
         settings: list[tuple[str, float | None]] = [("stock", det.stock)] if det.stock is not None else []
         if det.calibrate:

@@ -17,6 +17,7 @@ from topo_callbacks.bench.record import RunRecord
 __all__ = [
     "BASELINES",
     "DEFAULT",
+    "RISE",
     "best_baseline",
     "cell",
     "plot_curves",
@@ -27,7 +28,9 @@ __all__ = [
 ]
 
 #: The monitor's current default alarm, as users run it.
-DEFAULT = "CI, benchmark weights, rise (the monitor's default) [stock]"
+DEFAULT = "CUSUM detector (the monitor's default) [stock]"
+#: The rule that was the default before the detector (``alarm="rise"``).
+RISE = "CI, benchmark weights, rise (alarm='rise') [stock]"
 
 
 def _lead(value: float | None) -> str:
@@ -94,6 +97,7 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
             "clean_test_not_scored": sum(not r["failure"] and not r["scored"] for r in test),
         },
         "default": DEFAULT,
+        "default_calibration": results.get("detector_calibrations", {}).get("all"),
         "detectors": dets,
     }
 
@@ -309,11 +313,11 @@ def readme_tables(results: Mapping[str, Any], detectors: Sequence[str]) -> str:
             f"{p['clean_runs']} (<= {_pct(p['fa_upper95'])}) | {p['early']} |"
         )
     failures = [f for f, v in results["families"].items() if v["kind"] == "failure"]
-    lines += ["", "| family | the default (stock) | the default (calibrated) | best cheap baseline (calibrated) |",
+    lines += ["", "| family | the default (CUSUM detector) | `alarm=\"rise\"` (stock) | best cheap baseline (calibrated) |",
               "|---|---|---|---|"]  # fmt: skip
     for fam in failures:
         cells = []
-        for label in (DEFAULT, DEFAULT.replace("[stock]", "[calibrated]")):
+        for label in (DEFAULT, RISE):
             d = results["detectors"].get(label)
             cells.append(cell(d["per_family"].get(fam, {})) if d else "-")
         base = best_baseline(results, fam)

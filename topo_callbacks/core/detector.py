@@ -1,0 +1,271 @@
+"""The default alarm: per-channel robust CUSUMs fused into one statistic calibrated to a false-alarm rate.
+
+Each channel (the loss and the global gradient norm every optimizer step; the collapse report's terms every check)
+is scored against its own recent past (`topo_callbacks.functional.detector`) and accumulated by a two-sided CUSUM.
+Channel ``c``'s CUSUM is divided by its *normaliser* ``q_c`` (the level its CUSUM alone reaches on a share of healthy
+calibration runs), so that channels of different noise count alike; the detector's statistic is the largest
+normalised CUSUM, and it alarms when that reaches ``threshold``. The channels, normalisers and threshold for each
+false-alarm rate are fit by the benchmark (``topo-callbacks bench``) on its healthy calibration runs and shipped in
+`topo_callbacks.core._calibration`; see ``docs/benchmark.md`` for what "a 5% false-alarm rate" means there.
+
+State is plain data (``state_dict``): reference windows, accumulators, the step of the first alarm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from topo_callbacks.functional.detector import cusum_update, robust_location_scale
+
+__all__ = [
+    "CHANNELS",
+    "Channel",
+    "CusumDetector",
+    "DetectorCalibration",
+    "DetectorFiring",
+    "default_calibration",
+]
+
+#: Per-step channels are scored against the 200 values before them, check channels against the 8 checks before
+#: them (from the 4th on); the CUSUM allowance is one robust standard deviation, and one point adds at most 8.
+STEP_WINDOW = 200
+CHECK_WINDOW = 8
+CHECK_MIN_REFERENCE = 4
+ALLOWANCE = 1.0
+CLIP = 8.0
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One monitored series: when it is read (``"step"`` or ``"check"``), which direction is bad (``"up"``,
+    ``"down"`` or ``"both"``), whether it is scored on a log scale (norms), and the floor of its robust scale."""
+
+    name: str
+    reads: str
+    side: str
+    log: bool
+    floor: float
+    description: str
+    #: computed by the monitor during training (the others are recorded by the benchmark only, to measure them)
+    live: bool = True
+
+    @property
+    def window(self) -> int:
+        return STEP_WINDOW if self.reads == "step" else CHECK_WINDOW
+
+    @property
+    def min_reference(self) -> int:
+        return STEP_WINDOW if self.reads == "step" else CHECK_MIN_REFERENCE
+
+
+CHANNELS: dict[str, Channel] = {
+    c.name: c
+    for c in (
+        Channel("loss", "step", "up", False, 1e-3, "training loss against its median over the last 200 steps"),
+        Channel("grad_norm", "step", "both", True, 0.01, "global gradient norm (log) against the last 200 steps"),
+        Channel("update_ratio", "step", "both", True, 0.01,
+                "||delta theta|| / (lr ||theta||) of the first parameter group (log)", live=False),
+        Channel("act_rms", "step", "both", True, 0.01, "the watched layer's activation RMS (log)", live=False),
+        Channel("b0_fraction", "check", "both", False, 0.01, "components at the fixed scale over n (b0/n)"),
+        Channel("b1_fraction", "check", "both", False, 1 / 512, "loops at the fixed scale over n (b1/n)"),
+        Channel("persistence_entropy", "check", "both", False, 0.005, "normalised H0 persistence entropy"),
+        Channel("effective_rank", "check", "both", True, 0.01, "RankMe effective rank (log)"),
+        Channel("std_l2", "check", "both", True, 0.01, "std of L2-normalised rows (log)"),
+        Channel("anisotropy_term", "check", "both", False, 0.01, "the CI's anisotropy term"),
+    )
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DetectorCalibration:
+    """What the benchmark fit for one false-alarm rate: the channels, each one's normaliser, the threshold."""
+
+    false_alarm_rate: float
+    channels: tuple[str, ...]
+    normalisers: dict[str, float]
+    threshold: float
+    fit_on: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.channels if c not in CHANNELS]
+        if unknown:
+            raise ValueError(f"unknown detector channels {unknown}; known: {sorted(CHANNELS)}")
+        missing = [c for c in self.channels if c not in self.normalisers]
+        if missing:
+            raise ValueError(f"channels {missing} have no normaliser")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "false_alarm_rate": self.false_alarm_rate,
+            "channels": list(self.channels),
+            "normalisers": dict(self.normalisers),
+            "threshold": self.threshold,
+            "fit_on": self.fit_on,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetectorCalibration:
+        return cls(
+            float(data["false_alarm_rate"]),
+            tuple(data["channels"]),
+            {k: float(v) for k, v in data["normalisers"].items()},
+            float(data["threshold"]),
+            str(data.get("fit_on", "")),
+        )
+
+
+def default_calibration(false_alarm_rate: float = 0.05) -> DetectorCalibration:
+    """The shipped calibration for ``false_alarm_rate`` (one of the rates the benchmark fit).
+
+    Example:
+        >>> cal = default_calibration(0.05)
+        >>> cal.false_alarm_rate, "loss" in cal.channels
+        (0.05, True)
+    """
+    from topo_callbacks.core._calibration import CALIBRATIONS
+
+    for data in CALIBRATIONS:
+        if math.isclose(float(data["false_alarm_rate"]), float(false_alarm_rate)):
+            return DetectorCalibration.from_dict(data)
+    rates = sorted(float(d["false_alarm_rate"]) for d in CALIBRATIONS)
+    raise ValueError(f"`false_alarm_rate` must be one of the calibrated rates {rates}; got {false_alarm_rate!r}.")
+
+
+@dataclass(frozen=True)
+class DetectorFiring:
+    """Why the detector alarmed: the channel, its value, its baseline (reference median), its standardised score,
+    and its normalised CUSUM against the threshold."""
+
+    step: int
+    channel: str
+    value: float
+    baseline: float
+    score: float
+    statistic: float
+    threshold: float
+
+    def message(self, prefix: str = "collapse") -> str:
+        spec = CHANNELS[self.channel]
+        scale = " (log scale)" if spec.log else ""
+        return (
+            f"{prefix}/detector alarmed at step {self.step} on `{self.channel}`: value {self.value:.4g}, baseline"
+            f" {self.baseline:.4g} (median of the last {spec.window} {spec.reads}s), standardised score"
+            f" {self.score:+.2f}{scale}; normalised CUSUM {self.statistic:.2f} >= threshold {self.threshold:.2f}."
+        )
+
+
+@dataclass
+class _ChannelState:
+    reference: deque[float]
+    s_pos: float = 0.0
+    s_neg: float = 0.0
+    value: float = math.nan
+    baseline: float = math.nan
+    score: float = 0.0
+
+    def statistic(self, side: str) -> float:
+        return max(self.s_pos, self.s_neg) if side == "both" else (self.s_pos if side == "up" else self.s_neg)
+
+
+@dataclass
+class CusumDetector:
+    """Online detector: feed channel values with `update`; it returns a `DetectorFiring` at the first alarm.
+
+    Example:
+        >>> cal = DetectorCalibration(0.05, ("b0_fraction",), {"b0_fraction": 2.0}, 1.0)
+        >>> det = CusumDetector(cal)
+        >>> fired = [det.update("b0_fraction", v, step) for step, v in enumerate([0.5, 0.51, 0.49, 0.5, 0.5, 0.2])]
+        >>> fired[-1].channel, fired[-1].step, fired[:-1] == [None] * 5
+        ('b0_fraction', 5, True)
+    """
+
+    calibration: DetectorCalibration
+    states: dict[str, _ChannelState] = field(default_factory=dict)
+    fired: DetectorFiring | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.calibration.channels:
+            self.states.setdefault(name, _ChannelState(deque(maxlen=CHANNELS[name].window)))
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.calibration.channels
+
+    def normalised(self, name: str) -> float:
+        """Channel ``name``'s CUSUM over its normaliser (the share of the threshold it has reached, times h)."""
+        state = self.states[name]
+        return state.statistic(CHANNELS[name].side) / self.calibration.normalisers[name]
+
+    def statistic(self) -> float:
+        """The fused statistic: the largest normalised CUSUM over the channels."""
+        return max((self.normalised(c) for c in self.channels), default=0.0)
+
+    def update(self, name: str, value: float, step: int) -> DetectorFiring | None:
+        """Feed one value of channel ``name`` (ignored when the calibration does not use it); returns the firing
+        when this value makes the detector alarm for the first time."""
+        state = self.states.get(name)
+        if state is None:
+            return None
+        spec = CHANNELS[name]
+        x = _transform(float(value), spec.log)
+        state.value = float(value)
+        if not math.isfinite(x):
+            state.score = math.inf
+            state.s_pos, state.s_neg = cusum_update(state.s_pos, state.s_neg, math.inf, ALLOWANCE)
+        elif len(state.reference) >= spec.min_reference:
+            med, scale = robust_location_scale(state.reference, spec.floor)
+            state.baseline = _untransform(med, spec.log)
+            state.score = min(max((x - med) / scale, -CLIP), CLIP)
+            state.s_pos, state.s_neg = cusum_update(state.s_pos, state.s_neg, state.score, ALLOWANCE)
+        if math.isfinite(x):
+            state.reference.append(x)
+        if self.fired is None:
+            stat = self.normalised(name)
+            if stat >= self.calibration.threshold:
+                self.fired = DetectorFiring(
+                    step, name, state.value, state.baseline, state.score, stat, self.calibration.threshold
+                )
+                return self.fired
+        return None
+
+    def as_dict(self, prefix: str) -> dict[str, float]:
+        """The fused statistic and each channel's normalised CUSUM, as log keys under ``prefix``."""
+        out = {f"{prefix}/detector": self.statistic()}
+        for name in self.channels:
+            out[f"{prefix}/detector_{name}"] = self.normalised(name)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "calibration": self.calibration.as_dict(),
+            "channels": {
+                name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": s.value,
+                       "baseline": s.baseline, "score": s.score}
+                for name, s in self.states.items()
+            },
+            "fired": None if self.fired is None else vars(self.fired).copy(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, data in state.get("channels", {}).items():
+            if name not in self.states:
+                continue
+            s = self.states[name]
+            s.reference = deque((float(v) for v in data["reference"]), maxlen=CHANNELS[name].window)
+            s.s_pos, s.s_neg = float(data["s_pos"]), float(data["s_neg"])
+            s.value, s.baseline, s.score = float(data["value"]), float(data["baseline"]), float(data["score"])
+        fired = state.get("fired")
+        self.fired = None if fired is None else DetectorFiring(**fired)
+
+
+def _transform(x: float, log: bool) -> float:
+    if not log or not math.isfinite(x):
+        return x
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _untransform(x: float, log: bool) -> float:
+    return math.exp(x) if log and math.isfinite(x) else x
