@@ -85,7 +85,8 @@ def fused_series(grids: dict[str, np.ndarray], cal: DetectorCalibration) -> tupl
 
 
 def _negative_maxima(grids: Sequence[np.ndarray], cut: Sequence[int | None]) -> np.ndarray:
-    return np.array([float(g[: c if c is not None else len(g)].max(initial=0.0)) for g, c in zip(grids, cut)])
+    pairs = zip(grids, cut, strict=True)
+    return np.array([float(g[: c if c is not None else len(g)].max(initial=0.0)) for g, c in pairs])
 
 
 def _threshold(maxima: np.ndarray, alpha: float) -> float:
@@ -107,9 +108,9 @@ def fit_calibration(
 ) -> DetectorCalibration:
     """Fit a calibration on training runs.
 
-    ``candidates`` defaults to the channels the monitor computes live. ``grids[i]`` holds run i's channel statistics on its step grid; ``negatives_until[i]`` is how many of its steps
-    count as healthy (all for a clean run, ``t0 - 1`` for a failure run); ``failures[i]`` is ``(t0, t_c)`` for a
-    failure run whose metric dropped (a detection is an alarm in ``[t0, t_c)``), else None.
+    ``candidates`` defaults to the channels the monitor computes live. ``grids[i]`` holds run i's channel statistics
+    on its step grid; ``negatives_until[i]`` is how many of its steps count as healthy (all for a clean run,
+    ``t0 - 1`` for a failure run); ``failures[i]`` is ``(t0, t_c)`` for a failure run whose metric dropped (a detection is an alarm in ``[t0, t_c)``), else None.
     """
     pool = candidates if candidates is not None else [c for c, spec in CHANNELS.items() if spec.live]
     names = [c for c in pool if any(c in g for g in grids)]
@@ -123,7 +124,7 @@ def fit_calibration(
         fused = [np.max([g.get(c, zero[i]) / norm[c] for c in chosen], axis=0) for i, g in enumerate(grids)]
         h = max(_threshold(_negative_maxima(fused, negatives_until), alpha), 1e-6)
         hits = lead = 0
-        for f, window in zip(fused, failures):
+        for f, window in zip(fused, failures, strict=True):
             if window is None:
                 continue
             t0, t_c = window

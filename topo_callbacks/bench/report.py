@@ -313,7 +313,7 @@ def readme_tables(results: Mapping[str, Any], detectors: Sequence[str]) -> str:
             f"{p['clean_runs']} (<= {_pct(p['fa_upper95'])}) | {p['early']} |"
         )
     failures = [f for f, v in results["families"].items() if v["kind"] == "failure"]
-    lines += ["", "| family | the default (CUSUM detector) | `alarm=\"rise\"` (stock) | best cheap baseline (calibrated) |",
+    lines += ["", "| family | the default (CUSUM) | `alarm=\"rise\"` (stock) | best cheap baseline (calibrated) |",
               "|---|---|---|---|"]  # fmt: skip
     for fam in failures:
         cells = []
