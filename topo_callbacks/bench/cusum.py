@@ -110,7 +110,8 @@ def fit_calibration(
 
     ``candidates`` defaults to the channels the monitor computes live. ``grids[i]`` holds run i's channel statistics
     on its step grid; ``negatives_until[i]`` is how many of its steps count as healthy (all for a clean run,
-    ``t0 - 1`` for a failure run); ``failures[i]`` is ``(t0, t_c)`` for a failure run whose metric dropped (a detection is an alarm in ``[t0, t_c)``), else None.
+    ``t0 - 1`` for a failure run); ``failures[i]`` is ``(t0, t_c)`` for a failure run whose metric dropped (a
+    detection is an alarm in ``[t0, t_c)``), else None.
     """
     pool = candidates if candidates is not None else [c for c, spec in CHANNELS.items() if spec.live]
     names = [c for c in pool if any(c in g for g in grids)]
