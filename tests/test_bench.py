@@ -119,6 +119,29 @@ def test_leave_one_family_out_never_fits_on_the_held_out_family(bench):
         for label, d in full["detectors"].items():
             assert part["detectors"][label]["thresholds"][fam] == d["thresholds"][fam], (label, fam)
         assert part["learned_weights"][fam] == full["learned_weights"][fam]
+        assert part["detector_calibrations"][fam] == full["detector_calibrations"][fam]
+
+
+@pytest.mark.slow
+def test_the_replayed_detector_alarms_where_the_live_monitor_did():
+    """The benchmark scores the detector by replaying recorded channels; the monitor attached to those runs ran the
+    same detector live (shipped calibration). Both give the same first alarm: here a full-length classifier_lr
+    seed, whose failure arm fires and whose healthy twin does not."""
+    from topo_callbacks.bench.cusum import fused_series
+    from topo_callbacks.bench.protocol import cusum_grids
+    from topo_callbacks.core.detector import default_calibration
+
+    torch.set_num_threads(1)
+    shipped = default_calibration(0.05)
+    records = train_arms(FAMILIES["classifier_lr"], seed=0, quick=False)
+    for rec in records:
+        steps, stat = fused_series(cusum_grids(rec), shipped)
+        hits = np.flatnonzero(stat >= 1.0)
+        replayed = int(steps[hits[0]]) if hits.size else None
+        assert replayed == rec.monitor_alarm_step, rec.key
+    healthy, failure = records
+    assert healthy.monitor_alarm_step is None
+    assert failure.monitor_alarm_step is not None and failure.monitor_alarm_step >= failure.t0
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):

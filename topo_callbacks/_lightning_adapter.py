@@ -8,10 +8,12 @@ what is importable (installing ``lightning`` installs ``pytorch_lightning`` too)
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from topo_callbacks.core.detector import global_grad_norm
 from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -56,8 +58,23 @@ def build_collapse_monitor(callback_base: type) -> type:
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             self.prepare_step(trainer.global_step + 1)
 
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            if "grad_norm" in self.step_channels:  # gradients are unscaled (AMP) and synced (DDP) here
+                self._grad_norm: float | None = global_grad_norm(pl_module.parameters())
+
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             step = trainer.global_step
+            self.add_loss(outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
+            if step > self.last_observed_step and self.step_channels:  # an optimizer step ran
+                fired = self.observe_step(step, grad_norm=getattr(self, "_grad_norm", None))
+                self._grad_norm = None
+                if fired is not None:
+                    if self.logger:
+                        for logger in trainer.loggers:
+                            logger.log_metrics({f"{self.prefix}alarm": 1.0}, step=step)
+                    if fired.should_stop:  # the same decision on every rank: the values were averaged over ranks
+                        trainer.should_stop = True
+                        self.record_stop(step, fired)
             if not self.is_check_step(step):
                 return
             result = self.run_check(step)

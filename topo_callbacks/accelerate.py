@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from topo_callbacks.core.capture import LayerSpec
+from topo_callbacks.core.detector import global_grad_norm
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -46,8 +47,9 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
                 loss = model(batch).loss
                 accelerator.backward(loss)
                 optimizer.step()
+                stop = monitor.step(loss=loss)  # before zero_grad: it reads the gradient norm
                 optimizer.zero_grad()
-                if monitor.step():
+                if stop:
                     break
     """
 
@@ -58,17 +60,31 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         self.attach(accelerator.unwrap_model(model))
         self.prepare_step(1)
 
-    def step(self, step: int | None = None) -> bool:
+    def step(self, step: int | None = None, *, loss: Any = None, grad_norm: float | None = None) -> bool:
         """Count one optimizer step (or set it to ``step``); check when due. True: stop, on every process.
 
-        Without ``step``, a call during gradient accumulation's micro-batches (``accelerator.sync_gradients`` False:
-        the optimizer skipped its step) counts nothing and returns False.
+        ``loss``: this micro-batch's training loss (a tensor or a number), for the detector's loss channel.
+        ``grad_norm``: the global gradient norm (e.g. what ``accelerator.clip_grad_norm_`` returned); without it
+        the monitor computes it from the model's gradients when they are still there (call `step` before
+        ``optimizer.zero_grad()``). Without ``step``, a call during gradient accumulation's micro-batches
+        (``accelerator.sync_gradients`` False: the optimizer skipped its step) only adds its loss and returns False.
         """
+        self.add_loss(loss)
         if step is None and not getattr(self.accelerator, "sync_gradients", True):
             return False
         self.global_step = self.global_step + 1 if step is None else int(step)
         current = self.global_step
         stop = False
+        if self.step_channels:
+            if grad_norm is None and "grad_norm" in self.step_channels and self.model is not None:
+                grad_norm = global_grad_norm(self.model.parameters())
+            fired = self.observe_step(current, grad_norm=None if grad_norm is None else float(grad_norm))
+            if fired is not None:
+                if self.logger:
+                    self.accelerator.log({f"{self.prefix}alarm": 1.0}, step=current)
+                if fired.should_stop:  # the same decision on every process: the values were averaged over them
+                    self.record_stop(current, fired)
+                    stop = True
         if self.is_check_step(current):
             result = self.run_check(current)
             if result.report is not None and self.logger:
@@ -81,8 +97,8 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
             if result.should_stop:
                 self.accelerator.set_trigger()
             # a collective at every check on every process (the schedule is the same everywhere)
-            stop = bool(self.accelerator.check_trigger())
-            if stop:
+            if self.accelerator.check_trigger() and not stop:
+                stop = True
                 self.record_stop(current, result)
         self.prepare_step(current + 1)
         return stop

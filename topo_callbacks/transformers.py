@@ -11,13 +11,15 @@ import inspect
 import logging
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from topo_callbacks.core.capture import resolve_layer
+from topo_callbacks.core.detector import global_grad_norm
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
@@ -340,6 +342,23 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             return
         self.attach(kwargs["model"])
         self.prepare_step(state.global_step + 1)
+        self.last_observed_step = max(self.last_observed_step, state.global_step)
+        if "loss" in self.step_channels:
+            # the Trainer hands callbacks no per-step loss: read it from the model's output (``outputs.loss``, there
+            # when the batch has labels) in training mode
+            self._loss_handle = kwargs["model"].register_forward_hook(self._tap_loss)
+
+    def _tap_loss(self, module: Any, inputs: Any, output: Any) -> None:
+        if module.training:
+            loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                self.add_loss(loss)
+
+    @_forwarded
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if "grad_norm" in self.step_channels and model is not None:  # after unscaling and clipping's all-reduce
+            self._grad_norm: float | None = global_grad_norm(model.parameters())
 
     @_forwarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -349,8 +368,16 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._forget_saved_entries(state)
         step = state.global_step
+        if self.step_channels:
+            fired = self.observe_step(step, grad_norm=getattr(self, "_grad_norm", None))
+            self._grad_norm = None
+            if fired is not None:
+                self._log(state, control, {f"{self.prefix}alarm": 1.0}, step)
+                if fired.should_stop:  # the same decision on every process: the values were averaged over them
+                    control.should_training_stop = True
+                    self.record_stop(step, fired)
         if not self.is_check_step(step):
-            return None
+            return control if self.stopped_step is not None else None
         result = self.run_check(step)
         if result.report is not None:
             self._log(state, control, result.logged, step)
@@ -370,6 +397,10 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
     @_forwarded
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.detach()
+        handle = getattr(self, "_loss_handle", None)
+        if handle is not None:
+            handle.remove()
+            self._loss_handle = None
         message = self.end_of_training(state.global_step)
         if state.is_world_process_zero:
             _LOG.info(message)

@@ -337,6 +337,16 @@ def _learn_weights(replay: _Replay, train: Sequence[RunRecord], alpha: float) ->
 
 # ---------------------------------------------------------------------------------------------- CUSUM detector
 CUSUM = "CUSUM detector (the monitor's default)"
+#: The default detector, and ablations: which channels it may choose from (None: every channel the monitor computes
+#: live). Without the Betti channels, with the cheap per-step channels only, with the embedding channels only.
+CUSUM_VARIANTS: dict[str, list[str] | None] = {
+    CUSUM: None,
+    "CUSUM, without the Betti channels": [
+        c for c, spec in CHANNELS.items() if spec.live and c not in ("b0_fraction", "b1_fraction")
+    ],
+    "CUSUM, loss and gradient norm only": ["loss", "grad_norm"],
+    "CUSUM, embedding channels only": [c for c, spec in CHANNELS.items() if spec.live and spec.reads == "check"],
+}
 #: The false-alarm rates the monitor accepts (``false_alarm_rate=``): one calibration each.
 SHIPPED_RATES = (0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -357,6 +367,7 @@ def fit_detector(
     truth: Mapping[str, int | None],
     alpha: float,
     fit_on: str = "",
+    candidates: Sequence[str] | None = None,
 ) -> DetectorCalibration:
     """The detector's calibration fit on ``train`` (scored runs only; see `fit_calibration`)."""
     runs = [r for r in train if is_scored(r, truth[r.key])]
@@ -366,7 +377,12 @@ def fit_detector(
         [(r.t0, t) if is_failure(r) and (t := truth[r.key]) is not None else None for r in runs],
         alpha,
         fit_on=fit_on,
+        candidates=candidates,
     )
+
+
+def _fused(grids: Mapping[str, Mapping[str, np.ndarray]], cal: DetectorCalibration) -> Callable[[RunRecord], Series]:
+    return lambda rec: fused_series(dict(grids[rec.key]), cal)
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
@@ -406,25 +422,34 @@ def analyse(
         grids = {r.key: cusum_grids(r) for r in records}
         folds = {f: [r for r in cal if r.family != f] for f in failure_families}
         folds["all"] = cal
-        for fold, train in folds.items():
-            where = "every family" if fold == "all" else f"the families other than {fold}"
-            fitted = fit_detector(train, grids, replay.truth, alpha, fit_on=f"calibration seeds of {where}")
-            calibrations[fold] = fitted.as_dict()
-            replay.series[f"{CUSUM}|{fold}"] = {r.key: fused_series(grids[r.key], fitted) for r in records}
+        cusums = {}
+        for variant, candidates in CUSUM_VARIANTS.items():
+            for fold, train in folds.items():
+                where = "every family" if fold == "all" else f"the families other than {fold}"
+                fitted = fit_detector(
+                    train, grids, replay.truth, alpha, fit_on=f"calibration seeds of {where}", candidates=candidates
+                )
+                if variant == CUSUM:
+                    calibrations[fold] = fitted.as_dict()
+                if fold == "all":
+                    full = fitted
+                replay.series[f"{variant}|{fold}"] = {r.key: fused_series(grids[r.key], fitted) for r in records}
+            pool = "the monitor's live channels" if candidates is None else ", ".join(candidates)
+            why = (
+                f"robust CUSUM per channel ({pool}), fused and calibrated to 5% on the other families' calibration"
+                " runs (channels chosen there)"
+            )
+            cusums[variant] = Detector(variant, _fused(grids, full), 1.0, "step", why, calibrate=False)
         # what the monitor ships (`topo_callbacks.core._calibration`, written by scripts/write_calibration.py): the
         # fit on every family's calibration seeds, at each false-alarm rate a user may ask for
         shipped = [
             fit_detector(cal, grids, replay.truth, rate, fit_on="calibration seeds of every family").as_dict()
             for rate in SHIPPED_RATES
         ]
-        full = DetectorCalibration.from_dict(calibrations["all"])
-        dets[CUSUM] = Detector(CUSUM, lambda r: fused_series(grids[r.key], full), 1.0, "step",
-                               "robust CUSUM per channel, fused and calibrated to 5% on the other families' healthy"
-                               " calibration runs (channels chosen there)", calibrate=False)  # fmt: skip
-        dets = {CUSUM: dets.pop(CUSUM), **dets}
+        dets = {**cusums, **dets}
 
     def series_name(det: str, fold: str) -> str:
-        return f"{det}|{fold}" if det.startswith("CI, weights learned") or det == CUSUM else det
+        return f"{det}|{fold}" if det.startswith("CI, weights learned") or det in CUSUM_VARIANTS else det
 
     results: dict[str, Any] = {
         "alpha": alpha, "detectors": {}, "learned_weights": learned, "detector_calibrations": calibrations,

@@ -113,8 +113,8 @@ class _Recorder:
 def _monitor(task: Task, family: Family) -> Any:
     from topo_callbacks.core import CollapseMonitorCore
 
-    # the monitor's current defaults (benchmark weights, rise 0.2): the live alarm is the default detector's;
-    # every term is recorded, so any other weighting or rule is replayed exactly
+    # the monitor's current defaults (the CUSUM detector at a 5% false-alarm rate): its live alarm is recorded;
+    # every term and channel is recorded too, so any other rule, weighting or calibration is replayed exactly
     return CollapseMonitorCore(task.layer, every_n_train_steps=family.check_every, max_samples=512, pool=task.pool)
 
 
@@ -150,6 +150,10 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
             tick = time.perf_counter()
             recorder.after_step(float(loss.detach()), grad_norm, prev)
             rec.channels_s += time.perf_counter() - tick
+            # the live detector reads the same per-step values the record holds (its replay is then exact)
+            tick = time.perf_counter()
+            monitor.observe_step(step, loss=rec.loss[-1], grad_norm=grad_norm)
+            rec.monitor_s += time.perf_counter() - tick
             if monitor.is_check_step(step):
                 tick = time.perf_counter()
                 monitor.run_check(step)

@@ -22,6 +22,7 @@ class StoppingReason(Enum):
     PATIENCE_EXHAUSTED = 3
     NON_FINITE_METRIC = 4
     BASELINE_RISE = 5
+    DETECTOR = 6
 
 
 @dataclass

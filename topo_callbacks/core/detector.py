@@ -27,6 +27,7 @@ __all__ = [
     "DetectorCalibration",
     "DetectorFiring",
     "default_calibration",
+    "global_grad_norm",
 ]
 
 #: Per-step channels are scored against the 200 values before them, check channels against the 8 checks before
@@ -241,9 +242,10 @@ class CusumDetector:
     def state_dict(self) -> dict[str, Any]:
         return {
             "calibration": self.calibration.as_dict(),
+            # NaN (nothing seen yet) is stored as None: a state compares equal to its reload, and stays valid JSON
             "channels": {
-                name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": s.value,
-                       "baseline": s.baseline, "score": s.score}
+                name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": _nan_none(s.value),
+                       "baseline": _nan_none(s.baseline), "score": s.score}
                 for name, s in self.states.items()
             },
             "fired": None if self.fired is None else vars(self.fired).copy(),
@@ -256,9 +258,18 @@ class CusumDetector:
             s = self.states[name]
             s.reference = deque((float(v) for v in data["reference"]), maxlen=CHANNELS[name].window)
             s.s_pos, s.s_neg = float(data["s_pos"]), float(data["s_neg"])
-            s.value, s.baseline, s.score = float(data["value"]), float(data["baseline"]), float(data["score"])
+            s.value, s.baseline = _none_nan(data["value"]), _none_nan(data["baseline"])
+            s.score = float(data["score"])
         fired = state.get("fired")
         self.fired = None if fired is None else DetectorFiring(**fired)
+
+
+def _nan_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _none_nan(x: float | None) -> float:
+    return math.nan if x is None else float(x)
 
 
 def _transform(x: float, log: bool) -> float:
@@ -269,3 +280,23 @@ def _transform(x: float, log: bool) -> float:
 
 def _untransform(x: float, log: bool) -> float:
     return math.exp(x) if log and math.isfinite(x) else x
+
+
+def global_grad_norm(parameters: Any) -> float | None:
+    """The L2 norm of all gradients of ``parameters`` together (what ``clip_grad_norm_`` returns), or None when no
+    parameter has a gradient. One device-to-host copy.
+
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> p.grad = torch.tensor([3.0, 4.0])
+        >>> global_grad_norm([p])
+        5.0
+    """
+    import torch
+
+    grads = [p.grad.detach() for p in parameters if getattr(p, "grad", None) is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))

@@ -96,6 +96,20 @@ def sum_across_ranks(values: list[int], device: torch.device | str = "cpu") -> l
     return [int(v) for v in t.tolist()]
 
 
+def sum_floats_across_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum of small float values over ranks (one all-reduce when a process group exists).
+
+    Example:
+        >>> sum_floats_across_ranks([0.5, 1.0])  # a single process: unchanged
+        [0.5, 1.0]
+    """
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64 if str(device) == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
 def broadcast_from_rank0(obj: Any, device: torch.device | str = "cpu") -> Any:
     """Rank 0's ``obj`` (any picklable value) on every rank (a collective when a process group exists).
 

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
-from topo_callbacks.core.gather import broadcast_from_rank0, gather_samples, sum_across_ranks, world_size
+from topo_callbacks.core.detector import CHANNELS, CusumDetector, DetectorFiring, default_calibration
+from topo_callbacks.core.gather import (
+    broadcast_from_rank0,
+    gather_samples,
+    sum_across_ranks,
+    sum_floats_across_ranks,
+    world_size,
+)
 from topo_callbacks.core.probe import embed_probe, probe_rows
 from topo_callbacks.core.tracker import SOURCES, EngineTracker, Source, unit_rows
 from topo_callbacks.functional._validation import check_eps, drop_nonfinite
@@ -86,12 +93,19 @@ class CollapseMonitorCore:
         normalize: row scaling for the topological terms, ``"l2"`` or ``"none"``.
         monitor: the key the CI is logged under; the terms are logged beside it with the same prefix
             (``collapse/ci`` -> ``collapse/betti_term``, ...). Give each monitor of a run its own key.
+        alarm: ``"detector"`` (default): the CUSUM detector (`topo_callbacks.core.detector`) over the per-step
+            channels the adapter feeds (`observe_step`: the training loss and the global gradient norm) and the
+            check's channels, calibrated by the benchmark to ``false_alarm_rate``; it can fire at any optimizer
+            step. ``"rise"``: the rule that was the default before it, a rise of the CI over the run's baseline
+            (``max_rise``, ``baseline_checks``, ``rise_patience``). The EarlyStopping-style rules below apply in both.
+        false_alarm_rate: the detector's target share of healthy runs that alarm, one of the rates the benchmark
+            calibrated (0.01, 0.02, 0.05, 0.1, 0.2); measured on runs of 400-3000 steps, see docs/benchmark.md.
         mode, min_delta, patience, stopping_threshold, divergence_threshold, check_finite: as in Lightning's
             ``EarlyStopping``, applied to the CI at each check (``mode="min"``: a lower CI is healthier).
-        max_rise: alarm when the CI is more than this above the run's baseline (the median of the
-            ``baseline_checks`` checks after calibration) for ``rise_patience`` consecutive checks; None: off.
-        baseline_checks: checks whose median is the baseline.
-        rise_patience: consecutive checks the rise must last.
+        max_rise: with ``alarm="rise"``: alarm when the CI is more than this above the run's baseline (the median
+            of the ``baseline_checks`` checks after calibration) for ``rise_patience`` consecutive checks; None: off.
+        baseline_checks: checks whose median is the baseline (``alarm="rise"``).
+        rise_patience: consecutive checks the rise must last (``alarm="rise"``).
         stop_on_alarm: stop training when the alarm fires; False only warns and logs.
         strict: raise on a monitoring failure instead of warning and skipping the check.
         verbose: also report every check (not only alarms) through ``warnings``/the adapter's logger.
@@ -132,6 +146,8 @@ class CollapseMonitorCore:
         weights: str | Mapping[str, float] = "benchmark",
         normalize: Literal["l2", "none"] = "l2",
         monitor: str = "collapse/ci",
+        alarm: Literal["detector", "rise"] = "detector",
+        false_alarm_rate: float = 0.05,
         mode: str = "min",
         min_delta: float = 0.0,
         patience: int | None = None,
@@ -197,6 +213,13 @@ class CollapseMonitorCore:
         self.normalize = normalize
         self.monitor = monitor
         self.prefix = monitor.rsplit("/", 1)[0] + "/" if "/" in monitor else ""
+        if alarm not in ("detector", "rise"):
+            raise ValueError(f"`alarm` must be 'detector' or 'rise'; got {alarm!r}.")
+        self.alarm = alarm
+        if isinstance(false_alarm_rate, bool) or not isinstance(false_alarm_rate, (int, float)):
+            raise ValueError(f"`false_alarm_rate` must be a number; got {false_alarm_rate!r}.")
+        self.false_alarm_rate = float(false_alarm_rate)
+        self._calibration = default_calibration(self.false_alarm_rate) if alarm == "detector" else None
         self.rule = AlarmRule(
             mode=mode,
             min_delta=min_delta,
@@ -209,6 +232,8 @@ class CollapseMonitorCore:
             rise_patience=rise_patience,
             monitor=monitor,
         )
+        if alarm != "rise":  # validated above all the same: a bad value fails whichever alarm is chosen
+            self.rule.max_rise = None
         self.stop_on_alarm = bool(stop_on_alarm)
         self.strict = bool(strict)
         self.verbose = bool(verbose)
@@ -239,6 +264,11 @@ class CollapseMonitorCore:
         self.skipped_checks = 0
         self.time_spent_s = 0.0
         self.last_step = 0
+        self.detector = None if self._calibration is None else CusumDetector(self._calibration)
+        self.last_observed_step = 0
+        self._first_alarm: dict[str, Any] | None = None
+        self._loss_sum: Tensor | float = 0.0
+        self._loss_count = 0
 
     # ------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> nn.Module:
@@ -269,6 +299,65 @@ class CollapseMonitorCore:
             self._armed_steps += 1
         self._last_prepared = next_step
         self.capture.armed = armed
+
+    # ---------------------------------------------------------------- per step
+    @property
+    def step_channels(self) -> tuple[str, ...]:
+        """The per-step channels the detector reads (empty with ``alarm="rise"``): adapters compute only these."""
+        if self.detector is None:
+            return ()
+        return tuple(c for c in self.detector.channels if CHANNELS[c].reads == "step")
+
+    def observe_step(
+        self, step: int, *, loss: float | None = None, grad_norm: float | None = None
+    ) -> CheckResult | None:
+        """Feed optimizer step ``step``'s per-step channels (the mean training loss over its micro-batches, the
+        global gradient norm before the step) to the detector; returns an alarm result when the detector fires now.
+
+        Call on every rank at every optimizer step: under DDP the values are averaged over the ranks that have one
+        (one small all-reduce per step), so every rank takes the same decision without another collective.
+        """
+        wanted = self.step_channels
+        if loss is None and self._loss_count:
+            loss = float(self._loss_sum) / self._loss_count
+        self._loss_sum, self._loss_count = 0.0, 0
+        if not wanted or step <= self.last_observed_step:
+            return None
+        self.last_observed_step = step
+        given = {"loss": loss, "grad_norm": grad_norm}
+        start = time.perf_counter()
+        # (sum, count) per channel, the same length on every rank even where a value is missing
+        flat: list[float] = []
+        for name in wanted:
+            value = given.get(name)
+            flat += [0.0, 0.0] if value is None else [float(value), 1.0]
+        totals = sum_floats_across_ranks(flat, self._device)
+        fired = None
+        assert self.detector is not None
+        for i, name in enumerate(wanted):
+            total, count = totals[2 * i], totals[2 * i + 1]
+            if count > 0:
+                fired = self.detector.update(name, total / count, step) or fired
+        self.time_spent_s += time.perf_counter() - start
+        return None if fired is None else self._detector_alarm(step, fired, None)
+
+    def add_loss(self, loss: Tensor | float | None) -> None:
+        """One micro-batch's training loss; `observe_step` feeds their mean when it is given no ``loss``. Kept as a
+        tensor until then, so a GPU loss costs one copy to the host per optimizer step."""
+        if loss is None or "loss" not in self.step_channels:
+            return
+        value = loss.detach().float().mean() if isinstance(loss, Tensor) else float(loss)
+        self._loss_sum = self._loss_sum + value
+        self._loss_count += 1
+
+    def _detector_alarm(self, step: int, fired: DetectorFiring, report: CollapseReport | None) -> CheckResult:
+        message = fired.message(self.prefix.rstrip("/") or "collapse")
+        self._warn(f"Collapse alarm at step {step}: {message}")
+        if self.first_alarm_step is None:
+            self.first_alarm_step = step
+            self._first_alarm = {"step": step, "reason": StoppingReason.DETECTOR.name, "channel": fired.channel,
+                                 "value": fired.value, "baseline": fired.baseline, "score": fired.score}  # fmt: skip
+        return CheckResult(step, report, StoppingReason.DETECTOR, message, True, self.stop_on_alarm)
 
     # ------------------------------------------------------------------- check
     def run_check(self, step: int) -> CheckResult:
@@ -334,16 +423,37 @@ class CollapseMonitorCore:
                 self.eps = float(statistics.median(self.eps_candidates))
         reason, message = self.rule.evaluate(report.ci, baseline_ready=not calibrating)
         alarm = reason is not StoppingReason.NOT_STOPPED
-        if alarm and not self._in_alarm:
+        fired = None
+        if self.detector is not None and not calibrating:  # the channels read at the held scale only
+            values = report.as_dict()
+            values["b1_fraction"] = report.b1 / max(report.n, 1)
+            for name in self.detector.channels:
+                if CHANNELS[name].reads == "check" and name in values:
+                    fired = self.detector.update(name, float(values[name]), step) or fired
+        if fired is not None and not alarm:
+            result = self._detector_alarm(step, fired, report)
+            reason, message, alarm = result.reason, result.message, True
+        elif alarm and not self._in_alarm:
             self._warn(f"Collapse alarm at step {step}: {message}")
             if self.first_alarm_step is None:
                 self.first_alarm_step = step
+                self._first_alarm = {"step": step, "reason": reason.name, "value": report.ci}
         elif self.verbose:
             self._warn(f"step {step}: {self.monitor} = {report.ci:.4f}")
         self._in_alarm = alarm
-        should_stop = alarm and self.stop_on_alarm
         logged = report.as_dict(self.prefix)
         logged[self.monitor] = report.ci
+        if self.detector is not None:
+            # the detector's statistic over its threshold (it alarms at 1) and each channel's share, at the check;
+            # the alarm flag stays up while the statistic is over the threshold (a firing between checks included)
+            threshold = self.detector.calibration.threshold
+            logged[f"{self.prefix}detector"] = self.detector.statistic() / threshold
+            for name in self.detector.channels:
+                logged[f"{self.prefix}detector_{name}"] = self.detector.normalised(name) / threshold
+            if not alarm and logged[f"{self.prefix}detector"] >= 1.0:
+                reason, alarm = StoppingReason.DETECTOR, True
+                message = "the detector's statistic is still over its threshold"
+        should_stop = alarm and self.stop_on_alarm
         logged[f"{self.prefix}alarm"] = float(alarm)
         self.history.append(
             {
@@ -353,6 +463,7 @@ class CollapseMonitorCore:
                 "calibrating": calibrating,
                 "weights": self.weights_spec,
                 **report.as_dict(),
+                **({} if self.detector is None else {"detector": logged[f"{self.prefix}detector"]}),
             }
         )
         return CheckResult(step, report, reason, message, alarm, should_stop, None, logged)
@@ -432,7 +543,7 @@ class CollapseMonitorCore:
             >>> CollapseMonitorCore("0").summary()["checks"]
             0
         """
-        first = next((h for h in self.history if h["alarm"]), None)
+        first = self._first_alarm
         return {
             "monitor": self.monitor,
             "checks": len(self.history),
@@ -440,7 +551,8 @@ class CollapseMonitorCore:
             "last_check_step": self.history[-1]["step"] if self.history else None,
             "first_alarm_step": self.first_alarm_step,
             "first_alarm_reason": None if first is None else first["reason"],
-            "first_alarm_value": None if first is None else first["ci"],
+            "first_alarm_value": None if first is None else first["value"],
+            "first_alarm_channel": None if first is None else first.get("channel"),
             "baseline": self.rule.baseline,
             "stopped_step": self.stopped_step,
             "eps": self.eps,
@@ -460,10 +572,18 @@ class CollapseMonitorCore:
             alarm = "no alarm"
         else:
             base = info["baseline"]
-            alarm = (
-                f"first alarm at step {info['first_alarm_step']}: {self.monitor} = {info['first_alarm_value']:.4f}"
-                f" ({info['first_alarm_reason']}{'' if base is None else f', baseline {base:.4f}'})"
-            )
+            first = self._first_alarm or {}
+            if info["first_alarm_channel"] is not None:
+                alarm = (
+                    f"first alarm at step {info['first_alarm_step']}: detector on `{first['channel']}` ="
+                    f" {first['value']:.4g} (baseline {first['baseline']:.4g}, score {first['score']:+.2f})"
+                )
+            else:
+                value = info["first_alarm_value"]
+                alarm = (
+                    f"first alarm at step {info['first_alarm_step']}: {self.monitor} = {value:.4f}"
+                    f" ({info['first_alarm_reason']}{'' if base is None else f', baseline {base:.4f}'})"
+                )
         stop = "" if info["stopped_step"] is None else f"; stopped the run at step {info['stopped_step']}"
         return f"{self.monitor}: {checks}, {alarm}{stop}; {info['time_s']:.2f} s spent in checks."
 
@@ -493,6 +613,9 @@ class CollapseMonitorCore:
             "in_alarm": self._in_alarm,
             "capture_steps": self._capture_steps,
             "world_size": world_size(),
+            "detector": None if self.detector is None else self.detector.state_dict(),
+            "last_observed_step": self.last_observed_step,
+            "first_alarm": None if self._first_alarm is None else dict(self._first_alarm),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -513,6 +636,11 @@ class CollapseMonitorCore:
         same_world = int(state.get("world_size", world_size())) == world_size()
         saved_window = int(state.get("capture_steps", self.every_n_train_steps))
         self._capture_steps = saved_window if same_world else self.every_n_train_steps
+        if self.detector is not None and state.get("detector"):
+            self.detector.load_state_dict(state["detector"])
+        self.last_observed_step = int(state.get("last_observed_step", 0))
+        first_alarm = state.get("first_alarm")
+        self._first_alarm = None if first_alarm is None else dict(first_alarm)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -24,6 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: A scalar series: a list of floats or a 1-d array.
+Series = Sequence[float] | np.ndarray
+
 __all__ = [
     "MAD_TO_STD",
     "cusum",
@@ -38,7 +41,7 @@ __all__ = [
 MAD_TO_STD = 1.4826
 
 
-def robust_location_scale(reference: Sequence[float], floor: float) -> tuple[float, float]:
+def robust_location_scale(reference: Series, floor: float) -> tuple[float, float]:
     """Median and ``1.4826 x`` MAD of the finite values of ``reference``, the scale floored at ``floor``.
 
     Example:
@@ -55,7 +58,7 @@ def robust_location_scale(reference: Sequence[float], floor: float) -> tuple[flo
     return med, max(MAD_TO_STD * mad, floor)
 
 
-def robust_zscore(value: float, reference: Sequence[float], *, floor: float, clip: float = math.inf) -> float:
+def robust_zscore(value: float, reference: Series, *, floor: float, clip: float = math.inf) -> float:
     """``value`` standardised against ``reference`` (see the module docstring); 0 when the reference is empty,
     infinite when ``value`` is not finite.
 
@@ -88,7 +91,7 @@ def cusum_update(s_pos: float, s_neg: float, z: float, k: float) -> tuple[float,
     return max(0.0, s_pos + z - k), max(0.0, s_neg - z - k)
 
 
-def cusum(z: Sequence[float], k: float) -> tuple[np.ndarray, np.ndarray]:
+def cusum(z: Series, k: float) -> tuple[np.ndarray, np.ndarray]:
     """The two-sided CUSUM ``(S+, S-)`` of a series of scores.
 
     Example:
@@ -106,7 +109,7 @@ def cusum(z: Sequence[float], k: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standardized_cusum(
-    values: Sequence[float],
+    values: Series,
     *,
     window: int,
     k: float,
@@ -134,7 +137,7 @@ def standardized_cusum(
 
 
 def rolling_robust_zscores(
-    values: Sequence[float],
+    values: Series,
     *,
     window: int,
     floor: float,

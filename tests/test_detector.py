@@ -1,0 +1,223 @@
+"""The CUSUM detector: its statistics against plain reference implementations, the online detector against the
+offline replay, the calibration's false-alarm rate on synthetic healthy series, state round trips, messages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from topo_callbacks.bench.cusum import fit_calibration, fused_series, on_step_grid
+from topo_callbacks.bench.protocol import clopper_pearson
+from topo_callbacks.core.detector import (
+    ALLOWANCE,
+    CHANNELS,
+    CLIP,
+    CusumDetector,
+    DetectorCalibration,
+    default_calibration,
+    global_grad_norm,
+)
+from topo_callbacks.functional.detector import (
+    cusum,
+    robust_zscore,
+    rolling_robust_zscores,
+    standardized_cusum,
+)
+
+
+def reference_cusum(z: list[float], k: float) -> tuple[list[float], list[float]]:
+    """Page's two-sided CUSUM, written out as in a textbook."""
+    pos, neg, sp, sn = [], [], 0.0, 0.0
+    for x in z:
+        if math.isinf(x) or math.isnan(x):
+            sp = sn = math.inf
+        else:
+            sp = max(0.0, sp + x - k)
+            sn = max(0.0, sn + (-x) - k)
+        pos.append(sp)
+        neg.append(sn)
+    return pos, neg
+
+
+def reference_zscores(values: list[float], window: int, floor: float, clip: float, need: int) -> list[float]:
+    """Each value against the median and 1.4826 MAD of the finite values before it, written out directly."""
+    out, ref = [], []
+    for v in values:
+        if not math.isfinite(v):
+            out.append(math.inf)
+            continue
+        if len(ref) >= need:
+            med = float(np.median(ref))
+            scale = max(1.4826 * float(np.median(np.abs(np.array(ref) - med))), floor)
+            out.append(min(max((v - med) / scale, -clip), clip))
+        else:
+            out.append(0.0)
+        ref = [*ref, v][-window:]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cusum_matches_the_textbook_recursion(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    z = rng.standard_t(3, size=200) + rng.choice([0.0, 1.5], size=200)
+    if seed % 3 == 0:
+        z[rng.integers(0, 200)] = math.inf
+    k = float(rng.uniform(0.1, 2.0))
+    pos, neg = cusum(z.tolist(), k)
+    ref_pos, ref_neg = reference_cusum(z.tolist(), k)
+    assert np.allclose(pos, ref_pos) and np.allclose(neg, ref_neg)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rolling_zscores_match_a_direct_computation(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_t(3, size=300).tolist()
+    for i in rng.integers(0, 300, size=int(rng.integers(0, 6))):
+        values[i] = math.nan
+    window = int(rng.integers(3, 80))
+    need = int(rng.integers(1, window + 1))
+    got = rolling_robust_zscores(values, window=window, floor=0.05, clip=6.0, min_reference=need)
+    assert np.allclose(got, reference_zscores(values, window, 0.05, 6.0, need))
+    # and the single-point function agrees with both
+    assert robust_zscore(values[-1], [v for v in values[:-1] if math.isfinite(v)][-window:], floor=0.05, clip=6.0) == (
+        pytest.approx(got[-1]) if math.isfinite(values[-1]) else math.inf
+    )
+
+
+def test_log_scale_and_floor() -> None:
+    # a norm that doubles scores the same at any size; a flat reference does not make every move infinite
+    small = standardized_cusum([1.0] * 20 + [2.0], window=20, k=0.0, floor=0.01, log=True, side="up")
+    large = standardized_cusum([1000.0] * 20 + [2000.0], window=20, k=0.0, floor=0.01, log=True, side="up")
+    assert small[-1] == pytest.approx(large[-1]) == pytest.approx(math.log(2) / 0.01)
+    # a norm of 0 is -inf on the log scale: an immediate alarm, on either side
+    assert standardized_cusum([1.0] * 20 + [0.0], window=20, k=1.0, floor=0.01, log=True, side="up")[-1] == math.inf
+
+
+def test_a_slow_consistent_shift_is_caught_where_a_spike_rule_is_not() -> None:
+    """What a CUSUM is for: a shift of one standard deviation, under any single-point threshold, accumulates."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, 400), rng.normal(1.0, 1, 200)])
+    stat = standardized_cusum(values, window=200, k=0.5, floor=1e-3, clip=CLIP, side="up")
+    z = rolling_robust_zscores(values, window=200, floor=1e-3)
+    healthy_max = stat[:400].max()
+    assert stat[400:].max() > 4 * healthy_max
+    assert z[400:].max() < 5  # no single point looks alarming
+
+
+def _feed(det: CusumDetector, name: str, values: list[float], start: int = 1) -> list[float]:
+    out = []
+    for step, v in enumerate(values, start=start):
+        det.update(name, v, step)
+        out.append(det.normalised(name))
+    return out
+
+
+@pytest.mark.parametrize("name", ["loss", "grad_norm", "b0_fraction", "effective_rank"])
+def test_the_online_detector_computes_the_offline_statistic(name: str) -> None:
+    spec = CHANNELS[name]
+    rng = np.random.default_rng(1)
+    n = 500 if spec.reads == "step" else 40
+    values = np.exp(rng.normal(0, 0.2, n)) if spec.log else rng.normal(1.0, 0.05, n)
+    values[int(0.8 * n) :] *= 1.5
+    cal = DetectorCalibration(0.05, (name,), {name: 7.0}, math.inf)
+    online = _feed(CusumDetector(cal), name, values.tolist())
+    offline = standardized_cusum(
+        values, window=spec.window, k=ALLOWANCE, floor=spec.floor, clip=CLIP, log=spec.log, side=spec.side,
+        min_reference=spec.min_reference,
+    ) / 7.0  # fmt: skip
+    assert np.allclose(online, offline)
+    # the replay's fused statistic (over the threshold) is the same numbers
+    cal1 = DetectorCalibration(0.05, (name,), {name: 7.0}, 1.0)
+    steps = np.arange(1, n + 1)
+    _, fused = fused_series({name: on_step_grid(steps, offline * 7.0, n)}, cal1)
+    assert np.allclose(fused, online)
+
+
+def test_state_round_trip_continues_exactly() -> None:
+    rng = np.random.default_rng(2)
+    cal = default_calibration(0.05)
+    losses = (2.0 + 0.1 * rng.standard_normal(600)).tolist()
+    losses[450:] = [x + 1.0 for x in losses[450:]]
+    whole = CusumDetector(cal)
+    first = _feed(whole, "loss", losses)
+    half = CusumDetector(cal)
+    _feed(half, "loss", losses[:300])
+    resumed = CusumDetector(cal)
+    resumed.load_state_dict(half.state_dict())
+    second = _feed(resumed, "loss", losses[300:], start=301)
+    assert np.allclose(first[300:], second)
+    assert whole.fired is not None and resumed.fired is not None
+    assert whole.fired == resumed.fired and 450 < whole.fired.step < 480
+
+
+def test_the_firing_says_which_channel_with_its_value_baseline_and_score() -> None:
+    cal = DetectorCalibration(0.05, ("loss",), {"loss": 5.0}, 1.0)
+    det = CusumDetector(cal)
+    losses = [1.0 + 0.01 * (i % 3) for i in range(200)] + [3.0] * 5
+    fired = [f for f in (det.update("loss", v, s) for s, v in enumerate(losses, 1)) if f is not None]
+    assert len(fired) == 1
+    message = fired[0].message("collapse")
+    assert "`loss`" in message and "value 3" in message and "baseline 1.01" in message and "+8.00" in message
+    assert fired[0].step == 201
+
+
+def test_calibration_gives_the_promised_false_alarm_rate_on_healthy_series() -> None:
+    """Fit on 300 synthetic healthy runs, score 300 others: the rate is within binomial error of the target."""
+    rng = np.random.default_rng(3)
+    alpha = 0.1
+
+    def healthy(n: int) -> list[dict[str, np.ndarray]]:
+        runs = []
+        for _ in range(n):
+            steps = 260
+            trend = np.linspace(2.0, 1.0, steps)
+            loss = trend + rng.standard_t(4, steps) * 0.05 * rng.uniform(0.5, 2)
+            grad = np.exp(rng.normal(0, 0.1, steps) + np.linspace(0, rng.uniform(-0.3, 0.3), steps))
+            grids = {}
+            for name, values in (("loss", loss), ("grad_norm", grad)):
+                spec = CHANNELS[name]
+                stat = standardized_cusum(values, window=spec.window, k=ALLOWANCE, floor=spec.floor, clip=CLIP,
+                                          log=spec.log, side=spec.side, min_reference=50)  # fmt: skip
+                grids[name] = stat
+            runs.append(grids)
+        return runs
+
+    cal_runs, test_runs = healthy(300), healthy(300)
+    fitted = fit_calibration(cal_runs, [None] * 300, [None] * 300, alpha, candidates=["loss", "grad_norm"])
+    fitted = DetectorCalibration(alpha, ("loss", "grad_norm"), {c: fitted.normalisers.get(c, 1.0) for c in
+                                 ("loss", "grad_norm")}, 1.0)  # fmt: skip
+    # the joint threshold over both channels, fit on the calibration runs only
+    fused_max = [fused_series(g, fitted)[1].max() for g in cal_runs]
+    threshold = float(np.sort(fused_max)[::-1][math.floor(alpha * 300)])
+    fitted = DetectorCalibration(alpha, fitted.channels, fitted.normalisers, float(np.nextafter(threshold, np.inf)))
+    alarms = sum(bool(fused_series(g, fitted)[1].max() >= 1.0) for g in test_runs)
+    lo, hi = clopper_pearson(alarms, 300, level=0.99)
+    assert lo <= alpha <= hi, (alarms, lo, hi)
+
+
+def test_shipped_calibrations_are_valid_and_ordered() -> None:
+    from topo_callbacks.core._calibration import CALIBRATIONS
+
+    rates = [c["false_alarm_rate"] for c in CALIBRATIONS]
+    assert rates == sorted(rates) and 0.05 in rates
+    for data in CALIBRATIONS:
+        cal = DetectorCalibration.from_dict(data)
+        assert cal.channels and all(CHANNELS[c].live for c in cal.channels)
+        assert all(v > 0 for v in cal.normalisers.values()) and cal.threshold > 0
+
+
+def test_unknown_rate_is_refused_with_the_accepted_ones() -> None:
+    with pytest.raises(ValueError, match=r"`false_alarm_rate` must be one of the calibrated rates \[0.01"):
+        default_calibration(0.03)
+
+
+def test_global_grad_norm_is_clip_grad_norms_value() -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
+    model(torch.randn(9, 5)).pow(2).sum().backward()
+    expected = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+    assert global_grad_norm(model.parameters()) == pytest.approx(expected, rel=1e-6)
+    assert global_grad_norm(torch.nn.Linear(2, 2).parameters()) is None
