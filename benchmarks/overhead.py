@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from topo_callbacks.core import CollapseMonitorCore, EmbeddingCapture
+from topo_callbacks.core.detector import global_grad_norm
 
 WATCHED = "5"  # the D-wide Linear layer of `make_model`
 EVERY = 50  # optimizer steps per check in the realistic settings
@@ -128,7 +129,13 @@ def run(
         loss = nn.functional.cross_entropy(model(x[i]), y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = None
+        if monitor is not None:  # the default detector's per-step channels, as the adapters feed them
+            monitor.add_loss(loss)
+            grad_norm = global_grad_norm(model.parameters())
         opt.step()
+        if monitor is not None:
+            monitor.observe_step(step, grad_norm=grad_norm)
         if monitor is not None and monitor.is_check_step(step):
             t = time.perf_counter()
             monitor.run_check(step)
@@ -403,6 +410,13 @@ class Result:
     check: float
     startup_check: float
     check_times: list[float]
+    #: the default detector's per-step work (loss, gradient norm, CUSUM update) per step, plain loop only
+    channels: float = math.nan
+
+    @property
+    def channels_share(self) -> float:
+        """The per-step channels' cost as a share of a step without the monitor."""
+        return self.channels / self.step_off
 
     @property
     def share(self) -> float:
@@ -426,12 +440,58 @@ def _autocast(workload: Workload) -> Any:
     return torch.autocast(device_type="cpu", enabled=False)
 
 
-def _train_step(workload: Workload, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+def _train_step(
+    workload: Workload,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    feed: _DetectorFeed | None = None,
+) -> None:
     with _autocast(workload):
         loss = workload.loss(model(_inputs(workload, x)), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if feed is not None:
+        feed.before_step(loss, model)
     opt.step()
+    if feed is not None:
+        feed.after_step()
+
+
+class _DetectorFeed:
+    """What an adapter does every optimizer step for the default detector (the loss, the global gradient norm, the
+    CUSUM update), timed on its own: each call is bracketed by device syncs, so pending training work is not
+    counted. Its reference windows are filled first, so every step pays the steady cost (a median over 200)."""
+
+    def __init__(self, monitor: CollapseMonitorCore, device: torch.device) -> None:
+        self.monitor = monitor
+        self.device = device
+        self.step = 0
+        self.seconds = 0.0
+        self.steps = 0
+        self._grad: float | None = None
+        gen = torch.Generator().manual_seed(0)
+        assert monitor.detector is not None
+        for name in monitor.step_channels:
+            for value in torch.exp(0.1 * torch.randn(200, generator=gen)).tolist():
+                monitor.detector.update(name, value, 0)
+
+    def before_step(self, loss: Tensor, model: nn.Module) -> None:
+        _sync(self.device)
+        start = time.perf_counter()
+        self.monitor.add_loss(loss)
+        if "grad_norm" in self.monitor.step_channels:
+            self._grad = global_grad_norm(model.parameters())
+        _sync(self.device)
+        self.seconds += time.perf_counter() - start
+
+    def after_step(self) -> None:
+        start = time.perf_counter()
+        self.step += 1
+        self.monitor.observe_step(self.step, grad_norm=self._grad)
+        self.seconds += time.perf_counter() - start
+        self.steps += 1
 
 
 def _fresh(workload: Workload, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -493,24 +553,32 @@ def plain_step_time(workload: Workload, steps: int, layer: str | None, samples: 
     assert steps + 1 < EVERY, "a step-time run must end before the first check"
     model, opt = _fresh(workload, seed)
     data = [(x.to(workload.device), y.to(workload.device)) for x, y in workload.batches(steps + 1, seed)]
-    monitor = None
+    monitor = feed = None
     if layer is not None:
         monitor = CollapseMonitorCore(workload.layers[layer], every_n_train_steps=EVERY, max_samples=samples)
         monitor.attach(model)
+        feed = _DetectorFeed(monitor, workload.device)
     start = 0.0
     for i, (x, y) in enumerate(data):
         if i == 1:
             _sync(workload.device)
             start = time.perf_counter()
+            if feed is not None:
+                feed.seconds, feed.steps = 0.0, 0
         if monitor is not None:
             monitor.prepare_step(i + 1)
             assert monitor.capture.armed
-        _train_step(workload, model, opt, x, y)
+        _train_step(workload, model, opt, x, y, feed)
     _sync(workload.device)
     elapsed = time.perf_counter() - start
-    if monitor is not None:
+    if monitor is not None and feed is not None:
         monitor.detach()
+        CHANNEL_TIMES.append(feed.seconds / max(feed.steps, 1))
     return elapsed / steps
+
+
+#: The per-step detector cost of each plain "on" run (seconds per step), for `Result.channels`.
+CHANNEL_TIMES: list[float] = []
 
 
 def plain_check_times(
@@ -679,7 +747,9 @@ def lightning_step_time(
     callbacks: list[Any] = [timer]
     if layer is not None:
         path = "net." + workload.layers[layer]
-        callbacks.append(CollapseMonitor(path, every_n_train_steps=EVERY, max_samples=samples))
+        monitor = CollapseMonitor(path, every_n_train_steps=EVERY, max_samples=samples)
+        _DetectorFeed(monitor, workload.device)  # steady reference windows: the callback feeds the detector itself
+        callbacks.append(monitor)
     trainer = _trainer(workload, steps + 1, callbacks, log_dir)
     trainer.fit(module_cls(seed), train_dataloaders=_loader(workload, steps + 1, seed))
     assert trainer.global_step == steps + 1
@@ -759,6 +829,7 @@ def _measure(
                 return lightning_step_time(workload, steps, layer, max(samples), seed, log_dir)
 
             step_time(layers[0], seed=99, steps=1)  # warm-up: first-call costs (kernels, lazy imports, Trainer)
+            CHANNEL_TIMES.clear()
             off: list[float] = []
             on: dict[str, list[float]] = {layer: [] for layer in layers}
             for r in range(setting.repeats):
@@ -792,6 +863,7 @@ def _measure(
                         check=statistics.median(times[STARTUP_CHECKS:]),
                         startup_check=statistics.median(times[:STARTUP_CHECKS]),
                         check_times=times,
+                        channels=statistics.median(CHANNEL_TIMES) if CHANNEL_TIMES else math.nan,
                     )
                 )
             log(f"{framework}: measured in {time.perf_counter() - started:.0f} s")
@@ -801,17 +873,25 @@ def _measure(
 def format_table(results: Sequence[Result]) -> str:
     """A Markdown table, one row per configuration."""
     lines = [
-        "| framework | layer | samples (n) | step off | step on | check (start-up) | check / 50 steps | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| framework | layer | samples (n) | step off | step on | check (start-up) | check / 50 steps | ratio"
+        " | per-step channels |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.framework} | {r.layer} `{r.path}` (d={r.width}) | {r.samples} ({r.n_checked}) "
             f"| {r.step_off * 1e3:.1f} ms | {r.step_on * 1e3:.1f} ms "
             f"| {r.check * 1e3:.1f} ms ({r.startup_check * 1e3:.1f} ms) "
-            f"| {100 * r.share:.2f}% | {r.ratio:.3f} |"
+            f"| {100 * r.share:.2f}% | {r.ratio:.3f} "
+            f"| {_channels(r)} |"
         )
     return "\n".join(lines)
+
+
+def _channels(r: Result) -> str:
+    if math.isnan(r.channels):
+        return "in step on"
+    return f"{r.channels * 1e3:.3f} ms ({100 * r.channels_share:.2f}%)"
 
 
 def _machine(device: torch.device) -> str:

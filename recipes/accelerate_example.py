@@ -44,9 +44,10 @@ def main() -> None:
                 accelerator.backward(loss)
                 optimizer.step()
                 schedule.step()
-                optimizer.zero_grad()
                 step += 1
-                stop = monitor.step()  # the same answer on every process
+                # the same answer on every process; before zero_grad, so the detector reads the gradient norm
+                stop = monitor.step(loss=loss)
+                optimizer.zero_grad()
                 if stop or step == args.steps:
                     break
     if accelerator.is_main_process:

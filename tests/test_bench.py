@@ -141,7 +141,8 @@ def test_the_replayed_detector_alarms_where_the_live_monitor_did():
         assert replayed == rec.monitor_alarm_step, rec.key
     healthy, failure = records
     assert healthy.monitor_alarm_step is None
-    assert failure.monitor_alarm_step is not None and failure.monitor_alarm_step >= failure.t0
+    assert failure.monitor_alarm_step is not None
+    assert failure.monitor_alarm_step >= failure.t0
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):

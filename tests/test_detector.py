@@ -67,7 +67,8 @@ def test_cusum_matches_the_textbook_recursion(seed: int) -> None:
     k = float(rng.uniform(0.1, 2.0))
     pos, neg = cusum(z.tolist(), k)
     ref_pos, ref_neg = reference_cusum(z.tolist(), k)
-    assert np.allclose(pos, ref_pos) and np.allclose(neg, ref_neg)
+    assert np.allclose(pos, ref_pos)
+    assert np.allclose(neg, ref_neg)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -148,8 +149,10 @@ def test_state_round_trip_continues_exactly() -> None:
     resumed.load_state_dict(half.state_dict())
     second = _feed(resumed, "loss", losses[300:], start=301)
     assert np.allclose(first[300:], second)
-    assert whole.fired is not None and resumed.fired is not None
-    assert whole.fired == resumed.fired and 450 < whole.fired.step < 480
+    assert whole.fired is not None
+    assert resumed.fired is not None
+    assert whole.fired == resumed.fired
+    assert 450 < whole.fired.step < 480
 
 
 def test_the_firing_says_which_channel_with_its_value_baseline_and_score() -> None:
@@ -159,7 +162,10 @@ def test_the_firing_says_which_channel_with_its_value_baseline_and_score() -> No
     fired = [f for f in (det.update("loss", v, s) for s, v in enumerate(losses, 1)) if f is not None]
     assert len(fired) == 1
     message = fired[0].message("collapse")
-    assert "`loss`" in message and "value 3" in message and "baseline 1.01" in message and "+8.00" in message
+    assert "`loss`" in message
+    assert "value 3" in message
+    assert "baseline 1.01" in message
+    assert "+8.00" in message
     assert fired[0].step == 201
 
 
@@ -201,11 +207,14 @@ def test_shipped_calibrations_are_valid_and_ordered() -> None:
     from topo_callbacks.core._calibration import CALIBRATIONS
 
     rates = [c["false_alarm_rate"] for c in CALIBRATIONS]
-    assert rates == sorted(rates) and 0.05 in rates
+    assert rates == sorted(rates)
+    assert 0.05 in rates
     for data in CALIBRATIONS:
         cal = DetectorCalibration.from_dict(data)
-        assert cal.channels and all(CHANNELS[c].live for c in cal.channels)
-        assert all(v > 0 for v in cal.normalisers.values()) and cal.threshold > 0
+        assert cal.channels
+        assert all(CHANNELS[c].live for c in cal.channels)
+        assert all(v > 0 for v in cal.normalisers.values())
+        assert cal.threshold > 0
 
 
 def test_unknown_rate_is_refused_with_the_accepted_ones() -> None:

@@ -81,7 +81,9 @@ def test_the_collapsing_cnn_alarms_within_two_checks_of_the_jump(seed: int) -> N
     assert JUMP <= monitor.first_alarm_step <= JUMP + 2 * every, monitor.summary()
     assert monitor.stopped_step == monitor.first_alarm_step == trainer.global_step
     alarm = next(m for m in monitor.caught if "Collapse alarm" in m)
-    assert "detector alarmed" in alarm and "baseline" in alarm and "standardised score" in alarm
+    assert "detector alarmed" in alarm
+    assert "baseline" in alarm
+    assert "standardised score" in alarm
     assert monitor.summary()["first_alarm_channel"] in monitor.detector.channels
 
 
@@ -98,6 +100,7 @@ def test_the_healthy_twin_checked_every_5_steps_raises_no_alarm(seed: int) -> No
 
 def test_the_rise_rule_stays_available_by_name() -> None:
     monitor, _ = fit(JUMP, 10, 0, alarm="rise")
-    assert monitor.detector is None and monitor.step_channels == ()
+    assert monitor.detector is None
+    assert monitor.step_channels == ()
     assert monitor.rule.max_rise == 0.2
     assert all("detector" not in h for h in monitor.history)
