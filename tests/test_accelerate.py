@@ -240,3 +240,35 @@ def test_logger_false_keeps_the_checks_out_of_the_trackers(tmp_path):
     acc = EventAccumulator(str(events.parent))
     acc.Reload()
     assert "collapse/ci" not in acc.Tags()["scalars"]
+
+
+def test_the_detector_gets_each_optimizer_steps_mean_loss_and_gradient_norm():
+    """Under gradient accumulation: the loss channel is the mean over the step's micro-batches, the gradient norm
+    that of the accumulated gradients, each read once per optimizer step (checked against a direct computation)."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=8192, batch_size=8))
+    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=50, max_samples=64)
+    losses, micro, norms = [], [], []
+    for i, (x, y) in enumerate(data):
+        if i == 4 * 230:
+            break
+        with accelerator.accumulate(model):
+            loss = ((model(x) - y) ** 2).mean()
+            accelerator.backward(loss)
+            micro.append(loss.item())
+            if accelerator.sync_gradients:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
+                losses.append(sum(micro) / len(micro))
+                micro = []
+            optimizer.step()
+            mon.step(loss=loss)
+            optimizer.zero_grad()
+    mon.close()
+    assert mon.global_step == mon.last_observed_step == 230
+    states = mon.detector.states
+    assert list(states["loss"].reference) == pytest.approx(losses[-200:], rel=1e-6)
+    assert [float(torch.tensor(v).exp()) for v in states["grad_norm"].reference] == pytest.approx(
+        norms[-200:], rel=1e-5
+    )

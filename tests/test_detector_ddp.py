@@ -70,7 +70,10 @@ def test_ranks_feed_the_detector_alike_and_stop_at_the_same_step(tmp_path: Path,
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # the detector's whole state (reference windows, accumulators) is the same on both ranks, bit for bit
     assert r0["detector"] == r1["detector"]
-    assert r0["history"] == r1["history"]
+    def values(history: list[dict]) -> list[dict]:  # the check's wall time is each rank's own
+        return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
+
+    assert values(r0["history"]) == values(r1["history"])
     for key in ("first_alarm_step", "stopped_step", "reason", "channel", "global_step"):
         assert r0[key] == r1[key], key
     if arm == "healthy":

@@ -353,3 +353,27 @@ def test_hf_model_outputs_are_selected_by_the_documented_rule(layer):
     result = mon.run_check(1)
     assert result.report is not None
     assert (result.report.n, result.report.d) == (24, 32)  # one mean-pooled row per sequence
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_the_detector_reads_the_losses_and_gradient_norms_the_trainer_logs(tmp_path, clip):
+    """With ``logging_steps=1`` the Trainer logs every step's loss and its pre-clip gradient norm; the detector's
+    reference windows hold the same numbers (clipping on: read from the clipping call; off: from the gradients)."""
+    trainer = make_trainer(tmp_path, 230, None, logging_steps=1, max_grad_norm=clip)
+    monitor = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=50, max_samples=128)
+    trainer.add_callback(monitor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e and "grad_norm" in e]
+    assert [e["step"] for e in logged] == list(range(1, 231))
+    states = monitor.detector.states
+    assert list(states["loss"].reference) == pytest.approx([e["loss"] for e in logged[-200:]], abs=1e-4)
+    grads = [float(torch.tensor(v).exp()) for v in states["grad_norm"].reference]
+    assert grads == pytest.approx([e["grad_norm"] for e in logged[-200:]], rel=1e-5)
+    if clip:  # the clipped norm would sit at 1.0 whenever clipping acts; the detector saw the norms above it
+        assert max(grads) > 1.5
+    assert monitor.last_observed_step == 230
+    # the wrapper is gone after training
+    assert "clip_grad_norm_" not in trainer.accelerator.__dict__

@@ -159,6 +159,7 @@ def run_demo(
         "steps": steps,
         "t0_step": None if healthy else t0,
         "alarm_step": alarm,
+        "alarm_channel": monitor.summary()["first_alarm_channel"],
         "drop_step": drop,
         "lead_steps": None if alarm is None or drop is None else drop - alarm,
         "ci": [[h["step"], h["ci"]] for h in monitor.history],

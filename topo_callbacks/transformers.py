@@ -58,6 +58,26 @@ def _default(cls: type, name: str) -> Any:
     return inspect.signature(cls).parameters[name].default
 
 
+def _record_clip_norm(accelerator: Any, callback: Any) -> Callable[[], None]:
+    """Make ``accelerator.clip_grad_norm_`` (the Trainer's clipping call) also hand its pre-clip norm to
+    ``callback._pre_clip``; returns the function that puts the original back."""
+    original = accelerator.clip_grad_norm_
+
+    @functools.wraps(original)
+    def clip_grad_norm_(*args: Any, **kwargs: Any) -> Any:
+        norm = original(*args, **kwargs)
+        callback._pre_clip = float(norm) if norm is not None else None
+        return norm
+
+    accelerator.clip_grad_norm_ = clip_grad_norm_
+
+    def unwrap() -> None:
+        if accelerator.__dict__.get("clip_grad_norm_") is clip_grad_norm_:
+            del accelerator.clip_grad_norm_
+
+    return unwrap
+
+
 def _forwarded(event: _F) -> _F:
     """Run ``event`` on the user's own callback when this one is the Trainer's rebuilt copy of it."""
 
@@ -347,6 +367,19 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             # the Trainer hands callbacks no per-step loss: read it from the model's output (``outputs.loss``, there
             # when the batch has labels) in training mode
             self._loss_handle = kwargs["model"].register_forward_hook(self._tap_loss)
+        self._clipping = bool(args.max_grad_norm and args.max_grad_norm > 0)
+        self._pre_clip: float | None = None
+        trainer = self._trainer() if self._trainer is not None else None
+        if "grad_norm" in self.step_channels and self._clipping:
+            if trainer is not None:
+                # with clipping on (the Trainer's default), gradients are clipped before any callback sees them;
+                # the norm the detector needs is the one clipping computes, so it is read from that call
+                self._unwrap_clip: Callable[[], None] | None = _record_clip_norm(trainer.accelerator, self)
+            else:
+                self._warn(
+                    f"{self.monitor}: the detector reads no gradient norm (gradients are clipped before callbacks see"
+                    " them, and the callback is not bound to the Trainer); pass `trainer=` or call `bind(trainer)`."
+                )
 
     def _tap_loss(self, module: Any, inputs: Any, output: Any) -> None:
         if module.training:
@@ -357,8 +390,13 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
     @_forwarded
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")
-        if "grad_norm" in self.step_channels and model is not None:  # after unscaling and clipping's all-reduce
-            self._grad_norm: float | None = global_grad_norm(model.parameters())
+        if "grad_norm" not in self.step_channels:
+            return
+        if getattr(self, "_clipping", False):  # the pre-clip norm, recorded from the clipping call (or none)
+            self._grad_norm: float | None = self._pre_clip
+            self._pre_clip = None
+        elif model is not None:  # gradients unscaled and all-reduced here
+            self._grad_norm = global_grad_norm(model.parameters())
 
     @_forwarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -401,6 +439,10 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         if handle is not None:
             handle.remove()
             self._loss_handle = None
+        unwrap = getattr(self, "_unwrap_clip", None)
+        if unwrap is not None:
+            unwrap()
+            self._unwrap_clip = None
         message = self.end_of_training(state.global_step)
         if state.is_world_process_zero:
             _LOG.info(message)
