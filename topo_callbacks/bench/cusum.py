@@ -19,7 +19,17 @@ from topo_callbacks.bench.record import RunRecord
 from topo_callbacks.core.detector import ALLOWANCE, CHANNELS, CLIP, DetectorCalibration
 from topo_callbacks.functional.detector import standardized_cusum
 
-__all__ = ["channel_statistic", "channel_values", "fit_calibration", "fused_series", "on_step_grid"]
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "channel_statistic",
+    "channel_values",
+    "fit_calibration",
+    "fused_series",
+    "on_step_grid",
+]
+
+#: What the default detector may be built from: the channels the monitor computes live with ``source="stream"``.
+DEFAULT_CANDIDATES = [c for c, spec in CHANNELS.items() if spec.live and spec.source == "any"]
 
 
 def channel_values(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -34,6 +44,8 @@ def channel_values(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] |
             values = np.asarray(rec.grad_norm, dtype=np.float64)
         elif name == "act_rms":
             values = np.asarray(rec.act_rms, dtype=np.float64)
+        elif name in ("attn_max_logit", "attn_min_entropy"):
+            values = np.asarray(getattr(rec, name), dtype=np.float64)
         elif name == "update_ratio":
             upd = np.array([u[0] for u in rec.update_norm], dtype=np.float64)
             wn = np.array([w[0] for w in rec.weight_norm], dtype=np.float64)
@@ -42,6 +54,12 @@ def channel_values(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] |
         else:  # pragma: no cover - every step channel is listed above
             raise KeyError(name)
         return (steps, values) if np.isfinite(values).any() else None
+    if spec.source == "probe":  # the benchmark's shadow probe, embedded at every check (`RunRecord.probe_checks`)
+        rows = [c for c in rec.probe_checks if name in c]
+        if not rows:
+            return None
+        return (np.array([int(c["step"]) for c in rows], dtype=np.int64),
+                np.array([float(c[name]) for c in rows], dtype=np.float64))  # fmt: skip
     checks = [c for c in rec.checks if not c.get("calibrating") and c.get("reason") != "SKIPPED"]
     key = "b1" if name == "b1_fraction" else name
     if not checks or key not in checks[0]:
@@ -108,12 +126,13 @@ def fit_calibration(
 ) -> DetectorCalibration:
     """Fit a calibration on training runs.
 
-    ``candidates`` defaults to the channels the monitor computes live. ``grids[i]`` holds run i's channel statistics
-    on its step grid; ``negatives_until[i]`` is how many of its steps count as healthy (all for a clean run,
-    ``t0 - 1`` for a failure run); ``failures[i]`` is ``(t0, t_c)`` for a failure run whose metric dropped (a
-    detection is an alarm in ``[t0, t_c)``), else None.
+    ``candidates`` defaults to the channels the monitor computes live with its default source
+    (`DEFAULT_CANDIDATES`). ``grids[i]`` holds run i's channel statistics on its step grid;
+    ``negatives_until[i]`` is how many of its steps count as healthy (all for a clean run, ``t0 - 1`` for a
+    failure run); ``failures[i]`` is ``(t0, t_c)`` for a failure run whose metric dropped (a detection is an
+    alarm in ``[t0, t_c)``), else None.
     """
-    pool = candidates if candidates is not None else [c for c, spec in CHANNELS.items() if spec.live]
+    pool = candidates if candidates is not None else DEFAULT_CANDIDATES
     names = [c for c in pool if any(c in g for g in grids)]
     zero = {i: np.zeros(len(next(iter(g.values())))) for i, g in enumerate(grids)}
     norm: dict[str, float] = {}

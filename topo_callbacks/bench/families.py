@@ -460,6 +460,10 @@ class LMTask(Task):
         loss = float(nn.functional.cross_entropy(self.model(x).reshape(-1, 256), y.reshape(-1)))
         return (math.exp(loss) if math.isfinite(loss) and loss < 50 else math.inf), loss
 
+    def probe_inputs(self) -> Tensor:
+        span = len(self.val) - self.context - 1
+        return self.windows(self.val, torch.arange(0, span, span // 256)[:256])[0]
+
     def blocks(self) -> list[Block]:
         return [cast(Block, b) for b in self.model.get_submodule("blocks").children()]
 

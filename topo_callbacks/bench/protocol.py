@@ -36,7 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from topo_callbacks.bench.cusum import channel_statistic, fit_calibration, fused_series, on_step_grid
+from topo_callbacks.bench.cusum import (
+    DEFAULT_CANDIDATES,
+    channel_statistic,
+    fit_calibration,
+    fused_series,
+    on_step_grid,
+)
 from topo_callbacks.bench.detectors import (
     channel_series,
     drop_step,
@@ -337,15 +343,17 @@ def _learn_weights(replay: _Replay, train: Sequence[RunRecord], alpha: float) ->
 
 # ---------------------------------------------------------------------------------------------- CUSUM detector
 CUSUM = "CUSUM detector (the monitor's default)"
-#: The default detector, and ablations: which channels it may choose from (None: every channel the monitor computes
-#: live). Without the Betti channels, with the cheap per-step channels only, with the embedding channels only.
+#: The default detector, and ablations: which channels each may choose from (None: `DEFAULT_CANDIDATES`, what the
+#: monitor computes live with its default source). Without the Betti channels, the cheap per-step channels only,
+#: the embedding channels only; and two measurements of channels the default cannot use: the probe channels
+#: (``source="probe"``) and every recorded channel (the update ratio, activation RMS and attention channels too).
 CUSUM_VARIANTS: dict[str, list[str] | None] = {
     CUSUM: None,
-    "CUSUM, without the Betti channels": [
-        c for c, spec in CHANNELS.items() if spec.live and c not in ("b0_fraction", "b1_fraction")
-    ],
+    "CUSUM, without the Betti channels": [c for c in DEFAULT_CANDIDATES if c not in ("b0_fraction", "b1_fraction")],
     "CUSUM, loss and gradient norm only": ["loss", "grad_norm"],
-    "CUSUM, embedding channels only": [c for c, spec in CHANNELS.items() if spec.live and spec.reads == "check"],
+    "CUSUM, embedding channels only": [c for c in DEFAULT_CANDIDATES if CHANNELS[c].reads == "check"],
+    "CUSUM, with the probe channels (source='probe')": [c for c, spec in CHANNELS.items() if spec.live],
+    "CUSUM, every recorded channel (some not computed live)": list(CHANNELS),
 }
 #: The false-alarm rates the monitor accepts (``false_alarm_rate=``): one calibration each.
 SHIPPED_RATES = (0.01, 0.02, 0.05, 0.1, 0.2)

@@ -7,8 +7,9 @@ that same snapshot. The arms differ only after ``t0``, which is also what makes 
 Recorded, per optimizer step: the loss, the global gradient norm (before the step), the scheduled learning rate,
 per parameter group the update norm ||delta theta|| and the weight norm ||theta|| (after the step), the watched
 layer's activation RMS, and for the attention layers of the transformer families the max attention logit and the
-minimum per-head attention entropy. Per check: the monitor's full history row. Per evaluation: the task metric and
-the validation loss. Costs: the mean training step, the per-step channels and the checks, in seconds.
+minimum per-head attention entropy. Per check: the monitor's full history row, and the consecutive-check channels of
+a fixed probe embedded beside it (the monitor itself watches the training stream). Per evaluation: the task metric
+and the validation loss. Costs: the mean training step, the per-step channels and the checks, in seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class RunRecord:
     evals: list[tuple[int, float, float]]
     checks: list[dict[str, Any]]
     monitor_alarm_step: int | None
+    #: per check, the consecutive-check channels of a fixed probe (up to 256 held-out inputs, embedded in eval mode
+    #: at the watched layer): ``{"step", "knn_preservation", "contracted_pairs", "h0_distance"}``
+    probe_checks: list[dict[str, float]] = dataclasses.field(default_factory=list)
     step_s: float = 0.0
     channels_s: float = 0.0
     monitor_s: float = 0.0
@@ -73,10 +77,38 @@ class _Recorder:
     """The per-step channels of one run, with their cost."""
 
     def __init__(self, task: Task, family: Family, arm: str, seed: int, steps: int, t0: int) -> None:
-        self.rec = RunRecord(family.name, arm, seed, steps, t0, [], [], [], [], [], [], [], [], [], [], None)
+        self.rec = RunRecord(family.name, arm, seed, steps, t0, [], [], [], [], [], [], [], [], [], [], None, [])
         self.task = task
         self._rms: list[float] = []
         self._attention = [m for m in task.model.modules() if isinstance(m, Attention)]
+        self.probe = task.probe_inputs()
+        self.previous_probe: tuple[Tensor, tuple[float, ...]] | None = None
+
+    def probe_check(self, step: int) -> None:
+        """Embed the probe at the watched layer and record how its examples moved since the previous check."""
+        from topo_callbacks.core import resolve_layer
+        from topo_callbacks.core.probe import embed_probe
+        from topo_callbacks.functional import (
+            contracted_pairs,
+            h0_death_scales,
+            h0_diagram_distance,
+            neighbourhood_preservation,
+        )
+
+        model = self.task.model
+        rows = embed_probe(model, resolve_layer(model, self.task.layer), self.probe, self.task.pool).float()
+        previous, self.previous_probe = self.previous_probe, None
+        if not bool(torch.isfinite(rows).all()):
+            return
+        deaths = h0_death_scales(rows)
+        self.previous_probe = (rows, deaths)
+        if previous is not None:
+            self.rec.probe_checks.append({
+                "step": step,
+                "knn_preservation": neighbourhood_preservation(previous[0], rows, 10),
+                "contracted_pairs": contracted_pairs(previous[0], rows, 10),
+                "h0_distance": h0_diagram_distance(previous[1], deaths),
+            })  # fmt: skip
 
     def hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if module.training and isinstance(output, Tensor):
@@ -158,6 +190,7 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
                 tick = time.perf_counter()
                 monitor.run_check(step)
                 rec.monitor_s += time.perf_counter() - tick
+                recorder.probe_check(step)
             if step % family.eval_every == 0:
                 _evaluate(task, rec, step)
     finally:
@@ -192,6 +225,7 @@ def train_prefix(family: Family, seed: int, quick: bool) -> dict[str, Any]:
         "monitor": monitor.state_dict(),
         "record": recorder.rec.as_dict(),
         "initial_lr": [g["initial_lr"] for g in task.optimizer.param_groups],
+        "previous_probe": recorder.previous_probe,
     }
 
 
@@ -219,7 +253,9 @@ def train_arm(family: Family, seed: int, quick: bool, arm: str, snapshot: dict[s
         attn_min_entropy=list(prefix.attn_min_entropy),
         evals=list(prefix.evals),
         checks=[dict(c) for c in monitor.history],
+        probe_checks=[dict(c) for c in prefix.probe_checks],
     )
+    recorder.previous_probe = snapshot.get("previous_probe")
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

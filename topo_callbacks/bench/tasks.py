@@ -163,6 +163,14 @@ class Task:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step ``step`` (0-based); a switch that edits weights acts here."""
 
+    def probe_inputs(self) -> Tensor:
+        """A fixed batch of held-out inputs (the same at every check) for the consecutive-check channels: the first
+        256 test inputs by default."""
+        x_test = getattr(self, "x_test", None)
+        if not isinstance(x_test, Tensor):
+            raise NotImplementedError(f"{type(self).__name__} has no `x_test`; override `probe_inputs`")
+        return x_test[:256]
+
     def state(self) -> dict[str, Any]:
         return {
             "model": {k: v.clone() for k, v in self.model.state_dict().items()},

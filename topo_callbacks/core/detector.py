@@ -52,6 +52,9 @@ class Channel:
     description: str
     #: computed by the monitor during training (the others are recorded by the benchmark only, to measure them)
     live: bool = True
+    #: ``"any"``: available with either source; ``"probe"``: only with ``source="probe"`` (consecutive checks see
+    #: the same examples)
+    source: str = "any"
 
     @property
     def window(self) -> int:
@@ -76,6 +79,15 @@ CHANNELS: dict[str, Channel] = {
         Channel("effective_rank", "check", "both", True, 0.01, "RankMe effective rank (log)"),
         Channel("std_l2", "check", "both", True, 0.01, "std of L2-normalised rows (log)"),
         Channel("anisotropy_term", "check", "both", False, 0.01, "the CI's anisotropy term"),
+        Channel("mean_cosine", "check", "both", False, 0.01, "mean cosine similarity over pairs of rows"),
+        Channel("knn_preservation", "check", "both", False, 0.01,
+                "overlap of each probe example's 10 nearest neighbours with the previous check's", source="probe"),
+        Channel("contracted_pairs", "check", "both", False, 0.005,
+                "share of the previous check's 10-NN pairs now closer than half their distance", source="probe"),
+        Channel("h0_distance", "check", "both", False, 0.01,
+                "1-Wasserstein distance of the H0 diagram to the previous check's, relative", source="probe"),
+        Channel("attn_max_logit", "step", "both", False, 0.01, "largest attention logit", live=False),
+        Channel("attn_min_entropy", "step", "both", False, 0.01, "smallest per-head attention entropy", live=False),
     )
 }  # fmt: skip
 

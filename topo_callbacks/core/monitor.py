@@ -32,6 +32,7 @@ from topo_callbacks.core.probe import embed_probe, probe_rows
 from topo_callbacks.core.tracker import SOURCES, EngineTracker, Source, unit_rows
 from topo_callbacks.functional._validation import check_eps, drop_nonfinite
 from topo_callbacks.functional.collapse import CollapseReport, collapse_index, resolve_weights
+from topo_callbacks.functional.consecutive import contracted_pairs, h0_diagram_distance, neighbourhood_preservation
 
 __all__ = ["CheckResult", "CollapseMonitorCore", "CollapseWarning"]
 
@@ -269,6 +270,8 @@ class CollapseMonitorCore:
         self._first_alarm: dict[str, Any] | None = None
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
+        # the previous probe check's rows and H0 deaths (source="probe"): the consecutive-check channels compare them
+        self._previous_probe: tuple[Tensor, tuple[float, ...]] | None = None
 
     # ------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> nn.Module:
@@ -423,9 +426,10 @@ class CollapseMonitorCore:
                 self.eps = float(statistics.median(self.eps_candidates))
         reason, message = self.rule.evaluate(report.ci, baseline_ready=not calibrating)
         alarm = reason is not StoppingReason.NOT_STOPPED
+        consecutive = self._consecutive_channels(x, report) if self.source == "probe" else {}
         fired = None
         if self.detector is not None and not calibrating:  # the channels read at the held scale only
-            values = report.as_dict()
+            values = {**report.as_dict(), **consecutive}
             values["b1_fraction"] = report.b1 / max(report.n, 1)
             for name in self.detector.channels:
                 if CHANNELS[name].reads == "check" and name in values:
@@ -442,6 +446,7 @@ class CollapseMonitorCore:
             self._warn(f"step {step}: {self.monitor} = {report.ci:.4f}")
         self._in_alarm = alarm
         logged = report.as_dict(self.prefix)
+        logged.update({f"{self.prefix}{k}": v for k, v in consecutive.items()})
         logged[self.monitor] = report.ci
         if self.detector is not None:
             # the detector's statistic over its threshold (it alarms at 1) and each channel's share, at the check;
@@ -463,10 +468,28 @@ class CollapseMonitorCore:
                 "calibrating": calibrating,
                 "weights": self.weights_spec,
                 **report.as_dict(),
+                **consecutive,
                 **({} if self.detector is None else {"detector": logged[f"{self.prefix}detector"]}),
             }
         )
         return CheckResult(step, report, reason, message, alarm, should_stop, None, logged)
+
+    def _consecutive_channels(self, x: Tensor, report: CollapseReport) -> dict[str, float]:
+        """``source="probe"``: how the probe's examples moved since the previous check (empty at the first check,
+        or when rows were dropped as non-finite, so that row i is no longer the same example)."""
+        previous, self._previous_probe = self._previous_probe, None
+        if x.ndim != 2 or x.shape[0] < 3 or report.nonfinite_fraction > 0:
+            return {}
+        rows = x.detach().to(torch.float32)
+        self._previous_probe = (rows, report.h0_deaths)
+        if previous is None or previous[0].shape != rows.shape:
+            return {}
+        k = min(10, rows.shape[0] - 1)
+        return {
+            "knn_preservation": neighbourhood_preservation(previous[0], rows, k),
+            "contracted_pairs": contracted_pairs(previous[0], rows, k),
+            "h0_distance": h0_diagram_distance(previous[1], report.h0_deaths),
+        }
 
     def latest_diagram(self, step: int, report: CollapseReport) -> dict[str, Any]:
         """The check's H0 persistence diagram as plain data, for `topo-callbacks report` (births are all 0)."""

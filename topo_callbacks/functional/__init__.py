@@ -12,14 +12,15 @@ Input rules, the same for every function here:
   one-element tensors. A string such as ``"0.9"`` or a bool is refused with a ValueError naming the argument.
 """
 
-from topo_callbacks.functional.collapse import CollapseReport, collapse_index
+from topo_callbacks.functional.collapse import CollapseReport, collapse_index, h0_death_scales
+from topo_callbacks.functional.consecutive import contracted_pairs, h0_diagram_distance, neighbourhood_preservation
 from topo_callbacks.functional.neurons import (
     bilipschitz_constants,
     hessian_max_eigenvalue,
     merging_statistics,
     neuron_points,
 )
-from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std
+from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std, mean_cosine
 from topo_callbacks.functional.topology import betti_numbers, persistence_diagrams, persistence_entropy
 
 __all__ = [
@@ -28,10 +29,15 @@ __all__ = [
     "betti_numbers",
     "bilipschitz_constants",
     "collapse_index",
+    "contracted_pairs",
     "effective_rank",
+    "h0_death_scales",
+    "h0_diagram_distance",
     "hessian_max_eigenvalue",
     "l2_normalized_std",
+    "mean_cosine",
     "merging_statistics",
+    "neighbourhood_preservation",
     "neuron_points",
     "persistence_diagrams",
     "persistence_entropy",

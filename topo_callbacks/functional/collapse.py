@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from topo_callbacks.functional._validation import as_real, check_eps, check_points, check_prime
-from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std
+from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std, mean_cosine
 from topo_callbacks.functional.topology import (
     _h0_from_tree,
     _minimum_spanning_tree,
@@ -50,8 +50,9 @@ class CollapseReport:
     Terms (each in [0, 1], 1 = collapsed): ``betti_term = 1 - min(b1/b0, 1)``, ``entropy_term = 1 - PE``,
     ``anisotropy_term = A``, ``rank_term = 1 - (erank - 1)/(min(n, d) - 1)``, ``std_term = 1 - min(sqrt(d) std, 1)``.
     Channels: ``b0``, ``b1``, ``persistence_entropy`` (normalised, of the H0 diagram), ``effective_rank``,
-    ``std_l2`` (lightly's statistic), ``b0_fraction = b0/n``, ``nonfinite_fraction`` (rows dropped before the
-    call, filled in by the monitors). ``eps`` is the scale used, ``time_s`` the wall time of the call.
+    ``std_l2`` (lightly's statistic), ``mean_cosine`` (over pairs of rows), ``b0_fraction = b0/n``,
+    ``nonfinite_fraction`` (rows dropped before the call, filled in by the monitors). ``eps`` is the scale used,
+    ``time_s`` the wall time of the call.
     """
 
     ci: float
@@ -65,6 +66,7 @@ class CollapseReport:
     persistence_entropy: float
     effective_rank: float
     std_l2: float
+    mean_cosine: float
     b0_fraction: float
     nonfinite_fraction: float
     n: int
@@ -185,6 +187,22 @@ def topology_rows(x: Tensor, normalize: str = "l2") -> Tensor:
     if normalize == "l2":
         z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     return z
+
+
+def h0_death_scales(x: Tensor, normalize: str = "l2") -> tuple[float, ...]:
+    """The H0 persistence diagram's death scales (all births 0) of the rows as the topological terms see them: the
+    minimum-spanning-tree edge lengths of the distinct (normalised) rows, ascending. What `CollapseReport.h0_deaths`
+    holds, without the rest of the index.
+
+    Example:
+        >>> import torch
+        >>> h0_death_scales(torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0]]))  # two rows point the same way
+        (1.4142135623730951,)
+    """
+    z = torch.unique(topology_rows(check_points(x, min_rows=1), normalize), dim=0)
+    if z.shape[0] < 2:
+        return ()
+    return tuple(float(v) for v in _minimum_spanning_tree(pairwise_distances(z))[0].tolist())
 
 
 def _check_eps_in_range(eps: float, *, low: float, high: float, normalize: str) -> None:
@@ -335,6 +353,7 @@ def collapse_index(
         persistence_entropy=pe,
         effective_rank=erank,
         std_l2=std,
+        mean_cosine=mean_cosine(x),
         b0_fraction=b0 / n,  # per input row: a batch of duplicates is one component out of n rows
         nonfinite_fraction=0.0,
         n=n,

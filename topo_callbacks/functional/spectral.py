@@ -179,3 +179,24 @@ def l2_normalized_std(x: Tensor) -> float:
     x = check_points(x, min_rows=2, min_features=2).to(torch.float64)
     z = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     return float(z.std(dim=0).mean())
+
+
+def mean_cosine(x: Tensor) -> float:
+    """Mean cosine similarity over all pairs of distinct rows: 0 for isotropic data (about), 1 when every row points
+    the same way. Computed as ``(||sum_i u_i||^2 - n) / (n (n - 1))`` over the unit rows ``u_i`` (O(n d)). Rows of
+    norm zero count as zero vectors. Needs ``n >= 2``, ``d >= 2``.
+
+    Example:
+        >>> import torch
+        >>> round(mean_cosine(torch.ones(8, 3)), 6)
+        1.0
+        >>> round(mean_cosine(torch.eye(4)), 6)
+        0.0
+    """
+    x = check_points(x, min_rows=2, min_features=2).to(torch.float64)
+    n = x.shape[0]
+    norms = x.norm(dim=1, keepdim=True)
+    z = torch.where(norms > 0, x / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(x))
+    total = z.sum(dim=0)
+    self_terms = float((z * z).sum())
+    return float((total.dot(total) - self_terms) / (n * (n - 1)))
