@@ -55,6 +55,9 @@ def build_collapse_monitor(callback_base: type) -> type:
                     )
             self.attach(pl_module)
 
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.optimizer = trainer.optimizers[0] if trainer.optimizers else None
+
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             self.prepare_step(trainer.global_step + 1)
 

@@ -33,6 +33,7 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
     micro-batch whose step the optimizer skipped) is not counted. Pass ``step=`` to use your own global step (e.g.
     after resuming). With a TensorBoard tracker, the latest H0 diagram is kept next to its events for
     ``topo-callbacks report``; ``close()`` logs a one-line summary (logger ``topo_callbacks.accelerate``).
+    ``optimizer=`` (optional) is only read for ``curvature_ratio`` when a ``loss_fn`` is given.
     It is checkpointable: ``accelerator.register_for_checkpointing(monitor)``. ``close()`` (or a ``with``
     block) removes the hook. All other arguments are those of
     :class:`~topo_callbacks.core.CollapseMonitorCore`.
@@ -53,8 +54,11 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
                     break
     """
 
-    def __init__(self, accelerator: Any, model: nn.Module, layer: LayerSpec, **kwargs: Any) -> None:
+    def __init__(
+        self, accelerator: Any, model: nn.Module, layer: LayerSpec, *, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         super().__init__(layer, **kwargs)
+        self.optimizer = optimizer
         self.accelerator = accelerator
         self.global_step = 0
         self.attach(accelerator.unwrap_model(model))

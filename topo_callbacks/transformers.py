@@ -293,8 +293,8 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         trainer: the Trainer, so the values go through ``trainer.log``. Without it (e.g. the callback was passed
             in ``Trainer(callbacks=[...])``) they are appended to ``state.log_history`` only, and a warning says
             that the ``report_to`` integrations do not see them. Not part of the saved state.
-        pool, select: as in the core; a callable must be a module-level function (stored by its import path
-            ``"package.module:function"``, which is also accepted).
+        pool, select, loss_fn: as in the core; a callable must be a module-level function (stored by its import
+            path ``"package.module:function"``, which is also accepted).
         **kwargs: every other argument of :class:`topo_callbacks.core.CollapseMonitorCore`
             (``every_n_train_steps``, ``max_samples``, ``monitor``, ``stopping_threshold``, ``stop_on_alarm``, ...).
 
@@ -315,6 +315,7 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         trainer: Any = None,
         pool: str | Callable[..., Any] = "mean",
         select: str | Callable[..., Any] | None = None,
+        loss_fn: str | Callable[..., Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(layer, str) or not layer:
@@ -329,13 +330,17 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             )
         pool_path = _import_path("pool", pool)
         select_path = _import_path("select", select)
+        loss_fn_path = _import_path("loss_fn", loss_fn)
         super().__init__(
             layer,
             pool=_load_path(pool) if isinstance(pool, str) and ":" in pool else pool,
             select=_load_path(select) if isinstance(select, str) else select,
+            loss_fn=_load_path(loss_fn) if isinstance(loss_fn, str) else loss_fn,
             **kwargs,
         )
-        self._args: dict[str, Any] = {"layer": layer, "pool": pool_path, "select": select_path, **kwargs}
+        self._args: dict[str, Any] = {
+            "layer": layer, "pool": pool_path, "select": select_path, "loss_fn": loss_fn_path, **kwargs,
+        }  # fmt: skip
         if trainer is not None:
             self.bind(trainer)
 
@@ -361,6 +366,7 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             self._delegate.on_train_begin(args, state, control, **kwargs)
             return
         self.attach(kwargs["model"])
+        self.optimizer = kwargs.get("optimizer")
         self.prepare_step(state.global_step + 1)
         self.last_observed_step = max(self.last_observed_step, state.global_step)
         if "loss" in self.step_channels:

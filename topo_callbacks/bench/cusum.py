@@ -54,8 +54,8 @@ def channel_values(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] |
         else:  # pragma: no cover - every step channel is listed above
             raise KeyError(name)
         return (steps, values) if np.isfinite(values).any() else None
-    if spec.source == "probe":  # the benchmark's shadow probe, embedded at every check (`RunRecord.probe_checks`)
-        rows = [c for c in rec.probe_checks if name in c]
+    if spec.source in ("probe", "loss_fn"):  # measured beside every check (`RunRecord.side_checks`)
+        rows = [c for c in rec.side_checks if name in c]
         if not rows:
             return None
         return (np.array([int(c["step"]) for c in rows], dtype=np.int64),

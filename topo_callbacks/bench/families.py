@@ -129,6 +129,9 @@ class SSLTask(Task):
     def step_loss(self, step: int) -> Tensor:
         return self.objective_loss(self.x_train[self.streams["train"].next()], self.gens["augment"])
 
+    def fixed_batch_loss(self) -> Tensor:
+        return self.objective_loss(self.x_train[:256], torch.Generator().manual_seed(4321))
+
     def evaluate(self) -> tuple[float, float]:
         g = torch.Generator().manual_seed(12345)  # the same held-out views at every evaluation
         model = self.model
@@ -227,6 +230,9 @@ class ClassifierTask(Task):
     def step_loss(self, step: int) -> Tensor:
         idx = self.batch_indices(step)
         return nn.functional.cross_entropy(self.model(self.x_train[idx]), self.y_train[idx]) + self.extra_loss()
+
+    def fixed_batch_loss(self) -> Tensor:
+        return nn.functional.cross_entropy(self.model(self.x_train[:256]), self.y_train[:256])
 
     def evaluate(self) -> tuple[float, float]:
         logits = self.model(self.x_test)
@@ -459,6 +465,10 @@ class LMTask(Task):
         x, y = self.windows(self.val, self.val_starts)
         loss = float(nn.functional.cross_entropy(self.model(x).reshape(-1, 256), y.reshape(-1)))
         return (math.exp(loss) if math.isfinite(loss) and loss < 50 else math.inf), loss
+
+    def fixed_batch_loss(self) -> Tensor:
+        x, y = self.windows(self.train, torch.arange(0, 32 * 4099, 4099))
+        return nn.functional.cross_entropy(self.model(x).reshape(-1, 256), y.reshape(-1))
 
     def probe_inputs(self) -> Tensor:
         span = len(self.val) - self.context - 1

@@ -352,7 +352,10 @@ CUSUM_VARIANTS: dict[str, list[str] | None] = {
     "CUSUM, without the Betti channels": [c for c in DEFAULT_CANDIDATES if c not in ("b0_fraction", "b1_fraction")],
     "CUSUM, loss and gradient norm only": ["loss", "grad_norm"],
     "CUSUM, embedding channels only": [c for c in DEFAULT_CANDIDATES if CHANNELS[c].reads == "check"],
-    "CUSUM, with the probe channels (source='probe')": [c for c, spec in CHANNELS.items() if spec.live],
+    "CUSUM, with the probe channels (source='probe')": [
+        c for c in CHANNELS if CHANNELS[c].live and c != "curvature_ratio"
+    ],
+    "CUSUM, with the curvature channel (loss_fn=)": [*DEFAULT_CANDIDATES, "curvature_ratio"],
     "CUSUM, every recorded channel (some not computed live)": list(CHANNELS),
 }
 #: The false-alarm rates the monitor accepts (``false_alarm_rate=``): one calibration each.

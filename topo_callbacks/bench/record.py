@@ -51,9 +51,10 @@ class RunRecord:
     evals: list[tuple[int, float, float]]
     checks: list[dict[str, Any]]
     monitor_alarm_step: int | None
-    #: per check, the consecutive-check channels of a fixed probe (up to 256 held-out inputs, embedded in eval mode
-    #: at the watched layer): ``{"step", "knn_preservation", "contracted_pairs", "h0_distance"}``
-    probe_checks: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    #: per check, measured beside the monitor: the objective's curvature along its gradient on a fixed batch over the
+    #: optimizer's stability level (``curvature_ratio``), and the consecutive-check channels of a fixed probe (up to
+    #: 256 held-out inputs, embedded in eval mode at the watched layer; from the second check on)
+    side_checks: list[dict[str, float]] = dataclasses.field(default_factory=list)
     step_s: float = 0.0
     channels_s: float = 0.0
     monitor_s: float = 0.0
@@ -84,9 +85,11 @@ class _Recorder:
         self.probe = task.probe_inputs()
         self.previous_probe: tuple[Tensor, tuple[float, ...]] | None = None
 
-    def probe_check(self, step: int) -> None:
-        """Embed the probe at the watched layer and record how its examples moved since the previous check."""
+    def side_check(self, step: int) -> None:
+        """Beside the monitor's check: the curvature of the objective along its gradient on a fixed batch (over the
+        optimizer's stability level), and how a fixed probe's examples moved since the previous check."""
         from topo_callbacks.core import resolve_layer
+        from topo_callbacks.core.detector import gradient_curvature
         from topo_callbacks.core.probe import embed_probe
         from topo_callbacks.functional import (
             contracted_pairs,
@@ -95,20 +98,20 @@ class _Recorder:
             neighbourhood_preservation,
         )
 
-        model = self.task.model
-        rows = embed_probe(model, resolve_layer(model, self.task.layer), self.probe, self.task.pool).float()
+        task, model = self.task, self.task.model
+        entry: dict[str, float] = {"step": step}
+        curvature = gradient_curvature(model, lambda m: task.fixed_batch_loss(), task.optimizer)
+        entry["curvature_ratio"] = curvature["curvature_ratio"]
+        rows = embed_probe(model, resolve_layer(model, task.layer), self.probe, task.pool).float()
         previous, self.previous_probe = self.previous_probe, None
-        if not bool(torch.isfinite(rows).all()):
-            return
-        deaths = h0_death_scales(rows)
-        self.previous_probe = (rows, deaths)
-        if previous is not None:
-            self.rec.probe_checks.append({
-                "step": step,
-                "knn_preservation": neighbourhood_preservation(previous[0], rows, 10),
-                "contracted_pairs": contracted_pairs(previous[0], rows, 10),
-                "h0_distance": h0_diagram_distance(previous[1], deaths),
-            })  # fmt: skip
+        if bool(torch.isfinite(rows).all()):
+            deaths = h0_death_scales(rows)
+            self.previous_probe = (rows, deaths)
+            if previous is not None:
+                entry["knn_preservation"] = neighbourhood_preservation(previous[0], rows, 10)
+                entry["contracted_pairs"] = contracted_pairs(previous[0], rows, 10)
+                entry["h0_distance"] = h0_diagram_distance(previous[1], deaths)
+        self.rec.side_checks.append(entry)
 
     def hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if module.training and isinstance(output, Tensor):
@@ -190,7 +193,7 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
                 tick = time.perf_counter()
                 monitor.run_check(step)
                 rec.monitor_s += time.perf_counter() - tick
-                recorder.probe_check(step)
+                recorder.side_check(step)
             if step % family.eval_every == 0:
                 _evaluate(task, rec, step)
     finally:
@@ -253,7 +256,7 @@ def train_arm(family: Family, seed: int, quick: bool, arm: str, snapshot: dict[s
         attn_min_entropy=list(prefix.attn_min_entropy),
         evals=list(prefix.evals),
         checks=[dict(c) for c in monitor.history],
-        probe_checks=[dict(c) for c in prefix.probe_checks],
+        side_checks=[dict(c) for c in prefix.side_checks],
     )
     recorder.previous_probe = snapshot.get("previous_probe")
     start = time.perf_counter()

@@ -163,6 +163,10 @@ class Task:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step ``step`` (0-based); a switch that edits weights acts here."""
 
+    def fixed_batch_loss(self) -> Tensor:
+        """The training objective on a fixed batch (the same at every check), for the curvature channel."""
+        raise NotImplementedError(f"{type(self).__name__} defines no fixed-batch loss")
+
     def probe_inputs(self) -> Tensor:
         """A fixed batch of held-out inputs (the same at every check) for the consecutive-check channels: the first
         256 test inputs by default."""

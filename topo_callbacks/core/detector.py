@@ -28,6 +28,7 @@ __all__ = [
     "DetectorFiring",
     "default_calibration",
     "global_grad_norm",
+    "gradient_curvature",
 ]
 
 #: Per-step channels are scored against the 200 values before them, check channels against the 8 checks before
@@ -52,8 +53,8 @@ class Channel:
     description: str
     #: computed by the monitor during training (the others are recorded by the benchmark only, to measure them)
     live: bool = True
-    #: ``"any"``: available with either source; ``"probe"``: only with ``source="probe"`` (consecutive checks see
-    #: the same examples)
+    #: ``"any"``: always available; ``"probe"``: only with ``source="probe"`` (consecutive checks see the same
+    #: examples); ``"loss_fn"``: only when the user gives a loss on a fixed batch
     source: str = "any"
 
     @property
@@ -86,6 +87,9 @@ CHANNELS: dict[str, Channel] = {
                 "share of the previous check's 10-NN pairs now closer than half their distance", source="probe"),
         Channel("h0_distance", "check", "both", False, 0.01,
                 "1-Wasserstein distance of the H0 diagram to the previous check's, relative", source="probe"),
+        Channel("curvature_ratio", "check", "both", False, 0.01,
+                "lr x the loss's curvature along its gradient on the user's fixed batch, over the optimizer's"
+                " stability level (2 for SGD, 2 + 2 momentum)", source="loss_fn"),
         Channel("attn_max_logit", "step", "both", False, 0.01, "largest attention logit", live=False),
         Channel("attn_min_entropy", "step", "both", False, 0.01, "smallest per-head attention entropy", live=False),
     )
@@ -312,3 +316,40 @@ def global_grad_norm(parameters: Any) -> float | None:
         return None
     norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
     return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+
+
+def gradient_curvature(model: Any, loss_fn: Any, optimizer: Any = None) -> dict[str, float]:
+    """The loss's curvature along its own gradient on a fixed batch, ``g^T H g / ||g||^2`` (one Hessian-vector
+    product), and, given the optimizer, ``curvature_ratio``: the learning rate times it over the optimizer's
+    edge-of-stability level (2 for SGD, 2 + 2 beta with momentum, (2 + 2 beta1)/(1 - beta1) for Adam, where it is an
+    approximation: Adam's step is preconditioned). Loss spikes come when it passes 1 (Bai et al. 2025). The model's
+    buffers (batch-norm statistics) and the random state are left as they were; ``.grad`` is not touched.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(w.weight)
+        >>> x = torch.ones(4, 1)
+        >>> out = gradient_curvature(w, lambda m: 3 * m(x).pow(2).mean(), torch.optim.SGD(w.parameters(), lr=0.1))
+        >>> out["grad_curvature"], round(out["curvature_ratio"], 6)
+        (6.0, 0.3)
+    """
+    import torch
+
+    from topo_callbacks.functional.neurons import directional_curvature, stability_threshold
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    devices = [p.device for p in params if p.device.type == "cuda"][:1]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            curvature = directional_curvature(lambda: loss_fn(model), params)
+    finally:
+        with torch.no_grad():
+            for key, buffer in model.named_buffers():
+                buffer.copy_(buffers[key])
+    out = {"grad_curvature": curvature}
+    if optimizer is not None:
+        level, _ = stability_threshold(optimizer)
+        out["curvature_ratio"] = float(optimizer.param_groups[0]["lr"]) * curvature / level
+    return out

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
-from topo_callbacks.core.detector import CHANNELS, CusumDetector, DetectorFiring, default_calibration
+from topo_callbacks.core.detector import (
+    CHANNELS,
+    CusumDetector,
+    DetectorFiring,
+    default_calibration,
+    gradient_curvature,
+)
 from topo_callbacks.core.gather import (
     broadcast_from_rank0,
     gather_samples,
@@ -101,6 +107,10 @@ class CollapseMonitorCore:
             (``max_rise``, ``baseline_checks``, ``rise_patience``). The EarlyStopping-style rules below apply in both.
         false_alarm_rate: the detector's target share of healthy runs that alarm, one of the rates the benchmark
             calibrated (0.01, 0.02, 0.05, 0.1, 0.2); measured on runs of 400-3000 steps, see docs/benchmark.md.
+        loss_fn: optional ``loss_fn(model) -> loss`` on a fixed batch: each check then logs ``grad_curvature``
+            (the loss's curvature along its gradient, one Hessian-vector product) and, when the adapter knows the
+            optimizer, ``curvature_ratio`` (lr x that over the optimizer's stability level; loss spikes come past
+            1). See `topo_callbacks.core.detector.gradient_curvature`.
         mode, min_delta, patience, stopping_threshold, divergence_threshold, check_finite: as in Lightning's
             ``EarlyStopping``, applied to the CI at each check (``mode="min"``: a lower CI is healthier).
         max_rise: with ``alarm="rise"``: alarm when the CI is more than this above the run's baseline (the median
@@ -149,6 +159,7 @@ class CollapseMonitorCore:
         monitor: str = "collapse/ci",
         alarm: Literal["detector", "rise"] = "detector",
         false_alarm_rate: float = 0.05,
+        loss_fn: Callable[[nn.Module], Tensor] | None = None,
         mode: str = "min",
         min_delta: float = 0.0,
         patience: int | None = None,
@@ -221,6 +232,11 @@ class CollapseMonitorCore:
             raise ValueError(f"`false_alarm_rate` must be a number; got {false_alarm_rate!r}.")
         self.false_alarm_rate = float(false_alarm_rate)
         self._calibration = default_calibration(self.false_alarm_rate) if alarm == "detector" else None
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be a callable(model) -> loss tensor or None; got {loss_fn!r}.")
+        self.loss_fn = loss_fn
+        #: the training optimizer, set by the adapters (for ``curvature_ratio``)
+        self.optimizer: Any = None
         self.rule = AlarmRule(
             mode=mode,
             min_delta=min_delta,
@@ -427,6 +443,8 @@ class CollapseMonitorCore:
         reason, message = self.rule.evaluate(report.ci, baseline_ready=not calibrating)
         alarm = reason is not StoppingReason.NOT_STOPPED
         consecutive = self._consecutive_channels(x, report) if self.source == "probe" else {}
+        if self.loss_fn is not None:
+            consecutive.update(self._curvature(step))
         fired = None
         if self.detector is not None and not calibrating:  # the channels read at the held scale only
             values = {**report.as_dict(), **consecutive}
@@ -490,6 +508,17 @@ class CollapseMonitorCore:
             "contracted_pairs": contracted_pairs(previous[0], rows, k),
             "h0_distance": h0_diagram_distance(previous[1], report.h0_deaths),
         }
+
+    def _curvature(self, step: int) -> dict[str, float]:
+        if self.model is None:
+            return {}
+        try:
+            return gradient_curvature(self.model, self.loss_fn, self.optimizer)
+        except Exception as err:  # never break training: a warning (an error with strict=True), the channel skipped
+            if self.strict:
+                raise
+            self._warn(f"{self.monitor}: `loss_fn` failed at step {step}, no curvature this check: {err!r}")
+            return {}
 
     def latest_diagram(self, step: int, report: CollapseReport) -> dict[str, Any]:
         """The check's H0 persistence diagram as plain data, for `topo-callbacks report` (births are all 0)."""
