@@ -111,3 +111,60 @@ def test_the_probe_monitor_logs_how_its_examples_moved() -> None:
         assert h["h0_distance"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
         assert 0 <= h["knn_preservation"] <= 1
         assert math.isfinite(h["h0_distance"])
+
+
+def fixed_batch_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A module-level loss on a fixed batch (what the HF callback can store by import path)."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    return model(x).pow(2).mean()
+
+
+def test_the_curvature_channel_is_one_hessian_vector_product_and_leaves_training_alone() -> None:
+    from topo_callbacks.functional.neurons import directional_curvature
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    monitor = CollapseMonitorCore("2", every_n_train_steps=5, max_samples=64, loss_fn=fixed_batch_loss)
+    monitor.attach(model)
+    monitor.optimizer = opt
+    for step in range(1, 21):
+        monitor.prepare_step(step)
+        loss = model(torch.randn(32, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if monitor.is_check_step(step):
+            grads = [p.grad.clone() for p in model.parameters()]
+            stats = model[1].running_mean.clone()
+            state = torch.get_rng_state()
+            expected = directional_curvature(lambda: fixed_batch_loss(model), list(model.parameters()))
+            model[1].running_mean.copy_(stats)  # the reference call above ran BatchNorm in train mode
+            torch.set_rng_state(state)
+            monitor.run_check(step)
+            h = monitor.history[-1]
+            assert h["grad_curvature"] == pytest.approx(expected, rel=1e-6)
+            assert h["curvature_ratio"] == pytest.approx(0.2 * expected / 3.8, rel=1e-6)  # SGD, momentum 0.9
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+            assert torch.equal(model[1].running_mean, stats)
+            assert torch.equal(torch.get_rng_state(), state)
+    monitor.detach()
+
+
+def test_a_failing_loss_fn_warns_and_skips_the_channel() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def broken(m: torch.nn.Module) -> torch.Tensor:
+        raise RuntimeError("no batch")
+
+    monitor = CollapseMonitorCore("1", every_n_train_steps=1, max_samples=64, loss_fn=broken)
+    monitor.attach(model)
+    monitor.prepare_step(1)
+    model(torch.randn(32, 8))
+    with pytest.warns(UserWarning, match="`loss_fn` failed at step 1"):
+        monitor.run_check(1)
+    assert "grad_curvature" not in monitor.history[-1]
+    with pytest.raises(ValueError, match="`loss_fn` must be a callable"):
+        CollapseMonitorCore("1", loss_fn="not callable")

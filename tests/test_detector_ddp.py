@@ -70,6 +70,7 @@ def test_ranks_feed_the_detector_alike_and_stop_at_the_same_step(tmp_path: Path,
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # the detector's whole state (reference windows, accumulators) is the same on both ranks, bit for bit
     assert r0["detector"] == r1["detector"]
+
     def values(history: list[dict]) -> list[dict]:  # the check's wall time is each rank's own
         return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
 
