@@ -335,6 +335,18 @@ class CollapseMonitorCore:
 
         Call on every rank at every optimizer step: under DDP the values are averaged over the ranks that have one
         (one small all-reduce per step), so every rank takes the same decision without another collective.
+
+        Example (what the adapters do after each optimizer step):
+            >>> monitor = CollapseMonitorCore("0")
+            >>> monitor.step_channels
+            ('grad_norm', 'loss')
+            >>> fired = [monitor.observe_step(s, loss=1.0 + 0.01 * (s % 5), grad_norm=2.0) for s in range(1, 301)]
+            >>> fired.count(None), len(monitor.detector.states["loss"].reference)
+            (300, 200)
+            >>> alarm = [monitor.observe_step(s, loss=50.0, grad_norm=2.0) for s in range(301, 341)]
+            >>> first = next(r for r in alarm if r is not None)  # the loss jumped at 301: +7 per step accumulates
+            >>> first.reason.name, first.step
+            ('DETECTOR', 315)
         """
         wanted = self.step_channels
         if loss is None and self._loss_count:
