@@ -4,6 +4,7 @@ stays silent. Through each adapter, the per-step channels are fed and the alarm 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -104,3 +105,35 @@ def test_the_rise_rule_stays_available_by_name() -> None:
     assert monitor.step_channels == ()
     assert monitor.rule.max_rise == 0.2
     assert all("detector" not in h for h in monitor.history)
+
+
+def test_lightning_feeds_each_optimizer_steps_mean_loss_and_gradient_norm() -> None:
+    """Under ``accumulate_grad_batches=2``: the loss channel is the mean of the step's two training-step losses, the
+    gradient norm that of the accumulated gradients before the step (read by another callback, directly)."""
+    from tests.lightning_helpers import TinyModel, loader
+    from topo_callbacks.lightning import CollapseMonitor
+
+    losses: list[float] = []
+    norms: list[float] = []
+
+    class Witness(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            losses.append(float(outputs["loss"]))
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    pl.seed_everything(0, verbose=False)
+    monitor = CollapseMonitor(layer="encoder", every_n_train_steps=50, max_samples=64)
+    trainer = pl.Trainer(max_steps=230, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
+                         callbacks=[Witness(), monitor], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyModel(), loader(n=32 * 460, batch_size=32))
+    step_losses = [(a + b) / 2 for a, b in zip(losses[::2], losses[1::2], strict=True)]
+    assert len(step_losses) == len(norms) == monitor.last_observed_step == 230
+    states = monitor.detector.states
+    assert list(states["loss"].reference) == pytest.approx(step_losses[-200:], rel=1e-6)
+    assert [math.exp(v) for v in states["grad_norm"].reference] == pytest.approx(norms[-200:], rel=1e-5)
