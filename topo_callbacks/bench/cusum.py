@@ -10,11 +10,11 @@ training failures at a threshold calibrated to ``alpha``, and the threshold is t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from topo_callbacks.bench.detectors import calibrated_threshold
 from topo_callbacks.bench.record import RunRecord
 from topo_callbacks.core.detector import ALLOWANCE, CHANNELS, CLIP, DetectorCalibration
 from topo_callbacks.functional.detector import standardized_cusum
@@ -102,17 +102,9 @@ def fused_series(grids: dict[str, np.ndarray], cal: DetectorCalibration) -> tupl
     return np.arange(1, total + 1), out
 
 
-def _negative_maxima(grids: Sequence[np.ndarray], cut: Sequence[int | None]) -> np.ndarray:
+def _negative_maxima(grids: Sequence[np.ndarray], cut: Sequence[int | None]) -> list[float]:
     pairs = zip(grids, cut, strict=True)
-    return np.array([float(g[: c if c is not None else len(g)].max(initial=0.0)) for g, c in pairs])
-
-
-def _threshold(maxima: np.ndarray, alpha: float) -> float:
-    allowed = math.floor(alpha * len(maxima) + 1e-9)
-    ordered = np.sort(maxima)[::-1]
-    if allowed >= len(ordered):
-        return 0.0
-    return float(np.nextafter(ordered[allowed], math.inf))
+    return [float(g[: c if c is not None else len(g)].max(initial=0.0)) for g, c in pairs]
 
 
 def fit_calibration(
@@ -138,11 +130,11 @@ def fit_calibration(
     norm: dict[str, float] = {}
     for c in names:
         maxima = _negative_maxima([g.get(c, zero[i]) for i, g in enumerate(grids)], negatives_until)
-        norm[c] = max(_threshold(maxima, alpha), 1e-6)
+        norm[c] = max(calibrated_threshold(maxima, alpha), 1e-6)
 
     def score(chosen: Sequence[str]) -> tuple[tuple[int, int], float]:
         fused = [np.max([g.get(c, zero[i]) / norm[c] for c in chosen], axis=0) for i, g in enumerate(grids)]
-        h = max(_threshold(_negative_maxima(fused, negatives_until), alpha), 1e-6)
+        h = max(calibrated_threshold(_negative_maxima(fused, negatives_until), alpha), 1e-6)
         hits = lead = 0
         for f, window in zip(fused, failures, strict=True):
             if window is None:

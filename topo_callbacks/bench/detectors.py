@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ALPHA",
+    "calibrated_threshold",
     "channel_series",
     "drop_step",
     "ema_zscore",
@@ -218,3 +220,21 @@ def patience_count(evals: Sequence[tuple[int, float]], *, mode: str = "min", min
             wait += 1
         out[i] = wait
     return out
+
+
+#: The false-alarm rate detectors are calibrated to.
+ALPHA = 0.05
+
+
+def calibrated_threshold(maxima: Sequence[float], alpha: float = ALPHA) -> float:
+    """The smallest threshold at which at most ``alpha`` of the negatives alarm (their maxima reach it).
+
+    Example:
+        >>> calibrated_threshold([0.1, 0.2, 0.3, 0.9], alpha=0.25)  # one in four may alarm: just above 0.3
+        0.30000000000000004
+    """
+    allowed = math.floor(alpha * len(maxima) + 1e-9)
+    ordered = sorted(maxima, reverse=True)
+    if allowed >= len(ordered):
+        return -math.inf
+    return float(np.nextafter(ordered[allowed], math.inf))

@@ -44,6 +44,8 @@ from topo_callbacks.bench.cusum import (
     on_step_grid,
 )
 from topo_callbacks.bench.detectors import (
+    ALPHA,
+    calibrated_threshold,
     channel_series,
     drop_step,
     ema_zscore,
@@ -60,7 +62,6 @@ from topo_callbacks.functional.collapse import TERMS, resolve_weights
 
 __all__ = ["ALPHA", "DETECTORS", "Detector", "analyse", "clopper_pearson", "ground_truth"]
 
-ALPHA = 0.05
 Series = tuple[np.ndarray, np.ndarray]
 
 
@@ -231,20 +232,6 @@ class _Replay:
                 stat = stat[steps < rec.t0]
             out.append(float(stat.max()) if stat.size else -math.inf)
         return out
-
-
-def calibrated_threshold(maxima: Sequence[float], alpha: float = ALPHA) -> float:
-    """The smallest threshold at which at most ``alpha`` of the negatives alarm (their maxima reach it).
-
-    Example:
-        >>> calibrated_threshold([0.1, 0.2, 0.3, 0.9], alpha=0.25)  # one in four may alarm: just above 0.3
-        0.30000000000000004
-    """
-    allowed = math.floor(alpha * len(maxima) + 1e-9)
-    ordered = sorted(maxima, reverse=True)
-    if allowed >= len(ordered):
-        return -math.inf
-    return float(np.nextafter(ordered[allowed], math.inf))
 
 
 def _outcome(replay: _Replay, name: str, rec: RunRecord, threshold: float) -> dict[str, Any]:

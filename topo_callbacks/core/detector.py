@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from topo_callbacks.functional.detector import cusum_update, robust_location_scale
+from topo_callbacks.functional.detector import channel_scale, cusum_update, robust_location_scale
 
 __all__ = [
     "CHANNELS",
@@ -227,7 +227,7 @@ class CusumDetector:
         if state is None:
             return None
         spec = CHANNELS[name]
-        x = _transform(float(value), spec.log)
+        x = channel_scale(float(value), spec.log)
         state.value = float(value)
         if not math.isfinite(x):
             state.score = math.inf
@@ -248,11 +248,19 @@ class CusumDetector:
                 return self.fired
         return None
 
-    def as_dict(self, prefix: str) -> dict[str, float]:
-        """The fused statistic and each channel's normalised CUSUM, as log keys under ``prefix``."""
-        out = {f"{prefix}/detector": self.statistic()}
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """The fused statistic and each channel's normalised CUSUM over the threshold (the detector alarms at 1), as
+        log keys ``{prefix}detector`` and ``{prefix}detector_<channel>``.
+
+        Example:
+            >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 2.0}, 4.0))
+            >>> det.as_dict("collapse/")
+            {'collapse/detector': 0.0, 'collapse/detector_loss': 0.0}
+        """
+        threshold = self.calibration.threshold
+        out = {f"{prefix}detector": self.statistic() / threshold}
         for name in self.channels:
-            out[f"{prefix}/detector_{name}"] = self.normalised(name)
+            out[f"{prefix}detector_{name}"] = self.normalised(name) / threshold
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -286,12 +294,6 @@ def _nan_none(x: float) -> float | None:
 
 def _none_nan(x: float | None) -> float:
     return math.nan if x is None else float(x)
-
-
-def _transform(x: float, log: bool) -> float:
-    if not log or not math.isfinite(x):
-        return x
-    return math.log(x) if x > 0 else -math.inf
 
 
 def _untransform(x: float, log: bool) -> float:

@@ -89,11 +89,7 @@ def sum_across_ranks(values: list[int], device: torch.device | str = "cpu") -> l
         >>> sum_across_ranks([3, 1])  # a single process: unchanged
         [3, 1]
     """
-    if world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
+    return [int(v) for v in _all_reduce_sum(values, torch.long, device)]
 
 
 def sum_floats_across_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
@@ -103,11 +99,17 @@ def sum_floats_across_ranks(values: list[float], device: torch.device | str = "c
         >>> sum_floats_across_ranks([0.5, 1.0])  # a single process: unchanged
         [0.5, 1.0]
     """
+    dtype = torch.float64 if str(device) == "cpu" else torch.float32
+    return [float(v) for v in _all_reduce_sum(values, dtype, device)]
+
+
+def _all_reduce_sum(values: list[Any], dtype: torch.dtype, device: torch.device | str) -> list[Any]:
+    """One all-reduce (sum) of a small list of numbers; the list itself when there is no process group."""
     if world_size() == 1:
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64 if str(device) == "cpu" else torch.float32, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=dtype, device=device)
     dist.all_reduce(t)
-    return [float(v) for v in t.tolist()]
+    return t.tolist()
 
 
 def broadcast_from_rank0(obj: Any, device: torch.device | str = "cpu") -> Any:

@@ -481,10 +481,7 @@ class CollapseMonitorCore:
         if self.detector is not None:
             # the detector's statistic over its threshold (it alarms at 1) and each channel's share, at the check;
             # the alarm flag stays up while the statistic is over the threshold (a firing between checks included)
-            threshold = self.detector.calibration.threshold
-            logged[f"{self.prefix}detector"] = self.detector.statistic() / threshold
-            for name in self.detector.channels:
-                logged[f"{self.prefix}detector_{name}"] = self.detector.normalised(name) / threshold
+            logged.update(self.detector.as_dict(self.prefix))
             if not alarm and logged[f"{self.prefix}detector"] >= 1.0:
                 reason, alarm = StoppingReason.DETECTOR, True
                 message = "the detector's statistic is still over its threshold"

@@ -29,6 +29,7 @@ Series = Sequence[float] | np.ndarray
 
 __all__ = [
     "MAD_TO_STD",
+    "channel_scale",
     "cusum",
     "cusum_update",
     "robust_location_scale",
@@ -156,7 +157,7 @@ def rolling_robust_zscores(
     need = window if min_reference is None else min_reference
     if not 1 <= need <= window:
         raise ValueError(f"`min_reference` must be in [1, window]; got {min_reference!r} with window={window}.")
-    x = np.array([_transform(float(v), log) for v in values], dtype=np.float64)
+    x = np.array([channel_scale(float(v), log) for v in values], dtype=np.float64)
     finite = np.isfinite(x)
     z = np.where(finite, 0.0, np.inf)
     where = np.flatnonzero(finite)
@@ -172,9 +173,14 @@ def rolling_robust_zscores(
     return z
 
 
-def _transform(x: float, log: bool) -> float:
-    if not log:
-        return x
-    if not math.isfinite(x):
+def channel_scale(x: float, log: bool) -> float:
+    """``x`` on the scale a channel is scored on: itself, or its log (``-inf`` for ``x <= 0``, which alarms) for a
+    norm. Non-finite values pass through.
+
+    Example:
+        >>> channel_scale(1.0, log=True), channel_scale(0.0, log=True), channel_scale(-2.0, log=False)
+        (0.0, -inf, -2.0)
+    """
+    if not log or not math.isfinite(x):
         return x
     return math.log(x) if x > 0 else -math.inf
