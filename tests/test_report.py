@@ -312,3 +312,78 @@ def _healthy_report():
     from topo_callbacks.functional import collapse_index
 
     return collapse_index(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)))
+
+
+def _truncated_event_file(folder: Path) -> Path:
+    event = tb_run(folder, {"collapse/ci": [0.1, 0.2, 0.3]})
+    data = event.read_bytes()
+    event.write_bytes(data[:-7])  # the last record cut short
+    return event
+
+
+def _garbage_event_file(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    event = folder / "events.out.tfevents.123.host"
+    event.write_bytes(b"step,collapse/ci\n10,0.3\n" * 4)
+    return event
+
+
+UNREADABLE = {
+    "csv cut mid-row": (lambda f: f.write_text("step,collapse/ci,collapse/alarm\n10,0.3,0\n20,0.3"), "truncated"),
+    "csv row short": (lambda f: f.write_text("step,collapse/ci,collapse/alarm\n10,0.3,0\n20,0.3\n"), "line 3 has 2"),
+    "csv not a number": (lambda f: f.write_text("step,collapse/ci\n10,0.3\n20,0.3e\n"), "'0.3e' is not a number"),
+    "csv not text": (lambda f: f.write_bytes(b"step,collapse/ci\n10,\xff\xfe\n"), "byte 20 is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+def test_report_names_an_unreadable_csv(tmp_path, capsys, case):
+    from topo_callbacks.report import UnreadableLogError, write_report
+
+    write, why = UNREADABLE[case]
+    path = tmp_path / "version_0" / "metrics.csv"
+    path.parent.mkdir()
+    write(path)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {path}: " in err
+    assert why in err
+    assert "Traceback" not in err
+    with pytest.raises(UnreadableLogError) as info:
+        write_report(tmp_path, tmp_path / "r.png")
+    assert info.value.path == path
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_report_names_a_file_it_may_not_read(tmp_path, capsys, monkeypatch):
+    path = csv_run(tmp_path, {"collapse/ci": [0.1, 0.2]})
+    read_bytes = Path.read_bytes
+
+    def denied(self: Path) -> bytes:  # as chmod 000 would, for a user other than root
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {path}: Permission denied" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_truncated_event_file, "truncated: the record at byte"),
+        (_garbage_event_file, "not a TensorBoard event file: the record header at byte 0 fails its checksum"),
+    ],
+)
+def test_report_names_an_unreadable_event_file(tmp_path, capsys, make, why):
+    pytest.importorskip("tensorboard")
+    tb_run(tmp_path / "good", {"collapse/ci": [0.1, 0.2]})
+    event = make(tmp_path / "bad")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {event}: {why}" in err
+    assert "Traceback" not in err
+    assert main(["report", str(tmp_path / "good"), "--out", str(tmp_path / "g.png")]) == 0  # the other run reads

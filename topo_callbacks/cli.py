@@ -59,7 +59,7 @@ def _report(args: argparse.Namespace) -> int:
                 baseline_checks=args.baseline_checks,
                 max_rise=args.max_rise,
             )
-        except (FileNotFoundError, ValueError, RuntimeError) as err:  # ReportError is a ValueError
+        except (OSError, ValueError, RuntimeError) as err:  # ReportError (UnreadableLogError too) is a ValueError
             print(f"topo-callbacks report: {err}", file=sys.stderr)
             code = 2
     # which run was drawn and which were not is said even when the report then failed

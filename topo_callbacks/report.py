@@ -14,7 +14,8 @@ files log the monitor; when one folder holds several such files, each file is a 
 wrote a second event file into its logging folder is one of them). Folders whose files do not log the monitor (the
 ``<time>/`` folder torch's ``add_hparams`` writes) are not runs. The report draws the most recently written run (the
 newest modification time of its files) and names the others in a `ReportWarning`; ``run=`` (``--run``) picks one
-by its path relative to LOGDIR (`find_runs`).
+by its path relative to LOGDIR (`find_runs`). A log file that cannot be read (damaged, truncated, not readable)
+raises `UnreadableLogError`, naming it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import csv
 import dataclasses
 import html
 import inspect
+import io
 import json
 import math
 import statistics
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,6 +44,7 @@ __all__ = [
     "ReportError",
     "ReportWarning",
     "Run",
+    "UnreadableLogError",
     "find_runs",
     "load_scalars",
     "logged_terms",
@@ -65,6 +69,19 @@ class ReportError(ValueError):
 
 class ReportWarning(UserWarning):
     """Something the reader of a report must know: LOGDIR held several runs and one of them was drawn."""
+
+
+class UnreadableLogError(ReportError):
+    """A log file under LOGDIR cannot be read: damaged, truncated, not text, or not readable. ``path`` is the file,
+    ``why`` the reason; the message names both."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"cannot read {path}: {why}. Move it out of LOGDIR, or point LOGDIR at a folder without it (another"
+            " run's folder); a file still being written can be read once the run has flushed it."
+        )
+        self.path = path
+        self.why = why
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +116,111 @@ def rule_defaults() -> dict[str, Any]:
 
 
 def _read_csv(path: Path) -> Series:
+    """A ``CSVLogger`` file's series; `UnreadableLogError` for a damaged or truncated one.
+
+    ``CSVLogger`` writes every row with all the header's cells (empty ones for keys not logged at that step) and
+    ends each with a newline, so a row with another number of cells, a cell that is not a number, or a last line
+    without its newline means the file was cut short or damaged.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UnreadableLogError(path, f"not a CSV text file (byte {err.start} is not UTF-8)") from err
+    if not text:
+        return {}
+    if not text.endswith(("\n", "\r")):
+        lines = text.count("\n") + 1
+        raise UnreadableLogError(path, f"truncated: its last line (line {lines}) does not end with a newline")
     out: Series = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            step = row.get("step")
-            if not step:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+        for row in reader:
+            line = reader.line_num
+            if not row:
                 continue
-            for key, value in row.items():
-                if key != "step" and value not in ("", None):
-                    out.setdefault(key, []).append((int(float(step)), float(value)))
+            if len(row) != len(header):
+                raise UnreadableLogError(
+                    path, f"damaged or truncated: line {line} has {len(row)} cells, the header {len(header)}"
+                )
+            cells = dict(zip(header, row, strict=True))
+            if not cells.get("step"):
+                continue
+            try:
+                step = int(float(cells["step"]))
+            except ValueError:
+                raise UnreadableLogError(path, f"damaged: line {line} has step {cells['step']!r}") from None
+            for key, value in cells.items():
+                if key == "step" or value == "":
+                    continue
+                try:
+                    out.setdefault(key, []).append((step, float(value)))
+                except ValueError:
+                    raise UnreadableLogError(
+                        path, f"damaged: line {line}, column {key}: {value!r} is not a number"
+                    ) from None
+    except csv.Error as err:
+        raise UnreadableLogError(path, f"damaged: line {reader.line_num}: {err}") from err
     return out
+
+
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc_table()
+
+
+def _crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of TFRecord framing (here for the 8-byte record headers only).
+
+    Example:
+        >>> hex(_crc32c(b"123456789"))  # the standard check value
+        '0xe3069283'
+    """
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _event_file_problem(path: Path) -> str | None:
+    """Why the TensorBoard event file at ``path`` cannot be read whole, or None.
+
+    Event files are TFRecords: an 8-byte length, its masked CRC-32C, the record, the record's CRC. TensorBoard's
+    reader stops silently at the first damaged or cut-short record, so the framing is walked here first: each
+    header's checksum must hold and the last record must end at the end of the file. (The payload's checksums are
+    left to TensorBoard's reader.)
+    """
+    size = path.stat().st_size
+    offset = 0
+    with open(path, "rb") as fh:
+        while offset < size:
+            header = fh.read(12)
+            if len(header) < 12:
+                return f"truncated: the file ends {size - offset} byte(s) into a record header (at byte {offset})"
+            (crc,) = struct.unpack("<I", header[8:])
+            if _masked_crc(header[:8]) != crc:
+                what = "not a TensorBoard event file" if offset == 0 else "damaged"
+                return f"{what}: the record header at byte {offset} fails its checksum"
+            (length,) = struct.unpack("<Q", header[:8])
+            end = offset + 12 + length + 4
+            if end > size:
+                return f"truncated: the record at byte {offset} needs {end - offset} bytes, {size - offset} are left"
+            fh.seek(end)
+            offset = end
+    return None
 
 
 def _read_tensorboard(path: Path) -> Series:
@@ -118,13 +230,19 @@ def _read_tensorboard(path: Path) -> Series:
         raise RuntimeError(
             f"{path} is a TensorBoard event file; reading it needs the `tensorboard` package (pip install tensorboard)."
         ) from err
+    problem = _event_file_problem(path)
+    if problem:
+        raise UnreadableLogError(path, problem)
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _read(path: Path) -> Series:
-    return _read_csv(path) if path.name == "metrics.csv" else _read_tensorboard(path)
+    try:
+        return _read_csv(path) if path.name == "metrics.csv" else _read_tensorboard(path)
+    except OSError as err:  # not readable (permissions), a folder of that name, gone since it was listed
+        raise UnreadableLogError(path, err.strerror or str(err)) from err
 
 
 def _log_files(root: Path) -> list[Path]:
@@ -434,6 +552,7 @@ def write_report(
 
     Raises:
         FileNotFoundError: no log files under ``logdir``.
+        UnreadableLogError: a log file under ``logdir`` is damaged, truncated or not readable (a `ReportError`).
         ReportError: an ``out`` extension not in `OUT_SUFFIXES`, no values of ``monitor``, several tags matching it,
             an unknown ``run``, or invalid rule arguments.
 
