@@ -314,6 +314,244 @@ def _healthy_report():
     return collapse_index(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)))
 
 
+# ---- the default alarm (the CUSUM detector), alarm episodes, skipped steps, resumed runs, unreadable files ----
+
+
+def csv_rows(folder: Path, columns: list[str], rows: list[tuple]) -> Path:
+    """A ``metrics.csv`` with explicit rows: ``(step, value of each column or None)``, as ``CSVLogger`` writes it
+    (every row has every column; an alarm logged between checks is a row of its own)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(["step", *columns])]
+    lines += [",".join(str(c) if c is not None else "" for c in row) for row in rows]
+    path = folder / "metrics.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+DETECTOR_COLUMNS = [
+    "collapse/ci",
+    "collapse/alarm",
+    "collapse/detector",
+    "collapse/detector_loss",
+    "collapse/detector_grad_norm",
+    "collapse/detector_b0_fraction",
+    "collapse/episodes",
+    "collapse/skipped_steps",
+]
+# checks every 10 steps; the detector fires at step 47 between checks (the alarm flag logged there), stays over its
+# threshold at the checks 50 and 60, is off at 70 (episode 1: 47-70); fires again at the check at 90, open to 100.
+# The loss scaler skipped 2 steps before the check at 30 and 3 more before the one at 80: 5 in all.
+DETECTOR_ROWS = [
+    # step, ci, alarm, detector, loss, grad_norm, b0_fraction, episodes, skipped_steps
+    (10, 0.30, 0, 0.10, 0.05, 0.04, 0.01, 0, 0),
+    (20, 0.31, 0, 0.12, 0.06, 0.05, 0.01, 0, 0),
+    (30, 0.30, 0, 0.20, 0.10, 0.09, 0.01, 0, 2),
+    (40, 0.32, 0, 0.60, 0.40, 0.19, 0.01, 0, 2),
+    (47, None, 1, None, None, None, None, None, None),
+    (50, 0.33, 1, 1.30, 0.90, 0.39, 0.01, 1, 2),
+    (60, 0.34, 1, 1.10, 0.80, 0.29, 0.01, 1, 2),
+    (70, 0.33, 0, 0.70, 0.50, 0.19, 0.01, 1, 2),
+    (80, 0.35, 0, 0.80, 0.60, 0.19, 0.01, 1, 5),
+    (90, 0.36, 1, 1.60, 0.70, 0.80, 0.10, 2, 5),
+    (100, 0.38, 1, 1.90, 0.80, 1.00, 0.10, 2, 5),
+]
+
+
+def test_alarm_episodes_and_resumed_at_from_logged_values():
+    from topo_callbacks.report import alarm_episodes, resumed_at
+
+    flags = [(s, a) for s, _, a, *_ in DETECTOR_ROWS]
+    assert alarm_episodes(flags) == [{"start": 47, "end": 70}, {"start": 90, "end": None}]
+    assert alarm_episodes([]) == []
+    assert alarm_episodes([(5, 1.0), (10, 0.0), (15, 0.0)]) == [{"start": 5, "end": 10}]  # on from the first
+    # a firing and a check at one step: on; an alarm logged in any order of steps is sorted
+    assert alarm_episodes([(20, 0.0), (10, 0.0), (20, 1.0), (30, 1.0)]) == [{"start": 20, "end": None}]
+    assert resumed_at([50, 100, 150, 200]) is None  # fresh: first check one spacing in
+    assert resumed_at([100, 150, 200]) is None  # its first check skipped: two spacings in, still fresh
+    assert resumed_at([101, 150, 200]) == 101
+    assert resumed_at([1250, 1300, 1400, 1450]) == 1250  # a skipped check later does not move the median (50)
+    assert resumed_at([1250]) is None  # one check: no spacing to tell by
+
+
+def test_report_draws_the_detector_panel_without_the_rise_threshold(tmp_path):
+    from topo_callbacks.report import write_report
+
+    csv_rows(tmp_path, DETECTOR_COLUMNS, DETECTOR_ROWS)
+    summary = write_report(tmp_path, tmp_path / "r.png")
+    assert summary["alarm_rule"] == "detector"
+    assert summary["detector"] == "collapse/detector"
+    assert summary["detector_channels"] == [
+        "collapse/detector_b0_fraction",
+        "collapse/detector_grad_norm",
+        "collapse/detector_loss",
+    ]
+    assert summary["detector_threshold"] == 1.0
+    assert summary["detector_peak"] == (100, 1.9)
+    detector = summary["panels"]["detector"]
+    assert detector["hlines"] == [1.0]  # the detector's threshold, drawn
+    assert detector["labels"][:4] == ["collapse/detector (fused)", *(c[9:] for c in summary["detector_channels"])]
+    # the CI panel: calibration marked, but no baseline and no rise threshold the CI never had to cross
+    ci = summary["panels"]["ci"]
+    assert ci["hlines"] == []
+    assert summary["baseline"] is None
+    assert summary["threshold"] is None
+    assert summary["calibration_steps"] == [10, 20, 30]
+    assert "rise" not in summary["rule"]
+    assert (
+        "collapse/detector, its statistic over its threshold, alarms at 1, highest 1.9 at step 100" in summary["rule"]
+    )
+    assert not any("threshold" in label for label in ci["labels"])
+    # --max-rise given: the rise rule's baseline and threshold are drawn beside the detector
+    both = write_report(tmp_path, tmp_path / "r.png", max_rise=0.05)
+    assert both["baseline"] == pytest.approx(0.33)  # the CI's checks only: 47 logged the alarm, not the CI
+    assert both["baseline_steps"] == [40, 50, 60]
+    assert both["panels"]["ci"]["hlines"] == pytest.approx([0.33, 0.38])
+    assert both["panels"]["detector"]["hlines"] == [1.0]
+
+
+def test_report_without_the_detector_keeps_the_rise_threshold(tmp_path):
+    from topo_callbacks.report import write_report
+
+    csv_run(tmp_path, {"collapse/ci": CI, "collapse/alarm": [0] * 8 + [1]})
+    summary = write_report(tmp_path, tmp_path / "r.png")
+    assert summary["alarm_rule"] == "rise"
+    assert summary["detector"] is None
+    assert summary["panels"]["ci"]["hlines"] == pytest.approx([0.32, 0.52])  # baseline, baseline + max_rise
+    assert "detector" not in summary["panels"]  # nothing for a second row: one row, as before
+    assert summary["episodes"] == [{"start": 45, "end": None}]
+
+
+def test_report_lists_alarm_episodes_and_skipped_steps(tmp_path, capsys):
+    from topo_callbacks.report import write_report
+
+    csv_rows(tmp_path, DETECTOR_COLUMNS, DETECTOR_ROWS)
+    summary = write_report(tmp_path, tmp_path / "r.png")
+    assert summary["episodes"] == [{"start": 47, "end": 70}, {"start": 90, "end": None}]
+    assert summary["alarm_steps"] == [47, 50, 60, 90, 100]
+    assert summary["first_alarm_step"] == 47  # the detector's firing between checks
+    assert summary["episodes_logged"] == 2
+    assert summary["skipped_steps"] == 5
+    assert summary["events"] == (
+        "2 alarm episodes (steps 47-70, 90-open); 5 optimizer steps skipped by the loss scaler"
+        " (collapse/skipped_steps: overflowing fp16 gradients, not failures)"
+    )
+    # each episode shaded on the CI and detector panels, from its start to the check that saw it off / the end
+    for panel in ("ci", "detector"):
+        assert summary["panels"][panel]["spans"][-2:] == [(47.0, 70.0), (90.0, 100.0)]
+    assert summary["panels"]["counts"]["labels"] == ["skipped_steps (loss scaler; not failures): 5", "episodes: 2"]
+    # the command line: an HTML page with the episodes listed, and the same line printed
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "first alarm at step 47" in printed
+    assert "2 alarm episodes (steps 47-70, 90-open); 5 optimizer steps skipped" in printed
+    page = out.read_text()
+    assert "<tr><td>1</td><td>47</td><td>70</td></tr><tr><td>2</td><td>90</td><td>open</td></tr>" in page
+    assert "5 optimizer steps skipped by the loss scaler" in page
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    none_skipped = tmp_path / "fp32"
+    csv_rows(
+        none_skipped, ["collapse/ci", "collapse/alarm", "collapse/skipped_steps"], [(10, 0.3, 0, 0), (20, 0.3, 0, 0)]
+    )
+    summary = write_report(none_skipped, tmp_path / "fp32.png")
+    assert summary["skipped_steps"] == 0
+    assert summary["events"] == "no alarm episode; no optimizer step skipped by the loss scaler" + (
+        " (collapse/skipped_steps: overflowing fp16 gradients, not failures)"
+    )
+    assert "detector" in summary["panels"]  # the counts give the figure its second row; no detector is said there
+    assert summary["panels"]["detector"]["title"] == "CUSUM detector"
+
+
+def test_report_says_when_the_episode_count_differs(tmp_path):
+    from topo_callbacks.report import write_report
+
+    # a resumed run: the monitor's count includes an episode from before the resume
+    rows = [(s, 0.3, a, 0.5 + a, e) for s, a, e in [(510, 0, 1), (520, 1, 2), (530, 0, 2), (540, 0, 2)]]
+    csv_rows(tmp_path, ["collapse/ci", "collapse/alarm", "collapse/detector", "collapse/episodes"], rows)
+    summary = write_report(tmp_path, tmp_path / "r.png")
+    assert summary["episodes"] == [{"start": 520, "end": 530}]
+    assert summary["episodes_logged"] == 2
+    assert summary["skipped_steps"] is None
+    assert summary["events"] == (
+        "1 alarm episode (steps 520-530); the monitor counted 2 (collapse/episodes, since the run's start)"
+    )
+
+
+def test_report_labels_a_resumed_run(tmp_path, capsys):
+    from topo_callbacks.report import write_report
+
+    # resumed from a checkpoint at step 1200: checks every 50 steps from 1250 on
+    resumed = tmp_path / "resumed"
+    rows = [(1200 + 50 * i, v, 0, 0.2) for i, v in enumerate([0.9, 0.8, 0.7, 0.3, 0.3, 0.3], 1)]
+    csv_rows(resumed, ["collapse/ci", "collapse/alarm", "collapse/detector"], rows)
+    summary = write_report(resumed, tmp_path / "r.png")
+    assert summary["resumed_at"] == 1250
+    assert summary["calibration_steps"] == []
+    assert summary["baseline_steps"] == []
+    assert summary["rule"].startswith("resumed at step 1250: the checks that calibrated the scale ran before")
+    ci = summary["panels"]["ci"]
+    assert ci["title"] == "collapse index (resumed at step 1250)"
+    assert ci["spans"] == []  # no calibration or baseline window
+    assert not any("calibration" in label for label in ci["labels"])
+    # the same run under the rise rule: its baseline is not in these logs, so no threshold is made up
+    rise = tmp_path / "rise"
+    csv_rows(rise, ["collapse/ci", "collapse/alarm"], [r[:3] for r in rows])
+    summary = write_report(rise, rise / "r.png")
+    assert summary["resumed_at"] == 1250
+    assert summary["baseline"] is None
+    assert summary["threshold"] is None
+    assert summary["panels"]["ci"]["hlines"] == []
+    assert "the rise rule's baseline was set before the resume" in summary["rule"]
+    # and a fresh run of the same checks is calibrated as before
+    fresh = tmp_path / "fresh"
+    csv_rows(fresh, ["collapse/ci", "collapse/alarm"], [(s - 1200, v, a) for s, v, a in (r[:3] for r in rows)])
+    summary = write_report(fresh, fresh / "r.png")
+    assert summary["resumed_at"] is None
+    assert summary["calibration_steps"] == [50, 100, 150]
+    assert main(["report", str(resumed), "--out", str(tmp_path / "r.html")]) == 0
+    assert "resumed at step 1250" in capsys.readouterr().out
+    assert "<h1>Collapse report: collapse/ci (resumed at step 1250)</h1>" in (tmp_path / "r.html").read_text()
+
+
+def test_report_follows_the_monitors_prefix_to_its_detector(tmp_path):
+    from topo_callbacks.report import write_report
+
+    columns = ["collapse/ci", "collapse/detector", "collapse/enc/ci", "collapse/enc/alarm", "collapse/enc/detector"]
+    columns.append("collapse/enc/detector_loss")
+    rows = [(10 * i, 0.3, 0.1, 0.3, a, 0.5 + a, 0.4 + a) for i, a in enumerate([0, 0, 1, 0], 1)]
+    csv_rows(tmp_path, columns, rows)
+    summary = write_report(tmp_path, tmp_path / "r.png", monitor="collapse/enc/ci")
+    assert summary["detector"] == "collapse/enc/detector"
+    assert summary["detector_channels"] == ["collapse/enc/detector_loss"]
+    assert summary["episodes"] == [{"start": 30, "end": 40}]
+    assert summary["panels"]["detector"]["labels"][0] == "collapse/enc/detector (fused)"
+    other = write_report(tmp_path, tmp_path / "r.png")  # collapse/ci: its own detector, no channel of enc's
+    assert (other["detector"], other["detector_channels"]) == ("collapse/detector", [])
+
+
+def test_report_reads_the_detector_under_hf_train_prefix(tmp_path):
+    from topo_callbacks.report import write_report
+
+    tags = {
+        **HF_TAGS,
+        "train/collapse/detector": [0.2, 0.4, 0.7, 1.2],
+        "train/collapse/detector_loss": [0.1, 0.2, 0.5, 1.0],
+        "train/collapse/detector_grad_norm": [0.1, 0.2, 0.2, 0.2],
+        "train/collapse/episodes": [0, 0, 0, 1],
+        "train/collapse/skipped_steps": [0, 1, 1, 4],
+    }
+    tb_run(tmp_path / "runs" / "hf", tags)
+    summary = write_report(tmp_path, tmp_path / "r.png")
+    assert summary["detector"] == "train/collapse/detector"
+    assert summary["detector_channels"] == ["train/collapse/detector_grad_norm", "train/collapse/detector_loss"]
+    assert summary["panels"]["detector"]["hlines"] == [1.0]
+    assert summary["panels"]["ci"]["hlines"] == []
+    assert summary["episodes"] == [{"start": 40, "end": None}]
+    assert summary["episodes_logged"] == 1
+    assert summary["skipped_steps"] == 4
+    assert summary["skipped_steps_key"] == "train/collapse/skipped_steps"
+
+
 def _truncated_event_file(folder: Path) -> Path:
     event = tb_run(folder, {"collapse/ci": [0.1, 0.2, 0.3]})
     data = event.read_bytes()

@@ -57,7 +57,8 @@ def _report(args: argparse.Namespace) -> int:
                 run=args.run,
                 calibration_checks=args.calibration_checks,
                 baseline_checks=args.baseline_checks,
-                max_rise=args.max_rise,
+                # not given: the monitor's default, drawn only for a run without the detector (alarm="rise")
+                max_rise=getattr(args, "max_rise", "default"),
             )
         except (OSError, ValueError, RuntimeError) as err:  # ReportError (UnreadableLogError too) is a ValueError
             print(f"topo-callbacks report: {err}", file=sys.stderr)
@@ -77,6 +78,7 @@ def _report(args: argparse.Namespace) -> int:
         f" -> {summary.get('html', summary['figure'])}"
     )
     print(f"  {summary['rule']}")
+    print(f"  {summary['events']}")
     return 0
 
 
@@ -107,10 +109,13 @@ def _count(low: int) -> Callable[[str], int]:
 
 
 REPORT_HELP = """\
-Draw one run's collapse index, its logged terms, the calibration window, the baseline and the alarm threshold,
-the alarms, and the latest H0 barcode. When LOGDIR holds several runs (subfolders with the monitor's values, or
-several event files with them in one folder), the most recently written run is reported, the others are listed,
-and --run picks one; runs are never merged. The monitor key is found with or without HF Trainer's train/ prefix.
+Draw one run's collapse index, its logged terms, the calibration window, the CUSUM detector's statistic over its
+threshold (alarms at 1) and its channels, the alarm episodes, the optimizer steps a loss scaler skipped, and the
+latest H0 barcode (for a run with alarm='rise': the baseline and the rise rule's threshold instead of the detector).
+A resumed run is labelled with the step it resumed at. When LOGDIR holds several runs (subfolders with the
+monitor's values, or several event files with them in one folder), the most recently written run is reported, the
+others are listed, and --run picks one; runs are never merged. A log file that cannot be read is named (exit 2).
+The monitor key is found with or without HF Trainer's train/ prefix.
 """
 
 
@@ -168,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument(
         "--max-rise",
         type=_max_rise,
-        default=rule["max_rise"],
+        default=argparse.SUPPRESS,  # told apart from a given value: the rise threshold is drawn when given
         help=f"alarm when the CI is more than this above the baseline (default {rule['max_rise']}, the monitor's"
-        " max_rise; 'none' if the rise rule was off)",
+        " max_rise; 'none' if the rise rule was off). The rise rule's threshold is drawn for a run that logged no"
+        " detector (alarm='rise'), or when this is given",
     )
     report.set_defaults(func=_report)
     bench = sub.add_parser(

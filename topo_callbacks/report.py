@@ -14,8 +14,17 @@ files log the monitor; when one folder holds several such files, each file is a 
 wrote a second event file into its logging folder is one of them). Folders whose files do not log the monitor (the
 ``<time>/`` folder torch's ``add_hparams`` writes) are not runs. The report draws the most recently written run (the
 newest modification time of its files) and names the others in a `ReportWarning`; ``run=`` (``--run``) picks one
-by its path relative to LOGDIR (`find_runs`). A log file that cannot be read (damaged, truncated, not readable)
-raises `UnreadableLogError`, naming it.
+by its path relative to LOGDIR (`find_runs`).
+
+What the monitor's default alarm, the CUSUM detector, logged is drawn in a panel of its own: ``collapse/detector``
+(its fused statistic over its threshold: it alarms at `DETECTOR_THRESHOLD`, 1.0) and each channel's share
+``collapse/detector_<channel>`` (`logged_detector`). The rise rule's threshold (baseline + ``max_rise``) is drawn
+only for a run without a detector (it used ``alarm="rise"``) or when ``max_rise`` is passed. The alarm flag
+``collapse/alarm`` is read as episodes (`alarm_episodes`), shaded from their start to the first check where the flag
+is 0 again; ``collapse/episodes`` (the monitor's count) and ``collapse/skipped_steps`` (optimizer steps a loss scaler
+skipped: not failures) are drawn as counts. A run resumed from a checkpoint is told by its first check
+(`resumed_at`): its first checks are not marked as calibration or baseline. A log file that cannot be read (damaged,
+truncated, not readable) raises `UnreadableLogError`, naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import dataclasses
 import html
 import inspect
 import io
+import itertools
 import json
 import math
 import statistics
@@ -40,15 +50,19 @@ from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.functional.collapse import TERMS
 
 __all__ = [
+    "DETECTOR_THRESHOLD",
     "OUT_SUFFIXES",
     "ReportError",
     "ReportWarning",
     "Run",
     "UnreadableLogError",
+    "alarm_episodes",
     "find_runs",
     "load_scalars",
+    "logged_detector",
     "logged_terms",
     "resolve_monitor",
+    "resumed_at",
     "rule_defaults",
     "write_report",
 ]
@@ -61,6 +75,11 @@ HF_PREFIX = "train/"
 #: The `CollapseMonitorCore` arguments that say which checks calibrate and set the baseline, and how far above the
 #: baseline the alarm fires; the report's defaults are read from the monitor's signature (`rule_defaults`).
 RULE_PARAMS = ("calibration_checks", "baseline_checks", "max_rise")
+#: ``collapse/detector`` is the detector's statistic over its threshold: the detector alarms when it reaches 1.
+DETECTOR_THRESHOLD = 1.0
+#: A run whose first check comes later than this many times the median spacing of its checks was resumed
+#: (`resumed_at`): a fresh run checks first at ``every_n_train_steps``, one spacing in.
+RESUMED_FACTOR = 2.0
 
 
 class ReportError(ValueError):
@@ -467,11 +486,25 @@ def _rule_marks(
 
 def _rule_text(s: dict[str, Any]) -> str:
     calibration = s["calibration_steps"]
-    if len(calibration) > 1:
+    if s["resumed_at"] is not None:
+        before = "calibrated the scale" + (" and set the baseline" if s["rise_rule"] else "")
+        parts = [f"resumed at step {s['resumed_at']}: the checks that {before} ran before these logs"]
+    elif len(calibration) > 1:
         parts = [f"the first {len(calibration)} checks (steps {calibration[0]}-{calibration[-1]}) calibrate the scale"]
     else:
         parts = [f"the first check (step {calibration[0]}) calibrates the scale" if calibration else "no calibration"]
-    if s["baseline"] is None:
+    if s["detector"] is not None:
+        peak = s["detector_peak"]
+        high = f", highest {peak[1]:.3g} at step {peak[0]}" if peak else ""
+        parts.append(
+            f"the CUSUM detector (the default alarm): {s['detector']}, its statistic over its threshold, alarms at"
+            f" {s['detector_threshold']:g}{high}"
+        )
+    if not s["rise_rule"]:
+        return "; ".join(parts)
+    if s["resumed_at"] is not None:
+        parts.append("the rise rule's baseline was set before the resume and is not logged: no threshold drawn")
+    elif s["baseline"] is None:
         parts.append(
             f"no baseline: {len(s['baseline_steps'])} of its {s['baseline_checks']} checks came after calibration,"
             " so the rise rule never armed"
@@ -483,6 +516,30 @@ def _rule_text(s: dict[str, Any]) -> str:
             f"alarm threshold {s['threshold']:.3g} (baseline + max_rise {s['max_rise']:g})"
             if s["threshold"] is not None
             else "no alarm threshold (max_rise off)"
+        )
+    return "; ".join(parts)
+
+
+def _episode_span(episode: dict[str, int | None]) -> str:
+    start, end = episode["start"], episode["end"]
+    return f"{start}-{end}" if end is not None else f"{start}-open"
+
+
+def _events_text(s: dict[str, Any]) -> str:
+    """The alarm episodes, the monitor's count of them, and the skipped optimizer steps, in one line."""
+    episodes = s["episodes"]
+    if episodes:
+        spans = ", ".join(_episode_span(e) for e in episodes)
+        parts = [f"{len(episodes)} alarm episode{'s' if len(episodes) > 1 else ''} (steps {spans})"]
+    else:
+        parts = ["no alarm episode" if s["alarm_key"] else "no alarm flag logged"]
+    if s["episodes_logged"] is not None and s["episodes_logged"] != len(episodes):
+        parts.append(f"the monitor counted {s['episodes_logged']} ({s['episodes_key']}, since the run's start)")
+    skipped = s["skipped_steps"]
+    if skipped is not None:
+        many = f"{skipped} optimizer step{'' if skipped == 1 else 's'}" if skipped else "no optimizer step"
+        parts.append(
+            f"{many} skipped by the loss scaler ({s['skipped_steps_key']}: overflowing fp16 gradients, not failures)"
         )
     return "; ".join(parts)
 
@@ -501,6 +558,73 @@ def logged_terms(series: Iterable[str], prefix: str) -> list[str]:
     names = [k[len(prefix) :] for k in series if k.startswith(prefix)]
     terms = [n for n in names if n.endswith("_term") and "/" not in n]
     return [prefix + n for n in sorted(terms, key=lambda n: (order.get(n, len(order)), n))]
+
+
+def logged_detector(series: Iterable[str], prefix: str) -> tuple[str | None, list[str]]:
+    """The detector's keys logged under ``prefix``: its fused statistic ``prefix + "detector"`` (None when not
+    logged: the run used the rise rule) and each channel's share, keys ``prefix + "detector_<channel>"``, sorted.
+
+    Both are over the detector's threshold: the detector alarms when the statistic reaches `DETECTOR_THRESHOLD`.
+
+    Example:
+        >>> keys = ["collapse/ci", "collapse/detector", "collapse/detector_loss", "collapse/detector_grad_norm",
+        ...         "collapse/enc/detector_loss"]
+        >>> logged_detector(keys, "collapse/")
+        ('collapse/detector', ['collapse/detector_grad_norm', 'collapse/detector_loss'])
+        >>> logged_detector(["train/collapse/ci"], "train/collapse/")
+        (None, [])
+    """
+    keys = set(series)
+    fused = prefix + "detector"
+    head = fused + "_"
+    channels = sorted(k for k in keys if k.startswith(head) and len(k) > len(head) and "/" not in k[len(head) :])
+    return (fused if fused in keys else None), channels
+
+
+def alarm_episodes(alarm: Iterable[tuple[int, float]]) -> list[dict[str, int | None]]:
+    """The alarm episodes in a logged alarm flag: runs of consecutive 1s, ``{"start": step, "end": step}``.
+
+    ``alarm`` is ``(step, value)`` pairs of ``collapse/alarm``: 0 or 1 at each check, and 1 at a step between
+    checks where the detector fired. An episode starts at its first 1 and ends at the first 0 after it (``end`` is
+    that step); ``end`` is None for an episode still open at the last logged value. Several values at one step
+    count as 1 when any is.
+
+    Example:
+        >>> flag = [(10, 0), (20, 0), (27, 1), (30, 1), (40, 0), (50, 1), (50, 0), (60, 1)]
+        >>> alarm_episodes(flag)
+        [{'start': 27, 'end': 40}, {'start': 50, 'end': None}]
+    """
+    on: dict[int, bool] = {}
+    for step, value in alarm:
+        on[step] = on.get(step, False) or value > 0.5
+    episodes: list[dict[str, int | None]] = []
+    for step in sorted(on):
+        if on[step] and (not episodes or episodes[-1]["end"] is not None):
+            episodes.append({"start": step, "end": None})
+        elif not on[step] and episodes and episodes[-1]["end"] is None:
+            episodes[-1]["end"] = step
+    return episodes
+
+
+def resumed_at(steps: Sequence[int], factor: float = RESUMED_FACTOR) -> int | None:
+    """The step a run was resumed at, told by its checks' steps: the first check, when it comes more than
+    ``factor`` times the median spacing between checks into the run; None for a fresh run.
+
+    A fresh run checks first at ``every_n_train_steps``, one spacing in (two, when its first check was skipped);
+    a run resumed from a checkpoint logs its first check where it resumed. The median spacing is robust to a few
+    skipped checks. Fewer than two checks: None (no spacing to compare with).
+
+    Example:
+        >>> resumed_at([50, 100, 150, 200])  # fresh: every_n_train_steps=50
+        >>> resumed_at([1250, 1300, 1350, 1400])
+        1250
+        >>> resumed_at([100, 150, 250, 300])  # the check at step 50 was skipped: still fresh
+    """
+    unique = sorted(set(steps))
+    gaps = [b - a for a, b in itertools.pairwise(unique)]
+    if not gaps:
+        return None
+    return unique[0] if unique[0] > factor * statistics.median(gaps) else None
 
 
 def _check_rule_args(calibration_checks: Any, baseline_checks: Any, max_rise: Any) -> None:
@@ -531,24 +655,32 @@ def write_report(
     baseline_checks: int | None = None,
     max_rise: float | Literal["default"] | None = "default",
 ) -> dict[str, Any]:
-    """Plot one run's ``monitor`` and its terms over steps, with the calibration window, the baseline, the alarm
-    threshold and the alarms marked, and the latest H0 diagram.
+    """Plot one run's ``monitor`` and its terms over steps, with the calibration window, the CUSUM detector's
+    statistic over its threshold and its channels, the alarm episodes, the skipped optimizer steps, and the latest H0
+    diagram; for a run without the detector (``alarm="rise"``), the rise rule's baseline and threshold.
 
     Args:
         logdir: a folder holding ``metrics.csv`` or TensorBoard event files, at any depth.
         out: ``.html`` (default ``LOGDIR/collapse_report.html``; the PNG is written beside it and embedded),
             ``.png``, ``.pdf`` or ``.svg`` (`OUT_SUFFIXES`).
         monitor: the CI's key; ``collapse/ci`` also finds HF Trainer's ``train/collapse/ci`` (`resolve_monitor`).
+            The other keys are read under its prefix (``collapse/enc/ci``: ``collapse/enc/detector``, ...).
         run: which run to draw when ``logdir`` holds several: its path relative to ``logdir`` (`find_runs`). None:
             the most recently written one, and a `ReportWarning` names the others.
         calibration_checks, baseline_checks, max_rise: the monitor's arguments of that name (None, or "default" for
             ``max_rise``: the monitor's defaults, `rule_defaults`; ``max_rise=None``: the rise rule was off). The logs
             do not record them: pass the run's values to mark its calibration window and threshold correctly;
-            ``calibration_checks=0`` for a monitor given a fixed ``eps``.
+            ``calibration_checks=0`` for a monitor given a fixed ``eps``. The rise rule's baseline and threshold are
+            drawn for a run that logged no detector, or when ``max_rise`` is given (not "default"). A resumed run
+            (`resumed_at`) has no calibration or baseline checks in its logs: none are marked.
 
     Returns:
-        A summary: the run and the other runs, the resolved monitor key, checks, last value, alarm steps, terms
-        drawn, calibration and baseline steps, baseline and threshold, the diagram's step, the files written.
+        A summary: the run and the other runs, the resolved monitor key, checks, last value, alarm steps and
+        ``episodes`` (`alarm_episodes`), ``episodes_logged`` and ``skipped_steps`` (the last logged counts, None when
+        not logged), ``detector``, ``detector_channels``, ``detector_threshold`` and ``detector_peak``, ``alarm_rule``
+        (``"detector"`` or ``"rise"``), ``resumed_at``, the terms drawn, calibration and baseline steps, baseline and
+        threshold, ``rule`` and ``events`` (the text the report prints), ``panels`` (what each panel of the figure
+        shows: title, horizontal lines, shaded spans, legend labels), the diagram's step, the files written.
 
     Raises:
         FileNotFoundError: no log files under ``logdir``.
@@ -566,6 +698,17 @@ def write_report(
         (8, 0.3, 0.5)
         >>> (Path(tmp.name) / "report.pdf").read_bytes()[:4]
         b'%PDF'
+
+    The detector's statistic, the alarm flag (1 at step 37, between checks, where the detector fired) and the
+    count of skipped optimizer steps:
+        >>> rows = ["10,0.3,0,0.2,0", "20,0.3,0,0.4,1", "30,0.3,0,0.6,1", "37,,1,,", "40,0.3,1,1.2,1", "50,0.3,0,0.8,2"]
+        >>> header = "step,collapse/ci,collapse/alarm,collapse/detector,collapse/skipped_steps\\n"
+        >>> _ = (Path(tmp.name) / "metrics.csv").write_text(header + "\\n".join(rows) + "\\n")
+        >>> summary = write_report(tmp.name, Path(tmp.name) / "report.png")
+        >>> summary["episodes"], summary["skipped_steps"], summary["panels"]["detector"]["hlines"]
+        ([{'start': 37, 'end': 50}], 2, [1.0])
+        >>> summary["threshold"] is None  # no rise-rule threshold: the run's alarm was the detector
+        True
         >>> tmp.cleanup()
     """
     root = Path(logdir)
@@ -594,13 +737,22 @@ def write_report(
     assert key is not None  # find_runs keeps only runs that logged it
     series = chosen.series
     prefix = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
-    alarms = [s for s, v in series.get(f"{prefix}alarm", []) if v > 0.5]
+    alarm_key, episodes_key, skipped_key = (k if k in series else None for k in _event_keys(prefix))
+    alarm_values = series.get(alarm_key, []) if alarm_key else []
+    alarms = sorted({s for s, v in alarm_values if v > 0.5})
+    episodes = alarm_episodes(alarm_values)
+    detector, channels = logged_detector(series, prefix)
+    # the rise rule's baseline and threshold: for a run without the detector (alarm="rise"), or when asked for
+    rise_rule = detector is None or max_rise != "default"
+    resumed = resumed_at([s for s, _ in series[key]])
     terms = logged_terms(series, prefix)
-    marks = _rule_marks(series[key], calibration_checks, baseline_checks, rise)
+    marks = _rule_marks(series[key], 0 if resumed is not None else calibration_checks, baseline_checks, rise)
+    if resumed is not None or not rise_rule:
+        marks.update(baseline_steps=[], baseline=None, threshold=None)
+    finite = [(s, v) for s, v in series.get(detector, []) if math.isfinite(v)] if detector else []
     diagram_file, why_none = _find_diagram(root, chosen, runs, (key, monitor))
     diagram, unreadable = _load_diagram(diagram_file)
     figure = out if kind != ".html" else out.with_suffix(".png")
-    _plot(figure, series, key, terms, alarms, marks, rise, diagram, unreadable or why_none)
 
     last_step, last_value = series[key][-1]
     summary: dict[str, Any] = {
@@ -610,8 +762,21 @@ def write_report(
         "checks": len(series[key]),
         "last_step": last_step,
         "last_value": last_value,
+        "alarm_key": alarm_key,
         "alarm_steps": alarms,
         "first_alarm_step": alarms[0] if alarms else None,
+        "episodes": episodes,
+        "episodes_key": episodes_key,
+        "episodes_logged": _last_count(series, episodes_key),
+        "skipped_steps_key": skipped_key,
+        "skipped_steps": _last_count(series, skipped_key),
+        "detector": detector,
+        "detector_channels": channels,
+        "detector_threshold": DETECTOR_THRESHOLD if detector else None,
+        "detector_peak": max(finite, key=lambda p: (p[1], -p[0])) if finite else None,
+        "alarm_rule": "detector" if detector else "rise",
+        "rise_rule": rise_rule,
+        "resumed_at": resumed,
         "terms": terms,
         "calibration_checks": calibration_checks,
         "baseline_checks": baseline_checks,
@@ -624,78 +789,181 @@ def write_report(
         "png": str(figure) if figure.suffix.lower() == ".png" else None,
     }
     summary["rule"] = _rule_text(summary)
+    summary["events"] = _events_text(summary)
+    summary["panels"] = _plot(figure, series, summary, diagram, unreadable or why_none)
     if kind == ".html":
         out.write_text(_html(summary, series, prefix, figure))
         summary["html"] = str(out)
     return summary
 
 
+def _event_keys(prefix: str) -> tuple[str, str, str]:
+    """The alarm flag, the monitor's count of alarm episodes, and its count of optimizer steps a loss scaler
+    skipped, as logged under ``prefix``."""
+    return f"{prefix}alarm", f"{prefix}episodes", f"{prefix}skipped_steps"
+
+
+def _last_count(series: Series, key: str | None) -> int | None:
+    """The last logged value of a cumulative count (None when not logged)."""
+    values = [v for _, v in series.get(key, [])] if key else []
+    return int(values[-1]) if values and math.isfinite(values[-1]) else None
+
+
+def _shade_episodes(ax: Any, episodes: list[dict[str, int | None]], last_step: float) -> None:
+    """Each alarm episode shaded from its start to the first check with the flag off (the last step when open),
+    and its start marked."""
+    for i, episode in enumerate(episodes):
+        start = episode["start"]
+        assert start is not None
+        end = last_step if episode["end"] is None else episode["end"]
+        ax.axvspan(start, max(end, start), color="red", alpha=0.12, label="alarm episode" if i == 0 else None)
+        ax.axvline(start, color="red", alpha=0.7, label="alarm episode start" if i == 0 else None)
+
+
+def _panel_info(ax: Any) -> dict[str, Any]:
+    """What a panel shows, read back from its artists: title, horizontal lines' heights, shaded x spans, labels."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.patches import Rectangle
+
+    hlines = sorted(
+        {
+            float(seg[0][1])
+            for c in ax.collections
+            if isinstance(c, LineCollection)
+            for seg in c.get_segments()
+            if len(seg) == 2 and seg[0][1] == seg[1][1]
+        }
+    )
+    spans = [(float(p.get_x()), float(p.get_x() + p.get_width())) for p in ax.patches if isinstance(p, Rectangle)]
+    return {"title": ax.get_title(), "hlines": hlines, "spans": spans, "labels": ax.get_legend_handles_labels()[1]}
+
+
 def _plot(
     path: Path,
     series: Series,
-    key: str,
-    terms: list[str],
-    alarms: list[int],
-    marks: dict[str, Any],
-    max_rise: float | None,
+    s: dict[str, Any],
     diagram: dict[str, Any] | None,
     why_no_diagram: str,
-) -> None:
+) -> dict[str, dict[str, Any]]:
+    """Draw the report's figure; returns what each panel shows (`_panel_info`), by panel name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.4), gridspec_kw={"width_ratios": [3, 3, 2]})
+    key, terms, episodes = s["monitor"], s["terms"], s["episodes"]
+    counts = [k for k in (s["skipped_steps_key"], s["episodes_key"]) if k]
+    rows = 2 if s["detector"] or counts else 1
+    fig = plt.figure(figsize=(16, 5.6 * rows))
+    grid = fig.add_gridspec(rows, 3, width_ratios=[3, 3, 2])
+    ax = fig.add_subplot(grid[0, 0])
+    ax_terms = fig.add_subplot(grid[0, 1])
+    ax_diagram = fig.add_subplot(grid[0, 2])
+    panels = {"ci": ax, "terms": ax_terms}
     steps, values = zip(*series[key], strict=True)
-    n_cal, n_base = len(marks["calibration_steps"]), len(marks["baseline_steps"])
+    all_steps = [st for k in (key, s["alarm_key"], s["detector"]) if k for st, _ in series.get(k, [])]
+    last_step = max(all_steps)
+    n_cal, n_base = len(s["calibration_steps"]), len(s["baseline_steps"])
     # the baseline checks are the first finite ones after calibration: their span ends at the last of them
     finite_after = [i for i in range(n_cal, len(values)) if math.isfinite(values[i])]
     base_end = finite_after[n_base - 1] + 1 if n_base else n_cal
-    ax = axes[0]
     if n_cal:
         ax.axvspan(_edge(steps, 0), _edge(steps, n_cal), color="0.88", label=f"calibration ({n_cal} checks)")
     if n_base:
         ax.axvspan(_edge(steps, n_cal), _edge(steps, base_end), color="tab:blue", alpha=0.12, label="baseline checks")
     ax.plot(steps, values, "o-", color="black", label=key)
     top = 1.02
-    if marks["baseline"] is not None:
-        ax.hlines(marks["baseline"], _edge(steps, n_cal), _edge(steps, len(steps)), colors="tab:blue", linestyles=":")
-        ax.plot([], [], ":", color="tab:blue", label=f"baseline {marks['baseline']:.3g}")
-    if marks["threshold"] is not None:
-        threshold = marks["threshold"]
+    if s["baseline"] is not None:
+        ax.hlines(s["baseline"], _edge(steps, n_cal), _edge(steps, len(steps)), colors="tab:blue", linestyles=":")
+        ax.plot([], [], ":", color="tab:blue", label=f"baseline {s['baseline']:.3g}")
+    if s["threshold"] is not None:
+        threshold = s["threshold"]
         ax.hlines(threshold, _edge(steps, base_end), _edge(steps, len(steps)), colors="red", linestyles="--")
-        ax.plot([], [], "--", color="red", label=f"alarm threshold {threshold:.3g} (baseline + max_rise {max_rise:g})")
+        label = f"rise-rule threshold {threshold:.3g} (baseline + max_rise {s['max_rise']:g})"
+        ax.plot([], [], "--", color="red", label=label)
         top = max(top, threshold + 0.05)
-    for i, step in enumerate(alarms):
-        ax.axvline(step, color="red", alpha=0.4, label="alarm" if i == 0 else None)
+    _shade_episodes(ax, episodes, last_step)
     ax.set_ylim(-0.02, top)
-    ax.set_title("collapse index" if marks["baseline"] is not None else "collapse index (no baseline: rule not armed)")
+    if s["resumed_at"] is not None:
+        ax.set_title(f"collapse index (resumed at step {s['resumed_at']})")
+    elif s["rise_rule"] and s["baseline"] is None:
+        ax.set_title("collapse index (no baseline: rise rule not armed)")
+    else:
+        ax.set_title("collapse index")
     for term in terms:
         t_steps, t_values = zip(*series[term], strict=True)
-        axes[1].plot(t_steps, t_values, ".-", label=term.rsplit("/", 1)[-1])
-    axes[1].set_ylim(-0.02, 1.02)
-    axes[1].set_title("logged terms (1 = collapsed)" if terms else "no terms logged under the monitor's prefix")
-    for a in axes[:2]:
+        ax_terms.plot(t_steps, t_values, ".-", label=term.rsplit("/", 1)[-1])
+    ax_terms.set_ylim(-0.02, 1.02)
+    ax_terms.set_title("logged terms (1 = collapsed)" if terms else "no terms logged under the monitor's prefix")
+    if rows == 2:
+        panels["detector"] = _plot_detector(fig.add_subplot(grid[1, :2]), series, s, last_step)
+        panels["counts"] = _plot_counts(fig.add_subplot(grid[1, 2]), series, counts)
+    for name, a in panels.items():
         a.set_xlabel("step")
-        if a.get_legend_handles_labels()[0]:  # below the axes: inside, the marks' labels would hide the checks
-            a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        if name != "counts" and a.get_legend_handles_labels()[0]:
+            # below the axes: inside, the marks' labels would hide the checks
+            a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     if diagram and diagram["h0_deaths"]:
         deaths = sorted(diagram["h0_deaths"], reverse=True)
-        axes[2].hlines(range(len(deaths)), 0, deaths, color="tab:blue", linewidth=1)
-        axes[2].axvline(diagram["eps"], color="grey", ls=":", label=f"eps = {diagram['eps']:.3g}")
-        axes[2].set_title(f"H0 barcode at step {diagram['step']} (+1 infinite bar)")
-        axes[2].set_xlabel("scale (L2-normalised embeddings)")
-        axes[2].legend(fontsize=8)
+        ax_diagram.hlines(range(len(deaths)), 0, deaths, color="tab:blue", linewidth=1)
+        ax_diagram.axvline(diagram["eps"], color="grey", ls=":", label=f"eps = {diagram['eps']:.3g}")
+        ax_diagram.set_title(f"H0 barcode at step {diagram['step']} (+1 infinite bar)")
+        ax_diagram.set_xlabel("scale (L2-normalised embeddings)")
+        ax_diagram.legend(fontsize=8)
     else:
         why = why_no_diagram if not diagram else "all rows one point: only the infinite bar"
-        axes[2].text(0.5, 0.5, why, ha="center", va="center", wrap=True)
-        axes[2].set_title(f"H0 barcode at step {diagram['step']}" if diagram else "H0 barcode")
-        axes[2].set_axis_off()
+        ax_diagram.text(0.5, 0.5, why, ha="center", va="center", wrap=True)
+        ax_diagram.set_title(f"H0 barcode at step {diagram['step']}" if diagram else "H0 barcode")
+        ax_diagram.set_axis_off()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)  # the format follows the extension: PNG, PDF or SVG
+    info = {name: _panel_info(a) for name, a in panels.items()}
     plt.close(fig)
+    return info
+
+
+def _plot_detector(ax: Any, series: Series, s: dict[str, Any], last_step: float) -> Any:
+    """The detector's statistic over its threshold, each channel's share, the threshold (1) and the episodes."""
+    detector = s["detector"]
+    if detector is None:
+        ax.text(0.5, 0.5, "no detector logged: the run used the rise rule", ha="center", va="center")
+        ax.set_title("CUSUM detector")
+        _shade_episodes(ax, s["episodes"], last_step)
+        return ax
+    d_steps, d_values = zip(*series[detector], strict=True)
+    ax.plot(d_steps, d_values, "o-", color="black", label=f"{detector} (fused)")
+    for channel in s["detector_channels"]:
+        c_steps, c_values = zip(*series[channel], strict=True)
+        ax.plot(c_steps, c_values, ".-", linewidth=1, alpha=0.8, label=channel.rsplit("/", 1)[-1])
+    threshold = s["detector_threshold"]
+    ax.hlines(threshold, min(d_steps), max(max(d_steps), last_step), colors="red", linestyles="--")
+    ax.plot([], [], "--", color="red", label=f"threshold {threshold:g} (the detector alarms)")
+    _shade_episodes(ax, s["episodes"], last_step)
+    shown = [v for k in (detector, *s["detector_channels"]) for _, v in series[k] if math.isfinite(v)]
+    ax.set_ylim(min(0.0, *shown) - 0.02, max(threshold * 1.1, *shown) * 1.05)
+    ax.set_title("CUSUM detector: statistic / threshold (alarms at 1)")
+    return ax
+
+
+def _plot_counts(ax: Any, series: Series, counts: list[str]) -> Any:
+    """The cumulative counts the monitor logs: optimizer steps a loss scaler skipped, alarm episodes."""
+    for k in counts:
+        c_steps, c_values = zip(*series[k], strict=True)
+        name = k.rsplit("/", 1)[-1]
+        what = " (loss scaler; not failures)" if name == "skipped_steps" else ""
+        ax.step(c_steps, c_values, where="post", label=f"{name}{what}: {c_values[-1]:g}")
+    if counts:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+        ax.set_title("cumulative counts")
+    else:
+        ax.text(0.5, 0.5, "no skipped steps or episode count logged", ha="center", va="center")
+        ax.set_title("cumulative counts")
+    return ax
 
 
 def _html(summary: dict[str, Any], series: Series, prefix: str, png: Path) -> str:
@@ -714,12 +982,23 @@ def _html(summary: dict[str, Any], series: Series, prefix: str, png: Path) -> st
         if others
         else ""
     )
+    resumed = f" (resumed at step {summary['resumed_at']})" if summary["resumed_at"] is not None else ""
+    episodes = "".join(
+        f"<tr><td>{i}</td><td>{e['start']}</td><td>{e['end'] if e['end'] is not None else 'open'}</td></tr>"
+        for i, e in enumerate(summary["episodes"], 1)
+    )
+    episode_table = (
+        "<table><tr><th>episode</th><th>start step</th><th>end step</th></tr>" + episodes + "</table>"
+        if episodes
+        else ""
+    )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>topo-callbacks report</title></head><body>"
-        f"<h1>Collapse report: {html.escape(summary['monitor'])}</h1>{runs}"
+        f"<h1>Collapse report: {html.escape(summary['monitor'])}{resumed}</h1>{runs}"
         f"<p>{summary['checks']} checks, last at step {summary['last_step']} "
         f"(value {summary['last_value']:.4f}); {verdict}.</p>"
         f"<p>{html.escape(summary['rule'])}.</p>"
         f"<img src='data:image/png;base64,{image}' style='max-width:100%'>"
+        f"<h2>Alarm episodes</h2><p>{html.escape(summary['events'])}.</p>{episode_table}"
         f"<h2>Last logged values</h2><table>{rows}</table><h2>Files read</h2><ul>{files}</ul></body></html>"
     )
