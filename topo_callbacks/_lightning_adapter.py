@@ -13,12 +13,17 @@ from typing import Any
 
 import torch
 
-from topo_callbacks.core.detector import global_grad_norm
+from topo_callbacks.core.detector import global_grad_norm, loss_scale
 from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
 __all__ = ["build_callbacks", "diagram_path", "write_diagram"]
+
+
+def _learning_rate(optimizer: Any) -> float | None:
+    groups = getattr(optimizer, "param_groups", None)
+    return float(groups[0]["lr"]) if groups else None
 
 
 def build_callbacks(callback_base: type, module: str) -> tuple[type, type]:
@@ -62,15 +67,29 @@ def build_collapse_monitor(callback_base: type) -> type:
             self.prepare_step(trainer.global_step + 1)
 
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-            if "grad_norm" in self.step_channels:  # gradients are unscaled (AMP) and synced (DDP) here
-                self._grad_norm: float | None = global_grad_norm(pl_module.parameters())
+            if not self.step_channels:
+                return
+            # gradients are unscaled (AMP) and synced (DDP) here; the rate is the one this step uses
+            self._grad_norm: float | None = global_grad_norm(pl_module.parameters())
+            self._lr: float | None = _learning_rate(optimizer)
+            # an fp16 loss scaler (`MixedPrecision` plugin) skips the update whose gradients overflowed and then
+            # lowers its scale: the scale before the step tells, after it, whether this one was skipped
+            self._scale_before: float | None = loss_scale(getattr(trainer.precision_plugin, "scaler", None))
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             step = trainer.global_step
             self.add_loss(outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
             if step > self.last_observed_step and self.step_channels:  # an optimizer step ran
-                fired = self.observe_step(step, grad_norm=getattr(self, "_grad_norm", None))
-                self._grad_norm = None
+                before = getattr(self, "_scale_before", None)
+                after = loss_scale(getattr(trainer.precision_plugin, "scaler", None))
+                fired = self.observe_step(
+                    step,
+                    grad_norm=getattr(self, "_grad_norm", None),
+                    lr=getattr(self, "_lr", None),
+                    skipped=before is not None and after is not None and after < before,
+                    loss_scale=after,
+                )
+                self._grad_norm = self._lr = self._scale_before = None
                 if fired is not None:
                     if self.logger:
                         for logger in trainer.loggers:

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from topo_callbacks.core.capture import LayerSpec
-from topo_callbacks.core.detector import global_grad_norm
+from topo_callbacks.core.detector import global_grad_norm, loss_scale
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -33,7 +33,11 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
     micro-batch whose step the optimizer skipped) is not counted. Pass ``step=`` to use your own global step (e.g.
     after resuming). With a TensorBoard tracker, the latest H0 diagram is kept next to its events for
     ``topo-callbacks report``; ``close()`` logs a one-line summary (logger ``topo_callbacks.accelerate``).
-    ``optimizer=`` (optional) is only read for ``curvature_ratio`` when a ``loss_fn`` is given.
+    ``optimizer=`` (optional): the learning rate of each step is read from it (a decay or a warm restart of the
+    schedule is then not scored as a failure), and ``curvature_ratio`` when a ``loss_fn`` is given; without it the
+    accelerator's first prepared optimizer is read. Steps an fp16 loss scaler skipped (gradient overflow) are counted,
+    not scored: Accelerate's own scaler (``mixed_precision="fp16"``, read through
+    ``accelerator.optimizer_step_was_skipped``) or your own ``torch.amp.GradScaler`` passed as ``scaler=``.
     It is checkpointable: ``accelerator.register_for_checkpointing(monitor)``. ``close()`` (or a ``with``
     block) removes the hook. All other arguments are those of
     :class:`~topo_callbacks.core.CollapseMonitorCore`.
@@ -55,22 +59,36 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
     """
 
     def __init__(
-        self, accelerator: Any, model: nn.Module, layer: LayerSpec, *, optimizer: Any = None, **kwargs: Any
+        self,
+        accelerator: Any,
+        model: nn.Module,
+        layer: LayerSpec,
+        *,
+        optimizer: Any = None,
+        scaler: Any = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(layer, **kwargs)
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise ValueError(f"`scaler` must be a torch.amp.GradScaler or None; got {scaler!r}.")
         self.optimizer = optimizer
+        self.scaler = scaler
+        self._last_scale = loss_scale(scaler)
         self.accelerator = accelerator
         self.global_step = 0
         self.attach(accelerator.unwrap_model(model))
         self.prepare_step(1)
 
-    def step(self, step: int | None = None, *, loss: Any = None, grad_norm: float | None = None) -> bool:
+    def step(
+        self, step: int | None = None, *, loss: Any = None, grad_norm: float | None = None, lr: float | None = None
+    ) -> bool:
         """Count one optimizer step (or set it to ``step``); check when due. True: stop, on every process.
 
         ``loss``: this micro-batch's training loss (a tensor or a number), for the detector's loss channel.
         ``grad_norm``: the global gradient norm (e.g. what ``accelerator.clip_grad_norm_`` returned); without it
         the monitor computes it from the model's gradients when they are still there (call `step` before
-        ``optimizer.zero_grad()``). Without ``step``, a call during gradient accumulation's micro-batches
+        ``optimizer.zero_grad()``). ``lr``: the learning rate of the step (default: read from the optimizer).
+        Without ``step``, a call during gradient accumulation's micro-batches
         (``accelerator.sync_gradients`` False: the optimizer skipped its step) only adds its loss and returns False.
         """
         self.add_loss(loss)
@@ -82,7 +100,13 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         if self.step_channels:
             if grad_norm is None and "grad_norm" in self.step_channels and self.model is not None:
                 grad_norm = global_grad_norm(self.model.parameters())
-            fired = self.observe_step(current, grad_norm=None if grad_norm is None else float(grad_norm))
+            fired = self.observe_step(
+                current,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                lr=self._learning_rate() if lr is None else float(lr),
+                skipped=self._step_was_skipped(),
+                loss_scale=self._last_scale,
+            )
             if fired is not None:
                 if self.logger:
                     self.accelerator.log({f"{self.prefix}alarm": 1.0}, step=current)
@@ -106,6 +130,22 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
                 self.record_stop(current, result)
         self.prepare_step(current + 1)
         return stop
+
+    def _learning_rate(self) -> float | None:
+        optimizers = [self.optimizer] if self.optimizer is not None else getattr(self.accelerator, "_optimizers", [])
+        groups = getattr(optimizers[0], "param_groups", None) if optimizers else None
+        return float(groups[0]["lr"]) if groups else None
+
+    def _step_was_skipped(self) -> bool:
+        """Whether a loss scaler skipped the step just taken: the user's scaler lowered its scale since the last call,
+        or Accelerate's own scaler says so."""
+        if self.scaler is not None:
+            before, self._last_scale = self._last_scale, loss_scale(self.scaler)
+            return before is not None and self._last_scale is not None and self._last_scale < before
+        if getattr(self.accelerator, "scaler", None) is not None:
+            self._last_scale = loss_scale(self.accelerator.scaler)
+            return bool(getattr(self.accelerator, "optimizer_step_was_skipped", False))
+        return False
 
     def close(self) -> None:
         """Remove the forward hook (results and state stay) and log the run's summary (once)."""

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from topo_callbacks.core.capture import resolve_layer
-from topo_callbacks.core.detector import global_grad_norm
+from topo_callbacks.core.detector import global_grad_norm, loss_scale
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
@@ -398,6 +398,8 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         model = kwargs.get("model")
         if "grad_norm" not in self.step_channels:
             return
+        groups = getattr(kwargs.get("optimizer"), "param_groups", None)
+        self._lr: float | None = float(groups[0]["lr"]) if groups else None  # the rate this step uses
         if getattr(self, "_clipping", False):  # the pre-clip norm, recorded from the clipping call (or none)
             self._grad_norm: float | None = self._pre_clip
             self._pre_clip = None
@@ -413,8 +415,19 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         self._forget_saved_entries(state)
         step = state.global_step
         if self.step_channels:
-            fired = self.observe_step(step, grad_norm=getattr(self, "_grad_norm", None))
-            self._grad_norm = None
+            # an fp16 loss scaler skipped the update whose gradients overflowed (the Trainer then leaves its
+            # scheduler alone too): not a failure, counted
+            trainer = self._trainer() if self._trainer is not None else None
+            accelerator = getattr(trainer, "accelerator", None)
+            scaler = getattr(accelerator, "scaler", None)
+            fired = self.observe_step(
+                step,
+                grad_norm=getattr(self, "_grad_norm", None),
+                lr=getattr(self, "_lr", None),
+                skipped=scaler is not None and bool(getattr(accelerator, "optimizer_step_was_skipped", False)),
+                loss_scale=loss_scale(scaler),
+            )
+            self._grad_norm = self._lr = None
             if fired is not None:
                 self._log(state, control, {f"{self.prefix}alarm": 1.0}, step)
                 if fired.should_stop:  # the same decision on every process: the values were averaged over them

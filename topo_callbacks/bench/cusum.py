@@ -1,32 +1,44 @@
 """The CUSUM detector on recorded runs: each channel's statistic, the fit of a calibration, the fused replay.
 
-The replay computes what `topo_callbacks.core.detector.CusumDetector` computes live (the same functions of
-`topo_callbacks.functional.detector`; a test checks that both give the same statistic on a recorded run), from the
-channels a `RunRecord` holds. A calibration is fit on training runs only (calibration seeds; in leave-one-family-out,
-the other families): each channel's normaliser is the level its CUSUM alone reaches on ``alpha`` of the negatives
-(clean runs, and failure runs up to their fork), channels are added greedily while they add detections of the
-training failures at a threshold calibrated to ``alpha``, and the threshold is that calibrated level.
+The replay runs the live `topo_callbacks.core.detector.CusumDetector` itself over the channels a `RunRecord` holds,
+step by step, in the order the monitor feeds them (the learning rate, the step's values or its skip, then the check
+at that step), so that every rule (warm-up references, schedule events, skipped steps, absolute rules, caps) is the
+same code live and replayed; a test checks the replay against the live monitor's record.
+
+A calibration is fit on training runs only (calibration seeds; in leave-one-family-out, the other families). Its
+false-alarm rate is per 10,000 healthy optimizer steps (`PER_STEPS`): over negatives (clean runs, and failure runs up
+to their fork) of ``S`` steps in all, at most ``floor(rate x S / 10,000)`` may alarm. Each channel's normaliser is
+the level its CUSUM alone reaches on that many negatives; channels are added greedily while they add detections of
+the training failures at a threshold calibrated the same way, and the threshold is that calibrated level. The
+absolute rules alarm whatever the threshold: negatives they alarm on use up the allowance first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from topo_callbacks.bench.detectors import calibrated_threshold
 from topo_callbacks.bench.record import RunRecord
-from topo_callbacks.core.detector import ALLOWANCE, CHANNELS, CLIP, DetectorCalibration
-from topo_callbacks.functional.detector import standardized_cusum
+from topo_callbacks.core.detector import ABSOLUTE_HOLD, CHANNELS, CusumDetector, DetectorCalibration
 
 __all__ = [
+    "ABSOLUTE",
     "DEFAULT_CANDIDATES",
-    "channel_statistic",
+    "PER_STEPS",
     "channel_values",
     "fit_calibration",
     "fused_series",
     "on_step_grid",
+    "replay_channels",
+    "replay_episodes",
 ]
+
+#: The benchmark's false-alarm rates are per this many healthy optimizer steps.
+PER_STEPS = 10_000
 
 #: What the default detector may be built from: the channels the monitor computes live with ``source="stream"``.
 DEFAULT_CANDIDATES = [c for c, spec in CHANNELS.items() if spec.live and spec.source == "any"]
@@ -71,18 +83,85 @@ def channel_values(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] |
     return steps, values
 
 
-def channel_statistic(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Channel ``name``'s CUSUM statistic at each point it was read (None when not recorded)."""
-    data = channel_values(rec, name)
-    if data is None:
-        return None
-    spec = CHANNELS[name]
-    steps, values = data
-    stat = standardized_cusum(
-        values, window=spec.window, k=ALLOWANCE, floor=spec.floor, clip=CLIP, log=spec.log, side=spec.side,
-        min_reference=spec.min_reference,
-    )  # fmt: skip
-    return steps, stat
+#: The key of the absolute rules' level in `replay_channels`'s grids (the detector's level from its absolute rules,
+#: in threshold units: it alarms at 1 whatever the calibration).
+ABSOLUTE = "absolute"
+
+
+def replay_channels(rec: RunRecord, channels: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Each channel's CUSUM statistic at every step ``1..rec.steps`` (channels the run did not record are left
+    out), and under `ABSOLUTE` the level of the absolute rules, from one replay of the live detector with every
+    channel calibrated at normaliser 1 and no threshold (so nothing caps the statistics).
+
+    Example:
+        >>> from topo_callbacks.bench.record import RunRecord
+        >>> rec = RunRecord("f", "healthy", 0, 40, 10, [1.0] * 39 + [float("nan")], [1.0] * 40, [0.1] * 40,
+        ...                 [[0.0]] * 40, [[1.0]] * 40, [0.0] * 40, [0.0] * 40, [0.0] * 40, [], [], None)
+        >>> grids = replay_channels(rec, ["loss", "grad_norm"])
+        >>> float(grids["loss"].max()), float(grids[ABSOLUTE][-1])  # the NaN loss: an absolute alarm, at once
+        (0.0, 2.0)
+    """
+    names = [c for c in (channels if channels is not None else CHANNELS) if channel_values(rec, c) is not None]
+    grids = {c: np.zeros(rec.steps) for c in (*names, ABSOLUTE)}
+    for step, detector in _replay(rec, names, lambda: _uncapped(names)):
+        for c in names:
+            grids[c][step - 1] = detector.states[c].statistic(CHANNELS[c].side)
+        grids[ABSOLUTE][step - 1] = detector.absolute_level(step)
+    return grids
+
+
+def replay_episodes(rec: RunRecord, cal: DetectorCalibration) -> list[dict[str, Any]]:
+    """The alarm episodes the live detector with calibration ``cal`` has on ``rec`` (re-armed after each): what a
+    user of the monitor would be warned about, for false alarms per healthy step."""
+    finished: list[dict[str, Any]] = []
+    current: list[CusumDetector] = []
+
+    def make() -> CusumDetector:
+        if current:
+            finished.extend(current.pop().episodes)
+        current.append(CusumDetector(cal))
+        return current[-1]
+
+    for _ in _replay(rec, cal.channels, make):
+        pass
+    return finished + (current[-1].episodes if current else [])
+
+
+def _uncapped(names: Sequence[str]) -> CusumDetector:
+    return CusumDetector(DetectorCalibration(0.05, tuple(names), dict.fromkeys(names, 1.0), math.inf))
+
+
+def _replay(
+    rec: RunRecord, channels: Sequence[str], make: Callable[[], CusumDetector]
+) -> Iterator[tuple[int, CusumDetector]]:
+    """Feed ``rec`` to a detector from ``make`` as the monitor does, yielding it after each step (a fresh one after
+    the record's ``monitor_restart``, as a fine-tuning run's new monitor)."""
+    step_channels = {c for c in (*channels, "loss", "grad_norm") if CHANNELS[c].reads == "step"}
+    series = {c: data[1] for c in step_channels if (data := channel_values(rec, c)) is not None}
+    checks = {int(c["step"]): c for c in rec.checks if c.get("reason") != "SKIPPED"}
+    side = {int(c["step"]): c for c in rec.side_checks}
+    # records written before the benchmark held loss scalers and fine-tuning restarts have none
+    skipped = set(getattr(rec, "skipped_steps", ()))
+    scales = list(getattr(rec, "loss_scale", ()))
+    restart = getattr(rec, "monitor_restart", None)
+    spacing = int(np.median(np.diff(sorted(checks)))) if len(checks) > 1 else 50
+    hold = max(ABSOLUTE_HOLD, 2 * spacing)
+    detector = make()
+    for step in range(1, rec.steps + 1):
+        if restart is not None and step == restart + 1:
+            detector = make()
+        values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
+        lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
+        # the scale after this step's update is the one the next step used
+        scale = float(scales[step]) if step < len(scales) else None
+        detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale)
+        if step in checks:
+            row = checks[step]
+            check = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            check["b1_fraction"] = check.get("b1", 0.0) / max(check.get("n", 1.0), 1.0)
+            check.update({k: float(v) for k, v in side.get(step, {}).items() if k != "step"})
+            detector.observe_check(step, check, calibrating=bool(row.get("calibrating")), hold=hold)
+        yield step, detector
 
 
 def on_step_grid(steps: np.ndarray, stat: np.ndarray, total: int) -> np.ndarray:
@@ -95,7 +174,7 @@ def on_step_grid(steps: np.ndarray, stat: np.ndarray, total: int) -> np.ndarray:
 def fused_series(grids: dict[str, np.ndarray], cal: DetectorCalibration) -> tuple[np.ndarray, np.ndarray]:
     """The detector's statistic over the threshold (it alarms at 1) at every step, from each channel's step grid."""
     total = len(next(iter(grids.values())))
-    out = np.zeros(total)
+    out = np.array(grids.get(ABSOLUTE, np.zeros(total)), dtype=np.float64)
     for name in cal.channels:
         if name in grids:
             out = np.maximum(out, grids[name] / (cal.normalisers[name] * cal.threshold))
@@ -115,8 +194,12 @@ def fit_calibration(
     *,
     candidates: Sequence[str] | None = None,
     fit_on: str = "",
+    per_steps: int | None = None,
 ) -> DetectorCalibration:
     """Fit a calibration on training runs.
+
+    ``alpha`` is a share of the negatives, or with ``per_steps`` (the benchmark: `PER_STEPS`) a number of alarms per
+    that many healthy steps.
 
     ``candidates`` defaults to the channels the monitor computes live with its default source
     (`DEFAULT_CANDIDATES`). ``grids[i]`` holds run i's channel statistics on its step grid;
@@ -127,14 +210,19 @@ def fit_calibration(
     pool = candidates if candidates is not None else DEFAULT_CANDIDATES
     names = [c for c in pool if any(c in g for g in grids)]
     zero = {i: np.zeros(len(next(iter(g.values())))) for i, g in enumerate(grids)}
+    healthy = sum(len(zero[i]) if c is None else c for i, c in enumerate(negatives_until))
+    exposure = None if per_steps is None else healthy / per_steps
+    # the absolute rules alarm (level >= 1) whatever the threshold
+    absolute = [np.where(g.get(ABSOLUTE, zero[i]) >= 1.0, np.inf, 0.0) for i, g in enumerate(grids)]
     norm: dict[str, float] = {}
     for c in names:
         maxima = _negative_maxima([g.get(c, zero[i]) for i, g in enumerate(grids)], negatives_until)
-        norm[c] = max(calibrated_threshold(maxima, alpha), 1e-6)
+        norm[c] = max(calibrated_threshold(maxima, alpha, exposure=exposure), 1e-6)
 
     def score(chosen: Sequence[str]) -> tuple[tuple[int, int], float]:
-        fused = [np.max([g.get(c, zero[i]) / norm[c] for c in chosen], axis=0) for i, g in enumerate(grids)]
-        h = max(calibrated_threshold(_negative_maxima(fused, negatives_until), alpha), 1e-6)
+        fused = [np.max([absolute[i], *(g.get(c, zero[i]) / norm[c] for c in chosen)], axis=0)
+                 for i, g in enumerate(grids)]  # fmt: skip
+        h = max(calibrated_threshold(_negative_maxima(fused, negatives_until), alpha, exposure=exposure), 1e-6)
         hits = lead = 0
         for f, window in zip(fused, failures, strict=True):
             if window is None:

@@ -226,14 +226,17 @@ def patience_count(evals: Sequence[tuple[int, float]], *, mode: str = "min", min
 ALPHA = 0.05
 
 
-def calibrated_threshold(maxima: Sequence[float], alpha: float = ALPHA) -> float:
-    """The smallest threshold at which at most ``alpha`` of the negatives alarm (their maxima reach it).
+def calibrated_threshold(maxima: Sequence[float], alpha: float = ALPHA, *, exposure: float | None = None) -> float:
+    """The smallest threshold at which at most ``alpha`` of the negatives alarm (their maxima reach it), or, given
+    ``exposure`` (e.g. the negatives' healthy steps over 10,000), at most ``alpha x exposure`` of them.
 
     Example:
         >>> calibrated_threshold([0.1, 0.2, 0.3, 0.9], alpha=0.25)  # one in four may alarm: just above 0.3
         0.30000000000000004
+        >>> calibrated_threshold([0.1, 0.2, 0.3, 0.9], alpha=0.05, exposure=10.0)  # 0.05 per 10,000 steps, of 100,000
+        0.9000000000000001
     """
-    allowed = math.floor(alpha * len(maxima) + 1e-9)
+    allowed = math.floor(alpha * (len(maxima) if exposure is None else exposure) + 1e-9)
     ordered = sorted(maxima, reverse=True)
     if allowed >= len(ordered):
         return -math.inf

@@ -4,7 +4,9 @@ Pre-registered, the same for every family and detector:
 
 - **Ground truth** ``t_c``: the first evaluation at which the task metric is at least 5 points (accuracy) or 10%
   (perplexity) worse than its best so far, and stays so for 3 evaluations; evaluations in the first 10% of the run
-  (warm-up) are not counted, as reference or as drop.
+  (warm-up) are not counted, as reference or as drop, except from the fork ``t0`` on: the warm-up ends at 10% of
+  the run or at ``t0``, whichever comes first (a family whose switch flips earlier than 10% of the run is measured
+  against its metric at the fork).
 - **Runs.** A *failure run* is the switched arm of a failure family whose metric dropped after the fork
   (``t_c >= t0``). A *clean run* is a healthy twin (of any family) or either arm of a control whose metric did not
   drop. Arms that did not behave as designed (a failure arm without a drop after ``t0``, a clean arm whose metric
@@ -38,10 +40,10 @@ import numpy as np
 
 from topo_callbacks.bench.cusum import (
     DEFAULT_CANDIDATES,
-    channel_statistic,
+    PER_STEPS,
     fit_calibration,
     fused_series,
-    on_step_grid,
+    replay_channels,
 )
 from topo_callbacks.bench.detectors import (
     ALPHA,
@@ -65,17 +67,24 @@ __all__ = ["ALPHA", "DETECTORS", "Detector", "analyse", "clopper_pearson", "grou
 Series = tuple[np.ndarray, np.ndarray]
 
 
-#: Evaluations before this share of the run are not a reference for the drop (see `ground_truth`).
+#: Evaluations before this share of the run (or before the fork, if that comes first) are not a reference for the
+#: drop (see `ground_truth`).
 WARMUP = 0.1
+
+
+def warmup_end(rec: RunRecord) -> float:
+    """The first step whose evaluation counts for the ground truth: 10% of the run, or the fork if that is earlier."""
+    return min(WARMUP * rec.steps, rec.t0)
 
 
 def ground_truth(rec: RunRecord) -> int | None:
     """``t_c``: the first evaluation 5 points (accuracy) or 10% (perplexity) worse than the best so far, for 3 evals;
     evaluations before ``WARMUP`` of the run are left out (a kNN probe of a barely trained self-supervised network
     can peak by chance at steps 50-150 and then dip; with them, 13 of 15 unscored test runs of the first full run
-    were such "drops" before the fork, in both arms)."""
+    were such "drops" before the fork, in both arms), unless the fork comes first: then evaluations count from the
+    fork on (the evaluation at ``t0`` is the reference a failure that starts early is measured against)."""
     fam = FAMILIES[rec.family]
-    metric = [(s, m) for s, m, _ in rec.evals if s >= WARMUP * rec.steps]
+    metric = [(s, m) for s, m, _ in rec.evals if s >= warmup_end(rec)]
     if fam.metric_mode == "min":
         return drop_step(metric, mode="min", relative=0.1)
     return drop_step(metric, mode="max", points=5.0)
@@ -350,13 +359,9 @@ SHIPPED_RATES = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 def cusum_grids(rec: RunRecord) -> dict[str, np.ndarray]:
-    """Every recorded channel's CUSUM statistic on the run's step grid."""
-    out = {}
-    for name in CHANNELS:
-        stat = channel_statistic(rec, name)
-        if stat is not None:
-            out[name] = on_step_grid(*stat, rec.steps)
-    return out
+    """Every recorded channel's CUSUM statistic on the run's step grid, and the absolute rules' level
+    (`topo_callbacks.bench.cusum.replay_channels`)."""
+    return replay_channels(rec)
 
 
 def fit_detector(
@@ -367,7 +372,8 @@ def fit_detector(
     fit_on: str = "",
     candidates: Sequence[str] | None = None,
 ) -> DetectorCalibration:
-    """The detector's calibration fit on ``train`` (scored runs only; see `fit_calibration`)."""
+    """The detector's calibration fit on ``train`` (scored runs only; see `fit_calibration`): ``alpha`` false alarms
+    per `PER_STEPS` healthy optimizer steps."""
     runs = [r for r in train if is_scored(r, truth[r.key])]
     return fit_calibration(
         [dict(grids[r.key]) for r in runs],
@@ -376,6 +382,7 @@ def fit_detector(
         alpha,
         fit_on=fit_on,
         candidates=candidates,
+        per_steps=PER_STEPS,
     )
 
 

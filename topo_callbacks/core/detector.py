@@ -14,14 +14,20 @@ State is plain data (``state_dict``): reference windows, accumulators, the step 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from topo_callbacks.functional.detector import channel_scale, cusum_update, robust_location_scale
 
 __all__ = [
     "CHANNELS",
+    "MAX_CONSECUTIVE_SKIPS",
+    "MIN_LOSS_SCALE",
+    "SCALE_DEPENDENT",
+    "AlarmKind",
     "Channel",
     "CusumDetector",
     "DetectorCalibration",
@@ -29,15 +35,51 @@ __all__ = [
     "default_calibration",
     "global_grad_norm",
     "gradient_curvature",
+    "loss_scale",
 ]
 
 #: Per-step channels are scored against the 200 values before them, check channels against the 8 checks before
-#: them (from the 4th on); the CUSUM allowance is one robust standard deviation, and one point adds at most 8.
+#: them; the CUSUM allowance is one robust standard deviation, and one point adds at most 8.
 STEP_WINDOW = 200
 CHECK_WINDOW = 8
+#: A per-step channel is scored from its 21st value on, against the (growing) values before it: a run broken from
+#: its first steps is not given 200 steps to teach the reference its broken state.
+STEP_MIN_REFERENCE = 20
 CHECK_MIN_REFERENCE = 4
 ALLOWANCE = 1.0
 CLIP = 8.0
+#: A channel's CUSUM is held at or under ``CAP`` times its share of the threshold, so that no value, however
+#: extreme, keeps the detector in alarm for longer than about ``CAP x threshold`` quiet points.
+CAP = 2.0
+#: An episode ends when the detector's level (its statistic over the threshold) falls under this.
+END_LEVEL = 0.5
+#: Extreme values alarm at once, without accumulating: a loss this many times the largest of its reference window,
+#: a gradient norm this many times the largest of its.
+EXTREME_RATIO = {"loss": 100.0, "grad_norm": 1000.0}
+#: Consecutive checks whose embeddings are collapsed to a point (std of L2-normalised rows under
+#: ``COLLAPSED_STD / sqrt(d)``) or to rank 1 (effective rank under ``COLLAPSED_RANK``) before that alarms.
+COLLAPSED_CHECKS = 3
+COLLAPSED_STD = 0.05
+COLLAPSED_RANK = 1.1
+#: Optimizer steps whose gradient norm read exactly 0 before that is reported.
+ZERO_GRAD_STEPS = 20
+#: The loss "stays at its first values" while the median of the second half of a zero-gradient streak is within this
+#: relative distance of the first half's.
+LOSS_STUCK = 0.05
+#: A learning-rate change by more than this factor, made by the schedule (a decay, or a return to a rate the run
+#: already trained at: a warm restart), restarts the per-step channels' references.
+LR_EVENT = 1.5
+#: A loss scale under this alarms (DeepSpeed's and Megatron's ``min_loss_scale`` default): halved at every skipped
+#: step, it gets there only when overflows keep coming.
+MIN_LOSS_SCALE = 1.0
+#: Consecutive optimizer steps a loss scaler skipped before that alarms (when the scale itself is not known).
+MAX_CONSECUTIVE_SKIPS = 30
+#: The floor of b0/n's robust scale, in binomial standard deviations ``sqrt(p (1 - p) / n)`` of a sample of n rows
+#: (rows of one batch are not independent: twice the binomial noise).
+SAMPLING_NOISE = 2.0
+#: An absolute rule's level: it starts at ``CAP`` and falls to 0 over this many optimizer steps (at least twice the
+#: spacing of the observations that raised it), so its episode ends ``(CAP - END_LEVEL) / CAP`` of the way.
+ABSOLUTE_HOLD = 100
 
 
 @dataclass(frozen=True)
@@ -63,7 +105,7 @@ class Channel:
 
     @property
     def min_reference(self) -> int:
-        return STEP_WINDOW if self.reads == "step" else CHECK_MIN_REFERENCE
+        return STEP_MIN_REFERENCE if self.reads == "step" else CHECK_MIN_REFERENCE
 
 
 CHANNELS: dict[str, Channel] = {
@@ -151,10 +193,22 @@ def default_calibration(false_alarm_rate: float = 0.05) -> DetectorCalibration:
     raise ValueError(f"`false_alarm_rate` must be one of the calibrated rates {rates}; got {false_alarm_rate!r}.")
 
 
+class AlarmKind(str, Enum):
+    """Why an episode started: a channel's CUSUM reached the threshold, or an absolute rule (no reference needed)."""
+
+    CUSUM = "cusum"
+    NONFINITE = "nonfinite"
+    EXTREME = "extreme"
+    COLLAPSED = "collapsed"
+    NO_GRADIENT = "no_gradient"
+    LOSS_SCALE = "loss_scale"
+
+
 @dataclass(frozen=True)
 class DetectorFiring:
     """Why the detector alarmed: the channel, its value, its baseline (reference median), its standardised score,
-    and its normalised CUSUM against the threshold."""
+    and its normalised CUSUM against the threshold; ``kind`` says which rule fired, ``detail`` says more for an
+    absolute rule."""
 
     step: int
     channel: str
@@ -163,8 +217,12 @@ class DetectorFiring:
     score: float
     statistic: float
     threshold: float
+    kind: str = AlarmKind.CUSUM.value
+    detail: str = ""
 
     def message(self, prefix: str = "collapse") -> str:
+        if self.kind != AlarmKind.CUSUM.value:
+            return f"{prefix}/detector alarmed at step {self.step} on `{self.channel}` ({self.kind}): {self.detail}"
         spec = CHANNELS[self.channel]
         scale = " (log scale)" if spec.log else ""
         return (
@@ -182,14 +240,33 @@ class _ChannelState:
     value: float = math.nan
     baseline: float = math.nan
     score: float = 0.0
+    #: the step of the last value scored (the gradient-norm channel reads the loss's score of the same step)
+    step: int = -1
 
     def statistic(self, side: str) -> float:
         return max(self.s_pos, self.s_neg) if side == "both" else (self.s_pos if side == "up" else self.s_neg)
 
 
+#: Check channels read at the calibrated Vietoris-Rips scale: fed once the scale is held (the others from the first
+#: check).
+SCALE_DEPENDENT = ("b0_fraction", "b1_fraction")
+
+#: Channels every detector keeps a reference for, calibrated or not: the absolute rules read them.
+_ALWAYS = ("loss", "grad_norm")
+
+
 @dataclass
 class CusumDetector:
-    """Online detector: feed channel values with `update`; it returns a `DetectorFiring` at the first alarm.
+    """Online detector: feed channel values with `update` (and `observe_lr`, `observe_embedding`,
+    `absolute_event`); it returns a `DetectorFiring` when an alarm episode starts.
+
+    Two kinds of rules raise an episode. A calibrated channel's CUSUM (against the channel's own recent past) reaching
+    the threshold; or an absolute rule that needs no reference: a non-finite loss or gradient norm, an extreme value
+    (`EXTREME_RATIO` times the largest of the reference), embeddings collapsed to a point or to rank 1 for
+    `COLLAPSED_CHECKS` checks, a gradient norm of 0 for `ZERO_GRAD_STEPS` steps while the loss stays at its first
+    values, and whatever the monitor reports (a loss scale that keeps falling). No accumulator ever exceeds `CAP`
+    times the threshold and non-finite values never enter one, so the detector's `level` stays finite, falls back
+    when the cause goes, and the episode ends under `END_LEVEL`; the next crossing is a new episode (`episodes`).
 
     Example:
         >>> cal = DetectorCalibration(0.05, ("b0_fraction",), {"b0_fraction": 2.0}, 1.0)
@@ -197,19 +274,49 @@ class CusumDetector:
         >>> fired = [det.update("b0_fraction", v, step) for step, v in enumerate([0.5, 0.51, 0.49, 0.5, 0.5, 0.2])]
         >>> fired[-1].channel, fired[-1].step, fired[:-1] == [None] * 5
         ('b0_fraction', 5, True)
+        >>> det.update("loss", float("nan"), 6) is None  # in the open episode already: no second firing
+        True
+        >>> CusumDetector(cal).update("loss", float("nan"), 1).kind  # absolute: whatever the calibration's channels
+        'nonfinite'
+        >>> len(det.episodes), det.level()  # finite: at most CAP
+        (1, 2.0)
     """
 
     calibration: DetectorCalibration
     states: dict[str, _ChannelState] = field(default_factory=dict)
     fired: DetectorFiring | None = None
+    #: one dict per alarm episode: ``start``, ``end`` (None while open), ``channel``, ``kind``, ``peak`` (the largest
+    #: level, in threshold units), ``message``
+    episodes: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in self.calibration.channels:
+        for name in (*self.calibration.channels, *_ALWAYS):
             self.states.setdefault(name, _ChannelState(deque(maxlen=CHANNELS[name].window)))
+        #: optimizer steps whose update a loss scaler skipped, and how many of the last ones in a row
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._absolute_step = -1
+        self._absolute_hold = ABSOLUTE_HOLD
+        self._step = 0
+        self._collapsed_checks = 0
+        self._zero_grad_steps = 0
+        self._lr_reference: float | None = None
+        self._lr_previous: float | None = None
+        self._lr_max = 0.0
+        #: messages about how the detector is fed (said once each by the monitor); keys name the problem
+        self.notes: dict[str, str] = {}
 
     @property
     def channels(self) -> tuple[str, ...]:
         return self.calibration.channels
+
+    @property
+    def in_alarm(self) -> bool:
+        """Whether an episode is open."""
+        return bool(self.episodes) and self.episodes[-1]["end"] is None
+
+    def _cap(self, name: str) -> float:
+        return CAP * self.calibration.threshold * self.calibration.normalisers.get(name, math.inf)
 
     def normalised(self, name: str) -> float:
         """Channel ``name``'s CUSUM over its normaliser (the share of the threshold it has reached, times h)."""
@@ -217,40 +324,262 @@ class CusumDetector:
         return state.statistic(CHANNELS[name].side) / self.calibration.normalisers[name]
 
     def statistic(self) -> float:
-        """The fused statistic: the largest normalised CUSUM over the channels."""
+        """The fused CUSUM statistic: the largest normalised CUSUM over the calibrated channels."""
         return max((self.normalised(c) for c in self.channels), default=0.0)
 
-    def update(self, name: str, value: float, step: int) -> DetectorFiring | None:
-        """Feed one value of channel ``name`` (ignored when the calibration does not use it); returns the firing
-        when this value makes the detector alarm for the first time."""
+    def absolute_level(self, step: int | None = None) -> float:
+        """The level of the last absolute rule that fired: `CAP` when it fired, falling linearly to 0."""
+        if self._absolute_step < 0:
+            return 0.0
+        since = (self._step if step is None else step) - self._absolute_step
+        return max(0.0, CAP * (1.0 - since / self._absolute_hold))
+
+    def level(self, step: int | None = None) -> float:
+        """The detector's level in threshold units (it alarms at 1): the fused CUSUM statistic over the threshold, or
+        the level of a recent absolute rule, whichever is higher. Always finite, at most `CAP`."""
+        return max(self.statistic() / self.calibration.threshold, self.absolute_level(step))
+
+    # ----------------------------------------------------------------------------------------- feeding
+    def update(self, name: str, value: float, step: int, floor: float | None = None) -> DetectorFiring | None:
+        """Feed one value of channel ``name`` at optimizer step ``step``; returns the firing when an episode starts.
+
+        A channel the calibration does not use is only read by the absolute rules (the loss and the gradient norm).
+        ``floor`` raises the floor of the channel's robust scale for this value (a sampled channel's own noise).
+        """
         state = self.states.get(name)
         if state is None:
             return None
+        self._step = max(self._step, step)
         spec = CHANNELS[name]
-        x = channel_scale(float(value), spec.log)
-        state.value = float(value)
-        if not math.isfinite(x):
-            state.score = math.inf
-            state.s_pos, state.s_neg = cusum_update(state.s_pos, state.s_neg, math.inf, ALLOWANCE)
-        elif len(state.reference) >= spec.min_reference:
-            med, scale = robust_location_scale(state.reference, spec.floor)
+        value = float(value)
+        state.value = value
+        if not math.isfinite(value):
+            return self.absolute_event(step, name, value, AlarmKind.NONFINITE,
+                                       f"the {spec.description.split(' against')[0]} is {value}.")  # fmt: skip
+        fired = None
+        if name == "grad_norm" and value == 0.0:
+            fired = self._zero_gradient(step)
+            self._close(step)
+            return fired
+        if name == "grad_norm":
+            self._zero_grad_steps = 0
+        x = channel_scale(value, spec.log)
+        ratio = EXTREME_RATIO.get(name)
+        if ratio is not None and len(state.reference) >= spec.min_reference:
+            top = max(state.reference)
+            if x > top + (math.log(ratio) if spec.log else (ratio - 1.0) * abs(top)) and top != 0.0:
+                largest = _untransform(top, spec.log)
+                fired = self.absolute_event(step, name, value, AlarmKind.EXTREME,
+                                            f"value {value:.4g} is over {ratio:g}x the largest of its last"
+                                            f" {len(state.reference)} values ({largest:.4g}).")  # fmt: skip
+        scored = len(state.reference) >= spec.min_reference and (name in self.channels or name == "loss")
+        if scored:
+            med, scale = robust_location_scale(state.reference, max(spec.floor, floor or 0.0))
             state.baseline = _untransform(med, spec.log)
             state.score = min(max((x - med) / scale, -CLIP), CLIP)
-            state.s_pos, state.s_neg = cusum_update(state.s_pos, state.s_neg, state.score, ALLOWANCE)
-        if math.isfinite(x):
-            state.reference.append(x)
-        if self.fired is None:
+        if name in self.channels and scored:
+            z = state.score
+            loss = self.states["loss"]
+            if name == "grad_norm" and loss.step == step and loss.score < -ALLOWANCE:
+                z = min(z, 0.0)  # a gradient norm that rises while the loss falls: learning, leaving a plateau
+            s_pos, s_neg = cusum_update(state.s_pos, state.s_neg, z, ALLOWANCE)
+            cap = self._cap(name)
+            state.s_pos, state.s_neg = min(s_pos, cap), min(s_neg, cap)
+        state.step = step
+        state.reference.append(x)
+        if fired is None and name in self.channels and not self.in_alarm:
             stat = self.normalised(name)
             if stat >= self.calibration.threshold:
-                self.fired = DetectorFiring(
-                    step, name, state.value, state.baseline, state.score, stat, self.calibration.threshold
+                fired = self._start(
+                    DetectorFiring(step, name, value, state.baseline, state.score, stat, self.calibration.threshold)
                 )
-                return self.fired
+        self._close(step)
+        return fired
+
+    def observe_step(
+        self,
+        step: int,
+        values: dict[str, float],
+        *,
+        lr: float | None = None,
+        skipped: bool = False,
+        loss_scale: float | None = None,
+    ) -> DetectorFiring | None:
+        """One optimizer step's per-step channel values (the loss first: the gradient norm reads its score); what
+        `topo_callbacks.core.CollapseMonitorCore.observe_step` calls after averaging them over ranks, and what the
+        benchmark replays. A step a loss scaler skipped feeds nothing but a non-finite loss, and is counted; a loss
+        scale under `MIN_LOSS_SCALE`, or `MAX_CONSECUTIVE_SKIPS` skipped steps in a row, alarm."""
+        fired = None
+        if lr is not None:
+            self.observe_lr(step, lr)
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            low = loss_scale is not None and loss_scale < MIN_LOSS_SCALE
+            if low or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                detail = (
+                    f"the loss scaler skipped {self.consecutive_skips} optimizer step(s) in a row"
+                    + ("" if loss_scale is None else f" and its scale fell to {loss_scale:.4g}")
+                    + ": the gradients overflow whatever the scale (a diverging run, or values beyond fp16's range)."
+                )
+                value = math.nan if loss_scale is None else loss_scale
+                fired = self.absolute_event(step, "loss_scale", value, AlarmKind.LOSS_SCALE, detail)
+            loss = values.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                fired = self.update("loss", loss, step) or fired
+            self._close(step)
+            return fired
+        self.consecutive_skips = 0
+        for name in sorted(values, key=lambda n: (n != "loss", n != "grad_norm")):
+            fired = self.update(name, values[name], step) or fired
+        return fired
+
+    def observe_check(
+        self, step: int, values: dict[str, float], *, calibrating: bool, hold: int = ABSOLUTE_HOLD
+    ) -> DetectorFiring | None:
+        """One check's channel values (a `CollapseReport`'s, ``b1_fraction`` and any probe channels): the absolute
+        collapse rule and the channels that do not depend on the Vietoris-Rips scale from the first check, the Betti
+        channels (`SCALE_DEPENDENT`) once the scale is held (``calibrating`` False)."""
+        fired = self.observe_embedding(
+            step,
+            std_l2=float(values.get("std_l2", math.nan)),
+            d=int(values.get("d", 0)),
+            effective_rank=float(values.get("effective_rank", math.nan)),
+            hold=hold,
+        )
+        n = values.get("n", 0.0)
+        for name in self.channels:
+            if CHANNELS[name].reads == "check" and name in values and not (calibrating and name in SCALE_DEPENDENT):
+                floor = None
+                if name == "b0_fraction" and n > 0:
+                    # b0/n of a sample of n rows: at least a binomial proportion's sampling noise around its median
+                    p = min(max(statistics.median(self.states[name].reference or [0.5]), 1.0 / n), 1.0 - 1.0 / n)
+                    floor = SAMPLING_NOISE * math.sqrt(p * (1.0 - p) / n)
+                fired = self.update(name, float(values[name]), step, floor) or fired
+        self._close(step)
+        return fired
+
+    def absolute_event(self, step: int, channel: str, value: float, kind: AlarmKind | str, detail: str,
+                       hold: int = ABSOLUTE_HOLD) -> DetectorFiring | None:  # fmt: skip
+        """An absolute rule fired at ``step`` (the monitor's own rules come here too): the level goes to `CAP` and
+        falls back over ``hold`` steps; returns the firing when this starts an episode."""
+        self._step = max(self._step, step)
+        self._absolute_step, self._absolute_hold = step, max(int(hold), 1)
+        kind = AlarmKind(kind).value
+        if self.in_alarm:
+            self._touch(step)
+            return None
+        return self._start(DetectorFiring(step, channel, float(value), math.nan, math.nan, math.inf,
+                                          self.calibration.threshold, kind, detail))  # fmt: skip
+
+    def observe_embedding(self, step: int, *, std_l2: float, d: int, effective_rank: float,
+                          hold: int = ABSOLUTE_HOLD) -> DetectorFiring | None:  # fmt: skip
+        """A check's embeddings, for the absolute rule on a collapse to a point or to rank 1 (from the first check,
+        the scale's calibration included): `COLLAPSED_CHECKS` such checks in a row alarm, and each one after keeps
+        the episode open."""
+        point = math.isfinite(std_l2) and std_l2 * math.sqrt(max(d, 1)) < COLLAPSED_STD
+        rank_one = math.isfinite(effective_rank) and effective_rank < COLLAPSED_RANK
+        self._collapsed_checks = self._collapsed_checks + 1 if point or rank_one else 0
+        if self._collapsed_checks < COLLAPSED_CHECKS:
+            self._close(step)
+            return None
+        what = "all rows point the same way" if point else "they span one direction"
+        detail = (
+            f"the embeddings have been collapsed for {self._collapsed_checks} checks: {what} (std of L2-normalised"
+            f" rows {std_l2:.3g} over width {d}, effective rank {effective_rank:.3g})."
+        )
+        return self.absolute_event(step, "embeddings", effective_rank, AlarmKind.COLLAPSED, detail, hold)
+
+    def observe_lr(self, step: int, lr: float) -> bool:
+        """The learning rate of optimizer step ``step``. A change the schedule made restarts every channel's reference
+        (the per-step channels score again after `STEP_MIN_REFERENCE` steps, the check channels after
+        `CHECK_MIN_REFERENCE` checks; the absolute rules go on), so that the new level is learned and not scored as a
+        failure: a fall by more than a factor
+        `LR_EVENT` from the rate the references were learned at (a decay, stepped or gradual), or a jump by more than
+        `LR_EVENT` in one step back to a rate the run already trained at (a warm restart). A rise past every rate the
+        run has trained at, or a gradual rise (a warm-up, or a ramp to a rate far too high), is scored. Returns
+        whether the references restarted.
+
+        Example:
+            >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 10.0}, 1.0))
+            >>> [det.observe_lr(s, lr) for s, lr in enumerate([0.1, 0.1, 0.01, 0.01, 0.1, 0.2, 3.0])]
+            [False, False, True, False, True, False, False]
+        """
+        lr = float(lr)
+        if not math.isfinite(lr) or lr <= 0.0:
+            return False
+        ref, previous, top = self._lr_reference, self._lr_previous, self._lr_max
+        self._lr_previous, self._lr_max = lr, max(top, lr)
+        if ref is None or previous is None:
+            self._lr_reference = lr
+            return False
+        fell = lr * LR_EVENT < ref
+        restarted = lr > previous * LR_EVENT and lr <= top * (1 + 1e-9)
+        if not (fell or restarted):
+            self._lr_reference = max(ref, lr)  # a decay is measured from the highest rate since the last event
+            return False
+        self._lr_reference = lr
+        for state in self.states.values():
+            state.reference.clear()
+            state.s_pos = state.s_neg = 0.0
+        return True
+
+    # ----------------------------------------------------------------------------------------- episodes
+    def _zero_gradient(self, step: int) -> DetectorFiring | None:
+        self._zero_grad_steps += 1
+        if self._zero_grad_steps < ZERO_GRAD_STEPS:
+            return None
+        # the losses of the streak: flat while no gradient flows; falling while the optimizer works on gradients that
+        # were zeroed before the monitor read them
+        streak = list(self.states["loss"].reference)[-self._zero_grad_steps :]
+        half = len(streak) // 2
+        early, late = statistics.median(streak[:half] or [math.nan]), statistics.median(streak[half:] or [math.nan])
+        stuck = early != 0 and abs(late / early - 1.0) <= LOSS_STUCK
+        if stuck:
+            return self.absolute_event(step, "grad_norm", 0.0, AlarmKind.NO_GRADIENT,
+                                       f"the gradient norm has been 0 for {self._zero_grad_steps} optimizer steps while"
+                                       " the loss stays where it was: no gradient reaches the parameters (a"
+                                       " detached graph, dead units, a frozen model).")  # fmt: skip
+        self.notes.setdefault(
+            "zero_grad",
+            f"the gradient norm read {self._zero_grad_steps} optimizer steps in a row is 0"
+            + (" while the loss moves" if streak else "")
+            + ": the gradients were probably zeroed before the monitor read them (call the monitor before"
+            " `optimizer.zero_grad()`, or pass `grad_norm=`). The gradient-norm channel is not fed these values.",
+        )
         return None
 
+    def _start(self, firing: DetectorFiring) -> DetectorFiring:
+        if self.fired is None:
+            self.fired = firing
+        self.episodes.append({"start": firing.step, "end": None, "channel": firing.channel, "kind": firing.kind,
+                              "peak": min(self.level(firing.step), CAP), "message": firing.message()})  # fmt: skip
+        return firing
+
+    def _touch(self, step: int) -> None:
+        if self.in_alarm:
+            episode = self.episodes[-1]
+            episode["peak"] = max(float(episode["peak"]), self.level(step))
+
+    def _close(self, step: int) -> None:
+        """Track the open episode's peak, and end it once the level is under `END_LEVEL`."""
+        if not self.in_alarm:
+            return
+        self._touch(step)
+        if self.level(step) < END_LEVEL:
+            self.episodes[-1]["end"] = step
+
+    def close_episode_if_quiet(self, step: int) -> dict[str, Any] | None:
+        """End the open episode if the level is under `END_LEVEL` at ``step`` (also when nothing was fed); returns
+        the episode it ended."""
+        was = self.episodes[-1] if self.in_alarm else None
+        self._close(step)
+        return was if was is not None and was["end"] is not None else None
+
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """The fused statistic and each channel's normalised CUSUM over the threshold (the detector alarms at 1), as
-        log keys ``{prefix}detector`` and ``{prefix}detector_<channel>``.
+        """The detector's level (its statistic over the threshold: it alarms at 1, finite, at most `CAP`) and each
+        channel's normalised CUSUM over the threshold, as log keys ``{prefix}detector`` and
+        ``{prefix}detector_<channel>``.
 
         Example:
             >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 2.0}, 4.0))
@@ -258,7 +587,7 @@ class CusumDetector:
             {'collapse/detector': 0.0, 'collapse/detector_loss': 0.0}
         """
         threshold = self.calibration.threshold
-        out = {f"{prefix}detector": self.statistic() / threshold}
+        out = {f"{prefix}detector": self.level()}
         for name in self.channels:
             out[f"{prefix}detector_{name}"] = self.normalised(name) / threshold
         return out
@@ -269,10 +598,21 @@ class CusumDetector:
             # NaN (nothing seen yet) is stored as None: a state compares equal to its reload, and stays valid JSON
             "channels": {
                 name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": _nan_none(s.value),
-                       "baseline": _nan_none(s.baseline), "score": s.score}
+                       "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step}
                 for name, s in self.states.items()
             },
-            "fired": None if self.fired is None else vars(self.fired).copy(),
+            "fired": None if self.fired is None else _plain(vars(self.fired)),
+            "episodes": [_plain(e) for e in self.episodes],
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "absolute_step": self._absolute_step,
+            "absolute_hold": self._absolute_hold,
+            "step": self._step,
+            "collapsed_checks": self._collapsed_checks,
+            "zero_grad_steps": self._zero_grad_steps,
+            "lr_reference": self._lr_reference,
+            "lr_previous": self._lr_previous,
+            "lr_max": self._lr_max,
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -284,8 +624,32 @@ class CusumDetector:
             s.s_pos, s.s_neg = float(data["s_pos"]), float(data["s_neg"])
             s.value, s.baseline = _none_nan(data["value"]), _none_nan(data["baseline"])
             s.score = float(data["score"])
+            s.step = int(data.get("step", -1))
         fired = state.get("fired")
-        self.fired = None if fired is None else DetectorFiring(**fired)
+        self.fired = None if fired is None else DetectorFiring(**_unplain(fired))
+        self.episodes = [_unplain(dict(e)) for e in state.get("episodes", [])]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._absolute_step = int(state.get("absolute_step", -1))
+        self._absolute_hold = int(state.get("absolute_hold", ABSOLUTE_HOLD))
+        self._step = int(state.get("step", 0))
+        self._collapsed_checks = int(state.get("collapsed_checks", 0))
+        self._zero_grad_steps = int(state.get("zero_grad_steps", 0))
+        lr_ref = state.get("lr_reference")
+        self._lr_reference = None if lr_ref is None else float(lr_ref)
+        previous = state.get("lr_previous")
+        self._lr_previous = None if previous is None else float(previous)
+        self._lr_max = float(state.get("lr_max", 0.0))
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats as strings, so that the state stays valid JSON (HF Trainer) and loads with
+    ``weights_only=True``."""
+    return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+
+
+def _unplain(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in data.items()}
 
 
 def _nan_none(x: float) -> float | None:
@@ -318,6 +682,21 @@ def global_grad_norm(parameters: Any) -> float | None:
         return None
     norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
     return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+
+
+def loss_scale(scaler: Any) -> float | None:
+    """The current scale of an enabled fp16 loss scaler (``torch.amp.GradScaler``), or None (no scaler, disabled,
+    or no scale yet). A skipped step shows as a scale lower after ``scaler.update()`` than before the step.
+
+    Example:
+        >>> import torch
+        >>> loss_scale(torch.amp.GradScaler("cpu", init_scale=1024.0)), loss_scale(None)
+        (1024.0, None)
+    """
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    scale = scaler.get_scale()
+    return float(scale) if scale else None
 
 
 def gradient_curvature(model: Any, loss_fn: Any, optimizer: Any = None) -> dict[str, float]:

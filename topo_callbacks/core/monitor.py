@@ -21,7 +21,10 @@ from torch import Tensor, nn
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
 from topo_callbacks.core.detector import (
+    _ALWAYS,
+    ABSOLUTE_HOLD,
     CHANNELS,
+    ZERO_GRAD_STEPS,
     CusumDetector,
     DetectorFiring,
     default_calibration,
@@ -284,6 +287,9 @@ class CollapseMonitorCore:
         self.detector = None if self._calibration is None else CusumDetector(self._calibration)
         self.last_observed_step = 0
         self._first_alarm: dict[str, Any] | None = None
+        self._fed_steps = 0
+        self._told: set[str] = set()
+        self._episodes_ended_told = 0
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
         # the previous probe check's rows and H0 deaths (source="probe"): the consecutive-check channels compare them
@@ -322,16 +328,33 @@ class CollapseMonitorCore:
     # ---------------------------------------------------------------- per step
     @property
     def step_channels(self) -> tuple[str, ...]:
-        """The per-step channels the detector reads (empty with ``alarm="rise"``): adapters compute only these."""
+        """The per-step channels the detector reads (empty with ``alarm="rise"``): adapters compute only these. The
+        loss and the gradient norm are always read (the absolute rules need them), the loss first."""
         if self.detector is None:
             return ()
-        return tuple(c for c in self.detector.channels if CHANNELS[c].reads == "step")
+        calibrated = [c for c in self.detector.channels if CHANNELS[c].reads == "step" and c not in _ALWAYS]
+        return (*_ALWAYS, *calibrated)
 
     def observe_step(
-        self, step: int, *, loss: float | None = None, grad_norm: float | None = None
+        self,
+        step: int,
+        *,
+        loss: float | None = None,
+        grad_norm: float | None = None,
+        lr: float | None = None,
+        skipped: bool = False,
+        loss_scale: float | None = None,
     ) -> CheckResult | None:
-        """Feed optimizer step ``step``'s per-step channels (the mean training loss over its micro-batches, the
-        global gradient norm before the step) to the detector; returns an alarm result when the detector fires now.
+        """Feed optimizer step ``step``'s per-step channels to the detector; returns an alarm result when an alarm
+        episode starts now.
+
+        ``loss``: the mean training loss over the step's micro-batches (or what `add_loss` collected); ``grad_norm``:
+        the global gradient norm before the step (unscaled); ``lr``: the learning rate the step used (a change the
+        schedule made, a decay or a warm restart, is then not scored as a failure); ``skipped``: a loss scaler
+        (fp16 ``GradScaler``) skipped this step's update because its gradients overflowed. A skipped step is not a
+        failure: it feeds nothing to the detector and is counted (`skipped_steps`, logged as
+        ``collapse/skipped_steps``), except that a non-finite loss still alarms, and so does a loss scale that keeps
+        falling (``loss_scale`` under `MIN_LOSS_SCALE`, or `MAX_CONSECUTIVE_SKIPS` skipped steps in a row).
 
         Call on every rank at every optimizer step: under DDP the values are averaged over the ranks that have one
         (one small all-reduce per step), so every rank takes the same decision without another collective.
@@ -339,14 +362,16 @@ class CollapseMonitorCore:
         Example (what the adapters do after each optimizer step):
             >>> monitor = CollapseMonitorCore("0")
             >>> monitor.step_channels
-            ('grad_norm', 'loss')
+            ('loss', 'grad_norm')
             >>> fired = [monitor.observe_step(s, loss=1.0 + 0.01 * (s % 5), grad_norm=2.0) for s in range(1, 301)]
             >>> fired.count(None), len(monitor.detector.states["loss"].reference)
             (300, 200)
-            >>> alarm = [monitor.observe_step(s, loss=50.0, grad_norm=2.0) for s in range(301, 341)]
-            >>> first = next(r for r in alarm if r is not None)  # the loss jumped at 301: +7 per step accumulates
-            >>> first.reason.name, first.step
-            ('DETECTOR', 315)
+            >>> monitor.observe_step(301, loss=1.0, grad_norm=float("inf"), skipped=True) is None  # fp16 overflow
+            True
+            >>> alarm = [monitor.observe_step(s, loss=500.0, grad_norm=2.0) for s in range(302, 341)]
+            >>> first = next(r for r in alarm if r is not None)  # 480x the largest loss of its window: at once
+            >>> first.reason.name, first.step, monitor.skipped_steps
+            ('DETECTOR', 302, 1)
         """
         wanted = self.step_channels
         if loss is None and self._loss_count:
@@ -357,20 +382,46 @@ class CollapseMonitorCore:
         self.last_observed_step = step
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
-        # (sum, count) per channel, the same length on every rank even where a value is missing
+        # (sum, count) per channel, the same length on every rank even where a value is missing; then the skip flag
+        # (a scaler decides alike on every rank: its inf check is reduced over them) and the loss scale
         flat: list[float] = []
         for name in wanted:
             value = given.get(name)
             flat += [0.0, 0.0] if value is None else [float(value), 1.0]
+        flat += [float(bool(skipped)), 0.0 if loss_scale is None else float(loss_scale), float(loss_scale is not None)]
         totals = sum_floats_across_ranks(flat, self._device)
-        fired = None
-        assert self.detector is not None
-        for i, name in enumerate(wanted):
-            total, count = totals[2 * i], totals[2 * i + 1]
-            if count > 0:
-                fired = self.detector.update(name, total / count, step) or fired
+        detector = self.detector
+        assert detector is not None
+        values = {n: totals[2 * i] / totals[2 * i + 1] for i, n in enumerate(wanted) if totals[2 * i + 1] > 0}
+        skipped = totals[-3] > 0
+        scale = totals[-2] / totals[-1] if totals[-1] > 0 else None
+        if values:
+            self._fed_steps += 1
+        fired = detector.observe_step(step, values, lr=lr, skipped=skipped, loss_scale=scale)
+        self._tell_detector_news(step)
         self.time_spent_s += time.perf_counter() - start
         return None if fired is None else self._detector_alarm(step, fired, None)
+
+    def _tell_detector_news(self, step: int) -> None:
+        """Warn once about each note the detector has about how it is fed, and about each episode that ended."""
+        assert self.detector is not None
+        for key, note in self.detector.notes.items():
+            if key not in self._told:
+                self._told.add(key)
+                self._warn(f"{self.monitor}: {note}")
+        ended = [e for e in self.detector.episodes if e["end"] is not None]
+        for episode in ended[self._episodes_ended_told :]:
+            self._warn(
+                f"{self.monitor}: the alarm episode that started at step {episode['start']} on"
+                f" `{episode['channel']}` ({episode['kind']}) ended at step {episode['end']}; peak level"
+                f" {episode['peak']:.2f} (1 = threshold)."
+            )
+        self._episodes_ended_told = len(ended)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps whose update a loss scaler skipped (counted, not scored; 0 with ``alarm="rise"``)."""
+        return 0 if self.detector is None else self.detector.skipped_steps
 
     def add_loss(self, loss: Tensor | float | None) -> None:
         """One micro-batch's training loss; `observe_step` feeds their mean when it is given no ``loss``. Kept as a
@@ -458,12 +509,8 @@ class CollapseMonitorCore:
         if self.loss_fn is not None:
             consecutive.update(self._curvature(step))
         fired = None
-        if self.detector is not None and not calibrating:  # the channels read at the held scale only
-            values = {**report.as_dict(), **consecutive}
-            values["b1_fraction"] = report.b1 / max(report.n, 1)
-            for name in self.detector.channels:
-                if CHANNELS[name].reads == "check" and name in values:
-                    fired = self.detector.update(name, float(values[name]), step) or fired
+        if self.detector is not None:
+            fired = self._feed_check(step, report, consecutive, calibrating)
         if fired is not None and not alarm:
             result = self._detector_alarm(step, fired, report)
             reason, message, alarm = result.reason, result.message, True
@@ -482,9 +529,11 @@ class CollapseMonitorCore:
             # the detector's statistic over its threshold (it alarms at 1) and each channel's share, at the check;
             # the alarm flag stays up while the statistic is over the threshold (a firing between checks included)
             logged.update(self.detector.as_dict(self.prefix))
-            if not alarm and logged[f"{self.prefix}detector"] >= 1.0:
+            logged[f"{self.prefix}skipped_steps"] = float(self.skipped_steps)
+            logged[f"{self.prefix}episodes"] = float(len(self.detector.episodes))
+            if not alarm and self.detector.in_alarm:
                 reason, alarm = StoppingReason.DETECTOR, True
-                message = "the detector's statistic is still over its threshold"
+                message = "an alarm episode of the detector is still open"
         should_stop = alarm and self.stop_on_alarm
         logged[f"{self.prefix}alarm"] = float(alarm)
         self.history.append(
@@ -496,10 +545,34 @@ class CollapseMonitorCore:
                 "weights": self.weights_spec,
                 **report.as_dict(),
                 **consecutive,
-                **({} if self.detector is None else {"detector": logged[f"{self.prefix}detector"]}),
+                **(
+                    {}
+                    if self.detector is None
+                    else {"detector": logged[f"{self.prefix}detector"], "skipped_steps": self.skipped_steps}
+                ),
             }
         )
         return CheckResult(step, report, reason, message, alarm, should_stop, None, logged)
+
+    def _feed_check(
+        self, step: int, report: CollapseReport, consecutive: Mapping[str, float], calibrating: bool
+    ) -> DetectorFiring | None:
+        """A check's channels to the detector: the absolute collapse rule from the first check; the channels that do
+        not depend on the Vietoris-Rips scale from the first check too, the Betti numbers once the scale is held."""
+        detector = self.detector
+        assert detector is not None
+        values = {**report.as_dict(), **consecutive, "b1_fraction": report.b1 / max(report.n, 1)}
+        hold = max(ABSOLUTE_HOLD, 2 * self.every_n_train_steps)
+        fired = detector.observe_check(step, values, calibrating=calibrating, hold=hold)
+        if not self._fed_steps and self.last_observed_step >= ZERO_GRAD_STEPS and "fed" not in self._told:
+            self._told.add("fed")
+            self._warn(
+                f"{self.monitor}: the detector has received no loss and no gradient norm in {self.last_observed_step}"
+                " optimizer steps, so its per-step channels are empty: pass `loss=` (and call the monitor before"
+                " `optimizer.zero_grad()`, or pass `grad_norm=`)."
+            )
+        self._tell_detector_news(step)
+        return fired
 
     def _consecutive_channels(self, x: Tensor, report: CollapseReport) -> dict[str, float]:
         """``source="probe"``: how the probe's examples moved since the previous check (empty at the first check,
@@ -618,6 +691,9 @@ class CollapseMonitorCore:
             "stopped_step": self.stopped_step,
             "eps": self.eps,
             "time_s": self.time_spent_s,
+            "skipped_steps": self.skipped_steps,
+            # every alarm episode of the detector: start, end (None while open), channel, kind, peak level, message
+            "episodes": [] if self.detector is None else [dict(e) for e in self.detector.episodes],
         }
 
     def summary_message(self) -> str:
@@ -645,6 +721,11 @@ class CollapseMonitorCore:
                     f"first alarm at step {info['first_alarm_step']}: {self.monitor} = {value:.4f}"
                     f" ({info['first_alarm_reason']}{'' if base is None else f', baseline {base:.4f}'})"
                 )
+        episodes = info["episodes"]
+        if len(episodes) > 1:
+            alarm += f"; {len(episodes)} alarm episodes (starts: {', '.join(str(e['start']) for e in episodes)})"
+        if info["skipped_steps"]:
+            alarm += f"; {info['skipped_steps']} optimizer steps skipped by the loss scaler (not scored)"
         stop = "" if info["stopped_step"] is None else f"; stopped the run at step {info['stopped_step']}"
         return f"{self.monitor}: {checks}, {alarm}{stop}; {info['time_s']:.2f} s spent in checks."
 
@@ -677,6 +758,9 @@ class CollapseMonitorCore:
             "detector": None if self.detector is None else self.detector.state_dict(),
             "last_observed_step": self.last_observed_step,
             "first_alarm": None if self._first_alarm is None else dict(self._first_alarm),
+            "fed_steps": self._fed_steps,
+            "told": sorted(self._told),
+            "episodes_ended_told": self._episodes_ended_told,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -702,6 +786,9 @@ class CollapseMonitorCore:
         self.last_observed_step = int(state.get("last_observed_step", 0))
         first_alarm = state.get("first_alarm")
         self._first_alarm = None if first_alarm is None else dict(first_alarm)
+        self._fed_steps = int(state.get("fed_steps", 0))
+        self._told = set(state.get("told", []))
+        self._episodes_ended_told = int(state.get("episodes_ended_told", 0))
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

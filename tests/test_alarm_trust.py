@@ -1,0 +1,347 @@
+"""The alarm on ordinary training runs outside the benchmark, each a defect a new user met: fp16 with a real loss
+scaler in every adapter (skipped steps are not failures), a NaN loss without a scaler, a run broken from its first
+steps, a CNN leaving its loss plateau, a loss that jumps a millionfold, and the detector after a non-finite value
+(finite, re-armed, every episode told)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from topo_callbacks.core import CollapseMonitorCore
+from topo_callbacks.core.detector import CAP, CusumDetector, DetectorCalibration, default_calibration
+
+
+def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    return (x, y) if n is None else (x[:n], y[:n])
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
+        self.embed = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(self.body(x)))
+
+
+def plain_loop(
+    steps: int,
+    *,
+    lr: Any = 0.05,
+    every: int = 10,
+    seed: int = 0,
+    model: nn.Module | None = None,
+    loss_hook: Any = None,
+    momentum: float = 0.9,
+    grad_norms: list[float] | None = None,
+    **monitor_kwargs: Any,
+) -> tuple[CollapseMonitorCore, list[str], list[float]]:
+    """A plain PyTorch loop on the digits with the core monitor, fed as the adapters feed it (loss, gradient norm,
+    learning rate). ``lr`` may be a function of the 1-based step; ``loss_hook(step, loss)`` may replace the loss;
+    ``grad_norms`` collects the gradient norms."""
+    from topo_callbacks.core.detector import global_grad_norm
+
+    torch.manual_seed(seed)
+    x, y = digits()
+    model = model or DigitsMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=momentum)
+    monitor = CollapseMonitorCore("embed", every_n_train_steps=every, max_samples=256, **monitor_kwargs)
+    monitor.attach(model)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, steps + 1):
+            rate = lr(step) if callable(lr) else lr
+            for group in opt.param_groups:
+                group["lr"] = rate
+            monitor.prepare_step(step)
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            if loss_hook is not None:
+                loss = loss_hook(step, loss)
+            opt.zero_grad()
+            loss.backward()
+            norm = global_grad_norm(model.parameters())
+            if grad_norms is not None and norm is not None:
+                grad_norms.append(norm)
+            opt.step()
+            losses.append(float(loss))
+            result = monitor.observe_step(step, loss=float(loss), grad_norm=norm, lr=rate)
+            if monitor.is_check_step(step):
+                result = monitor.run_check(step)
+            if result is not None and result.should_stop:
+                break
+    monitor.detach()
+    return monitor, [str(w.message) for w in caught], losses
+
+
+# ------------------------------------------------------------------------------------------------ fp16 scalers
+def test_lightning_fp16_with_a_real_grad_scaler_counts_skipped_steps_and_never_alarms() -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from tests.test_detector_runs import DigitsCNN
+    from tests.test_detector_runs import digits as digit_images
+    from topo_callbacks.lightning import CollapseMonitor
+
+    pl.seed_everything(0, verbose=False)
+    loader = DataLoader(digit_images(), batch_size=64, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    monitor = CollapseMonitor(layer="embed", every_n_train_steps=10, max_samples=256, stop_on_alarm=True)
+    # a large initial scale and a short growth interval: skips at the start and every 25 steps, as fp16 runs have
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=25)
+    trainer = pl.Trainer(max_steps=150, accelerator="cpu", devices=1, callbacks=[monitor], logger=False,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler)], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(DigitsCNN(None), loader)
+    assert monitor.skipped_steps >= 5, monitor.summary()
+    assert monitor.first_alarm_step is None, monitor.summary()
+    assert trainer.global_step == 150  # stop_on_alarm=True, and the run was not stopped
+    assert monitor.history[-1]["skipped_steps"] == monitor.skipped_steps
+    assert all(math.isfinite(h["detector"]) and h["detector"] < 1.0 for h in monitor.history)
+
+
+def test_accelerate_fp16_with_the_users_grad_scaler_counts_skipped_steps_and_never_alarms() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+
+    from topo_callbacks.accelerate import AccelerateCollapseMonitor
+
+    torch.manual_seed(0)
+    x, y = digits()
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(DigitsMLP())
+    opt = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=25)
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with AccelerateCollapseMonitor(accelerator, model, "embed", every_n_train_steps=25, max_samples=256,
+                                       scaler=scaler, optimizer=opt, stop_on_alarm=True) as monitor:  # fmt: skip
+            for step in range(150):
+                idx = torch.randint(0, len(x), (64,), generator=g)
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                stop = monitor.step(loss=loss)
+                opt.zero_grad()
+                assert not stop, (step, monitor.summary())
+    assert monitor.skipped_steps >= 5, monitor.summary()
+    assert monitor.first_alarm_step is None, [str(w.message) for w in caught]
+    assert monitor.global_step == 150
+
+
+def test_hf_trainer_with_a_grad_scaler_counts_skipped_steps_and_never_alarms(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from tests.test_transformers import make_trainer
+    from topo_callbacks.transformers import CollapseMonitorCallback
+
+    trainer = make_trainer(tmp_path, 120, None)
+    monitor = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=10, max_samples=128,
+                                      stop_on_alarm=True)  # fmt: skip
+    trainer.add_callback(monitor)
+    # on the CPU Accelerate makes no scaler for `fp16=True`: set up what it does on a GPU (a scaler, native AMP in
+    # fp16: autocast, `clip_grad_norm_` unscaling first) with a real CPU scaler; it skips at the start and each growth
+    accelerator = trainer.accelerator
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=20)
+    accelerator.native_amp = True
+    precision, accelerator.state._mixed_precision = accelerator.state._mixed_precision, "fp16"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+    finally:
+        accelerator.state._mixed_precision = precision
+    assert monitor.skipped_steps >= 3, monitor.summary()
+    assert monitor.first_alarm_step is None, monitor.summary()
+    assert trainer.state.global_step == 120
+
+
+# ------------------------------------------------------------------------------------------- what does alarm
+def test_a_nan_loss_without_a_scaler_alarms_at_that_step() -> None:
+    def poison(step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if step == 40 else loss
+
+    monitor, caught, _ = plain_loop(60, loss_hook=poison, stop_on_alarm=True)
+    assert monitor.first_alarm_step == 40
+    assert monitor.summary()["episodes"][0]["kind"] == "nonfinite"
+    assert any("alarmed at step 40 on `loss` (nonfinite)" in m for m in caught), caught
+
+
+def test_a_loss_scale_that_keeps_falling_alarms() -> None:
+    monitor = CollapseMonitorCore("0")
+    fired = [monitor.observe_step(s, loss=1.0, grad_norm=math.inf, skipped=True, loss_scale=2.0 ** (17 - s))
+             for s in range(1, 25)]  # fmt: skip
+    first = next(i for i, f in enumerate(fired, 1) if f is not None)
+    assert first == 18  # the scale fell under 1
+    assert monitor.summary()["episodes"][0]["kind"] == "loss_scale"
+
+
+def test_a_run_diverging_from_step_50_alarms() -> None:
+    """A learning rate far too high from step 50 (loss to the thousands, accuracy to chance): the reference windows
+    never learn the broken state as normal."""
+    monitor, _caught, losses = plain_loop(300, lr=lambda s: 0.05 if s < 50 else 3.0)
+    assert min(losses[100:]) > 2.0 > losses[45]  # at chance from step 100 on
+    assert monitor.first_alarm_step is not None, monitor.summary()
+    assert 50 <= monitor.first_alarm_step <= 80, monitor.summary()
+
+
+def test_a_layer_constant_from_the_start_alarms() -> None:
+    model = DigitsMLP()
+    nn.init.zeros_(model.embed[0].weight)
+    nn.init.constant_(model.embed[0].bias, -1.0)  # every unit dead from step 1: the embeddings are all 0
+    monitor, _, _ = plain_loop(120, model=model)
+    assert monitor.first_alarm_step is not None
+    assert monitor.first_alarm_step <= 30, monitor.summary()
+    assert monitor.summary()["episodes"][0]["kind"] == "collapsed"
+
+
+def test_a_loss_jump_of_a_millionfold_alarms_within_two_steps() -> None:
+    def jump(step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * 1e6 if step >= 120 else loss
+
+    monitor, _, _ = plain_loop(130, loss_hook=jump, lr=0.0)  # lr 0: the jump is in the loss alone
+    assert monitor.first_alarm_step is not None
+    assert 120 <= monitor.first_alarm_step <= 121
+    assert monitor.summary()["episodes"][0]["kind"] == "extreme"
+
+
+def test_a_gradient_norm_of_zero_says_what_is_wrong_once() -> None:
+    monitor = CollapseMonitorCore("0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(1, 200):
+            assert monitor.observe_step(s, loss=2.0 * 0.99**s, grad_norm=0.0) is None
+    notes = [str(w.message) for w in caught if "zeroed" in str(w.message)]
+    assert len(notes) == 1, notes
+    assert math.isfinite(monitor.detector.level())
+
+
+def test_a_gradient_norm_of_zero_while_the_loss_stays_at_its_first_values_alarms() -> None:
+    monitor = CollapseMonitorCore("0")
+    fired = [monitor.observe_step(s, loss=2.3 + 0.01 * (s % 3), grad_norm=0.0) for s in range(1, 60)]
+    first = next(i for i, f in enumerate(fired, 1) if f is not None)
+    assert first == 20
+    assert monitor.summary()["episodes"][0]["kind"] == "no_gradient"
+
+
+def test_no_loss_and_zeroed_gradients_are_reported_at_the_first_check() -> None:
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    monitor = CollapseMonitorCore("embed", every_n_train_steps=25, max_samples=64)
+    monitor.attach(model)
+    x, _ = digits(64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 51):
+            monitor.prepare_step(step)
+            model(x)
+            monitor.observe_step(step)  # no loss, gradients already gone
+            if monitor.is_check_step(step):
+                monitor.run_check(step)
+    said = [str(w.message) for w in caught if "received no loss and no gradient norm" in str(w.message)]
+    assert len(said) == 1
+
+
+# ------------------------------------------------------------------------------------------- what does not
+def test_a_cnn_leaving_its_loss_plateau_does_not_alarm() -> None:
+    """A small CNN with a tiny initialisation sits on its initial loss for a while; when it starts learning its
+    gradient norm rises several-fold while the loss falls. That is not a failure."""
+
+    class PlateauCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                                          nn.Flatten())  # fmt: skip
+            self.embed = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+            self.head = nn.Linear(32, 10)
+            for p in self.parameters():
+                p.data.mul_(0.6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(self.features(x)))
+
+    norms: list[float] = []
+    monitor, _, losses = plain_loop(700, model=PlateauCNN(), lr=0.1, every=25, grad_norms=norms)
+    start = next(i for i in range(len(losses)) if sum(losses[i : i + 20]) / 20 < 2.2)
+    assert start >= 120, start  # the loss sat at ln(10) for 120 steps or more, then fell
+    assert sum(losses[-100:]) / 100 < 0.5
+    assert max(norms[start : start + 100]) > 5 * sorted(norms[:100])[50]  # the gradient norm rose several-fold
+    assert monitor.first_alarm_step is None, monitor.summary()
+
+
+# ------------------------------------------------------------------------------------ state after an episode
+def test_after_an_infinite_value_the_detector_is_finite_rearmed_and_tells_the_second_episode() -> None:
+    monitor = CollapseMonitorCore("0")
+    base = [1.0 + 0.01 * (s % 5) for s in range(600)]
+    starts = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(1, 601):
+            grad = math.inf if s == 250 else (500.0 if 480 <= s < 500 else 2.0)  # 250x for 20 steps: a CUSUM episode
+            if monitor.observe_step(s, loss=base[s - 1], grad_norm=grad) is not None:
+                starts.append(s)
+            level = monitor.detector.level()
+            assert math.isfinite(level)
+            assert level <= CAP
+    assert len(starts) == 2, starts
+    assert starts[0] == 250
+    assert 480 <= starts[1] < 500
+    episodes = monitor.summary()["episodes"]
+    assert episodes[0]["end"] is not None
+    assert episodes[0]["end"] < 480
+    assert [e["kind"] for e in episodes] == ["nonfinite", "cusum"]
+    messages = [str(w.message) for w in caught]
+    assert sum("Collapse alarm" in m for m in messages) == 2
+    assert any("ended at step" in m for m in messages)
+
+
+def test_the_state_round_trip_keeps_episodes_and_skips() -> None:
+    det = CusumDetector(default_calibration(0.05))
+    det.observe_step(1, {"loss": math.nan, "grad_norm": 1.0})
+    det.observe_step(2, {"loss": 1.0, "grad_norm": math.inf}, skipped=True, loss_scale=4.0)
+    again = CusumDetector(default_calibration(0.05))
+    again.load_state_dict(det.state_dict())
+    assert again.state_dict() == det.state_dict()
+    assert again.episodes[0]["kind"] == "nonfinite"
+    assert again.skipped_steps == 1
+    import json
+
+    json.dumps(det.state_dict())  # HF Trainer keeps callback state as JSON
+
+
+def test_a_schedule_decay_restarts_the_step_references_and_a_rise_past_the_peak_does_not() -> None:
+    det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 10.0}, 1.0))
+    for s in range(1, 100):
+        det.observe_step(s, {"loss": 1.0}, lr=0.1)
+    det.observe_step(100, {"loss": 1.0}, lr=0.01)  # a decay
+    assert len(det.states["loss"].reference) == 1
+    for s in range(101, 200):
+        det.observe_step(s, {"loss": 1.0}, lr=0.01)
+    det.observe_step(200, {"loss": 1.0}, lr=0.1)  # a warm restart back to the peak
+    assert len(det.states["loss"].reference) == 1
+    for s in range(201, 300):
+        det.observe_step(s, {"loss": 1.0}, lr=0.1)
+    det.observe_step(300, {"loss": 1.0}, lr=3.0)  # 30x past every rate the run trained at: scored, not excused
+    assert len(det.states["loss"].reference) == 101
