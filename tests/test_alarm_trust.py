@@ -345,3 +345,38 @@ def test_a_schedule_decay_restarts_the_step_references_and_a_rise_past_the_peak_
         det.observe_step(s, {"loss": 1.0}, lr=0.1)
     det.observe_step(300, {"loss": 1.0}, lr=3.0)  # 30x past every rate the run trained at: scored, not excused
     assert len(det.states["loss"].reference) == 101
+
+
+# ---------------------------------------------------------------------------------------------- said once each
+def test_an_integer_or_boolean_layer_output_is_named_once() -> None:
+    class Argmax(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x.argmax(dim=1), x.argmin(dim=1)], dim=1)  # int64 indices
+
+    model = nn.Sequential(nn.Linear(8, 8), Argmax())
+    monitor = CollapseMonitorCore("1", every_n_train_steps=2, max_samples=64)
+    monitor.attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 9):
+            monitor.prepare_step(step)
+            model(torch.randn(16, 8))
+            if monitor.is_check_step(step):
+                monitor.run_check(step)
+    said = [str(w.message) for w in caught if "dtype torch.int64" in str(w.message)]
+    assert len(said) == 1, said
+
+
+def test_a_check_skipped_again_and_again_is_said_once() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    monitor = CollapseMonitorCore("0", every_n_train_steps=1, select=lambda out: out.no_such_field)
+    monitor.attach(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 6):
+            monitor.prepare_step(step)
+            model(torch.randn(8, 4))
+            monitor.run_check(step)
+    said = [str(w.message) for w in caught if "Collapse check skipped" in str(w.message)]
+    assert len(said) == 1, said
+    assert monitor.skipped_checks == 5

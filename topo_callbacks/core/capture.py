@@ -417,6 +417,12 @@ class EmbeddingCapture:
     def _inspect(self, output: Any, selected: Tensor, rows: Tensor) -> None:
         """Record a `selection_warning` for this output structure, once; a plain wide tensor costs nothing."""
         d = int(rows.shape[1]) if rows.ndim == 2 else 1
+        if not (selected.is_floating_point() or selected.is_complex()):
+            self._record(
+                f"the watched tensor has dtype {selected.dtype} (integer or boolean: indices, masks, token ids), which"
+                " has no geometry to watch; its values are cast to float32 and watched as they are. Pick a layer"
+                " whose output is a floating-point tensor (or pass `select=`)."
+            )
         if d >= 2 and isinstance(output, Tensor):
             return
         key = _structure_key(output, selected, d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 import time
 import warnings
@@ -732,7 +733,15 @@ class CollapseMonitorCore:
     def _skip(self, step: int, why: str, error: Exception | None = None) -> CheckResult:
         if self.strict:
             raise RuntimeError(f"collapse check at step {step} failed: {why}") from error
-        self._warn(f"Collapse check skipped at step {step}: {why}")
+        # each kind of failure is said once (its counts change from check to check); later ones are counted in
+        # `skipped_checks` and in the end-of-training summary
+        kind = re.split(r"[:(]", why, maxsplit=1)[0].strip()
+        if f"skip:{kind}" not in self._told:
+            self._told.add(f"skip:{kind}")
+            self._warn(
+                f"Collapse check skipped at step {step}: {why} (said once; later checks skipped for this reason are"
+                " counted in `skipped_checks` and the end-of-training summary)"
+            )
         return CheckResult(step, None, skipped=why)
 
     def _warn(self, message: str) -> None:
