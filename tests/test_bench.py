@@ -21,7 +21,7 @@ from topo_callbacks.bench.detectors import (
     rolling_median_mad,
     running_mean_ratio,
 )
-from topo_callbacks.bench.families import FAMILIES, AttentionEntropyTask
+from topo_callbacks.bench.families import FAMILIES, AttentionEntropyTask, Family
 from topo_callbacks.bench.protocol import analyse, calibrated_threshold, clopper_pearson, fa_upper_bound
 from topo_callbacks.bench.record import RunRecord, _monitor, _Recorder, _train, train_arms
 from topo_callbacks.cli import main
@@ -143,6 +143,37 @@ def test_the_replayed_detector_alarms_where_the_live_monitor_did():
     assert healthy.monitor_alarm_step is None
     assert failure.monitor_alarm_step is not None
     assert failure.monitor_alarm_step >= failure.t0
+
+
+def _tiny(name: str, t0: int = 20, steps: int = 60) -> Family:
+    """A family's quick setting cut to a few steps (checked and evaluated every 10), for fast tests."""
+    return dataclasses.replace(FAMILIES[name], quick_steps=steps, quick_t0=t0, eval_every=10, check_every=10)
+
+
+def _straight(fam: Family, seed: int, arm: str) -> RunRecord:
+    """The quick setting of ``fam`` trained without a fork, as ``arm`` (the switch flips at t0 all the same)."""
+    steps, t0 = fam.schedule(quick=True)
+    task = fam.build(seed, t0)
+    monitor = _monitor(task, fam)
+    recorder = _Recorder(task, fam, arm, seed, steps, t0)
+    monitor.attach(task.model)
+    _train(task, fam, monitor, recorder, 1, steps)
+    return recorder.rec
+
+
+@pytest.mark.parametrize("name", ["classifier_lr", "vicreg"])
+def test_both_forked_arms_equal_runs_trained_straight_through(name):
+    """Both arms forked at t0 continue exactly as the same seed trained without a fork, loss for loss: the second arm
+    too: the first must not change the shared snapshot's optimizer state (SGD's momentum, Adam's moments) in place."""
+    torch.set_num_threads(1)
+    fam = _tiny(name)
+    forked = train_arms(fam, seed=1, quick=True)
+    for rec in forked:
+        straight = _straight(fam, 1, rec.arm)
+        assert straight.loss == rec.loss, rec.arm
+        assert np.array_equal(straight.grad_norm, rec.grad_norm, equal_nan=True), rec.arm
+        assert straight.update_norm == rec.update_norm, rec.arm
+    assert forked[0].loss[20:] != forked[1].loss[20:]
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):

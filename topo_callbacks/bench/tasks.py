@@ -8,6 +8,7 @@ scikit-learn's bundled digits and CPython's own standard-library source text; no
 
 from __future__ import annotations
 
+import copy
 import math
 import sysconfig
 from pathlib import Path
@@ -186,7 +187,10 @@ class Task:
 
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # a copy: `Optimizer.load_state_dict` keeps the given state tensors (momentum buffers, Adam's moments and step
+        # counts) and updates them in place, so an arm loaded from a shared snapshot would change the snapshot under
+        # the next arm (which would then start from the first arm's final optimizer state)
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         for k, g in self.gens.items():
             g.set_state(state["gens"][k])
         for k, s in self.streams.items():
