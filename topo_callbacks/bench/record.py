@@ -4,12 +4,18 @@ A seed's run is trained once up to ``t0`` with the monitor attached; model, opti
 the global RNG, the monitor's state and the series recorded so far are snapshotted; every arm then continues from
 that same snapshot. The arms differ only after ``t0``, which is also what makes "lead" well defined.
 
-Recorded, per optimizer step: the loss, the global gradient norm (before the step), the scheduled learning rate,
-per parameter group the update norm ||delta theta|| and the weight norm ||theta|| (after the step), the watched
-layer's activation RMS, and for the attention layers of the transformer families the max attention logit and the
-minimum per-head attention entropy. Per check: the monitor's full history row, and the consecutive-check channels of
-a fixed probe embedded beside it (the monitor itself watches the training stream). Per evaluation: the task metric
-and the validation loss. Costs: the mean training step, the per-step channels and the checks, in seconds.
+Recorded, per optimizer step: the loss (the mean over the step's micro-batches), the global gradient norm (before
+the step, unscaled and before any clipping), the scheduled learning rate, per parameter group the update norm
+||delta theta|| and the weight norm ||theta|| (after the step), the watched layer's activation RMS, for the attention
+layers of the transformer families the max attention logit and the minimum per-head attention entropy, and for a
+task with a loss scaler the scale each step used and the steps the scaler skipped. Per check: the monitor's full
+history row, and the consecutive-check channels of a fixed probe embedded beside it (the monitor itself watches the
+training stream). Per evaluation: the task metric and the validation loss. Costs: the mean training step, the
+per-step channels and the checks, in seconds.
+
+The monitor is fed, per optimizer step, the values the record holds (loss, gradient norm, learning rate, and whether
+a loss scaler skipped the step). A task whose switched arm restarts its monitor (`Task.fresh_monitor`: a fine-tuning
+run from a checkpoint of the weights) gets a new monitor at ``t0``; ``RunRecord.monitor_restart`` says so.
 """
 
 from __future__ import annotations
@@ -55,6 +61,14 @@ class RunRecord:
     #: optimizer's stability level (``curvature_ratio``), and the consecutive-check channels of a fixed probe (up to
     #: 256 held-out inputs, embedded in eval mode at the watched layer; from the second check on)
     side_checks: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    #: optimizer steps (1-based) whose update a loss scaler skipped (its scale fell at that step's update: the
+    #: gradients were not finite, and the weights did not move)
+    skipped_steps: list[int] = dataclasses.field(default_factory=list)
+    #: per step, the loss scale the step's backward used (empty without a scaler)
+    loss_scale: list[float] = dataclasses.field(default_factory=list)
+    #: the step after which the live monitor was a fresh one (a fine-tuning run started from a checkpoint of the
+    #: weights: the switched arm's monitor starts at ``t0`` without the run's past); None: one monitor throughout
+    monitor_restart: int | None = None
     step_s: float = 0.0
     channels_s: float = 0.0
     monitor_s: float = 0.0
@@ -120,10 +134,14 @@ class _Recorder:
     def before_step(self) -> list[list[Tensor]]:
         return [[p.detach().clone() for p in g["params"]] for g in self.task.optimizer.param_groups]
 
-    def after_step(self, loss: float, grad_norm: float, prev: list[list[Tensor]]) -> None:
+    def after_step(
+        self, loss: float, grad_norm: float, prev: list[list[Tensor]], loss_scale: float | None = None
+    ) -> None:
         rec = self.rec
         rec.loss.append(loss)
         rec.grad_norm.append(grad_norm)
+        if loss_scale is not None:
+            rec.loss_scale.append(loss_scale)
         groups = self.task.optimizer.param_groups
         rec.lr.append(float(groups[0]["lr"]))
         upd, wn = [], []
@@ -157,21 +175,34 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
     """Optimizer steps ``first..last`` (1-based, inclusive), with evaluations and checks on their schedules."""
     from topo_callbacks.core import resolve_layer
 
-    model, opt, rec = task.model, task.optimizer, recorder.rec
+    model, opt, rec, scaler = task.model, task.optimizer, recorder.rec, task.scaler
     base = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
     handle = resolve_layer(model, task.layer).register_forward_hook(recorder.hook)
     try:
         model.train()
         for step in range(first, last + 1):
             task.switched = recorder.rec.arm != "healthy" and step - 1 >= task.t0
+            if task.switched and step - 1 == task.t0:
+                task.on_fork()
+                opt, scaler = task.optimizer, task.scaler
+                base = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
             factor = task.lr_factor(step - 1)
             for group, lr in zip(opt.param_groups, base, strict=True):
                 group["lr"] = lr * factor
             monitor.prepare_step(step)
             tick = time.perf_counter()
-            loss = task.step_loss(step - 1)
+            micro = task.micro_batches(step - 1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses = []
+            for _ in range(micro):
+                loss = task.step_loss(step - 1)
+                losses.append(float(loss.detach()))
+                if micro > 1:
+                    loss = loss / micro
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            scale = None if scaler is None else float(scaler.get_scale())
+            if scaler is not None:
+                scaler.unscale_(opt)  # the norm a user's hook reads: unscaled (not finite when the step is skipped)
             rec.step_s += time.perf_counter() - tick
             tick = time.perf_counter()
             grads = [p.grad.detach().pow(2).sum() for p in model.parameters() if p.grad is not None]
@@ -179,15 +210,33 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
             prev = recorder.before_step()
             rec.channels_s += time.perf_counter() - tick
             tick = time.perf_counter()
-            opt.step()
+            if task.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip_norm)
+            skipped = False
+            if scaler is None or scale is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+                skipped = float(scaler.get_scale()) < scale  # the scaler backs off exactly when it skipped
             task.after_step(step - 1)
             rec.step_s += time.perf_counter() - tick
             tick = time.perf_counter()
-            recorder.after_step(float(loss.detach()), grad_norm, prev)
+            mean_loss = losses[0] if micro == 1 else math.fsum(losses) / micro
+            recorder.after_step(mean_loss, grad_norm, prev, scale)
+            if skipped:
+                rec.skipped_steps.append(step)
             rec.channels_s += time.perf_counter() - tick
             # the live detector reads the same per-step values the record holds (its replay is then exact)
             tick = time.perf_counter()
-            monitor.observe_step(step, loss=rec.loss[-1], grad_norm=grad_norm)
+            monitor.observe_step(
+                step,
+                loss=rec.loss[-1],
+                grad_norm=grad_norm,
+                lr=rec.lr[-1],
+                skipped=skipped,
+                loss_scale=None if scaler is None else float(scaler.get_scale()),  # after the update: the next step's
+            )
             rec.monitor_s += time.perf_counter() - tick
             if monitor.is_check_step(step):
                 tick = time.perf_counter()
@@ -241,8 +290,13 @@ def train_arm(family: Family, seed: int, quick: bool, arm: str, snapshot: dict[s
         group["initial_lr"] = lr
     monitor = _monitor(task, family)
     monitor.load_state_dict(snapshot["monitor"])
-    recorder = _Recorder(task, family, arm, seed, steps, t0)
     prefix = RunRecord.from_dict(snapshot["record"])
+    prefix_checks = [dict(c) for c in monitor.history]
+    prefix_alarm = monitor.first_alarm_step
+    restart = arm != "healthy" and task.fresh_monitor
+    if restart:  # a new run from a checkpoint of the weights: its monitor knows nothing of the run so far
+        monitor = _monitor(task, family)
+    recorder = _Recorder(task, family, arm, seed, steps, t0)
     recorder.rec = dataclasses.replace(
         prefix,
         arm=arm,
@@ -255,8 +309,11 @@ def train_arm(family: Family, seed: int, quick: bool, arm: str, snapshot: dict[s
         attn_max_logit=list(prefix.attn_max_logit),
         attn_min_entropy=list(prefix.attn_min_entropy),
         evals=list(prefix.evals),
-        checks=[dict(c) for c in monitor.history],
+        checks=prefix_checks,
         side_checks=[dict(c) for c in prefix.side_checks],
+        skipped_steps=list(prefix.skipped_steps),
+        loss_scale=list(prefix.loss_scale),
+        monitor_restart=t0 if restart else None,
     )
     recorder.previous_probe = snapshot.get("previous_probe")
     start = time.perf_counter()
@@ -266,8 +323,10 @@ def train_arm(family: Family, seed: int, quick: bool, arm: str, snapshot: dict[s
         _train(task, family, monitor, recorder, t0 + 1, steps)
         monitor.detach()
     rec = recorder.rec
-    rec.checks = [dict(c) for c in monitor.history]
-    rec.monitor_alarm_step = monitor.first_alarm_step
+    rec.checks = (
+        [*prefix_checks, *(dict(c) for c in monitor.history)] if restart else [dict(c) for c in monitor.history]
+    )
+    rec.monitor_alarm_step = prefix_alarm if restart and prefix_alarm is not None else monitor.first_alarm_step
     rec.wall_s = prefix.wall_s + time.perf_counter() - start
     return rec
 

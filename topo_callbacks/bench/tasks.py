@@ -136,12 +136,25 @@ class Task:
     Subclasses set ``model``, ``optimizer``, ``layer`` (the watched submodule) and fill ``gens`` and ``streams``,
     and implement `step_loss` and `evaluate`. ``switched`` is True in the arm whose switch has flipped (from
     step ``t0`` on); `lr_factor` multiplies every group's base learning rate at each step.
+
+    Optional training-loop capabilities, off by default (a task that sets none trains exactly as before):
+    `micro_batches` (gradient accumulation), ``clip_norm`` (gradient-norm clipping after the pre-clip norm is
+    recorded), ``scaler`` (a loss scaler such as ``torch.amp.GradScaler("cpu")``: steps it skips are recorded),
+    `on_fork` (e.g. a new optimizer at ``t0``) and ``fresh_monitor`` (the switched arm gets a new monitor at ``t0``,
+    as a fine-tuning run started from a checkpoint of the weights would).
     """
 
     layer: str = ""
     pool: str = "mean"
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    #: clip the global gradient norm to this after it is read (``torch.nn.utils.clip_grad_norm_``); None: no clipping
+    clip_norm: float | None = None
+    #: a loss scaler: the loss is scaled before backward, the gradients unscaled before their norm is read, and the
+    #: scaler steps the optimizer (it skips the update on non-finite gradients) and updates its scale
+    scaler: torch.amp.GradScaler | None = None
+    #: whether the switched arm's monitor starts afresh at ``t0`` (no reference, no history), as a new run would
+    fresh_monitor: bool = False
 
     def __init__(self, seed: int, t0: int) -> None:
         self.seed, self.t0 = seed, t0
@@ -164,6 +177,15 @@ class Task:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step ``step`` (0-based); a switch that edits weights acts here."""
 
+    def micro_batches(self, step: int) -> int:
+        """How many micro-batches optimizer step ``step`` (0-based) accumulates: `step_loss` is called that many
+        times, each loss divided by the count before its backward, and the recorded loss is their mean."""
+        return 1
+
+    def on_fork(self) -> None:
+        """Called once in the switched arm, before its first switched step (``t0``, 0-based): a switch that replaces
+        training objects (a new optimizer, a new scaler) acts here. The training loop reads ``optimizer`` again."""
+
     def fixed_batch_loss(self) -> Tensor:
         """The training objective on a fixed batch (the same at every check), for the curvature channel."""
         raise NotImplementedError(f"{type(self).__name__} defines no fixed-batch loss")
@@ -183,6 +205,7 @@ class Task:
             "gens": {k: g.get_state() for k, g in self.gens.items()},
             "streams": {k: s.state() for k, s in self.streams.items()},
             "torch": torch.get_rng_state(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -191,6 +214,8 @@ class Task:
         # counts) and updates them in place, so an arm loaded from a shared snapshot would change the snapshot under
         # the next arm (which would then start from the first arm's final optimizer state)
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         for k, g in self.gens.items():
             g.set_state(state["gens"][k])
         for k, s in self.streams.items():
