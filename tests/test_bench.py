@@ -145,6 +145,12 @@ def test_the_replayed_detector_alarms_where_the_live_monitor_did():
     assert failure.monitor_alarm_step >= failure.t0
 
 
+#: The realistic healthy runs and the failures that start early or at once (issue: runs users train).
+REALISTIC = ["warmup_cosine", "step_decay", "cosine_restarts", "finetune", "accumulation_clip", "fp16_scaler",
+             "loss_plateau", "augmented_stream", "long_run"]  # fmt: skip
+EARLY = ["lr_too_high_early", "constant_layer_early", "label_break", "loss_jump"]
+
+
 def _tiny(name: str, t0: int = 20, steps: int = 60) -> Family:
     """A family's quick setting cut to a few steps (checked and evaluated every 10), for fast tests."""
     return dataclasses.replace(FAMILIES[name], quick_steps=steps, quick_t0=t0, eval_every=10, check_every=10)
@@ -161,19 +167,137 @@ def _straight(fam: Family, seed: int, arm: str) -> RunRecord:
     return recorder.rec
 
 
-@pytest.mark.parametrize("name", ["classifier_lr", "vicreg"])
+def test_the_new_families_are_registered_with_their_settings():
+    for name in REALISTIC:
+        assert FAMILIES[name].kind == "control", name
+    for name in EARLY:
+        assert FAMILIES[name].kind == "failure", name
+    assert FAMILIES["long_run"].steps >= 20_000
+    assert FAMILIES["long_run"].check_every == 50
+    for name in ("lr_too_high_early", "constant_layer_early"):
+        assert FAMILIES[name].t0 <= 50
+    for name in ("label_break", "loss_jump"):
+        assert FAMILIES[name].eval_every == 5
+    for name in REALISTIC + EARLY:
+        assert FAMILIES[name].quick_steps <= 300, name
+
+
+@pytest.mark.parametrize("name", REALISTIC + EARLY)
+def test_a_new_family_trains_both_arms_and_records_every_step(name):
+    torch.set_num_threads(1)
+    fam = _tiny(name)
+    healthy, switched = train_arms(fam, seed=0, quick=True)
+    for rec in (healthy, switched):
+        assert len(rec.loss) == len(rec.grad_norm) == len(rec.lr) == 60
+        assert all(math.isfinite(v) for v in rec.loss[:20])
+        assert [s for s, _, _ in rec.evals] == list(range(0, 61, 10))
+        assert len(rec.checks) == 6
+    assert healthy.loss[:20] == switched.loss[:20]
+    assert healthy.lr[:20] == switched.lr[:20]
+
+
+@pytest.mark.parametrize(
+    "name", ["classifier_lr", "vicreg", "finetune", "accumulation_clip", "fp16_scaler", "long_run"]
+)
 def test_both_forked_arms_equal_runs_trained_straight_through(name):
     """Both arms forked at t0 continue exactly as the same seed trained without a fork, loss for loss: the second arm
-    too: the first must not change the shared snapshot's optimizer state (SGD's momentum, Adam's moments) in place."""
+    too: the first must not change the shared snapshot's optimizer state (SGD's momentum, Adam's moments) in place;
+    and with a new optimizer at t0 (`Task.on_fork`), micro-batches and clipping, and a GradScaler's state."""
     torch.set_num_threads(1)
     fam = _tiny(name)
     forked = train_arms(fam, seed=1, quick=True)
     for rec in forked:
         straight = _straight(fam, 1, rec.arm)
         assert straight.loss == rec.loss, rec.arm
-        assert np.array_equal(straight.grad_norm, rec.grad_norm, equal_nan=True), rec.arm
+        assert np.array_equal(straight.grad_norm, rec.grad_norm, equal_nan=True), rec.arm  # skipped steps: NaN
         assert straight.update_norm == rec.update_norm, rec.arm
+        assert straight.skipped_steps == rec.skipped_steps, rec.arm
+        assert straight.loss_scale == rec.loss_scale, rec.arm
     assert forked[0].loss[20:] != forked[1].loss[20:]
+
+
+def test_fp16_scaler_records_the_steps_a_real_gradscaler_skipped():
+    torch.set_num_threads(1)
+    fam = _tiny("fp16_scaler", t0=40, steps=120)
+    task = fam.build(0, 40)
+    assert isinstance(task.scaler, torch.amp.GradScaler)
+    healthy, switched = train_arms(fam, seed=0, quick=True)
+    for rec in (healthy, switched):
+        assert len(rec.loss_scale) == rec.steps
+        assert rec.loss_scale[0] == 2.0**24
+        # the first steps overflow at 2**24 and are skipped while the scale backs off
+        assert rec.skipped_steps[:3] == [1, 2, 3]
+        for step in rec.skipped_steps:
+            assert not math.isfinite(rec.grad_norm[step - 1])  # the unscaled norm a user's hook reads
+            assert all(u == 0.0 for u in rec.update_norm[step - 1])  # the weights did not move
+            if step < rec.steps:
+                assert rec.loss_scale[step] == rec.loss_scale[step - 1] / 2
+        clean = [s for s in range(1, rec.steps + 1) if s not in rec.skipped_steps]
+        assert all(math.isfinite(rec.grad_norm[s - 1]) and rec.update_norm[s - 1][0] > 0 for s in clean)
+        assert all(math.isfinite(v) for v in rec.loss)
+    # the switched arm's scaler grows every 10 clean steps (its twin's every 50): it overflows and skips more
+    assert len([s for s in switched.skipped_steps if s > 40]) > len([s for s in healthy.skipped_steps if s > 40])
+    # runs without a scaler record no scale
+    assert train_arms(_tiny("loss_jump"), seed=0, quick=True)[0].loss_scale == []
+
+
+def test_accumulation_records_the_mean_micro_batch_loss_and_the_norm_before_clipping():
+    torch.set_num_threads(1)
+    fam = _tiny("accumulation_clip")
+    healthy, _ = train_arms(fam, seed=0, quick=True)
+    task = fam.build(0, 20)  # the same seed from scratch: the first step's 4 micro-batches, by hand
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(task.model(task.x_train[i]), task.y_train[i])
+                  for i in (task.batch_indices(0) for _ in range(4))]  # fmt: skip
+    assert healthy.loss[0] == pytest.approx(float(sum(losses)) / 4, rel=1e-6)
+    clip = task.clip_norm
+    assert clip is not None
+    assert max(healthy.grad_norm) > clip  # recorded before clipping
+    # clipped steps move the weights less: the update norm of SGD's first step is lr x the clipped norm
+    assert healthy.update_norm[0][0] == pytest.approx(task.lr * min(healthy.grad_norm[0], clip), rel=1e-4)
+    assert task.micro_batches(0) == 4
+    task.switched = True
+    assert task.micro_batches(40) == 8
+
+
+def test_finetune_continues_with_a_new_optimizer_and_a_fresh_monitor():
+    torch.set_num_threads(1)
+    fam = _tiny("finetune")
+    healthy, switched = train_arms(fam, seed=0, quick=True)
+    assert healthy.monitor_restart is None
+    assert switched.monitor_restart == 20
+    assert switched.lr[:20] == healthy.lr[:20] == [1e-3] * 20
+    assert switched.lr[20:] == pytest.approx([1e-4] * 40)  # the new Adam's rate
+    assert [c["step"] for c in switched.checks] == [c["step"] for c in healthy.checks]
+    assert switched.checks[:2] == healthy.checks[:2]
+
+
+def test_old_records_without_the_new_fields_still_load():
+    rec = train_arms(_tiny("loss_jump"), seed=0, quick=True)[0]
+    data = rec.as_dict()
+    for key in ("skipped_steps", "loss_scale", "monitor_restart"):
+        del data[key]
+    old = RunRecord.from_dict(json.loads(json.dumps(data)))
+    assert old.skipped_steps == []
+    assert old.loss_scale == []
+    assert old.monitor_restart is None
+
+
+def test_ground_truth_counts_evaluations_from_an_early_fork_and_leaves_the_others_alone():
+    """The warm-up left out of the ground truth ends at 10% of the run or at t0, whichever comes first: a failure
+    from step 40 of 600 is measured against its evaluation at the fork; no other family's ground truth moves."""
+    from topo_callbacks.bench.protocol import WARMUP, ground_truth, warmup_end
+
+    evals = [(s, 80.0 if s <= 40 else 10.0, 0.0) for s in range(0, 601, 10)]
+    rec = RunRecord("lr_too_high_early", "failure", 0, 600, 40, *([[]] * 6), [], [], evals, [], None)
+    assert warmup_end(rec) == 40
+    assert ground_truth(rec) == 50
+    assert ground_truth(dataclasses.replace(rec, t0=100)) is None  # evaluations before step 60 left out
+    for fam in FAMILIES.values():
+        if fam.name not in EARLY + REALISTIC:
+            for quick in (False, True):
+                steps, t0 = fam.schedule(quick)
+                assert min(WARMUP * steps, t0) == WARMUP * steps, fam.name
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):

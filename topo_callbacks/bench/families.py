@@ -24,6 +24,7 @@ from topo_callbacks.bench.tasks import (
     augment_each,
     digits,
     knn_accuracy,
+    mask_and_noise,
     ramp,
     stdlib_text,
 )
@@ -210,12 +211,15 @@ class ClassifierTask(Task):
         self.model = self.make_model()
         self.streams["train"] = BatchStream(len(self.x_train), self.batch, seed)
         self.streams["large"] = BatchStream(len(self.x_train), 4 * self.batch, seed + 7)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        self.optimizer = self.make_optimizer()
 
     def make_model(self) -> nn.Module:
         return MLP()
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
 
     @property
     def body(self) -> nn.Sequential:
@@ -522,6 +526,221 @@ class LMWeightDecayTask(LMTask):
         return 1.0
 
 
+# -------------------------------------------------------------------------- realistic healthy runs (controls)
+# Runs as users train them: schedules, fine-tuning from a checkpoint, gradient accumulation with clipping, fp16 with a
+# loss scaler, an initial loss plateau, strongly augmented streams, long runs. Each is a control: the switch at t0
+# is a change a user makes on purpose, and neither arm should drop.
+class WarmupCosineTask(ClassifierTask):
+    """AdamW (lr 3e-3, weight decay 0.01) with a linear warm-up over the first ``t0`` steps (both arms); from ``t0``
+    the switched arm decays the rate along a cosine to 0 at ``10 t0`` (the end of the run), its twin holds it."""
+
+    lr, weight_decay = 3e-3, 0.01
+    decay = 9
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.t0:
+            return (step + 1) / self.t0
+        if not self.switched:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min((step - self.t0) / (self.decay * self.t0), 1.0)))
+
+
+class StepDecayTask(ClassifierTask):
+    """SGD (lr 0.05, momentum 0.9, weight decay 5e-4); the switched arm decays the rate x0.1 at ``t0`` and x0.1
+    again at ``2 t0`` (milestones at a third and two thirds of the run), its twin holds it."""
+
+    lr, weight_decay = 0.05, 5e-4
+
+    def lr_factor(self, step: int) -> float:
+        if not self.switched:
+            return 1.0
+        return 0.01 if step >= 2 * self.t0 else 0.1
+
+
+class CosineRestartsTask(ClassifierTask):
+    """SGD (lr 0.05) annealed along a cosine to 1% over ``t0`` steps (both arms); from ``t0`` the switched arm
+    restarts (SGDR: the rate jumps back to its peak) every ``t0`` steps, its twin stays annealed."""
+
+    lr, floor = 0.05, 0.01
+
+    def lr_factor(self, step: int) -> float:
+        if step >= self.t0 and not self.switched:
+            return self.floor
+        phase = (step % self.t0) / self.t0
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * phase))
+
+
+class FineTuneTask(ClassifierTask):
+    """Adam (lr 1e-3) on two thirds of the training set. The switched arm is a fine-tuning run started from the
+    checkpoint at ``t0``: a new Adam (fresh moments) at lr 1e-4, on the other third of the training set, with a
+    monitor of its own (`Task.fresh_monitor`); its twin continues the first run."""
+
+    lr = 1e-3
+    fine_tune = 0.1
+    fresh_monitor = True
+
+    def __init__(self, seed: int, t0: int) -> None:
+        super().__init__(seed, t0)
+        cut = 2 * len(self.x_train) // 3
+        self.idx_a, self.idx_b = torch.arange(cut), torch.arange(cut, len(self.x_train))
+        self.streams["a"] = BatchStream(len(self.idx_a), self.batch, seed + 11)
+        self.streams["b"] = BatchStream(len(self.idx_b), self.batch, seed + 13)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
+
+    def batch_indices(self, step: int) -> Tensor:
+        return self.idx_b[self.streams["b"].next()] if self.switched else self.idx_a[self.streams["a"].next()]
+
+    def on_fork(self) -> None:
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr * self.fine_tune)
+
+
+class AccumulationClipTask(ClassifierTask):
+    """SGD (lr 0.05, momentum 0.9) accumulating 4 micro-batches of 32 per optimizer step, the global gradient norm
+    clipped to 0.5 (about one step in eight is clipped; the recorded norm is the one before clipping); the switched
+    arm accumulates 8 micro-batches from ``t0`` (the effective batch doubles), its twin keeps 4."""
+
+    lr, batch = 0.05, 32
+    clip_norm = 0.5
+
+    def micro_batches(self, step: int) -> int:
+        return 8 if self.switched else 4
+
+
+class FP16ScalerTask(ClassifierTask):
+    """The forward pass under fp16 autocast on the CPU, with a real ``torch.amp.GradScaler("cpu")`` started at
+    2**24 (its first steps overflow and are skipped while the scale backs off) that tries to double its scale every
+    50 clean steps (a skipped step follows when the doubled scale overflows); the switched arm's scaler tries every
+    10 steps from ``t0`` (more skipped steps), its twin's every 50."""
+
+    def __init__(self, seed: int, t0: int) -> None:
+        super().__init__(seed, t0)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=50)
+
+    def step_loss(self, step: int) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return super().step_loss(step)
+
+    def on_fork(self) -> None:
+        # a new scaler at the current scale, not `set_growth_interval(10)`: the scaler grows when its count of clean
+        # steps *equals* the interval, so a count already past 10 would never grow again
+        assert self.scaler is not None
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=self.scaler.get_scale(), growth_interval=10)
+
+
+class PlateauMLP(nn.Module):
+    """A deep tanh MLP whose weights start at a fifth of their default scale: its loss sits at ln 10 until the
+    signal has grown through the layers (a saddle plateau), then falls."""
+
+    def __init__(self, width: int = 128, init: float = 0.2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
+        )
+        self.head = nn.Linear(width, 10)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.mul_(init)
+                    m.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+class LossPlateauTask(ClassifierTask):
+    """`PlateauMLP` with SGD (lr 0.05, momentum 0.9): the loss stays at its initial value for some hundred steps,
+    then learning starts (the gradient norm grows about tenfold) and the run ends well trained; the switched arm
+    halves the learning rate at ``t0``, on the plateau (it lasts longer)."""
+
+    lr = 0.05
+
+    def make_model(self) -> nn.Module:
+        return PlateauMLP()
+
+    def lr_factor(self, step: int) -> float:
+        return 0.5 if self.switched else 1.0
+
+
+class AugmentedStreamTask(ClassifierTask):
+    """The MLP classifier trained on strongly augmented digits (30% of the pixels masked, Gaussian noise of std 0.3:
+    the training loss stays near 1): the rows the monitor sees are noisy. The switched arm strengthens the
+    augmentation to 40% and 0.4 at ``t0`` (a magnitude schedule), its twin keeps it. Accuracy is measured on clean
+    held-out digits. (With a pixel shift per image as well, this MLP's clean accuracy swung by 10 points from one
+    evaluation to the next: no ground truth could be read from it.)"""
+
+    strength, stronger = (0.3, 0.3), (0.4, 0.4)
+
+    def __init__(self, seed: int, t0: int) -> None:
+        super().__init__(seed, t0)
+        self.gens["augment"] = torch.Generator().manual_seed(seed + 1)
+
+    def step_loss(self, step: int) -> Tensor:
+        idx = self.batch_indices(step)
+        mask, noise = self.stronger if self.switched else self.strength
+        x = mask_and_noise(self.x_train[idx], self.gens["augment"], mask, noise)
+        return nn.functional.cross_entropy(self.model(x), self.y_train[idx])
+
+
+class LongRunTask(ClassifierTask):
+    """The MLP classifier (SGD, lr 0.02, momentum 0.9) trained for a long time; the switched arm turns weight decay
+    5e-4 on at ``t0``."""
+
+    def on_fork(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = 5e-4
+
+
+# ---------------------------------------------------------------------------- failures that start early or at once
+class LRJumpTask(ClassifierTask):
+    """The switch multiplies the SGD learning rate by ``jump`` from ``t0`` on."""
+
+    jump = 50.0
+
+    def lr_factor(self, step: int) -> float:
+        return self.jump if self.switched else 1.0
+
+
+class LRTooHighEarlyTask(LRJumpTask):
+    jump = 50.0
+
+
+class LossJumpTask(LRJumpTask):
+    jump = 1000.0
+
+
+class DeadLayerTask(ClassifierTask):
+    """At ``t0`` every unit of the watched layer dies at once: its last linear layer's biases drop by 50 (as one
+    huge bad update or a corrupted checkpoint would do), so every ReLU output is 0 on every input (a constant), no
+    gradient reaches the layers below, and the head can learn the class priors only."""
+
+    shift = 50.0
+
+    def after_step(self, step: int) -> None:
+        if self.switched and step == self.t0:
+            with torch.no_grad():
+                cast(nn.Linear, self.body[2]).bias.sub_(self.shift)
+
+
+class LabelBreakTask(ClassifierTask):
+    """From ``t0`` the training stream's labels are shuffled against its images (a data-loading bug: labels read
+    in another order than the images), so the labels carry no information; evaluated every 5 steps."""
+
+    def __init__(self, seed: int, t0: int) -> None:
+        super().__init__(seed, t0)
+        perm = torch.randperm(len(self.y_train), generator=torch.Generator().manual_seed(seed + 17))
+        self.y_broken = self.y_train[perm]
+
+    def step_loss(self, step: int) -> Tensor:
+        idx = self.batch_indices(step)
+        y = (self.y_broken if self.switched else self.y_train)[idx]
+        return nn.functional.cross_entropy(self.model(self.x_train[idx]), y)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 def _family(
     name: str,
@@ -536,8 +755,10 @@ def _family(
     every: int,
     metric: str,
     quick: tuple[int, int],
+    evals: int | None = None,
 ) -> Family:
-    return Family(name, kind, title, switch, mechanism, source, task, steps, t0, every, every, metric, *quick)
+    """A family checked every ``every`` steps and evaluated every ``evals`` steps (default: ``every``)."""
+    return Family(name, kind, title, switch, mechanism, source, task, steps, t0, evals or every, every, metric, *quick)
 
 
 FAMILIES: dict[str, Family] = {
@@ -591,6 +812,68 @@ FAMILIES: dict[str, Family] = {
         _family("lm_weight_decay", "control", LMWeightDecayTask, "byte-level transformer (AdamW)",
                 "weight decay 0 -> 0.1", "weight norms shrink, the perplexity does not degrade",
                 "Loshchilov & Hutter 2019 (AdamW)", 1000, 400, 50, "val_ppl", (150, 50)),
+        # realistic healthy runs
+        _family("warmup_cosine", "control", WarmupCosineTask, "MLP classifier on digits, AdamW with warm-up",
+                "after a linear warm-up over the first t0 steps (both arms), the rate decays along a cosine to 0",
+                "schedule-made changes: the update scale rises through the warm-up and falls along the cosine",
+                "Goyal et al. 2017 (warm-up); Loshchilov & Hutter 2017 (cosine decay)", 2000, 200, 25, "val_acc",
+                (250, 25)),
+        _family("step_decay", "control", StepDecayTask, "MLP classifier on digits, SGD with weight decay",
+                "learning rate x0.1 at t0 and x0.1 again at 2 t0",
+                "step decays: the loss and the gradient norm fall in steps, accuracy rises or holds",
+                "He et al. 2016 (ResNet's step schedule)", 1500, 500, 25, "val_acc", (225, 75)),
+        _family("cosine_restarts", "control", CosineRestartsTask, "MLP classifier on digits, SGDR",
+                "warm restarts every t0 steps (the rate jumps from 1% back to its peak), after one annealing cycle",
+                "each restart raises the loss and the gradient norm at once, accuracy comes back within the cycle",
+                "Loshchilov & Hutter 2017 (SGDR)", 1600, 400, 25, "val_acc", (250, 100)),
+        _family("finetune", "control", FineTuneTask, "MLP classifier on digits (Adam), fine-tuned from a checkpoint",
+                "a new run from the checkpoint: a new Adam at a tenth of the rate (fresh moments), a new monitor,"
+                " the other third of the training set",
+                "a fresh optimizer's first steps and new data move the per-step channels; a new monitor has no past",
+                "Kornblith et al. 2019 (do better ImageNet models transfer better?); Howard & Ruder 2018", 1200, 400,
+                25, "val_acc", (200, 100)),
+        _family("accumulation_clip", "control", AccumulationClipTask,
+                "MLP classifier on digits, gradient accumulation and clipping",
+                "micro-batches per optimizer step 4 -> 8 (effective batch 128 -> 256), clipping at norm 0.5 throughout",
+                "the accumulated gradient's norm (before clipping) falls with the larger effective batch",
+                "Pascanu et al. 2013 (clipping); Goyal et al. 2017 (large effective batches)", 1200, 400, 25,
+                "val_acc", (200, 100)),
+        _family("fp16_scaler", "control", FP16ScalerTask, "MLP classifier on digits, fp16 autocast with a GradScaler",
+                "the loss scaler tries to double its scale every 10 steps instead of 50 (more skipped steps)",
+                "steps the scaler skips have a non-finite gradient norm and no update: not failures",
+                "Micikevicius et al. 2018 (mixed precision training, loss scaling)", 1200, 400, 25, "val_acc",
+                (200, 100)),
+        _family("loss_plateau", "control", LossPlateauTask, "deep tanh MLP on digits, small initialisation",
+                "learning rate halved at t0, on the initial plateau",
+                "the loss sits at ln 10 for hundreds of steps, then learning starts and the gradient norm grows"
+                " about tenfold",
+                "Saxe et al. 2014 (plateaus of deep networks from small initialisations)", 2000, 200, 25, "val_acc",
+                (300, 100)),
+        _family("augmented_stream", "control", AugmentedStreamTask, "MLP classifier on strongly augmented digits",
+                "augmentation 30% masking and noise 0.3 -> 40% and 0.4",
+                "the monitored rows are noisy views, so the check channels (b0/n) are noisy",
+                "Cubuk et al. 2020 (RandAugment: augmentation magnitude)", 1200, 400, 25, "val_acc", (200, 100)),
+        _family("long_run", "control", LongRunTask, "MLP classifier on digits, 20,000 steps",
+                "weight decay 0 -> 5e-4", "a long healthy run: false alarms per step, not per run",
+                "Hoffer et al. 2017 (train longer, generalize better)", 20000, 2000, 50, "val_acc", (300, 100),
+                evals=100),
+        # failures that start early or at once
+        _family("lr_too_high_early", "failure", LRTooHighEarlyTask, "MLP classifier on digits",
+                "SGD learning rate x50 from step 40", "divergence from the first steps: the rate is far past stable",
+                "Cohen et al. 2021 (edge of stability); Goyal et al. 2017 (why warm-up)", 600, 40, 20, "val_acc",
+                (200, 40), evals=10),
+        _family("constant_layer_early", "failure", DeadLayerTask, "MLP classifier on digits",
+                "at step 50 the watched layer's biases drop by 50: every unit dead, its output constant (0)",
+                "a dead (constant) layer: no signal and no gradient pass it, only the class priors are learnt",
+                "Lu et al. 2019 (dying ReLU)", 600, 50, 25, "val_acc", (200, 50), evals=10),
+        _family("label_break", "failure", LabelBreakTask, "MLP classifier on digits",
+                "training labels shuffled against their images (a data-loading bug)",
+                "the labels carry no information: the classifier unlearns", "Zhang et al. 2017 (random labels)", 800,
+                300, 25, "val_acc", (200, 100), evals=5),
+        _family("loss_jump", "failure", LossJumpTask, "MLP classifier on digits", "SGD learning rate x1000 (a jump)",
+                "an abrupt blow-up: the loss jumps by orders of magnitude within a step",
+                "Wortsman et al. 2023 (small-scale proxies: loss spikes)", 800, 300, 25, "val_acc", (200, 100),
+                evals=5),
     )
 }  # fmt: skip
 
@@ -610,4 +893,7 @@ DROPPED: dict[str, str] = {
     " 1); the family runs at 0.1.",
     "byte_lm_ramp": "a learning-rate ramp to 30x and to 100x on the byte-level LM: this pre-LN transformer under"
     " Adam trained better, not worse (it runs as a jump instead).",
+    "augmented_stream_shift": "the strongly augmented stream with a +-1 pixel shift per image as well (and 30% masking,"
+    " noise 0.3): the MLP's clean accuracy swung by up to 10 points between evaluations and the control arm dropped 5"
+    " points for 3 evaluations (seed 0); the family runs without the shift.",
 }

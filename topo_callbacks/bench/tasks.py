@@ -66,6 +66,18 @@ def augment_each(x: Tensor, g: torch.Generator) -> Tensor:
     return (img * keep + 0.1 * torch.randn(img.shape, generator=g)).view(-1, 64)
 
 
+def mask_and_noise(x: Tensor, g: torch.Generator, mask: float, noise: float) -> Tensor:
+    """A share ``mask`` of the pixels zeroed and Gaussian noise of std ``noise`` added (pixels are in [0, 1]).
+
+    Example:
+        >>> x = torch.ones(100, 64)
+        >>> round(float((mask_and_noise(x, torch.Generator().manual_seed(0), 0.3, 0.0) == 0).float().mean()), 2)
+        0.3
+    """
+    keep = (torch.rand(x.shape, generator=g) > mask).float()
+    return x * keep + noise * torch.randn(x.shape, generator=g)
+
+
 def knn_accuracy(train_z: Tensor, train_y: Tensor, test_z: Tensor, test_y: Tensor, k: int = 5) -> float:
     """Cosine kNN accuracy in percent (a non-finite embedding scores as a wrong vote)."""
     a = nn.functional.normalize(torch.nan_to_num(train_z), dim=1)
