@@ -49,11 +49,12 @@ def plain_loop(
     loss_hook: Any = None,
     momentum: float = 0.9,
     grad_norms: list[float] | None = None,
+    shuffle_labels_from: int | None = None,
     **monitor_kwargs: Any,
 ) -> tuple[CollapseMonitorCore, list[str], list[float]]:
     """A plain PyTorch loop on the digits with the core monitor, fed as the adapters feed it (loss, gradient norm,
     learning rate). ``lr`` may be a function of the 1-based step; ``loss_hook(step, loss)`` may replace the loss;
-    ``grad_norms`` collects the gradient norms."""
+    ``grad_norms`` collects the gradient norms; from ``shuffle_labels_from`` on the labels are shuffled."""
     from topo_callbacks.core.detector import global_grad_norm
 
     torch.manual_seed(seed)
@@ -72,7 +73,10 @@ def plain_loop(
                 group["lr"] = rate
             monitor.prepare_step(step)
             idx = torch.randint(0, len(x), (64,), generator=g)
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            labels = y[idx]
+            if shuffle_labels_from is not None and step >= shuffle_labels_from:  # a data-loading bug
+                labels = labels[torch.randperm(len(labels), generator=g)]
+            loss = nn.functional.cross_entropy(model(x[idx]), labels)
             if loss_hook is not None:
                 loss = loss_hook(step, loss)
             opt.zero_grad()
@@ -224,6 +228,17 @@ def test_a_loss_jump_of_a_millionfold_alarms_within_two_steps() -> None:
     assert monitor.first_alarm_step is not None
     assert 120 <= monitor.first_alarm_step <= 121
     assert monitor.summary()["episodes"][0]["kind"] == "extreme"
+
+
+def test_labels_that_break_at_once_alarm_within_three_steps() -> None:
+    """The labels of the data go wrong at step 300 of a well-trained classifier: the loss rises more than 50 robust
+    standard deviations and stays there (30x, not the 100x of the extreme rule): the fast rule fires at the third
+    step, where the CUSUM (at most 8 a step) needs about 14."""
+    monitor, _, losses = plain_loop(320, shuffle_labels_from=300, every=25)
+    assert min(losses[300:303]) > 10 * max(losses[250:299])
+    assert monitor.first_alarm_step is not None
+    assert 300 <= monitor.first_alarm_step <= 302, monitor.summary()
+    assert monitor.summary()["episodes"][0]["kind"] in ("abrupt", "extreme")
 
 
 def test_a_gradient_norm_of_zero_says_what_is_wrong_once() -> None:

@@ -56,6 +56,13 @@ END_LEVEL = 0.5
 #: Extreme values alarm at once, without accumulating: a loss this many times the largest of its reference window,
 #: a gradient norm this many times the largest of its.
 EXTREME_RATIO = {"loss": 100.0, "grad_norm": 1000.0}
+#: The fast rule for abrupt breaks: the loss or the gradient norm further than these many robust standard deviations
+#: from its reference (unclipped) for `ABRUPT_STEPS` steps in a row alarms at once. Set at about twice the largest
+#: such 3-step departure on the benchmark's healthy calibration runs (a rise: 24 for the loss, 21 for the gradient
+#: norm, both at a contrastive temperature change; a fall of the gradient norm: 3.6).
+ABRUPT_UP = 50.0
+ABRUPT_DOWN = 10.0
+ABRUPT_STEPS = 3
 #: Consecutive checks whose embeddings are collapsed to a point (std of L2-normalised rows under
 #: ``COLLAPSED_STD / sqrt(d)``) or to rank 1 (effective rank under ``COLLAPSED_RANK``) before that alarms.
 COLLAPSED_CHECKS = 3
@@ -199,6 +206,7 @@ class AlarmKind(str, Enum):
     CUSUM = "cusum"
     NONFINITE = "nonfinite"
     EXTREME = "extreme"
+    ABRUPT = "abrupt"
     COLLAPSED = "collapsed"
     NO_GRADIENT = "no_gradient"
     LOSS_SCALE = "loss_scale"
@@ -242,6 +250,9 @@ class _ChannelState:
     score: float = 0.0
     #: the step of the last value scored (the gradient-norm channel reads the loss's score of the same step)
     step: int = -1
+    #: consecutive steps past the fast rule's limits, up and down
+    up: int = 0
+    down: int = 0
 
     def statistic(self, side: str) -> float:
         return max(self.s_pos, self.s_neg) if side == "both" else (self.s_pos if side == "up" else self.s_neg)
@@ -372,11 +383,14 @@ class CusumDetector:
                 fired = self.absolute_event(step, name, value, AlarmKind.EXTREME,
                                             f"value {value:.4g} is over {ratio:g}x the largest of its last"
                                             f" {len(state.reference)} values ({largest:.4g}).")  # fmt: skip
-        scored = len(state.reference) >= spec.min_reference and (name in self.channels or name == "loss")
+        scored = len(state.reference) >= spec.min_reference and (name in self.channels or name in _ALWAYS)
         if scored:
             med, scale = robust_location_scale(state.reference, max(spec.floor, floor or 0.0))
             state.baseline = _untransform(med, spec.log)
-            state.score = min(max((x - med) / scale, -CLIP), CLIP)
+            raw = (x - med) / scale
+            state.score = min(max(raw, -CLIP), CLIP)
+            if name in _ALWAYS:
+                fired = self._abrupt(step, name, value, raw, state) or fired
         if name in self.channels and scored:
             z = state.score
             loss = self.states["loss"]
@@ -458,6 +472,21 @@ class CusumDetector:
                 fired = self.update(name, float(values[name]), step, floor) or fired
         self._close(step)
         return fired
+
+    def _abrupt(self, step: int, name: str, value: float, raw: float, state: _ChannelState) -> DetectorFiring | None:
+        """The fast rule: `ABRUPT_STEPS` steps in a row further than `ABRUPT_UP` (a rise of the loss or the
+        gradient norm) or `ABRUPT_DOWN` (a fall of the gradient norm) robust standard deviations from the reference."""
+        state.up = state.up + 1 if raw >= ABRUPT_UP else 0
+        state.down = state.down + 1 if name == "grad_norm" and raw <= -ABRUPT_DOWN else 0
+        if ABRUPT_STEPS not in (state.up, state.down):
+            return None
+        way, limit = ("risen", ABRUPT_UP) if state.up == ABRUPT_STEPS else ("fallen", ABRUPT_DOWN)
+        scale = " (log scale)" if CHANNELS[name].log else ""
+        detail = (
+            f"it has {way} more than {limit:g} robust standard deviations{scale} from its baseline"
+            f" {state.baseline:.4g} for {ABRUPT_STEPS} steps (now {value:.4g})."
+        )
+        return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail)
 
     def absolute_event(self, step: int, channel: str, value: float, kind: AlarmKind | str, detail: str,
                        hold: int = ABSOLUTE_HOLD) -> DetectorFiring | None:  # fmt: skip
@@ -598,7 +627,7 @@ class CusumDetector:
             # NaN (nothing seen yet) is stored as None: a state compares equal to its reload, and stays valid JSON
             "channels": {
                 name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": _nan_none(s.value),
-                       "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step}
+                       "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step, "up": s.up, "down": s.down}
                 for name, s in self.states.items()
             },
             "fired": None if self.fired is None else _plain(vars(self.fired)),
@@ -625,6 +654,7 @@ class CusumDetector:
             s.value, s.baseline = _none_nan(data["value"]), _none_nan(data["baseline"])
             s.score = float(data["score"])
             s.step = int(data.get("step", -1))
+            s.up, s.down = int(data.get("up", 0)), int(data.get("down", 0))
         fired = state.get("fired")
         self.fired = None if fired is None else DetectorFiring(**_unplain(fired))
         self.episodes = [_unplain(dict(e)) for e in state.get("episodes", [])]
