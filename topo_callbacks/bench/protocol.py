@@ -44,6 +44,7 @@ from topo_callbacks.bench.cusum import (
     fit_calibration,
     fused_series,
     replay_channels,
+    replay_episodes,
 )
 from topo_callbacks.bench.detectors import (
     ALPHA,
@@ -441,8 +442,8 @@ def analyse(
                 replay.series[f"{variant}|{fold}"] = {r.key: fused_series(grids[r.key], fitted) for r in records}
             pool = "the monitor's live channels" if candidates is None else ", ".join(candidates)
             why = (
-                f"robust CUSUM per channel ({pool}), fused and calibrated to 5% on the other families' calibration"
-                " runs (channels chosen there)"
+                f"robust CUSUM per channel ({pool}) and the absolute rules, fused and calibrated to {alpha:g} false"
+                " alarms per 10,000 healthy steps on the other families' calibration runs (channels chosen there)"
             )
             cusums[variant] = Detector(variant, _fused(grids, full), 1.0, "step", why, calibrate=False)
         # what the monitor ships (`topo_callbacks.core._calibration`, written by scripts/write_calibration.py): the
@@ -500,6 +501,10 @@ def analyse(
                 "curve": _curve(replay, sname, test),
                 **_cost(det, test),
             }
+    if "all" in calibrations:
+        results["healthy_steps"] = healthy_step_alarms(
+            test, replay.truth, DetectorCalibration.from_dict(calibrations["all"])
+        )
     results["runs"] = [
         {"run": r.key, "family": r.family, "arm": r.arm, "seed": r.seed, "t0": r.t0, "steps": r.steps,
          "split": "calibration" if r.seed in calibration_seeds else "test", "t_c": replay.truth[r.key],
@@ -510,6 +515,49 @@ def analyse(
     ]  # fmt: skip
     results["verification"] = verify(records, replay.truth)
     return results
+
+
+def rate_upper_bound(k: int, exposure: float, level: float = 0.95) -> float:
+    """One-sided ``level`` upper bound of a Poisson rate with ``k`` events over ``exposure`` (Garwood):
+    ``chi2.ppf(level, 2k + 2) / 2 / exposure``; 3.0 / exposure for no event (the rule of three).
+
+    Example:
+        >>> round(rate_upper_bound(0, 1.0), 3), round(rate_upper_bound(2, 10.0), 3)
+        (2.996, 0.63)
+    """
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(level, 2 * k + 2)) / 2.0 / exposure
+
+
+def healthy_step_alarms(
+    records: Sequence[RunRecord], truth: Mapping[str, int | None], cal: DetectorCalibration
+) -> dict[str, Any]:
+    """False alarms per 100,000 healthy optimizer steps of the live detector with calibration ``cal`` (re-armed after
+    each episode): every episode of a clean run, and every episode that starts before the fork of a failure run,
+    over their healthy steps (a clean run's all, a failure run's up to ``t0 - 1``), per family and pooled, with the
+    one-sided 95% upper bound of the rate."""
+    per_family: dict[str, list[int]] = {}
+    where: list[str] = []
+    for rec in records:
+        if not is_scored(rec, truth[rec.key]):
+            continue
+        healthy = rec.t0 - 1 if is_failure(rec) else rec.steps
+        alarms = [e for e in replay_episodes(rec, cal) if int(e["start"]) <= healthy]
+        row = per_family.setdefault(rec.family, [0, 0])
+        row[0] += len(alarms)
+        row[1] += healthy
+        where += [f"{rec.key}@{e['start']} ({e['channel']}, {e['kind']})" for e in alarms]
+    k = sum(r[0] for r in per_family.values())
+    steps = sum(r[1] for r in per_family.values())
+    return {
+        "alarms": k,
+        "steps": steps,
+        "per_100k": 1e5 * k / max(steps, 1),
+        "upper_95_per_100k": 1e5 * rate_upper_bound(k, max(steps, 1)),
+        "per_family": {f: {"alarms": a, "steps": n} for f, (a, n) in sorted(per_family.items())},
+        "where": where,
+    }
 
 
 def verify(records: Sequence[RunRecord], truth: Mapping[str, int | None]) -> dict[str, Any]:

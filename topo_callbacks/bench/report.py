@@ -98,6 +98,8 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
         },
         "default": DEFAULT,
         "default_calibration": results.get("detector_calibrations", {}).get("all"),
+        # the default detector re-armed after each episode, on the healthy steps of the test seeds
+        "healthy_steps": {k: v for k, v in results.get("healthy_steps", {}).items() if k != "where"},
         "detectors": dets,
     }
 
@@ -167,6 +169,23 @@ def write_markdown(results: Mapping[str, Any]) -> str:
             f"{_lead(p['median_lead'])} | {_ci(p['median_lead_ci95'], pct=False)} | {p['false_alarms']}/"
             f"{p['clean_runs']} | {_pct(p['fa_upper95'])} | {p['early']} | {cost} |"
         )
+    hs = results.get("healthy_steps")
+    if hs:
+        lines += [
+            "",
+            "## False alarms per 100,000 healthy optimizer steps (default detector, test seeds)",
+            "",
+            "The default detector fit on every family's calibration seeds, live as the monitor runs it (re-armed after"
+            " each alarm episode), over every healthy step of the test seeds: clean runs whole, failure runs up to"
+            f" their fork. {hs['alarms']} alarm episodes in {hs['steps']:,} healthy steps: {hs['per_100k']:.2f} per"
+            f" 100,000 steps (one-sided 95% upper bound {hs['upper_95_per_100k']:.2f}).",
+            "",
+            "| family | alarm episodes | healthy steps |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {f} | {v['alarms']} | {v['steps']:,} |" for f, v in hs["per_family"].items()]
+        if hs["where"]:
+            lines += ["", "Where: " + "; ".join(hs["where"])]
     lines += ["", "## Per failure family (held out)", ""]
     labels = list(results["detectors"])
     lines += ["| detector | " + " | ".join(failures) + " |", "|---|" + "---|" * len(failures)]
