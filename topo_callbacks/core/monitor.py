@@ -105,12 +105,17 @@ class CollapseMonitorCore:
         monitor: the key the CI is logged under; the terms are logged beside it with the same prefix
             (``collapse/ci`` -> ``collapse/betti_term``, ...). Give each monitor of a run its own key.
         alarm: ``"detector"`` (default): the CUSUM detector (`topo_callbacks.core.detector`) over the per-step
-            channels the adapter feeds (`observe_step`: the training loss and the global gradient norm) and the
-            check's channels, calibrated by the benchmark to ``false_alarm_rate``; it can fire at any optimizer
-            step. ``"rise"``: the rule that was the default before it, a rise of the CI over the run's baseline
-            (``max_rise``, ``baseline_checks``, ``rise_patience``). The EarlyStopping-style rules below apply in both.
-        false_alarm_rate: the detector's target share of healthy runs that alarm, one of the rates the benchmark
-            calibrated (0.01, 0.02, 0.05, 0.1, 0.2); measured on runs of 400-3000 steps, see docs/benchmark.md.
+            channels the adapter feeds (`observe_step`: the training loss, the global gradient norm, the learning
+            rate, the steps a loss scaler skipped) and the check's channels, calibrated by the benchmark to
+            ``false_alarm_rate``, with absolute rules that need no reference (non-finite or extreme values, abrupt
+            breaks, collapsed embeddings, no gradient, a falling loss scale); it can fire at any optimizer step,
+            re-arms after each alarm episode and tells each one. ``"rise"``: the rule that was the default before
+            it, a rise of the CI over the run's baseline (``max_rise``, ``baseline_checks``, ``rise_patience``).
+            The EarlyStopping-style rules below apply in both.
+        false_alarm_rate: the detector's target number of false alarms per 10,000 optimizer steps of healthy
+            training, one of the rates the benchmark calibrated (0.01, 0.02, 0.05, 0.1, 0.2); the default 0.05 is one
+            per 200,000 healthy steps on the benchmark's calibration runs (measured on its test runs: see
+            docs/benchmark.md).
         loss_fn: optional ``loss_fn(model) -> loss`` on a fixed batch: each check then logs ``grad_curvature``
             (the loss's curvature along its gradient, one Hessian-vector product) and, when the adapter knows the
             optimizer, ``curvature_ratio`` (lr x that over the optimizer's stability level; loss spikes come past
