@@ -123,6 +123,46 @@ def test_lightning_fp16_with_a_real_grad_scaler_counts_skipped_steps_and_never_a
     assert all(math.isfinite(h["detector"]) and h["detector"] < 1.0 for h in monitor.history)
 
 
+def test_the_report_of_an_fp16_run_shows_its_skipped_steps_and_its_episode(tmp_path: Path) -> None:
+    """A real fp16 Lightning run whose loss is NaN at step 60 (one episode) and whose scaler skips steps: the report
+    read from its CSV logs finds the same episode start and the same skipped-step count as the monitor."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from tests.test_detector_runs import DigitsCNN
+    from tests.test_detector_runs import digits as digit_images
+    from topo_callbacks.lightning import CollapseMonitor
+    from topo_callbacks.report import write_report
+
+    class NaNAt60(DigitsCNN):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 59 else loss
+
+    pl.seed_everything(0, verbose=False)
+    loader = DataLoader(digit_images(), batch_size=64, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    monitor = CollapseMonitor(layer="embed", every_n_train_steps=10, max_samples=256)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=25)
+    trainer = pl.Trainer(max_steps=200, accelerator="cpu", devices=1, callbacks=[monitor],
+                         logger=CSVLogger(tmp_path, name="run"), plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(NaNAt60(None), loader)
+    episodes = monitor.summary()["episodes"]
+    assert [(e["start"], e["kind"]) for e in episodes] == [(60, "nonfinite")], episodes
+    assert episodes[0]["end"] is not None
+    report = write_report(tmp_path, tmp_path / "report.png")
+    assert report["skipped_steps"] == monitor.skipped_steps >= 5
+    assert [e["start"] for e in report["episodes"]] == [60]
+    end = report["episodes"][0]["end"]
+    assert end is not None
+    assert episodes[0]["end"] <= end <= episodes[0]["end"] + 10  # the report sees the end at the next check
+    assert report["panels"]["detector"]["hlines"] == [1.0]
+
+
 def test_accelerate_fp16_with_the_users_grad_scaler_counts_skipped_steps_and_never_alarms() -> None:
     pytest.importorskip("accelerate")
     from accelerate import Accelerator

@@ -365,6 +365,8 @@ class CusumDetector:
         value = float(value)
         state.value = value
         if not math.isfinite(value):
+            if name not in _ALWAYS:  # a check's value that could not be computed: no evidence either way
+                return None
             return self.absolute_event(step, name, value, AlarmKind.NONFINITE,
                                        f"the {spec.description.split(' against')[0]} is {value}.")  # fmt: skip
         fired = None
@@ -378,7 +380,7 @@ class CusumDetector:
         ratio = EXTREME_RATIO.get(name)
         if ratio is not None and len(state.reference) >= spec.min_reference:
             top = max(state.reference)
-            if x > top + (math.log(ratio) if spec.log else (ratio - 1.0) * abs(top)) and top != 0.0:
+            if x > top + (math.log(ratio) if spec.log else (ratio - 1.0) * abs(top)) and (spec.log or top != 0.0):
                 largest = _untransform(top, spec.log)
                 fired = self.absolute_event(step, name, value, AlarmKind.EXTREME,
                                             f"value {value:.4g} is over {ratio:g}x the largest of its last"

@@ -444,7 +444,8 @@ class CollapseMonitorCore:
         if self.first_alarm_step is None:
             self.first_alarm_step = step
             self._first_alarm = {"step": step, "reason": StoppingReason.DETECTOR.name, "channel": fired.channel,
-                                 "value": fired.value, "baseline": fired.baseline, "score": fired.score}  # fmt: skip
+                                 "value": fired.value, "baseline": fired.baseline, "score": fired.score,
+                                 "kind": fired.kind, "detail": fired.detail}  # fmt: skip
         return CheckResult(step, report, StoppingReason.DETECTOR, message, True, self.stop_on_alarm)
 
     # ------------------------------------------------------------------- check
@@ -716,7 +717,12 @@ class CollapseMonitorCore:
         else:
             base = info["baseline"]
             first = self._first_alarm or {}
-            if info["first_alarm_channel"] is not None:
+            if info["first_alarm_channel"] is not None and first.get("kind", "cusum") != "cusum":
+                alarm = (
+                    f"first alarm at step {info['first_alarm_step']}: detector on `{first['channel']}`"
+                    f" ({first['kind']}): {first['detail']}"
+                )
+            elif info["first_alarm_channel"] is not None:
                 alarm = (
                     f"first alarm at step {info['first_alarm_step']}: detector on `{first['channel']}` ="
                     f" {first['value']:.4g} (baseline {first['baseline']:.4g}, score {first['score']:+.2f})"
