@@ -66,7 +66,7 @@ ABRUPT_STEPS = 3
 #: Consecutive checks whose embeddings are collapsed to a point (std of L2-normalised rows under
 #: ``COLLAPSED_STD / sqrt(d)``) or to rank 1 (effective rank under ``COLLAPSED_RANK``) before that alarms.
 COLLAPSED_CHECKS = 3
-COLLAPSED_STD = 0.05
+COLLAPSED_STD = 1e-3  # the rows are the same vector: a network on its initial plateau reached 0.0055, healthy 0.12
 COLLAPSED_RANK = 1.1
 #: Optimizer steps whose gradient norm read exactly 0 before that is reported.
 ZERO_GRAD_STEPS = 20
@@ -477,8 +477,11 @@ class CusumDetector:
 
     def _abrupt(self, step: int, name: str, value: float, raw: float, state: _ChannelState) -> DetectorFiring | None:
         """The fast rule: `ABRUPT_STEPS` steps in a row further than `ABRUPT_UP` (a rise of the loss or the
-        gradient norm) or `ABRUPT_DOWN` (a fall of the gradient norm) robust standard deviations from the reference."""
-        state.up = state.up + 1 if raw >= ABRUPT_UP else 0
+        gradient norm) or `ABRUPT_DOWN` (a fall of the gradient norm) robust standard deviations from the reference.
+        A rise of the gradient norm at a step whose loss falls is learning (leaving a plateau), as for the CUSUM."""
+        loss = self.states["loss"]
+        learning = name == "grad_norm" and loss.step == step and loss.score < -ALLOWANCE
+        state.up = state.up + 1 if raw >= ABRUPT_UP and not learning else 0
         state.down = state.down + 1 if name == "grad_norm" and raw <= -ABRUPT_DOWN else 0
         if ABRUPT_STEPS not in (state.up, state.down):
             return None
