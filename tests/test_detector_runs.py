@@ -1,5 +1,6 @@
 """The default detector in real training runs: a small CNN on the bundled digits whose learning rate jumps 50x
-(the issue's new-user scenario) alarms within two checks of the jump; its healthy twin, checked every 5 steps,
+(the issue's new-user scenario) alarms within three checks of the jump (two before issue 22's stricter calibration,
+per 10,000 healthy steps: seed 1 now fires 28 steps after it); its healthy twin, checked every 5 steps,
 stays silent. Through each adapter, the per-step channels are fed and the alarm says which channel fired."""
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def fit(jump: int | None, every: int, seed: int = 0, **kwargs: Any) -> Any:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_the_collapsing_cnn_alarms_within_two_checks_of_the_jump(seed: int) -> None:
+def test_the_collapsing_cnn_alarms_within_three_checks_of_the_jump(seed: int) -> None:
     every = 10
     monitor, trainer = fit(JUMP, every, seed, stop_on_alarm=True)
     assert monitor.first_alarm_step is not None
-    assert JUMP <= monitor.first_alarm_step <= JUMP + 2 * every, monitor.summary()
+    assert JUMP <= monitor.first_alarm_step <= JUMP + 3 * every, monitor.summary()
     assert monitor.stopped_step == monitor.first_alarm_step == trainer.global_step
     alarm = next(m for m in monitor.caught if "Collapse alarm" in m)
     assert "detector alarmed" in alarm
