@@ -13,17 +13,12 @@ from typing import Any
 
 import torch
 
-from topo_callbacks.core.detector import global_grad_norm, loss_scale
+from topo_callbacks.core.detector import global_grad_norm, learning_rate, loss_scale
 from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
 
 __all__ = ["build_callbacks", "diagram_path", "write_diagram"]
-
-
-def _learning_rate(optimizer: Any) -> float | None:
-    groups = getattr(optimizer, "param_groups", None)
-    return float(groups[0]["lr"]) if groups else None
 
 
 def build_callbacks(callback_base: type, module: str) -> tuple[type, type]:
@@ -71,7 +66,7 @@ def build_collapse_monitor(callback_base: type) -> type:
                 return
             # gradients are unscaled (AMP) and synced (DDP) here; the rate is the one this step uses
             self._grad_norm: float | None = global_grad_norm(pl_module.parameters())
-            self._lr: float | None = _learning_rate(optimizer)
+            self._lr: float | None = learning_rate(optimizer)
             # an fp16 loss scaler (`MixedPrecision` plugin) skips the update whose gradients overflowed and then
             # lowers its scale: the scale before the step tells, after it, whether this one was skipped
             self._scale_before: float | None = loss_scale(getattr(trainer.precision_plugin, "scaler", None))

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from topo_callbacks.core.capture import LayerSpec
-from topo_callbacks.core.detector import global_grad_norm, loss_scale
+from topo_callbacks.core.detector import global_grad_norm, learning_rate, loss_scale
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -133,8 +133,7 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
 
     def _learning_rate(self) -> float | None:
         optimizers = [self.optimizer] if self.optimizer is not None else getattr(self.accelerator, "_optimizers", [])
-        groups = getattr(optimizers[0], "param_groups", None) if optimizers else None
-        return float(groups[0]["lr"]) if groups else None
+        return learning_rate(optimizers[0]) if optimizers else None
 
     def _step_was_skipped(self) -> bool:
         """Whether a loss scaler skipped the step just taken: the user's scaler lowered its scale since the last call,

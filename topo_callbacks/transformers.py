@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from topo_callbacks.core.capture import resolve_layer
-from topo_callbacks.core.detector import global_grad_norm, loss_scale
+from topo_callbacks.core.detector import global_grad_norm, learning_rate, loss_scale
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
@@ -398,8 +398,7 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         model = kwargs.get("model")
         if "grad_norm" not in self.step_channels:
             return
-        groups = getattr(kwargs.get("optimizer"), "param_groups", None)
-        self._lr: float | None = float(groups[0]["lr"]) if groups else None  # the rate this step uses
+        self._lr: float | None = learning_rate(kwargs.get("optimizer"))  # the rate this step uses
         if getattr(self, "_clipping", False):  # the pre-clip norm, recorded from the clipping call (or none)
             self._grad_norm: float | None = self._pre_clip
             self._pre_clip = None

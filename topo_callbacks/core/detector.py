@@ -719,6 +719,18 @@ def global_grad_norm(parameters: Any) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
 
 
+def learning_rate(optimizer: Any) -> float | None:
+    """The learning rate of ``optimizer``'s first parameter group (what the adapters feed the detector), or None.
+
+    Example:
+        >>> import torch
+        >>> learning_rate(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)), learning_rate(None)
+        (0.1, None)
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    return float(groups[0]["lr"]) if groups else None
+
+
 def loss_scale(scaler: Any) -> float | None:
     """The current scale of an enabled fp16 loss scaler (``torch.amp.GradScaler``), or None (no scaler, disabled,
     or no scale yet). A skipped step shows as a scale lower after ``scaler.update()`` than before the step.
