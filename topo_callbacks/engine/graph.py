@@ -17,6 +17,9 @@ WORD = 64  # bits per adjacency word (int64)
 
 # rows of the exact refinement done per block: bounds its float64 temporaries to ~32 MB
 _EXACT_BLOCK_ELEMENTS = 1 << 22
+# pairs recomputed from their differences per block: ~2 MB of float64 rows, which the allocator reuses (larger
+# temporaries are fresh pages from the system each time, ~3x slower on wide rows)
+_EXACT_PAIR_ELEMENTS = 1 << 18
 
 
 def words_for(n: int) -> int:
@@ -82,17 +85,67 @@ def popcount(words: Tensor) -> int:
     return int(table[words.contiguous().view(torch.uint8).long()].sum())
 
 
+#: Columns per float32 product of a Gram matrix (`chunked_gram`): the partial products are summed in float64, so
+#: the rounding error of a dot product grows with this length instead of with the row width ``d`` (by Cauchy-Schwarz
+#: over the chunks), and the band of pairs that a wide Gram matrix cannot decide is about ``d / GRAM_CHUNK`` times
+#: narrower. Within a few percent of one float32 product's speed on a CPU.
+GRAM_CHUNK = 512
+
+# Decided pairs of `neighbour_mask` recomputed exactly past this many per row and column of a block: a float64 Gram
+# matrix of the undecided rows first (tight clusters, low-rank clouds: pairs small against the norms)
+_FLOAT64_GRAM_AFTER = 8
+
+
+def chunked_gram(a: Tensor, b: Tensor, chunk: int = GRAM_CHUNK) -> Tensor:
+    """``a @ b.T`` in float64 for rows of one floating dtype: products over ``chunk`` columns at a time in that
+    dtype, summed in float64. For float32 rows each entry is off by at most ``gamma_chunk |a_i| |b_j|`` (plus
+    float64 roundings), for any summation order inside the products.
+
+    Example:
+        >>> import torch
+        >>> chunked_gram(torch.ones(2, 3), torch.ones(1, 3), chunk=2)
+        tensor([[3.],
+                [3.]], dtype=torch.float64)
+    """
+    d = a.shape[1]
+    if d <= chunk:
+        return (a @ b.T).to(torch.float64)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    # both reused across chunks: adding the product to float64 directly would allocate a float64 copy each time
+    product = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    product64 = torch.empty_like(out)
+    for c0 in range(0, d, chunk):
+        out += product64.copy_(torch.mm(a[:, c0 : c0 + chunk], b[:, c0 : c0 + chunk].T, out=product))
+    return out
+
+
+def chunked_squares(a: Tensor, chunk: int = GRAM_CHUNK) -> Tensor:
+    """Squared norms of the rows of ``a`` in float64, summed like `chunked_gram` (the same error bound).
+
+    Example:
+        >>> import torch
+        >>> chunked_squares(torch.tensor([[3.0, 4.0, 12.0]]), chunk=2)
+        tensor([169.], dtype=torch.float64)
+    """
+    out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for c0 in range(0, max(a.shape[1], 1), chunk):
+        part = a[:, c0 : c0 + chunk]
+        out += (part * part).sum(dim=1)
+    return out
+
+
 @dataclass(frozen=True)
 class CentredRows:
-    """Rows prepared for `neighbour_mask`: float32 copies centred on a common point, their squared norms, and the
-    rows as given (the exact refinement reads those)."""
+    """Rows prepared for `neighbour_mask`: float32 copies centred on a common point, their squared norms (float64),
+    the rows as given (the exact refinement reads those) and the centre."""
 
     values: Tensor
     squares: Tensor
     source: Tensor
+    centre: Tensor
 
     def __getitem__(self, index: slice) -> CentredRows:
-        return CentredRows(self.values[index], self.squares[index], self.source[index])
+        return CentredRows(self.values[index], self.squares[index], self.source[index], self.centre)
 
 
 def centre_rows(x: Tensor, center: Tensor | None = None) -> CentredRows:
@@ -100,27 +153,31 @@ def centre_rows(x: Tensor, center: Tensor | None = None) -> CentredRows:
     Any common centre keeps the distances, and small norms make the Gram error bound tight. Rows stored in float32
     or less are centred in float32 (one rounding per entry, which the bound allows for), without a float64 copy."""
     if x.dtype == torch.float64:
-        values = (x - (x.mean(dim=0, keepdim=True) if center is None else center.to(torch.float64))).float()
+        centre = x.mean(dim=0, keepdim=True) if center is None else center.to(torch.float64)
+        values = (x - centre).float()
     else:
         x32 = x.float()
-        values = x32 - (x32.mean(dim=0, keepdim=True) if center is None else center.to(torch.float32))
-    return CentredRows(values, (values * values).sum(dim=1), x)
+        centre = x32.mean(dim=0, keepdim=True) if center is None else center.to(torch.float32)
+        values = x32 - centre
+    return CentredRows(values, chunked_squares(values), x, centre)
 
 
 def _gram_tolerance(norm_sum: Tensor | float, d: int, eps: float) -> Tensor | float:
-    """Rigorous bound on ``|d2 - ||a - b||^2|`` near ``eps`` for the float32 Gram value ``d2`` of a pair whose
-    centred float32 norms add up to ``norm_sum`` (S).
+    """Rigorous bound on ``|d2 - ||a - b||^2|`` near ``eps`` for the Gram value ``d2`` (`chunked_gram`, float32
+    products) of a pair whose centred float32 norms add up to ``norm_sum`` (S).
 
     - Rounding the centred rows to float32 perturbs each by at most ``u`` times its norm, so near ``eps`` the
       squared distance moves by at most ``2 eps u S + u^2 S^2``.
-    - The norms and the dot product of ``d`` terms, then ``sa + sb - 2 ab``: at most ``gamma_(d+2)`` times
-      ``sa + sb + 2 |a| |b| = S^2``, for any summation order.
-    - Comparing in float32 with ``eps^2`` rounded: ``4 u eps^2``.
+    - The norms and the dot product, float32 products of at most ``GRAM_CHUNK`` terms summed in float64, then
+      ``sa + sb - 2 ab``: at most ``gamma_(c+2)`` (float32, ``c = min(d, GRAM_CHUNK)``) plus ``gamma_(d/c+4)``
+      (float64) times ``sa + sb + 2 |a| |b| = S^2``, for any summation order (Cauchy-Schwarz over the chunks).
+    - Comparing with ``eps^2`` rounded: ``4 u eps^2``.
 
     Everything is doubled, and the norms are inflated, for safety.
     """
     u = 2.0**-24 * 1.01
-    gamma = (d + 4) * u / (1.0 - (d + 4) * u)
+    c = min(d, GRAM_CHUNK)
+    gamma = (c + 4) * u / (1.0 - (c + 4) * u) + (d // GRAM_CHUNK + 6) * 2.0**-52
     s = norm_sum * 1.01
     return 2.0 * ((gamma + u * u) * s * s + 2.0 * eps * u * s + 4.0 * u * eps * eps)
 
@@ -129,15 +186,17 @@ def neighbour_mask(a: CentredRows, b: CentredRows, eps: float) -> Tensor:
     """``(k, m)`` bool: ``||a_i - b_j|| <= eps`` for rows prepared by `centre_rows` on one centre, decided exactly
     in float64 from the rows as given.
 
-    A float32 Gram matrix decides every pair outside a rigorous error band around ``eps**2`` (`_gram_tolerance`:
-    first the bound for the largest norms, then each candidate's own, which is much narrower when norms differ
-    or ``eps`` is small against them); the pairs left are recomputed from the float64 differences.
+    A Gram matrix of float32 products summed in float64 (`chunked_gram`) decides every pair outside a rigorous error
+    band around ``eps**2`` (`_gram_tolerance`: first the bound for the largest norms, then each candidate's own,
+    which is much narrower when norms differ or ``eps`` is small against them). When many pairs are left (pairs
+    small against the norms: tight clusters, low-rank clouds), a float64 Gram matrix of their rows decides most of
+    them; the pairs left are recomputed from the float64 differences.
     """
     k, m = a.values.shape[0], b.values.shape[0]
     if k == 0 or m == 0:
         return torch.zeros(k, m, dtype=torch.bool, device=a.values.device)
     d = a.values.shape[1]
-    d2 = torch.addmm(a.squares[:, None] + b.squares[None, :], a.values, b.values.T, alpha=-2.0)
+    d2 = chunked_gram(a.values, b.values).mul_(-2.0).add_(a.squares[:, None]).add_(b.squares[None, :])
     norm_a, norm_b = a.squares.sqrt(), b.squares.sqrt()
     widest = float(_gram_tolerance(float(norm_a.max() + norm_b.max()), d, eps))
     eps2 = eps * eps
@@ -147,16 +206,50 @@ def neighbour_mask(a: CentredRows, b: CentredRows, eps: float) -> Tensor:
     del band
     if i.numel() == 0:
         return mask
-    value = d2[i, j].double()
-    undecided = (value - eps2).abs() <= _gram_tolerance(norm_a[i].double() + norm_b[j].double(), d, eps)
+    value = d2[i, j]
+    del d2
+    undecided = (value - eps2).abs() <= _gram_tolerance(norm_a[i] + norm_b[j], d, eps)
     mask[i, j] = value <= eps2
     i, j = i[undecided], j[undecided]
-    chunk = max(1, _EXACT_BLOCK_ELEMENTS // max(d, 1))
+    if i.numel() > _FLOAT64_GRAM_AFTER * (k + m):
+        i, j = _decide_by_float64_gram(a, b, i, j, eps, mask)
+    chunk = max(1, _EXACT_PAIR_ELEMENTS // max(d, 1))
     for start in range(0, i.numel(), chunk):
         ii, jj = i[start : start + chunk], j[start : start + chunk]
         diff = a.source[ii].to(torch.float64) - b.source[jj].to(torch.float64)
         mask[ii, jj] = (diff * diff).sum(dim=1) <= eps2
     return mask
+
+
+def _decide_by_float64_gram(
+    a: CentredRows, b: CentredRows, i: Tensor, j: Tensor, eps: float, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Decide the pairs ``(i, j)`` from a float64 Gram matrix of their rows (as given, centred in float64 column
+    chunks: no float64 copy of whole rows); returns the pairs still within its (float64) error band."""
+    rows_a, ia = torch.unique(i, return_inverse=True)
+    rows_b, jb = torch.unique(j, return_inverse=True)
+    d = a.values.shape[1]
+    centre = a.centre.to(torch.float64)
+    gram = torch.zeros(rows_a.numel(), rows_b.numel(), dtype=torch.float64, device=i.device)
+    sa = torch.zeros(rows_a.numel(), dtype=torch.float64, device=i.device)
+    sb = torch.zeros(rows_b.numel(), dtype=torch.float64, device=i.device)
+    step = max(1, _EXACT_BLOCK_ELEMENTS // max(rows_a.numel() + rows_b.numel(), 1))
+    for c0 in range(0, d, step):
+        ca = a.source[rows_a, c0 : c0 + step].to(torch.float64) - centre[:, c0 : c0 + step]
+        cb = b.source[rows_b, c0 : c0 + step].to(torch.float64) - centre[:, c0 : c0 + step]
+        gram.addmm_(ca, cb.T)
+        sa += (ca * ca).sum(dim=1)
+        sb += (cb * cb).sum(dim=1)
+    value = sa[ia] + sb[jb] - 2.0 * gram[ia, jb]
+    # `_gram_tolerance` in float64: centring rounds each row by u |row|, then sums of d terms and the comparison
+    u = 2.0**-53 * 1.01
+    gamma = (d + 4) * u / (1.0 - (d + 4) * u)
+    s = (sa[ia].sqrt() + sb[jb].sqrt()) * 1.01
+    tol = 2.0 * ((gamma + u * u) * s * s + 2.0 * eps * u * s + 4.0 * u * eps * eps)
+    eps2 = eps * eps
+    mask[i, j] = value <= eps2
+    left = (value - eps2).abs() <= tol
+    return i[left], j[left]
 
 
 def neighbour_rows(a: Tensor, b: Tensor, eps: float, center: Tensor | None = None) -> Tensor:

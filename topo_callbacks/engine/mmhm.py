@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from topo_callbacks._validation import check_eps, check_prime
+from topo_callbacks._validation import all_finite, check_eps, check_prime
 from topo_callbacks.engine.graph import (
     WORD,
     centre_rows,
@@ -142,7 +142,7 @@ class MMHMEngine:
             raise ValueError(f"`{name}` must be a 2-D tensor (k, d); got {shape}.")
         if self._d is not None and x.shape[0] and x.shape[1] != self._d:
             raise ValueError(f"`{name}` must have d = {self._d} columns like the engine's points; got {x.shape[1]}.")
-        if x.numel() and not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError(f"`{name}` holds NaN or Inf; only finite points are accepted.")
         return x.detach()  # stored in the engine's own buffers: autograd has nothing to track there
 

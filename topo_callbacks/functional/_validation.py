@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from topo_callbacks._validation import as_real, check_eps, check_prime
+from topo_callbacks._validation import all_finite, as_real, check_eps, check_prime
 
-__all__ = ["as_real", "check_eps", "check_points", "check_prime", "drop_nonfinite"]
+__all__ = ["all_finite", "as_real", "check_eps", "check_points", "check_prime", "drop_nonfinite"]
 
 
 def check_points(x: Tensor, *, name: str = "x", min_rows: int = 1, min_features: int = 1) -> Tensor:
@@ -46,7 +46,7 @@ def check_points(x: Tensor, *, name: str = "x", min_rows: int = 1, min_features:
     x = x.detach()
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise ValueError(
             f"`{name}` holds {bad} row(s) with NaN or Inf; only finite values are accepted."
@@ -64,6 +64,8 @@ def drop_nonfinite(rows: Tensor) -> tuple[Tensor, int]:
         >>> kept.tolist(), dropped
         ([[1.0, 2.0]], 1)
     """
+    if all_finite(rows):
+        return rows, 0
     finite = torch.isfinite(rows).all(dim=1)
     dropped = int((~finite).sum())
     return (rows[finite] if dropped else rows), dropped

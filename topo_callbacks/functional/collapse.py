@@ -11,15 +11,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from topo_callbacks.engine.reduction import flag_betti
+from topo_callbacks.functional._geometry import BatchGeometry, PairDistances
 from topo_callbacks.functional._validation import as_real, check_eps, check_points, check_prime
-from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std, mean_cosine
-from topo_callbacks.functional.topology import (
-    _h0_from_tree,
-    _minimum_spanning_tree,
-    betti_from_distances,
-    pairwise_distances,
-    persistence_entropy,
-)
+from topo_callbacks.functional.spectral import _spectra_from_gram, anisotropy, effective_rank
+from topo_callbacks.functional.topology import _h0_from_tree, persistence_entropy
 
 __all__ = [
     "BENCHMARK_WEIGHTS",
@@ -199,10 +195,44 @@ def h0_death_scales(x: Tensor, normalize: str = "l2") -> tuple[float, ...]:
         >>> h0_death_scales(torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, 0.0]]))  # two rows point the same way
         (1.4142135623730951,)
     """
-    z = torch.unique(topology_rows(check_points(x, min_rows=1), normalize), dim=0)
-    if z.shape[0] < 2:
+    x = check_points(x, min_rows=1)
+    if x.shape[0] < 2:
         return ()
-    return tuple(float(v) for v in _minimum_spanning_tree(pairwise_distances(z))[0].tolist())
+    pairs = _distinct_pairs(x, normalize)[1]
+    return tuple(float(v) for v in pairs.tree().tolist())
+
+
+def _distinct_pairs(x: Tensor, normalize: str) -> tuple[BatchGeometry, PairDistances]:
+    """The geometry of ``x`` and the precise squared distances of its distinct topology rows.
+
+    Duplicate rows are dominated vertices: dropping them changes no Betti number and no non-zero H0 bar. When
+    float32 products cannot resolve the close pairs of the whole batch (`PairDistances.refine`), the Gram matrix is
+    summed again from float64 products.
+    """
+    geo = BatchGeometry.of(x, normalize)
+    pairs = geo.distances()
+    if not pairs.refine():
+        geo = BatchGeometry.of(x, normalize, precise=True)
+        pairs = geo.distances()
+        pairs.refine()
+    return geo, pairs
+
+
+def _scale(pairs: PairDistances, deaths: Tensor, quantile: float | None) -> float:
+    """`scale_from_quantile` of the distinct rows' exact distances, recomputing only the pairs near the quantile."""
+    m = pairs.keep.numel()
+    count = m * (m - 1) // 2
+    if count == 0:
+        return 1.0
+    if quantile is None:
+        quantile = min(DEFAULT_NEIGHBORS / max(m - 1, 1), 0.5)
+    quantile = _check_quantile(quantile)
+    k = min(max(round(quantile * (count - 1)), 0), count - 1)
+    eps = math.sqrt(max(pairs.quantile(k), 0.0))
+    if eps <= 0.0:
+        positive = deaths[deaths > 0]
+        eps = float(positive.min()) if positive.numel() else 1.0
+    return eps
 
 
 def _check_eps_in_range(eps: float, *, low: float, high: float, normalize: str) -> None:
@@ -253,6 +283,15 @@ def collapse_index(
     whatever the data, so that raises a ValueError that gives the range. A scale held fixed across batches is
     not checked (``strict_eps=False``, or ``betti`` given, which means the caller keeps the complex at that scale
     across checks): there a collapsed batch legitimately has every distance below ``eps``.
+
+    Cost: one pass over ``x`` in column chunks builds an ``n x n`` Gram matrix of the centred (normalised) rows, from
+    which come the distances, the tree, the scale and, for ``d > n``, both spectra (the ``d x d`` side for
+    ``d <= n``); only ``n x n`` matrices and ``n x 512`` chunks are float64, never a copy of ``x``. Wide, large
+    batches take float32 products summed in float64: every decision and value that needs the exact float64
+    distance (duplicates, pairs within ``eps``, the scale's pair, the tree's edges) is recomputed from the rows'
+    differences where the products' rigorous error bound leaves it open, so the Betti numbers and the scale are
+    the float64 ones; the tree's edges are recomputed exactly, the tree is minimal for distances precise to ~1e-7
+    (1e-5 at worst); see ``topo_callbacks.functional._geometry``.
 
     Args:
         x: embeddings, shape ``(n, d)``, ``n >= 2``, ``d >= 2`` (with one feature the spectral terms are constant
@@ -315,23 +354,24 @@ def collapse_index(
         raise ValueError(f"`betti` must be (b0, b1) ints with b0 >= 1 and b1 >= 0; got {betti!r}.")
     n, d = x.shape
 
-    z = topology_rows(x, normalize)
-    # Duplicate rows are dominated vertices: dropping them changes no Betti number and no non-zero H0 bar.
-    z = torch.unique(z, dim=0)
-    dist = pairwise_distances(z, exact_near=eps)
-    tree = _minimum_spanning_tree(dist)
+    geo, pairs = _distinct_pairs(x, normalize)
+    deaths = pairs.tree()
     if eps is None:
-        eps = scale_from_quantile(dist, eps_quantile)
-    elif strict_eps and betti is None and tree[0].numel():
-        _check_eps_in_range(eps, low=float(tree[0][0]), high=float(dist.max()), normalize=normalize)
+        eps = _scale(pairs, deaths, eps_quantile)
+    elif strict_eps and betti is None and deaths.numel():
+        _check_eps_in_range(eps, low=float(deaths[0]), high=math.sqrt(pairs.maximum()), normalize=normalize)
     if betti is None:
-        b0, b1 = betti_from_distances(dist, eps, coeff=coeff)
+        i, j = pairs.within(eps)
+        roots, cycles = flag_betti(pairs.keep.numel(), i, j, coeff)
+        b0, b1 = int(torch.unique(roots).numel()), int(cycles.sum())
     else:
         b0, b1 = betti
-    pe = persistence_entropy(_h0_from_tree(tree[0]))
-    aniso = anisotropy(x)
-    erank = effective_rank(x)
-    std = l2_normalized_std(x)
+    pe = persistence_entropy(_h0_from_tree(deaths))
+    if d > n:  # the n x n side: both spectra from the Gram matrix already summed
+        aniso, erank = _spectra_from_gram(geo.raw_gram(), n, d, precise=geo.precise)
+    else:
+        aniso, erank = anisotropy(x), effective_rank(x)
+    std = geo.std_l2
 
     terms = {
         "betti": 1.0 - min(b1 / b0, 1.0),
@@ -353,12 +393,12 @@ def collapse_index(
         persistence_entropy=pe,
         effective_rank=erank,
         std_l2=std,
-        mean_cosine=mean_cosine(x),
+        mean_cosine=geo.mean_cosine,
         b0_fraction=b0 / n,  # per input row: a batch of duplicates is one component out of n rows
         nonfinite_fraction=0.0,
         n=n,
         d=d,
         eps=float(eps),
         time_s=time.perf_counter() - start,
-        h0_deaths=tuple(float(v) for v in tree[0].tolist()),
+        h0_deaths=tuple(float(v) for v in deaths.tolist()),
     )

@@ -44,12 +44,72 @@ def _gram_spectrum(x: Tensor, *, center: bool) -> Tensor:
     return torch.linalg.eigvalsh(gram).to(torch.float64).clamp_min(0.0)
 
 
+def _spectrum_eps(n: int, d: int) -> float:
+    """The epsilon of the dtype the spectra of an ``(n, d)`` batch are computed in: their noise floor."""
+    return torch.finfo(torch.float64 if min(n, d) <= FLOAT64_MAX_DIM else torch.float32).eps
+
+
 def _observable_spectrum(x: Tensor) -> tuple[Tensor, float]:
     """The ``min(n - 1, d)`` eigenvalues of the sample covariance that can be non-zero, and their dtype's eps."""
     n, d = x.shape
     eig = _gram_spectrum(x, center=True) / max(n - 1, 1)
-    eps = torch.finfo(torch.float64 if min(n, d) <= FLOAT64_MAX_DIM else torch.float32).eps
-    return eig[-min(n - 1, d) :], eps
+    return eig[-min(n - 1, d) :], _spectrum_eps(n, d)
+
+
+def _ratio_of_spectrum(eig: Tensor, eps: float) -> float:
+    """`anisotropy_ratio` of the observable covariance eigenvalues ``eig`` (ascending) with noise floor ``eps``."""
+    top = float(eig[-1])
+    if top <= 0.0:
+        return math.inf
+    low = float(torch.quantile(eig, LOW_QUANTILE))
+    if low <= top * eig.numel() * eps:
+        return math.inf
+    return top / low
+
+
+def _anisotropy_of_ratio(ratio: float, n: int, d: int) -> float:
+    """`anisotropy` of an `anisotropy_ratio` for a batch of ``n`` rows of width ``d``."""
+    if math.isinf(ratio):
+        return 1.0
+    m, big = min(n - 1, d), max(n - 1, d)
+    score = math.log(ratio / _isotropic_ratio(m, big)) / math.log(COLLAPSE_RATIO)
+    return min(max(score, 0.0), 1.0)
+
+
+def _rank_of_spectrum(eig: Tensor, eps: float = 1e-7) -> float:
+    """`effective_rank` from the ascending eigenvalues of the (uncentred) Gram matrix."""
+    s = eig.clamp_min(0.0).sqrt()
+    total = float(s.sum())
+    if total <= 0.0:
+        return 0.0
+    p = s / total + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _spectra_from_gram(gram: Tensor, n: int, d: int, *, precise: bool = True) -> tuple[float, float]:
+    """`anisotropy` and `effective_rank` of a batch from its ``n x n`` Gram matrix ``x x^T`` (float64), for
+    ``d > n``: the non-zero spectra of ``x x^T`` and ``x^T x`` agree, and centring the rows is ``H (x x^T) H``
+    with ``H = I - 11^T/n``, so no ``d``-wide product is needed. ``precise=False`` when ``gram`` was summed from
+    float32 products: the centred spectrum is then taken in float32, as `_gram_spectrum` does above
+    `FLOAT64_MAX_DIM` (the anisotropy reads its top and its lower decile, exact enough in float32). The effective
+    rank sums the square roots of all eigenvalues, and float32 rounding noise on the zero ones of a rank-deficient
+    batch (~1e-7 of the top, ~3e-4 after the root, times ``n``) would add up to several percent of it: that
+    spectrum is always taken in float64.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> a, r = _spectra_from_gram(x @ x.T, 16, 64)
+        >>> abs(a - anisotropy(x)) < 1e-9, abs(r - effective_rank(x)) < 1e-9
+        (True, True)
+    """
+    raw = torch.linalg.eigvalsh(gram).to(torch.float64).clamp_min(0.0)
+    centred = gram - gram.mean(dim=0, keepdim=True)
+    centred -= centred.mean(dim=1, keepdim=True)  # eigvalsh reads one triangle: no need to symmetrise again
+    eig = torch.linalg.eigvalsh(centred if precise else centred.to(torch.float32)).to(torch.float64)
+    eig = eig.clamp_min(0.0) / max(n - 1, 1)
+    ratio = _ratio_of_spectrum(eig[-min(n - 1, d) :], _spectrum_eps(n, d))
+    return _anisotropy_of_ratio(ratio, n, d), _rank_of_spectrum(raw)
 
 
 @lru_cache(maxsize=256)
@@ -89,13 +149,7 @@ def anisotropy_ratio(x: Tensor) -> float:
     """
     x = check_points(x, min_rows=2, min_features=2)
     eig, eps = _observable_spectrum(x)
-    top = float(eig[-1])
-    if top <= 0.0:
-        return math.inf
-    low = float(torch.quantile(eig, LOW_QUANTILE))
-    if low <= top * eig.numel() * eps:
-        return math.inf
-    return top / low
+    return _ratio_of_spectrum(eig, eps)
 
 
 def anisotropy(x: Tensor) -> float:
@@ -133,12 +187,7 @@ def anisotropy(x: Tensor) -> float:
     """
     x = check_points(x, min_rows=2, min_features=2)
     n, d = x.shape
-    ratio = anisotropy_ratio(x)
-    if math.isinf(ratio):
-        return 1.0
-    m, big = min(n - 1, d), max(n - 1, d)
-    score = math.log(ratio / _isotropic_ratio(m, big)) / math.log(COLLAPSE_RATIO)
-    return min(max(score, 0.0), 1.0)
+    return _anisotropy_of_ratio(anisotropy_ratio(x), n, d)
 
 
 def effective_rank(x: Tensor, *, eps: float = 1e-7) -> float:
@@ -157,12 +206,7 @@ def effective_rank(x: Tensor, *, eps: float = 1e-7) -> float:
     eps = as_real(eps, "eps", "a finite number >= 0")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"`eps` must be a finite number >= 0; got {eps!r}.")
-    s = _gram_spectrum(x, center=False).sqrt()
-    total = float(s.sum())
-    if total <= 0.0:
-        return 0.0
-    p = s / total + eps
-    return float(torch.exp(-(p * p.log()).sum()))
+    return _rank_of_spectrum(_gram_spectrum(x, center=False), eps)
 
 
 def l2_normalized_std(x: Tensor) -> float:
