@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from topo_callbacks.core import CollapseMonitorCore, EmbeddingCapture
+from topo_callbacks.core.budget import LONGEST_SPACING, check_spacing
 from topo_callbacks.core.detector import global_grad_norm
 
 WATCHED = "5"  # the D-wide Linear layer of `make_model`
@@ -101,6 +102,7 @@ def run(
     dim: int,
     seed: int = 0,
     source: Literal["stream", "probe"] = "stream",
+    budget: float | None = None,
 ) -> tuple[float, list[float], tuple[int, int]]:
     """Mean wall time per training step, the wall time of each check (timed around `run_check`), and how many
     of the checks that moved the engine's points kept every module (the engine's link condition), of how many.
@@ -117,7 +119,7 @@ def run(
     if monitored:
         probe = torch.randn(samples, 784, generator=torch.Generator().manual_seed(1)) if source == "probe" else None
         monitor = CollapseMonitorCore(
-            WATCHED, every_n_train_steps=every, max_samples=samples, source=source, probe=probe
+            WATCHED, every_n_train_steps=every, max_samples=samples, source=source, probe=probe, max_overhead=budget
         )
         monitor.attach(model)
     checks: list[float] = []
@@ -132,7 +134,7 @@ def run(
         grad_norm = None
         if monitor is not None:  # the default detector's per-step channels, as the adapters feed them
             monitor.add_loss(loss)
-            grad_norm = global_grad_norm(model.parameters())
+            grad_norm = global_grad_norm(model.parameters(), as_tensor=True)
         opt.step()
         if monitor is not None:
             monitor.observe_step(step, grad_norm=grad_norm)
@@ -184,6 +186,111 @@ def main_mlp(args: argparse.Namespace) -> None:
     print(f"overhead ratio from the check time alone: {1 + med_check / (args.every * m_off):.3f}")
     if args.source == "probe":
         print(f"probe checks that moved the engine's points: {moves}; of them kept every module: {kept}")
+
+
+# ------------------------------------------------------------------------------------------------ small models
+
+
+def _digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.tensor(data.images / 16.0, dtype=torch.float32), torch.tensor(data.target)
+
+
+def small_model(name: str) -> tuple[nn.Module, str, int]:
+    """A small model, the layer watched and its batch size: the digits MLP (64-128-128-10), the digits CNN (conv
+    32-64, 3x3, space mean-pooled), or the MLP of ``--model mlp`` (784-1024-1024-256-10 on synthetic data)."""
+    if name == "digits_mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                             nn.Linear(128, 10)), "4", 64  # fmt: skip
+    if name == "digits_cnn":
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(64, 10)), "4", 64  # fmt: skip
+    return make_model(256), WATCHED, 256
+
+
+SMALL_MODELS = ("digits_mlp", "digits_cnn", "mlp")
+
+
+def small_run(name: str, steps: int, arm: str, seed: int) -> dict[str, Any]:
+    """One whole training run of a small model in a plain loop: ``arm`` is "off" (no monitor), "all" (a check every
+    50 steps: ``max_overhead=None``) or "budget" (the defaults: ``max_overhead=0.02``). The monitor is fed as the
+    adapters feed it (the loss and the gradient norm as tensors, the learning rate)."""
+    torch.manual_seed(seed)
+    model, layer, batch = small_model(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if name == "mlp":
+        gen = torch.Generator().manual_seed(seed)
+        xs = [torch.randn(batch, 784, generator=gen) for _ in range(16)]
+        ys = [torch.randint(0, 10, (batch,), generator=gen) for _ in range(16)]
+    else:
+        images, labels = _digits()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        xs = [images[order[i : i + batch]].reshape(-1, 64) for i in range(0, len(labels) - batch, batch)]
+        ys = [labels[order[i : i + batch]] for i in range(0, len(labels) - batch, batch)]
+    monitor = None
+    if arm != "off":
+        monitor = CollapseMonitorCore(layer, max_overhead=None if arm == "all" else 0.02)
+        monitor.attach(model)
+    checks: list[float] = []
+    start = time.perf_counter()
+    for i in range(steps):
+        step = i + 1
+        if monitor is not None:
+            monitor.prepare_step(step)
+        loss = nn.functional.cross_entropy(model(xs[i % len(xs)]), ys[i % len(ys)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if monitor is not None:
+            monitor.add_loss(loss)
+            grad_norm = global_grad_norm(model.parameters(), as_tensor=True)
+        opt.step()
+        if monitor is not None:
+            monitor.observe_step(step, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
+            if monitor.is_check_step(step):
+                t = time.perf_counter()
+                monitor.run_check(step)
+                checks.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    out: dict[str, Any] = {"step_s": elapsed / steps, "checks": checks}
+    if monitor is not None:
+        info = monitor.summary()
+        out.update(own_share=info["overhead"], check_every=info["check_every"], max_samples=info["max_samples"])
+        monitor.detach()
+    return out
+
+
+def main_small(args: argparse.Namespace) -> None:
+    """``--model small``: whole runs of the small models, alternating no monitor, every check and the budget."""
+    repeats, steps = (2, 400) if args.quick else (5, 3000)
+    warnings.simplefilter("ignore")
+    print(_machine(torch.device("cpu")))
+    print(f"whole runs of {steps} steps, {repeats} repeats per arm (rotating order); monitor defaults"
+          " (every_n_train_steps=50, max_samples=1024) with max_overhead=None ('all') and 0.02 ('budget')")  # fmt: skip
+    header = (f"{'model':<11} {'step off':>9} {'all: ratio':>10} {'checks':>6} {'check':>8} {'budget: ratio':>13}"
+              f" {'checks':>6} {'check':>8} {'every':>6} {'samples':>7} {'own share':>9}")  # fmt: skip
+    print(header)
+    arms = ("off", "all", "budget")
+    for name in SMALL_MODELS:
+        small_run(name, 60, "all", seed=99)  # warm-up: lazy imports, the first check's one-time costs
+        runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+        for r in range(repeats):
+            for arm in arms[r % 3 :] + arms[: r % 3]:
+                runs[arm].append(small_run(name, steps, arm, seed=r))
+        step = {a: statistics.median(x["step_s"] for x in runs[a]) for a in arms}
+
+        def check_ms(arm: str, runs: dict[str, list[dict[str, Any]]] = runs) -> str:
+            times = [t for x in runs[arm] for t in x["checks"]]
+            return f"{statistics.median(times) * 1e3:7.1f}ms" if times else f"{'-':>8}"
+
+        last = runs["budget"][-1]
+        print(f"{name:<11} {step['off'] * 1e3:7.2f}ms {step['all'] / step['off']:10.3f}"
+              f" {len(runs['all'][-1]['checks']):6d} {check_ms('all')} {step['budget'] / step['off']:13.3f}"
+              f" {len(last['checks']):6d} {check_ms('budget')} {last['check_every']:6d} {last['max_samples']:7d}"
+              f" {statistics.median(x['own_share'] for x in runs['budget']):9.3f}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- realistic models
@@ -874,18 +981,30 @@ def format_table(results: Sequence[Result]) -> str:
     """A Markdown table, one row per configuration."""
     lines = [
         "| framework | layer | samples (n) | step off | step on | check (start-up) | check / 50 steps | ratio"
-        " | per-step channels |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | per-step channels | budget 2%: checks every | budget: share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        every, share = _budgeted(r)
         lines.append(
             f"| {r.framework} | {r.layer} `{r.path}` (d={r.width}) | {r.samples} ({r.n_checked}) "
             f"| {r.step_off * 1e3:.1f} ms | {r.step_on * 1e3:.1f} ms "
             f"| {r.check * 1e3:.1f} ms ({r.startup_check * 1e3:.1f} ms) "
             f"| {100 * r.share:.2f}% | {r.ratio:.3f} "
-            f"| {_channels(r)} |"
+            f"| {_channels(r)} | {every} steps | {100 * share:.2f}% |"
         )
     return "\n".join(lines)
+
+
+def _budgeted(r: Result, budget: float = 0.02) -> tuple[int, float]:
+    """What the default ``max_overhead=0.02`` makes of this configuration, computed from the measured times with the
+    monitor's own rule (`check_spacing`): the checks' spacing (a multiple of 50 steps, at most 100 times) and the
+    monitor's share of the wall time then. The step time "on" already holds the hook's and the per-step work."""
+    per_step = max(r.step_on - r.step_off, 0.0)
+    need = check_spacing(r.check, per_step, r.step_off, budget)
+    every = EVERY * min(max(math.ceil(need / EVERY), 1), LONGEST_SPACING) if math.isfinite(need) else EVERY * 100
+    share = (r.check + every * per_step) / (every * (r.step_off + per_step) + r.check)
+    return every, share
 
 
 def _channels(r: Result) -> str:
@@ -987,7 +1106,7 @@ def main_realistic(args: argparse.Namespace) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["mlp", "resnet18", "gpt2"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "small", "resnet18", "gpt2"], default="mlp")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: resnet18 and gpt2 only")
     parser.add_argument("--quick", action="store_true", help="short CI setting")
     parser.add_argument("--every", type=int, default=50, help="mlp only (the realistic models check every 50)")
@@ -1010,6 +1129,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=None, help="gpt2: tokens per sequence (128 CPU, 1024 CUDA)")
     parser.add_argument("--profile", action="store_true", help="resnet18/gpt2: cProfile one check per configuration")
     args = parser.parse_args(argv)
+    if args.model == "small":
+        return args
     if args.model == "mlp":
         realistic_only = ("batch", "steps", "repeats", "checks", "gpt_layers", "context")
         if args.device != "cpu" or any(getattr(args, name) is not None for name in realistic_only):
@@ -1033,6 +1154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.model == "mlp":
         main_mlp(args)
+    elif args.model == "small":
+        main_small(args)
     else:
         main_realistic(args)
 

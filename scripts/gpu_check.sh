@@ -220,6 +220,11 @@ for spec in "${ENGINE_RUNS[@]}"; do
     run "$name" "$limit" "$PY" benchmarks/engine.py --device "$DEVICE" "${args[@]}" --json "$OUT/logs/$name.json"
 done
 
+# ------------------------------------------------------------------------------------------------- step syncs
+# Host synchronisations per optimizer step with the monitor's per-step path (torch.cuda.set_sync_debug_mode): zero
+# between the batched reads is the target (issue 24)
+run step-syncs 60 "$PY" benchmarks/step_syncs.py --device "$DEVICE" --steps "$([ "$DEVICE" = cuda ] && echo 200 || echo 48)"
+
 # --------------------------------------------------------------------------------------------- overhead bench
 # The monitor's cost on realistic models (benchmarks/overhead.py --model): a GPU-sized model takes its warm-up,
 # steps without and with the monitor, and the checks; 120 s each (the step is cut at the budget's end anyway).

@@ -60,7 +60,7 @@ def run_lightning(out: Path) -> None:
     # a fixed initialisation: the tiny model's healthy CI wanders with it
     pl.seed_everything(0, verbose=False)
     mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=96, divergence_threshold=0.9,
-                          stop_on_alarm=True)  # fmt: skip
+                          stop_on_alarm=True, max_overhead=None)  # fmt: skip
     # torchrun's environment (TORCHELASTIC_RUN_ID, RANK, GROUP_RANK, ...) tells Lightning that the processes exist
     # already: it launches nothing and checks that num_nodes x devices is torchrun's world size
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=1, num_nodes=2, max_steps=40,
@@ -82,7 +82,7 @@ def run_accelerate(out: Path) -> None:
     accelerator = Accelerator(cpu=True)
     model = make_model()
     mon = AccelerateCollapseMonitor(accelerator, model, layer="module.0", every_n_train_steps=5, max_samples=64,
-                                    divergence_threshold=0.9, stop_on_alarm=True)  # fmt: skip
+                                    divergence_threshold=0.9, stop_on_alarm=True, max_overhead=None)  # fmt: skip
     # uneven: process 1 trains on 8 of its 32 rows, and on none in steps 6-10; the encoder collapses from step 31
     stopped = train(accelerator, model, mon, steps=60, collapse_at=30, uneven=True)
     result = {**where(), "rank": accelerator.process_index, "world": accelerator.num_processes,

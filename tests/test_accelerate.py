@@ -59,6 +59,7 @@ def test_single_process_loop_checks_logs_and_stops(tmp_path):
             max_samples=64,
             divergence_threshold=0.9,
             stop_on_alarm=True,
+            max_overhead=None,
         ) as mon:
             stopped = train(accelerator, model, mon, steps=60, collapse_at=30)
     assert [h["step"] for h in mon.history][:6] == [5, 10, 15, 20, 25, 30]
@@ -84,6 +85,7 @@ def test_single_process_probe_source_stops_on_collapse():
             calibration_checks=1,
             divergence_threshold=0.9,
             stop_on_alarm=True,
+            max_overhead=None,
         ) as mon:
             stopped = train(accelerator, model, mon, steps=60, collapse_at=30)
     assert stopped == mon.stopped_step == 35
@@ -95,13 +97,17 @@ def test_single_process_probe_source_stops_on_collapse():
 def test_register_for_checkpointing_roundtrip(tmp_path):
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
     model = make_model()
-    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=5, max_samples=64)
+    mon = AccelerateCollapseMonitor(
+        accelerator, model, layer="0", every_n_train_steps=5, max_samples=64, max_overhead=None
+    )
     accelerator.register_for_checkpointing(mon)
     train(accelerator, model, mon, steps=20)
     accelerator.save_state(str(tmp_path / "ckpt"))
     saved = mon.state_dict()
     fresh_acc = Accelerator(cpu=True, project_dir=str(tmp_path))
-    fresh = AccelerateCollapseMonitor(fresh_acc, make_model(), layer="0", every_n_train_steps=5, max_samples=64)
+    fresh = AccelerateCollapseMonitor(
+        fresh_acc, make_model(), layer="0", every_n_train_steps=5, max_samples=64, max_overhead=None
+    )
     fresh_acc.register_for_checkpointing(fresh)
     fresh_acc.load_state(str(tmp_path / "ckpt"))
     assert fresh.global_step == 20
@@ -125,7 +131,7 @@ WORKER = textwrap.dedent(
     probe = torch.randn(48, 16, generator=torch.Generator().manual_seed(3)) if source == "probe" else None
     mon = AccelerateCollapseMonitor(accelerator, model, layer="module.0", every_n_train_steps=5, max_samples=64,
                                     divergence_threshold=0.9, stop_on_alarm=True, source=source, probe=probe,
-                                    calibration_checks=1 if probe is not None else 3)
+                                    calibration_checks=1 if probe is not None else 3, max_overhead=None)
     stopped = train(accelerator, model, mon, steps=60, collapse_at=30, uneven=True)
     out = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stopped": stopped,
            "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history],
@@ -178,7 +184,9 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=4096, batch_size=8))
-    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=5, max_samples=64)
+    mon = AccelerateCollapseMonitor(
+        accelerator, model, layer="0", every_n_train_steps=5, max_samples=64, max_overhead=None
+    )
     weight = accelerator.unwrap_model(model)[1].weight
     stepped = 0
     for i, (x, y) in enumerate(data):
@@ -207,7 +215,9 @@ def test_tensorboard_tracker_gets_the_checks_and_the_diagram_and_close_summarise
     accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
     accelerator.init_trackers("run")
     model = make_model()
-    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=5, max_samples=64)
+    mon = AccelerateCollapseMonitor(
+        accelerator, model, layer="0", every_n_train_steps=5, max_samples=64, max_overhead=None
+    )
     train(accelerator, model, mon, steps=10)
     with caplog.at_level(logging.INFO, logger="topo_callbacks.accelerate"):
         mon.close()
@@ -228,7 +238,7 @@ def test_logger_false_keeps_the_checks_out_of_the_trackers(tmp_path):
     accelerator.init_trackers("run")
     model = make_model()
     with AccelerateCollapseMonitor(
-        accelerator, model, layer="0", every_n_train_steps=5, max_samples=64, logger=False
+        accelerator, model, layer="0", every_n_train_steps=5, max_samples=64, logger=False, max_overhead=None
     ) as mon:
         train(accelerator, model, mon, steps=10)
     accelerator.end_training()
@@ -249,7 +259,9 @@ def test_the_detector_gets_each_optimizer_steps_mean_loss_and_gradient_norm():
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=8192, batch_size=8))
-    mon = AccelerateCollapseMonitor(accelerator, model, layer="0", every_n_train_steps=50, max_samples=64)
+    mon = AccelerateCollapseMonitor(
+        accelerator, model, layer="0", every_n_train_steps=50, max_samples=64, max_overhead=None
+    )
     losses, micro, norms = [], [], []
     for i, (x, y) in enumerate(data):
         if i == 4 * 230:

@@ -61,7 +61,9 @@ def plain_loop(
     x, y = digits()
     model = model or DigitsMLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=momentum)
-    monitor = CollapseMonitorCore("embed", every_n_train_steps=every, max_samples=256, **monitor_kwargs)
+    monitor = CollapseMonitorCore(
+        "embed", every_n_train_steps=every, max_samples=256, **monitor_kwargs, max_overhead=None
+    )
     monitor.attach(model)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -107,7 +109,9 @@ def test_lightning_fp16_with_a_real_grad_scaler_counts_skipped_steps_and_never_a
     pl.seed_everything(0, verbose=False)
     loader = DataLoader(digit_images(), batch_size=64, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
-    monitor = CollapseMonitor(layer="embed", every_n_train_steps=10, max_samples=256, stop_on_alarm=True)
+    monitor = CollapseMonitor(
+        layer="embed", every_n_train_steps=10, max_samples=256, stop_on_alarm=True, max_overhead=None
+    )
     # a large initial scale and a short growth interval: skips at the start and every 25 steps, as fp16 runs have
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=25)
     trainer = pl.Trainer(max_steps=150, accelerator="cpu", devices=1, callbacks=[monitor], logger=False,
@@ -143,7 +147,7 @@ def test_the_report_of_an_fp16_run_shows_its_skipped_steps_and_its_episode(tmp_p
     pl.seed_everything(0, verbose=False)
     loader = DataLoader(digit_images(), batch_size=64, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
-    monitor = CollapseMonitor(layer="embed", every_n_train_steps=10, max_samples=256)
+    monitor = CollapseMonitor(layer="embed", every_n_train_steps=10, max_samples=256, max_overhead=None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=25)
     trainer = pl.Trainer(max_steps=200, accelerator="cpu", devices=1, callbacks=[monitor],
                          logger=CSVLogger(tmp_path, name="run"), plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
@@ -179,7 +183,8 @@ def test_accelerate_fp16_with_the_users_grad_scaler_counts_skipped_steps_and_nev
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with AccelerateCollapseMonitor(accelerator, model, "embed", every_n_train_steps=25, max_samples=256,
-                                       scaler=scaler, optimizer=opt, stop_on_alarm=True) as monitor:  # fmt: skip
+                                       scaler=scaler, optimizer=opt, stop_on_alarm=True,
+                                       max_overhead=None) as monitor:  # fmt: skip
             for step in range(150):
                 idx = torch.randint(0, len(x), (64,), generator=g)
                 with torch.autocast("cpu", dtype=torch.float16):
@@ -202,7 +207,7 @@ def test_hf_trainer_with_a_grad_scaler_counts_skipped_steps_and_never_alarms(tmp
 
     trainer = make_trainer(tmp_path, 120, None)
     monitor = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=10, max_samples=128,
-                                      stop_on_alarm=True)  # fmt: skip
+                                      stop_on_alarm=True, max_overhead=None)  # fmt: skip
     trainer.add_callback(monitor)
     # on the CPU Accelerate makes no scaler for `fp16=True`: set up what it does on a GPU (a scaler, native AMP in
     # fp16: autocast, `clip_grad_norm_` unscaling first) with a real CPU scaler; it skips at the start and each growth
@@ -233,7 +238,7 @@ def test_a_nan_loss_without_a_scaler_alarms_at_that_step() -> None:
 
 
 def test_a_loss_scale_that_keeps_falling_alarms() -> None:
-    monitor = CollapseMonitorCore("0")
+    monitor = CollapseMonitorCore("0", max_overhead=None)
     fired = [monitor.observe_step(s, loss=1.0, grad_norm=math.inf, skipped=True, loss_scale=2.0 ** (17 - s))
              for s in range(1, 25)]  # fmt: skip
     first = next(i for i, f in enumerate(fired, 1) if f is not None)
@@ -282,7 +287,7 @@ def test_labels_that_break_at_once_alarm_within_three_steps() -> None:
 
 
 def test_a_gradient_norm_of_zero_says_what_is_wrong_once() -> None:
-    monitor = CollapseMonitorCore("0")
+    monitor = CollapseMonitorCore("0", max_overhead=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for s in range(1, 200):
@@ -293,7 +298,7 @@ def test_a_gradient_norm_of_zero_says_what_is_wrong_once() -> None:
 
 
 def test_a_gradient_norm_of_zero_while_the_loss_stays_at_its_first_values_alarms() -> None:
-    monitor = CollapseMonitorCore("0")
+    monitor = CollapseMonitorCore("0", max_overhead=None)
     fired = [monitor.observe_step(s, loss=2.3 + 0.01 * (s % 3), grad_norm=0.0) for s in range(1, 60)]
     first = next(i for i, f in enumerate(fired, 1) if f is not None)
     assert first == 20
@@ -303,7 +308,7 @@ def test_a_gradient_norm_of_zero_while_the_loss_stays_at_its_first_values_alarms
 def test_no_loss_and_zeroed_gradients_are_reported_at_the_first_check() -> None:
     torch.manual_seed(0)
     model = DigitsMLP()
-    monitor = CollapseMonitorCore("embed", every_n_train_steps=25, max_samples=64)
+    monitor = CollapseMonitorCore("embed", every_n_train_steps=25, max_samples=64, max_overhead=None)
     monitor.attach(model)
     x, _ = digits(64)
     with warnings.catch_warnings(record=True) as caught:
@@ -348,7 +353,7 @@ def test_a_cnn_leaving_its_loss_plateau_does_not_alarm() -> None:
 
 # ------------------------------------------------------------------------------------ state after an episode
 def test_after_an_infinite_value_the_detector_is_finite_rearmed_and_tells_the_second_episode() -> None:
-    monitor = CollapseMonitorCore("0")
+    monitor = CollapseMonitorCore("0", max_overhead=None)
     base = [1.0 + 0.01 * (s % 5) for s in range(600)]
     starts = []
     with warnings.catch_warnings(record=True) as caught:
@@ -409,7 +414,7 @@ def test_an_integer_or_boolean_layer_output_is_named_once() -> None:
             return torch.stack([x.argmax(dim=1), x.argmin(dim=1)], dim=1)  # int64 indices
 
     model = nn.Sequential(nn.Linear(8, 8), Argmax())
-    monitor = CollapseMonitorCore("1", every_n_train_steps=2, max_samples=64)
+    monitor = CollapseMonitorCore("1", every_n_train_steps=2, max_samples=64, max_overhead=None)
     monitor.attach(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -424,7 +429,7 @@ def test_an_integer_or_boolean_layer_output_is_named_once() -> None:
 
 def test_a_check_skipped_again_and_again_is_said_once() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
-    monitor = CollapseMonitorCore("0", every_n_train_steps=1, select=lambda out: out.no_such_field)
+    monitor = CollapseMonitorCore("0", every_n_train_steps=1, select=lambda out: out.no_such_field, max_overhead=None)
     monitor.attach(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -169,7 +169,9 @@ def compiled_training_run(model_name: str, backend: str, steps: int) -> tuple[li
     model = torch.compile(net, backend=backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     # a window of 10 armed steps out of every 12: more armed forwards per check than dynamo's recompile limit (8)
-    monitor = CollapseMonitorCore(layer, every_n_train_steps=12, max_samples=160, calibration_checks=1)
+    monitor = CollapseMonitorCore(
+        layer, every_n_train_steps=12, max_samples=160, calibration_checks=1, max_overhead=None
+    )
     watched = monitor.attach(model)  # resolved through unwrap_model; attached before the first forward
     assert watched is net.get_submodule(layer.removeprefix("_orig_mod."))
     reports, expected = [], []
@@ -236,7 +238,7 @@ def test_monitor_emits_the_selection_warning_once_or_raises_when_strict():
 
     model = nn.Sequential(AuxAndFeatures())
     for strict in (False, True):
-        monitor = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, strict=strict)
+        monitor = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, strict=strict, max_overhead=None)
         monitor.attach(model)
         for step in (1, 2):
             monitor.prepare_step(step)

@@ -89,7 +89,9 @@ def test_the_probe_monitor_logs_how_its_examples_moved() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
     probe = torch.randn(48, 8, generator=torch.Generator().manual_seed(1))
-    monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=64, source="probe", probe=probe)
+    monitor = CollapseMonitorCore(
+        "1", every_n_train_steps=5, max_samples=64, source="probe", probe=probe, max_overhead=None
+    )
     monitor.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     rows = []
@@ -127,7 +129,9 @@ def test_the_curvature_channel_is_one_hessian_vector_product_and_leaves_training
         torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    monitor = CollapseMonitorCore("2", every_n_train_steps=5, max_samples=64, loss_fn=fixed_batch_loss)
+    monitor = CollapseMonitorCore(
+        "2", every_n_train_steps=5, max_samples=64, loss_fn=fixed_batch_loss, max_overhead=None
+    )
     monitor.attach(model)
     monitor.optimizer = opt
     for step in range(1, 21):
@@ -159,7 +163,7 @@ def test_a_failing_loss_fn_warns_and_skips_the_channel() -> None:
     def broken(m: torch.nn.Module) -> torch.Tensor:
         raise RuntimeError("no batch")
 
-    monitor = CollapseMonitorCore("1", every_n_train_steps=1, max_samples=64, loss_fn=broken)
+    monitor = CollapseMonitorCore("1", every_n_train_steps=1, max_samples=64, loss_fn=broken, max_overhead=None)
     monitor.attach(model)
     monitor.prepare_step(1)
     model(torch.randn(32, 8))
@@ -167,4 +171,4 @@ def test_a_failing_loss_fn_warns_and_skips_the_channel() -> None:
         monitor.run_check(1)
     assert "grad_curvature" not in monitor.history[-1]
     with pytest.raises(ValueError, match="`loss_fn` must be a callable"):
-        CollapseMonitorCore("1", loss_fn="not callable")
+        CollapseMonitorCore("1", loss_fn="not callable", max_overhead=None)

@@ -65,7 +65,7 @@ def fit(jump: int | None, every: int, seed: int = 0, **kwargs: Any) -> Any:
     pl.seed_everything(seed, verbose=False)
     loader = DataLoader(digits(), batch_size=64, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    monitor = CollapseMonitor(layer="embed", every_n_train_steps=every, max_samples=256, **kwargs)
+    monitor = CollapseMonitor(layer="embed", every_n_train_steps=every, max_samples=256, **kwargs, max_overhead=None)
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, callbacks=[monitor], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
@@ -127,7 +127,7 @@ def test_lightning_feeds_each_optimizer_steps_mean_loss_and_gradient_norm() -> N
             norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
     pl.seed_everything(0, verbose=False)
-    monitor = CollapseMonitor(layer="encoder", every_n_train_steps=50, max_samples=64)
+    monitor = CollapseMonitor(layer="encoder", every_n_train_steps=50, max_samples=64, max_overhead=None)
     trainer = pl.Trainer(max_steps=230, accumulate_grad_batches=2, accelerator="cpu", devices=1, logger=False,
                          callbacks=[Witness(), monitor], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)  # fmt: skip

@@ -124,7 +124,7 @@ def test_lightning_monitor_on_device_stops_on_collapse(tmp_path: Path, device: s
     probe = torch.randn(40, 16, generator=torch.Generator().manual_seed(7)) if source == "probe" else None
     mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.9,
                           stop_on_alarm=True, source=source, probe=probe,
-                          calibration_checks=1 if probe is not None else 3)  # fmt: skip
+                          calibration_checks=1 if probe is not None else 3, max_overhead=None)  # fmt: skip
     t = trainer(tmp_path, accelerator=lightning_accelerator(device), precision=precision, max_steps=40,
                 callbacks=[mon])  # fmt: skip
     with warnings.catch_warnings():
@@ -238,7 +238,7 @@ DDP_WORKER = textwrap.dedent(
     warnings.simplefilter("ignore")
     pl.seed_everything(0, verbose=False)
     mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.9,
-                          stop_on_alarm=True)
+                          stop_on_alarm=True, max_overhead=None)
     # one device under ddp: a real process group (NCCL on a GPU, gloo on the CPU) of one rank, nothing launched
     trainer = pl.Trainer(strategy="ddp", accelerator=accelerator, devices=1, max_steps=40, callbacks=[mon, Dump(mon)],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -308,7 +308,7 @@ GATHER_WORKER = textwrap.dedent(
         # the core monitor on a model on the device: ranks see different data, rank 1 none around the check at 4
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh()).to(device)
-        mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, compute_on=compute_on)
+        mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, compute_on=compute_on, max_overhead=None)
         mon.attach(model)
         g = torch.Generator().manual_seed(100 + rank)
         cis = []

@@ -39,7 +39,7 @@ WORKER = textwrap.dedent(
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
         mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, divergence_threshold=0.99,
-                                  stop_on_alarm=True, compute_on=compute_on)
+                                  stop_on_alarm=True, compute_on=compute_on, max_overhead=None)
         mon.attach(model)
         g = torch.Generator().manual_seed(100 + rank)
         cis = []
@@ -62,7 +62,7 @@ WORKER = textwrap.dedent(
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         probe = torch.randn(24, 8, generator=torch.Generator().manual_seed(7))
         mon = CollapseMonitorCore("0", every_n_train_steps=2, max_samples=64, calibration_checks=1,
-                                  source="probe", probe=probe, compute_on=compute_on)
+                                  source="probe", probe=probe, compute_on=compute_on, max_overhead=None)
         mon.attach(model)
         g = torch.Generator().manual_seed(100 + rank)  # each rank trains on its own data
         cis = []

@@ -26,7 +26,7 @@ def logged_rows(tmp_path) -> list[dict[str, str]]:
 
 
 def test_ci_and_terms_logged_at_check_steps(tmp_path):
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128, max_overhead=None)
     t = trainer(tmp_path, max_steps=23, log_every_n_steps=1)
     t.callbacks.append(mon)
     t.fit(TinyModel(), loader())
@@ -49,7 +49,7 @@ def test_ci_and_terms_logged_at_check_steps(tmp_path):
 def test_each_check_is_logged_once_at_its_step(tmp_path, log_every_n_steps):
     """The CI went to the loggers through `pl_module.log` (at the step before, and again at every later logging
     step) and through `logger.log_metrics`: metrics.csv had it at 4 and 5, 9 and 10, ... and 57 rows for 6 checks."""
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128, max_overhead=None)
     t = trainer(tmp_path, max_steps=30, log_every_n_steps=log_every_n_steps, callbacks=[mon])
     t.fit(TinyModel(), loader())
     rows = logged_rows(tmp_path)
@@ -67,7 +67,9 @@ def test_each_check_is_logged_once_at_its_step(tmp_path, log_every_n_steps):
 def test_prog_bar_and_logger_switches(tmp_path, caplog):
     import logging
 
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64, prog_bar=False, logger=False)
+    mon = CollapseMonitor(
+        layer="encoder", every_n_train_steps=5, max_samples=64, prog_bar=False, logger=False, max_overhead=None
+    )
     t = trainer(tmp_path, max_steps=10, log_every_n_steps=1, callbacks=[mon])
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         t.fit(TinyModel(), loader())
@@ -82,7 +84,9 @@ def test_prog_bar_and_logger_switches(tmp_path, caplog):
 
 
 def test_a_run_shorter_than_the_check_interval_warns(tmp_path):
-    t = trainer(tmp_path, max_steps=10, callbacks=[CollapseMonitor(layer="encoder", every_n_train_steps=50)])
+    t = trainer(
+        tmp_path, max_steps=10, callbacks=[CollapseMonitor(layer="encoder", every_n_train_steps=50, max_overhead=None)]
+    )
     with pytest.warns(CollapseWarning, match=r"no collapse check ran \(the run ended at step 10, before the first"):
         t.fit(TinyModel(), loader())
 
@@ -90,7 +94,13 @@ def test_a_run_shorter_than_the_check_interval_warns(tmp_path):
 def test_probe_source_embeds_the_probe_and_moves_the_engine_points(tmp_path):
     probe = torch.randn(40, 16, generator=torch.Generator().manual_seed(5))
     mon = CollapseMonitor(
-        layer="encoder", every_n_train_steps=5, max_samples=128, source="probe", probe=probe, calibration_checks=1
+        layer="encoder",
+        every_n_train_steps=5,
+        max_samples=128,
+        source="probe",
+        probe=probe,
+        calibration_checks=1,
+        max_overhead=None,
     )
     t = trainer(tmp_path, max_steps=20, log_every_n_steps=1)
     t.callbacks.append(mon)
@@ -109,7 +119,12 @@ def test_probe_source_embeds_the_probe_and_moves_the_engine_points(tmp_path):
 
 def test_stop_on_divergence_threshold(tmp_path):
     mon = CollapseMonitor(
-        layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.5, stop_on_alarm=True
+        layer="encoder",
+        every_n_train_steps=4,
+        max_samples=64,
+        divergence_threshold=0.5,
+        stop_on_alarm=True,
+        max_overhead=None,
     )
     t = trainer(tmp_path, max_steps=100, callbacks=[mon])
     with pytest.warns(CollapseWarning) as caught:
@@ -126,7 +141,9 @@ def test_stop_on_divergence_threshold(tmp_path):
 
 
 def test_alarm_without_stop_warns_once_per_episode(tmp_path):
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.5)
+    mon = CollapseMonitor(
+        layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.5, max_overhead=None
+    )
     t = trainer(tmp_path, max_steps=24, callbacks=[mon])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -142,7 +159,7 @@ def test_alarm_without_stop_warns_once_per_episode(tmp_path):
 
 def test_resume_from_checkpoint_restores_monitor_state(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1)
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, max_overhead=None)
     t = trainer(tmp_path, max_steps=20, callbacks=[mon, ckpt], enable_checkpointing=True)
     t.fit(TinyModel(), loader())
     saved = mon.state_dict()
@@ -151,7 +168,7 @@ def test_resume_from_checkpoint_restores_monitor_state(tmp_path):
     state = torch.load(path, weights_only=True)["callbacks"][mon.state_key]  # plain types only
     assert state["eps"] == saved["eps"]
 
-    resumed = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64)
+    resumed = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, max_overhead=None)
     t2 = trainer(tmp_path, max_steps=32, callbacks=[resumed])
     t2.fit(TinyModel(), loader(), ckpt_path=str(path))
     assert resumed.eps == saved["eps"]
@@ -161,7 +178,7 @@ def test_resume_from_checkpoint_restores_monitor_state(tmp_path):
 
 
 def test_wrong_layer_fails_at_setup_with_close_matches(tmp_path):
-    mon = CollapseMonitor(layer="encodr.2")
+    mon = CollapseMonitor(layer="encodr.2", max_overhead=None)
     t = trainer(tmp_path, max_steps=5, callbacks=[mon])
     model = TinyModel()
     before = [p.detach().clone() for p in model.parameters()]
@@ -172,7 +189,7 @@ def test_wrong_layer_fails_at_setup_with_close_matches(tmp_path):
 
 
 def test_nan_embeddings_do_not_crash_training(tmp_path):
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128, max_overhead=None)
     t = trainer(tmp_path, max_steps=15, callbacks=[mon])
     t.fit(TinyModel(nan_rows=4), loader(batch_size=32))
     assert t.global_step == 15
@@ -183,7 +200,7 @@ def test_nan_embeddings_do_not_crash_training(tmp_path):
 
 
 def test_all_nan_check_is_skipped_with_a_warning(tmp_path):
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=128, max_overhead=None)
     t = trainer(tmp_path, max_steps=10, callbacks=[mon])
     with pytest.warns(CollapseWarning, match="skipped at step 5: fewer than 2 finite embeddings"):
         t.fit(TinyModel(nan_rows=32), loader(batch_size=32))
@@ -192,7 +209,7 @@ def test_all_nan_check_is_skipped_with_a_warning(tmp_path):
 
 
 def test_gradient_accumulation_checks_once_per_optimizer_step(tmp_path):
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=2, max_samples=64)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=2, max_samples=64, max_overhead=None)
     t = trainer(tmp_path, max_steps=6, accumulate_grad_batches=3, callbacks=[mon])
     calls = []
     original = mon.run_check
@@ -204,8 +221,12 @@ def test_gradient_accumulation_checks_once_per_optimizer_step(tmp_path):
 
 
 def test_two_monitors_on_two_layers(tmp_path):
-    a = CollapseMonitor(layer="encoder.0", every_n_train_steps=5, max_samples=64, monitor="collapse/enc0/ci")
-    b = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64, monitor="collapse/enc/ci")
+    a = CollapseMonitor(
+        layer="encoder.0", every_n_train_steps=5, max_samples=64, monitor="collapse/enc0/ci", max_overhead=None
+    )
+    b = CollapseMonitor(
+        layer="encoder", every_n_train_steps=5, max_samples=64, monitor="collapse/enc/ci", max_overhead=None
+    )
     assert a.state_key != b.state_key
     t = trainer(tmp_path, max_steps=10, callbacks=[a, b])
     t.fit(TinyModel(), loader())
@@ -215,31 +236,40 @@ def test_two_monitors_on_two_layers(tmp_path):
 
 
 def test_two_monitors_sharing_a_key_are_rejected(tmp_path):
-    t = trainer(tmp_path, max_steps=5, callbacks=[CollapseMonitor(layer="encoder"), CollapseMonitor(layer="head")])
+    t = trainer(
+        tmp_path,
+        max_steps=5,
+        callbacks=[
+            CollapseMonitor(layer="encoder", max_overhead=None),
+            CollapseMonitor(layer="head", max_overhead=None),
+        ],
+    )
     with pytest.raises(ValueError, match="own key"):
         t.fit(TinyModel(), loader())
 
 
 def test_hook_removed_after_fit_and_callback_pickles(tmp_path):
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64, max_overhead=None)
     model = TinyModel()
     trainer(tmp_path, max_steps=5, callbacks=[mon]).fit(model, loader())
     assert not model.encoder._forward_hooks
-    clone = pickle.loads(pickle.dumps(CollapseMonitor(layer="encoder")))  # ddp_spawn pickles callbacks
+    clone = pickle.loads(
+        pickle.dumps(CollapseMonitor(layer="encoder", max_overhead=None))
+    )  # ddp_spawn pickles callbacks
     assert type(clone) is CollapseMonitor
 
 
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="every_n_train_steps"):
-        CollapseMonitor(layer="encoder", every_n_train_steps=0)
+        CollapseMonitor(layer="encoder", every_n_train_steps=0, max_overhead=None)
     with pytest.raises(ValueError, match="mode"):
-        CollapseMonitor(layer="encoder", mode="up")
+        CollapseMonitor(layer="encoder", mode="up", max_overhead=None)
     with pytest.raises(ValueError, match="pool"):
-        CollapseMonitor(layer="encoder", pool="median")
+        CollapseMonitor(layer="encoder", pool="median", max_overhead=None)
     with pytest.raises(ValueError, match="accepted terms"):
-        CollapseMonitor(layer="encoder", weights={"loops": 1.0})
+        CollapseMonitor(layer="encoder", weights={"loops": 1.0}, max_overhead=None)
     with pytest.raises(ValueError, match="layer"):
-        CollapseMonitor(layer="")
+        CollapseMonitor(layer="", max_overhead=None)
 
 
 def test_standalone_pytorch_lightning_flavour(tmp_path):
@@ -299,7 +329,7 @@ def test_wandb_logger_offline_gets_each_check_once(tmp_path, monkeypatch):
         wandb.finish()
         return summary
 
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64, max_overhead=None)
     watched, plain = run(mon), run(None)
     assert [h["step"] for h in mon.history] == [5, 10]
     assert watched["_step"] == plain["_step"] + len(mon.history)

@@ -77,7 +77,7 @@ SCRIPT = textwrap.dedent(
         probe = torch.randn(40, 16, generator=torch.Generator().manual_seed(7)) if source == "probe" else None
         mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=96, divergence_threshold=0.9,
                               stop_on_alarm=True, source=source or "stream", probe=probe,
-                              calibration_checks=1 if probe is not None else 3)
+                              calibration_checks=1 if probe is not None else 3, max_overhead=None)
         model = Uneven()
         if strategy == "fsdp2":
             from lightning.pytorch.strategies import ModelParallelStrategy
@@ -141,7 +141,7 @@ RESUME_SCRIPT = textwrap.dedent(
     out = sys.argv[1]
     pl.seed_everything(0, verbose=False)
     warnings.simplefilter("ignore")
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64)
+    mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, max_overhead=None)
     ckpt = ModelCheckpoint(dirpath=f"{out}/ckpt", every_n_train_steps=12, save_top_k=-1)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=12, callbacks=[mon, ckpt],
                          logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -167,7 +167,7 @@ def test_resume_on_another_world_size_continues_the_series(tmp_path: Path):
     assert [h["n"] for h in saved["history"]] == [64, 64, 64]  # 32 rows per rank
     (path,) = (tmp_path / "ckpt").glob("*.ckpt")
 
-    resumed = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64)
+    resumed = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, max_overhead=None)
     t = trainer(tmp_path, max_steps=24, callbacks=[resumed])
     t.fit(TinyModel(), loader(n=2048, batch_size=32), ckpt_path=str(path))
     assert resumed.eps == saved["eps"]  # calibrated on two processes, held on one
@@ -192,8 +192,8 @@ WRONG_LAYER_SCRIPT = textwrap.dedent(
     out = sys.argv[1]
     warnings.simplefilter("ignore")
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=5,
-                         callbacks=[CollapseMonitor(layer="encodr.2")], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         callbacks=[CollapseMonitor(layer="encodr.2", max_overhead=None)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     try:
         trainer.fit(TinyModel(), loader())
     except ValueError as err:

@@ -15,7 +15,9 @@ from topo_callbacks.lightning import CollapseMonitor
 
 
 def collapsing_run(tmp_path, logger=None) -> CollapseMonitor:
-    mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.9)
+    mon = CollapseMonitor(
+        layer="encoder", every_n_train_steps=4, max_samples=64, divergence_threshold=0.9, max_overhead=None
+    )
     kwargs = {} if logger is None else {"logger": logger}
     t = trainer(tmp_path, max_steps=24, callbacks=[mon], **kwargs)
     model = TinyModel()

@@ -35,7 +35,9 @@ def test_probe_checks_move_the_engine_points_and_match_gudhi():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     probe = torch.randn(60, 8, generator=torch.Generator().manual_seed(1))
-    monitor = CollapseMonitorCore("2", every_n_train_steps=4, max_samples=64, source="probe", probe=probe)
+    monitor = CollapseMonitorCore(
+        "2", every_n_train_steps=4, max_samples=64, source="probe", probe=probe, max_overhead=None
+    )
     monitor.calibration_checks = 2
     monitor.attach(model)
     g = torch.Generator().manual_seed(2)
@@ -64,7 +66,7 @@ def test_stream_checks_replace_the_sample_by_edits_and_match_gudhi():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     outputs: list[torch.Tensor] = []
     model[2].register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
-    monitor = CollapseMonitorCore("2", every_n_train_steps=4, max_samples=48, eps=0.9)
+    monitor = CollapseMonitorCore("2", every_n_train_steps=4, max_samples=48, eps=0.9, max_overhead=None)
     monitor.attach(model)
     g = torch.Generator().manual_seed(3)
     edits = []
@@ -104,7 +106,7 @@ def test_tracker_starts_over_on_a_new_eps_or_row_count():
 )
 def test_bad_source_or_probe_fails_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        CollapseMonitorCore("0", max_samples=64, **kwargs)
+        CollapseMonitorCore("0", max_samples=64, **kwargs, max_overhead=None)
 
 
 class KeywordModel(nn.Module):
@@ -130,7 +132,9 @@ def test_probe_mapping_inputs_run_in_eval_mode_and_leave_batchnorm_stats_alone()
 
 def test_probe_forward_errors_skip_the_check_with_a_warning():
     model = KeywordModel()
-    monitor = CollapseMonitorCore("proj", every_n_train_steps=1, max_samples=64, source="probe", probe=torch.zeros(4))
+    monitor = CollapseMonitorCore(
+        "proj", every_n_train_steps=1, max_samples=64, source="probe", probe=torch.zeros(4), max_overhead=None
+    )
     monitor.attach(model)
     with pytest.warns(UserWarning, match="skipped"):
         result = monitor.run_check(1)

@@ -103,7 +103,7 @@ def test_checks_log_through_trainer_and_stop_on_threshold(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=60, collapse_at=31)
     mon = CollapseMonitorCallback(
         trainer=trainer, layer="encoder", every_n_train_steps=5, max_samples=64, divergence_threshold=0.9,
-        stop_on_alarm=True,
+        stop_on_alarm=True, max_overhead=None,
     )  # fmt: skip
     trainer.add_callback(mon)
     with warnings.catch_warnings():
@@ -120,7 +120,7 @@ def test_checks_log_through_trainer_and_stop_on_threshold(tmp_path):
 
 
 def test_unbound_callback_still_records_and_says_so(tmp_path):
-    mon = CollapseMonitorCallback(layer="encoder", every_n_train_steps=5, max_samples=64)
+    mon = CollapseMonitorCallback(layer="encoder", every_n_train_steps=5, max_samples=64, max_overhead=None)
     trainer = make_trainer(tmp_path, max_steps=10, collapse_at=None)
     trainer.add_callback(mon)
     with pytest.warns(CollapseWarning, match="report_to"):
@@ -131,20 +131,30 @@ def test_unbound_callback_still_records_and_says_so(tmp_path):
 def test_wrong_layer_fails_when_the_trainer_is_built(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1)
     with pytest.raises(ValueError, match=r"encodr.*Close matches: \['encoder'"):
-        Trainer(model=TinyRegressor(), args=args, train_dataset=Rows(64), callbacks=[CollapseMonitorCallback("encodr")])
+        Trainer(
+            model=TinyRegressor(),
+            args=args,
+            train_dataset=Rows(64),
+            callbacks=[CollapseMonitorCallback("encodr", max_overhead=None)],
+        )
 
 
 def test_arguments_are_json_and_callables_must_be_importable():
-    mon = CollapseMonitorCallback("encoder", pool="tests.test_transformers:first_row", weights={"betti": 1.0})
+    mon = CollapseMonitorCallback(
+        "encoder", pool="tests.test_transformers:first_row", weights={"betti": 1.0}, max_overhead=None
+    )
     json.dumps(mon.state())
     assert mon.state()["args"]["pool"] == "tests.test_transformers:first_row"
-    assert CollapseMonitorCallback("encoder", pool=first_row).state()["args"]["pool"] == mon.state()["args"]["pool"]
+    assert (
+        CollapseMonitorCallback("encoder", pool=first_row, max_overhead=None).state()["args"]["pool"]
+        == mon.state()["args"]["pool"]
+    )
     with pytest.raises(ValueError, match="`select` must be a string or a module-level function"):
-        CollapseMonitorCallback("encoder", select=lambda out: out)
+        CollapseMonitorCallback("encoder", select=lambda out: out, max_overhead=None)
     with pytest.raises(ValueError, match="`layer` must be a dotted module path"):
-        CollapseMonitorCallback(nn.Linear(2, 2))  # type: ignore[arg-type]
+        CollapseMonitorCallback(nn.Linear(2, 2), max_overhead=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not available in the HF callback"):
-        CollapseMonitorCallback("encoder", source="probe", probe=torch.zeros(4, 2))
+        CollapseMonitorCallback("encoder", source="probe", probe=torch.zeros(4, 2), max_overhead=None)
 
 
 def first_row(out: torch.Tensor) -> torch.Tensor:
@@ -155,13 +165,13 @@ def test_resume_restores_scale_baseline_and_history_into_the_users_object(tmp_pa
     kwargs = {"layer": "encoder", "every_n_train_steps": 5, "max_samples": 64}
     common = {"save_strategy": "steps", "save_steps": 30, "restore_callback_states_from_checkpoint": True}
     first = make_trainer(tmp_path, max_steps=30, collapse_at=None, **common)
-    first.add_callback(CollapseMonitorCallback(trainer=first, **kwargs))
+    first.add_callback(CollapseMonitorCallback(trainer=first, **kwargs, max_overhead=None))
     first.train()
     saved = json.loads((tmp_path / "checkpoint-30" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["CollapseMonitorCallback"]["attributes"]["monitor_state"]["eps"] > 0
 
     second = make_trainer(tmp_path, max_steps=40, collapse_at=None, **common)
-    mine = CollapseMonitorCallback(trainer=second, **kwargs)
+    mine = CollapseMonitorCallback(trainer=second, **kwargs, max_overhead=None)
     second.add_callback(mine)
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-30"))
     # the Trainer rebuilt a copy from the JSON state; the object the user holds is the one that kept watching
@@ -179,7 +189,9 @@ def test_resume_restores_scale_baseline_and_history_into_the_users_object(tmp_pa
 
 def _two_monitors(trainer: Trainer | None, keys: tuple[str, str]) -> list[CollapseMonitorCallback]:
     return [
-        CollapseMonitorCallback(trainer=trainer, layer=layer, monitor=key, every_n_train_steps=5, max_samples=64)
+        CollapseMonitorCallback(
+            trainer=trainer, layer=layer, monitor=key, every_n_train_steps=5, max_samples=64, max_overhead=None
+        )
         for layer, key in zip(("encoder.0", "encoder.2"), keys, strict=True)
     ]
 
@@ -242,7 +254,7 @@ def test_the_trainers_own_logs_are_kept_at_the_same_steps(tmp_path, logging_step
 
     plain = make_trainer(tmp_path / "plain", max_steps=30, collapse_at=None, logging_steps=logging_steps)
     plain.train()
-    mon = CollapseMonitorCallback(layer="encoder", every_n_train_steps=every, max_samples=64)
+    mon = CollapseMonitorCallback(layer="encoder", every_n_train_steps=every, max_samples=64, max_overhead=None)
     watched = make_trainer(tmp_path / "watched", max_steps=30, collapse_at=None, logging_steps=logging_steps,
                            callbacks=[mon] if pattern == "callbacks" else [])  # fmt: skip
     if pattern == "add_callback":
@@ -262,7 +274,7 @@ def test_tensorboard_receives_the_trainers_loss_and_the_checks(tmp_path):
 
     trainer = make_trainer(tmp_path, max_steps=20, collapse_at=None, logging_steps=10, report_to="tensorboard")
     trainer.add_callback(CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=10,
-                                                 max_samples=64))  # fmt: skip
+                                                 max_samples=64, max_overhead=None))  # fmt: skip
     trainer.train()
     (events,) = list(tmp_path.rglob("events.out.tfevents.*"))
     acc = EventAccumulator(str(events.parent))
@@ -278,7 +290,7 @@ def test_tensorboard_receives_the_trainers_loss_and_the_checks(tmp_path):
 def test_logger_false_keeps_values_out_of_the_logs_and_a_summary_ends_the_run(tmp_path, caplog):
     trainer = make_trainer(tmp_path, max_steps=10, collapse_at=None, logging_steps=5)
     mon = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=5, max_samples=64,
-                                  logger=False)  # fmt: skip
+                                  logger=False, max_overhead=None)  # fmt: skip
     trainer.add_callback(mon)
     with caplog.at_level(logging.INFO, logger="transformers.topo_callbacks"):
         trainer.train()
@@ -289,7 +301,9 @@ def test_logger_false_keeps_values_out_of_the_logs_and_a_summary_ends_the_run(tm
 
 def test_a_run_shorter_than_the_check_interval_warns(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=10, collapse_at=None)
-    trainer.add_callback(CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=50))
+    trainer.add_callback(
+        CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=50, max_overhead=None)
+    )
     with pytest.warns(CollapseWarning, match=r"no collapse check ran \(the run ended at step 10, before the first"):
         trainer.train()
 
@@ -306,7 +320,7 @@ WORKER = textwrap.dedent(
     out = sys.argv[1]
     trainer = make_trainer(out, max_steps=60, collapse_at=13, uneven=True, ddp_backend="gloo")
     mon = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=4, max_samples=96,
-                                  divergence_threshold=0.9, stop_on_alarm=True)
+                                  divergence_threshold=0.9, stop_on_alarm=True, max_overhead=None)
     trainer.add_callback(mon)
     trainer.train()
     rank = torch.distributed.get_rank()
@@ -346,7 +360,7 @@ def test_hf_model_outputs_are_selected_by_the_documented_rule(layer):
                         intermediate_size=64, max_position_embeddings=16)  # fmt: skip
     torch.manual_seed(0)
     bert = BertModel(config).train()
-    mon = CollapseMonitorCore(layer, every_n_train_steps=1, max_samples=64, strict=True)
+    mon = CollapseMonitorCore(layer, every_n_train_steps=1, max_samples=64, strict=True, max_overhead=None)
     mon.attach(bert)
     mon.prepare_step(1)
     bert(input_ids=torch.randint(0, 50, (24, 10)))
@@ -361,7 +375,9 @@ def test_the_detector_reads_the_losses_and_gradient_norms_the_trainer_logs(tmp_p
     """With ``logging_steps=1`` the Trainer logs every step's loss and its pre-clip gradient norm; the detector's
     reference windows hold the same numbers (clipping on: read from the clipping call; off: from the gradients)."""
     trainer = make_trainer(tmp_path, 230, None, logging_steps=1, max_grad_norm=clip)
-    monitor = CollapseMonitorCallback(trainer=trainer, layer="encoder", every_n_train_steps=50, max_samples=128)
+    monitor = CollapseMonitorCallback(
+        trainer=trainer, layer="encoder", every_n_train_steps=50, max_samples=128, max_overhead=None
+    )
     trainer.add_callback(monitor)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from topo_callbacks.core.detector import global_grad_norm, learning_rate, loss_scale
+from topo_callbacks.core.detector import global_grad_norm, loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -57,6 +57,13 @@ def build_collapse_monitor(callback_base: type) -> type:
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self.optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            if self.rollback_policy is not None:  # on_alarm="rollback": the objects a rollback restores in place
+                self.track(
+                    models=pl_module,
+                    optimizers=list(trainer.optimizers),
+                    schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
+                    scaler=getattr(trainer.precision_plugin, "scaler", None),
+                )
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             self.prepare_step(trainer.global_step + 1)
@@ -65,34 +72,36 @@ def build_collapse_monitor(callback_base: type) -> type:
             if not self.step_channels:
                 return
             # gradients are unscaled (AMP) and synced (DDP) here; the rate is the one this step uses
-            self._grad_norm: float | None = global_grad_norm(pl_module.parameters())
-            self._lr: float | None = learning_rate(optimizer)
+            # tensors, not read here: the monitor reads GPU values in batches (no host sync per step)
+            self._grad_norm: Any = global_grad_norm(pl_module.parameters(), as_tensor=True)
+            self._lr: float | None = self.schedule_lr(optimizer)  # without a rollback's factor
             # an fp16 loss scaler (`MixedPrecision` plugin) skips the update whose gradients overflowed and then
             # lowers its scale: the scale before the step tells, after it, whether this one was skipped
-            self._scale_before: float | None = loss_scale(getattr(trainer.precision_plugin, "scaler", None))
+            self._scale_before: Any = loss_scale(getattr(trainer.precision_plugin, "scaler", None), as_tensor=True)
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             step = trainer.global_step
             self.add_loss(outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
             if step > self.last_observed_step and self.step_channels:  # an optimizer step ran
                 before = getattr(self, "_scale_before", None)
-                after = loss_scale(getattr(trainer.precision_plugin, "scaler", None))
+                after = loss_scale(getattr(trainer.precision_plugin, "scaler", None), as_tensor=True)
                 fired = self.observe_step(
                     step,
                     grad_norm=getattr(self, "_grad_norm", None),
                     lr=getattr(self, "_lr", None),
-                    skipped=before is not None and after is not None and after < before,
+                    skipped=scale_fell(before, after),
                     loss_scale=after,
                 )
                 self._grad_norm = self._lr = self._scale_before = None
                 if fired is not None:
-                    if self.logger:
+                    if self.logger:  # with a rollback, `collapse/rollbacks` too
                         for logger in trainer.loggers:
-                            logger.log_metrics({f"{self.prefix}alarm": 1.0}, step=step)
+                            logger.log_metrics({f"{self.prefix}alarm": 1.0, **fired.logged}, step=step)
                     if fired.should_stop:  # the same decision on every rank: the values were averaged over ranks
                         trainer.should_stop = True
                         self.record_stop(step, fired)
             if not self.is_check_step(step):
+                self.after_step(step)
                 return
             result = self.run_check(step)
             if result.report is not None:
@@ -120,6 +129,9 @@ def build_collapse_monitor(callback_base: type) -> type:
                     if log_dir:
                         write_diagram(log_dir, self.latest_diagram(step, result.report))
             self._reduce_stop(trainer, step, result)
+            # on_alarm="rollback": a snapshot when one is due (every rank at the same steps); a rollback happened above
+            # at this step boundary, and the trainer's step counter and the data move on
+            self.after_step(step)
 
         def _reduce_stop(self, trainer: Any, step: int, result: CheckResult) -> None:
             should_stop = trainer.strategy.reduce_boolean_decision(result.should_stop, all=False)
@@ -189,9 +201,14 @@ from all ranks, computes the collapse index (CI), logs it under ``monitor`` with
 ``ModelCheckpoint``), sends the CI, every term and an ``alarm`` flag (0/1) to the loggers once, at the check's
 global step (unless ``logger=False``), keeps the check's H0 persistence diagram in ``collapse_diagram_*.json`` in
 the first logger's ``log_dir`` when there is a logger (for ``topo-callbacks report``), and evaluates the alarm rule. An
-alarm warns once per episode (``CollapseWarning``); with ``stop_on_alarm=True`` the run stops on every rank at
-the same step (the decision is reduced over ranks) and a warning says so. At the end of training a one-line summary
-(checks, first alarm, stop, time spent) goes to Lightning's console logger.
+alarm warns once per episode (``CollapseWarning``); with ``on_alarm="stop"`` (or ``stop_on_alarm=True``) the run
+stops on every rank at the same step (the decision is reduced over ranks) and a warning says so. With
+``on_alarm="rollback"`` (or a ``RollbackPolicy``) the callback keeps snapshots of the LightningModule, the
+optimizers, the LR schedulers and the precision plugin's loss scaler (handed over in ``on_train_start``), and at an
+alarm restores the newest one taken before the onset, on every rank at the same step, lowers the learning rate, and
+lets training go on: ``trainer.global_step`` is not rewound and the batches in between are not replayed
+(``rollbacks`` lists them; ``collapse/rollbacks`` is logged). At the end of training a one-line summary (checks,
+first alarm, stop, rollbacks, time spent) goes to Lightning's console logger.
 
 All arguments are those of :class:`topo_callbacks.core.CollapseMonitorCore`.
 

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from topo_callbacks.core.capture import LayerSpec
-from topo_callbacks.core.detector import global_grad_norm, learning_rate, loss_scale
+from topo_callbacks.core.detector import global_grad_norm, loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -42,6 +42,14 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
     block) removes the hook. All other arguments are those of
     :class:`~topo_callbacks.core.CollapseMonitorCore`.
 
+    ``on_alarm="rollback"`` (or a ``RollbackPolicy``): `step` takes the snapshots and, at an alarm, restores the model,
+    the optimizer(s), the LR scheduler(s) and the loss scaler in place, on every process at the same step, and lowers
+    the learning rate; your loop goes on with its next batch (nothing is replayed, your step counter is not rewound).
+    Accelerate has no scheduler hook: pass ``scheduler=`` (one or a list), or the schedulers you gave
+    ``accelerator.prepare`` are used (``accelerator._schedulers``); likewise ``optimizer=`` or the prepared optimizers,
+    and ``scaler=`` or Accelerate's own. Call `step` at the same point of every iteration (after ``optimizer.step()``,
+    before ``optimizer.zero_grad()``, on the same side of ``scheduler.step()``): snapshot and restore then agree.
+
     Example::
 
         accelerator = Accelerator()
@@ -66,21 +74,46 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         *,
         optimizer: Any = None,
         scaler: Any = None,
+        scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(layer, **kwargs)
         if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
             raise ValueError(f"`scaler` must be a torch.amp.GradScaler or None; got {scaler!r}.")
+        if scheduler is not None and not all(
+            callable(getattr(s, "load_state_dict", None))
+            for s in (scheduler if isinstance(scheduler, list) else [scheduler])
+        ):
+            raise ValueError(f"`scheduler` must be an LR scheduler, a list of them, or None; got {scheduler!r}.")
         self.optimizer = optimizer
         self.scaler = scaler
-        self._last_scale = loss_scale(scaler)
+        self.scheduler = scheduler
+        self._last_scale: Any = loss_scale(scaler, as_tensor=True)
         self.accelerator = accelerator
         self.global_step = 0
         self.attach(accelerator.unwrap_model(model))
         self.prepare_step(1)
+        self._track_objects()
+
+    def _track_objects(self) -> None:
+        """on_alarm="rollback": hand the core the model, optimizers, schedulers and scaler (when the optimizers are
+        known: passed, or prepared already; else at the first `step`)."""
+        if self.rollback_policy is None:
+            return
+        optimizers = (
+            [self.optimizer] if self.optimizer is not None else list(getattr(self.accelerator, "_optimizers", []))
+        )
+        if not optimizers:
+            return
+        scheduler = self.scheduler
+        schedulers = scheduler if isinstance(scheduler, list) else [scheduler] if scheduler is not None else None
+        if schedulers is None:
+            schedulers = list(getattr(self.accelerator, "_schedulers", []))
+        scaler = self.scaler if self.scaler is not None else getattr(self.accelerator, "scaler", None)
+        self.track(models=self.model, optimizers=optimizers, schedulers=schedulers, scaler=scaler)
 
     def step(
-        self, step: int | None = None, *, loss: Any = None, grad_norm: float | None = None, lr: float | None = None
+        self, step: int | None = None, *, loss: Any = None, grad_norm: Any = None, lr: float | None = None
     ) -> bool:
         """Count one optimizer step (or set it to ``step``); check when due. True: stop, on every process.
 
@@ -97,19 +130,21 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         self.global_step = self.global_step + 1 if step is None else int(step)
         current = self.global_step
         stop = False
+        if self.rollback_policy is not None and self.rollback_controller is None:
+            self._track_objects()  # the optimizer was prepared after the monitor was built
         if self.step_channels:
             if grad_norm is None and "grad_norm" in self.step_channels and self.model is not None:
-                grad_norm = global_grad_norm(self.model.parameters())
+                grad_norm = global_grad_norm(self.model.parameters(), as_tensor=True)
             fired = self.observe_step(
                 current,
-                grad_norm=None if grad_norm is None else float(grad_norm),
-                lr=self._learning_rate() if lr is None else float(lr),
+                grad_norm=grad_norm,  # a tensor is read with a batch of steps: no host sync per step on a GPU
+                lr=self._learning_rate() if lr is None else lr,
                 skipped=self._step_was_skipped(),
                 loss_scale=self._last_scale,
             )
             if fired is not None:
-                if self.logger:
-                    self.accelerator.log({f"{self.prefix}alarm": 1.0}, step=current)
+                if self.logger:  # with a rollback, `collapse/rollbacks` too
+                    self.accelerator.log({f"{self.prefix}alarm": 1.0, **fired.logged}, step=current)
                 if fired.should_stop:  # the same decision on every process: the values were averaged over them
                     self.record_stop(current, fired)
                     stop = True
@@ -128,19 +163,20 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
             if self.accelerator.check_trigger() and not stop:
                 stop = True
                 self.record_stop(current, result)
+        self.after_step(current)  # on_alarm="rollback": a snapshot when one is due, on every process alike
         self.prepare_step(current + 1)
         return stop
 
     def _learning_rate(self) -> float | None:
         optimizers = [self.optimizer] if self.optimizer is not None else getattr(self.accelerator, "_optimizers", [])
-        return learning_rate(optimizers[0]) if optimizers else None
+        return self.schedule_lr(optimizers[0]) if optimizers else None
 
-    def _step_was_skipped(self) -> bool:
-        """Whether a loss scaler skipped the step just taken: the user's scaler lowered its scale since the last call,
-        or Accelerate's own scaler says so."""
+    def _step_was_skipped(self) -> Any:
+        """Whether a loss scaler skipped the step just taken: the user's scaler lowered its scale since the last call
+        (a tensor, read with a batch of steps), or Accelerate's own scaler says so."""
         if self.scaler is not None:
-            before, self._last_scale = self._last_scale, loss_scale(self.scaler)
-            return before is not None and self._last_scale is not None and self._last_scale < before
+            before, self._last_scale = self._last_scale, loss_scale(self.scaler, as_tensor=True)
+            return scale_fell(before, self._last_scale)
         if getattr(self.accelerator, "scaler", None) is not None:
             self._last_scale = loss_scale(self.accelerator.scaler)
             return bool(getattr(self.accelerator, "optimizer_step_was_skipped", False))

@@ -19,11 +19,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from topo_callbacks.core.capture import resolve_layer
-from topo_callbacks.core.detector import global_grad_norm, learning_rate, loss_scale
+from topo_callbacks.core.detector import global_grad_norm, loss_scale
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
+from topo_callbacks.core.rollback import RollbackPolicy
 
 __all__ = ["CollapseMonitorCallback", "NeuronTopologyCallback"]
 
@@ -66,7 +67,8 @@ def _record_clip_norm(accelerator: Any, callback: Any) -> Callable[[], None]:
     @functools.wraps(original)
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> Any:
         norm = original(*args, **kwargs)
-        callback._pre_clip = float(norm) if norm is not None else None
+        # kept as it comes (a tensor on the device): the monitor reads GPU values in batches
+        callback._pre_clip = norm.detach() if isinstance(norm, torch.Tensor) else norm
         return norm
 
     accelerator.clip_grad_norm_ = clip_grad_norm_
@@ -295,6 +297,11 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             that the ``report_to`` integrations do not see them. Not part of the saved state.
         pool, select, loss_fn: as in the core; a callable must be a module-level function (stored by its import
             path ``"package.module:function"``, which is also accepted).
+        on_alarm: as in the core: ``"warn"``, ``"stop"``, ``"rollback"``, or a policy as a dict of `RollbackPolicy`'s
+            fields (``{"lr_factor": 0.25, "max_rollbacks": 2}``; a `RollbackPolicy` is accepted and stored as that
+            dict, so the arguments stay JSON). A rollback restores the model, the optimizer, the LR scheduler and the
+            accelerator's loss scaler in place at ``on_step_end``, on every process at the same step, and lowers the
+            learning rate; ``state.global_step`` is not rewound and the batches in between are not replayed.
         **kwargs: every other argument of :class:`topo_callbacks.core.CollapseMonitorCore`
             (``every_n_train_steps``, ``max_samples``, ``monitor``, ``stopping_threshold``, ``stop_on_alarm``, ...).
 
@@ -328,6 +335,10 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
                 " trainer_state.json and the Trainer rebuilds the callback from them, which a probe batch cannot"
                 " survive. Use the default source='stream'."
             )
+        if isinstance(kwargs.get("on_alarm"), RollbackPolicy):  # stored as plain data: the arguments are JSON
+            kwargs["on_alarm"] = kwargs["on_alarm"].as_dict()
+        elif isinstance(kwargs.get("on_alarm"), Mapping):
+            kwargs["on_alarm"] = dict(kwargs["on_alarm"])
         pool_path = _import_path("pool", pool)
         select_path = _import_path("select", select)
         loss_fn_path = _import_path("loss_fn", loss_fn)
@@ -367,6 +378,14 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             return
         self.attach(kwargs["model"])
         self.optimizer = kwargs.get("optimizer")
+        if self.rollback_policy is not None:  # on_alarm="rollback": the objects a rollback restores in place
+            bound = self._trainer() if self._trainer is not None else None
+            self.track(
+                models=kwargs["model"],
+                optimizers=kwargs.get("optimizer"),
+                schedulers=kwargs.get("lr_scheduler"),
+                scaler=getattr(getattr(bound, "accelerator", None), "scaler", None),
+            )
         self.prepare_step(state.global_step + 1)
         self.last_observed_step = max(self.last_observed_step, state.global_step)
         if "loss" in self.step_channels:
@@ -398,12 +417,12 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         model = kwargs.get("model")
         if "grad_norm" not in self.step_channels:
             return
-        self._lr: float | None = learning_rate(kwargs.get("optimizer"))  # the rate this step uses
+        self._lr: float | None = self.schedule_lr(kwargs.get("optimizer"))  # the rate of this step's schedule
         if getattr(self, "_clipping", False):  # the pre-clip norm, recorded from the clipping call (or none)
-            self._grad_norm: float | None = self._pre_clip
+            self._grad_norm: Any = self._pre_clip
             self._pre_clip = None
         elif model is not None:  # gradients unscaled and all-reduced here
-            self._grad_norm = global_grad_norm(model.parameters())
+            self._grad_norm = global_grad_norm(model.parameters(), as_tensor=True)
 
     @_forwarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -424,15 +443,16 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
                 grad_norm=getattr(self, "_grad_norm", None),
                 lr=getattr(self, "_lr", None),
                 skipped=scaler is not None and bool(getattr(accelerator, "optimizer_step_was_skipped", False)),
-                loss_scale=loss_scale(scaler),
+                loss_scale=loss_scale(scaler, as_tensor=True),
             )
             self._grad_norm = self._lr = None
-            if fired is not None:
-                self._log(state, control, {f"{self.prefix}alarm": 1.0}, step)
+            if fired is not None:  # with a rollback, `collapse/rollbacks` too
+                self._log(state, control, {f"{self.prefix}alarm": 1.0, **fired.logged}, step)
                 if fired.should_stop:  # the same decision on every process: the values were averaged over them
                     control.should_training_stop = True
                     self.record_stop(step, fired)
         if not self.is_check_step(step):
+            self.after_step(step)  # on_alarm="rollback": a snapshot when one is due, on every process alike
             return control if self.stopped_step is not None else None
         result = self.run_check(step)
         if result.report is not None:
@@ -444,6 +464,7 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         if stop:
             control.should_training_stop = True
             self.record_stop(step, result)
+        self.after_step(step)
         return control
 
     @_forwarded

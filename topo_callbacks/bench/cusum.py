@@ -110,9 +110,11 @@ def replay_channels(rec: RunRecord, channels: Sequence[str] | None = None) -> di
     return grids
 
 
-def replay_episodes(rec: RunRecord, cal: DetectorCalibration) -> list[dict[str, Any]]:
+def replay_episodes(rec: RunRecord, cal: DetectorCalibration, check_stride: int = 1) -> list[dict[str, Any]]:
     """The alarm episodes the live detector with calibration ``cal`` has on ``rec`` (re-armed after each): what a
-    user of the monitor would be warned about, for false alarms per healthy step."""
+    user of the monitor would be warned about, for false alarms per healthy step. ``check_stride``: keep every
+    ``check_stride``-th check only (the first, then every k-th), as a monitor whose overhead budget spaced its checks
+    ``check_stride`` times further apart would have seen the run."""
     finished: list[dict[str, Any]] = []
     current: list[CusumDetector] = []
 
@@ -122,7 +124,7 @@ def replay_episodes(rec: RunRecord, cal: DetectorCalibration) -> list[dict[str, 
         current.append(CusumDetector(cal))
         return current[-1]
 
-    for _ in _replay(rec, cal.channels, make):
+    for _ in _replay(rec, cal.channels, make, check_stride):
         pass
     return finished + (current[-1].episodes if current else [])
 
@@ -132,13 +134,15 @@ def _uncapped(names: Sequence[str]) -> CusumDetector:
 
 
 def _replay(
-    rec: RunRecord, channels: Sequence[str], make: Callable[[], CusumDetector]
+    rec: RunRecord, channels: Sequence[str], make: Callable[[], CusumDetector], check_stride: int = 1
 ) -> Iterator[tuple[int, CusumDetector]]:
     """Feed ``rec`` to a detector from ``make`` as the monitor does, yielding it after each step (a fresh one after
     the record's ``monitor_restart``, as a fine-tuning run's new monitor)."""
     step_channels = {c for c in (*channels, "loss", "grad_norm") if CHANNELS[c].reads == "step"}
     series = {c: data[1] for c in step_channels if (data := channel_values(rec, c)) is not None}
     checks = {int(c["step"]): c for c in rec.checks if c.get("reason") != "SKIPPED"}
+    if check_stride > 1:
+        checks = {s: c for i, (s, c) in enumerate(sorted(checks.items())) if i % check_stride == 0}
     side = {int(c["step"]): c for c in rec.side_checks}
     # records written before the benchmark held loss scalers and fine-tuning restarts have none
     skipped = set(getattr(rec, "skipped_steps", ()))

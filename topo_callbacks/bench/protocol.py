@@ -502,9 +502,10 @@ def analyse(
                 **_cost(det, test),
             }
     if "all" in calibrations:
-        results["healthy_steps"] = healthy_step_alarms(
-            test, replay.truth, DetectorCalibration.from_dict(calibrations["all"])
-        )
+        default_cal = DetectorCalibration.from_dict(calibrations["all"])
+        results["healthy_steps"] = healthy_step_alarms(test, replay.truth, default_cal)
+        # an overhead budget (`max_overhead`) spaces the checks out: the same calibration with fewer checks
+        results["check_spacing"] = spaced_checks(test, replay.truth, default_cal)
     results["runs"] = [
         {"run": r.key, "family": r.family, "arm": r.arm, "seed": r.seed, "t0": r.t0, "steps": r.steps,
          "split": "calibration" if r.seed in calibration_seeds else "test", "t_c": replay.truth[r.key],
@@ -558,6 +559,46 @@ def healthy_step_alarms(
         "per_family": {f: {"alarms": a, "steps": n} for f, (a, n) in sorted(per_family.items())},
         "where": where,
     }
+
+
+def spaced_checks(
+    records: Sequence[RunRecord],
+    truth: Mapping[str, int | None],
+    cal: DetectorCalibration,
+    strides: Sequence[int] = (1, 2, 4, 10),
+) -> dict[str, Any]:
+    """The live detector with calibration ``cal`` when an overhead budget spaces the checks ``k`` times further apart
+    (every k-th recorded check kept; the per-step channels unchanged), for each ``k`` in ``strides``: failure runs
+    detected before their metric dropped (first episode at or after the fork and before the drop), clean runs with
+    an alarm, alarms per 100,000 healthy steps. Pass the test seeds' records: ``cal`` is not refit per stride."""
+    out: dict[str, Any] = {}
+    for k in strides:
+        detected = failures = false_alarms = clean = alarms = steps = 0
+        for rec in records:
+            t_c = truth[rec.key]
+            if not is_scored(rec, t_c):
+                continue
+            episodes = replay_episodes(rec, cal, check_stride=k)
+            healthy = rec.t0 - 1 if is_failure(rec) else rec.steps
+            alarms += sum(int(e["start"]) <= healthy for e in episodes)
+            steps += healthy
+            if is_failure(rec):
+                failures += 1
+                first = min((int(e["start"]) for e in episodes), default=None)
+                detected += first is not None and t_c is not None and rec.t0 <= first < t_c
+            else:
+                clean += 1
+                false_alarms += bool(episodes)
+        out[str(k)] = {
+            "detected": detected,
+            "failures": failures,
+            "false_alarms": false_alarms,
+            "clean": clean,
+            "healthy_alarms": alarms,
+            "healthy_steps": steps,
+            "per_100k": 1e5 * alarms / max(steps, 1),
+        }
+    return out
 
 
 def verify(records: Sequence[RunRecord], truth: Mapping[str, int | None]) -> dict[str, Any]:

@@ -168,7 +168,10 @@ def _monitor(task: Task, family: Family) -> Any:
 
     # the monitor's current defaults (the CUSUM detector at a 5% false-alarm rate): its live alarm is recorded;
     # every term and channel is recorded too, so any other rule, weighting or calibration is replayed exactly
-    return CollapseMonitorCore(task.layer, every_n_train_steps=family.check_every, max_samples=512, pool=task.pool)
+    # every check recorded (no overhead budget): the replays space them out where a question needs it
+    return CollapseMonitorCore(
+        task.layer, every_n_train_steps=family.check_every, max_samples=512, pool=task.pool, max_overhead=None
+    )
 
 
 def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first: int, last: int) -> None:

@@ -100,6 +100,8 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
         "default_calibration": results.get("detector_calibrations", {}).get("all"),
         # the default detector re-armed after each episode, on the healthy steps of the test seeds
         "healthy_steps": {k: v for k, v in results.get("healthy_steps", {}).items() if k != "where"},
+        # the same default with the checks spaced k times further apart (an overhead budget), k -> outcomes
+        "check_spacing": results.get("check_spacing", {}),
         "detectors": dets,
     }
 
@@ -186,6 +188,24 @@ def write_markdown(results: Mapping[str, Any]) -> str:
         lines += [f"| {f} | {v['alarms']} | {v['steps']:,} |" for f, v in hs["per_family"].items()]
         if hs["where"]:
             lines += ["", "Where: " + "; ".join(hs["where"])]
+    spacing = results.get("check_spacing")
+    if spacing:
+        lines += [
+            "",
+            "## Checks spaced out by the overhead budget (default detector, test seeds)",
+            "",
+            "`max_overhead` spaces the checks further apart on models whose steps are cheap next to a check. The same"
+            " calibration replayed with every k-th recorded check only (the per-step channels unchanged): failure"
+            " runs detected before their metric dropped, clean runs with an alarm, alarm episodes per 100,000"
+            " healthy steps.",
+            "",
+            "| checks spaced | detected | clean runs alarmed | per 100k healthy steps |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k}x | {v['detected']}/{v['failures']} | {v['false_alarms']}/{v['clean']} | {v['per_100k']:.2f} |"
+            for k, v in spacing.items()
+        ]
     lines += ["", "## Per failure family (held out)", ""]
     labels = list(results["detectors"])
     lines += ["| detector | " + " | ".join(failures) + " |", "|---|" + "---|" * len(failures)]

@@ -23,6 +23,9 @@ class StoppingReason(Enum):
     NON_FINITE_METRIC = 4
     BASELINE_RISE = 5
     DETECTOR = 6
+    #: ``on_alarm="rollback"`` gave up: the failure came back after the allowed rollbacks (or nothing healthy was left
+    #: to go back to), so it is probably in the configuration
+    ROLLBACK_GAVE_UP = 7
 
 
 @dataclass

@@ -307,9 +307,11 @@ def _capture(capture: EmbeddingCapture, module: nn.Module, output: Any) -> None:
             # Always a copy: the output may be modified in place later in the forward pass (ReLU(inplace=True)).
             rows = pool_output(selected, capture.pool).detach().to(torch.float32, copy=True)
             capture.seen += rows.shape[0]
-            kept, dropped = drop_nonfinite(rows)
-            capture.nonfinite += dropped
-            capture.add(kept)
+            # counted on the device and dropped at `take`: a count read here would wait for the GPU at every
+            # armed step (a boolean mask's size is known only on the device)
+            bad = (~torch.isfinite(rows).all(dim=1)).sum() if rows.ndim == 2 else torch.zeros((), dtype=torch.long)
+            capture._nonfinite = capture._nonfinite + bad
+            capture.add(rows)
     except Exception as err:  # never break the user's forward pass; the monitor reports it at the check
         capture.error = err
         return
@@ -337,10 +339,11 @@ def _mark_outside_graph() -> None:
 class EmbeddingCapture:
     """A forward hook that keeps, while armed, the latest ``max_samples`` pooled rows of a layer's output.
 
-    Rows are detached, cast to float32 and kept on the layer's device; rows with NaN/Inf are dropped and
-    counted (``seen``, ``nonfinite``). Disarmed, in eval mode or inside backward (activation checkpointing
-    re-runs forwards there), the hook returns at once. Memory never exceeds ``max_samples`` rows. The hook never
-    raises into the forward pass: an error is kept in ``error`` for the next check.
+    Rows are detached, cast to float32 and kept on the layer's device; rows with NaN/Inf are counted as they come
+    (``seen``, ``nonfinite``, the latter on the device: no armed step waits for a GPU) and dropped by `take`, which
+    returns the finite ones among the newest ``max_samples``. Disarmed, in eval mode or inside backward (activation
+    checkpointing re-runs forwards there), the hook returns at once. Memory never exceeds ``max_samples`` rows. The
+    hook never raises into the forward pass: an error is kept in ``error`` for the next check.
 
     ``torch.compile``: only the hook's check of ``training`` and ``armed`` is traced (dynamo guards on ``armed``:
     switching it selects between compiled variants, it does not recompile); the capture itself is wrapped in
@@ -391,7 +394,17 @@ class EmbeddingCapture:
         self._rows: list[Tensor] = []
         self._count = 0
         self.seen = 0
-        self.nonfinite = 0
+        self._nonfinite: Tensor | int = 0
+
+    @property
+    def nonfinite(self) -> int:
+        """Rows seen since `reset` that held a NaN or an infinity (dropped by `take`); reading it waits for the
+        device, so the monitor reads it at the check."""
+        return int(self._nonfinite)
+
+    @nonfinite.setter
+    def nonfinite(self, value: int) -> None:
+        self._nonfinite = int(value)
 
     def attach(self, module: nn.Module) -> None:
         self.detach()
@@ -478,4 +491,6 @@ class EmbeddingCapture:
             return None
         rows = torch.cat(self._rows)[-self.max_samples :]
         self._rows, self._count = [], 0
+        if rows.ndim == 2:
+            rows, _ = drop_nonfinite(rows)  # counted as they came (`nonfinite`)
         return rows

@@ -13,14 +13,16 @@ State is plain data (``state_dict``): reference windows, accumulators, the step 
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from topo_callbacks.functional.detector import channel_scale, cusum_update, robust_location_scale
+from topo_callbacks.functional.detector import channel_scale, cusum_update, sorted_location_scale
 
 __all__ = [
     "CHANNELS",
@@ -227,6 +229,9 @@ class DetectorFiring:
     threshold: float
     kind: str = AlarmKind.CUSUM.value
     detail: str = ""
+    #: the estimated first step of the change: for a CUSUM, the step after its accumulator last stood at 0 (the
+    #: change point); for an abrupt break, the first step of the streak; else the step of the alarm
+    onset: int | None = None
 
     def message(self, prefix: str = "collapse") -> str:
         if self.kind != AlarmKind.CUSUM.value:
@@ -236,13 +241,57 @@ class DetectorFiring:
         return (
             f"{prefix}/detector alarmed at step {self.step} on `{self.channel}`: value {self.value:.4g}, baseline"
             f" {self.baseline:.4g} (median of the last {spec.window} {spec.reads}s), standardised score"
-            f" {self.score:+.2f}{scale}; normalised CUSUM {self.statistic:.2f} >= threshold {self.threshold:.2f}."
+            f" {self.score:+.2f}{scale}; normalised CUSUM {self.statistic:.2f} >= threshold {self.threshold:.2f}"
+            + ("." if self.onset is None or self.onset >= self.step else f"; its rise began at step {self.onset}.")
         )
+
+
+class ReferenceWindow:
+    """The last ``maxlen`` values of a channel, in arrival order and kept sorted beside it, so that the robust
+    location and scale the detector needs at every optimizer step cost a merge of half the window, not a sort.
+
+    Example:
+        >>> window = ReferenceWindow([3.0, 1.0, 2.0], maxlen=3)
+        >>> window.append(10.0)  # 3.0 leaves
+        >>> list(window), window.max(), window.location_scale(floor=0.0)
+        ([1.0, 2.0, 10.0], 10.0, (2.0, 1.4826))
+    """
+
+    def __init__(self, values: Iterable[float] = (), maxlen: int = 200) -> None:
+        self.maxlen = maxlen
+        self._order: deque[float] = deque(maxlen=maxlen)
+        self._sorted: list[float] = []
+        for value in values:
+            self.append(value)
+
+    def append(self, value: float) -> None:
+        if len(self._order) == self.maxlen:
+            oldest = self._order[0]
+            del self._sorted[bisect.bisect_left(self._sorted, oldest)]
+        self._order.append(value)
+        bisect.insort(self._sorted, value)
+
+    def clear(self) -> None:
+        self._order.clear()
+        self._sorted.clear()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._order)
+
+    def max(self) -> float:
+        return self._sorted[-1]
+
+    def location_scale(self, floor: float) -> tuple[float, float]:
+        """Median and ``1.4826 x`` MAD (floored), as `robust_location_scale` computes them."""
+        return sorted_location_scale(self._sorted, floor)
 
 
 @dataclass
 class _ChannelState:
-    reference: deque[float]
+    reference: ReferenceWindow
     s_pos: float = 0.0
     s_neg: float = 0.0
     value: float = math.nan
@@ -253,6 +302,8 @@ class _ChannelState:
     #: consecutive steps past the fast rule's limits, up and down
     up: int = 0
     down: int = 0
+    #: the last step (or check's step) at which the channel's CUSUM stood at 0: the change point of an alarm on it
+    zero_step: int = 0
 
     def statistic(self, side: str) -> float:
         return max(self.s_pos, self.s_neg) if side == "both" else (self.s_pos if side == "up" else self.s_neg)
@@ -302,7 +353,7 @@ class CusumDetector:
 
     def __post_init__(self) -> None:
         for name in (*self.calibration.channels, *_ALWAYS):
-            self.states.setdefault(name, _ChannelState(deque(maxlen=CHANNELS[name].window)))
+            self.states.setdefault(name, _ChannelState(ReferenceWindow(maxlen=CHANNELS[name].window)))
         #: optimizer steps whose update a loss scaler skipped, and how many of the last ones in a row
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -379,7 +430,7 @@ class CusumDetector:
         x = channel_scale(value, spec.log)
         ratio = EXTREME_RATIO.get(name)
         if ratio is not None and len(state.reference) >= spec.min_reference:
-            top = max(state.reference)
+            top = state.reference.max()
             if x > top + (math.log(ratio) if spec.log else (ratio - 1.0) * abs(top)) and (spec.log or top != 0.0):
                 largest = _untransform(top, spec.log)
                 fired = self.absolute_event(step, name, value, AlarmKind.EXTREME,
@@ -387,7 +438,7 @@ class CusumDetector:
                                             f" {len(state.reference)} values ({largest:.4g}).")  # fmt: skip
         scored = len(state.reference) >= spec.min_reference and (name in self.channels or name in _ALWAYS)
         if scored:
-            med, scale = robust_location_scale(state.reference, max(spec.floor, floor or 0.0))
+            med, scale = state.reference.location_scale(max(spec.floor, floor or 0.0))
             state.baseline = _untransform(med, spec.log)
             raw = (x - med) / scale
             state.score = min(max(raw, -CLIP), CLIP)
@@ -401,13 +452,17 @@ class CusumDetector:
             s_pos, s_neg = cusum_update(state.s_pos, state.s_neg, z, ALLOWANCE)
             cap = self._cap(name)
             state.s_pos, state.s_neg = min(s_pos, cap), min(s_neg, cap)
+        if state.statistic(spec.side) == 0.0:
+            state.zero_step = step
         state.step = step
         state.reference.append(x)
         if fired is None and name in self.channels and not self.in_alarm:
             stat = self.normalised(name)
             if stat >= self.calibration.threshold:
+                onset = min(state.zero_step + 1, step)
+                threshold = self.calibration.threshold
                 fired = self._start(
-                    DetectorFiring(step, name, value, state.baseline, state.score, stat, self.calibration.threshold)
+                    DetectorFiring(step, name, value, state.baseline, state.score, stat, threshold, onset=onset)
                 )
         self._close(step)
         return fired
@@ -491,10 +546,10 @@ class CusumDetector:
             f"it has {way} more than {limit:g} robust standard deviations{scale} from its baseline"
             f" {state.baseline:.4g} for {ABRUPT_STEPS} steps (now {value:.4g})."
         )
-        return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail)
+        return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail, onset=step - ABRUPT_STEPS + 1)
 
     def absolute_event(self, step: int, channel: str, value: float, kind: AlarmKind | str, detail: str,
-                       hold: int = ABSOLUTE_HOLD) -> DetectorFiring | None:  # fmt: skip
+                       hold: int = ABSOLUTE_HOLD, onset: int | None = None) -> DetectorFiring | None:  # fmt: skip
         """An absolute rule fired at ``step`` (the monitor's own rules come here too): the level goes to `CAP` and
         falls back over ``hold`` steps; returns the firing when this starts an episode."""
         self._step = max(self._step, step)
@@ -504,7 +559,8 @@ class CusumDetector:
             self._touch(step)
             return None
         return self._start(DetectorFiring(step, channel, float(value), math.nan, math.nan, math.inf,
-                                          self.calibration.threshold, kind, detail))  # fmt: skip
+                                          self.calibration.threshold, kind, detail,
+                                          onset=step if onset is None else onset))  # fmt: skip
 
     def observe_embedding(self, step: int, *, std_l2: float, d: int, effective_rank: float,
                           hold: int = ABSOLUTE_HOLD) -> DetectorFiring | None:  # fmt: skip
@@ -556,6 +612,7 @@ class CusumDetector:
         for state in self.states.values():
             state.reference.clear()
             state.s_pos = state.s_neg = 0.0
+            state.zero_step = step
         return True
 
     # ----------------------------------------------------------------------------------------- episodes
@@ -587,7 +644,8 @@ class CusumDetector:
         if self.fired is None:
             self.fired = firing
         self.episodes.append({"start": firing.step, "end": None, "channel": firing.channel, "kind": firing.kind,
-                              "peak": min(self.level(firing.step), CAP), "message": firing.message()})  # fmt: skip
+                              "peak": min(self.level(firing.step), CAP), "message": firing.message(),
+                              "onset": firing.step if firing.onset is None else firing.onset})  # fmt: skip
         return firing
 
     def _touch(self, step: int) -> None:
@@ -632,7 +690,8 @@ class CusumDetector:
             # NaN (nothing seen yet) is stored as None: a state compares equal to its reload, and stays valid JSON
             "channels": {
                 name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": _nan_none(s.value),
-                       "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step, "up": s.up, "down": s.down}
+                       "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step, "up": s.up, "down": s.down,
+                       "zero_step": s.zero_step}
                 for name, s in self.states.items()
             },
             "fired": None if self.fired is None else _plain(vars(self.fired)),
@@ -654,12 +713,13 @@ class CusumDetector:
             if name not in self.states:
                 continue
             s = self.states[name]
-            s.reference = deque((float(v) for v in data["reference"]), maxlen=CHANNELS[name].window)
+            s.reference = ReferenceWindow((float(v) for v in data["reference"]), maxlen=CHANNELS[name].window)
             s.s_pos, s.s_neg = float(data["s_pos"]), float(data["s_neg"])
             s.value, s.baseline = _none_nan(data["value"]), _none_nan(data["baseline"])
             s.score = float(data["score"])
             s.step = int(data.get("step", -1))
             s.up, s.down = int(data.get("up", 0)), int(data.get("down", 0))
+            s.zero_step = int(data.get("zero_step", 0))
         fired = state.get("fired")
         self.fired = None if fired is None else DetectorFiring(**_unplain(fired))
         self.episodes = [_unplain(dict(e)) for e in state.get("episodes", [])]
@@ -699,24 +759,32 @@ def _untransform(x: float, log: bool) -> float:
     return math.exp(x) if log and math.isfinite(x) else x
 
 
-def global_grad_norm(parameters: Any) -> float | None:
+def global_grad_norm(parameters: Any, *, as_tensor: bool = False) -> Any:
     """The L2 norm of all gradients of ``parameters`` together (what ``clip_grad_norm_`` returns), or None when no
-    parameter has a gradient. One device-to-host copy.
+    parameter has a gradient. A float (one device-to-host copy), or with ``as_tensor=True`` a 0-d float32 tensor on
+    the gradients' device, not read (what the adapters pass the monitor, which reads GPU values in batches).
 
     Example:
         >>> import torch
         >>> p = torch.nn.Parameter(torch.zeros(2))
         >>> p.grad = torch.tensor([3.0, 4.0])
-        >>> global_grad_norm([p])
-        5.0
+        >>> global_grad_norm([p]), global_grad_norm([p], as_tensor=True)
+        (5.0, tensor(5.))
     """
     import torch
 
     grads = [p.grad.detach() for p in parameters if getattr(p, "grad", None) is not None]
     if not grads:
         return None
-    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    if len(grads) == 1:
+        norm = torch.linalg.vector_norm(grads[0], dtype=torch.float32)
+    else:
+        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        devices = {n.device for n in norms}
+        if len(devices) > 1:  # a model split over devices (pipeline): meet on the first one
+            norms = [n.to(grads[0].device) for n in norms]
+        norm = torch.linalg.vector_norm(torch.stack(norms).float())
+    return norm if as_tensor else float(norm)
 
 
 def learning_rate(optimizer: Any) -> float | None:
@@ -731,9 +799,11 @@ def learning_rate(optimizer: Any) -> float | None:
     return float(groups[0]["lr"]) if groups else None
 
 
-def loss_scale(scaler: Any) -> float | None:
+def loss_scale(scaler: Any, *, as_tensor: bool = False) -> Any:
     """The current scale of an enabled fp16 loss scaler (``torch.amp.GradScaler``), or None (no scaler, disabled,
     or no scale yet). A skipped step shows as a scale lower after ``scaler.update()`` than before the step.
+    ``as_tensor=True``: a copy of the scale tensor on the scaler's device, not read (``get_scale()`` waits for the
+    GPU); a scaler without a scale tensor gives its float.
 
     Example:
         >>> import torch
@@ -742,8 +812,26 @@ def loss_scale(scaler: Any) -> float | None:
     """
     if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
         return None
+    if as_tensor:
+        scale = getattr(scaler, "_scale", None)
+        if scale is not None and hasattr(scale, "clone"):
+            return scale.detach().reshape(()).clone()  # `update()` changes it in place
     scale = scaler.get_scale()
     return float(scale) if scale else None
+
+
+def scale_fell(before: Any, after: Any) -> Any:
+    """Whether a loss scaler's scale is lower ``after`` a step than ``before`` it (the step was skipped): a bool
+    tensor, not read, when both are tensors; False when either is unknown.
+
+    Example:
+        >>> import torch
+        >>> scale_fell(torch.tensor(1024.0), torch.tensor(512.0)), scale_fell(None, 512.0), scale_fell(1024.0, 2048.0)
+        (tensor(True), False, False)
+    """
+    if before is None or after is None:
+        return False
+    return after < before
 
 
 def gradient_curvature(model: Any, loss_fn: Any, optimizer: Any = None) -> dict[str, float]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
+from topo_callbacks.core.budget import LONGEST_SPACING, MAX_SPACING, MIN_SAMPLES, check_spacing
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
 from topo_callbacks.core.detector import (
     _ALWAYS,
@@ -30,6 +31,7 @@ from topo_callbacks.core.detector import (
     DetectorFiring,
     default_calibration,
     gradient_curvature,
+    learning_rate,
 )
 from topo_callbacks.core.gather import (
     broadcast_from_rank0,
@@ -39,6 +41,16 @@ from topo_callbacks.core.gather import (
     world_size,
 )
 from topo_callbacks.core.probe import embed_probe, probe_rows
+from topo_callbacks.core.rollback import (
+    FrameworkStorage,
+    RollbackController,
+    RollbackDecision,
+    RollbackPolicy,
+    RollbackReason,
+    TrainingState,
+    resolve_on_alarm,
+)
+from topo_callbacks.core.step_reads import DEVICE_READ_EVERY, StepReads
 from topo_callbacks.core.tracker import SOURCES, EngineTracker, Source, unit_rows
 from topo_callbacks.functional._validation import check_eps, drop_nonfinite
 from topo_callbacks.functional.collapse import CollapseReport, collapse_index, resolve_weights
@@ -63,6 +75,8 @@ class CheckResult:
     should_stop: bool = False
     skipped: str | None = None
     logged: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: with ``on_alarm="rollback"``: the rollback this alarm caused (the entry of `CollapseMonitorCore.rollbacks`)
+    rollback: dict[str, Any] | None = None
 
 
 def _rank() -> int:
@@ -126,18 +140,46 @@ class CollapseMonitorCore:
             of the ``baseline_checks`` checks after calibration) for ``rise_patience`` consecutive checks; None: off.
         baseline_checks: checks whose median is the baseline (``alarm="rise"``).
         rise_patience: consecutive checks the rise must last (``alarm="rise"``).
-        stop_on_alarm: stop training when the alarm fires; False only warns and logs.
+        on_alarm: what an alarm does. ``"warn"`` (default): warn and log. ``"stop"``: stop the run (the decision
+            reduced over ranks; ``stop_on_alarm=True`` says the same). ``"rollback"`` or a `RollbackPolicy` (or, where
+            the arguments must be plain, a dict of its fields): go back to the newest snapshot of the training state
+            taken while the detector was quiet and older than the weights the alarm's first abnormal value came from
+            (the onset; a value read at step t comes from the weights after step t-1; a failure back before a new
+            snapshot was taken goes one snapshot further back), lower the learning rate by the policy's ``lr_factor``
+            (on top of the schedule, for the rest of the run) and continue on fresh data, the detector resuming from
+            the snapshot's state; after ``max_rollbacks`` rollbacks the next alarm stops the run
+            (`StoppingReason.ROLLBACK_GAVE_UP`). It needs the live training objects: the adapters hand them over
+            (`track`); a plain loop calls `track` and `after_step`. An alarm of ``stopping_threshold`` (a good level
+            reached) or ``patience`` (no improvement) only warns.
+        stop_on_alarm: stop training when the alarm fires; False only warns and logs (the older spelling of
+            ``on_alarm="stop"``; refused together with a rollback).
         strict: raise on a monitoring failure instead of warning and skipping the check.
         verbose: also report every check (not only alarms) through ``warnings``/the adapter's logger.
         prog_bar: show the CI in the progress bar (Lightning; as ``LightningModule.log(prog_bar=...)``).
         logger: send the check's values to the framework's loggers (Lightning loggers, ``trainer.log``,
             ``accelerator.log``); False keeps them in ``history`` (and, in Lightning, ``callback_metrics``) only.
+        max_overhead: the share of the training wall time the monitor may take (default 0.02: 2%); None: checks every
+            ``every_n_train_steps`` whatever they cost. The monitor times the steps and its own work, and after each
+            check spaces the next one (a multiple of ``every_n_train_steps``, never closer, at most `LONGEST_SPACING`
+            times further) so that the check's cost stays within the budget; while the scale is still being calibrated
+            (the first ``calibration_checks`` checks) a check too expensive for `MAX_SPACING` times the spacing lowers
+            ``max_samples`` instead (down to `MIN_SAMPLES`; ``source="stream"``), once the scale is held the sample
+            stays. Timings are averaged over ranks, so every rank checks at the same steps. The realised share is logged
+            (``collapse/overhead``) and in `summary`. The per-step work (reading the loss and gradient norm, the
+            detector's update) cannot be spaced: it is made cheap instead. The detector's calibration is per optimizer
+            step for the per-step channels and per check for the check channels: spacing the checks out makes the check
+            channels' false alarms rarer per step and their alarms later, not more frequent.
+        read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
+            batches of this many steps, one non-blocking copy per batch (and, under DDP, one all-reduce per batch): no
+            host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (8) on a GPU, every step on the
+            CPU (where a read costs nothing). An alarm of a per-step rule then comes up to this many steps (plus one,
+            while the copy lands) after the step that caused it; a check step reads everything first.
 
     Example (a plain PyTorch loop; the framework adapters make these calls for you):
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-        >>> monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=64)
+        >>> monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=64, max_overhead=None)
         >>> _ = monitor.attach(model)
         >>> for step in range(1, 11):
         ...     monitor.prepare_step(step)
@@ -145,6 +187,19 @@ class CollapseMonitorCore:
         ...     if monitor.is_check_step(step):
         ...         result = monitor.run_check(step)
         >>> [h["step"] for h in monitor.history], 0.0 <= monitor.history[-1]["ci"] <= 1.0
+        ([5, 10], True)
+        >>> monitor.detach()
+
+    With the default ``max_overhead=0.02`` the same loop checks less often: its steps take microseconds and a check
+    milliseconds, so the checks are spaced out (``check_every``) to keep the monitor under 2% of the time.
+        >>> monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=64)
+        >>> _ = monitor.attach(model)
+        >>> for step in range(1, 41):
+        ...     monitor.prepare_step(step)
+        ...     _ = model(torch.randn(32, 8))
+        ...     if monitor.is_check_step(step):
+        ...         result = monitor.run_check(step)
+        >>> [h["step"] for h in monitor.history], monitor.check_every > 30  # the first check decides nothing
         ([5, 10], True)
         >>> monitor.detach()
     """
@@ -178,11 +233,14 @@ class CollapseMonitorCore:
         baseline_checks: int = 3,
         rise_patience: int = 2,
         check_finite: bool = True,
+        on_alarm: str | RollbackPolicy | Mapping[str, Any] = "warn",
         stop_on_alarm: bool = False,
         strict: bool = False,
         verbose: bool = False,
         prog_bar: bool = True,
         logger: bool = True,
+        max_overhead: float | None = 0.02,
+        read_every_n_steps: int | None = None,
     ) -> None:
         if not (isinstance(layer, str) and layer) and not callable(layer):
             raise ValueError(
@@ -191,6 +249,15 @@ class CollapseMonitorCore:
         _check_int("every_n_train_steps", every_n_train_steps, 1)
         _check_int("max_samples", max_samples, 8)
         _check_int("calibration_checks", calibration_checks, 1)
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)) or not 0 < max_overhead < 1
+        ):
+            raise ValueError(
+                "`max_overhead` must be a share of the training time in (0, 1) (0.02 = 2%) or None;"
+                f" got {max_overhead!r}."
+            )
+        if read_every_n_steps is not None:
+            _check_int("read_every_n_steps", read_every_n_steps, 1)
         if source not in SOURCES:
             raise ValueError(f"`source` must be one of {SOURCES}; got {source!r}.")
         if source == "probe":
@@ -219,6 +286,8 @@ class CollapseMonitorCore:
         self.layer = layer
         self.every_n_train_steps = every_n_train_steps
         self.max_samples = max_samples
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self.read_every_n_steps = read_every_n_steps
         self.source = source
         self.probe = probe
         self.tracker = EngineTracker(source)
@@ -260,7 +329,12 @@ class CollapseMonitorCore:
         )
         if alarm != "rise":  # validated above all the same: a bad value fails whichever alarm is chosen
             self.rule.max_rise = None
-        self.stop_on_alarm = bool(stop_on_alarm)
+        # "warn" | "stop" | "rollback", and the policy of a rollback (validated: a ValueError names `on_alarm`)
+        self.on_alarm, self.rollback_policy = resolve_on_alarm(on_alarm, stop_on_alarm)
+        self.stop_on_alarm = self.on_alarm == "stop"
+        #: the snapshot ring and recovery policy (``on_alarm="rollback"``), built by `track`
+        self.rollback_controller: RollbackController | None = None
+        self._rollback_state: dict[str, Any] | None = None  # a loaded state waiting for `track`
         self.strict = bool(strict)
         self.verbose = bool(verbose)
         for name, flag in (("prog_bar", prog_bar), ("logger", logger)):
@@ -298,8 +372,22 @@ class CollapseMonitorCore:
         self._episodes_ended_told = 0
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
+        self._step_reads: StepReads | None = None
+        #: optimizer steps between checks: ``every_n_train_steps`` times the spacing ``max_overhead`` needs
+        self.check_every = self.every_n_train_steps
+        self._next_check = self.every_n_train_steps
+        self._wall_start: float | None = None
+        self._budget_mark: tuple[float, float, int] | None = None
+        self._step_channels: tuple[str, ...] | None = None
+        self._news: tuple[int, int, bool] | None = None
         # the previous probe check's rows and H0 deaths (source="probe"): the consecutive-check channels compare them
         self._previous_probe: tuple[Tensor, tuple[float, ...]] | None = None
+        # on_alarm="rollback": the alarm episode that started since the last action (step, onset, channel), the last
+        # step `after_step` saw, why a rollback stopped the run, and the failures already told
+        self._new_alarm: tuple[int, int | None, str] | None = None
+        self._boundary_step = 0
+        self.rollback_stop: str | None = None
+        self._rollback_told: set[str] = set()
 
     # ------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> nn.Module:
@@ -320,11 +408,24 @@ class CollapseMonitorCore:
     # ---------------------------------------------------------------- schedule
     def is_check_step(self, step: int) -> bool:
         """Whether the optimizer step just completed (global count ``step``) is due for a check."""
-        return step > 0 and step % self.every_n_train_steps == 0 and step != self.last_checked_step
+        return (
+            step > 0
+            and step % self.every_n_train_steps == 0
+            and step >= self._next_check
+            and step != self.last_checked_step
+        )
+
+    def next_check_step(self, step: int) -> int:
+        """The first step at or after ``step`` due for a check: a multiple of ``every_n_train_steps``, spaced further
+        apart when ``max_overhead`` needs it (`check_every`)."""
+        target = max(self._next_check, step)
+        return -(-target // self.every_n_train_steps) * self.every_n_train_steps
 
     def prepare_step(self, next_step: int) -> None:
         """Arm the hook when optimizer step number ``next_step`` falls in the capture window before a check."""
-        until_check = (-next_step) % self.every_n_train_steps
+        if self._wall_start is None:
+            self._wall_start = time.perf_counter()
+        until_check = self.next_check_step(next_step) - next_step
         armed = self.source == "stream" and next_step > 0 and until_check < self._capture_steps
         if armed and not (self.capture.armed and self._last_prepared == next_step):
             self._armed_steps += 1
@@ -338,18 +439,20 @@ class CollapseMonitorCore:
         loss and the gradient norm are always read (the absolute rules need them), the loss first."""
         if self.detector is None:
             return ()
-        calibrated = [c for c in self.detector.channels if CHANNELS[c].reads == "step" and c not in _ALWAYS]
-        return (*_ALWAYS, *calibrated)
+        if self._step_channels is None:  # fixed by the calibration: read at every step, computed once
+            calibrated = [c for c in self.detector.channels if CHANNELS[c].reads == "step" and c not in _ALWAYS]
+            self._step_channels = (*_ALWAYS, *calibrated)
+        return self._step_channels
 
     def observe_step(
         self,
         step: int,
         *,
-        loss: float | None = None,
-        grad_norm: float | None = None,
-        lr: float | None = None,
-        skipped: bool = False,
-        loss_scale: float | None = None,
+        loss: Tensor | float | None = None,
+        grad_norm: Tensor | float | None = None,
+        lr: Tensor | float | None = None,
+        skipped: Tensor | bool = False,
+        loss_scale: Tensor | float | None = None,
     ) -> CheckResult | None:
         """Feed optimizer step ``step``'s per-step channels to the detector; returns an alarm result when an alarm
         episode starts now.
@@ -363,7 +466,9 @@ class CollapseMonitorCore:
         falling (``loss_scale`` under `MIN_LOSS_SCALE`, or `MAX_CONSECUTIVE_SKIPS` skipped steps in a row).
 
         Call on every rank at every optimizer step: under DDP the values are averaged over the ranks that have one
-        (one small all-reduce per step), so every rank takes the same decision without another collective.
+        (one small all-reduce per step, per batch of steps on a GPU), so every rank takes the same decision without
+        another collective. Each value may be a number or a 0-d tensor: a CUDA tensor is not read at this step but
+        with the next batch (``read_every_n_steps``), so the host never waits for the device here.
 
         Example (what the adapters do after each optimizer step):
             >>> monitor = CollapseMonitorCore("0")
@@ -381,36 +486,61 @@ class CollapseMonitorCore:
         """
         wanted = self.step_channels
         if loss is None and self._loss_count:
-            loss = float(self._loss_sum) / self._loss_count
+            loss = self._loss_sum / self._loss_count  # a tensor stays one (read with the batch, below)
         self._loss_sum, self._loss_count = 0.0, 0
         if not wanted or step <= self.last_observed_step:
             return None
         self.last_observed_step = step
+        if self._wall_start is None:
+            self._wall_start = time.perf_counter()
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
-        # (sum, count) per channel, the same length on every rank even where a value is missing; then the skip flag
-        # (a scaler decides alike on every rank: its inf check is reduced over them) and the loss scale
-        flat: list[float] = []
-        for name in wanted:
-            value = given.get(name)
-            flat += [0.0, 0.0] if value is None else [float(value), 1.0]
-        flat += [float(bool(skipped)), 0.0 if loss_scale is None else float(loss_scale), float(loss_scale is not None)]
-        totals = sum_floats_across_ranks(flat, self._device)
-        detector = self.detector
-        assert detector is not None
-        values = {n: totals[2 * i] / totals[2 * i + 1] for i, n in enumerate(wanted) if totals[2 * i + 1] > 0}
-        skipped = totals[-3] > 0
-        scale = totals[-2] / totals[-1] if totals[-1] > 0 else None
-        if values:
-            self._fed_steps += 1
-        fired = detector.observe_step(step, values, lr=lr, skipped=skipped, loss_scale=scale)
+        row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale]
+        reads = self._reads()
+        if reads.read_every == 1 and not len(reads) and world_size() == 1 and not _on_gpu(row):
+            fired = self._feed_steps([(step, [None if v is None else float(v) for v in row])])  # nothing to batch
+        else:
+            reads.add(step, row)
+            # a check step reads the device anyway: the detector then sees every step up to the check
+            fired = self._feed_steps(reads.ready(self._device, force=self.is_check_step(step)))
         self._tell_detector_news(step)
         self.time_spent_s += time.perf_counter() - start
-        return None if fired is None else self._detector_alarm(step, fired, None)
+        if self._new_alarm is not None:
+            fired = self._act_on_alarm(step, fired)
+        return fired
+
+    def _reads(self) -> StepReads:
+        if self._step_reads is None:
+            every = self.read_every_n_steps
+            if every is None:
+                every = DEVICE_READ_EVERY if self._device.type == "cuda" else 1
+            self._step_reads = StepReads(every)
+        return self._step_reads
+
+    def _feed_steps(self, rows: list[tuple[int, list[float | None]]]) -> CheckResult | None:
+        """Steps read from the device (averaged over ranks) to the detector; the first alarm among them, if any."""
+        detector = self.detector
+        assert detector is not None
+        wanted = self.step_channels
+        first: CheckResult | None = None
+        for step, row in rows:
+            values = {name: v for name, v in zip(wanted, row, strict=False) if v is not None}
+            lr, skipped, scale = row[len(wanted) :]
+            if values:
+                self._fed_steps += 1
+            fired = detector.observe_step(step, values, lr=lr, skipped=bool(skipped), loss_scale=scale)
+            if fired is not None:
+                result = self._detector_alarm(step, fired, None)
+                first = first or result
+        return first
 
     def _tell_detector_news(self, step: int) -> None:
         """Warn once about each note the detector has about how it is fed, and about each episode that ended."""
         assert self.detector is not None
+        news = (len(self.detector.notes), len(self.detector.episodes), self.detector.in_alarm)
+        if news == self._news:  # nothing new (the common case, at every step)
+            return
+        self._news = news
         for key, note in self.detector.notes.items():
             if key not in self._told:
                 self._told.add(key)
@@ -441,11 +571,12 @@ class CollapseMonitorCore:
     def _detector_alarm(self, step: int, fired: DetectorFiring, report: CollapseReport | None) -> CheckResult:
         message = fired.message(self.prefix.rstrip("/") or "collapse")
         self._warn(f"Collapse alarm at step {step}: {message}")
+        self._new_alarm = self._new_alarm or (step, fired.onset, fired.channel)
         if self.first_alarm_step is None:
             self.first_alarm_step = step
             self._first_alarm = {"step": step, "reason": StoppingReason.DETECTOR.name, "channel": fired.channel,
                                  "value": fired.value, "baseline": fired.baseline, "score": fired.score,
-                                 "kind": fired.kind, "detail": fired.detail}  # fmt: skip
+                                 "kind": fired.kind, "detail": fired.detail, "onset": fired.onset}  # fmt: skip
         return CheckResult(step, report, StoppingReason.DETECTOR, message, True, self.stop_on_alarm)
 
     # ------------------------------------------------------------------- check
@@ -458,7 +589,57 @@ class CollapseMonitorCore:
             self.time_spent_s += time.perf_counter() - start
         if result.report is None:
             self.skipped_checks += 1
+        self._schedule_next(step, time.perf_counter() - start)
+        if result.report is not None and self.max_overhead is not None:
+            result.logged[f"{self.prefix}overhead"] = self.overhead
+        if result.report is not None and self.rollback_policy is not None:
+            result.logged[f"{self.prefix}rollbacks"] = float(len(self.rollbacks))
+        if self._new_alarm is not None:
+            result = self._act_on_alarm(step, result)  # type: ignore[assignment]  # a result in, a result out
         return result
+
+    @property
+    def overhead(self) -> float:
+        """The monitor's share of the wall time since the first step so far (its checks and per-step work, as it
+        times them on this rank; the hook's copies of the watched rows and the adapters' gradient norm are not
+        included: `benchmarks/overhead.py` measures everything)."""
+        if self._wall_start is None:
+            return 0.0
+        wall = time.perf_counter() - self._wall_start
+        return min(self.time_spent_s / wall, 1.0) if wall > 0 else 0.0
+
+    def _schedule_next(self, step: int, check_s: float) -> None:
+        """Space the checks so that the monitor keeps within ``max_overhead``, from the step and check times measured
+        since the last check (averaged over ranks: every rank takes the same schedule)."""
+        now = time.perf_counter()
+        mark, self._budget_mark = self._budget_mark, (now, self.time_spent_s, step)
+        if self.max_overhead is None:
+            self._next_check = step + self.every_n_train_steps
+            return
+        if mark is None:  # the first check of this process pays one-time costs (lazy imports, allocations): not a
+            self._next_check = step + self.check_every  # measure of the next ones
+            return
+        wall, spent, steps = now - mark[0], self.time_spent_s - mark[1], step - mark[2]
+        own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1)]
+        world = world_size()
+        check_s, per_step, train_step = (v / world for v in sum_floats_across_ranks(own, self._device))
+        need = check_spacing(check_s, per_step, train_step, self.max_overhead)
+        every = self.every_n_train_steps
+        if (
+            need > MAX_SPACING * every
+            and self.eps is None  # still calibrating: nothing learned yet depends on the sample size
+            and self.source == "stream"
+            and self.max_samples > MIN_SAMPLES
+        ):
+            shrink = (need / (MAX_SPACING * every)) ** (2.0 / 3.0)  # a check's cost grows ~ n^1.5 here
+            self.max_samples = max(MIN_SAMPLES, int(self.max_samples / shrink))
+            self.capture.max_samples = math.ceil(self.max_samples / world)
+            self.eps_candidates = []  # the scale is calibrated again on samples of the new size
+            self.tracker = EngineTracker(self.source)
+            need = MAX_SPACING * every
+        spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
+        self.check_every = max(1, spacing) * every
+        self._next_check = step + self.check_every
 
     def _run_check(self, step: int) -> CheckResult:
         self.last_checked_step = step
@@ -523,6 +704,7 @@ class CollapseMonitorCore:
             reason, message, alarm = result.reason, result.message, True
         elif alarm and not self._in_alarm:
             self._warn(f"Collapse alarm at step {step}: {message}")
+            self._new_alarm = self._new_alarm or (step, None, self.monitor)
             if self.first_alarm_step is None:
                 self.first_alarm_step = step
                 self._first_alarm = {"step": step, "reason": reason.name, "value": report.ci}
@@ -569,7 +751,7 @@ class CollapseMonitorCore:
         detector = self.detector
         assert detector is not None
         values = {**report.as_dict(), **consecutive, "b1_fraction": report.b1 / max(report.n, 1)}
-        hold = max(ABSOLUTE_HOLD, 2 * self.every_n_train_steps)
+        hold = max(ABSOLUTE_HOLD, 2 * self.check_every)
         fired = detector.observe_check(step, values, calibrating=calibrating, hold=hold)
         if not self._fed_steps and self.last_observed_step >= ZERO_GRAD_STEPS and "fed" not in self._told:
             self._told.add("fed")
@@ -655,16 +837,18 @@ class CollapseMonitorCore:
         else:  # another rank (or another monitor) asked to stop
             self.stopping_reason_message = "Stopped because another rank raised a collapse alarm."
         # EarlyStopping says why it stopped a run; so does this monitor (once, on rank 0)
-        self._warn(
-            f"{self.monitor}: stopping training at step {step} (stop_on_alarm=True). {self.stopping_reason_message}"
-        )
+        why = "on_alarm='rollback' gave up" if self.on_alarm == "rollback" else "stop_on_alarm=True"
+        self._warn(f"{self.monitor}: stopping training at step {step} ({why}). {self.stopping_reason_message}")
 
     def end_of_training(self, step: int) -> str:
         """Close a run at global step ``step``: warn if no check ran, and return `summary_message`.
 
-        Adapters call it at the end of training on every rank and log the summary on rank 0.
+        Adapters call it at the end of training on every rank and log the summary on rank 0. The rollback snapshots
+        (``on_alarm="rollback"``) are freed; the record and the learning-rate factor stay.
         """
         self.last_step = max(int(step), self.last_step)
+        if self.rollback_controller is not None:
+            self.rollback_controller.release()
         if not self.history and not self.skipped_checks:
             why = (
                 f"the run ended at step {step}, before the first check at step {self.every_n_train_steps}"
@@ -694,13 +878,23 @@ class CollapseMonitorCore:
             "first_alarm_reason": None if first is None else first["reason"],
             "first_alarm_value": None if first is None else first["value"],
             "first_alarm_channel": None if first is None else first.get("channel"),
+            "first_alarm_onset": None if first is None else first.get("onset"),
             "baseline": self.rule.baseline,
             "stopped_step": self.stopped_step,
             "eps": self.eps,
             "time_s": self.time_spent_s,
             "skipped_steps": self.skipped_steps,
+            "overhead": self.overhead,
+            "check_every": self.check_every,
+            "max_samples": self.max_samples,
             # every alarm episode of the detector: start, end (None while open), channel, kind, peak level, message
             "episodes": [] if self.detector is None else [dict(e) for e in self.detector.episodes],
+            "on_alarm": self.on_alarm,
+            # on_alarm="rollback": one entry per rollback (alarm step, restored step, onset, channel, factors)
+            "rollbacks": self.rollbacks,
+            "lr_factor": self.lr_factor,
+            "rollback_stop": self.rollback_stop,
+            "snapshots": self._snapshot_stats(),
         }
 
     def summary_message(self) -> str:
@@ -738,6 +932,13 @@ class CollapseMonitorCore:
             alarm += f"; {len(episodes)} alarm episodes (starts: {', '.join(str(e['start']) for e in episodes)})"
         if info["skipped_steps"]:
             alarm += f"; {info['skipped_steps']} optimizer steps skipped by the loss scaler (not scored)"
+        if info["rollbacks"]:
+            n = len(info["rollbacks"])
+            alarm += (
+                f"; {n} rollback{'s' if n != 1 else ''} (to steps"
+                f" {', '.join(str(e['restored_step']) for e in info['rollbacks'])}; learning rate"
+                f" {info['lr_factor']:g}x the schedule)"
+            )
         stop = "" if info["stopped_step"] is None else f"; stopped the run at step {info['stopped_step']}"
         return f"{self.monitor}: {checks}, {alarm}{stop}; {info['time_s']:.2f} s spent in checks."
 
@@ -758,6 +959,207 @@ class CollapseMonitorCore:
     def _warn(self, message: str) -> None:
         if _rank() == 0:
             warnings.warn(message, CollapseWarning, stacklevel=3)
+
+    # ------------------------------------------------------------ acting on an alarm (on_alarm="rollback")
+    def track(
+        self,
+        models: Any = (),
+        optimizers: Any = (),
+        schedulers: Any = (),
+        scaler: Any = None,
+        *,
+        framework: FrameworkStorage | None = None,
+    ) -> RollbackController | None:
+        """Hand the monitor the live training objects that ``on_alarm="rollback"`` snapshots and restores.
+
+        ``models``/``optimizers``/``schedulers``: one object or a sequence (framework wrappers of a torch optimizer are
+        unwrapped); ``scaler``: a loss scaler (``torch.amp.GradScaler``) or None; ``framework``: the save/load hooks for
+        ``RollbackPolicy(storage="framework")``. The adapters call it when training starts (Lightning in
+        ``on_train_start``, Accelerate at construction or the first `step`, the HF callback in ``on_train_begin``); a
+        plain loop calls it once before training. Calling it again (a new ``fit``) replaces the objects and keeps the
+        rollback record and the learning-rate factor. Returns the `RollbackController` (None without a rollback).
+
+        Example (a plain loop: `after_step` after every optimizer step takes the snapshots):
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            >>> monitor = CollapseMonitorCore("1", on_alarm={"snapshot_every": 10}, max_overhead=None)
+            >>> _ = monitor.attach(model)
+            >>> controller = monitor.track(models=model, optimizers=opt)
+            >>> for step in range(1, 31):
+            ...     loss = model(torch.randn(16, 4)).pow(2).mean()
+            ...     loss.backward(); opt.step(); opt.zero_grad()
+            ...     _ = monitor.observe_step(step, loss=loss.detach(), grad_norm=1.0)
+            ...     monitor.after_step(step)
+            >>> [s.step for s in controller.snapshots]
+            [1, 11, 21]
+        """
+        policy = self.rollback_policy
+        if policy is None:
+            return None
+        state = TrainingState(models, optimizers, schedulers, scaler, extra=self._rollback_extra)
+        previous = self.rollback_controller
+        saved = previous.state_dict() if previous is not None else self._rollback_state
+        if previous is not None:
+            previous.remove_hooks()
+            previous.release()
+        controller = RollbackController(state, policy, framework=framework)
+        if saved:
+            controller.load_state_dict(saved)
+        self.rollback_controller, self._rollback_state = controller, None
+        self._boundary_step = 0
+        return controller
+
+    def after_step(self, step: int) -> None:
+        """At the step boundary after optimizer step ``step`` (after `observe_step` and any check), on every rank:
+        take a rollback snapshot when one is due and the alarm is quiet (``on_alarm="rollback"``; else nothing).
+
+        The decision reads only the step and the detector's state, which are the same on every rank, so every rank
+        snapshots at the same steps. Called more than once for one step (micro-batches), it acts once.
+        """
+        controller = self.rollback_controller
+        step = int(step)
+        if self.rollback_policy is None or step < 1 or step <= self._boundary_step:
+            return
+        self._boundary_step = step
+        if controller is None:
+            self._rollback_failed(step, "no training objects were handed over: call `track(models=..., ...)` first")
+            return
+        quiet = not self._in_alarm and not (self.detector is not None and self.detector.in_alarm)
+        try:
+            controller.maybe_snapshot(step, quiet=quiet)
+        except Exception as err:  # never break training: a warning (an error with strict=True)
+            if self.strict:
+                raise
+            self._rollback_failed(step, f"taking a snapshot failed: {err!r}")
+
+    def schedule_lr(self, optimizer: Any) -> float | None:
+        """The learning rate the adapters feed the detector: the schedule's own rate of ``optimizer``'s first group,
+        also when read inside ``optimizer.step()`` (Lightning's ``on_before_optimizer_step``), where a rollback's
+        factor is on it. The detector is fed the schedule, not the factor: the lower rate of a rollback does not
+        restart its references (it resumes from the snapshot's state, and a failure that survives the lower rate is
+        seen again at once), whereas a decay of the schedule does."""
+        if self.rollback_controller is not None:
+            return self.rollback_controller.schedule_lr(optimizer)
+        return learning_rate(optimizer)
+
+    @property
+    def rollbacks(self) -> list[dict[str, Any]]:
+        """The rollbacks done (``on_alarm="rollback"``), oldest first: ``step`` (of the alarm), ``restored_step``,
+        ``onset``, ``channel``, ``lr_factor`` and ``total_factor``."""
+        if self.rollback_controller is not None:
+            return [dict(e) for e in self.rollback_controller.rollbacks]
+        return [dict(e) for e in (self._rollback_state or {}).get("rollbacks", [])]
+
+    @property
+    def lr_factor(self) -> float:
+        """The factor the rollbacks put on the learning rate (1.0 before any): every update uses it times the
+        schedule's rate. ``group["lr"]`` read outside a step shows the schedule's own rate."""
+        if self.rollback_controller is not None:
+            return float(self.rollback_controller.total_factor)
+        return float((self._rollback_state or {}).get("total_factor", 1.0))
+
+    def _snapshot_stats(self) -> dict[str, Any] | None:
+        if self.rollback_controller is None:
+            return None
+        stats = self.rollback_controller.stats()
+        return {k: stats[k] for k in ("snapshots", "taken", "bytes_held", "mean_ms", "max_ms", "last_restore_ms")}
+
+    def _rollback_extra(self) -> dict[str, Any]:
+        """The monitor's own state captured with each snapshot: the detector's and the alarm rule's."""
+        return {
+            "detector": None if self.detector is None else self.detector.state_dict(),
+            "rule": self.rule.state_dict(),
+        }
+
+    def _rollback_failed(self, step: int, why: str) -> None:
+        kind = why.split(":", 1)[0]
+        if kind not in self._rollback_told:
+            self._rollback_told.add(kind)
+            self._warn(f"{self.monitor}: on_alarm='rollback' at step {step}: {why} (said once).")
+
+    def _act_on_alarm(self, step: int, result: CheckResult | None) -> CheckResult | None:
+        """An alarm episode started (its result is ``result``): with ``on_alarm="rollback"``, roll back now (a step
+        boundary, every rank alike), or stop the run when the policy gives up. Other actions: ``result`` as it is."""
+        alarm, self._new_alarm = self._new_alarm, None
+        controller = self.rollback_controller
+        if alarm is None or result is None or self.rollback_policy is None or self.stopped_step is not None:
+            return result
+        if result.reason in (StoppingReason.STOPPING_THRESHOLD, StoppingReason.PATIENCE_EXHAUSTED):
+            return result  # a good level reached, or no improvement: not a failure to recover from
+        if controller is None:
+            self._rollback_failed(step, "no training objects were handed over: call `track(models=..., ...)` first")
+            return result
+        alarm_step, onset, channel = alarm
+        onset = alarm_step if onset is None else int(onset)
+        # The values read at step t (loss, gradient norm, a check's rows) come from the weights after step t-1: the
+        # first state the change may hold is the one after step onset-1, so the snapshot must be older than that.
+        # A failure back before a new snapshot was taken since the last rollback suspects that snapshot too.
+        suspect = onset - 1
+        held = [snap.step for snap in controller.snapshots]
+        if controller.rollbacks and held and held[-1] == controller.rollbacks[-1]["restored_step"]:
+            suspect = min(suspect, held[-1])
+        try:
+            decision = controller.rollback(suspect, alarm_step, channel)
+            if decision.action == "rollback":
+                controller.rollbacks[-1]["onset"] = onset  # the record names the detector's onset
+                self._resume_after_rollback(step, decision)
+        except Exception as err:  # never break training: a warning (an error with strict=True)
+            if self.strict:
+                raise
+            self._rollback_failed(step, f"the rollback failed, training goes on: {err!r}")
+            return result
+        if decision.action == "stop":
+            self.rollback_stop = decision.reason.value
+            message = decision.message
+            if decision.reason is RollbackReason.NO_SNAPSHOT:
+                message = (
+                    f"The alarm on {channel!r} at step {alarm_step} (its change began at step {onset}) has nothing"
+                    f" healthy to go back to: no snapshot older than step {suspect} is held"
+                    f" ({f'snapshots of steps {held}' if held else 'none taken yet'}). Stopping."
+                )
+            return dataclasses.replace(
+                result, reason=StoppingReason.ROLLBACK_GAVE_UP, message=message, should_stop=True
+            )
+        entry = {**(decision.entry or {}), "onset": onset}
+        n, most = len(controller.rollbacks), controller.policy.max_rollbacks
+        self._warn(
+            f"{self.monitor}: rolled back to the snapshot of step {entry['restored_step']} (alarm on `{channel}` at"
+            f" step {alarm_step}, its change began at step {onset}); the learning rate is now"
+            f" {controller.total_factor:g}x the schedule (rollback {n} of {most}). The batches since step"
+            f" {entry['restored_step']} are not replayed: the data stream moves on."
+        )
+        logged = {**result.logged, f"{self.prefix}rollbacks": float(n)}
+        return dataclasses.replace(result, logged=logged, rollback=entry)
+
+    def _resume_after_rollback(self, step: int, decision: RollbackDecision) -> None:
+        """The training state was restored: the detector and the alarm rule resume from the snapshot's state, the
+        alarm episode is closed (and kept in the record), and nothing of the abandoned steps is read."""
+        extra = decision.extra or {}
+        restored = (decision.entry or {}).get("restored_step")
+        detector = self.detector
+        if detector is not None and extra.get("detector"):
+            episodes = [dict(e) for e in detector.episodes]
+            first, skipped, notes = detector.fired, detector.skipped_steps, detector.notes
+            detector.load_state_dict(extra["detector"])
+            if episodes and episodes[-1]["end"] is None:
+                episodes[-1]["end"] = step
+                episodes[-1]["rolled_back_to"] = restored
+            detector.episodes, detector.fired, detector.skipped_steps, detector.notes = episodes, first, skipped, notes
+            self._episodes_ended_told = sum(e["end"] is not None for e in episodes)  # the rollback's warning told it
+        if extra.get("rule") is not None:
+            self.rule.load_state_dict(extra["rule"])
+        self._in_alarm = False
+        self._previous_probe = None  # the next probe check is compared with nothing from the abandoned steps
+        # the rows captured and the per-step values not yet read belong to the abandoned steps: dropped, and no check
+        # at this step (it would score the state just left)
+        self.capture.reset()
+        self._armed_steps = 0
+        if self._step_reads is not None:
+            reads = StepReads(self._step_reads.read_every)
+            reads.reads = self._step_reads.reads
+            self._step_reads = reads
+        self.last_checked_step = max(self.last_checked_step, step)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -781,6 +1183,14 @@ class CollapseMonitorCore:
             "fed_steps": self._fed_steps,
             "told": sorted(self._told),
             "episodes_ended_told": self._episodes_ended_told,
+            "check_every": self.check_every,
+            "next_check": self._next_check,
+            "max_samples": self.max_samples,
+            # on_alarm="rollback": the record and the learning-rate factor (plain data; the snapshots are a cache)
+            "rollback": (
+                self.rollback_controller.state_dict() if self.rollback_controller is not None else self._rollback_state
+            ),
+            "rollback_stop": self.rollback_stop,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -809,6 +1219,23 @@ class CollapseMonitorCore:
         self._fed_steps = int(state.get("fed_steps", 0))
         self._told = set(state.get("told", []))
         self._episodes_ended_told = int(state.get("episodes_ended_told", 0))
+        self.check_every = int(state.get("check_every", self.every_n_train_steps))
+        self._next_check = int(state.get("next_check", self.last_checked_step + self.check_every))
+        if self.source == "stream" and same_world:  # a sample ``max_overhead`` lowered while calibrating stays so
+            self.max_samples = min(int(state.get("max_samples", self.max_samples)), self.max_samples)
+            self.capture.max_samples = math.ceil(self.max_samples / world_size())
+        saved = state.get("rollback")
+        if isinstance(saved, Mapping):
+            if self.rollback_controller is not None:
+                self.rollback_controller.load_state_dict(saved)  # the factor applies from the next step on
+            else:
+                self._rollback_state = dict(saved)  # applied by `track`
+        stop = state.get("rollback_stop")
+        self.rollback_stop = None if stop is None else str(stop)
+
+
+def _on_gpu(values: list[Any]) -> bool:
+    return any(isinstance(v, Tensor) and v.device.type != "cpu" for v in values)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

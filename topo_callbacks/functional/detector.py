@@ -19,6 +19,7 @@ step, crosses a threshold ``h`` after about ``h / (shift - k)`` points.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
@@ -35,6 +36,7 @@ __all__ = [
     "robust_location_scale",
     "robust_zscore",
     "rolling_robust_zscores",
+    "sorted_location_scale",
     "standardized_cusum",
 ]
 
@@ -51,11 +53,46 @@ def robust_location_scale(reference: Series, floor: float) -> tuple[float, float
         >>> robust_location_scale([0.0, 0.0, 0.0], floor=0.5)
         (0.0, 0.5)
     """
-    ref = np.asarray([v for v in reference if math.isfinite(v)], dtype=np.float64)
-    if ref.size == 0:
+    return sorted_location_scale(sorted(v for v in reference if math.isfinite(v)), floor)
+
+
+def sorted_location_scale(ordered: Sequence[float], floor: float) -> tuple[float, float]:
+    """`robust_location_scale` of finite values already in ascending order, in time linear in half their number: the
+    detector keeps its windows sorted and calls this at every optimizer step (numpy's per-call overhead on ~200
+    values was most of the monitor's per-step cost; the results are the same).
+
+    Example:
+        >>> sorted_location_scale([1.0, 2.0, 3.0, 4.0, 100.0], floor=0.1)
+        (3.0, 1.4826)
+    """
+    n = len(ordered)
+    if n == 0:
         return math.nan, math.nan
-    med = float(np.median(ref))
-    mad = float(np.median(np.abs(ref - med)))
+    half = n // 2
+    med = float(ordered[half]) if n % 2 else (ordered[half - 1] + ordered[half]) / 2.0
+    # the deviations |v - med| are two ascending runs, med - v leftwards from the middle and v - med rightwards: their
+    # middle order statistics by a binary search over how many come from the left run (logarithmic, no merge)
+    split = bisect.bisect_right(ordered, med)
+
+    def left(a: int) -> float:  # the a-th smallest deviation below the median
+        return med - ordered[split - 1 - a] if 0 <= a < split else (-math.inf if a < 0 else math.inf)
+
+    def right(b: int) -> float:  # the b-th smallest deviation above it
+        return ordered[split + b] - med if 0 <= b < n - split else (-math.inf if b < 0 else math.inf)
+
+    def kth(k: int) -> float:
+        lo, hi = max(0, k + 1 - (n - split)), min(k + 1, split)
+        while True:  # take x from the left run and k + 1 - x from the right one
+            x = (lo + hi) // 2
+            if x < hi and right(k - x) > left(x):
+                lo = x + 1
+            elif x > lo and left(x - 1) > right(k + 1 - x):
+                hi = x - 1
+            else:
+                return max(left(x - 1), right(k - x))
+
+    picked = [kth(half)] if n % 2 else [kth(half - 1), kth(half)]
+    mad = sum(picked) / len(picked)
     return med, max(MAD_TO_STD * mad, floor)
 
 

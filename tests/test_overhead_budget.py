@@ -1,0 +1,238 @@
+"""Issue 24: the overhead budget (``max_overhead``) and batched per-step reads (``read_every_n_steps``).
+
+Speed itself is shown by ``benchmarks/overhead.py``, not here: these tests check the decisions (checks spaced, the
+sample lowered only while calibrating, the same schedule on every rank, values read once per batch of steps) on real
+training loops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.procs import run_script
+from topo_callbacks.core import CollapseMonitorCore
+from topo_callbacks.core.budget import MIN_SAMPLES, check_spacing
+from topo_callbacks.core.detector import global_grad_norm
+from topo_callbacks.core.step_reads import StepReads
+
+
+def _mlp(width: int = 32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, width), nn.Tanh(), nn.Linear(width, 4))
+
+
+def _train(
+    monitor: CollapseMonitorCore, model: nn.Module, steps: int, *, jump_at: int | None = None, start: int = 1
+) -> list:
+    """A plain loop that feeds the monitor as the adapters do (tensors for the loss and the gradient norm)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(start)
+    fired = []
+    for step in range(start, start + steps):
+        monitor.prepare_step(step)
+        x = torch.randn(64, 16, generator=gen)
+        loss = (model(x) - x[:, :4]).pow(2).mean()
+        if jump_at is not None and step >= jump_at:
+            loss = loss * 1e6
+        opt.zero_grad()
+        loss.backward()
+        grad = global_grad_norm(model.parameters(), as_tensor=True)
+        opt.step()
+        result = monitor.observe_step(step, loss=loss.detach(), grad_norm=grad, lr=0.05)
+        if result is not None:
+            fired.append((step, result))
+        if monitor.is_check_step(step):
+            monitor.run_check(step)
+    return fired
+
+
+def test_check_spacing_solves_the_budget() -> None:
+    spacing = check_spacing(check_s=0.1, per_step_s=0.0001, step_s=0.005, budget=0.02)
+    share = (0.1 + spacing * 0.0001) / (spacing * (0.005 + 0.0001) + 0.1)
+    assert share == pytest.approx(0.02)
+    assert check_spacing(0.1, 0.0, 0.005, 0.02) < spacing  # a costlier step needs wider spacing
+    assert math.isinf(check_spacing(0.1, 0.0002, 0.005, 0.02))  # per-step work alone is 4%: spacing cannot help
+
+
+def test_budget_off_checks_at_every_interval_and_on_spaces_them_out() -> None:
+    off = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=256, max_overhead=None)
+    off.attach(model := _mlp())
+    _train(off, model, 200)
+    assert [h["step"] for h in off.history] == list(range(10, 201, 10))
+
+    # steps of well under a millisecond, a check of milliseconds: 2% needs checks far apart
+    on = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=256)
+    on.attach(model := _mlp())
+    _train(on, model, 400)
+    steps = [h["step"] for h in on.history]
+    assert steps[0] == 10
+    assert len(steps) < 20
+    assert all(s % 10 == 0 for s in steps)
+    assert all(b - a >= 10 for a, b in itertools.pairwise(steps))
+    assert on.check_every > 10
+    info = on.summary()
+    assert info["check_every"] == on.check_every
+    assert 0.0 < info["overhead"] <= 1.0
+    # the capture window follows the spaced schedule: the rows of each check come from the steps just before it
+    assert on.next_check_step(steps[-1] + 1) == steps[-1] + on.check_every
+
+
+def test_budget_lowers_the_sample_only_while_calibrating() -> None:
+    # a 256-wide layer, 1024 rows per check and steps of a fraction of a millisecond: even 10x the spacing cannot
+    # keep a check within 2%, so the second check (the first pays one-time costs and decides nothing) lowers the
+    # sample, and the scale is calibrated again on the new size
+    monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=1024)
+    monitor.attach(model := _mlp(width=256))
+    _train(monitor, model, 40)
+    assert len(monitor.history) == 2
+    lowered = monitor.max_samples
+    assert MIN_SAMPLES <= lowered < 1024
+    assert monitor.capture.max_samples == lowered
+    assert monitor.history[0]["n"] == 64 * 5  # the first check: the 5 steps before it, 64 rows each
+    _train(monitor, model, 3000, start=41)
+    assert monitor.eps is not None  # the scale is held ...
+    assert monitor.max_samples == lowered  # ... and the sample stayed, whatever the later checks cost
+    assert all(h["n"] <= lowered for h in monitor.history[2:])  # the checks after the one that lowered it
+    state = json.loads(json.dumps(monitor.state_dict()))  # plain data
+    fresh = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=1024)
+    fresh.load_state_dict(state)
+    assert (fresh.max_samples, fresh.check_every) == (lowered, monitor.check_every)
+
+
+def test_overhead_is_logged_at_each_check() -> None:
+    monitor = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128)
+    monitor.attach(model := _mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    logged = []
+    for step in range(1, 41):
+        monitor.prepare_step(step)
+        loss = model(torch.randn(32, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.observe_step(step, loss=loss.detach(), grad_norm=global_grad_norm(model.parameters()))
+        if monitor.is_check_step(step):
+            logged.append(monitor.run_check(step).logged)
+    assert logged
+    assert all(0.0 <= entry["collapse/overhead"] <= 1.0 for entry in logged)
+    off = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128, max_overhead=None)
+    off.attach(model)
+    _train(off, model, 10)
+    assert "collapse/overhead" not in off.history[0]
+
+
+@pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, "2%", True])
+def test_max_overhead_is_validated(bad: object) -> None:
+    with pytest.raises(ValueError, match="`max_overhead`"):
+        CollapseMonitorCore("1", max_overhead=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`read_every_n_steps`"):
+        CollapseMonitorCore("1", read_every_n_steps=0)
+
+
+def test_per_step_values_are_read_once_per_batch() -> None:
+    monitor = CollapseMonitorCore("1", every_n_train_steps=50, max_samples=128, read_every_n_steps=8,
+                                  max_overhead=None)  # fmt: skip
+    monitor.attach(model := _mlp())
+    _train(monitor, model, 40)
+    reads = monitor._step_reads
+    assert reads is not None
+    # 40 steps: batches of 8 -> 5 reads; the detector has seen every step
+    assert reads.reads == 5
+    assert len(reads) == 0
+    assert len(monitor.detector.states["loss"].reference) == 40
+    _train_more = CollapseMonitorCore("1", every_n_train_steps=12, max_samples=128, read_every_n_steps=8,
+                                      max_overhead=None)  # fmt: skip
+    _train_more.attach(model)
+    _train(_train_more, model, 12)
+    # a check step reads what is queued (12 = one batch of 8, then 4 more at the check)
+    assert _train_more._step_reads.reads == 2
+    assert len(_train_more.detector.states["loss"].reference) == 12
+
+
+def test_batched_reads_alarm_at_the_step_that_broke_one_batch_later() -> None:
+    """A loss 1e6 times its reference alarms at once when read every step; read in batches of 8, the alarm names
+    the step of the jump and comes with the batch that holds it (at most 8 steps later)."""
+    results = {}
+    for every in (1, 8):
+        monitor = CollapseMonitorCore("1", every_n_train_steps=1000, read_every_n_steps=every, max_overhead=None)
+        monitor.attach(model := _mlp())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fired = _train(monitor, model, 300, jump_at=283)
+        assert fired, every
+        returned_at, result = fired[0]
+        results[every] = (returned_at, result.step)
+    assert results[1] == (283, 283)
+    assert results[8][1] == 283
+    assert 283 <= results[8][0] <= 283 + 8
+
+
+def test_step_reads_keeps_order_and_averages_nothing_on_one_process() -> None:
+    reads = StepReads(read_every=3)
+    out = []
+    for step in range(1, 8):
+        reads.add(step, [torch.tensor(float(step)), None, step % 2 == 0])
+        out += reads.ready(torch.device("cpu"))
+    out += reads.ready(torch.device("cpu"), force=True)
+    assert [s for s, _ in out] == list(range(1, 8))
+    assert out[1][1] == [2.0, None, 1.0]
+    assert out[2][1] == [3.0, None, 0.0]
+    assert reads.reads == 3
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time, warnings
+    import torch, torch.distributed as dist
+    from torch import nn
+    from topo_callbacks.core import CollapseMonitorCore
+    from topo_callbacks.core.detector import global_grad_norm
+
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
+    monitor = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=256, read_every_n_steps=4)
+    monitor.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(1, 301):
+        monitor.prepare_step(step)
+        x = torch.randn(32, 16, generator=gen)
+        loss = (model(x) - x[:, :4]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if rank == 1:
+            time.sleep(0.002)  # rank 1's steps are slower: its own timings differ from rank 0's
+        monitor.observe_step(step, loss=loss.detach(), grad_norm=global_grad_norm(model.parameters(), as_tensor=True))
+        if monitor.is_check_step(step):
+            monitor.run_check(step)
+    out = {"steps": [h["step"] for h in monitor.history], "check_every": monitor.check_every,
+           "max_samples": monitor.max_samples, "reads": monitor._step_reads.reads,
+           "detector": monitor.detector.state_dict()}
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
+        json.dump(out, fh)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_every_rank_takes_the_same_schedule_and_reads(tmp_path: Path) -> None:
+    run_script(DDP_SCRIPT, tmp_path, launcher="torchrun", timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["steps"] == r1["steps"]
+    assert len(r0["steps"]) >= 1
+    assert (r0["check_every"], r0["max_samples"], r0["reads"]) == (r1["check_every"], r1["max_samples"], r1["reads"])
+    assert r0["detector"] == r1["detector"]  # the per-step values were averaged over the ranks, batch by batch

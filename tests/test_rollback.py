@@ -1,0 +1,715 @@
+"""``on_alarm="rollback"`` in the core monitor and the three adapters, in real training runs on the CPU.
+
+A learning-rate blow-up (the rate multiplied by 50 at one step: a bad manual change, a glitch in a schedule) is
+rescued: the detector alarms, the monitor restores the newest snapshot taken before the onset, the learning rate is
+halved and training goes on with fresh data; the run ends within ``RESCUED`` of its healthy twin, while the same run
+with ``on_alarm="warn"`` diverges. A failure a rollback cannot fix (labels replaced by noise from some step on: a data
+bug) stops after ``max_rollbacks`` with the configuration diagnosis. A run that never alarms is bit-identical to the
+same run without the monitor. No mocks: Lightning's Trainer, an Accelerate loop, the HF Trainer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from tests.lightning_helpers import TinyModel, loader
+from tests.lightning_helpers import trainer as make_pl_trainer
+from tests.procs import run_script
+from topo_callbacks.core import CollapseMonitorCore, CollapseWarning, RollbackPolicy, StoppingReason
+from topo_callbacks.lightning import CollapseMonitor
+
+# the blow-up: the learning rate (0.05) is multiplied by BLOWUP for the optimizer step after step GLITCH on; the
+# runs are STEPS long and snapshot every SNAPSHOT_EVERY steps
+BASE_LR, BLOWUP, GLITCH, STEPS, SNAPSHOT_EVERY = 0.05, 50.0, 110, 240, 20
+POLICY = {"snapshot_every": SNAPSHOT_EVERY, "keep": 3, "max_rollbacks": 3, "lr_factor": 0.5}
+# rescued: the held-out MSE at the end is at most RESCUED times the healthy twin's (measured: 1.00-1.03x); the run
+# left to diverge ends non-finite or more than DIVERGED times worse (measured: NaN under Lightning and Accelerate,
+# 120x under the HF Trainer, whose SGD clips gradients at norm 1)
+RESCUED, DIVERGED = 1.25, 10.0
+MONITOR = {"layer": "encoder", "every_n_train_steps": 25, "max_samples": 64, "max_overhead": None}
+
+
+def held_out_mse(model: nn.Module) -> float:
+    """Mean squared error on 2048 fresh rows of the task the runs train on (y = 2 x_0)."""
+    g = torch.Generator().manual_seed(99)
+    x = torch.randn(2048, 16, generator=g)
+    with torch.no_grad():
+        pred = model(x)
+        pred = pred["logits"] if isinstance(pred, dict) else pred
+        return float(nn.functional.mse_loss(pred, x[:, :1] * 2))
+
+
+def assert_rescued(rescued: float, healthy: float, diverged: float) -> None:
+    assert math.isfinite(rescued)
+    assert rescued <= RESCUED * healthy, (rescued, healthy)
+    assert not math.isfinite(diverged) or diverged > DIVERGED * healthy, (diverged, healthy)
+
+
+def assert_one_rollback_before_the_onset(monitor: CollapseMonitorCore) -> dict[str, Any]:
+    (entry,) = monitor.rollbacks
+    assert GLITCH < entry["step"] <= GLITCH + 10  # the alarm comes within steps of the blow-up
+    assert entry["restored_step"] < entry["onset"] - 1  # older than the weights the first odd value came from
+    assert entry["restored_step"] <= GLITCH  # a state from before the blow-up
+    assert entry["restored_step"] > GLITCH - SNAPSHOT_EVERY - 1  # the newest such snapshot
+    assert (entry["lr_factor"], entry["total_factor"]) == (0.5, 0.5)
+    assert monitor.lr_factor == 0.5
+    summary = monitor.summary()
+    assert summary["rollbacks"] == [entry]
+    assert summary["on_alarm"] == "rollback"
+    assert monitor.stopped_step is None
+    # the alarm episode is kept in the record, closed by the rollback
+    (episode,) = summary["episodes"]
+    assert episode["start"] == entry["step"]
+    assert episode["rolled_back_to"] == entry["restored_step"]
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lightning
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class LrGlitch(pl.Callback):
+    """Multiplies the learning rate by ``factor`` for the step after step ``at`` (one edit of ``param_groups``, which
+    a rollback undoes), or (``every_step``) sets it to that at every step from ``at`` on."""
+
+    def __init__(self, at: int, factor: float = BLOWUP, every_step: bool = False) -> None:
+        self.at, self.factor, self.every_step = at, factor, every_step
+        self.lr_used: dict[int, float] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the monitor's own step hooks (its on_train_start ran first): sees the rate each step uses
+        trainer.optimizers[0].register_step_pre_hook(
+            lambda opt, args, kwargs: self.lr_used.__setitem__(trainer.global_step + 1, opt.param_groups[0]["lr"])
+        )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.at or (self.every_step and trainer.global_step >= self.at):
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = BASE_LR * self.factor
+
+
+class NoisyLabels(TinyModel):
+    """From optimizer step ``noise_from`` on, the labels are noise (a data bug): no learning rate fixes that."""
+
+    def __init__(self, noise_from: int | None = None) -> None:
+        super().__init__(lr=BASE_LR)
+        self.noise_from = noise_from
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.noise_from is not None and self.global_step + 1 >= self.noise_from:
+            y = 20.0 * torch.randn(y.shape, generator=torch.Generator().manual_seed(self.global_step))
+        return nn.functional.mse_loss(self(x), y)
+
+
+class AdamModel(TinyModel):
+    """AdamW (moments) and a StepLR schedule: more state for the snapshots to hold and leave untouched."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run_lightning(
+    tmp_path: Path,
+    on_alarm: Any = None,
+    *,
+    glitch: LrGlitch | None = None,
+    model: pl.LightningModule | None = None,
+    steps: int = STEPS,
+    **monitor_kwargs: Any,
+) -> tuple[pl.LightningModule, CollapseMonitor | None, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    model = model if model is not None else TinyModel(lr=BASE_LR)
+    monitor = None if on_alarm is None else CollapseMonitor(**{**MONITOR, **monitor_kwargs}, on_alarm=on_alarm)
+    callbacks = [c for c in (monitor, glitch) if c is not None]
+    trainer = make_pl_trainer(tmp_path, max_steps=steps, callbacks=callbacks, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", CollapseWarning)
+        trainer.fit(model, loader(n=4096, batch_size=32))
+    if monitor is not None:  # what it said, for the tests to read
+        monitor.said = [str(w.message) for w in caught if issubclass(w.category, CollapseWarning)]  # type: ignore[attr-defined]
+    return model, monitor, trainer
+
+
+@pytest.mark.slow
+def test_lightning_rescues_a_learning_rate_blowup(tmp_path: Path) -> None:
+    healthy, _, _ = run_lightning(tmp_path)
+    diverged, warned, _ = run_lightning(tmp_path, "warn", glitch=LrGlitch(GLITCH))
+    glitch = LrGlitch(GLITCH)
+    rescued, monitor, trainer = run_lightning(tmp_path, POLICY, glitch=glitch)
+    assert warned is not None
+    assert warned.first_alarm_step is not None  # the warn arm saw the same failure, and let it run
+    assert monitor is not None
+    entry = assert_one_rollback_before_the_onset(monitor)
+    assert trainer.global_step == STEPS  # the step counter was not rewound: the run ends when it would have
+    # the learning rate each step used: the schedule's (constant) rate, times 50 at the glitch, halved after the
+    # rollback (the restored optimizer holds the rate from before the glitch)
+    assert glitch.lr_used[GLITCH] == BASE_LR
+    assert glitch.lr_used[GLITCH + 1] == BASE_LR * BLOWUP
+    assert {glitch.lr_used[s] for s in range(entry["step"] + 1, STEPS + 1)} == {BASE_LR * 0.5}
+    assert trainer.optimizers[0].param_groups[0]["lr"] == BASE_LR  # read outside a step: the schedule's rate
+    assert_rescued(held_out_mse(rescued), held_out_mse(healthy), held_out_mse(diverged))
+
+
+@pytest.mark.slow
+def test_lightning_gives_up_when_the_failure_survives_the_rollbacks(tmp_path: Path) -> None:
+    policy = {**POLICY, "max_rollbacks": 2}
+    _, monitor, trainer = run_lightning(tmp_path, policy, model=NoisyLabels(noise_from=GLITCH))
+    assert monitor is not None
+    assert len(monitor.rollbacks) == 2
+    assert monitor.lr_factor == 0.25
+    assert monitor.stopping_reason is StoppingReason.ROLLBACK_GAVE_UP
+    assert monitor.stopped_step == trainer.global_step < STEPS
+    message = monitor.stopping_reason_message or ""
+    for words in ("after 2 rollbacks", "lower learning rate", "fresh data", "configuration"):
+        assert words in message, message
+    assert monitor.summary()["rollback_stop"] == "max_rollbacks"
+    assert len(monitor.summary()["episodes"]) == 3  # two rolled back, the third stopped the run
+    said = monitor.said  # type: ignore[attr-defined]
+    assert any("rolled back to the snapshot of step" in s for s in said)
+    assert any("on_alarm='rollback' gave up" in s and "configuration" in s for s in said)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Accelerate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def accelerate_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)), nn.Linear(16, 1))
+
+
+def run_accelerate(
+    on_alarm: Any = None, *, glitch: int | None = None, steps: int = STEPS, adam: bool = False, **kwargs: Any
+) -> tuple[nn.Module, Any, int]:
+    """An Accelerate loop on the CPU; with ``glitch``, the rate is multiplied by BLOWUP after step ``glitch``. The
+    scheduler (constant) is handed to the monitor with ``scheduler=``. Returns the model, the monitor, the steps run."""
+    from accelerate import Accelerator
+
+    from topo_callbacks.accelerate import AccelerateCollapseMonitor
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerate_model()
+    if adam:
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10**6)  # a schedule, constant here
+    model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=4096, batch_size=32))
+    monitor = None
+    if on_alarm is not None:
+        monitor = AccelerateCollapseMonitor(
+            accelerator, model, **{**MONITOR, "layer": "0", **kwargs}, on_alarm=on_alarm, scheduler=scheduler
+        )
+    done = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while done < steps:
+            for x, y in data:
+                if done == steps:
+                    break
+                if glitch is not None and done == glitch:
+                    for group in optimizer.param_groups:
+                        group["lr"] = BASE_LR * BLOWUP
+                loss = nn.functional.mse_loss(model(x), y)
+                accelerator.backward(loss)
+                optimizer.step()
+                done += 1
+                stop = monitor.step(loss=loss.detach()) if monitor is not None else False
+                scheduler.step()
+                optimizer.zero_grad()
+                if stop:
+                    break
+            else:
+                continue
+            break
+        if monitor is not None:
+            monitor.close()
+    return accelerator.unwrap_model(model), monitor, done
+
+
+@pytest.mark.slow
+def test_accelerate_rescues_a_learning_rate_blowup() -> None:
+    healthy, _, _ = run_accelerate()
+    diverged, warned, _ = run_accelerate("warn", glitch=GLITCH)
+    rescued, monitor, done = run_accelerate(RollbackPolicy(**POLICY), glitch=GLITCH)
+    assert warned.first_alarm_step is not None
+    assert done == STEPS
+    assert_one_rollback_before_the_onset(monitor)
+    assert monitor.global_step == STEPS
+    assert_rescued(held_out_mse(rescued), held_out_mse(healthy), held_out_mse(diverged))
+
+
+def test_accelerate_gives_up_when_the_learning_rate_stays_too_high() -> None:
+    """The rate is set 50x too high at every step from GLITCH on (a configuration bug): the rollbacks restore the
+    rate, the loop sets it again; after max_rollbacks the loop is told to stop."""
+    from accelerate import Accelerator
+
+    from topo_callbacks.accelerate import AccelerateCollapseMonitor
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerate_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
+    model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=4096, batch_size=32))
+    monitor = AccelerateCollapseMonitor(
+        accelerator, model, **{**MONITOR, "layer": "0"}, on_alarm={**POLICY, "max_rollbacks": 2, "lr_factor": 0.8}
+    )
+    stopped_at = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (x, y) in enumerate(data):
+            if i >= 60:
+                for group in optimizer.param_groups:
+                    group["lr"] = BASE_LR * 200
+            loss = nn.functional.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            optimizer.step()
+            if monitor.step(loss=loss.detach()):
+                stopped_at = i + 1
+                break
+            optimizer.zero_grad()
+    assert stopped_at is not None
+    assert stopped_at == monitor.stopped_step
+    assert len(monitor.rollbacks) == 2
+    assert monitor.stopping_reason is StoppingReason.ROLLBACK_GAVE_UP
+    assert "after 2 rollbacks" in (monitor.stopping_reason_message or "")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HF Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class HFRegressor(nn.Module):
+    """``forward(x, labels) -> {"loss", "logits"}``; from step ``noise_from`` on the labels are noise."""
+
+    def __init__(self, noise_from: int | None = None) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 1)
+        self.noise_from = noise_from
+        self.step = 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        pred = self.head(self.encoder(x))
+        if labels is None:
+            return {"logits": pred}
+        if self.noise_from is not None and self.step >= self.noise_from:
+            labels = 20.0 * torch.randn(labels.shape, generator=torch.Generator().manual_seed(self.step))
+        return {"loss": nn.functional.mse_loss(pred, labels), "logits": pred}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        data = loader(n=4096, batch_size=32).dataset
+        self.x, self.y = data.tensors  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def run_hf(
+    tmp_path: Path, on_alarm: Any = None, *, glitch: int | None = None, noise_from: int | None = None, **kwargs: Any
+) -> tuple[nn.Module, Any, Any]:
+    """The HF Trainer (SGD, the constant schedule); ``glitch``: the schedule's base rate (and the current one) is
+    multiplied by BLOWUP after step ``glitch`` (a rollback restores both)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from topo_callbacks.transformers import CollapseMonitorCallback
+
+    class Glitch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):  # type: ignore[no-untyped-def]
+            model.step = state.global_step + 1
+            if glitch is not None and state.global_step == glitch:
+                lr_scheduler.base_lrs = [lr * BLOWUP for lr in lr_scheduler.base_lrs]
+                for group in optimizer.param_groups:
+                    group["lr"] *= BLOWUP
+
+    torch.manual_seed(0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=32, max_steps=kwargs.pop("steps", STEPS),
+        learning_rate=BASE_LR, optim="sgd", lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True,
+        dataloader_drop_last=True, seed=0, report_to="none", logging_steps=10_000, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=HFRegressor(noise_from), args=args, train_dataset=Rows(), callbacks=[Glitch()])
+    monitor = None
+    if on_alarm is not None:
+        monitor = CollapseMonitorCallback(trainer=trainer, **{**MONITOR, **kwargs}, on_alarm=on_alarm)
+        trainer.add_callback(monitor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return trainer.model, monitor, trainer
+
+
+@pytest.mark.slow
+def test_hf_trainer_rescues_a_learning_rate_blowup(tmp_path: Path) -> None:
+    healthy, _, _ = run_hf(tmp_path)
+    diverged, warned, _ = run_hf(tmp_path, "warn", glitch=GLITCH)
+    rescued, monitor, trainer = run_hf(tmp_path, POLICY, glitch=GLITCH)
+    assert warned.first_alarm_step is not None
+    assert_one_rollback_before_the_onset(monitor)
+    assert trainer.state.global_step == STEPS
+    assert set(trainer.lr_scheduler.base_lrs) == {BASE_LR}  # the glitch in the schedule was rolled back with it
+    assert any(e.get("collapse/rollbacks") == 1.0 for e in trainer.state.log_history)  # through trainer.log
+    assert_rescued(held_out_mse(rescued), held_out_mse(healthy), held_out_mse(diverged))
+
+
+def test_hf_trainer_gives_up_on_noisy_labels(tmp_path: Path) -> None:
+    _, monitor, trainer = run_hf(tmp_path, {**POLICY, "max_rollbacks": 1}, noise_from=60, steps=120)
+    assert len(monitor.rollbacks) == 1
+    assert monitor.stopping_reason is StoppingReason.ROLLBACK_GAVE_UP
+    assert trainer.state.global_step == monitor.stopped_step < 120
+    assert "after 1 rollback," in monitor.stopping_reason_message
+    json.dumps(monitor.state())  # the callback's state stays JSON with the record in it
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# snapshots change nothing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_lightning_run_without_alarm_is_bit_identical_to_one_without_the_monitor(tmp_path: Path) -> None:
+    policy = {"snapshot_every": 5, "keep": 2}  # many snapshots, the ring full: its buffers reused
+    plain, _, t0 = run_lightning(tmp_path, model=AdamModel(), steps=80)
+    watched, monitor, t1 = run_lightning(tmp_path, policy, model=AdamModel(), steps=80)
+    assert monitor is not None
+    assert monitor.first_alarm_step is None
+    assert monitor.summary()["snapshots"]["taken"] == 16  # steps 1, 6, ..., 76
+    assert_same_tensors(plain.state_dict(), watched.state_dict())
+    assert str(t0.optimizers[0].state_dict()) == str(t1.optimizers[0].state_dict())
+    assert t0.lr_scheduler_configs[0].scheduler.state_dict() == t1.lr_scheduler_configs[0].scheduler.state_dict()
+
+
+def test_accelerate_run_without_alarm_is_bit_identical_to_one_without_the_monitor() -> None:
+    plain, _, _ = run_accelerate(steps=60, adam=True)
+    watched, monitor, _ = run_accelerate({"snapshot_every": 4, "keep": 2}, steps=60, adam=True)
+    assert monitor.first_alarm_step is None
+    assert monitor.summary()["snapshots"]["taken"] == 15
+    assert_same_tensors(plain.state_dict(), watched.state_dict())
+
+
+def test_hf_run_without_alarm_is_bit_identical_to_one_without_the_monitor(tmp_path: Path) -> None:
+    plain, _, _ = run_hf(tmp_path, steps=50)
+    watched, monitor, _ = run_hf(tmp_path, {"snapshot_every": 5, "keep": 2}, steps=50)
+    assert monitor.first_alarm_step is None
+    assert monitor.summary()["snapshots"]["taken"] == 10
+    assert_same_tensors(plain.state_dict(), watched.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the core in a plain loop: state, failures, batched reads
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Loop:
+    """A plain PyTorch loop driving the core as the adapters do; ``blowup``: the rate jumps after that step."""
+
+    def __init__(self, monitor: CollapseMonitorCore, scheduler: bool = True) -> None:
+        torch.manual_seed(0)
+        self.model = accelerate_model()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=BASE_LR, momentum=0.5)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: 1.0) if scheduler else None
+        self.monitor = monitor
+        self.step = 0
+        monitor.attach(self.model)
+        monitor.track(models=self.model, optimizers=self.opt, schedulers=self.sched)
+        self.data = loader(n=4096, batch_size=32)
+
+    def run(self, steps: int, blowup: int | None = None) -> None:
+        while True:
+            for x, y in self.data:
+                if self.step == steps:
+                    return
+                if self.step == blowup:  # the schedule's base rate and the current rate (a rollback restores both)
+                    for group in self.opt.param_groups:
+                        group["lr"] *= BLOWUP
+                    if self.sched is not None:
+                        self.sched.base_lrs = [lr * BLOWUP for lr in self.sched.base_lrs]
+                self.monitor.prepare_step(self.step + 1)
+                loss = nn.functional.mse_loss(self.model(x), y)
+                loss.backward()
+                self.opt.step()
+                self.step += 1
+                result = self.monitor.observe_step(self.step, loss=loss.detach(), grad_norm=1.0)
+                if self.monitor.is_check_step(self.step):
+                    result = self.monitor.run_check(self.step)
+                self.monitor.after_step(self.step)
+                if self.sched is not None:
+                    self.sched.step()
+                self.opt.zero_grad()
+                if result is not None and result.should_stop:
+                    self.monitor.record_stop(self.step, result)
+                    return
+
+
+def core_monitor(on_alarm: Any = POLICY, **kwargs: Any) -> CollapseMonitorCore:
+    return CollapseMonitorCore(**{**MONITOR, "layer": "0", **kwargs}, on_alarm=on_alarm)
+
+
+def rolled_back_loop(**kwargs: Any) -> Loop:
+    loop = Loop(core_monitor(**kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop.run(100, blowup=50)
+    assert len(loop.monitor.rollbacks) == 1
+    return loop
+
+
+def test_state_roundtrip_through_weights_only_load_keeps_the_record_and_the_factor() -> None:
+    monitor = rolled_back_loop().monitor
+    buffer = io.BytesIO()
+    torch.save({"callbacks": {"collapse": monitor.state_dict()}}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)["callbacks"]["collapse"]
+    assert state["rollback"]["num_rollbacks"] == 1
+    assert state["rollback"]["total_factor"] == 0.5
+
+    resumed = core_monitor()
+    resumed.load_state_dict(state)  # before the objects are known (Lightning restores before on_train_start)
+    assert resumed.rollbacks == monitor.rollbacks
+    assert resumed.lr_factor == 0.5
+    loop = Loop(resumed)  # track(): the factor is on the new optimizer from its first step
+    seen: list[float] = []
+    loop.opt.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    loop.run(3)
+    assert seen == [BASE_LR * 0.5] * 3
+    assert resumed.state_dict()["rollback"] == state["rollback"]
+
+
+def test_hf_state_roundtrip_through_json_keeps_the_record_and_the_factor() -> None:
+    from topo_callbacks.transformers import CollapseMonitorCallback
+
+    callback = CollapseMonitorCallback(**{**MONITOR, "layer": "0"}, on_alarm=RollbackPolicy(**POLICY))
+    assert callback.state()["args"]["on_alarm"] == RollbackPolicy(**POLICY).as_dict()  # stored as plain data
+    loop = Loop(callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop.run(100, blowup=50)
+    assert len(callback.rollbacks) == 1
+    saved = json.loads(json.dumps(callback.state()))
+    rebuilt = CollapseMonitorCallback(**saved["args"])  # what the Trainer does on resume
+    for name, value in saved["attributes"].items():
+        setattr(rebuilt, name, value)
+    assert rebuilt.rollback_policy == RollbackPolicy(**POLICY)
+    assert rebuilt.rollbacks == callback.rollbacks
+    assert rebuilt.lr_factor == 0.5
+    assert json.dumps(rebuilt.state()) == json.dumps(callback.state())  # (NaN != NaN: compared as JSON)
+
+
+def test_rollback_restores_the_detector_and_reads_nothing_of_the_abandoned_steps() -> None:
+    loop = rolled_back_loop(read_every_n_steps=4)  # per-step values queued in batches of 4: the queue is dropped
+    monitor = loop.monitor
+    (entry,) = monitor.rollbacks
+    detector = monitor.detector
+    assert detector is not None
+    assert not detector.in_alarm
+    (episode,) = detector.episodes
+    assert episode["end"] is not None
+    assert episode["rolled_back_to"] == entry["restored_step"]
+    # the detector resumed from the snapshot's state: the losses of the blow-up are not in its reference window
+    assert max(detector.states["loss"].reference) < 10.0
+    assert monitor.stopped_step is None
+    assert len(monitor.history) >= 3
+
+
+def test_a_failed_rollback_warns_and_training_goes_on_or_raises_with_strict() -> None:
+    class Broken(torch.optim.lr_scheduler.LambdaLR):
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            raise RuntimeError("cannot load")
+
+    for strict in (False, True):
+        monitor = core_monitor(strict=strict)
+        loop = Loop(monitor, scheduler=False)
+        loop.sched = Broken(loop.opt, lambda t: 1.0)
+        monitor.track(models=loop.model, optimizers=loop.opt, schedulers=loop.sched)
+        if strict:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises(RuntimeError, match="cannot load"):
+                    loop.run(100, blowup=50)
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.run(100, blowup=50)
+        assert any("the rollback failed, training goes on" in str(w.message) for w in caught)
+        assert loop.step == 100
+        assert monitor.stopped_step is None
+
+
+def test_without_track_a_rollback_monitor_says_so_once() -> None:
+    monitor = core_monitor()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.after_step(1)
+        monitor.after_step(2)
+    assert sum("call `track" in str(w.message) for w in caught) == 1
+
+
+def test_warn_and_stop_take_no_snapshot_and_stop_on_alarm_still_stops() -> None:
+    assert core_monitor("warn").track(models=nn.Linear(2, 2)) is None
+    monitor = core_monitor("warn", stop_on_alarm=True)
+    assert (monitor.on_alarm, monitor.stop_on_alarm) == ("stop", True)
+    loop = Loop(monitor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop.run(100, blowup=50)
+    assert monitor.stopping_reason is StoppingReason.DETECTOR
+    assert monitor.stopped_step is not None
+    assert monitor.rollbacks == []
+    assert core_monitor("stop").stop_on_alarm
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+BAD = [
+    ("restart", "`on_alarm` must be"),
+    ("Rollback", "`on_alarm` must be"),
+    (3, "`on_alarm` must be"),
+    (["rollback"], "`on_alarm` must be"),
+    ({"lr": 0.1}, "`on_alarm` as a mapping"),
+    ({"lr_factor": 3.0}, "`lr_factor` must be"),
+]
+
+
+@pytest.mark.parametrize(("value", "match"), BAD)
+def test_bad_on_alarm_values_are_refused_in_every_adapter(value: Any, match: str) -> None:
+    from accelerate import Accelerator
+
+    from topo_callbacks.accelerate import AccelerateCollapseMonitor
+    from topo_callbacks.transformers import CollapseMonitorCallback
+
+    with pytest.raises(ValueError, match=match):
+        CollapseMonitorCore("0", on_alarm=value)
+    with pytest.raises(ValueError, match=match):
+        CollapseMonitor(layer="encoder", on_alarm=value)
+    with pytest.raises(ValueError, match=match):
+        CollapseMonitorCallback("encoder", on_alarm=value)
+    with pytest.raises(ValueError, match=match):
+        AccelerateCollapseMonitor(Accelerator(cpu=True), accelerate_model(), "0", on_alarm=value)
+
+
+def test_stop_on_alarm_with_a_rollback_is_refused() -> None:
+    with pytest.raises(ValueError, match="`stop_on_alarm=True` conflicts with `on_alarm`"):
+        CollapseMonitorCore("0", on_alarm="rollback", stop_on_alarm=True)
+    with pytest.raises(ValueError, match="`stop_on_alarm` must be True or False"):
+        CollapseMonitorCore("0", stop_on_alarm="yes")  # type: ignore[arg-type]
+
+
+def test_storage_framework_needs_the_hooks() -> None:
+    with pytest.raises(ValueError, match="`framework` must be a FrameworkStorage"):
+        core_monitor({"storage": "framework"}).track(models=nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DDP: every rank rolls back at the same step to the same state
+# ----------------------------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import lightning.pytorch as pl
+    import torch
+    from tests.procs import finish_distributed
+    from tests.lightning_helpers import TinyModel, loader
+    from tests.test_rollback import BASE_LR, BLOWUP, GLITCH, MONITOR, POLICY, held_out_mse
+    from topo_callbacks.lightning import CollapseMonitor
+
+
+    class Uneven(TinyModel):
+        # the ranks see different data (the sampler splits it) and rank 1 trains on 8 of its 32 rows
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if self.global_rank == 1:
+                x, y = x[:8], y[:8]
+            return torch.nn.functional.mse_loss(self(x), y)
+
+
+    class Glitch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == GLITCH:
+                for group in trainer.optimizers[0].param_groups:
+                    group["lr"] = BASE_LR * BLOWUP
+
+
+    class Dump(pl.Callback):
+        def __init__(self, monitor, out):
+            self.monitor, self.out = monitor, out
+            self.restored = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.monitor.rollbacks and self.restored is None:  # right after the restore, before the next step
+                self.restored = {k: v.tolist() for k, v in pl_module.state_dict().items()}
+
+        def on_train_end(self, trainer, pl_module):
+            mon = self.monitor
+            result = {"rank": trainer.global_rank, "global_step": trainer.global_step, "rollbacks": mon.rollbacks,
+                      "episodes": mon.summary()["episodes"], "snapshots": mon.summary()["snapshots"]["taken"],
+                      "restored": self.restored, "mse": held_out_mse(pl_module),
+                      "final": {k: v.tolist() for k, v in pl_module.state_dict().items()},
+                      "detector": mon.detector.state_dict()}
+            with open(f"{self.out}/rank{trainer.global_rank}.json", "w") as fh:
+                json.dump(result, fh)
+
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        pl.seed_everything(0, verbose=False)
+        warnings.simplefilter("ignore")
+        mon = CollapseMonitor(**MONITOR, on_alarm=POLICY)
+        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=200,
+                             callbacks=[mon, Glitch(), Dump(mon, out)], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(Uneven(lr=BASE_LR), loader(n=4096, batch_size=32))
+        finish_distributed()
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_roll_back_at_the_same_step_to_the_same_state(tmp_path: Path) -> None:
+    run_script(DDP_SCRIPT, tmp_path, timeout=400)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["rollbacks"] == r1["rollbacks"]
+    (entry,) = r0["rollbacks"]
+    assert GLITCH < entry["step"] <= GLITCH + 10
+    assert entry["restored_step"] < entry["onset"] - 1  # older than the weights the first odd value came from
+    assert entry["restored_step"] <= GLITCH
+    assert r0["episodes"] == r1["episodes"]
+    assert r0["snapshots"] == r1["snapshots"]
+    assert r0["detector"] == r1["detector"]
+    assert r0["global_step"] == r1["global_step"] == 200
+    # the same restored state on both ranks, bit for bit, and the same weights at the end (DDP keeps them equal)
+    assert r0["restored"] is not None
+    assert r0["restored"] == r1["restored"]
+    assert r0["final"] == r1["final"]
+    assert math.isfinite(r0["mse"])
+    assert r0["mse"] < 0.2

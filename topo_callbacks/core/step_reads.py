@@ -1,0 +1,136 @@
+"""Per-step values read to the host in batches, so that watching a GPU run never stalls it at every step.
+
+Reading a CUDA tensor as a Python float (``float(t)``, ``.item()``) waits until the device has finished all the work
+queued before it: done at every optimizer step, it stops the host from queueing the next step ahead and costs most
+on fast steps. `StepReads` keeps each step's values where they are (CUDA tensors stay on the device, Python numbers
+on the host) and moves a batch of steps in one go: one pinned, non-blocking device-to-host copy every
+``read_every`` steps (under DDP, one all-reduce per batch instead of one per step). The copy is picked up when it
+has landed (`CudaEvent.query`, which does not wait), at the latest when the next batch is due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from topo_callbacks.core.gather import world_size
+
+__all__ = ["DEVICE_READ_EVERY", "StepReads"]
+
+#: Optimizer steps per read when the values are CUDA tensors and ``read_every_n_steps`` is not given: an alarm of a
+#: per-step rule comes at most this many steps (plus the one the copy takes to land) after the step that caused it.
+DEVICE_READ_EVERY = 8
+
+Item = float | int | bool | Tensor | None
+
+
+class StepReads:
+    """A queue of per-step rows of values (each a Python number, a 0-d tensor, or None for "not given").
+
+    `add` queues a step; `ready` returns the steps whose values have reached the host, averaged over the ranks that
+    gave one (None where no rank did). Host-only rows on a single process are returned at once, as given.
+
+    Example:
+        >>> import torch
+        >>> reads = StepReads(read_every=3)
+        >>> for step in (1, 2, 3, 4):
+        ...     reads.add(step, [torch.tensor(float(step)), None, 0.5])
+        ...     print(step, reads.ready(torch.device("cpu")))
+        1 []
+        2 []
+        3 [(1, [1.0, None, 0.5]), (2, [2.0, None, 0.5]), (3, [3.0, None, 0.5])]
+        4 []
+        >>> reads.ready(torch.device("cpu"), force=True), reads.reads
+        ([(4, [4.0, None, 0.5])], 2)
+    """
+
+    def __init__(self, read_every: int = 1) -> None:
+        self.read_every = int(read_every)
+        #: batches moved to the host so far (device-to-host copies when the values live on a GPU)
+        self.reads = 0
+        self._rows: list[tuple[int, list[Item]]] = []
+        self._in_flight: tuple[list[int], Tensor, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows) + (0 if self._in_flight is None else len(self._in_flight[0]))
+
+    def add(self, step: int, items: Sequence[Item]) -> None:
+        """Queue optimizer step ``step``'s values. A tensor off the GPU is read now (that costs nothing)."""
+        row: list[Item] = []
+        for item in items:
+            if isinstance(item, Tensor):
+                item = item.detach()
+                if item.device.type != "cuda":
+                    item = float(item.reshape(()))
+            row.append(item)
+        self._rows.append((int(step), row))
+
+    def ready(self, device: torch.device, *, force: bool = False) -> list[tuple[int, list[float | None]]]:
+        """The queued steps whose values are on the host now, oldest first; every rank must call it at the same steps
+        (under DDP it all-reduces when a batch is due). ``force``: read everything queued now (at a check, at the end
+        of training: where the monitor reads the device anyway)."""
+        out = self._landed(force)
+        if self._rows and (force or len(self._rows) >= self.read_every):
+            if self._in_flight is not None:  # the last copy has not landed in a whole batch of steps: wait for it
+                out += self._landed(True)
+            rows, self._rows = self._rows, []
+            self.reads += 1
+            if world_size() == 1 and not any(isinstance(i, Tensor) for _, row in rows for i in row):
+                out += [(step, [None if i is None else float(i) for i in row]) for step, row in rows]
+            else:
+                self._send(rows, device)
+                out += self._landed(force)
+        return out
+
+    def _send(self, rows: list[tuple[int, list[Item]]], device: torch.device) -> None:
+        """Start moving ``rows`` to the host: (sum, count) per value, one all-reduce over ranks, one copy."""
+        width = len(rows[0][1])
+        host = torch.zeros(len(rows), 2 * width, dtype=torch.float64)
+        on_device: list[tuple[int, int, Tensor]] = []
+        for r, (_, row) in enumerate(rows):
+            for c, item in enumerate(row):
+                if item is None:
+                    continue
+                host[r, 2 * c + 1] = 1.0
+                if isinstance(item, Tensor):
+                    on_device.append((r, 2 * c, item))
+                else:
+                    host[r, 2 * c] = float(item)
+        cuda = device.type == "cuda" or bool(on_device)
+        target = (on_device[0][2].device if on_device else device) if cuda else torch.device("cpu")
+        if cuda:
+            table = host.pin_memory().to(target, non_blocking=True)
+            for r, c, value in on_device:
+                table[r, c].copy_(value.reshape(()))
+        else:
+            table = host
+        if world_size() > 1:
+            torch.distributed.all_reduce(table)
+        if cuda:
+            landing = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            landing.copy_(table, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._in_flight = ([s for s, _ in rows], landing, event)
+        else:
+            self._in_flight = ([s for s, _ in rows], table, None)
+
+    def _landed(self, force: bool) -> list[tuple[int, list[float | None]]]:
+        """The batch in flight, if its copy has landed (waited for when ``force``)."""
+        if self._in_flight is None:
+            return []
+        steps, table, event = self._in_flight
+        if event is not None:
+            if force:
+                event.synchronize()
+            elif not event.query():
+                return []
+        self._in_flight = None
+        values = table.tolist()
+        return [
+            (step, [row[2 * c] / row[2 * c + 1] if row[2 * c + 1] > 0 else None for c in range(len(row) // 2)])
+            for step, row in zip(steps, values, strict=True)
+        ]
