@@ -265,7 +265,7 @@ def small_run(name: str, steps: int, arm: str, seed: int) -> dict[str, Any]:
 
 def main_small(args: argparse.Namespace) -> None:
     """``--model small``: whole runs of the small models, alternating no monitor, every check and the budget."""
-    repeats, steps = (2, 400) if args.quick else (5, 3000)
+    repeats, steps = (2, 400) if args.quick else (3, 2000)
     warnings.simplefilter("ignore")
     print(_machine(torch.device("cpu")))
     print(f"whole runs of {steps} steps, {repeats} repeats per arm (rotating order); monitor defaults"
@@ -662,7 +662,9 @@ def plain_step_time(workload: Workload, steps: int, layer: str | None, samples: 
     data = [(x.to(workload.device), y.to(workload.device)) for x, y in workload.batches(steps + 1, seed)]
     monitor = feed = None
     if layer is not None:
-        monitor = CollapseMonitorCore(workload.layers[layer], every_n_train_steps=EVERY, max_samples=samples)
+        monitor = CollapseMonitorCore(
+            workload.layers[layer], every_n_train_steps=EVERY, max_samples=samples, max_overhead=None
+        )
         monitor.attach(model)
         feed = _DetectorFeed(monitor, workload.device)
     start = 0.0
@@ -706,8 +708,12 @@ def plain_check_times(
     data = [(x.to(workload.device), y.to(workload.device)) for x, y in workload.batches(timed + profile, seed)]
     monitors = {}
     for layer, samples in configs:
-        mon = CollapseMonitorCore(
-            workload.layers[layer], every_n_train_steps=1, max_samples=samples, monitor=f"collapse/{layer}/{samples}/ci"
+        mon = CollapseMonitorCore(  # every check timed: no overhead budget spacing them
+            workload.layers[layer],
+            every_n_train_steps=1,
+            max_samples=samples,
+            monitor=f"collapse/{layer}/{samples}/ci",
+            max_overhead=None,
         )
         mon.attach(model)
         monitors[(layer, samples)] = mon
@@ -854,7 +860,7 @@ def lightning_step_time(
     callbacks: list[Any] = [timer]
     if layer is not None:
         path = "net." + workload.layers[layer]
-        monitor = CollapseMonitor(path, every_n_train_steps=EVERY, max_samples=samples)
+        monitor = CollapseMonitor(path, every_n_train_steps=EVERY, max_samples=samples, max_overhead=None)
         _DetectorFeed(monitor, workload.device)  # steady reference windows: the callback feeds the detector itself
         callbacks.append(monitor)
     trainer = _trainer(workload, steps + 1, callbacks, log_dir)
@@ -883,6 +889,7 @@ def lightning_check_times(
             every_n_train_steps=1,
             max_samples=samples,
             monitor=f"collapse/{layer}/{samples}/ci",
+            max_overhead=None,
         )
         for layer, samples in configs
     }

@@ -34,7 +34,15 @@ def main() -> None:
     # example needs the learning-rate jump at the same optimizer step on any number of processes
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     with AccelerateCollapseMonitor(
-        accelerator, model, layer="encoder", every_n_train_steps=args.every, max_samples=512, stop_on_alarm=True
+        accelerator,
+        model,
+        layer="encoder",
+        every_n_train_steps=args.every,
+        max_samples=512,
+        stop_on_alarm=True,
+        # a digits model's step takes a millisecond: the default 2% budget (max_overhead=0.02) would space the
+        # checks 10x further apart; this example shows a check every `--every` steps
+        max_overhead=None,
     ) as monitor:
         accelerator.register_for_checkpointing(monitor)  # saved and restored by save_state / load_state
         step, stop = 0, False

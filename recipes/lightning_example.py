@@ -42,7 +42,11 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], devices=True)
     pl.seed_everything(0, verbose=False)
     warnings.simplefilter("ignore", CollapseWarning)  # the summary below reports the alarms
-    monitor = CollapseMonitor(layer="net.encoder", every_n_train_steps=args.every, max_samples=512, stop_on_alarm=True)
+    # max_overhead=None: a check every `--every` steps (a digits model's steps are too cheap for the default 2% budget,
+    # which would space the checks out)
+    monitor = CollapseMonitor(
+        layer="net.encoder", every_n_train_steps=args.every, max_samples=512, stop_on_alarm=True, max_overhead=None
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
