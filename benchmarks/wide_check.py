@@ -5,10 +5,13 @@ on ``--threads`` threads (default 1):
 
 - ``calibration``: ``collapse_index(x, eps=None, weights="benchmark")``, the check while the scale is calibrated (the
   quantile scale, the minimum spanning tree, the Betti numbers, the spectra and the channels);
-- ``steady``: a check at a held scale as the monitors make it (`CollapseMonitorCore._compute`): the float32 unit rows
-  (`unit_rows`), the Betti numbers from the layer's `EngineTracker` (``source="stream"``: the previous check's sample
-  replaced), then ``collapse_index(x, eps=eps, betti=...)``; measured on the check after a first one, so that the
-  engine's storage exists, as in training. Its two parts are timed on their own too (``tracker``, ``index``).
+- ``steady``: a check at a held scale as the monitors make it with ``source="stream"``
+  (`CollapseMonitorCore._compute`): ``collapse_index(x, eps=eps, strict_eps=False)``, whose one Gram matrix gives
+  the distances, the Betti numbers and the spectra;
+- ``tracker``: what a ``source="stream"`` check cost before (and what ``source="probe"`` costs when every row moved):
+  the float32 unit rows (`unit_rows`) and the Betti numbers from an `EngineTracker` (the previous check's sample
+  replaced; measured on the check after a first one, so that the engine's storage exists), on top of ``index``:
+  ``collapse_index(x, eps=eps, betti=...)`` with the Betti numbers given.
 
 Times are medians (and the best) over ``--reps`` runs of the process's CPU time (``time.process_time``; the wall
 time beside it: on a loaded machine the two differ, and the best run is the closest to an idle machine's). Memory
@@ -81,7 +84,7 @@ def measure(stage: str, rows: int, width: int, reps: int, threads: int) -> dict[
     collapse_index(torch.randn(64, 32, generator=g))  # imports and lazy initialisation, outside the measurement
     eps = collapse_index(batches[0], weights="benchmark").eps if stage != "calibration" else None
     tracker = EngineTracker("stream")
-    if stage in ("steady", "tracker"):
+    if stage == "tracker":
         tracker.betti(unit_rows(batches[0], "l2"), eps)  # the previous check: the engine and its storage exist
     betti = tracker.betti(unit_rows(batches[1], "l2"), eps) if stage == "index" else None
 
@@ -89,8 +92,7 @@ def measure(stage: str, rows: int, width: int, reps: int, threads: int) -> dict[
         if stage == "calibration":
             collapse_index(x, weights="benchmark")
         elif stage == "steady":
-            held = tracker.betti(unit_rows(x, "l2"), eps)
-            collapse_index(x, eps=eps, weights="benchmark", betti=held)
+            collapse_index(x, eps=eps, weights="benchmark", strict_eps=False)
         elif stage == "tracker":
             tracker.betti(unit_rows(x, "l2"), eps)
         else:

@@ -801,7 +801,11 @@ class CollapseMonitorCore:
         if x.ndim != 2 or x.shape[0] < 2:
             return None, f"fewer than 2 finite embeddings captured ({seen} seen, {nonfinite} non-finite)", None
         try:
-            betti = None if self.eps is None else self.tracker.betti(unit_rows(x, self.normalize), self.eps)
+            # a probe's rows move a little between checks, so the engine re-reduces only what changed; a stream's
+            # sample is replaced whole, so its Betti numbers come from the check's own distances (one Gram matrix)
+            betti = None
+            if self.eps is not None and self.source == "probe":
+                betti = self.tracker.betti(unit_rows(x, self.normalize), self.eps)
             report = collapse_index(
                 x,
                 eps=self.eps,
@@ -809,6 +813,7 @@ class CollapseMonitorCore:
                 weights=self.weights,
                 normalize=self.normalize,
                 betti=betti,
+                strict_eps=False,  # a held scale may lie outside one batch's distances (then b0 = n or 1)
             )
         except Exception as err:
             self.tracker = EngineTracker(self.source)  # start the next check from scratch
