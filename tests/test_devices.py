@@ -257,14 +257,15 @@ DDP_WORKER = textwrap.dedent(
 @pytest.mark.parametrize("device", DEVICES)
 def test_lightning_ddp_one_device_gathers_on_it_and_stops(tmp_path: Path, device: str):
     """``strategy="ddp"``, one device: on a GPU the process group is NCCL, and the monitor's gathered rows (on which
-    a stream check computes: it keeps no engine) and the reduced stop decision all go through it on the GPU. A subprocess: Lightning's ddp leaves its
-    process group and MASTER_PORT behind."""
+    a stream check computes: it keeps no engine) and the reduced stop decision all go through it on the GPU. A
+    subprocess: Lightning's ddp leaves its process group and MASTER_PORT behind."""
     pytest.importorskip("lightning")
     run_script(DDP_WORKER, tmp_path, lightning_accelerator(device), timeout=180)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["backend"] == ("nccl" if device == "cuda" else "gloo")
     assert result["world"] == 1
-    assert result["module_device"] == device and not result["engine"]
+    assert result["module_device"] == device
+    assert not result["engine"]
     assert result["gathered"] == [device] * len(result["history"])  # one gather per check, on the device
     check_stopped_on_collapse(result["history"], result["stopped_step"], result["global_step"])
     assert result["reason"] == "DIVERGENCE_THRESHOLD"

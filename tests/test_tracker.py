@@ -82,7 +82,8 @@ def test_stream_checks_take_the_betti_numbers_from_the_sample_and_match_gudhi():
             assert (result.report.b0, result.report.b1) == oracle(sample, 0.9)
             checked += 1
     assert checked == 4
-    assert monitor.tracker.engine is None and monitor.tracker.resets == 0
+    assert monitor.tracker.engine is None
+    assert monitor.tracker.resets == 0
 
 
 def test_tracker_starts_over_on_a_new_eps_or_row_count():
