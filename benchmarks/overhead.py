@@ -246,7 +246,7 @@ def small_run(name: str, steps: int, arm: str, seed: int) -> dict[str, Any]:
         loss.backward()
         if monitor is not None:
             monitor.add_loss(loss)
-            grad_norm = global_grad_norm(model.parameters(), as_tensor=True)
+            grad_norm = monitor.step_grad_norm(model.parameters(), step)  # only at the steps read, as the adapters
         opt.step()
         if monitor is not None:
             monitor.observe_step(step, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
@@ -258,7 +258,8 @@ def small_run(name: str, steps: int, arm: str, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"step_s": elapsed / steps, "checks": checks}
     if monitor is not None:
         info = monitor.summary()
-        out.update(own_share=info["overhead"], check_every=info["check_every"], max_samples=info["max_samples"])
+        out.update(own_share=info["overhead"], check_every=info["check_every"], max_samples=info["max_samples"],
+                   observe_every=info["observe_every"])  # fmt: skip
         monitor.detach()
     return out
 

@@ -495,3 +495,25 @@ def test_intervals_match_scipys_exact_binomial():
         assert clopper_pearson(k, n) == pytest.approx((ci.low, ci.high))
         one_sided = binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").high
         assert fa_upper_bound(k, n) == pytest.approx(one_sided)
+
+
+def test_replay_reads_every_kth_step_as_the_budget_does():
+    """`replay_episodes(step_stride=k)` feeds the per-step channels at every k-th step and at the checks only
+    (`CollapseMonitorCore.observes`): on an abrupt blow-up the alarm comes at the first step read after the one a
+    detector reading every step alarms at, never before it, and at most k - 1 steps later (k <= 4 here: the references
+    need `STEP_MIN_REFERENCE` reads, 20 k steps, and the jump comes at step 100)."""
+    from topo_callbacks.bench.cusum import replay_episodes
+    from topo_callbacks.core.detector import default_calibration
+
+    torch.set_num_threads(1)
+    shipped = default_calibration(0.05)
+    rec = _straight(FAMILIES["loss_jump"], seed=0, arm="failure")
+    checks = {int(c["step"]) for c in rec.checks}
+    first = {}
+    for k in (1, 3, 4):
+        starts = [int(e["start"]) for e in replay_episodes(rec, shipped, step_stride=k) if e["start"] >= rec.t0]
+        assert starts, k
+        first[k] = starts[0]
+    for k in (3, 4):
+        assert first[1] <= first[k] < first[1] + k
+        assert first[k] % k == 0 or first[k] in checks

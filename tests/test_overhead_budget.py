@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from tests.procs import run_script
 from topo_callbacks.core import CollapseMonitorCore
-from topo_callbacks.core.budget import MIN_SAMPLES, check_spacing
+from topo_callbacks.core.budget import MAX_STRIDE, MIN_SAMPLES, check_spacing
 from topo_callbacks.core.detector import global_grad_norm
 from topo_callbacks.core.step_reads import StepReads
 
@@ -88,24 +89,91 @@ def test_budget_off_checks_at_every_interval_and_on_spaces_them_out() -> None:
 
 def test_budget_lowers_the_sample_only_while_calibrating() -> None:
     # a 256-wide layer, 1024 rows per check and steps of a fraction of a millisecond: even 10x the spacing cannot
-    # keep a check within 2%, so the second check (the first pays one-time costs and decides nothing) lowers the
-    # sample, and the scale is calibrated again on the new size
+    # keep a check within 2%. The first check is a trial of MIN_SAMPLES rows that measures what a check costs here;
+    # it lowers the sample before the scale is calibrated, and the scale is calibrated on the new size
     monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=1024)
     monitor.attach(model := _mlp(width=256))
     _train(monitor, model, 40)
-    assert len(monitor.history) == 2
+    assert len(monitor.history) == 1
+    assert monitor.check_every == 50  # MAX_SPACING x every_n_train_steps, with the smaller sample
     lowered = monitor.max_samples
     assert MIN_SAMPLES <= lowered < 1024
     assert monitor.capture.max_samples == lowered
-    assert monitor.history[0]["n"] == 64 * 5  # the first check: the 5 steps before it, 64 rows each
+    assert monitor.history[0]["n"] == MIN_SAMPLES  # the trial check
+    assert monitor.eps_candidates == []  # the trial's scale is not one of the calibration's
     _train(monitor, model, 3000, start=41)
     assert monitor.eps is not None  # the scale is held ...
     assert monitor.max_samples == lowered  # ... and the sample stayed, whatever the later checks cost
-    assert all(h["n"] <= lowered for h in monitor.history[2:])  # the checks after the one that lowered it
+    assert all(h["n"] <= lowered for h in monitor.history[1:])  # the checks after the one that lowered it
     state = json.loads(json.dumps(monitor.state_dict()))  # plain data
     fresh = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=1024)
     fresh.load_state_dict(state)
     assert (fresh.max_samples, fresh.check_every) == (lowered, monitor.check_every)
+
+
+def _train_fed_as_adapters(monitor: CollapseMonitorCore, model: nn.Module, steps: int, *, start: int = 1,
+                           jump_at: int | None = None, sleep_s: float = 0.0) -> tuple[list[int], list[int]]:  # fmt: skip
+    """`_train`, with the gradient norm computed as the adapters do (`step_grad_norm`: only at the steps read):
+    returns the steps that computed one and the steps an alarm came at."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(start)
+    normed, fired = [], []
+    for step in range(start, start + steps):
+        monitor.prepare_step(step)
+        x = torch.randn(64, 16, generator=gen)
+        loss = (model(x) - x[:, :4]).pow(2).mean()
+        if jump_at is not None and step >= jump_at:
+            loss = loss * 1e6
+        opt.zero_grad()
+        loss.backward()
+        if sleep_s:
+            time.sleep(sleep_s)  # a slower model's step
+        grad = monitor.step_grad_norm(model.parameters(), step)
+        if grad is not None:
+            normed.append(step)
+        opt.step()
+        monitor.add_loss(loss)
+        if monitor.observe_step(step, grad_norm=grad, lr=0.05) is not None:
+            fired.append(step)
+        if monitor.is_check_step(step):
+            monitor.run_check(step)
+    return normed, fired
+
+
+def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> None:
+    # steps of a fraction of a millisecond: the gradient norm and the detector's update alone are several percent
+    # of a step, so even checks 100x apart cannot keep 2%: the per-step channels are read every k-th step
+    fast = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128)
+    fast.attach(model := _mlp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        normed, fired = _train_fed_as_adapters(fast, model, 400)
+    k = fast.observe_every
+    assert 1 < k <= MAX_STRIDE
+    assert fast.summary()["observe_every"] == k
+    assert fired == []
+    after = [s for s in normed if s > 10]  # the first check (step 10) chose k; checks read their own step too
+    assert all(s % k == 0 or fast.is_check_step(s) or s in [h["step"] for h in fast.history] for s in after)
+    assert len(after) < 400 / k + len(fast.history) + 1
+    assert len(fast.detector.states["loss"].reference) <= len(normed)
+    # an extreme loss still alarms, at the first step read after it, naming that step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, fired = _train_fed_as_adapters(fast, model, 3 * k, start=401, jump_at=401 + k // 2)
+    assert fired
+    assert 401 + k // 2 <= fired[0] < 401 + k // 2 + k
+    state = json.loads(json.dumps(fast.state_dict()))
+    fresh = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128)
+    fresh.load_state_dict(state)
+    assert fresh.observe_every == k
+
+    # a step of 20 ms and a budget of 10%: the per-step work fits (it takes a few tenths of a millisecond after a
+    # sleep: cold caches), every step is read
+    slow = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=128, max_overhead=0.1)
+    slow.attach(model := _mlp())
+    normed, _ = _train_fed_as_adapters(slow, model, 30, sleep_s=0.02)
+    assert slow.observe_every == 1
+    assert normed == list(range(1, 31))
 
 
 def test_overhead_is_logged_at_each_check() -> None:
@@ -195,7 +263,6 @@ DDP_SCRIPT = textwrap.dedent(
     import torch, torch.distributed as dist
     from torch import nn
     from topo_callbacks.core import CollapseMonitorCore
-    from topo_callbacks.core.detector import global_grad_norm
     from tests.procs import finish_distributed
 
     warnings.simplefilter("ignore")
@@ -216,10 +283,11 @@ DDP_SCRIPT = textwrap.dedent(
         opt.step()
         if rank == 1:
             time.sleep(0.002)  # rank 1's steps are slower: its own timings differ from rank 0's
-        monitor.observe_step(step, loss=loss.detach(), grad_norm=global_grad_norm(model.parameters(), as_tensor=True))
+        monitor.observe_step(step, loss=loss.detach(), grad_norm=monitor.step_grad_norm(model.parameters(), step))
         if monitor.is_check_step(step):
             monitor.run_check(step)
     out = {"steps": [h["step"] for h in monitor.history], "check_every": monitor.check_every,
+           "observe_every": monitor.observe_every,
            "max_samples": monitor.max_samples, "reads": monitor._step_reads.reads,
            "detector": monitor.detector.state_dict()}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
@@ -236,5 +304,6 @@ def test_every_rank_takes_the_same_schedule_and_reads(tmp_path: Path) -> None:
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["steps"] == r1["steps"]
     assert len(r0["steps"]) >= 1
-    assert (r0["check_every"], r0["max_samples"], r0["reads"]) == (r1["check_every"], r1["max_samples"], r1["reads"])
+    schedule = ("check_every", "observe_every", "max_samples", "reads")
+    assert [r0[k] for k in schedule] == [r1[k] for k in schedule]
     assert r0["detector"] == r1["detector"]  # the per-step values were averaged over the ranks, batch by batch

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from topo_callbacks.core.detector import global_grad_norm, loss_scale, scale_fell
+from topo_callbacks.core.detector import loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -73,7 +73,8 @@ def build_collapse_monitor(callback_base: type) -> type:
                 return
             # gradients are unscaled (AMP) and synced (DDP) here; the rate is the one this step uses
             # tensors, not read here: the monitor reads GPU values in batches (no host sync per step)
-            self._grad_norm: Any = global_grad_norm(pl_module.parameters(), as_tensor=True)
+            # (None at a step ``max_overhead`` leaves unread: `observes`)
+            self._grad_norm: Any = self.step_grad_norm(pl_module.parameters(), trainer.global_step + 1)
             self._lr: float | None = self.schedule_lr(optimizer)  # without a rollback's factor
             # an fp16 loss scaler (`MixedPrecision` plugin) skips the update whose gradients overflowed and then
             # lowers its scale: the scale before the step tells, after it, whether this one was skipped

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from topo_callbacks.core.capture import LayerSpec
-from topo_callbacks.core.detector import global_grad_norm, loss_scale, scale_fell
+from topo_callbacks.core.detector import loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
@@ -134,7 +134,7 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
             self._track_objects()  # the optimizer was prepared after the monitor was built
         if self.step_channels:
             if grad_norm is None and "grad_norm" in self.step_channels and self.model is not None:
-                grad_norm = global_grad_norm(self.model.parameters(), as_tensor=True)
+                grad_norm = self.step_grad_norm(self.model.parameters(), current)
             fired = self.observe_step(
                 current,
                 grad_norm=grad_norm,  # a tensor is read with a batch of steps: no host sync per step on a GPU

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from topo_callbacks.core.capture import resolve_layer
-from topo_callbacks.core.detector import global_grad_norm, loss_scale
+from topo_callbacks.core.detector import loss_scale
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
@@ -422,7 +422,7 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             self._grad_norm: Any = self._pre_clip
             self._pre_clip = None
         elif model is not None:  # gradients unscaled and all-reduced here
-            self._grad_norm = global_grad_norm(model.parameters(), as_tensor=True)
+            self._grad_norm = self.step_grad_norm(model.parameters(), state.global_step + 1)
 
     @_forwarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -110,11 +110,14 @@ def replay_channels(rec: RunRecord, channels: Sequence[str] | None = None) -> di
     return grids
 
 
-def replay_episodes(rec: RunRecord, cal: DetectorCalibration, check_stride: int = 1) -> list[dict[str, Any]]:
+def replay_episodes(
+    rec: RunRecord, cal: DetectorCalibration, check_stride: int = 1, step_stride: int = 1
+) -> list[dict[str, Any]]:
     """The alarm episodes the live detector with calibration ``cal`` has on ``rec`` (re-armed after each): what a
     user of the monitor would be warned about, for false alarms per healthy step. ``check_stride``: keep every
     ``check_stride``-th check only (the first, then every k-th), as a monitor whose overhead budget spaced its checks
-    ``check_stride`` times further apart would have seen the run."""
+    ``check_stride`` times further apart would have seen the run. ``step_stride``: read the per-step channels at
+    every ``step_stride``-th step (and at the checks kept) only, as the budget does on steps of a millisecond."""
     finished: list[dict[str, Any]] = []
     current: list[CusumDetector] = []
 
@@ -124,7 +127,7 @@ def replay_episodes(rec: RunRecord, cal: DetectorCalibration, check_stride: int 
         current.append(CusumDetector(cal))
         return current[-1]
 
-    for _ in _replay(rec, cal.channels, make, check_stride):
+    for _ in _replay(rec, cal.channels, make, check_stride, step_stride):
         pass
     return finished + (current[-1].episodes if current else [])
 
@@ -134,7 +137,11 @@ def _uncapped(names: Sequence[str]) -> CusumDetector:
 
 
 def _replay(
-    rec: RunRecord, channels: Sequence[str], make: Callable[[], CusumDetector], check_stride: int = 1
+    rec: RunRecord,
+    channels: Sequence[str],
+    make: Callable[[], CusumDetector],
+    check_stride: int = 1,
+    step_stride: int = 1,
 ) -> Iterator[tuple[int, CusumDetector]]:
     """Feed ``rec`` to a detector from ``make`` as the monitor does, yielding it after each step (a fresh one after
     the record's ``monitor_restart``, as a fine-tuning run's new monitor)."""
@@ -158,7 +165,8 @@ def _replay(
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used
         scale = float(scales[step]) if step < len(scales) else None
-        detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale)
+        if step_stride == 1 or step % step_stride == 0 or step in checks:  # `CollapseMonitorCore.observes`
+            detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale)
         if step in checks:
             row = checks[step]
             check = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -565,20 +565,22 @@ def spaced_checks(
     records: Sequence[RunRecord],
     truth: Mapping[str, int | None],
     cal: DetectorCalibration,
-    strides: Sequence[int] = (1, 2, 4, 10),
+    strides: Sequence[int | tuple[int, int]] = (1, 2, 4, 10, (10, 2), (10, 4), (10, 8)),
 ) -> dict[str, Any]:
     """The live detector with calibration ``cal`` when an overhead budget spaces the checks ``k`` times further apart
-    (every k-th recorded check kept; the per-step channels unchanged), for each ``k`` in ``strides``: failure runs
+    (every k-th recorded check kept), for each ``k`` in ``strides``, and for each pair ``(k, s)`` the checks ``k``
+    times further apart and the per-step channels read at every ``s``-th step only (keyed ``"k/s"``): failure runs
     detected before their metric dropped (first episode at or after the fork and before the drop), clean runs with
     an alarm, alarms per 100,000 healthy steps. Pass the test seeds' records: ``cal`` is not refit per stride."""
     out: dict[str, Any] = {}
-    for k in strides:
+    for setting in strides:
+        k, s = setting if isinstance(setting, tuple) else (setting, 1)
         detected = failures = false_alarms = clean = alarms = steps = 0
         for rec in records:
             t_c = truth[rec.key]
             if not is_scored(rec, t_c):
                 continue
-            episodes = replay_episodes(rec, cal, check_stride=k)
+            episodes = replay_episodes(rec, cal, check_stride=k, step_stride=s)
             healthy = rec.t0 - 1 if is_failure(rec) else rec.steps
             alarms += sum(int(e["start"]) <= healthy for e in episodes)
             steps += healthy
@@ -589,7 +591,7 @@ def spaced_checks(
             else:
                 clean += 1
                 false_alarms += bool(episodes)
-        out[str(k)] = {
+        out[f"{k}/{s}" if isinstance(setting, tuple) else str(k)] = {
             "detected": detected,
             "failures": failures,
             "false_alarms": false_alarms,

@@ -194,19 +194,22 @@ def write_markdown(results: Mapping[str, Any]) -> str:
             "",
             "## Checks spaced out by the overhead budget (default detector, test seeds)",
             "",
-            "`max_overhead` spaces the checks further apart on models whose steps are cheap next to a check. The"
-            " shipped calibration (fit on every family's calibration seeds: not held out, so 1x can read higher than"
-            " the leave-one-family-out score above) replayed with every k-th recorded check only (the per-step"
-            " channels unchanged): failure runs detected before their metric dropped, clean runs with an alarm, alarm"
+            "`max_overhead` spaces the checks further apart on models whose steps are cheap next to a check, and on"
+            " steps of a millisecond or less it reads the per-step channels at every s-th step only. The shipped"
+            " calibration (fit on every family's calibration seeds: not held out, so 1x can read higher than the"
+            " leave-one-family-out score above) replayed with every k-th recorded check only, and every s-th step's"
+            " per-step channels: failure runs detected before their metric dropped, clean runs with an alarm, alarm"
             " episodes per 100,000 healthy steps.",
             "",
-            "| checks spaced | detected | clean runs alarmed | per 100k healthy steps |",
-            "|---|---|---|---|",
+            "| checks spaced | per-step channels read | detected | clean runs alarmed | per 100k healthy steps |",
+            "|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {k}x | {v['detected']}/{v['failures']} | {v['false_alarms']}/{v['clean']} | {v['per_100k']:.2f} |"
-            for k, v in spacing.items()
-        ]
+        for key, v in spacing.items():
+            k, _, s = key.partition("/")
+            lines.append(
+                f"| {k}x | every {'step' if s in ('', '1') else f'{s}th step'} | {v['detected']}/{v['failures']}"
+                f" | {v['false_alarms']}/{v['clean']} | {v['per_100k']:.2f} |"
+            )
     lines += ["", "## Per failure family (held out)", ""]
     labels = list(results["detectors"])
     lines += ["| detector | " + " | ".join(failures) + " |", "|---|" + "---|" * len(failures)]

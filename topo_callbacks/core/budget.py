@@ -6,13 +6,17 @@ the gradient norm, the detector's update). Over ``I`` steps of training time ``t
     (check + I x per_step) / (I x (t + per_step) + check)
 
 and it stays at most ``budget`` when ``I >= check x (1 - budget) / (budget x t - (1 - budget) x per_step)``.
+
+When even the widest spacing cannot keep the share under the budget (steps of a fraction of a millisecond, where
+reading the gradient norm and updating the detector take a tenth of the step), the per-step work is done on every
+``s``-th step only (`step_stride`): the per-step cost becomes ``per_step / s``.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["LONGEST_SPACING", "MAX_SPACING", "MIN_SAMPLES", "check_spacing"]
+__all__ = ["LONGEST_SPACING", "MAX_SPACING", "MAX_STRIDE", "MIN_SAMPLES", "check_spacing", "step_stride"]
 
 #: While the scale is being calibrated, a check that would have to be spaced more than this many times
 #: ``every_n_train_steps`` apart to keep within the budget makes the sample smaller instead (once the scale is held
@@ -22,6 +26,8 @@ MAX_SPACING = 10
 LONGEST_SPACING = 100
 #: The smallest sample the budget lowers ``max_samples`` to.
 MIN_SAMPLES = 128
+#: The most optimizer steps apart the per-step channels are read (`step_stride`).
+MAX_STRIDE = 100
 
 
 def check_spacing(check_s: float, per_step_s: float, step_s: float, budget: float) -> float:
@@ -37,3 +43,21 @@ def check_spacing(check_s: float, per_step_s: float, step_s: float, budget: floa
     """
     room = budget * step_s - (1.0 - budget) * per_step_s
     return math.inf if room <= 0 else check_s * (1.0 - budget) / room
+
+
+def step_stride(check_s: float, per_step_s: float, step_s: float, budget: float, longest: float) -> int:
+    """The fewest optimizer steps between two reads of the per-step channels (1: every step) that keep the monitor
+    within ``budget`` with its checks at most ``longest`` steps apart, given the cost ``per_step_s`` of one read and
+    update (seconds) and the other arguments as `check_spacing`; at most `MAX_STRIDE`. The checks are spaced out
+    first: the per-step channels carry the detector on the benchmark, the checks spaced 10x apart lost nothing there.
+
+    Example:
+        >>> step_stride(check_s=0.01, per_step_s=50e-6, step_s=0.01, budget=0.02, longest=5000)  # 0.5%: every step
+        1
+        >>> step_stride(check_s=0.01, per_step_s=50e-6, step_s=0.0005, budget=0.02, longest=5000)  # 10%: every 7th
+        7
+    """
+    allowed = (budget * step_s - check_s * (1.0 - budget) / longest) / (1.0 - budget)
+    if allowed <= 0:
+        return MAX_STRIDE
+    return int(min(max(math.ceil(per_step_s / allowed), 1), MAX_STRIDE))

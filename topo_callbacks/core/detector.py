@@ -773,9 +773,15 @@ def global_grad_norm(parameters: Any, *, as_tensor: bool = False) -> Any:
     """
     import torch
 
-    grads = [p.grad.detach() for p in parameters if getattr(p, "grad", None) is not None]
+    grads = [p.grad for p in parameters if getattr(p, "grad", None) is not None]
     if not grads:
         return None
+    if all(g.device.type == "cpu" for g in grads):
+        # the CPU: the per-tensor norms are read as numbers and summed here (no detach, stack or second norm: on a
+        # small model those tensor ops cost more than the arithmetic, and there is no device to keep waiting for)
+        total = math.sqrt(sum(float(n) ** 2 for n in torch._foreach_norm(grads)))
+        return torch.tensor(total, dtype=torch.float32) if as_tensor else total
+    grads = [g.detach() for g in grads]
     if len(grads) == 1:
         norm = torch.linalg.vector_norm(grads[0], dtype=torch.float32)
     else:

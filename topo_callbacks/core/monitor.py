@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
-from topo_callbacks.core.budget import LONGEST_SPACING, MAX_SPACING, MIN_SAMPLES, check_spacing
+from topo_callbacks.core.budget import LONGEST_SPACING, MAX_SPACING, MIN_SAMPLES, check_spacing, step_stride
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
 from topo_callbacks.core.detector import (
     _ALWAYS,
@@ -30,6 +30,7 @@ from topo_callbacks.core.detector import (
     CusumDetector,
     DetectorFiring,
     default_calibration,
+    global_grad_norm,
     gradient_curvature,
     learning_rate,
 )
@@ -165,10 +166,13 @@ class CollapseMonitorCore:
             (the first ``calibration_checks`` checks) a check too expensive for `MAX_SPACING` times the spacing lowers
             ``max_samples`` instead (down to `MIN_SAMPLES`; ``source="stream"``), once the scale is held the sample
             stays. Timings are averaged over ranks, so every rank checks at the same steps. The realised share is logged
-            (``collapse/overhead``) and in `summary`. The per-step work (reading the loss and gradient norm, the
-            detector's update) cannot be spaced: it is made cheap instead. The detector's calibration is per optimizer
-            step for the per-step channels and per check for the check channels: spacing the checks out makes the check
-            channels' false alarms rarer per step and their alarms later, not more frequent.
+            (``collapse/overhead``) and in `summary`. The per-step work (the gradient norm, reading the loss, the
+            detector's update: tens of microseconds on a CPU) is done at every step unless even the widest spacing of
+            the checks cannot keep the share (steps of a millisecond or less): then the per-step channels are read at
+            every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a per-step alarm comes up to that
+            many steps later. The detector's calibration is per read for the per-step channels and per check for the
+            check channels: reading or checking less often makes false alarms rarer per step and alarms later, not
+            false alarms more frequent.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
             batches of this many steps, one non-blocking copy per batch (and, under DDP, one all-reduce per batch): no
             host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (8) on a GPU, every step on the
@@ -199,8 +203,8 @@ class CollapseMonitorCore:
         ...     _ = model(torch.randn(32, 8))
         ...     if monitor.is_check_step(step):
         ...         result = monitor.run_check(step)
-        >>> [h["step"] for h in monitor.history], monitor.check_every > 30  # the first check decides nothing
-        ([5, 10], True)
+        >>> [h["step"] for h in monitor.history], monitor.check_every > 30  # spaced from the first check on
+        ([5], True)
         >>> monitor.detach()
     """
 
@@ -376,6 +380,12 @@ class CollapseMonitorCore:
         #: optimizer steps between checks: ``every_n_train_steps`` times the spacing ``max_overhead`` needs
         self.check_every = self.every_n_train_steps
         self._next_check = self.every_n_train_steps
+        #: the per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)
+        self.observe_every = 1
+        #: ``max_overhead``: the first check of a run takes this many rows to learn what a check costs here, before
+        #: the sample is chosen (on a model with millisecond steps a first check of ``max_samples`` rows alone could
+        #: take a few percent of a short run)
+        self._trial_samples: int | None = None
         self._wall_start: float | None = None
         self._budget_mark: tuple[float, float, int] | None = None
         self._step_channels: tuple[str, ...] | None = None
@@ -396,7 +406,10 @@ class CollapseMonitorCore:
         self.model = model
         param = next(model.parameters(), None)
         self._device = param.device if param is not None else torch.device("cpu")
-        self.capture.max_samples = math.ceil(self.max_samples / world_size())
+        fresh = self.last_checked_step < 0 and not self.history and self.fixed_eps is None
+        if self.max_overhead is not None and self.source == "stream" and fresh and self.max_samples > MIN_SAMPLES:
+            self._trial_samples = MIN_SAMPLES
+        self.capture.max_samples = math.ceil(self._sample_size / world_size())
         self.capture.attach(self.module)
         return self.module
 
@@ -424,7 +437,7 @@ class CollapseMonitorCore:
     def prepare_step(self, next_step: int) -> None:
         """Arm the hook when optimizer step number ``next_step`` falls in the capture window before a check."""
         if self._wall_start is None:
-            self._wall_start = time.perf_counter()
+            self._start_clock(next_step - 1)
         until_check = self.next_check_step(next_step) - next_step
         armed = self.source == "stream" and next_step > 0 and until_check < self._capture_steps
         if armed and not (self.capture.armed and self._last_prepared == next_step):
@@ -492,7 +505,9 @@ class CollapseMonitorCore:
             return None
         self.last_observed_step = step
         if self._wall_start is None:
-            self._wall_start = time.perf_counter()
+            self._start_clock(step - 1)
+        if self.observe_every > 1 and step % self.observe_every and not self.is_check_step(step):
+            return None  # ``max_overhead`` reads every `observe_every`-th step only: nothing to read or feed here
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
         row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale]
@@ -504,10 +519,47 @@ class CollapseMonitorCore:
             # a check step reads the device anyway: the detector then sees every step up to the check
             fired = self._feed_steps(reads.ready(self._device, force=self.is_check_step(step)))
         self._tell_detector_news(step)
-        self.time_spent_s += time.perf_counter() - start
+        now = time.perf_counter()
+        self.time_spent_s += now - start
+        if self._fed_steps == 1 and self._budget_mark is not None and self._budget_mark[2] < step:
+            # the budget measures from after the first step read: it paid one-time costs (lazy initialisation)
+            self._budget_mark = (now, self.time_spent_s, step)
         if self._new_alarm is not None:
             fired = self._act_on_alarm(step, fired)
         return fired
+
+    @property
+    def _sample_size(self) -> int:
+        """The rows the next check takes (over all ranks): ``max_samples``, or fewer for a first, trial check."""
+        return self._trial_samples if self._trial_samples is not None else self.max_samples
+
+    def _start_clock(self, step: int) -> None:
+        """The first step of this process: the budget measures the steps and the monitor's work from here."""
+        self._wall_start = time.perf_counter()
+        self._budget_mark = (self._wall_start, self.time_spent_s, step)
+
+    def observes(self, step: int) -> bool:
+        """Whether optimizer step ``step``'s per-step channels are read (every `observe_every`-th step, and every
+        check step): an adapter computes the gradient norm only then."""
+        return self.observe_every == 1 or step % self.observe_every == 0 or self.is_check_step(step)
+
+    def step_grad_norm(self, parameters: Any, step: int) -> Tensor | float | None:
+        """`global_grad_norm` of ``parameters`` (a tensor on an accelerator, not read) for optimizer step ``step``
+        when the detector reads that step (`observes`), else None; timed as the monitor's own work.
+
+        Example:
+            >>> import torch
+            >>> p = torch.nn.Parameter(torch.zeros(2))
+            >>> p.grad = torch.tensor([3.0, 4.0])
+            >>> CollapseMonitorCore("0").step_grad_norm([p], step=1)
+            5.0
+        """
+        if "grad_norm" not in self.step_channels or not self.observes(step):
+            return None
+        start = time.perf_counter()
+        norm = global_grad_norm(parameters, as_tensor=self._device.type != "cpu")  # a CPU number costs no wait
+        self.time_spent_s += time.perf_counter() - start
+        return norm
 
     def _reads(self) -> StepReads:
         if self._step_reads is None:
@@ -564,7 +616,11 @@ class CollapseMonitorCore:
         tensor until then, so a GPU loss costs one copy to the host per optimizer step."""
         if loss is None or "loss" not in self.step_channels:
             return
-        value = loss.detach().float().mean() if isinstance(loss, Tensor) else float(loss)
+        if isinstance(loss, Tensor):  # on the CPU reading a number costs less than the tensor ops that average it
+            on_host = loss.device.type == "cpu" and loss.numel() == 1
+            value: Tensor | float = loss.item() if on_host else loss.detach().float().mean()
+        else:
+            value = float(loss)
         self._loss_sum = self._loss_sum + value
         self._loss_count += 1
 
@@ -616,15 +672,27 @@ class CollapseMonitorCore:
         if self.max_overhead is None:
             self._next_check = step + self.every_n_train_steps
             return
-        if mark is None:  # the first check of this process pays one-time costs (lazy imports, allocations): not a
-            self._next_check = step + self.check_every  # measure of the next ones
+        if mark is None:  # loaded from a state without a step seen yet: measure from here
+            self._next_check = step + self.check_every
             return
+        # the first check of a process pays one-time costs too (lazy imports, allocations): it overestimates, and a
+        # check that would need a smaller sample is better lowered before the scale is calibrated on it
         wall, spent, steps = now - mark[0], self.time_spent_s - mark[1], step - mark[2]
         own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1)]
         world = world_size()
         check_s, per_step, train_step = (v / world for v in sum_floats_across_ranks(own, self._device))
-        need = check_spacing(check_s, per_step, train_step, self.max_overhead)
         every = self.every_n_train_steps
+        trial, self._trial_samples = self._trial_samples, None
+        if trial is not None:  # a trial check: predict a check of max_samples rows (its cost grows ~ n^1.5 here)
+            check_s *= (self.max_samples / trial) ** 1.5
+            self.eps, self.eps_candidates = self.fixed_eps, []  # calibrated on checks of the chosen size only
+            self.capture.max_samples = math.ceil(self.max_samples / world)
+        # per read of the per-step channels (the steps between were not read), then read as often as the budget
+        # allows with the checks at their widest spacing
+        per_read = per_step * self.observe_every
+        self.observe_every = step_stride(check_s, per_read, train_step, self.max_overhead, LONGEST_SPACING * every)
+        per_step = per_read / self.observe_every
+        need = check_spacing(check_s, per_step, train_step, self.max_overhead)
         if (
             need > MAX_SPACING * every
             and self.eps is None  # still calibrating: nothing learned yet depends on the sample size
@@ -670,7 +738,7 @@ class CollapseMonitorCore:
         if self.source == "probe":
             x = local if local is not None else torch.zeros(0, 0, device=self._device)
         else:
-            x = gather_samples(local, self.max_samples, self._device, dst=0 if on_rank0 else None)
+            x = gather_samples(local, self._sample_size, self._device, dst=0 if on_rank0 else None)
         if degenerate and self.strict:  # after the gather: every rank raises at the same point
             detail = " ".join(selection) or "(reported on another rank)"
             raise ValueError(f"{self.monitor}: the watched tensor looks wrong (strict=True). {detail}")
@@ -891,6 +959,7 @@ class CollapseMonitorCore:
             "skipped_steps": self.skipped_steps,
             "overhead": self.overhead,
             "check_every": self.check_every,
+            "observe_every": self.observe_every,
             "max_samples": self.max_samples,
             # every alarm episode of the detector: start, end (None while open), channel, kind, peak level, message
             "episodes": [] if self.detector is None else [dict(e) for e in self.detector.episodes],
@@ -1189,6 +1258,7 @@ class CollapseMonitorCore:
             "told": sorted(self._told),
             "episodes_ended_told": self._episodes_ended_told,
             "check_every": self.check_every,
+            "observe_every": self.observe_every,
             "next_check": self._next_check,
             "max_samples": self.max_samples,
             # on_alarm="rollback": the record and the learning-rate factor (plain data; the snapshots are a cache)
@@ -1225,6 +1295,7 @@ class CollapseMonitorCore:
         self._told = set(state.get("told", []))
         self._episodes_ended_told = int(state.get("episodes_ended_told", 0))
         self.check_every = int(state.get("check_every", self.every_n_train_steps))
+        self.observe_every = int(state.get("observe_every", 1))
         self._next_check = int(state.get("next_check", self.last_checked_step + self.check_every))
         if self.source == "stream" and same_world:  # a sample ``max_overhead`` lowered while calibrating stays so
             self.max_samples = min(int(state.get("max_samples", self.max_samples)), self.max_samples)
