@@ -96,12 +96,24 @@ def test_bench_writes_its_outputs_and_the_summary_schema(bench):
         assert key in default
     assert set(default["per_family"]) == set(SUBSET)
     assert "QUICK setting" in (out / "results.md").read_text()
+    # the rollback arm: every failure arm of the test seed trained live (cached beside the runs, not among them)
+    recovery = summary["recovery"]
+    assert set(recovery["per_family"]) == set(SUBSET)
+    assert recovery["policy"] == {**recovery["policy"], "max_rollbacks": 3, "lr_factor": 0.5}
+    assert recovery["inconsistent"] == []
+    assert set(recovery["targets"]) >= {"optimizer_rescued_of_detected", "configuration_stopped_with_diagnosis"}
+    cached = sorted(p.name for p in (out / "recovery").glob("*.json"))
+    assert {"classifier_lr__failure__1__quick.json", "dead_units__failure__1__quick.json"} <= set(cached)
+    assert not [name for name in cached if "__0__" in name]  # test seeds only
+    assert "## Recovery" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow
 def test_cached_runs_are_reused(bench):
     out, results, _ = bench
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "recovery").glob("*.json")}
     assert main(["bench", "--quick", "--seeds", "2", "--out", str(out), "--families", *SUBSET]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "recovery").glob("*.json")} == written  # none retrained
     again = json.loads((out / "results.json").read_text())
     assert again["wall_s"] < 60  # nothing retrained (the analysis and plots remain)
     first = results["detectors"][json.loads((out / "summary.json").read_text())["default"]]["alarms"]
@@ -120,6 +132,9 @@ def test_leave_one_family_out_never_fits_on_the_held_out_family(bench):
             assert part["detectors"][label]["thresholds"][fam] == d["thresholds"][fam], (label, fam)
         assert part["learned_weights"][fam] == full["learned_weights"][fam]
         assert part["detector_calibrations"][fam] == full["detector_calibrations"][fam]
+    # a control's held-out fit (the rollback arm's live detector on its runs) never sees its calibration seeds either
+    rest = [r for r in records if not (r.family == "batch_size" and r.seed == 0)]
+    assert analyse(rest, [0])["detector_calibrations"]["batch_size"] == full["detector_calibrations"]["batch_size"]
 
 
 @pytest.mark.slow
@@ -270,6 +285,61 @@ def test_finetune_continues_with_a_new_optimizer_and_a_fresh_monitor():
     assert switched.lr[20:] == pytest.approx([1e-4] * 40)  # the new Adam's rate
     assert [c["step"] for c in switched.checks] == [c["step"] for c in healthy.checks]
     assert switched.checks[:2] == healthy.checks[:2]
+
+
+def test_the_rollback_arm_equals_its_plain_arm_until_the_alarm_then_goes_back_before_the_switch():
+    """The rollback arm (`bench.recovery`): a tiny loss-jump run (SGD learning rate x1000 from step 20) trained with
+    ``on_alarm="rollback"`` is its plain failure arm, step for step, until the first alarm, which comes where the
+    replayed detector says; the rollback restores a state from before the jump, the steps it discards are counted, and
+    the run ends or stops with a reason. Its healthy twin never alarms and is its plain arm again, bit for bit."""
+    from topo_callbacks.bench.cusum import replay_episodes
+    from topo_callbacks.bench.recovery import plan_recovery, score_recovery, train_rollback_arm
+    from topo_callbacks.core import RollbackPolicy
+    from topo_callbacks.core.detector import default_calibration
+
+    torch.set_num_threads(1)
+    fam, cal = _tiny("loss_jump"), default_calibration(0.05)
+    policy = RollbackPolicy(snapshot_every=5, keep=3)  # a 60-step run: snapshots every 5 steps, so some predate t0
+    healthy, failure = train_arms(fam, seed=0, quick=True)
+    run = train_rollback_arm(fam, 0, True, "failure", cal, policy)
+    alarm = run.first_alarm
+    assert alarm is not None
+    assert alarm > fam.quick_t0
+    assert alarm == min(int(e["start"]) for e in replay_episodes(failure, cal)) == failure.monitor_alarm_step
+    assert run.record.loss[:alarm] == failure.loss[:alarm]
+    first = run.rollbacks[0]
+    assert first["step"] == alarm
+    assert first["restored_step"] <= fam.quick_t0  # the weights before the first step at x1000
+    assert first["restored_step"] < first["onset"] - 1
+    assert run.record.loss[alarm] != failure.loss[alarm]  # the step after the rollback trains the restored state
+    assert run.steps_lost == sum(e["step"] - e["restored_step"] for e in run.rollbacks) > 0
+    assert run.seconds_lost > 0
+    if run.stopped_step is None:
+        assert len(run.record.loss) == 60
+    else:  # the policy gave up: the run stops there, its last evaluation is the model it stopped with
+        assert run.stop_reason in ("max_rollbacks", "no_snapshot")
+        assert len(run.record.loss) == run.stopped_step == run.record.evals[-1][0]
+        assert run.stop_message
+    twin = train_rollback_arm(fam, 0, True, "healthy", cal, policy)
+    assert twin.first_alarm is None
+    assert twin.rollbacks == []
+    assert twin.snapshots_taken > 1
+    assert twin.record.loss == healthy.loss
+    assert twin.record.evals == healthy.evals
+    # scored against the plain arms: consistent, and the outcome follows from what the run did
+    plan = plan_recovery([healthy, failure], {"loss_jump": cal.as_dict()}, [0])
+    assert [(p["run"], p["live"], p["predicted_alarm"]) for p in plan] == [
+        ("loss_jump/healthy/0", False, None), ("loss_jump/failure/0", True, alarm)]  # fmt: skip
+    run.predicted_alarm, run.identical_steps = alarm, alarm
+    section = score_recovery([healthy, failure], [run], plan, mode="alarmed")
+    assert section["inconsistent"] == []
+    (row,) = [r for r in section["runs"] if r["failure"]]
+    assert row["rollbacks"] == [[e["step"], e["restored_step"]] for e in run.rollbacks]
+    assert row["reference"] == healthy.evals[-1][1]
+    expected = "rescued" if row["within"] else "not rescued"
+    if run.stopped_step is not None:
+        expected = "stopped: configuration diagnosis" if run.stop_reason == "max_rollbacks" else "stopped: no_snapshot"
+    assert row["outcome"] == expected
 
 
 def test_old_records_without_the_new_fields_still_load():

@@ -192,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="bench_out", help="output folder (runs are cached in OUT/runs)")
     bench.add_argument("--quick", action="store_true", help="short runs: a smoke test of the pipeline, not results")
     bench.add_argument("--jobs", type=int, default=1, help="independent runs trained in parallel processes")
+    bench.add_argument(
+        "--recovery",
+        choices=("alarmed", "all", "off"),
+        default="alarmed",
+        help="the rollback arm (on_alarm='rollback', test seeds, cached in OUT/recovery): every failure arm and the"
+        " clean runs the detector alarms on (alarmed, the default), every test run (all), or none (off)",
+    )
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return int(args.func(args))
@@ -206,7 +213,14 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"topo-callbacks bench: unknown family; accepted: {' '.join(FAMILIES)}", file=sys.stderr)
         return 2
     try:
-        results = run_benchmark(args.out, families=args.families, seeds=args.seeds, quick=args.quick, jobs=args.jobs)
+        results = run_benchmark(
+            args.out,
+            families=args.families,
+            seeds=args.seeds,
+            quick=args.quick,
+            jobs=args.jobs,
+            recovery=args.recovery,
+        )
     except ValueError as err:
         print(f"topo-callbacks bench: {err}", file=sys.stderr)
         return 2
@@ -216,6 +230,16 @@ def _bench(args: argparse.Namespace) -> int:
         lead = "-" if p["median_lead"] is None else f"{p['median_lead']:+.0f}"
         det, fa = f"{p['detected']}/{p['failure_runs']}", f"{p['false_alarms']}/{p['clean_runs']}"
         print(f"{label:<64} {det:>9} {lead:>6} {fa:>7}{'  <- default' if label == DEFAULT else ''}")
+    recovery = results.get("recovery")
+    if recovery:
+        t = recovery["targets"]
+        opt, conf, clean = (t["optimizer_rescued_of_detected"], t["configuration_stopped_with_diagnosis"],
+                            t["clean_alarmed"])  # fmt: skip
+        print(
+            f"on_alarm='rollback' ({recovery['live_runs']} runs trained): rescued {opt['k']}/{opt['n']} detected"
+            f" optimizer-instability failures, stopped with the diagnosis {conf['k']}/{conf['n']} alarmed"
+            f" configuration failures, {clean['n']} clean runs alarmed (worst loss {clean['worst_points']} points)"
+        )
     print(f"-> {args.out}/results.md, results.json, summary.json, curves.png, timeline_*.png")
     return 0
 

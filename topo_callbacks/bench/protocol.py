@@ -63,7 +63,7 @@ from topo_callbacks.bench.record import RunRecord
 from topo_callbacks.core.detector import CHANNELS, DetectorCalibration
 from topo_callbacks.functional.collapse import TERMS, resolve_weights
 
-__all__ = ["ALPHA", "DETECTORS", "Detector", "analyse", "clopper_pearson", "ground_truth"]
+__all__ = ["ALPHA", "DETECTORS", "Detector", "analyse", "clopper_pearson", "ground_truth", "holdout_calibration"]
 
 Series = tuple[np.ndarray, np.ndarray]
 
@@ -387,6 +387,35 @@ def fit_detector(
     )
 
 
+def holdout_calibration(
+    calibration_runs: Sequence[RunRecord],
+    grids: Mapping[str, Mapping[str, np.ndarray]],
+    truth: Mapping[str, int | None],
+    family: str,
+    alpha: float = ALPHA,
+    candidates: Sequence[str] | None = None,
+) -> DetectorCalibration:
+    """The detector's calibration with ``family`` held out: `fit_detector` on the calibration-seed runs of every other
+    family and control (``family="all"``: on every family's, the fit the monitor ships). Pass calibration seeds only;
+    ``grids`` holds `cusum_grids` of each run, ``truth`` its `ground_truth`.
+
+    Example:
+        >>> from topo_callbacks.bench.record import RunRecord
+        >>> def run(family, seed):
+        ...     return RunRecord(family, "healthy", seed, 300, 100, [1.0 + 0.01 * (s % 7) for s in range(300)],
+        ...                      [2.0] * 300, [0.1] * 300, [[0.0]] * 300, [[1.0]] * 300, [0.0] * 300, [0.0] * 300,
+        ...                      [0.0] * 300, [], [], None)
+        >>> runs = [run("batch_size", 0), run("classifier_lr_decay", 0)]
+        >>> grids = {r.key: cusum_grids(r) for r in runs}
+        >>> cal = holdout_calibration(runs, grids, dict.fromkeys(grids), "batch_size")
+        >>> cal.fit_on
+        'calibration seeds of the families other than batch_size'
+    """
+    where = "every family" if family == "all" else f"the families other than {family}"
+    train = [r for r in calibration_runs if r.family != family]
+    return fit_detector(train, grids, truth, alpha, fit_on=f"calibration seeds of {where}", candidates=candidates)
+
+
 def _fused(grids: Mapping[str, Mapping[str, np.ndarray]], cal: DetectorCalibration) -> Callable[[RunRecord], Series]:
     return lambda rec: fused_series(dict(grids[rec.key]), cal)
 
@@ -426,15 +455,10 @@ def analyse(
         # calibration seeds (and on every family's for the clean runs); its statistic is over the threshold, so the
         # fitted rule alarms at 1 in every fold
         grids = {r.key: cusum_grids(r) for r in records}
-        folds = {f: [r for r in cal if r.family != f] for f in failure_families}
-        folds["all"] = cal
         cusums = {}
         for variant, candidates in CUSUM_VARIANTS.items():
-            for fold, train in folds.items():
-                where = "every family" if fold == "all" else f"the families other than {fold}"
-                fitted = fit_detector(
-                    train, grids, replay.truth, alpha, fit_on=f"calibration seeds of {where}", candidates=candidates
-                )
+            for fold in (*failure_families, "all"):
+                fitted = holdout_calibration(cal, grids, replay.truth, fold, alpha, candidates)
                 if variant == CUSUM:
                     calibrations[fold] = fitted.as_dict()
                 if fold == "all":
@@ -452,6 +476,10 @@ def analyse(
             fit_detector(cal, grids, replay.truth, rate, fit_on="calibration seeds of every family").as_dict()
             for rate in SHIPPED_RATES
         ]
+        # the rollback arm (`topo_callbacks.bench.recovery`) runs the default live on every family's test seeds, the
+        # controls' too: each with its own family held out, as the failure families are scored
+        for fold in sorted({r.family for r in records} - set(failure_families)):
+            calibrations[fold] = holdout_calibration(cal, grids, replay.truth, fold, alpha).as_dict()
         dets = {**cusums, **dets}
 
     def series_name(det: str, fold: str) -> str:

@@ -98,6 +98,8 @@ class _Recorder:
         self._attention = [m for m in task.model.modules() if isinstance(m, Attention)]
         self.probe = task.probe_inputs()
         self.previous_probe: tuple[Tensor, tuple[float, ...]] | None = None
+        #: the wall clock (``time.perf_counter``) at the end of each optimizer step: the time a rollback discarded
+        self.clock: dict[int, float] = {}
 
     def side_check(self, step: int) -> None:
         """Beside the monitor's check: the curvature of the objective along its gradient on a fixed batch (over the
@@ -163,15 +165,26 @@ class _Recorder:
             rec.attn_min_entropy.append(math.nan)
 
 
-def _monitor(task: Task, family: Family) -> Any:
+def _monitor(task: Task, family: Family, on_alarm: Any = "warn", calibration: Any = None) -> Any:
     from topo_callbacks.core import CollapseMonitorCore
 
     # the monitor's current defaults (the CUSUM detector at a 5% false-alarm rate): its live alarm is recorded;
     # every term and channel is recorded too, so any other rule, weighting or calibration is replayed exactly
     # every check recorded (no overhead budget): the replays space them out where a question needs it
-    return CollapseMonitorCore(
-        task.layer, every_n_train_steps=family.check_every, max_samples=512, pool=task.pool, max_overhead=None
+    monitor = CollapseMonitorCore(
+        task.layer,
+        every_n_train_steps=family.check_every,
+        max_samples=512,
+        pool=task.pool,
+        max_overhead=None,
+        on_alarm=on_alarm,
     )
+    if calibration is not None:
+        # the rollback arm acts on its alarms live, so its detector must be the held-out fit (the shipped one saw this
+        # family's calibration seeds); users pick a shipped rate, so the monitor has no argument for this
+        monitor._calibration = calibration
+        monitor._reset_state()
+    return monitor
 
 
 def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first: int, last: int) -> None:
@@ -180,6 +193,9 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
 
     model, opt, rec, scaler = task.model, task.optimizer, recorder.rec, task.scaler
     base = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
+    # on_alarm="rollback" (the rollback arm): the monitor snapshots and restores these objects; a no-op otherwise
+    if monitor.rollback_controller is None:
+        monitor.track(models=model, optimizers=opt, scaler=scaler)
     handle = resolve_layer(model, task.layer).register_forward_hook(recorder.hook)
     try:
         model.train()
@@ -187,6 +203,9 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
             task.switched = recorder.rec.arm != "healthy" and step - 1 >= task.t0
             if task.switched and step - 1 == task.t0:
                 task.on_fork()
+                if task.optimizer is not opt or task.scaler is not scaler:
+                    # a new optimizer or loss scaler (a fine-tuning run, a new scaler): what a rollback restores now
+                    monitor.track(models=model, optimizers=task.optimizer, scaler=task.scaler)
                 opt, scaler = task.optimizer, task.scaler
                 base = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
             factor = task.lr_factor(step - 1)
@@ -232,7 +251,7 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
             rec.channels_s += time.perf_counter() - tick
             # the live detector reads the same per-step values the record holds (its replay is then exact)
             tick = time.perf_counter()
-            monitor.observe_step(
+            fired = monitor.observe_step(
                 step,
                 loss=rec.loss[-1],
                 grad_norm=grad_norm,
@@ -241,13 +260,24 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
                 loss_scale=None if scaler is None else float(scaler.get_scale()),  # after the update: the next step's
             )
             rec.monitor_s += time.perf_counter() - tick
+            checked = None
             if monitor.is_check_step(step):
                 tick = time.perf_counter()
-                monitor.run_check(step)
+                checked = monitor.run_check(step)
                 rec.monitor_s += time.perf_counter() - tick
                 recorder.side_check(step)
-            if step % family.eval_every == 0:
-                _evaluate(task, rec, step)
+            # on_alarm="rollback": a snapshot when one is due (after the check: its alarm blocks a snapshot); else a
+            # no-op. A rollback itself happened inside `observe_step` or `run_check`, at this step boundary
+            tick = time.perf_counter()
+            monitor.after_step(step)
+            rec.monitor_s += time.perf_counter() - tick
+            stop = next((r for r in (fired, checked) if r is not None and r.should_stop), None)
+            if step % family.eval_every == 0 or stop is not None:
+                _evaluate(task, rec, step)  # a stopped run keeps the model it stopped with: its final metric
+            recorder.clock[step] = time.perf_counter()
+            if stop is not None:  # only a rollback that gave up stops a benchmark run (the other arms only warn)
+                monitor.record_stop(step, stop)
+                break
     finally:
         handle.remove()
 

@@ -23,6 +23,8 @@ __all__ = [
     "plot_curves",
     "plot_timelines",
     "readme_tables",
+    "recovery_markdown",
+    "recovery_targets",
     "summary",
     "write_markdown",
 ]
@@ -84,6 +86,9 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
                 for f, s in d["per_family"].items()
             },
         }  # fmt: skip
+    # the rollback arm (on_alarm="rollback", test seeds): targets and per family; the per-run rows are in results.json
+    recovery = results.get("recovery")
+    extra = {"recovery": {k: v for k, v in recovery.items() if k != "runs"}} if recovery else {}
     return {
         "protocol": "leave-one-family-out",
         "alpha": results["alpha"],
@@ -103,6 +108,7 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
         # the same default with the checks spaced k times further apart (an overhead budget), k -> outcomes
         "check_spacing": results.get("check_spacing", {}),
         "detectors": dets,
+        **extra,
     }
 
 
@@ -226,11 +232,128 @@ def write_markdown(results: Mapping[str, Any]) -> str:
         lines += ["", "## CI weights learned per held-out family", ""]
         for fold, w in results["learned_weights"].items():
             lines.append(f"- held out `{fold}`: {' + '.join(w)}")
+    if results.get("recovery"):
+        lines += ["", *recovery_markdown(results["recovery"])]
     lines += [
         "",
         "Detection-versus-false-alarm curves: `curves.png`; one timeline per family: `timeline_<family>.png`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _rate(r: Mapping[str, Any]) -> str:
+    """``k/n [lo, hi]%`` of a rate entry of the recovery section (``-`` for no runs)."""
+    return "-" if not r["n"] else f"{r['k']}/{r['n']} {_ci(r['ci95'])}"
+
+
+def _met(flag: bool | None) -> str:
+    return "no runs" if flag is None else "met" if flag else "NOT met"
+
+
+def _gap(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return "diverged"
+    return f"{value:+.1f}%" if metric == "val_ppl" else f"{value:+.1f} pt"
+
+
+def recovery_targets(section: Mapping[str, Any]) -> list[str]:
+    """The recovery targets as a markdown table (``results.md`` and the README)."""
+    t = section["targets"]
+    clean = t["clean_alarmed"]
+    worst = ", ".join(
+        w for w in (
+            None if clean["worst_points"] is None else f"{clean['worst_points']:+.1f} points",
+            None if clean["worst_ppl_pct"] is None else f"{clean['worst_ppl_pct']:+.1f}% perplexity",
+        ) if w
+    ) or "-"  # fmt: skip
+    opt, conf = t["optimizer_rescued_of_detected"], t["configuration_stopped_with_diagnosis"]
+    return [
+        "| target | measured (95% CI) | |",
+        "|---|---|---|",
+        f"| optimizer-instability families: detected failure runs rescued >= {100 * opt['target']:.0f}% | "
+        f"{_rate(opt)} | {_met(opt['met'])} |",
+        f"| (the same families, every run that alarmed) | {_rate(t['optimizer_rescued_of_alarmed'])} | |",
+        f"| families a rollback cannot fix: alarmed runs stopped with the configuration diagnosis | {_rate(conf)} | "
+        f"{_met(conf['met'])} |",
+        f"| clean runs that alarmed: at most 1 point (2.5% perplexity) lost | {clean['n']} runs, worst {worst} | "
+        f"{_met(clean['met'])} |",
+    ]
+
+
+def recovery_markdown(section: Mapping[str, Any]) -> list[str]:
+    """The ``results.md`` section of the rollback arm (`topo_callbacks.bench.recovery`)."""
+    pol = section["policy"]
+    live = "every failure arm and the clean runs the detector alarms on" if section["mode"] == "alarmed" else (
+        "every test run")  # fmt: skip
+    lines = [
+        '## Recovery: `on_alarm="rollback"` (test seeds)',
+        "",
+        "Each test run trained again from step 1 with the monitor acting on its alarms: the default `RollbackPolicy`"
+        f" (lr_factor {pol['lr_factor']:g}, max_rollbacks {pol['max_rollbacks']}, snapshot_every"
+        f" {pol['snapshot_every']}, keep {pol['keep']}) and the detector fit with the run's own family held out, on"
+        " calibration seeds only (a control gets its own held-out fit too, which alarms on more clean runs than the"
+        " fit on every family the false-alarm figures above use). The switch at t0 stays flipped after a"
+        " rollback (the step counter and the data do not rewind). Trained live: "
+        f"{live} ({section['live_runs']} of {section['planned_runs']} runs); a clean run without an alarm is its"
+        " plain arm again, bit for bit, and is counted as such. *Rescued*: ran to the end within 2 points (5%"
+        " perplexity) of the healthy twin. *Stopped*: the policy gave up (`max_rollbacks`: the configuration"
+        " diagnosis; `no_snapshot`: nothing older than the onset was held). *Steps lost*: trained, then discarded by"
+        " a rollback. Failure arms whose metric did not drop after t0, and clean arms whose metric dropped anyway, are"
+        " listed and not counted.",
+        "",
+        *recovery_targets(section),
+        "",
+        "| family | class | failure runs | alarmed | detected | rescued (of detected) | rescued (of alarmed) |"
+        " stopped: diagnosis | stopped: no snapshot | not rescued | rollbacks | steps lost (median, total) |"
+        " wall lost | clean runs alarmed | clean: worst loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    metric = {r["family"]: r["metric"] for r in section["runs"]}
+    for fam, f in section["per_family"].items():
+        med = "-" if f["median_steps_lost"] is None else f"{f['median_steps_lost']:.0f}"
+        lines.append(
+            f"| {fam} | {f['class']} | {f['failure_runs']} | {f['alarmed']} | {f['detected']} | "
+            f"{f['rescued_of_detected']}/{f['detected']} | {f['rescued']}/{f['alarmed']} | {f['stopped_diagnosis']} | "
+            f"{f['stopped_other']} | {f['not_rescued']} | {f['rollbacks']} | {med}, {f['steps_lost']} | "
+            f"{f['seconds_lost']:.1f} s | {f['clean_alarmed']}/{f['clean_runs']} | "
+            f"{_gap(f['clean_worst_cost'], metric[fam])} |"
+        )
+    lines += [
+        "",
+        "Every run that alarmed, and every failure run (*gap*: final metric against the healthy twin for a failure"
+        " run, against the same run without a rollback for a clean one; positive is worse):",
+        "",
+        "| run | scored | t0 | drop | alarm | rollbacks (alarm -> restored) | stopped | final | reference | gap |"
+        " without rollback | outcome | steps lost | wall lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in section["runs"]:
+        if not r["failure"] and r["alarm"] is None:
+            continue
+        back = ", ".join(f"{a} -> {b}" for a, b in r["rollbacks"]) or "-"
+        stop = "-" if r["stopped_step"] is None else f"{r['stopped_step']} ({r['stop_reason']})"
+        lines.append(
+            f"| {r['run']} | {'yes' if r['scored'] else 'no'} | {r['t0']} | {r['t_c'] if r['t_c'] is not None else '-'}"
+            f" | {r['alarm'] if r['alarm'] is not None else '-'} | {back} | {stop} | {_num(r['final'])} | "
+            f"{_num(r['reference'])} | {_gap(r['gap'], r['metric'])} | {_num(r['plain_final'])} | {r['outcome']} | "
+            f"{r['steps_lost']} | {r['seconds_lost']:.1f} s |"
+        )
+    bad = section["inconsistent"]
+    lines += [
+        "",
+        "Consistency: every live run matched its plain arm step for step up to its first alarm, which came where the"
+        " replay of the plain arm predicted."
+        if not bad
+        else f"Consistency: NOT met for {', '.join(bad)} (the live run left its plain arm before its first alarm, or"
+        " the alarm came elsewhere than the replay predicted).",
+    ]
+    return lines
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def plot_curves(results: Mapping[str, Any], out: Path) -> Path:

@@ -83,10 +83,16 @@ def run_benchmark(
     seeds: int = 10,
     quick: bool = False,
     jobs: int = 1,
+    recovery: str = "alarmed",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run ``families`` (default: all) for seeds ``0..seeds-1``, analyse, and write ``results.json``, ``results.md``,
     ``summary.json`` and the plots into ``out``. Returns the results.
+
+    ``recovery``: the rollback arm (`topo_callbacks.bench.recovery`), trained on the test seeds after the analysis
+    (its live detector is the held-out fit, which needs every calibration run) and cached in ``out/recovery``:
+    ``"alarmed"`` trains every failure arm and the clean runs the detector alarms on (a clean run without an alarm
+    would be its plain arm again, bit for bit), ``"all"`` every test run, ``"off"`` none.
 
     Example:
         >>> import tempfile
@@ -103,6 +109,8 @@ def run_benchmark(
         raise ValueError(f"`seeds` must be an int >= 2 (calibration and test seeds are disjoint); got {seeds!r}.")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"`jobs` must be an int >= 1; got {jobs!r}.")
+    if recovery not in ("alarmed", "all", "off"):
+        raise ValueError(f"`recovery` must be 'alarmed', 'all' or 'off'; got {recovery!r}.")
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -128,11 +136,18 @@ def run_benchmark(
     from topo_callbacks.bench.protocol import analyse
 
     results = analyse(records, calibration)
+    test_seeds = [s for s in range(seeds) if s not in calibration]
+    if recovery != "off":
+        from topo_callbacks.bench.recovery import plan_recovery, run_recovery, score_recovery
+
+        plan = plan_recovery(records, results["detector_calibrations"], test_seeds, mode=recovery)
+        live = run_recovery(out, records, plan, quick=quick, jobs=jobs, log=log)
+        results["recovery"] = score_recovery(records, live, plan, mode=recovery)
     results.update(
         {
             "families": {n: _describe(FAMILIES[n], quick) for n in names},
             "calibration_seeds": calibration,
-            "test_seeds": [s for s in range(seeds) if s not in calibration],
+            "test_seeds": test_seeds,
             "quick": quick,
             "jobs": jobs,
             "wall_s": time.perf_counter() - start,
