@@ -95,7 +95,8 @@ def test_budget_lowers_the_sample_only_while_calibrating() -> None:
     monitor.attach(model := _mlp(width=256))
     _train(monitor, model, 40)
     assert len(monitor.history) == 1
-    assert monitor.check_every == 50  # MAX_SPACING x every_n_train_steps, with the smaller sample
+    # at least MAX_SPACING x every_n_train_steps, further when even the smaller sample's check needs it
+    assert monitor.check_every >= 50
     lowered = monitor.max_samples
     assert MIN_SAMPLES <= lowered < 1024
     assert monitor.capture.max_samples == lowered

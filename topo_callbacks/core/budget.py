@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["LONGEST_SPACING", "MAX_SPACING", "MAX_STRIDE", "MIN_SAMPLES", "check_spacing", "step_stride"]
+__all__ = [
+    "LONGEST_SPACING",
+    "MAX_SPACING",
+    "MAX_STRIDE",
+    "MIN_SAMPLES",
+    "PLANNED_SHARE",
+    "check_spacing",
+    "step_stride",
+]
 
 #: While the scale is being calibrated, a check that would have to be spaced more than this many times
 #: ``every_n_train_steps`` apart to keep within the budget makes the sample smaller instead (once the scale is held
@@ -28,6 +36,10 @@ LONGEST_SPACING = 100
 MIN_SAMPLES = 128
 #: The most optimizer steps apart the per-step channels are read (`step_stride`).
 MAX_STRIDE = 100
+#: The share of ``max_overhead`` the schedule is planned for: the rest pays a run's start (the trial check, the steps
+#: read before the first decision) and what the monitor does not time (the hook's copies, the adapters' calls), so
+#: that a short run stays under the budget too.
+PLANNED_SHARE = 0.8
 
 
 def check_spacing(check_s: float, per_step_s: float, step_s: float, budget: float) -> float:

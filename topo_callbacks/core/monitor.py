@@ -20,7 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
-from topo_callbacks.core.budget import LONGEST_SPACING, MAX_SPACING, MIN_SAMPLES, check_spacing, step_stride
+from topo_callbacks.core.budget import (
+    LONGEST_SPACING,
+    MAX_SPACING,
+    MIN_SAMPLES,
+    PLANNED_SHARE,
+    check_spacing,
+    step_stride,
+)
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
 from topo_callbacks.core.detector import (
     _ALWAYS,
@@ -683,16 +690,18 @@ class CollapseMonitorCore:
         check_s, per_step, train_step = (v / world for v in sum_floats_across_ranks(own, self._device))
         every = self.every_n_train_steps
         trial, self._trial_samples = self._trial_samples, None
-        if trial is not None:  # a trial check: predict a check of max_samples rows (its cost grows ~ n^1.5 here)
-            check_s *= (self.max_samples / trial) ** 1.5
+        if trial is not None:  # a trial check: predict a check of max_samples rows (measured: ~ linear from 128 rows,
+            # where fixed costs still weigh; steeper only for thousands of rows)
+            check_s *= self.max_samples / trial
             self.eps, self.eps_candidates = self.fixed_eps, []  # calibrated on checks of the chosen size only
             self.capture.max_samples = math.ceil(self.max_samples / world)
         # per read of the per-step channels (the steps between were not read), then read as often as the budget
         # allows with the checks at their widest spacing
+        budget = PLANNED_SHARE * self.max_overhead
         per_read = per_step * self.observe_every
-        self.observe_every = step_stride(check_s, per_read, train_step, self.max_overhead, LONGEST_SPACING * every)
+        self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
         per_step = per_read / self.observe_every
-        need = check_spacing(check_s, per_step, train_step, self.max_overhead)
+        need = check_spacing(check_s, per_step, train_step, budget)
         if (
             need > MAX_SPACING * every
             and self.eps is None  # still calibrating: nothing learned yet depends on the sample size
@@ -700,11 +709,13 @@ class CollapseMonitorCore:
             and self.max_samples > MIN_SAMPLES
         ):
             shrink = (need / (MAX_SPACING * every)) ** (2.0 / 3.0)  # a check's cost grows ~ n^1.5 here
-            self.max_samples = max(MIN_SAMPLES, int(self.max_samples / shrink))
+            lowered = max(MIN_SAMPLES, int(self.max_samples / shrink))
+            check_s *= lowered / self.max_samples  # at least linear: never predicted cheaper than it will be
+            self.max_samples = lowered
             self.capture.max_samples = math.ceil(self.max_samples / world)
             self.eps_candidates = []  # the scale is calibrated again on samples of the new size
             self.tracker = EngineTracker(self.source)
-            need = MAX_SPACING * every
+            need = max(MAX_SPACING * every, check_spacing(check_s, per_step, train_step, budget))
         spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
         self.check_every = max(1, spacing) * every
         self._next_check = step + self.check_every
