@@ -112,8 +112,15 @@ def test_budget_lowers_the_sample_only_while_calibrating() -> None:
     assert (fresh.max_samples, fresh.check_every) == (lowered, monitor.check_every)
 
 
-def _train_fed_as_adapters(monitor: CollapseMonitorCore, model: nn.Module, steps: int, *, start: int = 1,
-                           jump_at: int | None = None, sleep_s: float = 0.0) -> tuple[list[int], list[int]]:  # fmt: skip
+def _train_fed_as_adapters(
+    monitor: CollapseMonitorCore,
+    model: nn.Module,
+    steps: int,
+    *,
+    start: int = 1,
+    jump_at: int | None = None,
+    sleep_s: float = 0.0,
+) -> tuple[list[int], list[int]]:
     """`_train`, with the gradient norm computed as the adapters do (`step_grad_norm`: only at the steps read):
     returns the steps that computed one and the steps an alarm came at."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

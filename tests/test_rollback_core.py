@@ -462,6 +462,25 @@ def test_stops_with_nothing_healthy_to_go_back_to() -> None:
     assert ctl.total_factor == 1.0
 
 
+def test_a_slow_drift_older_than_every_snapshot_goes_back_to_the_oldest() -> None:
+    """A CUSUM onset on a drifting channel is loose: when it lies more than a snapshot interval before the alarm and
+    before every snapshot held, the oldest held is restored (not a stop); an abrupt alarm right after the only
+    snapshot still stops."""
+    run = Run(scaler=False)
+    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=10, keep=2))
+    for step in (1, 11, 21):  # the ring keeps 11 and 21
+        ctl.maybe_snapshot(step, quiet=True)
+    assert [snap.step for snap in ctl.snapshots] == [11, 21]
+    drift = ctl.rollback(onset_step=5, alarm_step=40, channel="b0_fraction")
+    assert drift.action == "rollback"
+    assert drift.entry is not None
+    assert drift.entry["restored_step"] == 11
+    assert ctl.total_factor == 0.5
+    abrupt = RollbackController(Run(scaler=False).state(), RollbackPolicy(snapshot_every=10))
+    abrupt.maybe_snapshot(5, quiet=True)
+    assert abrupt.rollback(onset_step=5, alarm_step=8, channel="loss").reason is RollbackReason.NO_SNAPSHOT
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # plain-data state
 # ----------------------------------------------------------------------------------------------------------------------

@@ -733,8 +733,11 @@ class RollbackController:
     call `rollback`. It keeps the newest ``policy.keep`` snapshots, one every ``policy.snapshot_every`` steps taken
     while the detector is quiet; a rollback restores the newest taken strictly before ``onset - min_lookback``,
     drops the newer ones (they may hold the failure), multiplies the learning rate by ``policy.lr_factor`` for the
-    rest of the run (on top of the user's schedule, see the module docstring), and records an entry. After
-    ``policy.max_rollbacks`` rollbacks, or with no snapshot old enough, the answer is ``"stop"``.
+    rest of the run (on top of the user's schedule, see the module docstring), and records an entry. A slow drift
+    (the onset more than ``policy.snapshot_every`` steps before the alarm) whose onset is older than every snapshot
+    held goes back to the oldest one: a CUSUM's change point on a channel that drifts is a loose estimate, and the
+    oldest state held is the least suspect. After ``policy.max_rollbacks`` rollbacks, or with no snapshot old enough
+    (an abrupt failure right after the first snapshot, or none taken yet), the answer is ``"stop"``.
 
     Args:
         state: the live objects (`TrainingState`). With framework storage its optimizers still get the learning-rate
@@ -904,6 +907,9 @@ class RollbackController:
             )
             return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message)
         target = self.choose(onset)
+        drift = alarm_step - onset > self.policy.snapshot_every
+        if target is None and drift and self._ring and self._ring[0].step < alarm_step:
+            target = self._ring[0]  # the oldest held (see the class docstring)
         if target is None:
             limit = onset - self.policy.min_lookback
             held = [s.step for s in self._ring]
