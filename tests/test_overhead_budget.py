@@ -184,6 +184,34 @@ def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> No
     assert normed == list(range(1, 31))
 
 
+def test_the_trial_check_comes_once_per_run_and_the_next_check_has_its_full_sample() -> None:
+    monitor = CollapseMonitorCore("1", every_n_train_steps=20, max_samples=512, max_overhead=0.5)
+    monitor.attach(model := _mlp())
+    _train_fed_as_adapters(monitor, model, 80, sleep_s=0.01)  # 64 rows per 10 ms step, half the time: it stays
+    sizes = [h["n"] for h in monitor.history]
+    assert monitor.history[0]["trial"] is True
+    assert sizes[0] == MIN_SAMPLES
+    assert sizes[1:] == [512] * (len(sizes) - 1)  # the check after the trial captures a full window
+    assert len(sizes) >= 3
+    assert all("trial" not in h for h in monitor.history[1:])
+    # a resumed run (state loaded after attach, as Lightning and Accelerate do) runs no trial again
+    resumed = CollapseMonitorCore("1", every_n_train_steps=20, max_samples=512, max_overhead=0.5)
+    resumed.attach(model)
+    resumed.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert resumed.capture.max_samples == 512
+    _train_fed_as_adapters(resumed, model, 40, start=81, sleep_s=0.01)
+    assert len(resumed.history) > len(monitor.history)
+    assert all(h["n"] == 512 for h in resumed.history[len(monitor.history) :])
+
+
+def test_a_check_at_the_first_step_read_decides_nothing_yet() -> None:
+    # every_n_train_steps=1: the first check comes before any step was timed; the schedule waits for one
+    monitor = CollapseMonitorCore("1", every_n_train_steps=1, max_samples=256, max_overhead=0.5)
+    monitor.attach(model := _mlp())
+    _train(monitor, model, 1)
+    assert (monitor.max_samples, monitor.observe_every, monitor.check_every) == (256, 1, 1)
+
+
 def test_overhead_is_logged_at_each_check() -> None:
     monitor = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128)
     monitor.attach(model := _mlp())

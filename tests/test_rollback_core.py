@@ -476,6 +476,11 @@ def test_a_slow_drift_older_than_every_snapshot_goes_back_to_the_oldest() -> Non
     assert drift.entry is not None
     assert drift.entry["restored_step"] == 11
     assert ctl.total_factor == 0.5
+    # the failure comes back: the snapshot just restored is suspect, an abrupt alarm does not go back to it again
+    again = ctl.rollback(onset_step=11, alarm_step=45, channel="loss", detector_onset=44)
+    assert again.reason is RollbackReason.NO_SNAPSHOT
+    # nor does a drift to the same snapshot
+    assert ctl.rollback(onset_step=11, alarm_step=60, channel="b0_fraction").reason is RollbackReason.NO_SNAPSHOT
     abrupt = RollbackController(Run(scaler=False).state(), RollbackPolicy(snapshot_every=10))
     abrupt.maybe_snapshot(5, quiet=True)
     assert abrupt.rollback(onset_step=5, alarm_step=8, channel="loss").reason is RollbackReason.NO_SNAPSHOT

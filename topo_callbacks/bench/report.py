@@ -213,7 +213,7 @@ def write_markdown(results: Mapping[str, Any]) -> str:
         for key, v in spacing.items():
             k, _, s = key.partition("/")
             lines.append(
-                f"| {k}x | every {'step' if s in ('', '1') else f'{s}th step'} | {v['detected']}/{v['failures']}"
+                f"| {k}x | {'every step' if s in ('', '1') else f'1 step in {s}'} | {v['detected']}/{v['failures']}"
                 f" | {v['false_alarms']}/{v['clean']} | {v['per_100k']:.2f} |"
             )
     lines += ["", "## Per failure family (held out)", ""]

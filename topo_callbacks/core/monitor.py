@@ -106,8 +106,9 @@ class CollapseMonitorCore:
             just before the check. ``"probe"``: the fixed ``probe`` batch, embedded at each check by every rank
             (eval mode, no gradients, see `embed_probe`); row ``i`` is the same example every time, so the series
             is comparable from check to check and the Betti numbers are updated by moves of the rows that
-            changed. In both cases, once eps is fixed, b0/b1 come from one `MMHMEngine` kept across checks
-            (`EngineTracker`; float32 rows).
+            changed: once eps is fixed, a probe's b0/b1 come from one `MMHMEngine` kept across checks
+            (`EngineTracker`; float32 rows). A stream's sample is replaced whole at every check, so its b0/b1 come
+            from the check's own exact distances (`collapse_index`).
         probe: the probe inputs for ``source="probe"``: a tensor (``model(probe)``), a tuple/list
             (``model(*probe)``) or a mapping (``model(**probe)``), at most ``max_samples`` rows.
         compute_on: ``"all"``: every rank receives the global sample (one all-gather) and computes the CI (no
@@ -169,22 +170,27 @@ class CollapseMonitorCore:
         max_overhead: the share of the training wall time the monitor may take (default 0.02: 2%); None: checks every
             ``every_n_train_steps`` whatever they cost. The monitor times the steps and its own work, and after each
             check spaces the next one (a multiple of ``every_n_train_steps``, never closer, at most `LONGEST_SPACING`
-            times further) so that the check's cost stays within the budget; while the scale is still being calibrated
-            (the first ``calibration_checks`` checks) a check too expensive for `MAX_SPACING` times the spacing lowers
-            ``max_samples`` instead (down to `MIN_SAMPLES`; ``source="stream"``), once the scale is held the sample
-            stays. Timings are averaged over ranks, so every rank checks at the same steps. The realised share is logged
-            (``collapse/overhead``) and in `summary`. The per-step work (the gradient norm, reading the loss, the
-            detector's update: tens of microseconds on a CPU) is done at every step unless even the widest spacing of
-            the checks cannot keep the share (steps of a millisecond or less): then the per-step channels are read at
-            every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a per-step alarm comes up to that
-            many steps later. The detector's calibration is per read for the per-step channels and per check for the
-            check channels: reading or checking less often makes false alarms rarer per step and alarms later, not
+            times further) so that the check's cost stays within the budget (planned for `PLANNED_SHARE` of it). With
+            ``source="stream"``, no fixed ``eps`` and more than `MIN_SAMPLES` rows, the first check of a run (not of a
+            resumed one) is a trial on `MIN_SAMPLES` rows that measures a check's cost before the sample is chosen (its
+            scale and channels are not fed to the calibration or the detector); while the scale is still being
+            calibrated (the first ``calibration_checks`` checks) a check too expensive for `MAX_SPACING` times the
+            spacing lowers ``max_samples`` instead (down to `MIN_SAMPLES`; ``source="stream"``), once the scale is held
+            the sample stays. Timings are averaged over ranks, so every rank checks at the same steps. The realised
+            share is logged (``collapse/overhead``) and in `summary`. The per-step work (the gradient norm, reading the
+            loss, the detector's update: tens of microseconds on a CPU) is done at every step unless even the widest
+            spacing of the checks cannot keep the share (steps of a millisecond or less): then the per-step channels are
+            read at every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a per-step alarm comes up
+            to that many steps later. The detector's calibration is per read for the per-step channels and per check for
+            the check channels: reading or checking less often makes false alarms rarer per step and alarms later, not
             false alarms more frequent.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
             batches of this many steps, one non-blocking copy per batch (and, under DDP, one all-reduce per batch): no
             host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (8) on a GPU, every step on the
             CPU (where a read costs nothing). An alarm of a per-step rule then comes up to this many steps (plus one,
-            while the copy lands) after the step that caused it; a check step reads everything first.
+            while the copy lands; under DDP up to twice this many: a batch is picked up when the next one is due, at
+            the same step on every rank) after the step that caused it, times `observe_every` when ``max_overhead``
+            reads only every k-th step; a check step reads everything first.
 
     Example (a plain PyTorch loop; the framework adapters make these calls for you):
         >>> import torch
@@ -393,6 +399,7 @@ class CollapseMonitorCore:
         #: the sample is chosen (on a model with millisecond steps a first check of ``max_samples`` rows alone could
         #: take a few percent of a short run)
         self._trial_samples: int | None = None
+        self._remarked = False
         self._wall_start: float | None = None
         self._budget_mark: tuple[float, float, int] | None = None
         self._step_channels: tuple[str, ...] | None = None
@@ -528,8 +535,9 @@ class CollapseMonitorCore:
         self._tell_detector_news(step)
         now = time.perf_counter()
         self.time_spent_s += now - start
-        if self._fed_steps == 1 and self._budget_mark is not None and self._budget_mark[2] < step:
+        if not self._remarked and self._fed_steps:
             # the budget measures from after the first step read: it paid one-time costs (lazy initialisation)
+            self._remarked = True
             self._budget_mark = (now, self.time_spent_s, step)
         if self._new_alarm is not None:
             fired = self._act_on_alarm(step, fired)
@@ -685,6 +693,9 @@ class CollapseMonitorCore:
         # the first check of a process pays one-time costs too (lazy imports, allocations): it overestimates, and a
         # check that would need a smaller sample is better lowered before the scale is calibrated on it
         wall, spent, steps = now - mark[0], self.time_spent_s - mark[1], step - mark[2]
+        if steps < 1:  # no step timed since the mark (a check at the first step read): decide at the next check,
+            self._next_check = step + self.check_every  # a trial still pending
+            return
         own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1)]
         world = world_size()
         check_s, per_step, train_step = (v / world for v in sum_floats_across_ranks(own, self._device))
@@ -695,6 +706,7 @@ class CollapseMonitorCore:
             check_s *= self.max_samples / trial
             self.eps, self.eps_candidates = self.fixed_eps, []  # calibrated on checks of the chosen size only
             self.capture.max_samples = math.ceil(self.max_samples / world)
+            self._capture_steps = self.every_n_train_steps  # the window was sized for the trial's rows
         # per read of the per-step channels (the steps between were not read), then read as often as the budget
         # allows with the checks at their widest spacing
         budget = PLANNED_SHARE * self.max_overhead
@@ -757,6 +769,7 @@ class CollapseMonitorCore:
             where = f"{error!r}" if error is not None else f"on {failed} other rank(s)"
             return self._skip(step, f"capturing the layer output failed: {where}", error)
         calibrating = self.eps is None
+        trial = self._trial_samples is not None
         report: CollapseReport | None = None
         why, err = None, None
         if not on_rank0 or _rank() == 0:
@@ -776,7 +789,7 @@ class CollapseMonitorCore:
         if self.loss_fn is not None:
             consecutive.update(self._curvature(step))
         fired = None
-        if self.detector is not None:
+        if self.detector is not None and not trial:  # a trial's smaller sample is not the channels' reference
             fired = self._feed_check(step, report, consecutive, calibrating)
         if fired is not None and not alarm:
             result = self._detector_alarm(step, fired, report)
@@ -810,6 +823,7 @@ class CollapseMonitorCore:
                 "alarm": alarm,
                 "reason": reason.name,
                 "calibrating": calibrating,
+                **({"trial": True} if trial else {}),
                 "weights": self.weights_spec,
                 **report.as_dict(),
                 **consecutive,
@@ -1185,7 +1199,7 @@ class CollapseMonitorCore:
         if controller.rollbacks and held and held[-1] == controller.rollbacks[-1]["restored_step"]:
             suspect = min(suspect, held[-1])
         try:
-            decision = controller.rollback(suspect, alarm_step, channel)
+            decision = controller.rollback(suspect, alarm_step, channel, detector_onset=onset - 1)
             if decision.action == "rollback":
                 controller.rollbacks[-1]["onset"] = onset  # the record names the detector's onset
                 self._resume_after_rollback(step, decision)
@@ -1307,6 +1321,9 @@ class CollapseMonitorCore:
         self._episodes_ended_told = int(state.get("episodes_ended_told", 0))
         self.check_every = int(state.get("check_every", self.every_n_train_steps))
         self.observe_every = int(state.get("observe_every", 1))
+        if self.history or self.last_checked_step >= 0 or self.eps is not None:
+            self._trial_samples = None  # a resumed run has measured its checks already: no trial again
+            self.capture.max_samples = math.ceil(self._sample_size / world_size())
         self._next_check = int(state.get("next_check", self.last_checked_step + self.check_every))
         if self.source == "stream" and same_world:  # a sample ``max_overhead`` lowered while calibrating stays so
             self.max_samples = min(int(state.get("max_samples", self.max_samples)), self.max_samples)

@@ -887,7 +887,9 @@ class RollbackController:
 
     # -- acting on an alarm ------------------------------------------------------------------------------------------
 
-    def rollback(self, onset_step: int | None, alarm_step: int, channel: str) -> RollbackDecision:
+    def rollback(
+        self, onset_step: int | None, alarm_step: int, channel: str, *, detector_onset: int | None = None
+    ) -> RollbackDecision:
         """Act on an alarm at ``alarm_step`` whose change began at ``onset_step`` (`cusum_onset`; None: the alarm step,
         as for an absolute rule such as a non-finite loss), raised by ``channel``.
 
@@ -907,9 +909,14 @@ class RollbackController:
             )
             return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message)
         target = self.choose(onset)
-        drift = alarm_step - onset > self.policy.snapshot_every
-        if target is None and drift and self._ring and self._ring[0].step < alarm_step:
-            target = self._ring[0]  # the oldest held (see the class docstring)
+        # ``detector_onset``: the detector's own change point, when ``onset_step`` was moved back further (a caller
+        # that suspects the snapshot it last restored); the drift is judged on the detector's estimate
+        drift = alarm_step - (onset if detector_onset is None else int(detector_onset)) > self.policy.snapshot_every
+        oldest = self._ring[0] if self._ring else None
+        restored_last = self.rollbacks[-1]["restored_step"] if self.rollbacks else None
+        fallback = drift and oldest is not None and oldest.step < alarm_step and oldest.step != restored_last
+        if target is None and fallback:
+            target = oldest  # the oldest held, unless it is the one that failed again (see the class docstring)
         if target is None:
             limit = onset - self.policy.min_lookback
             held = [s.step for s in self._ring]

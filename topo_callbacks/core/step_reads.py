@@ -5,7 +5,8 @@ queued before it: done at every optimizer step, it stops the host from queueing 
 on fast steps. `StepReads` keeps each step's values where they are (CUDA tensors stay on the device, Python numbers
 on the host) and moves a batch of steps in one go: one pinned, non-blocking device-to-host copy every
 ``read_every`` steps (under DDP, one all-reduce per batch instead of one per step). The copy is picked up when it
-has landed (`CudaEvent.query`, which does not wait), at the latest when the next batch is due.
+has landed (`CudaEvent.query`, which does not wait), at the latest when the next batch is due; under DDP always
+when the next batch is due (a step every rank agrees on), so a per-step alarm comes up to two batches late there.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ class StepReads:
         if event is not None:
             if force:
                 event.synchronize()
-            elif not event.query():
+            elif world_size() > 1 or not event.query():
+                # under DDP a rank-local query could pick the batch up at different steps on different ranks (and an
+                # alarm in it would fire at different steps): it is picked up when the next batch is due, everywhere
                 return []
         self._in_flight = None
         values = table.tolist()
