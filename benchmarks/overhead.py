@@ -94,6 +94,33 @@ def make_model(dim: int) -> nn.Module:
     )
 
 
+def monitored_step(
+    monitor: CollapseMonitorCore | None,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    step: int,
+    lr: float | None = None,
+) -> Tensor:
+    """One cross-entropy training step, with ``monitor`` (if any) fed as the adapters feed it: armed before the
+    forward, the loss and the gradient norm (the latter only at the steps it reads: `CollapseMonitorCore.observes`)
+    as tensors, then `observe_step` with the learning rate ``lr``. The check, if due, is the caller's (it times it)."""
+    if monitor is not None:
+        monitor.prepare_step(step)
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = None
+    if monitor is not None:
+        monitor.add_loss(loss)
+        grad_norm = monitor.step_grad_norm(model.parameters(), step)
+    opt.step()
+    if monitor is not None:
+        monitor.observe_step(step, grad_norm=grad_norm, lr=lr)
+    return loss
+
+
 def run(
     steps: int,
     monitored: bool,
@@ -126,18 +153,7 @@ def run(
     start = time.perf_counter()
     for i in range(steps):
         step = i + 1
-        if monitor is not None:
-            monitor.prepare_step(step)
-        loss = nn.functional.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = None
-        if monitor is not None:  # the default detector's per-step channels, as the adapters feed them
-            monitor.add_loss(loss)
-            grad_norm = global_grad_norm(model.parameters(), as_tensor=True)
-        opt.step()
-        if monitor is not None:
-            monitor.observe_step(step, grad_norm=grad_norm)
+        monitored_step(monitor, model, opt, x[i], y[i], step)  # the default detector's per-step channels
         if monitor is not None and monitor.is_check_step(step):
             t = time.perf_counter()
             monitor.run_check(step)
@@ -239,21 +255,11 @@ def small_run(name: str, steps: int, arm: str, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     for i in range(steps):
         step = i + 1
-        if monitor is not None:
-            monitor.prepare_step(step)
-        loss = nn.functional.cross_entropy(model(xs[i % len(xs)]), ys[i % len(ys)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if monitor is not None:
-            monitor.add_loss(loss)
-            grad_norm = monitor.step_grad_norm(model.parameters(), step)  # only at the steps read, as the adapters
-        opt.step()
-        if monitor is not None:
-            monitor.observe_step(step, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
-            if monitor.is_check_step(step):
-                t = time.perf_counter()
-                monitor.run_check(step)
-                checks.append(time.perf_counter() - t)
+        monitored_step(monitor, model, opt, xs[i % len(xs)], ys[i % len(ys)], step, lr=opt.param_groups[0]["lr"])
+        if monitor is not None and monitor.is_check_step(step):
+            t = time.perf_counter()
+            monitor.run_check(step)
+            checks.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - start
     out: dict[str, Any] = {"step_s": elapsed / steps, "checks": checks}
     if monitor is not None:
@@ -272,7 +278,8 @@ def main_small(args: argparse.Namespace) -> None:
     print(f"whole runs of {steps} steps, {repeats} repeats per arm (rotating order); monitor defaults"
           " (every_n_train_steps=50, max_samples=1024) with max_overhead=None ('all') and 0.02 ('budget')")  # fmt: skip
     header = (f"{'model':<11} {'step off':>9} {'all: ratio':>10} {'checks':>6} {'check':>8} {'budget: ratio':>13}"
-              f" {'checks':>6} {'check':>8} {'every':>6} {'samples':>7} {'own share':>9}")  # fmt: skip
+              f" {'checks':>6} {'check':>8} {'every':>6} {'read 1/k':>8} {'samples':>7} {'own share':>9}"
+              f" {'off: spread':>11}")  # fmt: skip
     print(header)
     arms = ("off", "all", "budget")
     for name in SMALL_MODELS:
@@ -288,10 +295,13 @@ def main_small(args: argparse.Namespace) -> None:
             return f"{statistics.median(times) * 1e3:7.1f}ms" if times else f"{'-':>8}"
 
         last = runs["budget"][-1]
+        # the spread of the unmonitored runs (max/min step time): a ratio closer to 1 than this is within the noise
+        spread = max(x["step_s"] for x in runs["off"]) / min(x["step_s"] for x in runs["off"])
         print(f"{name:<11} {step['off'] * 1e3:7.2f}ms {step['all'] / step['off']:10.3f}"
               f" {len(runs['all'][-1]['checks']):6d} {check_ms('all')} {step['budget'] / step['off']:13.3f}"
-              f" {len(last['checks']):6d} {check_ms('budget')} {last['check_every']:6d} {last['max_samples']:7d}"
-              f" {statistics.median(x['own_share'] for x in runs['budget']):9.3f}")  # fmt: skip
+              f" {len(last['checks']):6d} {check_ms('budget')} {last['check_every']:6d} {last['observe_every']:8d}"
+              f" {last['max_samples']:7d} {statistics.median(x['own_share'] for x in runs['budget']):9.3f}"
+              f" {spread:11.3f}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- realistic models

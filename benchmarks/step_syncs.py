@@ -18,10 +18,10 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from overhead import monitored_step  # run as a script: benchmarks/ is on sys.path
 from torch import nn
 
 from topo_callbacks.core import CollapseMonitorCore
-from topo_callbacks.core.detector import global_grad_norm
 
 
 def run(device: torch.device, steps: int, monitored: bool) -> tuple[list[int], int]:
@@ -43,17 +43,7 @@ def run(device: torch.device, steps: int, monitored: bool) -> tuple[list[int], i
             if cuda:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                if monitor is not None:
-                    monitor.prepare_step(i + 1)
-                loss = nn.functional.cross_entropy(model(x[i]), y[i])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if monitor is not None:
-                    monitor.add_loss(loss)
-                    grad_norm = global_grad_norm(model.parameters(), as_tensor=True)
-                opt.step()
-                if monitor is not None:
-                    monitor.observe_step(i + 1, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
+                monitored_step(monitor, model, opt, x[i], y[i], i + 1, lr=opt.param_groups[0]["lr"])
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode("default")
