@@ -178,10 +178,11 @@ class CollapseMonitorCore:
             spacing lowers ``max_samples`` instead (down to `MIN_SAMPLES`; ``source="stream"``), once the scale is held
             the sample stays. Timings are averaged over ranks, so every rank checks at the same steps. The realised
             share is logged (``collapse/overhead``) and in `summary`. The per-step work (the gradient norm, reading the
-            loss, the detector's update: tens of microseconds on a CPU) is done at every step unless even the widest
-            spacing of the checks cannot keep the share (steps of a millisecond or less): then the per-step channels are
-            read at every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a per-step alarm comes up
-            to that many steps later. The detector's calibration is per read for the per-step channels and per check for
+            loss, the detector's update: tens to hundreds of microseconds on a CPU) is done at every step unless it
+            alone costs more than `STRIDE_FROM` (4) times the budget (steps of a millisecond or less; below that the
+            budget may be exceeded: the per-step channels carry the detector): then the per-step channels are read at
+            every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a per-step alarm comes up to
+            that many steps later. The detector's calibration is per read for the per-step channels and per check for
             the check channels: reading or checking less often makes false alarms rarer per step and alarms later, not
             false alarms more frequent.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
