@@ -33,8 +33,10 @@ def test_demo_healthy_run_raises_no_alarm_and_keeps_accuracy(tmp_path):
     assert summary["t0_step"] is None
     assert summary["alarm_step"] is None
     assert summary["drop_step"] is None
-    # the monitor at its defaults: checks on multiples of 50 steps, spaced further by the 2% overhead budget
+    # the monitor at its defaults: checks on multiples of 50 steps, the first a trial of the check's cost, the next
+    # ones spaced further by the 2% overhead budget
     steps = [int(step) for step, _ in summary["ci"]]
-    assert steps[:2] == [50, 100]
-    assert len(steps) >= 4
+    assert steps[0] == 50
+    assert steps[1] > 100
+    assert len(steps) >= 2
     assert all(step % 50 == 0 for step in steps)

@@ -290,7 +290,7 @@ def test_standalone_pytorch_lightning_flavour(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05)
 
-    mon = PTLCollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64)
+    mon = PTLCollapseMonitor(layer="encoder", every_n_train_steps=5, max_samples=64, max_overhead=None)
     assert isinstance(mon, ptl.Callback)
     assert not isinstance(mon, CollapseMonitor)
     t = ptl.Trainer(

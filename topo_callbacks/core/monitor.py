@@ -714,7 +714,10 @@ class CollapseMonitorCore:
         per_read = per_step * self.observe_every
         self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
         per_step = per_read / self.observe_every
-        need = check_spacing(check_s, per_step, train_step, budget)
+        # the checks get what the per-step work leaves of the budget, and at least half of it: the per-step work is
+        # kept at every step up to STRIDE_FROM x the budget (it carries the detector), the checks are not dropped
+        check_budget = max(budget - per_step / max(train_step, 1e-12), budget / 2)
+        need = check_spacing(check_s, 0.0, train_step, check_budget)
         if (
             need > MAX_SPACING * every
             and self.eps is None  # still calibrating: nothing learned yet depends on the sample size
@@ -728,7 +731,7 @@ class CollapseMonitorCore:
             self.capture.max_samples = math.ceil(self.max_samples / world)
             self.eps_candidates = []  # the scale is calibrated again on samples of the new size
             self.tracker = EngineTracker(self.source)
-            need = max(MAX_SPACING * every, check_spacing(check_s, per_step, train_step, budget))
+            need = max(MAX_SPACING * every, check_spacing(check_s, 0.0, train_step, check_budget))
         spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
         self.check_every = max(1, spacing) * every
         self._next_check = step + self.check_every
