@@ -238,7 +238,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(
             f"on_alarm='rollback' ({recovery['live_runs']} runs trained): rescued {opt['k']}/{opt['n']} detected"
             f" optimizer-instability failures, stopped with the diagnosis {conf['k']}/{conf['n']} alarmed"
-            f" configuration failures, {clean['n']} clean runs alarmed (worst loss {clean['worst_points']} points)"
+            f" configuration failures, {clean['n']} clean runs alarmed"
+            + ("" if clean["worst_points"] is None else f" (worst loss {clean['worst_points']:.1f} points)")
         )
     print(f"-> {args.out}/results.md, results.json, summary.json, curves.png, timeline_*.png")
     return 0
