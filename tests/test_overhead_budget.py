@@ -14,6 +14,7 @@ import textwrap
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from tests.procs import run_script
 from topo_callbacks.core import CollapseMonitorCore
 from topo_callbacks.core.budget import MAX_STRIDE, MIN_SAMPLES, check_spacing
-from topo_callbacks.core.detector import global_grad_norm
+from topo_callbacks.core.monitor import CheckResult
 from topo_callbacks.core.step_reads import StepReads
 
 
@@ -31,13 +32,30 @@ def _mlp(width: int = 32) -> nn.Module:
     return nn.Sequential(nn.Linear(16, width), nn.Tanh(), nn.Linear(width, 4))
 
 
+class Trained(NamedTuple):
+    """What `_train` saw: the per-step alarms ``(step, result)``, the checks' results, the steps whose gradient norm
+    was computed."""
+
+    fired: list[tuple[int, CheckResult]]
+    checks: list[CheckResult]
+    normed: list[int]
+
+
 def _train(
-    monitor: CollapseMonitorCore, model: nn.Module, steps: int, *, jump_at: int | None = None, start: int = 1
-) -> list:
-    """A plain loop that feeds the monitor as the adapters do (tensors for the loss and the gradient norm)."""
+    monitor: CollapseMonitorCore,
+    model: nn.Module,
+    steps: int,
+    *,
+    start: int = 1,
+    jump_at: int | None = None,
+    sleep_s: float = 0.0,
+) -> Trained:
+    """A plain loop that feeds the monitor as the adapters do: the loss through `add_loss`, the gradient norm through
+    `step_grad_norm` (only at the steps the monitor reads), the learning rate; ``jump_at``: the loss x1e6 from that
+    step on; ``sleep_s``: a slower model's step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(start)
-    fired = []
+    out = Trained([], [], [])
     for step in range(start, start + steps):
         monitor.prepare_step(step)
         x = torch.randn(64, 16, generator=gen)
@@ -46,14 +64,19 @@ def _train(
             loss = loss * 1e6
         opt.zero_grad()
         loss.backward()
-        grad = global_grad_norm(model.parameters(), as_tensor=True)
+        if sleep_s:
+            time.sleep(sleep_s)
+        grad = monitor.step_grad_norm(model.parameters(), step)
+        if grad is not None:
+            out.normed.append(step)
         opt.step()
-        result = monitor.observe_step(step, loss=loss.detach(), grad_norm=grad, lr=0.05)
+        monitor.add_loss(loss)
+        result = monitor.observe_step(step, grad_norm=grad, lr=0.05)
         if result is not None:
-            fired.append((step, result))
+            out.fired.append((step, result))
         if monitor.is_check_step(step):
-            monitor.run_check(step)
-    return fired
+            out.checks.append(monitor.run_check(step))
+    return out
 
 
 def test_check_spacing_solves_the_budget() -> None:
@@ -112,42 +135,6 @@ def test_budget_lowers_the_sample_only_while_calibrating() -> None:
     assert (fresh.max_samples, fresh.check_every) == (lowered, monitor.check_every)
 
 
-def _train_fed_as_adapters(
-    monitor: CollapseMonitorCore,
-    model: nn.Module,
-    steps: int,
-    *,
-    start: int = 1,
-    jump_at: int | None = None,
-    sleep_s: float = 0.0,
-) -> tuple[list[int], list[int]]:
-    """`_train`, with the gradient norm computed as the adapters do (`step_grad_norm`: only at the steps read):
-    returns the steps that computed one and the steps an alarm came at."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    gen = torch.Generator().manual_seed(start)
-    normed, fired = [], []
-    for step in range(start, start + steps):
-        monitor.prepare_step(step)
-        x = torch.randn(64, 16, generator=gen)
-        loss = (model(x) - x[:, :4]).pow(2).mean()
-        if jump_at is not None and step >= jump_at:
-            loss = loss * 1e6
-        opt.zero_grad()
-        loss.backward()
-        if sleep_s:
-            time.sleep(sleep_s)  # a slower model's step
-        grad = monitor.step_grad_norm(model.parameters(), step)
-        if grad is not None:
-            normed.append(step)
-        opt.step()
-        monitor.add_loss(loss)
-        if monitor.observe_step(step, grad_norm=grad, lr=0.05) is not None:
-            fired.append(step)
-        if monitor.is_check_step(step):
-            monitor.run_check(step)
-    return normed, fired
-
-
 def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> None:
     # steps of a fraction of a millisecond: the gradient norm and the detector's update alone are several percent
     # of a step, so even checks 100x apart cannot keep 2%: the per-step channels are read every k-th step
@@ -155,11 +142,12 @@ def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> No
     fast.attach(model := _mlp())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        normed, fired = _train_fed_as_adapters(fast, model, 400)
+        trained = _train(fast, model, 400)
+    normed = trained.normed
     k = fast.observe_every
     assert 1 < k <= MAX_STRIDE
     assert fast.summary()["observe_every"] == k
-    assert fired == []
+    assert trained.fired == []
     after = [s for s in normed if s > 10]  # the first check (step 10) chose k; checks read their own step too
     assert all(s % k == 0 or fast.is_check_step(s) or s in [h["step"] for h in fast.history] for s in after)
     assert len(after) < 400 / k + len(fast.history) + 1
@@ -167,9 +155,9 @@ def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> No
     # an extreme loss still alarms, at the first step read after it, naming that step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, fired = _train_fed_as_adapters(fast, model, 3 * k, start=401, jump_at=401 + k // 2)
+        fired = _train(fast, model, 3 * k, start=401, jump_at=401 + k // 2).fired
     assert fired
-    assert 401 + k // 2 <= fired[0] < 401 + k // 2 + k
+    assert 401 + k // 2 <= fired[0][0] < 401 + k // 2 + k
     state = json.loads(json.dumps(fast.state_dict()))
     fresh = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128)
     fresh.load_state_dict(state)
@@ -179,7 +167,7 @@ def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> No
     # sleep: cold caches), every step is read
     slow = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=128, max_overhead=0.1)
     slow.attach(model := _mlp())
-    normed, _ = _train_fed_as_adapters(slow, model, 30, sleep_s=0.02)
+    normed = _train(slow, model, 30, sleep_s=0.02).normed
     assert slow.observe_every == 1
     assert normed == list(range(1, 31))
 
@@ -187,7 +175,7 @@ def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> No
 def test_the_trial_check_comes_once_per_run_and_the_next_check_has_its_full_sample() -> None:
     monitor = CollapseMonitorCore("1", every_n_train_steps=20, max_samples=512, max_overhead=0.5)
     monitor.attach(model := _mlp())
-    _train_fed_as_adapters(monitor, model, 80, sleep_s=0.01)  # 64 rows per 10 ms step, half the time: it stays
+    _train(monitor, model, 80, sleep_s=0.01)  # 64 rows per 10 ms step, half the time: it stays
     sizes = [h["n"] for h in monitor.history]
     assert monitor.history[0]["trial"] is True
     assert sizes[0] == MIN_SAMPLES
@@ -199,7 +187,7 @@ def test_the_trial_check_comes_once_per_run_and_the_next_check_has_its_full_samp
     resumed.attach(model)
     resumed.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
     assert resumed.capture.max_samples == 512
-    _train_fed_as_adapters(resumed, model, 40, start=81, sleep_s=0.01)
+    _train(resumed, model, 40, start=81, sleep_s=0.01)
     assert len(resumed.history) > len(monitor.history)
     assert all(h["n"] == 512 for h in resumed.history[len(monitor.history) :])
 
@@ -215,17 +203,7 @@ def test_a_check_at_the_first_step_read_decides_nothing_yet() -> None:
 def test_overhead_is_logged_at_each_check() -> None:
     monitor = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128)
     monitor.attach(model := _mlp())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    logged = []
-    for step in range(1, 41):
-        monitor.prepare_step(step)
-        loss = model(torch.randn(32, 16)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        monitor.observe_step(step, loss=loss.detach(), grad_norm=global_grad_norm(model.parameters()))
-        if monitor.is_check_step(step):
-            logged.append(monitor.run_check(step).logged)
+    logged = [result.logged for result in _train(monitor, model, 40).checks]
     assert logged
     assert all(0.0 <= entry["collapse/overhead"] <= 1.0 for entry in logged)
     off = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128, max_overhead=None)
@@ -271,7 +249,7 @@ def test_batched_reads_alarm_at_the_step_that_broke_one_batch_later() -> None:
         monitor.attach(model := _mlp())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fired = _train(monitor, model, 300, jump_at=283)
+            fired = _train(monitor, model, 300, jump_at=283).fired
         assert fired, every
         returned_at, result = fired[0]
         results[every] = (returned_at, result.step)
