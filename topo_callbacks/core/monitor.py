@@ -424,7 +424,7 @@ class CollapseMonitorCore:
         fresh = self.last_checked_step < 0 and not self.history and self.fixed_eps is None
         if self.max_overhead is not None and self.source == "stream" and fresh and self.max_samples > MIN_SAMPLES:
             self._trial_samples = MIN_SAMPLES
-        self.capture.max_samples = math.ceil(self._sample_size / world_size())
+        self._size_capture()
         self.capture.attach(self.module)
         return self.module
 
@@ -548,6 +548,10 @@ class CollapseMonitorCore:
     def _sample_size(self) -> int:
         """The rows the next check takes (over all ranks): ``max_samples``, or fewer for a first, trial check."""
         return self._trial_samples if self._trial_samples is not None else self.max_samples
+
+    def _size_capture(self) -> None:
+        """This rank's share of the next check's rows, for the capture to keep."""
+        self.capture.max_samples = math.ceil(self._sample_size / world_size())
 
     def _start_clock(self, step: int) -> None:
         """The first step of this process: the budget measures the steps and the monitor's work from here."""
@@ -706,7 +710,7 @@ class CollapseMonitorCore:
             # where fixed costs still weigh; steeper only for thousands of rows)
             check_s *= self.max_samples / trial
             self.eps, self.eps_candidates = self.fixed_eps, []  # calibrated on checks of the chosen size only
-            self.capture.max_samples = math.ceil(self.max_samples / world)
+            self._size_capture()
             self._capture_steps = self.every_n_train_steps  # the window was sized for the trial's rows
         # per read of the per-step channels (the steps between were not read), then read as often as the budget
         # allows with the checks at their widest spacing
@@ -728,7 +732,7 @@ class CollapseMonitorCore:
             lowered = max(MIN_SAMPLES, int(self.max_samples / shrink))
             check_s *= lowered / self.max_samples  # at least linear: never predicted cheaper than it will be
             self.max_samples = lowered
-            self.capture.max_samples = math.ceil(self.max_samples / world)
+            self._size_capture()
             self.eps_candidates = []  # the scale is calibrated again on samples of the new size
             self.tracker = EngineTracker(self.source)
             need = max(MAX_SPACING * every, check_spacing(check_s, 0.0, train_step, check_budget))
@@ -1327,11 +1331,10 @@ class CollapseMonitorCore:
         self.observe_every = int(state.get("observe_every", 1))
         if self.history or self.last_checked_step >= 0 or self.eps is not None:
             self._trial_samples = None  # a resumed run has measured its checks already: no trial again
-            self.capture.max_samples = math.ceil(self._sample_size / world_size())
         self._next_check = int(state.get("next_check", self.last_checked_step + self.check_every))
         if self.source == "stream" and same_world:  # a sample ``max_overhead`` lowered while calibrating stays so
             self.max_samples = min(int(state.get("max_samples", self.max_samples)), self.max_samples)
-            self.capture.max_samples = math.ceil(self.max_samples / world_size())
+        self._size_capture()
         saved = state.get("rollback")
         if isinstance(saved, Mapping):
             if self.rollback_controller is not None:
