@@ -27,6 +27,7 @@ from topo_callbacks.core.detector import ABSOLUTE_HOLD, CHANNELS, CusumDetector,
 
 __all__ = [
     "ABSOLUTE",
+    "BASE_CHANNELS",
     "DEFAULT_CANDIDATES",
     "PER_STEPS",
     "channel_values",
@@ -40,6 +41,12 @@ __all__ = [
 #: The benchmark's false-alarm rates are per this many healthy optimizer steps.
 PER_STEPS = 10_000
 
+#: The channels every fit starts from (where the candidates hold them): the loss and gradient norm are read at every
+#: step and cost nothing more, and a failure family the training families happen to cover through other channels
+#: may show only there (a byte-level LM's divergence is seen by the loss; a greedy fit that started from nothing
+#: chose the Betti channels instead and missed it).
+BASE_CHANNELS: tuple[str, ...] = ("loss", "grad_norm")
+
 #: What the default detector may be built from: the channels the monitor computes live with ``source="stream"``.
 DEFAULT_CANDIDATES = [c for c, spec in CHANNELS.items() if spec.live and spec.source == "any"]
 
@@ -50,7 +57,7 @@ def channel_values(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] |
     spec = CHANNELS[name]
     if spec.reads == "step":
         steps = np.arange(1, len(rec.loss) + 1)
-        if name == "loss":
+        if name == "loss" or spec.of == "loss":
             values = np.asarray(rec.loss, dtype=np.float64)
         elif name == "grad_norm":
             values = np.asarray(rec.grad_norm, dtype=np.float64)
@@ -207,6 +214,7 @@ def fit_calibration(
     candidates: Sequence[str] | None = None,
     fit_on: str = "",
     per_steps: int | None = None,
+    base: Sequence[str] = BASE_CHANNELS,
 ) -> DetectorCalibration:
     """Fit a calibration on training runs.
 
@@ -217,7 +225,8 @@ def fit_calibration(
     (`DEFAULT_CANDIDATES`). ``grids[i]`` holds run i's channel statistics on its step grid;
     ``negatives_until[i]`` is how many of its steps count as healthy (all for a clean run, ``t0 - 1`` for a
     failure run); ``failures[i]`` is ``(t0, t_c)`` for a failure run whose metric dropped (a detection is an
-    alarm in ``[t0, t_c)``), else None.
+    alarm in ``[t0, t_c)``), else None. The fit starts from the ``base`` channels the candidates hold and adds the
+    others one by one while that adds detections.
     """
     pool = candidates if candidates is not None else DEFAULT_CANDIDATES
     names = [c for c in pool if any(c in g for g in grids)]
@@ -245,9 +254,10 @@ def fit_calibration(
                 hits, lead = hits + 1, lead + t_c - (above[0] + 1)
         return (hits, lead), h
 
-    # greedy: add the channel that detects most training failures (then: the largest total lead) while that improves
-    chosen: list[str] = []
-    best: tuple[tuple[int, int], float] = ((-1, 0), 1.0)
+    # the base channels, then greedily the channel that detects most training failures (then: the largest total lead)
+    # while that improves
+    chosen = [c for c in base if c in names]
+    best: tuple[tuple[int, int], float] = score(chosen) if chosen else ((-1, 0), 1.0)
     while len(chosen) < len(names):
         (value, h), c = max(((score([*chosen, c]), c) for c in names if c not in chosen), key=lambda t: t[0][0])
         if value <= best[0]:

@@ -468,7 +468,10 @@ class CollapseMonitorCore:
         if self.detector is None:
             return ()
         if self._step_channels is None:  # fixed by the calibration: read at every step, computed once
-            calibrated = [c for c in self.detector.channels if CHANNELS[c].reads == "step" and c not in _ALWAYS]
+            calibrated = [
+                c for c in self.detector.channels
+                if CHANNELS[c].reads == "step" and c not in _ALWAYS and CHANNELS[c].of is None
+            ]  # fmt: skip
             self._step_channels = (*_ALWAYS, *calibrated)
         return self._step_channels
 
