@@ -255,6 +255,19 @@ def test_a_run_diverging_from_step_50_alarms() -> None:
     assert 50 <= monitor.first_alarm_step <= 80, monitor.summary()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_learning_rate_twenty_times_too_high_alarms_within_four_steps(seed: int) -> None:
+    """The rate x20 at step 150 of a trained classifier: the loss leaps 10-400x for a step or two and settles near
+    chance, under the extreme rule's 100x of the window's largest (the window still holds the first steps' losses).
+    The loss's large-rise CUSUM (`loss_spike`, up to 100 a step) alarms within 4 steps; the loss channel alone (up to
+    8 a step) took 14-19 steps (steps 164-169 with the calibration before it)."""
+    monitor, _caught, losses = plain_loop(170, lr=lambda s: 0.05 if s < 150 else 1.0, seed=seed)
+    assert max(losses[100:149]) < 0.5 < 2.0 < losses[152]
+    assert monitor.first_alarm_step is not None, monitor.summary()
+    assert 150 <= monitor.first_alarm_step <= 154, monitor.summary()
+    assert monitor.summary()["episodes"][0]["channel"] == "loss_spike"
+
+
 def test_a_layer_constant_from_the_start_alarms() -> None:
     model = DigitsMLP()
     nn.init.zeros_(model.embed[0].weight)

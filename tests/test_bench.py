@@ -568,10 +568,11 @@ def test_intervals_match_scipys_exact_binomial():
 
 
 def test_replay_reads_every_kth_step_as_the_budget_does():
-    """`replay_episodes(step_stride=k)` feeds the per-step channels at every k-th step and at the checks only
-    (`CollapseMonitorCore.observes`): on an abrupt blow-up the alarm comes at the first step read after the one a
-    detector reading every step alarms at, never before it, and at most k - 1 steps later (k <= 4 here: the references
-    need `STEP_MIN_REFERENCE` reads, 20 k steps, and the jump comes at step 100)."""
+    """`replay_episodes(step_stride=k)` feeds the per-step channels at every step of the monitor's first
+    `STEP_WINDOW`, then at every k-th step and at the checks only (`CollapseMonitorCore.observes`), the loss of the
+    steps between averaged into the next read: a blow-up at step 100 alarms at the same step whatever k; one moved
+    past the first STEP_WINDOW steps alarms at the first step read after the one a detector reading every step alarms
+    at, never before it, and at most k - 1 steps later."""
     from topo_callbacks.bench.cusum import replay_episodes
     from topo_callbacks.core.detector import default_calibration
 
@@ -582,6 +583,17 @@ def test_replay_reads_every_kth_step_as_the_budget_does():
     first = {}
     for k in (1, 3, 4):
         starts = [int(e["start"]) for e in replay_episodes(rec, shipped, step_stride=k) if e["start"] >= rec.t0]
+        assert starts, k
+        first[k] = starts[0]
+    assert first[1] == first[3] == first[4]
+    # the same family with its break at step 300, past the first STEP_WINDOW steps
+    fam = FAMILIES["loss_jump"]
+    late = _straight(
+        dataclasses.replace(fam, quick_t0=300, quick_steps=300 + fam.quick_steps - fam.quick_t0), 0, "failure"
+    )
+    checks = {int(c["step"]) for c in late.checks}
+    for k in (1, 3, 4):
+        starts = [int(e["start"]) for e in replay_episodes(late, shipped, step_stride=k) if e["start"] >= late.t0]
         assert starts, k
         first[k] = starts[0]
     for k in (3, 4):

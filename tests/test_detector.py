@@ -155,6 +155,45 @@ def test_state_round_trip_continues_exactly() -> None:
     assert 450 < whole.fired.step < 480
 
 
+def test_the_loss_spike_channel_is_a_second_cusum_of_the_loss_scores() -> None:
+    """`loss_spike` is never fed itself: it accumulates the loss channel's raw scores (same reference) with its own
+    allowance and clip, written out here directly."""
+    spike = CHANNELS["loss_spike"]
+    rng = np.random.default_rng(4)
+    losses = (1.0 + 0.02 * rng.standard_normal(300)).tolist()
+    losses[250:253] = [1.6, 2.5, 1.9]  # 30-75 robust standard deviations for three steps
+    cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 1.0, "loss_spike": 1.0}, math.inf)
+    det = CusumDetector(cal)
+    expected, s = [], 0.0
+    for step, v in enumerate(losses, 1):
+        ref = losses[max(0, step - 1 - 200) : step - 1]
+        if len(ref) >= CHANNELS["loss"].min_reference:
+            med = float(np.median(ref))
+            scale = max(1.4826 * float(np.median(np.abs(np.array(ref) - med))), CHANNELS["loss"].floor)
+            s = max(0.0, s + min(max((v - med) / scale, -spike.clip), spike.clip) - spike.allowance)
+        assert det.update("loss_spike", v, step) is None  # fed through the loss only
+        det.update("loss", v, step)
+        expected.append(s)
+        assert math.isclose(det.states["loss_spike"].s_pos, s, rel_tol=1e-9, abs_tol=1e-9)
+    assert max(expected[250:253]) > 100  # where the loss channel (at most 8 a step) reaches at most 21
+    assert det.states["loss"].s_pos < 25
+
+
+def test_a_loss_far_out_for_two_steps_alarms_on_the_spike_channel_only() -> None:
+    """With the shipped normalisers' proportions (spike about twice the loss's), a loss 130 robust SD up for two steps
+    alarms on `loss_spike` at the second step; the loss channel would need 12 such steps."""
+    cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 85.0, "loss_spike": 150.0}, 1.0)
+    det = CusumDetector(cal)
+    losses = [1.0 + 0.01 * (i % 5) for i in range(100)] + [3.0, 3.0, 3.0]
+    fired = [f for f in (det.update("loss", v, s) for s, v in enumerate(losses, 1)) if f is not None]
+    assert len(fired) == 1
+    assert (fired[0].channel, fired[0].step, fired[0].onset) == ("loss_spike", 102, 101)
+    assert "`loss_spike`" in fired[0].message()
+    restored = CusumDetector(cal)
+    restored.load_state_dict(det.state_dict())
+    assert restored.states["loss_spike"].s_pos == det.states["loss_spike"].s_pos
+
+
 def test_the_firing_says_which_channel_with_its_value_baseline_and_score() -> None:
     cal = DetectorCalibration(0.05, ("loss",), {"loss": 5.0}, 1.0)
     det = CusumDetector(cal)

@@ -23,6 +23,7 @@ from torch import nn
 from tests.procs import run_script
 from topo_callbacks.core import CollapseMonitorCore
 from topo_callbacks.core.budget import MAX_STRIDE, MIN_SAMPLES, check_spacing
+from topo_callbacks.core.detector import STEP_WINDOW
 from topo_callbacks.core.monitor import CheckResult
 from topo_callbacks.core.step_reads import StepReads
 
@@ -148,9 +149,12 @@ def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> No
     assert 1 < k <= MAX_STRIDE
     assert fast.summary()["observe_every"] == k
     assert trained.fired == []
-    after = [s for s in normed if s > 10]  # the first check (step 10) chose k; checks read their own step too
+    # the first STEP_WINDOW steps are read whatever k (a run broken from its start is scored from its start), then
+    # every k-th step; checks read their own step too
+    assert [s for s in normed if s <= STEP_WINDOW] == list(range(1, STEP_WINDOW + 1))
+    after = [s for s in normed if s > STEP_WINDOW]
     assert all(s % k == 0 or fast.is_check_step(s) or s in [h["step"] for h in fast.history] for s in after)
-    assert len(after) < 400 / k + len(fast.history) + 1
+    assert len(after) < (400 - STEP_WINDOW) / k + len(fast.history) + 1
     assert len(fast.detector.states["loss"].reference) <= len(normed)
     # an extreme loss still alarms, at the first step read after it, naming that step
     with warnings.catch_warnings():
@@ -170,6 +174,20 @@ def test_budget_reads_the_per_step_channels_less_often_only_when_it_must() -> No
     normed = _train(slow, model, 30, sleep_s=0.02).normed
     assert slow.observe_every == 1
     assert normed == list(range(1, 31))
+
+
+def test_the_loss_of_a_step_not_read_joins_the_next_read() -> None:
+    """With the per-step channels read every 4th step, the steps between are not lost: the read step feeds the mean
+    loss of the 4 (a loss that rises between reads is seen at the next one)."""
+    monitor = CollapseMonitorCore("0", every_n_train_steps=1000, max_overhead=None)
+    for step in range(1, STEP_WINDOW + 1):
+        monitor.observe_step(step, loss=1.0, grad_norm=1.0)
+    monitor.observe_every = 4
+    assert [monitor.observes(s) for s in range(201, 209)] == [False, False, False, True] * 2
+    for step, loss in zip(range(201, 209), [2.0, 3.0, 4.0, 5.0, 1.0, 1.0, 1.0, 9.0], strict=True):
+        monitor.observe_step(step, loss=loss, grad_norm=1.0)
+    assert list(monitor.detector.states["loss"].reference)[-2:] == [3.5, 3.0]
+    assert len(monitor.detector.states["loss"].reference) == STEP_WINDOW  # 200 read, then 2 (the window keeps 200)
 
 
 def test_the_trial_check_comes_once_per_run_and_the_next_check_has_its_full_sample() -> None:

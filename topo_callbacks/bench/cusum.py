@@ -23,7 +23,7 @@ import numpy as np
 
 from topo_callbacks.bench.detectors import calibrated_threshold
 from topo_callbacks.bench.record import RunRecord
-from topo_callbacks.core.detector import ABSOLUTE_HOLD, CHANNELS, CusumDetector, DetectorCalibration
+from topo_callbacks.core.detector import ABSOLUTE_HOLD, CHANNELS, STEP_WINDOW, CusumDetector, DetectorCalibration
 
 __all__ = [
     "ABSOLUTE",
@@ -124,7 +124,8 @@ def replay_episodes(
     user of the monitor would be warned about, for false alarms per healthy step. ``check_stride``: keep every
     ``check_stride``-th check only (the first, then every k-th), as a monitor whose overhead budget spaced its checks
     ``check_stride`` times further apart would have seen the run. ``step_stride``: read the per-step channels at
-    every ``step_stride``-th step (and at the checks kept) only, as the budget does on steps of a millisecond."""
+    every ``step_stride``-th step (and at the checks kept, and every step of the monitor's first `STEP_WINDOW`) only,
+    the loss of the steps between averaged into the next read, as the budget does on steps of a millisecond."""
     finished: list[dict[str, Any]] = []
     current: list[CusumDetector] = []
 
@@ -165,15 +166,24 @@ def _replay(
     spacing = int(np.median(np.diff(sorted(checks)))) if len(checks) > 1 else 50
     hold = max(ABSOLUTE_HOLD, 2 * spacing)
     detector = make()
+    read_all_until = STEP_WINDOW  # a monitor reads every step of its first STEP_WINDOW
+    unread: list[float] = []  # losses of the steps not read since the last read
     for step in range(1, rec.steps + 1):
         if restart is not None and step == restart + 1:
             detector = make()
+            read_all_until = restart + STEP_WINDOW
         values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used
         scale = float(scales[step]) if step < len(scales) else None
-        if step_stride == 1 or step % step_stride == 0 or step in checks:  # `CollapseMonitorCore.observes`
+        # `CollapseMonitorCore.observes`: the loss of a step not read is fed averaged with the next read's
+        if step_stride == 1 or step <= read_all_until or step % step_stride == 0 or step in checks:
+            if unread and "loss" in values:
+                values["loss"] = (sum(unread) + values["loss"]) / (len(unread) + 1)
+            unread = []
             detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale)
+        elif "loss" in values:
+            unread.append(values["loss"])
         if step in checks:
             row = checks[step]
             check = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

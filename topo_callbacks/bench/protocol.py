@@ -347,7 +347,7 @@ CUSUM = "CUSUM detector (the monitor's default)"
 CUSUM_VARIANTS: dict[str, list[str] | None] = {
     CUSUM: None,
     "CUSUM, without the Betti channels": [c for c in DEFAULT_CANDIDATES if c not in ("b0_fraction", "b1_fraction")],
-    "CUSUM, loss and gradient norm only": ["loss", "grad_norm"],
+    "CUSUM, loss and gradient norm only": ["loss", "loss_spike", "grad_norm"],
     "CUSUM, embedding channels only": [c for c in DEFAULT_CANDIDATES if CHANNELS[c].reads == "check"],
     "CUSUM, with the probe channels (source='probe')": [
         c for c in CHANNELS if CHANNELS[c].live and c != "curvature_ratio"

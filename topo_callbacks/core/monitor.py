@@ -33,6 +33,7 @@ from topo_callbacks.core.detector import (
     _ALWAYS,
     ABSOLUTE_HOLD,
     CHANNELS,
+    STEP_WINDOW,
     ZERO_GRAD_STEPS,
     CusumDetector,
     DetectorFiring,
@@ -396,6 +397,12 @@ class CollapseMonitorCore:
         self._next_check = self.every_n_train_steps
         #: the per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)
         self.observe_every = 1
+        #: every step is read up to this one (the first `STEP_WINDOW` of this process, set at its first step), whatever
+        #: ``observe_every``: a run broken from its start is scored from its start, on references of single steps
+        self._read_all_until: int | None = None
+        #: the losses of the steps not read since the last read: their mean with the read step's is what is fed
+        self._unread_loss: Tensor | float = 0.0
+        self._unread_count = 0
         #: ``max_overhead``: the first check of a run takes this many rows to learn what a check costs here, before
         #: the sample is chosen (on a model with millisecond steps a first check of ``max_samples`` rows alone could
         #: take a few percent of a short run)
@@ -524,8 +531,18 @@ class CollapseMonitorCore:
         self.last_observed_step = step
         if self._wall_start is None:
             self._start_clock(step - 1)
-        if self.observe_every > 1 and step % self.observe_every and not self.is_check_step(step):
-            return None  # ``max_overhead`` reads every `observe_every`-th step only: nothing to read or feed here
+        if self._read_all_until is None:
+            self._read_all_until = step - 1 + STEP_WINDOW
+        if not self.observes(step):
+            # ``max_overhead`` reads every `observe_every`-th step only; this step's loss joins the next read's (a
+            # number on the CPU, a tensor added on the device elsewhere: no read here either way)
+            if loss is not None:
+                self._unread_loss = self._unread_loss + loss
+                self._unread_count += 1
+            return None
+        if self._unread_count and loss is not None:
+            loss = (self._unread_loss + loss) / (self._unread_count + 1)
+        self._unread_loss, self._unread_count = 0.0, 0
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
         row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale]
@@ -562,9 +579,16 @@ class CollapseMonitorCore:
         self._budget_mark = (self._wall_start, self.time_spent_s, step)
 
     def observes(self, step: int) -> bool:
-        """Whether optimizer step ``step``'s per-step channels are read (every `observe_every`-th step, and every
-        check step): an adapter computes the gradient norm only then."""
-        return self.observe_every == 1 or step % self.observe_every == 0 or self.is_check_step(step)
+        """Whether optimizer step ``step``'s per-step channels are read (every `observe_every`-th step, every check
+        step, and every one of this process's first `STEP_WINDOW` steps): an adapter computes the gradient norm only
+        then. The loss of a step not read is fed averaged with the next read step's."""
+        return (
+            self.observe_every == 1
+            or step % self.observe_every == 0
+            or self._read_all_until is None
+            or step <= self._read_all_until
+            or self.is_check_step(step)
+        )
 
     def step_grad_norm(self, parameters: Any, step: int) -> Tensor | float | None:
         """`global_grad_norm` of ``parameters`` (a tensor on an accelerator, not read) for optimizer step ``step``

@@ -1,0 +1,290 @@
+"""The default alarm on training runs the benchmark does not hold (nothing here was used to fit it).
+
+The detector's calibration is fit on the benchmark's families (``topo-callbacks bench``). This script trains other
+runs, as a user would, with the shipped defaults (`CollapseMonitorCore` in a plain PyTorch loop, fed as the adapters
+feed it) and reports what the alarm did: healthy runs with schedules, optimizers, models and lengths the benchmark
+does not use (false alarms per 100,000 optimizer steps), and runs that break (detected before their metric dropped,
+or not). The model is trained on scikit-learn's digits (a 64-128-64-10 MLP or a small CNN); accuracy on a held-out
+third is measured every 25 steps; a run's metric "dropped" at the first evaluation 5 points under its best so far.
+
+    python benchmarks/outside_runs.py               # every run, seeds 0 and 1 (about 10 min on 2 cores)
+    python benchmarks/outside_runs.py --seeds 1 --quick   # short runs: a smoke test, not results
+    python benchmarks/outside_runs.py --max-overhead none # the per-step channels read at every step
+
+Runs (healthy unless marked):
+- ``adamw_warmup_cosine``: the CNN, AdamW, linear warm-up over 200 steps, cosine to 0 (3000 steps)
+- ``onecycle``: the MLP, SGD with Nesterov momentum, `OneCycleLR` (3000 steps)
+- ``fp16_scaler``: the MLP under fp16 autocast with a real `torch.amp.GradScaler` (growth every 100 steps)
+- ``resumed_finetune``: 1500 steps, then a new monitor and a new Adam at a tenth of the rate on the other half of
+  the training set (1500 steps)
+- ``accumulate_clip``: the CNN, 4 micro-batches per step, clipping at 1.0, RMSprop (2000 steps)
+- ``long_restarts``: the MLP, SGD, `CosineAnnealingWarmRestarts` every 2000 steps (20,000 steps)
+- ``lr_x50_at_40`` (failure, at 40): the MLP's rate x50 from step 40
+- ``lr_x20_jump`` (failure, at 1500): the CNN under Adam, rate x20 from step 1500
+- ``labels_shuffled`` (failure, at 1000): the MLP's training labels shuffled from step 1000
+- ``dead_layer`` (failure, at 30): the watched layer's biases pushed to -50 at step 30 (its output constant 0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from topo_callbacks.core.monitor import CollapseMonitorCore
+
+EVAL_EVERY = 25
+DROP_POINTS = 5.0
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    model: str  # "mlp" or "cnn"
+    steps: int
+    make_opt: Callable[[nn.Module, int], tuple[torch.optim.Optimizer, Any]]
+    fail_at: int | None = None
+    lr_factor: Callable[[int], float] = lambda step: 1.0
+    fp16: bool = False
+    accumulate: int = 1
+    clip: float | None = None
+    shuffle_from: int | None = None
+    dead_at: int | None = None
+    resume_at: int | None = None
+
+
+@dataclass
+class Outcome:
+    run: str
+    seed: int
+    steps: int
+    fail_at: int | None
+    dropped_at: int | None
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def detected(self) -> bool:
+        first = self.alarms[0]["start"] if self.alarms else None
+        limit = self.dropped_at if self.dropped_at is not None else self.steps + 1
+        return self.fail_at is not None and first is not None and self.fail_at <= first < limit
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
+        self.embed = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(self.body(x)))
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(32 * 64, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(self.body(x.view(-1, 1, 8, 8))))
+
+
+def _sgd(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return opt, None
+
+
+def _warmup_cosine(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    warm = 200
+
+    def factor(i: int) -> float:
+        return (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _onecycle(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
+
+
+def _rmsprop(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    return torch.optim.RMSprop(model.parameters(), lr=5e-4), None
+
+
+def _restarts(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2000, eta_min=5e-4)
+
+
+def _adam(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    return torch.optim.Adam(model.parameters(), lr=1e-3), None
+
+
+RUNS = [
+    Run("adamw_warmup_cosine", "cnn", 3000, _warmup_cosine),
+    Run("onecycle", "mlp", 3000, _onecycle),
+    Run("fp16_scaler", "mlp", 3000, _sgd, fp16=True),
+    Run("resumed_finetune", "mlp", 3000, _adam, resume_at=1500),
+    Run("accumulate_clip", "cnn", 2000, _rmsprop, accumulate=4, clip=1.0),
+    Run("long_restarts", "mlp", 20000, _restarts),
+    Run("lr_x50_at_40", "mlp", 600, _sgd, fail_at=40, lr_factor=lambda s: 50.0 if s >= 40 else 1.0),
+    Run("lr_x20_jump", "cnn", 2500, _adam, fail_at=1500, lr_factor=lambda s: 20.0 if s >= 1500 else 1.0),
+    Run("labels_shuffled", "mlp", 1500, _sgd, fail_at=1000, shuffle_from=1000),
+    Run("dead_layer", "mlp", 600, _sgd, fail_at=30, dead_at=30),
+]
+
+
+def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 + seed))
+    x, y = x[order], y[order]
+    cut = 2 * len(x) // 3
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def _monitor(max_overhead: float | None) -> CollapseMonitorCore:
+    return CollapseMonitorCore("embed", every_n_train_steps=25, max_samples=256, max_overhead=max_overhead)
+
+
+def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outcome:
+    """Train ``run`` with the default monitor and return what its alarm did."""
+    torch.manual_seed(seed)
+    steps = min(run.steps, 600) if quick else run.steps
+    x, y, xv, yv = _data(seed)
+    model = MLP() if run.model == "mlp" else CNN()
+    opt, sched = run.make_opt(model, steps)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100) if run.fp16 else None
+    monitor = _monitor(max_overhead)
+    monitor.attach(model)
+    episodes: list[dict[str, Any]] = []
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.arange(len(x)) if run.resume_at is None else torch.arange(len(x) // 2)
+    best, dropped = -1.0, None
+    skipped_total = 0
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, steps + 1):
+            if run.resume_at is not None and step == run.resume_at + 1:
+                # a fine-tuning run: a new process would build a new monitor and optimizer
+                episodes += monitor.summary().get("episodes", [])
+                skipped_total += int(monitor.summary().get("skipped_steps", 0))
+                monitor.detach()
+                monitor = _monitor(max_overhead)
+                monitor.attach(model)
+                opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+                sched, base_lrs = None, [1e-4]
+                pool = torch.arange(len(x) // 2, len(x))
+            if run.dead_at is not None and step == run.dead_at:
+                with torch.no_grad():
+                    model.embed[-2].bias.sub_(50.0)  # type: ignore[index]
+            for group, lr0 in zip(opt.param_groups, base_lrs, strict=True):
+                if sched is None:
+                    group["lr"] = lr0 * run.lr_factor(step)
+            lr = float(opt.param_groups[0]["lr"])
+            monitor.prepare_step(step)
+            opt.zero_grad(set_to_none=True)
+            total = torch.zeros(())
+            for _ in range(run.accumulate):
+                idx = pool[torch.randint(0, len(pool), (64,), generator=g)]
+                labels = y[idx]
+                if run.shuffle_from is not None and step >= run.shuffle_from:
+                    labels = labels[torch.randperm(len(labels), generator=g)]
+                with torch.autocast("cpu", dtype=torch.float16, enabled=run.fp16):
+                    loss = nn.functional.cross_entropy(model(x[idx]), labels) / run.accumulate
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                total = total + loss.detach().float()
+            if scaler is not None:
+                scaler.unscale_(opt)
+            monitor.add_loss(total)
+            grad_norm = monitor.step_grad_norm(model.parameters(), step)
+            if run.clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), run.clip)
+            skipped = False
+            if scaler is not None:
+                before = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                skipped = scaler.get_scale() < before
+            else:
+                opt.step()
+            if sched is not None:
+                sched.step()
+            monitor.observe_step(step, grad_norm=grad_norm, lr=lr, skipped=skipped)
+            if monitor.is_check_step(step):
+                monitor.run_check(step)
+            if step % EVAL_EVERY == 0:
+                model.eval()
+                with torch.no_grad():
+                    acc = 100.0 * float((model(xv).argmax(1) == yv).float().mean())
+                model.train()
+                if dropped is None and run.fail_at is not None and step >= run.fail_at and acc < best - DROP_POINTS:
+                    dropped = step
+                best = max(best, acc)
+    summary = monitor.summary()
+    monitor.detach()
+    episodes += summary.get("episodes", [])
+    skipped_total += int(summary.get("skipped_steps", 0))
+    alarms = [{k: e.get(k) for k in ("start", "end", "channel", "kind")} for e in episodes]
+    return Outcome(run.name, seed, steps, run.fail_at, dropped, alarms, skipped_total, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--runs", nargs="+", default=[r.name for r in RUNS], choices=[r.name for r in RUNS])
+    parser.add_argument("--max-overhead", default="0.02", help="the monitor's max_overhead (a share, or 'none')")
+    parser.add_argument("--quick", action="store_true", help="runs cut to 600 steps: a smoke test")
+    parser.add_argument("--json", help="write the outcomes here")
+    args = parser.parse_args(argv)
+    budget = None if args.max_overhead.lower() == "none" else float(args.max_overhead)
+    torch.set_num_threads(1)
+    outcomes = []
+    for run in [r for r in RUNS if r.name in args.runs]:
+        for seed in range(args.seeds):
+            out = train(run, seed, budget, args.quick)
+            outcomes.append(out)
+            what = "healthy" if run.fail_at is None else f"fails at {run.fail_at}, metric dropped at {out.dropped_at}"
+            found = "" if run.fail_at is None else ("  DETECTED" if out.detected else "  missed")
+            print(f"{run.name:22s} seed {seed}: {out.steps:6d} steps, {what}; alarms "
+                  f"{[(a['start'], a['channel'], a['kind']) for a in out.alarms]}; skipped {out.skipped_steps}"
+                  f"{found}  ({out.wall_s:.0f} s)", flush=True)  # fmt: skip
+    healthy = [o for o in outcomes if o.fail_at is None]
+    h_steps = sum(o.steps for o in healthy)
+    # failure runs count as healthy up to their failure
+    pre = [(o, [a for a in o.alarms if a["start"] < o.fail_at]) for o in outcomes if o.fail_at is not None]
+    h_steps += sum(o.fail_at - 1 for o, _ in pre if o.fail_at is not None)
+    h_alarms = sum(len(o.alarms) for o in healthy) + sum(len(a) for _, a in pre)
+    failing = [o for o in outcomes if o.fail_at is not None and o.dropped_at is not None]
+    print(f"\nmax_overhead={budget}: {h_alarms} alarm episodes in {h_steps:,} healthy optimizer steps "
+          f"({1e5 * h_alarms / max(h_steps, 1):.2f} per 100,000); failures detected before the metric dropped: "
+          f"{sum(o.detected for o in failing)}/{len(failing)} (runs whose metric did not drop: "
+          f"{sum(1 for o in outcomes if o.fail_at is not None and o.dropped_at is None)})")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([o.__dict__ for o in outcomes], fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
