@@ -187,7 +187,9 @@ def test_the_loss_of_a_step_not_read_joins_the_next_read() -> None:
     for step, loss in zip(range(201, 209), [2.0, 3.0, 4.0, 5.0, 1.0, 1.0, 1.0, 9.0], strict=True):
         monitor.observe_step(step, loss=loss, grad_norm=1.0)
     assert list(monitor.detector.states["loss"].reference)[-2:] == [3.5, 3.0]
-    assert len(monitor.detector.states["loss"].reference) == STEP_WINDOW  # 200 read, then 2 (the window keeps 200)
+    # the references keep about STEP_WINDOW optimizer steps: 50 reads at 1 step in 4
+    assert len(monitor.detector.states["loss"].reference) == STEP_WINDOW // 4
+    assert monitor.detector.states["grad_norm"].reference.maxlen == STEP_WINDOW // 4
 
 
 def test_the_trial_check_comes_once_per_run_and_the_next_check_has_its_full_sample() -> None:

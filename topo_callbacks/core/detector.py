@@ -617,6 +617,15 @@ class CusumDetector:
         )
         return self.absolute_event(step, "embeddings", effective_rank, AlarmKind.COLLAPSED, detail, hold)
 
+    def set_step_window(self, reads: int) -> None:
+        """Keep the per-step channels' references to their last ``reads`` values: a monitor that reads every k-th step
+        only keeps them over about as many optimizer steps as one that reads every step (`STEP_WINDOW`), so that a
+        trend (a warm-up, a decay) leaves them no further behind."""
+        reads = max(int(reads), STEP_MIN_REFERENCE)
+        for name, state in self.states.items():
+            if CHANNELS[name].reads == "step" and state.reference.maxlen != reads:
+                state.reference = ReferenceWindow(list(state.reference)[-reads:], maxlen=reads)
+
     def observe_lr(self, step: int, lr: float) -> bool:
         """The learning rate of optimizer step ``step``. A change the schedule made restarts every channel's reference
         (the per-step channels score again after `STEP_MIN_REFERENCE` steps, the check channels after
