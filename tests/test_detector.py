@@ -194,6 +194,21 @@ def test_a_loss_far_out_for_two_steps_alarms_on_the_spike_channel_only() -> None
     assert restored.states["loss_spike"].s_pos == det.states["loss_spike"].s_pos
 
 
+def test_an_extreme_loss_must_pass_every_loss_the_run_has_shown() -> None:
+    """A classifier that has converged (loss ~0.001 after starting at ln 10): a hard batch at 0.2 is 100x the
+    window's largest but under the run's first losses, and is not an extreme value; a loss of 500 is."""
+    cal = DetectorCalibration(0.05, ("loss",), {"loss": 1e9}, 1.0)  # the CUSUM never fires: the rule alone
+    det = CusumDetector(cal)
+    losses = [2.3 * 0.97**i for i in range(100)] + [0.001 + 0.0001 * (i % 3) for i in range(300)]
+    assert all(det.update("loss", v, s) is None for s, v in enumerate(losses, 1))
+    assert det.update("loss", 0.2, 401) is None
+    fired = det.update("loss", 500.0, 402)
+    assert fired is not None and fired.kind == "extreme"
+    restored = CusumDetector(cal)
+    restored.load_state_dict(det.state_dict())
+    assert restored.states["loss"].peak == det.states["loss"].peak == 500.0
+
+
 def test_the_firing_says_which_channel_with_its_value_baseline_and_score() -> None:
     cal = DetectorCalibration(0.05, ("loss",), {"loss": 5.0}, 1.0)
     det = CusumDetector(cal)

@@ -62,7 +62,7 @@ CAP = 2.0
 #: An episode ends when the detector's level (its statistic over the threshold) falls under this.
 END_LEVEL = 0.5
 #: Extreme values alarm at once, without accumulating: a loss this many times the largest of its reference window,
-#: a gradient norm this many times the largest of its.
+#: a gradient norm this many times the largest of its, and either past every value the run has shown.
 EXTREME_RATIO = {"loss": 100.0, "grad_norm": 1000.0}
 #: The fast rule for abrupt breaks: the loss or the gradient norm further than these many robust standard deviations
 #: from its reference (unclipped) for `ABRUPT_STEPS` steps in a row alarms at once. Set at about twice the largest
@@ -318,6 +318,8 @@ class _ChannelState:
     down: int = 0
     #: the last step (or check's step) at which the channel's CUSUM stood at 0: the change point of an alarm on it
     zero_step: int = 0
+    #: the largest value fed (on the channel's scale), kept when the reference restarts
+    peak: float = -math.inf
 
     def statistic(self, side: str) -> float:
         return max(self.s_pos, self.s_neg) if side == "both" else (self.s_pos if side == "up" else self.s_neg)
@@ -451,7 +453,10 @@ class CusumDetector:
         ratio = EXTREME_RATIO.get(name)
         if ratio is not None and len(state.reference) >= spec.min_reference:
             top = state.reference.max()
-            if x > top + (math.log(ratio) if spec.log else (ratio - 1.0) * abs(top)) and (spec.log or top != 0.0):
+            # and past every value the run has shown (its first losses included): a converged loss near 0 whose hard
+            # batch is 100x the window's largest is not extreme
+            far = x > top + (math.log(ratio) if spec.log else (ratio - 1.0) * abs(top)) and x > state.peak
+            if far and (spec.log or top != 0.0):
                 largest = _untransform(top, spec.log)
                 fired = self.absolute_event(step, name, value, AlarmKind.EXTREME,
                                             f"value {value:.4g} is over {ratio:g}x the largest of its last"
@@ -474,6 +479,7 @@ class CusumDetector:
             state.zero_step = step
         state.step = step
         state.reference.append(x)
+        state.peak = max(state.peak, x)
         fired = self._crossed(name, step, value, state) or fired
         for derived in self._derived.get(name, ()):
             d_state = self.states[derived]
@@ -737,7 +743,7 @@ class CusumDetector:
             "channels": {
                 name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": _nan_none(s.value),
                        "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step, "up": s.up, "down": s.down,
-                       "zero_step": s.zero_step}
+                       "zero_step": s.zero_step, "peak": None if s.peak == -math.inf else s.peak}
                 for name, s in self.states.items()
             },
             "fired": None if self.fired is None else _plain(vars(self.fired)),
@@ -766,6 +772,8 @@ class CusumDetector:
             s.step = int(data.get("step", -1))
             s.up, s.down = int(data.get("up", 0)), int(data.get("down", 0))
             s.zero_step = int(data.get("zero_step", 0))
+            peak = data.get("peak")
+            s.peak = -math.inf if peak is None else float(peak)
         fired = state.get("fired")
         self.fired = None if fired is None else DetectorFiring(**_unplain(fired))
         self.episodes = [_unplain(dict(e)) for e in state.get("episodes", [])]

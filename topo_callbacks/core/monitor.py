@@ -184,7 +184,9 @@ class CollapseMonitorCore:
             alone costs more than `STRIDE_FROM` (4) times the budget (steps of a millisecond or less; below that the
             budget may be exceeded: the per-step channels carry the detector): then the per-step channels are read at
             every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a per-step alarm comes up to
-            that many steps later. The detector's calibration is per read for the per-step channels and per check for
+            that many steps later. Every one of a process's first `STEP_WINDOW` (200) steps is read whatever the
+            stride (a run broken from its start is scored from its start), the loss of a step not read is averaged
+            into the next read's, and the per-step references keep about 200 optimizer steps of reads. The detector's calibration is per read for the per-step channels and per check for
             the check channels: reading or checking less often makes false alarms rarer per step and alarms later, not
             false alarms more frequent.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
