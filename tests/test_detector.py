@@ -203,7 +203,8 @@ def test_an_extreme_loss_must_pass_every_loss_the_run_has_shown() -> None:
     assert all(det.update("loss", v, s) is None for s, v in enumerate(losses, 1))
     assert det.update("loss", 0.2, 401) is None
     fired = det.update("loss", 500.0, 402)
-    assert fired is not None and fired.kind == "extreme"
+    assert fired is not None
+    assert fired.kind == "extreme"
     restored = CusumDetector(cal)
     restored.load_state_dict(det.state_dict())
     assert restored.states["loss"].peak == det.states["loss"].peak == 500.0
