@@ -546,14 +546,14 @@ class CollapseMonitorCore:
         if self._unread_count and loss is not None:
             loss = (self._unread_loss + loss) / (self._unread_count + 1)
         self._unread_loss, self._unread_count = 0.0, 0
-        reads = STEP_WINDOW
+        window = STEP_WINDOW
         if step > self._read_all_until:
-            reads = max(STEP_WINDOW // self.observe_every, STEP_MIN_REFERENCE)
-        if self.detector is not None and self.detector.states["loss"].reference.maxlen != reads:
+            window = max(STEP_WINDOW // self.observe_every, STEP_MIN_REFERENCE)
+        if self.detector is not None and self.detector.states["loss"].reference.maxlen != window:
             # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride (a loaded or restored
             # state comes back with STEP_WINDOW): a wider window lags behind a trend (a warm-up) and false-alarmed on
             # the benchmark's replay
-            self.detector.set_step_window(reads)
+            self.detector.set_step_window(window)
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
         row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale]
