@@ -185,7 +185,8 @@ def test_the_loss_of_a_step_not_read_joins_the_next_read() -> None:
     monitor.observe_every = 4
     assert [monitor.observes(s) for s in range(201, 209)] == [False, False, False, True] * 2
     for step, loss in zip(range(201, 209), [2.0, 3.0, 4.0, 5.0, 1.0, 1.0, 1.0, 9.0], strict=True):
-        monitor.observe_step(step, loss=loss, grad_norm=1.0)
+        monitor.observe_step(step, loss=loss, grad_norm=1.0, skipped=step == 202)  # an fp16 skip on a step not read
+    assert monitor.skipped_steps == 1
     assert list(monitor.detector.states["loss"].reference)[-2:] == [3.5, 3.0]
     # the references keep about STEP_WINDOW optimizer steps: 50 reads at 1 step in 4
     assert len(monitor.detector.states["loss"].reference) == STEP_WINDOW // 4

@@ -542,6 +542,8 @@ class CollapseMonitorCore:
             if loss is not None:
                 self._unread_loss = self._unread_loss + loss
                 self._unread_count += 1
+            if skipped is True and self.detector is not None:  # counted (a flag on the device is not read here)
+                self.detector.skipped_steps += 1
             return None
         if self._unread_count and loss is not None:
             loss = (self._unread_loss + loss) / (self._unread_count + 1)
