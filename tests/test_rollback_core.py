@@ -443,8 +443,42 @@ def test_gives_up_after_max_rollbacks() -> None:
     assert "configuration" in stop.message
     assert "lower learning rate" in stop.message
     assert "fresh data" in stop.message
-    assert ctl.num_rollbacks == 2  # the stop changed nothing
+    assert ctl.num_rollbacks == 2  # the stop lowered nothing
     assert ctl.total_factor == 0.25
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_giving_up_restores_the_last_healthy_snapshot_unless_told_not_to(restore: bool) -> None:
+    """`restore_on_stop`: the run stops on the newest snapshot older than the onset (the weights it then leaves are
+    that snapshot's, bit for bit), not on the weights the failure left; False keeps those."""
+    run = Run(scaler=False)
+    policy = RollbackPolicy(max_rollbacks=1, snapshot_every=5, restore_on_stop=restore)
+    ctl = RollbackController(run.state(), policy)
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    stop = None
+    for step in range(1, 30):
+        run.step()
+        if ctl.maybe_snapshot(step, quiet=True) is not None:
+            kept[step] = {k: v.clone() for k, v in run.model.state_dict().items()}
+        if step == 12:
+            assert ctl.rollback(onset_step=11, alarm_step=12, channel="loss").action == "rollback"
+        if step == 27:
+            stop = ctl.rollback(onset_step=26, alarm_step=27, channel="loss")
+            break  # the run stops here
+    assert stop is not None
+    assert stop.action == "stop"
+    assert stop.reason is RollbackReason.MAX_ROLLBACKS
+    now = run.model.state_dict()
+    healthy = max(s for s in kept if s < 26)
+    if restore:
+        assert ctl.restored_on_stop == healthy
+        assert f"step {healthy} restored" in stop.message
+        assert all(torch.equal(now[k], v) for k, v in kept[healthy].items())
+    else:
+        assert ctl.restored_on_stop is None
+        assert stop.message.endswith("Stopping.")
+        assert not all(torch.equal(now[k], v) for k, v in kept[healthy].items())
+    assert ctl.total_factor == 0.5  # one rollback's cut: the stop lowers nothing
 
 
 def test_stops_with_nothing_healthy_to_go_back_to() -> None:

@@ -1041,6 +1041,8 @@ class CollapseMonitorCore:
             "rollbacks": self.rollbacks,
             "lr_factor": self.lr_factor,
             "rollback_stop": self.rollback_stop,
+            # the step whose snapshot was restored when the policy gave up (`RollbackPolicy.restore_on_stop`)
+            "restored_on_stop": None if self.rollback_controller is None else self.rollback_controller.restored_on_stop,
             "snapshots": self._snapshot_stats(),
         }
 

@@ -123,13 +123,18 @@ class RollbackPolicy:
             an onset estimated late.
         storage: ``"memory"`` (host-memory copies, `TrainingState`) or ``"framework"`` (the framework's own
             checkpoints through a `FrameworkStorage` the adapter provides).
+        restore_on_stop: when the policy gives up after ``max_rollbacks``, restore the newest snapshot taken before
+            the alarm's onset before the run stops (as Keras' ``EarlyStopping(restore_best_weights=True)``), so that
+            the run leaves the last healthy weights rather than the failed ones (the learning rate is not lowered
+            again). False: stop on the weights the failure left.
 
     Raises:
         ValueError: naming the argument and what it accepts.
 
     Example:
-        >>> RollbackPolicy(lr_factor=0.25, keep=2)
-        RollbackPolicy(lr_factor=0.25, max_rollbacks=3, snapshot_every=100, keep=2, min_lookback=0, storage='memory')
+        >>> policy = RollbackPolicy(lr_factor=0.25, keep=2)
+        >>> policy.lr_factor, policy.keep, policy.max_rollbacks, policy.restore_on_stop
+        (0.25, 2, 3, True)
         >>> RollbackPolicy(lr_factor=2.0)
         Traceback (most recent call last):
             ...
@@ -142,6 +147,7 @@ class RollbackPolicy:
     keep: int = 3
     min_lookback: int = 0
     storage: Literal["memory", "framework"] = "memory"
+    restore_on_stop: bool = True
 
     def __post_init__(self) -> None:
         factor = as_real(self.lr_factor, "lr_factor", "a number in (0, 1]")
@@ -158,6 +164,8 @@ class RollbackPolicy:
         object.__setattr__(self, "min_lookback", _as_int(self.min_lookback, "min_lookback", 0, "an int >= 0"))
         if not isinstance(self.storage, str) or self.storage not in _STORAGE:
             raise ValueError(f"`storage` must be 'memory' or 'framework'; got {self.storage!r}.")
+        if not isinstance(self.restore_on_stop, bool):
+            raise ValueError(f"`restore_on_stop` must be True or False; got {self.restore_on_stop!r}.")
 
     def as_dict(self) -> dict[str, Any]:
         """The policy as plain data (for a JSON config or a constructor argument that must be plain).
@@ -793,6 +801,8 @@ class RollbackController:
         self.restore_rng = bool(restore_rng)
         self.rollbacks: list[dict[str, Any]] = []
         self.total_factor = 1.0
+        #: the step of the snapshot restored when the policy gave up (`RollbackPolicy.restore_on_stop`), else None
+        self.restored_on_stop: int | None = None
         self._ring: deque[Snapshot] = deque()
         self._spare: list[Snapshot] = []  # snapshots that left the ring, kept for their buffers
         self._last_step: int | None = None
@@ -905,9 +915,17 @@ class RollbackController:
                 f"The alarm on {channel!r} at step {alarm_step} came back after {n} rollback{'s' if n != 1 else ''},"
                 f" each with a lower learning rate (now {self.total_factor:g}x the schedule) and fresh data: the"
                 " failure is probably in the configuration (objective, architecture, data), not in a bad batch or an"
-                " unlucky step. Stopping."
+                " unlucky step. Stopping"
             )
-            return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message)
+            target = self.choose(onset) if self.policy.restore_on_stop else None
+            if target is None:
+                return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message + ".")
+            if self.framework is not None:
+                self.framework.load(target.handle)
+            extra = self.state.restore(target, rng=self.restore_rng)
+            self.restored_on_stop = target.step
+            message += f", with the training state of step {target.step} restored (the last healthy snapshot)."
+            return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message, None, extra)
         target = self.choose(onset)
         # ``detector_onset``: the detector's own change point, when ``onset_step`` was moved back further (a caller
         # that suspects the snapshot it last restored); the drift is judged on the detector's estimate
