@@ -178,7 +178,7 @@ def _replay(
         scale = float(scales[step]) if step < len(scales) else None
         # `CollapseMonitorCore.observes`: the loss of a step not read is fed averaged with the next read's
         if step_stride > 1 and step == read_all_until + 1:
-            detector.set_step_window(STEP_WINDOW // step_stride)
+            detector.set_step_window(step_stride)
         if step_stride == 1 or step <= read_all_until or step % step_stride == 0 or step in checks:
             if unread and "loss" in values:
                 values["loss"] = (sum(unread) + values["loss"]) / (len(unread) + 1)

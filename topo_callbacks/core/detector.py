@@ -114,8 +114,8 @@ class Channel:
     #: examples); ``"loss_fn"``: only when the user gives a loss on a fixed batch
     source: str = "any"
     #: the CUSUM's allowance and the largest score one point adds
-    allowance: float = 1.0
-    clip: float = 8.0
+    allowance: float = ALLOWANCE
+    clip: float = CLIP
     #: a channel that accumulates another channel's scores with its own allowance and clip (it is never fed itself)
     of: str | None = None
 
@@ -466,7 +466,7 @@ class CusumDetector:
             med, scale = state.reference.location_scale(max(spec.floor, floor or 0.0))
             state.baseline = _untransform(med, spec.log)
             raw = (x - med) / scale
-            state.score = min(max(raw, -CLIP), CLIP)
+            state.score = min(max(raw, -spec.clip), spec.clip)
             if name in _ALWAYS:
                 fired = self._abrupt(step, name, value, raw, state) or fired
         if name in self.channels and scored:
@@ -623,11 +623,14 @@ class CusumDetector:
         )
         return self.absolute_event(step, "embeddings", effective_rank, AlarmKind.COLLAPSED, detail, hold)
 
-    def set_step_window(self, reads: int) -> None:
-        """Keep the per-step channels' references to their last ``reads`` values: a monitor that reads every k-th step
-        only keeps them over about as many optimizer steps as one that reads every step (`STEP_WINDOW`), so that a
-        trend (a warm-up, a decay) leaves them no further behind."""
-        reads = max(int(reads), STEP_MIN_REFERENCE)
+    def set_step_window(self, stride: int) -> None:
+        """The per-step channels read at every ``stride``-th optimizer step: their references keep the last
+        ``STEP_WINDOW // stride`` values (at least `STEP_MIN_REFERENCE`), about as many optimizer steps as a monitor
+        reading every step keeps, so that a trend (a warm-up, a decay) leaves them no further behind. Costs a
+        comparison when the length is already that (a loaded or restored state comes back with `STEP_WINDOW`)."""
+        reads = max(STEP_WINDOW // max(int(stride), 1), STEP_MIN_REFERENCE)
+        if self.states["loss"].reference.maxlen == reads:
+            return
         for name, state in self.states.items():
             if CHANNELS[name].reads == "step" and state.reference.maxlen != reads:
                 state.reference = ReferenceWindow(list(state.reference)[-reads:], maxlen=reads)

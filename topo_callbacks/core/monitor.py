@@ -33,7 +33,6 @@ from topo_callbacks.core.detector import (
     _ALWAYS,
     ABSOLUTE_HOLD,
     CHANNELS,
-    STEP_MIN_REFERENCE,
     STEP_WINDOW,
     ZERO_GRAD_STEPS,
     CusumDetector,
@@ -548,14 +547,10 @@ class CollapseMonitorCore:
         if self._unread_count and loss is not None:
             loss = (self._unread_loss + loss) / (self._unread_count + 1)
         self._unread_loss, self._unread_count = 0.0, 0
-        window = STEP_WINDOW
-        if step > self._read_all_until:
-            window = max(STEP_WINDOW // self.observe_every, STEP_MIN_REFERENCE)
-        if self.detector is not None and self.detector.states["loss"].reference.maxlen != window:
-            # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride (a loaded or restored
-            # state comes back with STEP_WINDOW): a wider window lags behind a trend (a warm-up) and false-alarmed on
-            # the benchmark's replay
-            self.detector.set_step_window(window)
+        if self.detector is not None:
+            # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride: a wider window lags
+            # behind a trend (a warm-up) and false-alarmed on the benchmark's replay
+            self.detector.set_step_window(1 if step <= self._read_all_until else self.observe_every)
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
         row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale]

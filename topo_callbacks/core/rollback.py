@@ -920,9 +920,7 @@ class RollbackController:
             target = self.choose(onset) if self.policy.restore_on_stop else None
             if target is None:
                 return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message + ".")
-            if self.framework is not None:
-                self.framework.load(target.handle)
-            extra = self.state.restore(target, rng=self.restore_rng)
+            extra = self._restore(target)
             self.restored_on_stop = target.step
             message += f", with the training state of step {target.step} restored (the last healthy snapshot)."
             return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message, None, extra)
@@ -945,9 +943,7 @@ class RollbackController:
             )
             return RollbackDecision("stop", RollbackReason.NO_SNAPSHOT, message)
         t0 = time.perf_counter()
-        if self.framework is not None:
-            self.framework.load(target.handle)
-        extra = self.state.restore(target, rng=self.restore_rng)
+        extra = self._restore(target)
         # the newer snapshots may hold the failure: drop them (the newest dropped keeps its buffers for reuse)
         while self._ring and self._ring[-1] is not target:
             dropped = self._ring.pop()
@@ -973,6 +969,13 @@ class RollbackController:
             f" (rollback {self.num_rollbacks} of {self.policy.max_rollbacks})."
         )
         return RollbackDecision("rollback", RollbackReason.ROLLED_BACK, message, dict(entry), extra)
+
+    def _restore(self, target: Snapshot) -> dict[str, Any] | None:
+        """Load ``target`` into the live training objects (through the framework's checkpoint first, if any); returns
+        the ``extra`` state captured with it."""
+        if self.framework is not None:
+            self.framework.load(target.handle)
+        return self.state.restore(target, rng=self.restore_rng)
 
     def _install_lr_hooks(self) -> None:
         if self._scalers:
