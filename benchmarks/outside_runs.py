@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from topo_callbacks.bench.tasks import DigitsMLP
 from topo_callbacks.core.monitor import CollapseMonitorCore
 
 EVAL_EVERY = 25
@@ -82,17 +83,6 @@ class Outcome:
         first = self.alarms[0]["start"] if self.alarms else None
         limit = self.dropped_at if self.dropped_at is not None else self.steps + 1
         return self.fail_at is not None and first is not None and self.fail_at <= first < limit
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
-        self.embed = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(self.body(x)))
 
 
 class CNN(nn.Module):
@@ -174,7 +164,7 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
     torch.manual_seed(seed)
     steps = min(run.steps, 600) if quick else run.steps
     x, y, xv, yv = _data(seed)
-    model = MLP() if run.model == "mlp" else CNN()
+    model = DigitsMLP() if run.model == "mlp" else CNN()
     opt, sched = run.make_opt(model, steps)
     base_lrs = [g["lr"] for g in opt.param_groups]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100) if run.fp16 else None

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from topo_callbacks.bench.tasks import DigitsMLP
 from topo_callbacks.core import CollapseMonitorCore
 from topo_callbacks.core.detector import CAP, CusumDetector, DetectorCalibration, default_calibration
 
@@ -26,17 +27,6 @@ def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target)
     return (x, y) if n is None else (x[:n], y[:n])
-
-
-class DigitsMLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
-        self.embed = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(self.body(x)))
 
 
 def plain_loop(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BatchStream", "Task", "digits", "stdlib_text"]
+__all__ = ["BatchStream", "DigitsMLP", "Task", "digits", "stdlib_text"]
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -43,6 +43,25 @@ def digits(seed: int, classes: tuple[int, ...] | None = None) -> tuple[Tensor, T
         a, b = torch.isin(y_train, keep), torch.isin(y_test, keep)
         x_train, y_train, x_test, y_test = x_train[a], y_train[a], x_test[b], y_test[b]
     return x_train, y_train, x_test, y_test
+
+
+class DigitsMLP(nn.Module):
+    """A 64-128-64-10 ReLU classifier for the digits, its 64-wide hidden layer named ``embed`` (the layer to watch):
+    the model of the alarm's tests and of ``benchmarks/outside_runs.py``.
+
+    Example:
+        >>> DigitsMLP()(torch.zeros(5, 64)).shape
+        torch.Size([5, 10])
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU())
+        self.embed = nn.Sequential(nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(self.body(x)))
 
 
 def augment(x: Tensor, g: torch.Generator) -> Tensor:
