@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from topo_callbacks.bench.cusum import fit_calibration, fused_series, on_step_grid
 from topo_callbacks.bench.protocol import clopper_pearson
@@ -23,6 +25,7 @@ from topo_callbacks.functional.detector import (
     cusum,
     robust_zscore,
     rolling_robust_zscores,
+    sorted_location_scale,
     standardized_cusum,
 )
 
@@ -285,3 +288,23 @@ def test_global_grad_norm_is_clip_grad_norms_value() -> None:
     expected = float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
     assert global_grad_norm(model.parameters()) == pytest.approx(expected, rel=1e-6)
     assert global_grad_norm(torch.nn.Linear(2, 2).parameters()) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.floats(-1e6, 1e6, allow_nan=False), st.sampled_from([0.0, 1.0, -1.0, 2.5])),
+        min_size=1,
+        max_size=60,
+    ),
+    st.floats(0.0, 10.0),
+)
+def test_sorted_location_scale_is_numpys_median_and_mad(values: list[float], floor: float) -> None:
+    """The detector's median and MAD from a sorted window (a binary search over two runs of deviations, run at every
+    optimizer step) equal numpy's on the same values, ties and repeated values included."""
+    med, scale = sorted_location_scale(sorted(values), floor)
+    x = np.asarray(values)
+    expected_med = float(np.median(x))
+    expected_mad = float(np.median(np.abs(x - expected_med)))
+    assert med == pytest.approx(expected_med, rel=1e-12, abs=1e-9)
+    assert scale == pytest.approx(max(1.4826 * expected_mad, floor), rel=1e-12, abs=1e-9)

@@ -25,7 +25,7 @@ from topo_callbacks.core import CollapseMonitorCore
 from topo_callbacks.core.budget import MAX_STRIDE, MIN_SAMPLES, check_spacing
 from topo_callbacks.core.detector import STEP_WINDOW
 from topo_callbacks.core.monitor import CheckResult
-from topo_callbacks.core.step_reads import StepReads
+from topo_callbacks.core.step_reads import HOST_READ_EVERY, StepReads
 
 
 def _mlp(width: int = 32) -> nn.Module:
@@ -342,3 +342,52 @@ def test_every_rank_takes_the_same_schedule_and_reads(tmp_path: Path) -> None:
     schedule = ("check_every", "observe_every", "max_samples", "reads")
     assert [r0[k] for k in schedule] == [r1[k] for k in schedule]
     assert r0["detector"] == r1["detector"]  # the per-step values were averaged over the ranks, batch by batch
+
+
+def test_a_costly_per_step_path_is_scored_in_batches_on_the_cpu_and_every_step_still_counts() -> None:
+    """Steps of 5 ms under the default 2% budget: the per-step work (tens of microseconds, more right after a step)
+    is over a quarter of the budget and well under 4x it, so the budget scores the CPU's per-step values in batches of
+    `HOST_READ_EVERY` instead of reading fewer steps. Every step still reaches the detector (the last batch at the
+    end of training), and an extreme loss is scored at the step it happens, not with its batch."""
+    monitor = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128)
+    monitor.attach(model := _mlp())
+    _train(monitor, model, 61, sleep_s=0.005)
+    assert monitor.observe_every == 1
+    assert monitor._step_reads is not None
+    assert monitor._step_reads.read_every == HOST_READ_EVERY
+    fed = len(monitor.detector.states["loss"].reference) + len(monitor._step_reads)
+    assert fed == 61
+    monitor.end_of_training(61)
+    assert len(monitor._step_reads) == 0
+    assert len(monitor.detector.states["loss"].reference) == 61
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fired = _train(monitor, model, 10, start=62, jump_at=66, sleep_s=0.005).fired
+    assert fired
+    assert (fired[0][0], fired[0][1].step) == (66, 66)
+
+
+def test_a_batch_of_host_values_alarms_on_the_same_step_at_most_a_batch_later() -> None:
+    """A moderate rise (no value doubles its reference: nothing urgent) read in batches of 8 on the CPU alarms on the
+    same step as when read every step, returned with its batch; a loss 1e6x its reference is returned at once."""
+    import random
+
+    rng = random.Random(0)
+    losses = [1.0 + 0.05 * rng.random() for _ in range(300)] + [1.6 + 0.05 * rng.random() for _ in range(60)]
+    seen = {}
+    for every in (1, 8):
+        monitor = CollapseMonitorCore("0", every_n_train_steps=10_000, read_every_n_steps=every, max_overhead=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fired = [(s, monitor.observe_step(s, loss=v, grad_norm=1.0)) for s, v in enumerate(losses, start=1)]
+        first = next((s, r) for s, r in fired if r is not None)
+        seen[every] = (first[0], first[1].step)
+    assert seen[1][0] == seen[1][1] > 300
+    assert seen[8][1] == seen[1][1]
+    assert seen[1][0] <= seen[8][0] <= seen[1][0] + 7
+    monitor = CollapseMonitorCore("0", every_n_train_steps=10_000, read_every_n_steps=8, max_overhead=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s, v in enumerate(losses[:300], start=1):
+            assert monitor.observe_step(s, loss=v, grad_norm=1.0) is None
+        assert monitor.observe_step(301, loss=1e6, grad_norm=1.0) is not None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "HOST_BATCH_FROM",
     "LONGEST_SPACING",
     "MAX_SPACING",
     "MAX_STRIDE",
@@ -41,6 +42,9 @@ LONGEST_SPACING = 100
 MIN_SAMPLES = 128
 #: The most optimizer steps apart the per-step channels are read (`step_stride`).
 MAX_STRIDE = 100
+#: On the CPU the per-step values are scored in batches (`topo_callbacks.core.step_reads.HOST_READ_EVERY` steps) once
+#: the per-step work costs more than this share of ``max_overhead``: every step is still scored, only later.
+HOST_BATCH_FROM = 0.25
 #: The per-step channels are read at every step unless they alone cost more than this many times ``max_overhead``.
 STRIDE_FROM = 4.0
 #: The share of ``max_overhead`` the schedule is planned for: the rest pays a run's start (the trial check, the steps

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.budget import (
+    HOST_BATCH_FROM,
     LONGEST_SPACING,
     MAX_SPACING,
     MIN_SAMPLES,
@@ -59,7 +60,7 @@ from topo_callbacks.core.rollback import (
     TrainingState,
     resolve_on_alarm,
 )
-from topo_callbacks.core.step_reads import DEVICE_READ_EVERY, StepReads
+from topo_callbacks.core.step_reads import DEVICE_READ_EVERY, HOST_READ_EVERY, StepReads
 from topo_callbacks.core.tracker import SOURCES, EngineTracker, Source, unit_rows
 from topo_callbacks.functional._validation import check_eps, drop_nonfinite
 from topo_callbacks.functional.collapse import CollapseReport, collapse_index, resolve_weights
@@ -179,22 +180,27 @@ class CollapseMonitorCore:
             spacing lowers ``max_samples`` instead (down to `MIN_SAMPLES`; ``source="stream"``), once the scale is held
             the sample stays. Timings are averaged over ranks, so every rank checks at the same steps. The realised
             share is logged (``collapse/overhead``) and in `summary`. The per-step work (the gradient norm, reading the
-            loss, the detector's update: tens to hundreds of microseconds on a CPU) is done at every step unless it
-            alone costs more than `STRIDE_FROM` (4) times the budget (steps of a millisecond or less; below that the
-            budget may be exceeded: the per-step channels carry the detector): then the per-step channels are read at
-            every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a per-step alarm comes up to
-            that many steps later. Every one of a process's first `STEP_WINDOW` (200) steps is read whatever the
-            stride (a run broken from its start is scored from its start), the loss of a step not read is averaged
-            into the next read's, and the per-step references keep about 200 optimizer steps of reads. The
-            detector's calibration is per read for the per-step channels and per check for the check channels:
-            reading or checking less often makes false alarms rarer per step and alarms later, not more frequent.
+            loss, the detector's update: tens to hundreds of microseconds on a CPU) is done at every step. On the CPU,
+            once it costs more than a quarter of the budget, the detector scores it in batches of `HOST_READ_EVERY`
+            (8) steps (every step scored, a CUSUM alarm up to 7 steps later, a non-finite, zero or doubled value at
+            once). If it alone still costs more than `STRIDE_FROM` (4) times the budget (steps of a millisecond or
+            less; below that the budget may be exceeded: the per-step channels carry the detector), the per-step
+            channels are read at every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a
+            per-step alarm comes up to that many steps later. Every one of a process's first `STEP_WINDOW` (200) steps
+            is read whatever the stride (a run broken from its start is scored from its start), the loss of a step not
+            read is averaged into the next read's, and the per-step references keep about 200 optimizer steps of
+            reads. The detector's calibration is per read for the per-step channels and per check for the check
+            channels: reading or checking less often makes false alarms rarer per step and alarms later, not more
+            frequent.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
             batches of this many steps, one non-blocking copy per batch (and, under DDP, one all-reduce per batch): no
-            host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (8) on a GPU, every step on the
-            CPU (where a read costs nothing). An alarm of a per-step rule then comes up to this many steps (plus one,
-            while the copy lands; under DDP up to twice this many: a batch is picked up when the next one is due, at
-            the same step on every rank) after the step that caused it, times `observe_every` when ``max_overhead``
-            reads only every k-th step; a check step reads everything first.
+            host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (8) on a GPU; on the CPU every
+            step, or `HOST_READ_EVERY` (8) when ``max_overhead`` finds the per-step work costly. An alarm of a
+            per-step rule then comes up to this many steps (plus one, while the copy lands; under DDP up to twice this
+            many: a batch is picked up when the next one is due, at the same step on every rank) after the step that
+            caused it, times `observe_every` when ``max_overhead`` reads only every k-th step; a check step reads
+            everything first, and on one process a CPU value that is non-finite, zero or over twice its reference's
+            largest is scored at once.
 
     Example (a plain PyTorch loop; the framework adapters make these calls for you):
         >>> import torch
@@ -399,6 +405,8 @@ class CollapseMonitorCore:
         self._next_check = self.every_n_train_steps
         #: the per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)
         self.observe_every = 1
+        #: whether the CPU's per-step values are scored in batches of `HOST_READ_EVERY` steps (set by the budget)
+        self._host_batch = False
         #: every step is read up to this one (the first `STEP_WINDOW` of this process, set at its first step), whatever
         #: ``observe_every``: a run broken from its start is scored from its start, on references of single steps
         self._read_all_until: int | None = None
@@ -558,9 +566,12 @@ class CollapseMonitorCore:
         if reads.read_every == 1 and not len(reads) and world_size() == 1 and not _on_gpu(row):
             fired = self._feed_steps([(step, [None if v is None else float(v) for v in row])])  # nothing to batch
         else:
-            reads.add(step, row)
-            # a check step reads the device anyway: the detector then sees every step up to the check
-            fired = self._feed_steps(reads.ready(self._device, force=self.is_check_step(step)))
+            stored = reads.add(step, row)
+            # a check step reads the device anyway: the detector then sees every step up to the check. Host values
+            # in a batch (`HOST_READ_EVERY`, or ``read_every_n_steps`` on the CPU) are scored at once when the rules
+            # that act fast need them (under DDP a rank cannot decide that alone: its peers wait for the batch)
+            force = self.is_check_step(step) or (world_size() == 1 and self._urgent(wanted, stored))
+            fired = self._feed_steps(reads.ready(self._device, force=force))
         self._tell_detector_news(step)
         now = time.perf_counter()
         self.time_spent_s += now - start
@@ -641,6 +652,13 @@ class CollapseMonitorCore:
                 first = first or result
         return first
 
+    def _urgent(self, wanted: tuple[str, ...], row: list[Any]) -> bool:
+        """Whether a batched row of host values holds one the detector must score now (`CusumDetector.urgent`), or
+        a step the loss scaler skipped."""
+        assert self.detector is not None
+        values = {n: v for n, v in zip(wanted, row, strict=False) if isinstance(v, float)}
+        return row[len(wanted) + 1] is True or self.detector.urgent(values)
+
     def _tell_detector_news(self, step: int) -> None:
         """Warn once about each note the detector has about how it is fed, and about each episode that ended."""
         assert self.detector is not None
@@ -671,6 +689,7 @@ class CollapseMonitorCore:
         tensor until then, so a GPU loss costs one copy to the host per optimizer step."""
         if loss is None or "loss" not in self.step_channels:
             return
+        start = time.perf_counter()
         if isinstance(loss, Tensor):  # on the CPU reading a number costs less than the tensor ops that average it
             on_host = loss.device.type == "cpu" and loss.numel() == 1
             value: Tensor | float = loss.item() if on_host else loss.detach().float().mean()
@@ -678,6 +697,7 @@ class CollapseMonitorCore:
             value = float(loss)
         self._loss_sum = self._loss_sum + value
         self._loss_count += 1
+        self.time_spent_s += time.perf_counter() - start
 
     def _detector_alarm(self, step: int, fired: DetectorFiring, report: CollapseReport | None) -> CheckResult:
         message = fired.message(self.prefix.rstrip("/") or "collapse")
@@ -750,6 +770,18 @@ class CollapseMonitorCore:
         # per read of the per-step channels (the steps between were not read), then read as often as the budget
         # allows with the checks at their widest spacing
         budget = PLANNED_SHARE * self.max_overhead
+        if (
+            not self._host_batch
+            and per_step > HOST_BATCH_FROM * budget * train_step
+            and self.read_every_n_steps is None
+            and self._device.type == "cpu"
+            and world == 1
+        ):
+            # score the per-step values in batches first (each step still scored, an alarm up to HOST_READ_EVERY - 1
+            # steps later, an urgent value at once): right after a training step each call into the monitor costs
+            # several times its warm time, a batch pays that once. The stride is decided on the batched cost
+            self._host_batch = True
+            self._reads().read_every = HOST_READ_EVERY
         per_read = per_step * self.observe_every
         self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
         per_step = per_read / self.observe_every
@@ -988,6 +1020,10 @@ class CollapseMonitorCore:
         (``on_alarm="rollback"``) are freed; the record and the learning-rate factor stay.
         """
         self.last_step = max(int(step), self.last_step)
+        if self._step_reads is not None and len(self._step_reads) and world_size() == 1 and self.detector is not None:
+            # the last batch of per-step values is scored too (under DDP a rank may end without its peers: no
+            # collective here)
+            self._feed_steps(self._step_reads.ready(self._device, force=True))
         if self.rollback_controller is not None:
             self.rollback_controller.release()
         if not self.history and not self.skipped_checks:

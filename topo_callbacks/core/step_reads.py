@@ -19,11 +19,16 @@ from torch import Tensor
 
 from topo_callbacks.core.gather import world_size
 
-__all__ = ["DEVICE_READ_EVERY", "StepReads"]
+__all__ = ["DEVICE_READ_EVERY", "HOST_READ_EVERY", "StepReads"]
 
 #: Optimizer steps per read when the values are CUDA tensors and ``read_every_n_steps`` is not given: an alarm of a
 #: per-step rule comes at most this many steps (plus the one the copy takes to land) after the step that caused it.
 DEVICE_READ_EVERY = 8
+
+#: Optimizer steps per batch when ``max_overhead`` finds the per-step work costly on the CPU (a quarter of its budget
+#: or more, `topo_callbacks.core.budget.HOST_BATCH_FROM`): each step is still scored, a CUSUM alarm comes up to this
+#: many steps minus one later, a non-finite, zero or doubled value at once (`CusumDetector.urgent`).
+HOST_READ_EVERY = 8
 
 Item = float | int | bool | Tensor | None
 
@@ -38,7 +43,7 @@ class StepReads:
         >>> import torch
         >>> reads = StepReads(read_every=3)
         >>> for step in (1, 2, 3, 4):
-        ...     reads.add(step, [torch.tensor(float(step)), None, 0.5])
+        ...     _ = reads.add(step, [torch.tensor(float(step)), None, 0.5])
         ...     print(step, reads.ready(torch.device("cpu")))
         1 []
         2 []
@@ -58,8 +63,9 @@ class StepReads:
     def __len__(self) -> int:
         return len(self._rows) + (0 if self._in_flight is None else len(self._in_flight[0]))
 
-    def add(self, step: int, items: Sequence[Item]) -> None:
-        """Queue optimizer step ``step``'s values. A tensor off the GPU is read now (that costs nothing)."""
+    def add(self, step: int, items: Sequence[Item]) -> list[Item]:
+        """Queue optimizer step ``step``'s values; returns the row as queued. A tensor off the GPU is read now (that
+        costs nothing)."""
         row: list[Item] = []
         for item in items:
             if isinstance(item, Tensor):
@@ -68,6 +74,7 @@ class StepReads:
                     item = float(item.reshape(()))
             row.append(item)
         self._rows.append((int(step), row))
+        return row
 
     def ready(self, device: torch.device, *, force: bool = False) -> list[tuple[int, list[float | None]]]:
         """The queued steps whose values are on the host now, oldest first; every rank must call it at the same steps

@@ -73,27 +73,32 @@ def sorted_location_scale(ordered: Sequence[float], floor: float) -> tuple[float
     # the deviations |v - med| are two ascending runs, med - v leftwards from the middle and v - med rightwards: their
     # middle order statistics by a binary search over how many come from the left run (logarithmic, no merge)
     split = bisect.bisect_right(ordered, med)
-
-    def left(a: int) -> float:  # the a-th smallest deviation below the median
-        return med - ordered[split - 1 - a] if 0 <= a < split else (-math.inf if a < 0 else math.inf)
-
-    def right(b: int) -> float:  # the b-th smallest deviation above it
-        return ordered[split + b] - med if 0 <= b < n - split else (-math.inf if b < 0 else math.inf)
-
-    def kth(k: int) -> float:
-        lo, hi = max(0, k + 1 - (n - split)), min(k + 1, split)
-        while True:  # take x from the left run and k + 1 - x from the right one
-            x = (lo + hi) // 2
-            if x < hi and right(k - x) > left(x):
-                lo = x + 1
-            elif x > lo and left(x - 1) > right(k + 1 - x):
-                hi = x - 1
-            else:
-                return max(left(x - 1), right(k - x))
-
-    picked = [kth(half)] if n % 2 else [kth(half - 1), kth(half)]
-    mad = sum(picked) / len(picked)
+    if n % 2:
+        mad = _kth_deviation(ordered, med, split, half)
+    else:
+        mad = (_kth_deviation(ordered, med, split, half - 1) + _kth_deviation(ordered, med, split, half)) / 2.0
     return med, max(MAD_TO_STD * mad, floor)
+
+
+def _kth_deviation(ordered: Sequence[float], med: float, split: int, k: int) -> float:
+    """The ``k``-th smallest (from 0) of ``|v - med|`` over ``ordered``, whose first ``split`` values are at most
+    ``med``: take ``x`` deviations from the left run (``med - ordered[split - 1 - a]``, ascending in ``a``) and
+    ``k + 1 - x`` from the right one (``ordered[split + b] - med``). Written without helper calls: the detector runs it
+    twice per channel at every optimizer step."""
+    right_len = len(ordered) - split
+    lo, hi = max(0, k + 1 - right_len), min(k + 1, split)
+    while True:
+        x = (lo + hi) // 2
+        # too few from the left: its x-th deviation is smaller than the right run's (k - x)-th
+        if x < hi and ordered[split + k - x] - med > med - ordered[split - 1 - x]:
+            lo = x + 1
+        # too many: its (x - 1)-th is larger than the right run's (k + 1 - x)-th
+        elif x > lo and med - ordered[split - x] > ordered[split + k + 1 - x] - med:
+            hi = x - 1
+        else:
+            left = med - ordered[split - x] if x > 0 else -math.inf
+            right = ordered[split + k - x] - med if x <= k else -math.inf
+            return max(left, right)
 
 
 def robust_zscore(value: float, reference: Series, *, floor: float, clip: float = math.inf) -> float:
