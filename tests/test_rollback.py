@@ -72,6 +72,12 @@ def assert_one_rollback_before_the_onset(monitor: CollapseMonitorCore) -> dict[s
     (episode,) = summary["episodes"]
     assert episode["start"] == entry["step"]
     assert episode["rolled_back_to"] == entry["restored_step"]
+    # the layers whose gradient norm moved most from before the onset to the alarm, named as in the model
+    layers = entry["layers"]
+    assert layers
+    assert not any(name.startswith("parameter ") for name, _ in layers), layers  # named by the model's modules
+    assert abs(math.log(layers[0][1])) > math.log(2.0), layers
+    assert episode["layers"] == summary["first_alarm_layers"] == layers
     return entry
 
 

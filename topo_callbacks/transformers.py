@@ -421,6 +421,8 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         if getattr(self, "_clipping", False):  # the pre-clip norm, recorded from the clipping call (or none)
             self._grad_norm: Any = self._pre_clip
             self._pre_clip = None
+            if model is not None and self._grad_norm is not None:  # for the layers an alarm names
+                self.record_layer_norms(model.parameters(), state.global_step + 1, total=self._grad_norm)
         elif model is not None:  # gradients unscaled and all-reduced here
             self._grad_norm = self.step_grad_norm(model.parameters(), state.global_step + 1)
 

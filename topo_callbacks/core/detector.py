@@ -36,6 +36,7 @@ __all__ = [
     "DetectorFiring",
     "default_calibration",
     "global_grad_norm",
+    "grad_norms",
     "gradient_curvature",
     "loss_scale",
 ]
@@ -897,31 +898,51 @@ def global_grad_norm(parameters: Any, *, as_tensor: bool = False) -> Any:
         >>> global_grad_norm([p]), global_grad_norm([p], as_tensor=True)
         (5.0, tensor(5.))
     """
+    norms = grad_norms(parameters, as_tensor=as_tensor)
+    return None if norms is None else norms[0]
+
+
+def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, list[Any]] | None:
+    """`global_grad_norm` with what it is made of: ``(total, per_tensor, params)``, the parameters that have a
+    gradient and the norm of each one's gradient (a list of floats on the CPU; on an accelerator a 1-d float32
+    tensor on the gradients' device, not read). None when no parameter has a gradient.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+        >>> a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+        >>> total, per_tensor, params = grad_norms([a, b])
+        >>> total, per_tensor, params[1] is b
+        (13.0, [5.0, 12.0], True)
+    """
     import torch
 
-    grads = [p.grad for p in parameters if getattr(p, "grad", None) is not None]
-    if not grads:
+    params = [p for p in parameters if getattr(p, "grad", None) is not None]
+    if not params:
         return None
+    grads = [p.grad for p in params]
     if all(g.device.type == "cpu" for g in grads):
         # the CPU: the per-tensor norms are read as numbers and summed here (no second norm: there is no device to keep
         # waiting for). Right after a backward pass, reading each of `_foreach_norm`'s outputs cost 2x more than a norm
         # per tensor on a model of a few tensors (0.12 ms against 0.05 on the digits CNN), one stacked read less on
         # many tensors; the values are the same
         if len(grads) <= FEW_TENSORS:
-            total = math.sqrt(sum(torch.linalg.vector_norm(g).item() ** 2 for g in grads))
+            per_tensor = [torch.linalg.vector_norm(g).item() for g in grads]
         else:
-            total = math.sqrt(sum(n * n for n in torch.stack(torch._foreach_norm(grads)).tolist()))
-        return torch.tensor(total, dtype=torch.float32) if as_tensor else total
+            per_tensor = torch.stack(torch._foreach_norm(grads)).tolist()
+        total = math.sqrt(sum(n * n for n in per_tensor))
+        return (torch.tensor(total, dtype=torch.float32) if as_tensor else total), per_tensor, params
     grads = [g.detach() for g in grads]
     if len(grads) == 1:
-        norm = torch.linalg.vector_norm(grads[0], dtype=torch.float32)
+        stacked = torch.linalg.vector_norm(grads[0], dtype=torch.float32).reshape(1)
     else:
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
         devices = {n.device for n in norms}
         if len(devices) > 1:  # a model split over devices (pipeline): meet on the first one
             norms = [n.to(grads[0].device) for n in norms]
-        norm = torch.linalg.vector_norm(torch.stack(norms).float())
-    return norm if as_tensor else float(norm)
+        stacked = torch.stack(norms).float()
+    norm = torch.linalg.vector_norm(stacked)
+    return (norm if as_tensor else float(norm)), stacked, params
 
 
 def learning_rate(optimizer: Any) -> float | None:

@@ -39,7 +39,7 @@ from topo_callbacks.core.detector import (
     CusumDetector,
     DetectorFiring,
     default_calibration,
-    global_grad_norm,
+    grad_norms,
     gradient_curvature,
     learning_rate,
 )
@@ -50,6 +50,7 @@ from topo_callbacks.core.gather import (
     sum_floats_across_ranks,
     world_size,
 )
+from topo_callbacks.core.layer_norms import LayerGradNorms
 from topo_callbacks.core.probe import embed_probe, probe_rows
 from topo_callbacks.core.rollback import (
     FrameworkStorage,
@@ -430,6 +431,9 @@ class CollapseMonitorCore:
         self._boundary_step = 0
         self.rollback_stop: str | None = None
         self._rollback_told: set[str] = set()
+        #: the per-tensor gradient norms of the last steps read, for the layers an alarm names (`LayerGradNorms`)
+        self.layer_norms = LayerGradNorms()
+        self._last_layers: list[list[Any]] | None = None
 
     # ------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> nn.Module:
@@ -623,9 +627,45 @@ class CollapseMonitorCore:
         if "grad_norm" not in self.step_channels or not self.observes(step):
             return None
         start = time.perf_counter()
-        norm = global_grad_norm(parameters, as_tensor=self._device.type != "cpu")  # a CPU number costs no wait
+        norms = grad_norms(parameters, as_tensor=self._device.type != "cpu")  # a CPU number costs no wait
+        if norms is None:
+            self.time_spent_s += time.perf_counter() - start
+            return None
+        total, per_tensor, params = norms
+        self.layer_norms.record(step, params, per_tensor)  # kept for the layers an alarm names (nothing read)
         self.time_spent_s += time.perf_counter() - start
-        return norm
+        return total
+
+    def record_layer_norms(self, parameters: Any, step: int, total: Tensor | float | None = None) -> None:
+        """Keep the per-tensor gradient norms of ``parameters`` at optimizer step ``step`` for the layer diagnosis,
+        where the global norm the detector reads came from elsewhere (the HF Trainer's clipping call: `step_grad_norm`
+        records them itself). ``total``: the global norm before clipping; the gradients seen here may be clipped
+        already, and clipping scales every gradient alike, so the norms are rescaled to that total. Nothing is read
+        from a device; only at the steps the detector reads; timed as the monitor's own work.
+
+        Example:
+            >>> import torch
+            >>> p = torch.nn.Parameter(torch.zeros(2))
+            >>> p.grad = torch.tensor([0.6, 0.8])  # clipped to norm 1 from a norm of 10
+            >>> monitor = CollapseMonitorCore("0")
+            >>> monitor.record_layer_norms([p], step=1, total=10.0)
+            >>> monitor.layer_norms._rows[0][2]
+            [10.0]
+        """
+        if "grad_norm" not in self.step_channels or not self.observes(step):
+            return
+        start = time.perf_counter()
+        norms = grad_norms(parameters, as_tensor=self._device.type != "cpu")
+        if norms is not None:
+            seen, per_tensor, params = norms
+            if total is not None:
+                if isinstance(per_tensor, Tensor):
+                    per_tensor = per_tensor * (total / seen.clamp_min(1e-30))
+                else:
+                    scale = float(total) / max(float(seen), 1e-30)
+                    per_tensor = [v * scale for v in per_tensor]
+            self.layer_norms.record(step, params, per_tensor)
+        self.time_spent_s += time.perf_counter() - start
 
     def _reads(self) -> StepReads:
         if self._step_reads is None:
@@ -701,14 +741,37 @@ class CollapseMonitorCore:
 
     def _detector_alarm(self, step: int, fired: DetectorFiring, report: CollapseReport | None) -> CheckResult:
         message = fired.message(self.prefix.rstrip("/") or "collapse")
+        layers = self._diagnose_layers(fired)
+        if layers:
+            moved = ", ".join(f"{name} (x{factor:.3g})" for name, factor in layers)
+            message += f" Gradient norm moved most, from before step {fired.onset} to the alarm, in: {moved}."
         self._warn(f"Collapse alarm at step {step}: {message}")
         self._new_alarm = self._new_alarm or (step, fired.onset, fired.channel)
         if self.first_alarm_step is None:
             self.first_alarm_step = step
             self._first_alarm = {"step": step, "reason": StoppingReason.DETECTOR.name, "channel": fired.channel,
                                  "value": fired.value, "baseline": fired.baseline, "score": fired.score,
-                                 "kind": fired.kind, "detail": fired.detail, "onset": fired.onset}  # fmt: skip
+                                 "kind": fired.kind, "detail": fired.detail, "onset": fired.onset,
+                                 "layers": layers}  # fmt: skip
         return CheckResult(step, report, StoppingReason.DETECTOR, message, True, self.stop_on_alarm)
+
+    def _diagnose_layers(self, fired: DetectorFiring) -> list[list[Any]] | None:
+        """The layers whose gradient norm moved most between the steps before the alarm's onset and the steps from
+        it to the alarm (`LayerGradNorms.diagnose`), kept on the episode and for a rollback's record; None when too
+        few steps were read on either side. Never raises: a diagnosis is not worth a broken run."""
+        onset = fired.step if fired.onset is None else int(fired.onset)
+        try:
+            layers = self.layer_norms.diagnose(onset, fired.step, model=self.model)
+        except Exception as err:
+            if self.strict:
+                raise
+            self._warn(f"{self.monitor}: the layer diagnosis of the alarm at step {fired.step} failed: {err!r}")
+            layers = None
+        plain = None if layers is None else [[name, float(factor)] for name, factor in layers]
+        if self.detector is not None and self.detector.episodes:
+            self.detector.episodes[-1]["layers"] = plain
+        self._last_layers = plain
+        return plain
 
     # ------------------------------------------------------------------- check
     def run_check(self, step: int) -> CheckResult:
@@ -1056,6 +1119,8 @@ class CollapseMonitorCore:
             "first_alarm_value": None if first is None else first["value"],
             "first_alarm_channel": None if first is None else first.get("channel"),
             "first_alarm_onset": None if first is None else first.get("onset"),
+            # the layers whose gradient norm moved most from before the onset to the alarm, with the factor
+            "first_alarm_layers": None if first is None else first.get("layers"),
             "baseline": self.rule.baseline,
             "stopped_step": self.stopped_step,
             "eps": self.eps,
@@ -1301,13 +1366,23 @@ class CollapseMonitorCore:
             return dataclasses.replace(
                 result, reason=StoppingReason.ROLLBACK_GAVE_UP, message=message, should_stop=True
             )
+        layers = self._last_layers if channel != self.monitor else None
         entry = {**(decision.entry or {}), "onset": onset}
+        if layers:
+            entry["layers"] = layers
+            if controller.rollbacks:
+                controller.rollbacks[-1]["layers"] = layers
         n, most = len(controller.rollbacks), controller.policy.max_rollbacks
         self._warn(
             f"{self.monitor}: rolled back to the snapshot of step {entry['restored_step']} (alarm on `{channel}` at"
             f" step {alarm_step}, its change began at step {onset}); the learning rate is now"
             f" {controller.total_factor:g}x the schedule (rollback {n} of {most}). The batches since step"
             f" {entry['restored_step']} are not replayed: the data stream moves on."
+            + (
+                ""
+                if not layers
+                else " Gradient norm moved most in: " + ", ".join(f"{n} (x{f:.3g})" for n, f in layers) + "."
+            )
         )
         logged = {**result.logged, f"{self.prefix}rollbacks": float(n)}
         return dataclasses.replace(result, logged=logged, rollback=entry)
@@ -1335,6 +1410,7 @@ class CollapseMonitorCore:
         # at this step (it would score the state just left)
         self.capture.reset()
         self._armed_steps = 0
+        self.layer_norms.clear()
         if self._step_reads is not None:
             reads = StepReads(self._step_reads.read_every)
             reads.reads = self._step_reads.reads

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -33,6 +33,7 @@ __all__ = [
     "channel_scale",
     "cusum",
     "cusum_update",
+    "layer_shifts",
     "robust_location_scale",
     "robust_zscore",
     "rolling_robust_zscores",
@@ -226,3 +227,34 @@ def channel_scale(x: float, log: bool) -> float:
     if not log or not math.isfinite(x):
         return x
     return math.log(x) if x > 0 else -math.inf
+
+
+def layer_shifts(
+    before: Mapping[str, Sequence[float]], after: Mapping[str, Sequence[float]], top: int = 3
+) -> list[tuple[str, float]]:
+    """The layers whose gradient norm moved most between a reference and a change: for each layer in both, the median
+    of its norms in ``after`` over the median in ``before`` (a factor), ranked by how far the factor is from 1 on a
+    log scale; the first ``top``. A layer with a 0 median on either side is ranked by the side that is not (0 -> 0 is
+    no move).
+
+    Example:
+        >>> before = {"fc1": [1.0, 1.1, 0.9], "fc2": [0.5, 0.5, 0.6], "head": [2.0, 2.0, 2.0]}
+        >>> after = {"fc1": [1.0, 1.2], "fc2": [20.0, 30.0], "head": [0.2, 0.2]}
+        >>> [(name, round(f, 2)) for name, f in layer_shifts(before, after, top=2)]
+        [('fc2', 50.0), ('head', 0.1)]
+    """
+    tiny = 1e-30
+    moved = []
+    for name, ref in before.items():
+        now = after.get(name)
+        ref_values = [v for v in ref if math.isfinite(v)]
+        now_values = [v for v in (now or ()) if math.isfinite(v)]
+        if not ref_values or not now_values:
+            continue
+        ref_median, now_median = float(np.median(ref_values)), float(np.median(now_values))
+        if ref_median <= 0.0 and now_median <= 0.0:
+            continue
+        factor = max(now_median, tiny) / max(ref_median, tiny)
+        moved.append((abs(math.log(factor)), name, factor))
+    moved.sort(key=lambda m: (-m[0], m[1]))
+    return [(name, factor) for _, name, factor in moved[: max(int(top), 0)]]
