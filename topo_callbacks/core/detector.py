@@ -79,6 +79,9 @@ COLLAPSED_STD = 1e-3  # the rows are the same vector: a network on its initial p
 COLLAPSED_RANK = 1.1
 #: Optimizer steps whose gradient norm read exactly 0 before that is reported.
 ZERO_GRAD_STEPS = 20
+#: Steps read in a row in which some parameter tensor's gradient is exactly 0 (while the others' are not) before the
+#: dead-layer rule alarms, after at least `STEP_MIN_REFERENCE` reads in a row in which every tensor had a gradient.
+DEAD_LAYER_STEPS = 5
 #: The loss "stays at its first values" while the median of the second half of a zero-gradient streak is within this
 #: relative distance of the first half's.
 LOSS_STUCK = 0.05
@@ -227,6 +230,7 @@ class AlarmKind(str, Enum):
     COLLAPSED = "collapsed"
     NO_GRADIENT = "no_gradient"
     LOSS_SCALE = "loss_scale"
+    DEAD_LAYER = "dead_layer"
 
 
 @dataclass(frozen=True)
@@ -395,6 +399,10 @@ class CusumDetector:
         self._step = 0
         self._collapsed_checks = 0
         self._zero_grad_steps = 0
+        #: reads in a row in which every parameter tensor had a gradient (the dead-layer rule's reference), and in
+        #: which some tensor's gradient was exactly 0
+        self._gradient_steps = 0
+        self._lost_steps = 0
         self._lr_reference: float | None = None
         self._lr_previous: float | None = None
         self._lr_max = 0.0
@@ -555,11 +563,15 @@ class CusumDetector:
         lr: float | None = None,
         skipped: bool = False,
         loss_scale: float | None = None,
+        layer_lost: bool | None = None,
     ) -> DetectorFiring | None:
         """One optimizer step's per-step channel values (the loss first: the gradient norm reads its score); what
         `topo_callbacks.core.CollapseMonitorCore.observe_step` calls after averaging them over ranks, and what the
         benchmark replays. A step a loss scaler skipped feeds nothing but a non-finite loss, and is counted; a loss
-        scale under `MIN_LOSS_SCALE`, or `MAX_CONSECUTIVE_SKIPS` skipped steps in a row, alarm."""
+        scale under `MIN_LOSS_SCALE`, or `MAX_CONSECUTIVE_SKIPS` skipped steps in a row, alarm. ``layer_lost``: some
+        parameter tensor's gradient is exactly 0 at this step while the global norm is not (None: not known); for
+        `DEAD_LAYER_STEPS` steps in a row, after `STEP_MIN_REFERENCE` in which every tensor had one, it alarms: a
+        layer that stopped passing gradient (its units dead, or its output constant)."""
         fired = None
         if lr is not None:
             self.observe_lr(step, lr)
@@ -581,6 +593,8 @@ class CusumDetector:
             self._close(step)
             return fired
         self.consecutive_skips = 0
+        if layer_lost is not None and values.get("grad_norm"):
+            fired = self._layer_gradient(step, bool(layer_lost))
         for name in _ALWAYS:  # the loss first: the gradient norm reads its score
             if name in values:
                 fired = self.update(name, values[name], step) or fired
@@ -761,6 +775,28 @@ class CusumDetector:
         )
         return None
 
+    def _layer_gradient(self, step: int, lost: bool) -> DetectorFiring | None:
+        """The dead-layer rule: some parameter tensors' gradients exactly 0 for `DEAD_LAYER_STEPS` reads in a row,
+        after `STEP_MIN_REFERENCE` reads in a row in which every tensor had a gradient (a layer without one from the
+        start, or one that gets it only now and then, never arms it)."""
+        if not lost:
+            self._gradient_steps += 1
+            self._lost_steps = 0
+            return None
+        if self._gradient_steps < STEP_MIN_REFERENCE:
+            self._gradient_steps = 0
+            return None
+        self._lost_steps += 1
+        if self._lost_steps < DEAD_LAYER_STEPS:
+            return None
+        detail = (
+            f"some parameters' gradient has been exactly 0 for {self._lost_steps} steps in a row after"
+            f" {self._gradient_steps} in which every parameter had one: a layer stopped passing gradient (its units"
+            " dead, or its output constant); the layers are named below."
+        )
+        return self.absolute_event(step, "grad_norm", 0.0, AlarmKind.DEAD_LAYER, detail,
+                                   onset=step - self._lost_steps + 1)  # fmt: skip
+
     def _start(self, firing: DetectorFiring) -> DetectorFiring:
         if self.fired is None:
             self.fired = firing
@@ -824,6 +860,8 @@ class CusumDetector:
             "step": self._step,
             "collapsed_checks": self._collapsed_checks,
             "zero_grad_steps": self._zero_grad_steps,
+            "gradient_steps": self._gradient_steps,
+            "lost_steps": self._lost_steps,
             "lr_reference": self._lr_reference,
             "lr_previous": self._lr_previous,
             "lr_max": self._lr_max,
@@ -853,6 +891,8 @@ class CusumDetector:
         self._step = int(state.get("step", 0))
         self._collapsed_checks = int(state.get("collapsed_checks", 0))
         self._zero_grad_steps = int(state.get("zero_grad_steps", 0))
+        self._gradient_steps = int(state.get("gradient_steps", 0))
+        self._lost_steps = int(state.get("lost_steps", 0))
         lr_ref = state.get("lr_reference")
         self._lr_reference = None if lr_ref is None else float(lr_ref)
         previous = state.get("lr_previous")

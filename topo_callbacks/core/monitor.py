@@ -434,6 +434,8 @@ class CollapseMonitorCore:
         #: the per-tensor gradient norms of the last steps read, for the layers an alarm names (`LayerGradNorms`)
         self.layer_norms = LayerGradNorms()
         self._last_layers: list[list[Any]] | None = None
+        #: (step, whether some tensor's gradient norm is exactly 0: a bool, or a device tensor not read yet)
+        self._layer_lost: tuple[int, Any] | None = None
 
     # ------------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> nn.Module:
@@ -565,7 +567,8 @@ class CollapseMonitorCore:
             self.detector.set_step_window(1 if step <= self._read_all_until else self.observe_every)
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
-        row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale]
+        lost = self._layer_lost[1] if self._layer_lost is not None and self._layer_lost[0] == step else None
+        row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale, lost]
         reads = self._reads()
         if reads.read_every == 1 and not len(reads) and world_size() == 1 and not _on_gpu(row):
             fired = self._feed_steps([(step, [None if v is None else float(v) for v in row])])  # nothing to batch
@@ -633,6 +636,7 @@ class CollapseMonitorCore:
             return None
         total, per_tensor, params = norms
         self.layer_norms.record(step, params, per_tensor)  # kept for the layers an alarm names (nothing read)
+        self._layer_lost = (step, _any_zero(per_tensor))
         self.time_spent_s += time.perf_counter() - start
         return total
 
@@ -665,6 +669,7 @@ class CollapseMonitorCore:
                     scale = float(total) / max(float(seen), 1e-30)
                     per_tensor = [v * scale for v in per_tensor]
             self.layer_norms.record(step, params, per_tensor)
+            self._layer_lost = (step, _any_zero(per_tensor))
         self.time_spent_s += time.perf_counter() - start
 
     def _reads(self) -> StepReads:
@@ -683,10 +688,11 @@ class CollapseMonitorCore:
         first: CheckResult | None = None
         for step, row in rows:
             values = {name: v for name, v in zip(wanted, row, strict=False) if v is not None}
-            lr, skipped, scale = row[len(wanted) :]
+            lr, skipped, scale, lost = row[len(wanted) :]
             if values:
                 self._fed_steps += 1
-            fired = detector.observe_step(step, values, lr=lr, skipped=bool(skipped), loss_scale=scale)
+            fired = detector.observe_step(step, values, lr=lr, skipped=bool(skipped), loss_scale=scale,
+                                          layer_lost=None if lost is None else lost > 0)  # fmt: skip
             if fired is not None:
                 result = self._detector_alarm(step, fired, None)
                 first = first or result
@@ -1492,6 +1498,14 @@ class CollapseMonitorCore:
                 self._rollback_state = dict(saved)  # applied by `track`
         stop = state.get("rollback_stop")
         self.rollback_stop = None if stop is None else str(stop)
+
+
+def _any_zero(per_tensor: Any) -> Any:
+    """Whether some per-tensor gradient norm is exactly 0: a bool for numbers, a 0-d tensor on the device for a
+    device tensor (not read here)."""
+    if isinstance(per_tensor, Tensor):
+        return (per_tensor == 0).any().float()
+    return 0.0 in per_tensor
 
 
 def _on_gpu(values: list[Any]) -> bool:

@@ -235,7 +235,7 @@ def layer_shifts(
     """The layers whose gradient norm moved most between a reference and a change: for each layer in both, the median
     of its norms in ``after`` over the median in ``before`` (a factor), ranked by how far the factor is from 1 on a
     log scale; the first ``top``. A layer with a 0 median on either side is ranked by the side that is not (0 -> 0 is
-    no move).
+    no move); one whose gradient is now 0 has factor 0.
 
     Example:
         >>> before = {"fc1": [1.0, 1.1, 0.9], "fc2": [0.5, 0.5, 0.6], "head": [2.0, 2.0, 2.0]}
@@ -255,6 +255,6 @@ def layer_shifts(
         if ref_median <= 0.0 and now_median <= 0.0:
             continue
         factor = max(now_median, tiny) / max(ref_median, tiny)
-        moved.append((abs(math.log(factor)), name, factor))
+        moved.append((abs(math.log(factor)), name, factor if now_median > 0.0 else 0.0))
     moved.sort(key=lambda m: (-m[0], m[1]))
     return [(name, factor) for _, name, factor in moved[: max(int(top), 0)]]
