@@ -162,6 +162,9 @@ def _replay(
     # records written before the benchmark held loss scalers and fine-tuning restarts have none
     skipped = set(getattr(rec, "skipped_steps", ()))
     scales = list(getattr(rec, "loss_scale", ()))
+    # records written before the dead-layer rule have None: the rule is not fed (as a monitor that cannot tell)
+    lost_steps = getattr(rec, "layer_lost_steps", None)
+    lost = None if lost_steps is None else set(lost_steps)
     restart = getattr(rec, "monitor_restart", None)
     spacing = int(np.median(np.diff(sorted(checks)))) if len(checks) > 1 else 50
     hold = max(ABSOLUTE_HOLD, 2 * spacing)
@@ -183,7 +186,8 @@ def _replay(
             if unread and "loss" in values:
                 values["loss"] = (sum(unread) + values["loss"]) / (len(unread) + 1)
             unread = []
-            detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale)
+            detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale,
+                                  layer_lost=None if lost is None else step in lost)  # fmt: skip
         elif "loss" in values:
             unread.append(values["loss"])
         if step in checks:

@@ -66,6 +66,9 @@ class RunRecord:
     skipped_steps: list[int] = dataclasses.field(default_factory=list)
     #: per step, the loss scale the step's backward used (empty without a scaler)
     loss_scale: list[float] = dataclasses.field(default_factory=list)
+    #: optimizer steps (1-based) at which some parameter tensor's gradient was exactly 0 while others' were not (the
+    #: dead-layer rule's input); None in records written before it was recorded
+    layer_lost_steps: list[int] | None = dataclasses.field(default_factory=list)
     #: the step after which the live monitor was a fresh one (a fine-tuning run started from a checkpoint of the
     #: weights: the switched arm's monitor starts at ``t0`` without the run's past); None: one monitor throughout
     monitor_restart: int | None = None
@@ -81,6 +84,7 @@ class RunRecord:
     def from_dict(cls, data: dict[str, Any]) -> RunRecord:
         data = dict(data)
         data["evals"] = [tuple(e) for e in data["evals"]]
+        data.setdefault("layer_lost_steps", None)  # a record from before the dead-layer rule: not known
         return cls(**data)
 
     @property
@@ -229,6 +233,11 @@ def _train(task: Task, family: Family, monitor: Any, recorder: _Recorder, first:
             tick = time.perf_counter()
             grads = [p.grad.detach().pow(2).sum() for p in model.parameters() if p.grad is not None]
             grad_norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+            # per-tensor norms for the monitor's dead-layer rule and layer diagnosis, as `step_grad_norm` keeps them
+            monitor.record_layer_norms(model.parameters(), step)
+            lost = bool(grads) and any(float(g) == 0.0 for g in grads)
+            if lost and rec.layer_lost_steps is not None:
+                rec.layer_lost_steps.append(step)
             prev = recorder.before_step()
             rec.channels_s += time.perf_counter() - tick
             tick = time.perf_counter()
@@ -346,6 +355,7 @@ def train_arm(family: Family, seed: int, quick: bool, arm: str, snapshot: dict[s
         side_checks=[dict(c) for c in prefix.side_checks],
         skipped_steps=list(prefix.skipped_steps),
         loss_scale=list(prefix.loss_scale),
+        layer_lost_steps=None if prefix.layer_lost_steps is None else list(prefix.layer_lost_steps),
         monitor_restart=t0 if restart else None,
     )
     recorder.previous_probe = snapshot.get("previous_probe")
