@@ -45,6 +45,7 @@ beside it), the check as a share of the 50 steps it watches (``check / (50 x ste
 ``(50 x step on + check) / (50 x step off)``. When the benchmark's batch supplies fewer than S rows in 50 steps,
 the steps that would supply them are longer, and the share printed is an upper bound.
 
+    python benchmarks/overhead.py --model all                   # every model side by side, budget off and on
     python benchmarks/overhead.py --model resnet18              # CPU full setting (~2 min on 2 idle cores)
     python benchmarks/overhead.py --model gpt2                  # CPU full setting (~6 min on 2 idle cores)
     python benchmarks/overhead.py --model gpt2 --device cuda    # GPU: 12 layers, 1024 tokens, bf16 autocast
@@ -63,11 +64,13 @@ import math
 import platform
 import pstats
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -77,6 +80,10 @@ from torch import Tensor, nn
 from topo_callbacks.core import CollapseMonitorCore, EmbeddingCapture
 from topo_callbacks.core.budget import LONGEST_SPACING, check_spacing
 from topo_callbacks.core.detector import global_grad_norm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the RSS high-water mark, read as benchmarks/wide_check.py reads it
+from wide_check import _reset_peak, _status
 
 WATCHED = "5"  # the D-wide Linear layer of `make_model`
 EVERY = 50  # optimizer steps per check in the realistic settings
@@ -252,22 +259,43 @@ def small_run(name: str, steps: int, arm: str, seed: int) -> dict[str, Any]:
         monitor = CollapseMonitorCore(layer, max_overhead=None if arm == "all" else 0.02)
         monitor.attach(model)
     checks: list[float] = []
+    peaks: list[float] = []
+    cpu = torch.device("cpu")
     start = time.perf_counter()
     for i in range(steps):
         step = i + 1
         monitored_step(monitor, model, opt, xs[i % len(xs)], ys[i % len(ys)], step, lr=opt.param_groups[0]["lr"])
         if monitor is not None and monitor.is_check_step(step):
-            t = time.perf_counter()
-            monitor.run_check(step)
-            checks.append(time.perf_counter() - t)
+            seconds, extra = timed_call(lambda m=monitor, s=step: m.run_check(s), cpu)  # type: ignore[misc]
+            checks.append(seconds)
+            peaks.append(extra)
     elapsed = time.perf_counter() - start
-    out: dict[str, Any] = {"step_s": elapsed / steps, "checks": checks}
+    out: dict[str, Any] = {"step_s": elapsed / steps, "checks": checks, "peaks": peaks}
     if monitor is not None:
         info = monitor.summary()
         out.update(own_share=info["overhead"], check_every=info["check_every"], max_samples=info["max_samples"],
                    observe_every=info["observe_every"])  # fmt: skip
         monitor.detach()
     return out
+
+
+SMALL_ARMS = ("off", "all", "budget")
+
+
+def small_arms(name: str, steps: int, repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """`small_run` of ``name`` in each arm, ``repeats`` times in rotating order (so that drift in machine load hits
+    every arm alike), after a short untimed warm-up run (lazy imports, the first check's one-time costs)."""
+    small_run(name, 60, "all", seed=99)
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in SMALL_ARMS}
+    for r in range(repeats):
+        for arm in SMALL_ARMS[r % 3 :] + SMALL_ARMS[: r % 3]:
+            runs[arm].append(small_run(name, steps, arm, seed=r))
+    return runs
+
+
+def _median_check_ms(runs: list[dict[str, Any]]) -> str:
+    times = [t for x in runs for t in x["checks"]]
+    return f"{statistics.median(times) * 1e3:7.1f}ms" if times else f"{'-':>8}"
 
 
 def main_small(args: argparse.Namespace) -> None:
@@ -281,27 +309,17 @@ def main_small(args: argparse.Namespace) -> None:
               f" {'checks':>6} {'check':>8} {'every':>6} {'read 1/k':>8} {'samples':>7} {'own share':>9}"
               f" {'off: spread':>11}")  # fmt: skip
     print(header)
-    arms = ("off", "all", "budget")
     for name in SMALL_MODELS:
-        small_run(name, 60, "all", seed=99)  # warm-up: lazy imports, the first check's one-time costs
-        runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
-        for r in range(repeats):
-            for arm in arms[r % 3 :] + arms[: r % 3]:
-                runs[arm].append(small_run(name, steps, arm, seed=r))
-        step = {a: statistics.median(x["step_s"] for x in runs[a]) for a in arms}
-
-        def check_ms(arm: str, runs: dict[str, list[dict[str, Any]]] = runs) -> str:
-            times = [t for x in runs[arm] for t in x["checks"]]
-            return f"{statistics.median(times) * 1e3:7.1f}ms" if times else f"{'-':>8}"
-
+        runs = small_arms(name, steps, repeats)
+        step = {a: statistics.median(x["step_s"] for x in runs[a]) for a in SMALL_ARMS}
         last = runs["budget"][-1]
         # the spread of the unmonitored runs (max/min step time): a ratio closer to 1 than this is within the noise
         spread = max(x["step_s"] for x in runs["off"]) / min(x["step_s"] for x in runs["off"])
         print(f"{name:<11} {step['off'] * 1e3:7.2f}ms {step['all'] / step['off']:10.3f}"
-              f" {len(runs['all'][-1]['checks']):6d} {check_ms('all')} {step['budget'] / step['off']:13.3f}"
-              f" {len(last['checks']):6d} {check_ms('budget')} {last['check_every']:6d} {last['observe_every']:8d}"
-              f" {last['max_samples']:7d} {statistics.median(x['own_share'] for x in runs['budget']):9.3f}"
-              f" {spread:11.3f}")  # fmt: skip
+              f" {len(runs['all'][-1]['checks']):6d} {_median_check_ms(runs['all'])}"
+              f" {step['budget'] / step['off']:13.3f} {len(last['checks']):6d} {_median_check_ms(runs['budget'])}"
+              f" {last['check_every']:6d} {last['observe_every']:8d} {last['max_samples']:7d}"
+              f" {statistics.median(x['own_share'] for x in runs['budget']):9.3f} {spread:11.3f}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- realistic models
@@ -530,6 +548,8 @@ class Result:
     check_times: list[float]
     #: the default detector's per-step work (loss, gradient norm, CUSUM update) per step, plain loop only
     channels: float = math.nan
+    #: the largest peak extra memory of a check (start-up checks included), MB (`timed_call`; plain loop only)
+    check_peak: float = math.nan
 
     @property
     def channels_share(self) -> float:
@@ -650,6 +670,26 @@ def capture_clouds(workload: Workload, layers: Sequence[str], rows: int, seed: i
     return clouds
 
 
+def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Wall seconds of ``fn()`` and the peak extra memory it took, in MB: on the CPU the process's resident-set
+    high-water mark (reset just before, Linux ``/proc``) over its resident set before the call, counting torch,
+    numpy and Python alike; on CUDA the device's peak allocation over its allocation before. NaN where unknown."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before: float | None = torch.cuda.memory_allocated(device) / 2**20
+        reset = True
+    else:
+        before, reset = _status("VmRSS"), _reset_peak()
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    high = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _status("VmHWM")
+    extra = high - before if reset and high is not None and before is not None else math.nan
+    return seconds, extra
+
+
 def _inject(monitor: CollapseMonitorCore, rows: Tensor) -> None:
     """Fill the monitor's capture buffer with ``rows``, as if its hook had captured them in the last steps."""
     monitor.capture.add(rows)
@@ -708,9 +748,10 @@ def plain_check_times(
     checks: int,
     seed: int,
     profile: bool = False,
-) -> dict[tuple[str, int], tuple[list[float], list[int]]]:
-    """Per (layer, samples): the time of each check (the start-up checks first) and its number of points, from a
-    plain training loop with one monitor per configuration at ``every_n_train_steps=1``, fed from ``clouds``.
+) -> dict[tuple[str, int], tuple[list[float], list[int], list[float]]]:
+    """Per (layer, samples): the time of each check (the start-up checks first), its number of points and its peak
+    extra memory in MB (`timed_call`), from a plain training loop with one monitor per configuration at
+    ``every_n_train_steps=1``, fed from ``clouds``.
 
     ``profile``: one more steady check per configuration, under cProfile, printed and not timed.
     """
@@ -730,6 +771,7 @@ def plain_check_times(
         monitors[(layer, samples)] = mon
     gen = torch.Generator().manual_seed(seed)
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    peaks: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for step, (x, y) in enumerate(data, start=1):
         for mon in monitors.values():
             mon.prepare_step(step)
@@ -743,15 +785,13 @@ def plain_check_times(
                 _sync(workload.device)
                 _print_profile(profiler, f"{workload.name} {layer} `{workload.layers[layer]}`, {samples} samples")
                 continue
-            _sync(workload.device)
-            start = time.perf_counter()
-            mon.run_check(step)
-            _sync(workload.device)
-            times[(layer, samples)].append(time.perf_counter() - start)
+            seconds, extra = timed_call(lambda m=mon, s=step: m.run_check(s), workload.device)  # type: ignore[misc]
+            times[(layer, samples)].append(seconds)
+            peaks[(layer, samples)].append(extra)
     out = {}
     for config, mon in monitors.items():
         mon.detach()
-        out[config] = (times[config], [int(h["n"]) for h in mon.history])
+        out[config] = (times[config], [int(h["n"]) for h in mon.history], peaks[config])
     return out
 
 
@@ -887,8 +927,9 @@ def lightning_check_times(
     checks: int,
     seed: int,
     log_dir: str,
-) -> dict[tuple[str, int], tuple[list[float], list[int]]]:
-    """As `plain_check_times`, through ``Trainer.fit``: the time of the callback's check step."""
+) -> dict[tuple[str, int], tuple[list[float], list[int], list[float]]]:
+    """As `plain_check_times`, through ``Trainer.fit``: the time of the callback's check step (its memory is not
+    measured: NaN)."""
     module_cls, _, monitor_cls = _lightning_parts(workload)
     total = STARTUP_CHECKS + checks
     gen = torch.Generator().manual_seed(seed)
@@ -906,7 +947,7 @@ def lightning_check_times(
     }
     trainer = _trainer(workload, total, list(monitors.values()), log_dir)
     trainer.fit(module_cls(seed), train_dataloaders=_loader(workload, total, seed))
-    return {c: (m.check_times, [int(h["n"]) for h in m.history]) for c, m in monitors.items()}
+    return {c: (m.check_times, [int(h["n"]) for h in m.history], [math.nan]) for c, m in monitors.items()}
 
 
 # -------------------------------------------------------------------------------------------------- the protocol
@@ -972,7 +1013,7 @@ def _measure(
             else:
                 timed = lightning_check_times(small, configs, clouds, setting.checks, 7, log_dir)
             for layer, s in configs:
-                times, ns = timed[(layer, s)]
+                times, ns, peaks = timed[(layer, s)]
                 results.append(
                     Result(
                         model=workload.name,
@@ -989,6 +1030,7 @@ def _measure(
                         startup_check=statistics.median(times[:STARTUP_CHECKS]),
                         check_times=times,
                         channels=statistics.median(CHANNEL_TIMES) if CHANNEL_TIMES else math.nan,
+                        check_peak=max(peaks, default=math.nan),
                     )
                 )
             log(f"{framework}: measured in {time.perf_counter() - started:.0f} s")
@@ -1122,9 +1164,71 @@ def main_realistic(args: argparse.Namespace) -> None:
     print(f"total time: {time.perf_counter() - started:.0f} s")
 
 
+# --------------------------------------------------------------------------------------------------- every model
+
+
+def _share(ratio: float) -> str:
+    """The monitor's share of the wall time, from (time with) / (time without)."""
+    return f"{100 * (1 - 1 / ratio):.1f}%"
+
+
+def main_all(args: argparse.Namespace) -> None:
+    """``--model all``: every model of this benchmark in one run, side by side, with the overhead budget off (a check
+    every 50 steps, ``max_overhead=None``) and on (the default ``max_overhead=0.02``): the monitor's share of the
+    wall time, the time and peak extra memory of a check. The small models are whole training runs (`small_arms`,
+    CPU only); the ResNet-18 and GPT-2 shapes use the split protocol in the plain loop (last block, 1024 samples;
+    256 with ``--quick``), and their budget-on share is computed from the measured parts with the monitor's own
+    spacing rule (`_budgeted`), since a budgeted run of them spaces its checks by thousands of steps."""
+    device = torch.device(args.device)
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"machine: {_machine(device)}; torch {torch.__version__}; device {device}")
+    lines = [
+        "| model | step, no monitor | budget off: check (every 50) | peak extra memory of a check"
+        " | budget off: share of wall time | budget on: checks every | samples | budget on: share of wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if device.type == "cpu":
+        repeats, steps = (1, 300) if args.quick else (3, 2000)
+        print(f"small models: whole runs of {steps} steps, {repeats} repeat(s) per arm, rotating order")
+        for name in SMALL_MODELS:
+            runs = small_arms(name, steps, repeats)
+            step = {a: statistics.median(x["step_s"] for x in runs[a]) for a in SMALL_ARMS}
+            peak = max((p for x in runs["all"] for p in x["peaks"]), default=math.nan)
+            last = runs["budget"][-1]
+            own = statistics.median(x["own_share"] for x in runs["budget"])
+            lines.append(
+                f"| {name} | {step['off'] * 1e3:.2f} ms | {_median_check_ms(runs['all']).strip()} | {peak:.0f} MB"
+                f" | {_share(step['all'] / step['off'])} (measured) | {last['check_every']} | {last['max_samples']}"
+                f" | {_share(step['budget'] / step['off'])} (measured; monitor's own timing: {100 * own:.1f}%) |"
+            )
+            print(f"{name}: done at {time.perf_counter() - started:.0f} s")
+    samples = 256 if args.quick else 1024
+    for model in ("resnet18", "gpt2"):
+        workload = build_workload(argparse.Namespace(**{**vars(args), "model": model}), device)
+        setting = default_setting(args, device)
+        (r,) = measure(workload, ["plain"], ["last"], [samples], setting, log=lambda _: None)
+        every, share = _budgeted(r)
+        lines.append(
+            f"| {model} (batch {workload.batch}; last block d={r.width}) | {r.step_off * 1e3:.1f} ms"
+            f" | {r.check * 1e3:.1f} ms | {r.check_peak:.0f} MB"
+            f" | {_share(r.ratio)} (split protocol) | {every} | {samples} | {100 * share:.2f}% (computed) |"
+        )
+        print(f"{model}: done at {time.perf_counter() - started:.0f} s")
+    print()
+    print("\n".join(lines))
+    print()
+    print(
+        "share of wall time = 1 - (time without the monitor) / (time with it); peak extra memory: resident-set"
+        " high-water mark during a check over the resident set before it (CPU), peak allocation (CUDA)"
+    )
+    print(f"total time: {time.perf_counter() - started:.0f} s")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["mlp", "small", "resnet18", "gpt2"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "small", "resnet18", "gpt2", "all"], default="mlp")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: resnet18 and gpt2 only")
     parser.add_argument("--quick", action="store_true", help="short CI setting")
     parser.add_argument("--every", type=int, default=50, help="mlp only (the realistic models check every 50)")
@@ -1147,7 +1251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=None, help="gpt2: tokens per sequence (128 CPU, 1024 CUDA)")
     parser.add_argument("--profile", action="store_true", help="resnet18/gpt2: cProfile one check per configuration")
     args = parser.parse_args(argv)
-    if args.model == "small":
+    if args.model in ("small", "all"):
         return args
     if args.model == "mlp":
         realistic_only = ("batch", "steps", "repeats", "checks", "gpt_layers", "context")
@@ -1174,6 +1278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         main_mlp(args)
     elif args.model == "small":
         main_small(args)
+    elif args.model == "all":
+        main_all(args)
     else:
         main_realistic(args)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -68,6 +69,8 @@ def test_split_protocol_end_to_end(bench: ModuleType, framework: str, tmp_path: 
         assert r.step_on > 0
         assert r.check > 0
         assert r.ratio == pytest.approx((50 * r.step_on + r.check) / (50 * r.step_off))
+        if framework == "plain":  # a check's memory is measured in the plain loop (Linux: /proc)
+            assert math.isnan(r.check_peak) or r.check_peak >= 0
     table = bench.format_table(results)
     assert table.count("\n") == 1 + len(results)
 
@@ -83,3 +86,18 @@ def test_arguments(bench: ModuleType) -> None:
     workload = bench.build_workload(args, torch.device("cpu"))
     assert workload.layers["last"] == "h.1"
     assert bench.default_setting(args, torch.device("cpu")).steps < bench.EVERY
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the RSS high-water mark is read from /proc")
+def test_timed_call_counts_a_calls_peak_memory_not_what_was_there(bench: ModuleType) -> None:
+    keep = torch.ones(64 * 2**20 // 4)  # 64 MB resident before the call: not counted
+
+    def allocate() -> None:
+        torch.ones(128 * 2**20 // 4).sum()  # 128 MB, touched and freed inside the call
+
+    seconds, extra = bench.timed_call(allocate, torch.device("cpu"))
+    assert seconds > 0
+    assert 100 <= extra < 180, extra
+    _, idle = bench.timed_call(lambda: None, torch.device("cpu"))
+    assert idle < 10, idle
+    del keep
