@@ -481,6 +481,34 @@ def test_giving_up_restores_the_last_healthy_snapshot_unless_told_not_to(restore
     assert ctl.total_factor == 0.5  # one rollback's cut: the stop lowers nothing
 
 
+@pytest.mark.parametrize("restore", [True, False])
+def test_a_failure_back_with_no_older_snapshot_left_gives_up_with_the_diagnosis(restore: bool) -> None:
+    """Quick returns use up the ring before ``max_rollbacks``: each suspects the snapshot it came back from. The stop
+    then carries the configuration diagnosis (`RollbackReason.CAME_BACK`) and, with ``restore_on_stop``, leaves the
+    oldest snapshot held (the state the last retry started from), not the failed weights."""
+    run = Run(scaler=False)
+    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=5, keep=2, restore_on_stop=restore))
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    for step in range(1, 13):  # snapshots at 1, 6, 11: the ring keeps 6 and 11
+        run.step()
+        if ctl.maybe_snapshot(step, quiet=True) is not None:
+            kept[step] = {k: v.clone() for k, v in run.model.state_dict().items()}
+    first = ctl.rollback(onset_step=11, alarm_step=12, channel="loss")
+    assert first.entry is not None
+    assert first.entry["restored_step"] == 6
+    run.step()
+    stop = ctl.rollback(onset_step=6, alarm_step=14, channel="loss")  # back at once: 6 is suspect, nothing older
+    assert stop.action == "stop"
+    assert stop.reason is RollbackReason.CAME_BACK
+    assert "after 1 rollback," in stop.message
+    assert "no older snapshot is left" in stop.message
+    assert "configuration" in stop.message
+    now = run.model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in kept[6].items()) is restore
+    assert ctl.restored_on_stop == (6 if restore else None)
+    assert ctl.total_factor == 0.5  # the stop lowers nothing
+
+
 def test_stops_with_nothing_healthy_to_go_back_to() -> None:
     run = Run(scaler=False)
     ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=10))
@@ -510,11 +538,13 @@ def test_a_slow_drift_older_than_every_snapshot_goes_back_to_the_oldest() -> Non
     assert drift.entry is not None
     assert drift.entry["restored_step"] == 11
     assert ctl.total_factor == 0.5
-    # the failure comes back: the snapshot just restored is suspect, an abrupt alarm does not go back to it again
+    # the failure comes back: the snapshot just restored is suspect, an abrupt alarm does not go back to it again;
+    # with nothing older held, the policy gives up with the configuration diagnosis
     again = ctl.rollback(onset_step=11, alarm_step=45, channel="loss", detector_onset=44)
-    assert again.reason is RollbackReason.NO_SNAPSHOT
+    assert again.reason is RollbackReason.CAME_BACK
     # nor does a drift to the same snapshot
-    assert ctl.rollback(onset_step=11, alarm_step=60, channel="b0_fraction").reason is RollbackReason.NO_SNAPSHOT
+    assert ctl.rollback(onset_step=11, alarm_step=60, channel="b0_fraction").reason is RollbackReason.CAME_BACK
+    assert ctl.num_rollbacks == 1
     abrupt = RollbackController(Run(scaler=False).state(), RollbackPolicy(snapshot_every=10))
     abrupt.maybe_snapshot(5, quiet=True)
     assert abrupt.rollback(onset_step=5, alarm_step=8, channel="loss").reason is RollbackReason.NO_SNAPSHOT

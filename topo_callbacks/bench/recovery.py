@@ -21,7 +21,8 @@ Scored (`score_recovery`), per family and pooled, on the test seeds:
 
 - a failure run is **rescued** when it ran to its end and its final metric is within `RESCUE_POINTS` points
   (accuracy) or `RESCUE_RELATIVE` (perplexity) of its healthy twin's; **stopped** when the policy gave up (after
-  ``max_rollbacks`` rollbacks: the configuration diagnosis; or with no snapshot older than the onset);
+  ``max_rollbacks`` rollbacks, or when the failure came back with no older snapshot left: the configuration
+  diagnosis; or with no snapshot older than the onset before any rollback);
 - the cost: optimizer steps a rollback discarded (alarm step minus restored step, summed) and their wall time
   (measured), plus the snapshots' own time;
 - a clean run that alarmed: its final metric against the same run without a rollback (the plain arm).
@@ -84,6 +85,10 @@ CLEAN_COST_POINTS = 1.0
 CLEAN_COST_RELATIVE = 0.025
 
 
+#: The stop reasons (`topo_callbacks.core.rollback.RollbackReason` values) that carry the configuration diagnosis.
+DIAGNOSIS = ("max_rollbacks", "came_back")
+
+
 def recovery_class(family: str) -> str:
     """``"optimizer"`` (`OPTIMIZER`), ``"configuration"`` (`CONFIGURATION`), ``"other"`` (a failure family in neither:
     reported, no target) or ``"control"``.
@@ -129,8 +134,8 @@ class RecoveryRun:
     #: the monitor's rollback entries: ``step`` (of the alarm), ``restored_step``, ``onset``, ``channel``, factors
     rollbacks: list[dict[str, Any]]
     first_alarm: int | None
-    #: the step the run stopped at (the policy gave up), its reason (``"max_rollbacks"``: the configuration diagnosis;
-    #: ``"no_snapshot"``) and the monitor's message
+    #: the step the run stopped at (the policy gave up), its reason (``"max_rollbacks"`` or ``"came_back"``: the
+    #: configuration diagnosis; ``"no_snapshot"``) and the monitor's message
     stopped_step: int | None = None
     stop_reason: str | None = None
     stop_message: str | None = None
@@ -383,7 +388,7 @@ def score_recovery(
         if alarm is None:
             outcome = "no alarm"
         elif stop is not None:
-            outcome = "stopped: configuration diagnosis" if stop == "max_rollbacks" else f"stopped: {stop}"
+            outcome = "stopped: configuration diagnosis" if stop in DIAGNOSIS else f"stopped: {stop}"
         elif failure:
             outcome = "rescued" if within else "not rescued"
         else:
@@ -422,7 +427,7 @@ def score_recovery(
             "rescued": sum(r["outcome"] == "rescued" for r in alarmed),
             "rescued_of_detected": sum(r["outcome"] == "rescued" for r in fail if r["detected"]),
             "stopped_diagnosis": sum(r["outcome"] == "stopped: configuration diagnosis" for r in alarmed),
-            "stopped_other": sum(r["stop_reason"] not in (None, "max_rollbacks") for r in alarmed),
+            "stopped_other": sum(r["stop_reason"] not in (None, *DIAGNOSIS) for r in alarmed),
             "not_rescued": sum(r["outcome"] == "not rescued" for r in alarmed),
             "rollbacks": sum(len(r["rollbacks"]) for r in alarmed + clean_alarmed),
             "median_steps_lost": statistics.median(lost) if lost else None,

@@ -123,8 +123,9 @@ class RollbackPolicy:
             an onset estimated late.
         storage: ``"memory"`` (host-memory copies, `TrainingState`) or ``"framework"`` (the framework's own
             checkpoints through a `FrameworkStorage` the adapter provides).
-        restore_on_stop: when the policy gives up after ``max_rollbacks``, restore the newest snapshot taken before
-            the alarm's onset before the run stops (as Keras' ``EarlyStopping(restore_best_weights=True)``), so that
+        restore_on_stop: when the policy gives up (after ``max_rollbacks``, or when the failure came back with no
+            older snapshot left), restore the newest snapshot taken before the alarm's onset (or, with none, the
+            oldest held) before the run stops (as Keras' ``EarlyStopping(restore_best_weights=True)``), so that
             the run leaves the last healthy weights rather than the failed ones (the learning rate is not lowered
             again). False: stop on the weights the failure left.
 
@@ -714,8 +715,11 @@ class RollbackReason(Enum):
     """What `RollbackController.rollback` decided, and why (stored by value)."""
 
     ROLLED_BACK = "rolled_back"
-    NO_SNAPSHOT = "no_snapshot"  # nothing taken before the onset: stop
+    NO_SNAPSHOT = "no_snapshot"  # nothing taken before the onset, and no rollback yet: stop
     MAX_ROLLBACKS = "max_rollbacks"  # the failure survived max_rollbacks retries: stop, it is in the configuration
+    #: the failure came back after a rollback and no snapshot older than its onset is left: stop, with the same
+    #: diagnosis (a retry from further back is not possible)
+    CAME_BACK = "came_back"
 
 
 @dataclass(frozen=True)
@@ -744,8 +748,10 @@ class RollbackController:
     rest of the run (on top of the user's schedule, see the module docstring), and records an entry. A slow drift
     (the onset more than ``policy.snapshot_every`` steps before the alarm) whose onset is older than every snapshot
     held goes back to the oldest one: a CUSUM's change point on a channel that drifts is a loose estimate, and the
-    oldest state held is the least suspect. After ``policy.max_rollbacks`` rollbacks, or with no snapshot old enough
-    (an abrupt failure right after the first snapshot, or none taken yet), the answer is ``"stop"``.
+    oldest state held is the least suspect. After ``policy.max_rollbacks`` rollbacks, or when the failure comes back
+    after a rollback with no snapshot older than its onset left, the answer is ``"stop"`` with the configuration
+    diagnosis; with no snapshot old enough and no rollback yet (an abrupt failure right after the first snapshot, or
+    none taken yet), ``"stop"`` without it.
 
     Args:
         state: the live objects (`TrainingState`). With framework storage its optimizers still get the learning-rate
@@ -911,19 +917,7 @@ class RollbackController:
         onset = alarm_step if onset_step is None else int(onset_step)
         n = self.num_rollbacks
         if n >= self.policy.max_rollbacks:
-            message = (
-                f"The alarm on {channel!r} at step {alarm_step} came back after {n} rollback{'s' if n != 1 else ''},"
-                f" each with a lower learning rate (now {self.total_factor:g}x the schedule) and fresh data: the"
-                " failure is probably in the configuration (objective, architecture, data), not in a bad batch or an"
-                " unlucky step. Stopping"
-            )
-            target = self.choose(onset) if self.policy.restore_on_stop else None
-            if target is None:
-                return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message + ".")
-            extra = self._restore(target)
-            self.restored_on_stop = target.step
-            message += f", with the training state of step {target.step} restored (the last healthy snapshot)."
-            return RollbackDecision("stop", RollbackReason.MAX_ROLLBACKS, message, None, extra)
+            return self._give_up(onset, alarm_step, channel, RollbackReason.MAX_ROLLBACKS)
         target = self.choose(onset)
         # ``detector_onset``: the detector's own change point, when ``onset_step`` was moved back further (a caller
         # that suspects the snapshot it last restored); the drift is judged on the detector's estimate
@@ -933,6 +927,8 @@ class RollbackController:
         fallback = drift and oldest is not None and oldest.step < alarm_step and oldest.step != restored_last
         if target is None and fallback:
             target = oldest  # the oldest held, unless it is the one that failed again (see the class docstring)
+        if target is None and n > 0:
+            return self._give_up(onset, alarm_step, channel, RollbackReason.CAME_BACK)
         if target is None:
             limit = onset - self.policy.min_lookback
             held = [s.step for s in self._ring]
@@ -969,6 +965,33 @@ class RollbackController:
             f" (rollback {self.num_rollbacks} of {self.policy.max_rollbacks})."
         )
         return RollbackDecision("rollback", RollbackReason.ROLLED_BACK, message, dict(entry), extra)
+
+    def _give_up(self, onset: int, alarm_step: int, channel: str, reason: RollbackReason) -> RollbackDecision:
+        """Stop with the configuration diagnosis: the failure came back after ``num_rollbacks`` rollbacks, either
+        ``max_rollbacks`` of them (`RollbackReason.MAX_ROLLBACKS`) or with no snapshot older than its onset left to
+        retry from (`RollbackReason.CAME_BACK`: each return suspects the snapshot it came back from, so quick
+        returns use up the ring before ``max_rollbacks``). With ``restore_on_stop`` the newest snapshot older than the
+        onset is restored first or, when none is, the oldest held (the state the last retry started from: taken
+        while the detector was quiet, and the least suspect left)."""
+        n = self.num_rollbacks
+        message = (
+            f"The alarm on {channel!r} at step {alarm_step} came back after {n} rollback{'s' if n != 1 else ''},"
+            f" each with a lower learning rate (now {self.total_factor:g}x the schedule) and fresh data"
+            + ("" if reason is RollbackReason.MAX_ROLLBACKS else ", and no older snapshot is left to retry from")
+            + ": the failure is probably in the configuration (objective, architecture, data), not in a bad batch or"
+            " an unlucky step. Stopping"
+        )
+        target = None
+        if self.policy.restore_on_stop:
+            target = self.choose(onset)
+            if target is None and reason is RollbackReason.CAME_BACK and self._ring:
+                target = self._ring[0]
+        if target is None:
+            return RollbackDecision("stop", reason, message + ".")
+        extra = self._restore(target)
+        self.restored_on_stop = target.step
+        message += f", with the training state of step {target.step} restored (the last healthy snapshot)."
+        return RollbackDecision("stop", reason, message, None, extra)
 
     def _restore(self, target: Snapshot) -> dict[str, Any] | None:
         """Load ``target`` into the live training objects (through the framework's checkpoint first, if any); returns
