@@ -300,9 +300,9 @@ def recovery_markdown(section: Mapping[str, Any]) -> list[str]:
         " plain arm again, bit for bit, and is counted as such. *Rescued*: ran to the end within 2 points (5%"
         " perplexity) of the healthy twin. *Stopped*: the policy gave up (`max_rollbacks`, or `came_back`: the"
         " failure came back after a rollback with no older snapshot left; both the configuration diagnosis;"
-        " `no_snapshot`: nothing older than the onset was held before any rollback). *Steps lost*: trained, then discarded by"
-        " a rollback. Failure arms whose metric did not drop after t0, and clean arms whose metric dropped anyway, are"
-        " listed and not counted.",
+        " `no_snapshot`: nothing older than the onset was held before any rollback). *Steps lost*: trained, then"
+        " discarded by a rollback. Failure arms whose metric did not drop after t0, and clean arms whose metric"
+        " dropped anyway, are listed and not counted.",
         "",
         *recovery_targets(section),
         "",

@@ -160,9 +160,9 @@ class CollapseMonitorCore:
             snapshot was taken goes one snapshot further back), lower the learning rate by the policy's ``lr_factor``
             (on top of the schedule, for the rest of the run) and continue on fresh data, the detector resuming from
             the snapshot's state; after ``max_rollbacks`` rollbacks, or when the failure comes back with no older
-            snapshot left, the next alarm stops the run (`StoppingReason.ROLLBACK_GAVE_UP`). It needs the live training objects: the adapters hand them over
-            (`track`); a plain loop calls `track` and `after_step`. An alarm of ``stopping_threshold`` (a good level
-            reached) or ``patience`` (no improvement) only warns.
+            snapshot left, the next alarm stops the run (`StoppingReason.ROLLBACK_GAVE_UP`). It needs the live
+            training objects: the adapters hand them over (`track`); a plain loop calls `track` and `after_step`. An
+            alarm of ``stopping_threshold`` (a good level reached) or ``patience`` (no improvement) only warns.
         stop_on_alarm: stop training when the alarm fires; False only warns and logs (the older spelling of
             ``on_alarm="stop"``; refused together with a rollback).
         strict: raise on a monitoring failure instead of warning and skipping the check.
