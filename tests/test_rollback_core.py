@@ -366,7 +366,7 @@ def test_hooks_do_not_keep_the_controller_alive() -> None:
 
 def test_ring_takes_snapshots_while_quiet_and_keeps_the_newest() -> None:
     run = Run(scaler=False)
-    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=10, keep=3))
+    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=10, keep=3, lr_factor=0.5))
     taken = []
     for step in range(1, 61):
         if ctl.maybe_snapshot(step, quiet=not 20 <= step <= 24) is not None:
@@ -452,7 +452,7 @@ def test_giving_up_restores_the_last_healthy_snapshot_unless_told_not_to(restore
     """`restore_on_stop`: the run stops on the newest snapshot older than the onset (the weights it then leaves are
     that snapshot's, bit for bit), not on the weights the failure left; False keeps those."""
     run = Run(scaler=False)
-    policy = RollbackPolicy(max_rollbacks=1, snapshot_every=5, restore_on_stop=restore)
+    policy = RollbackPolicy(max_rollbacks=1, snapshot_every=5, restore_on_stop=restore, lr_factor=0.5)
     ctl = RollbackController(run.state(), policy)
     kept: dict[int, dict[str, torch.Tensor]] = {}
     stop = None
@@ -487,7 +487,8 @@ def test_a_failure_back_with_no_older_snapshot_left_gives_up_with_the_diagnosis(
     then carries the configuration diagnosis (`RollbackReason.CAME_BACK`) and, with ``restore_on_stop``, leaves the
     oldest snapshot held (the state the last retry started from), not the failed weights."""
     run = Run(scaler=False)
-    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=5, keep=2, restore_on_stop=restore))
+    policy = RollbackPolicy(snapshot_every=5, keep=2, restore_on_stop=restore, lr_factor=0.5)
+    ctl = RollbackController(run.state(), policy)
     kept: dict[int, dict[str, torch.Tensor]] = {}
     for step in range(1, 13):  # snapshots at 1, 6, 11: the ring keeps 6 and 11
         run.step()
@@ -529,7 +530,7 @@ def test_a_slow_drift_older_than_every_snapshot_goes_back_to_the_oldest() -> Non
     before every snapshot held, the oldest held is restored (not a stop); an abrupt alarm right after the only
     snapshot still stops."""
     run = Run(scaler=False)
-    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=10, keep=2))
+    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=10, keep=2, lr_factor=0.5))
     for step in (1, 11, 21):  # the ring keeps 11 and 21
         ctl.maybe_snapshot(step, quiet=True)
     assert [snap.step for snap in ctl.snapshots] == [11, 21]
