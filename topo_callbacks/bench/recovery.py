@@ -48,7 +48,7 @@ from typing import Any
 from topo_callbacks.bench.families import FAMILIES, Family
 from topo_callbacks.bench.record import RunRecord, _evaluate, _monitor, _Recorder, _train
 from topo_callbacks.core.detector import DetectorCalibration
-from topo_callbacks.core.rollback import RollbackPolicy
+from topo_callbacks.core.rollback import RollbackPolicy, RollbackReason
 
 __all__ = [
     "CONFIGURATION",
@@ -85,8 +85,8 @@ CLEAN_COST_POINTS = 1.0
 CLEAN_COST_RELATIVE = 0.025
 
 
-#: The stop reasons (`topo_callbacks.core.rollback.RollbackReason` values) that carry the configuration diagnosis.
-DIAGNOSIS = ("max_rollbacks", "came_back")
+#: The stop reasons (`RollbackReason` values, as a `RecoveryRun` stores them) that carry the configuration diagnosis.
+DIAGNOSIS = (RollbackReason.MAX_ROLLBACKS.value, RollbackReason.CAME_BACK.value)
 
 
 def recovery_class(family: str) -> str:

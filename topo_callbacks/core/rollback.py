@@ -984,16 +984,18 @@ class RollbackController:
             + ": the failure is probably in the configuration (objective, architecture, data), not in a bad batch or"
             " an unlucky step. Stopping"
         )
-        target = None
+        target, which = None, "the last healthy snapshot"
         if self.policy.restore_on_stop:
-            target = self.choose(onset)
-            if target is None and reason is RollbackReason.CAME_BACK and self._ring:
-                target = self._ring[0]
+            # CAME_BACK is only answered when no snapshot is older than the onset: go to the oldest held
+            if reason is RollbackReason.CAME_BACK:
+                target, which = (self._ring[0] if self._ring else None), "the oldest snapshot held"
+            else:
+                target = self.choose(onset)
         if target is None:
             return RollbackDecision("stop", reason, message + ".")
         extra = self._restore(target)
         self.restored_on_stop = target.step
-        message += f", with the training state of step {target.step} restored (the last healthy snapshot)."
+        message += f", with the training state of step {target.step} restored ({which})."
         return RollbackDecision("stop", reason, message, None, extra)
 
     def _restore(self, target: Snapshot) -> dict[str, Any] | None:
