@@ -20,10 +20,14 @@ Runs (healthy unless marked):
   the training set (1500 steps)
 - ``accumulate_clip``: the CNN, 4 micro-batches per step, clipping at 1.0, RMSprop (2000 steps)
 - ``long_restarts``: the MLP, SGD, `CosineAnnealingWarmRestarts` every 2000 steps (20,000 steps)
+- ``simsiam_adamw``: SimSiam (the benchmark's SSL network, watched at its projector) under AdamW at 3e-4, warm-up over
+  200 steps, cosine to 0, batches of 128 augmented pairs; the metric: a kNN probe on its backbone's clean views
+  (2000 steps)
 - ``lr_x50_at_40`` (failure, at 40): the MLP's rate x50 from step 40
 - ``lr_x20_jump`` (failure, at 1500): the CNN under Adam, rate x20 from step 1500
 - ``labels_shuffled`` (failure, at 1000): the MLP's training labels shuffled from step 1000
 - ``dead_layer`` (failure, at 30): the watched layer's biases pushed to -50 at step 30 (its output constant 0)
+- ``simsiam_adamw_collapse`` (failure, at 600): ``simsiam_adamw`` whose stop-gradient is removed from step 600
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from topo_callbacks.bench.tasks import DigitsMLP
+from topo_callbacks.bench.families import SSLNet
+from topo_callbacks.bench.tasks import DigitsMLP, augment, knn_accuracy
 from topo_callbacks.core.monitor import CollapseMonitorCore
 
 EVAL_EVERY = 25
@@ -65,6 +70,8 @@ class Run:
     shuffle_from: int | None = None
     dead_at: int | None = None
     resume_at: int | None = None
+    #: SimSiam only: the step from which the stop-gradient is gone (its collapse)
+    no_stop_gradient_from: int | None = None
 
 
 @dataclass
@@ -129,6 +136,33 @@ def _adam(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     return torch.optim.Adam(model.parameters(), lr=1e-3), None
 
 
+def _ssl_warmup_cosine(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    warm = 200
+
+    def factor(i: int) -> float:
+        return (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _simsiam_loss(model: SSLNet, x: torch.Tensor, g: torch.Generator, stop_gradient: bool) -> torch.Tensor:
+    z1, z2 = model(augment(x, g)), model(augment(x, g))
+    p1, p2 = model.predictor(z1), model.predictor(z2)
+    t1, t2 = (z1.detach(), z2.detach()) if stop_gradient else (z1, z2)
+    cos = nn.functional.cosine_similarity
+    return -(cos(p1, t2).mean() + cos(p2, t1).mean()) / 2
+
+
+def _accuracy(run: Run, model: nn.Module, data: tuple[torch.Tensor, ...]) -> float:
+    x, y, xv, yv = data
+    if run.model != "ssl":
+        return 100.0 * float((model(xv).argmax(1) == yv).float().mean())
+    assert isinstance(model, SSLNet)
+    # clean views: the benchmark's augmented ones move this probe by 5 points between evaluations of a healthy run
+    return knn_accuracy(model.backbone(x), y, model.backbone(xv), yv)
+
+
 RUNS = [
     Run("adamw_warmup_cosine", "cnn", 3000, _warmup_cosine),
     Run("onecycle", "mlp", 3000, _onecycle),
@@ -136,10 +170,12 @@ RUNS = [
     Run("resumed_finetune", "mlp", 3000, _adam, resume_at=1500),
     Run("accumulate_clip", "cnn", 2000, _rmsprop, accumulate=4, clip=1.0),
     Run("long_restarts", "mlp", 20000, _restarts),
+    Run("simsiam_adamw", "ssl", 2000, _ssl_warmup_cosine),
     Run("lr_x50_at_40", "mlp", 600, _sgd, fail_at=40, lr_factor=lambda s: 50.0 if s >= 40 else 1.0),
     Run("lr_x20_jump", "cnn", 2500, _adam, fail_at=1500, lr_factor=lambda s: 20.0 if s >= 1500 else 1.0),
     Run("labels_shuffled", "mlp", 1500, _sgd, fail_at=1000, shuffle_from=1000),
     Run("dead_layer", "mlp", 600, _sgd, fail_at=30, dead_at=30),
+    Run("simsiam_adamw_collapse", "ssl", 2000, _ssl_warmup_cosine, fail_at=600, no_stop_gradient_from=600),
 ]
 
 
@@ -155,8 +191,8 @@ def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
-def _monitor(max_overhead: float | None) -> CollapseMonitorCore:
-    return CollapseMonitorCore("embed", every_n_train_steps=25, max_samples=256, max_overhead=max_overhead)
+def _monitor(max_overhead: float | None, layer: str = "embed") -> CollapseMonitorCore:
+    return CollapseMonitorCore(layer, every_n_train_steps=25, max_samples=256, max_overhead=max_overhead)
 
 
 def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outcome:
@@ -164,11 +200,13 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
     torch.manual_seed(seed)
     steps = min(run.steps, 600) if quick else run.steps
     x, y, xv, yv = _data(seed)
-    model = DigitsMLP() if run.model == "mlp" else CNN()
+    model = {"mlp": DigitsMLP, "cnn": CNN, "ssl": lambda: SSLNet(predictor=True)}[run.model]()
+    layer = "projector" if run.model == "ssl" else "embed"
+    batch = 128 if run.model == "ssl" else 64
     opt, sched = run.make_opt(model, steps)
     base_lrs = [g["lr"] for g in opt.param_groups]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100) if run.fp16 else None
-    monitor = _monitor(max_overhead)
+    monitor = _monitor(max_overhead, layer)
     monitor.attach(model)
     episodes: list[dict[str, Any]] = []
     g = torch.Generator().manual_seed(seed)
@@ -200,12 +238,16 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
             opt.zero_grad(set_to_none=True)
             total = torch.zeros(())
             for _ in range(run.accumulate):
-                idx = pool[torch.randint(0, len(pool), (64,), generator=g)]
+                idx = pool[torch.randint(0, len(pool), (batch,), generator=g)]
                 labels = y[idx]
                 if run.shuffle_from is not None and step >= run.shuffle_from:
                     labels = labels[torch.randperm(len(labels), generator=g)]
                 with torch.autocast("cpu", dtype=torch.float16, enabled=run.fp16):
-                    loss = nn.functional.cross_entropy(model(x[idx]), labels) / run.accumulate
+                    if isinstance(model, SSLNet):
+                        cut = run.no_stop_gradient_from
+                        loss = _simsiam_loss(model, x[idx], g, stop_gradient=cut is None or step < cut)
+                    else:
+                        loss = nn.functional.cross_entropy(model(x[idx]), labels) / run.accumulate
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 total = total + loss.detach().float()
             if scaler is not None:
@@ -230,7 +272,7 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
             if step % EVAL_EVERY == 0:
                 model.eval()
                 with torch.no_grad():
-                    acc = 100.0 * float((model(xv).argmax(1) == yv).float().mean())
+                    acc = _accuracy(run, model, (x, y, xv, yv))
                 model.train()
                 since = run.fail_at if run.fail_at is not None else WARMUP_EVALS * EVAL_EVERY
                 if dropped is None and step >= since and acc < best - DROP_POINTS:

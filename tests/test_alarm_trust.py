@@ -19,6 +19,8 @@ from topo_callbacks.bench.tasks import DigitsMLP
 from topo_callbacks.core import CollapseMonitorCore
 from topo_callbacks.core.detector import CAP, CusumDetector, DetectorCalibration, default_calibration
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
@@ -354,6 +356,53 @@ def test_a_cnn_leaving_its_loss_plateau_does_not_alarm() -> None:
     assert sum(losses[-100:]) / 100 < 0.5
     assert max(norms[start : start + 100]) > 5 * sorted(norms[:100])[50]  # the gradient norm rose several-fold
     assert monitor.first_alarm_step is None, monitor.summary()
+
+
+@pytest.fixture(scope="module")
+def outside() -> Any:
+    """``benchmarks/outside_runs.py``: the training runs the alarm was not fit on."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("outside_runs", ROOT / "benchmarks" / "outside_runs.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_adamw_run_converging_after_its_warm_up_does_not_alarm(outside: Any) -> None:
+    """``benchmarks/outside_runs.py``'s AdamW run (a CNN on the digits, warm-up over 200 steps, then cosine over 3000):
+    after the warm-up its gradient norm falls tenfold in 200 steps while its loss falls from 0.2 to 0.003, which the
+    gradient-norm channel alone scored as a failure at step 406. The embeddings keep their spread, so it is not."""
+    run = outside.Run("adamw_warmup_cosine", "cnn", 420, lambda model, _: outside._warmup_cosine(model, 3000))
+    out = outside.train(run, seed=1, max_overhead=None, quick=False)
+    assert out.dropped_at is None
+    assert out.alarms == []
+
+
+def test_a_simsiam_collapse_whose_loss_and_gradient_fall_alarms_once_a_check_sees_it(outside: Any) -> None:
+    """SimSiam under AdamW whose stop-gradient goes at step 300: its loss falls to -1 and its gradient norm with it, as
+    a converging run's do; the check that finds its embeddings' spread fallen lets the fall count from its start."""
+    mons: list[CollapseMonitorCore] = []
+    make = outside._monitor
+    outside._monitor = lambda *a, **k: mons.append(make(*a, **k)) or mons[-1]
+    try:
+        schedule = lambda model, _: outside._ssl_warmup_cosine(model, 2000)  # noqa: E731
+        run = outside.Run("simsiam_adamw_collapse", "ssl", 450, schedule, fail_at=300, no_stop_gradient_from=300)
+        out = outside.train(run, seed=0, max_overhead=None, quick=False)
+    finally:
+        outside._monitor = make
+    first = out.alarms[0]
+    assert first["channel"] == "grad_norm", out.alarms
+    assert first["kind"] == "cusum", out.alarms
+    spread = {h["step"]: h["std_l2"] for h in mons[0].history}
+    fell = min(s for s in spread if s > 300 and spread[s] < 0.8 * spread[300])
+    assert 300 < first["start"] <= fell + 25, (first, spread)  # at the check that saw it, or the steps after
+    assert mons[0].detector is not None
+    assert mons[0].detector.episodes[0]["start"] == first["start"]
 
 
 # ------------------------------------------------------------------------------------ state after an episode

@@ -57,7 +57,7 @@ CALIBRATIONS: list[dict[str, Any]] = [
         "channels": ["loss", "grad_norm", "loss_spike", "b0_fraction"],
         "normalisers": {
             "loss": 72.74901817927018,
-            "grad_norm": 70.47540787883129,
+            "grad_norm": 54.29357799477479,
             "loss_spike": 7.700512767005894,
             "b0_fraction": 7.8480221984332,
         },

@@ -99,6 +99,16 @@ SAMPLING_NOISE = 2.0
 #: An absolute rule's level: it starts at ``CAP`` and falls to 0 over this many optimizer steps (at least twice the
 #: spacing of the observations that raised it), so its episode ends ``(CAP - END_LEVEL) / CAP`` of the way.
 ABSOLUTE_HOLD = 100
+#: A gradient norm that falls while the loss falls is what converging looks like, and also what a collapse of
+#: self-supervised embeddings looks like (SimSiam's trivial solution; BYOL's too, whose loss falls to 0 as a
+#: classifier's does): the loss and the gradient cannot tell them apart. The embeddings can: such a fall is scored
+#: only once a check finds the spread of the L2-normalised rows (``std_l2``) under this share of its median over the
+#: checks before, and from then on until the fall is over. On the benchmark's records the healthy runs' and the
+#: failure runs' before their switch never went under 0.36 (a contrastive temperature change), SimSiam's collapse goes
+#: to 0.2-0.5 at its first check after the switch.
+SPREAD_FELL = 0.8
+#: Checks before one whose spread can count as fallen (the overhead budget may space checks hundreds of steps apart).
+SPREAD_MIN_REFERENCE = 1
 
 
 @dataclass(frozen=True)
@@ -406,6 +416,14 @@ class CusumDetector:
         self._lr_reference: float | None = None
         self._lr_previous: float | None = None
         self._lr_max = 0.0
+        #: ``std_l2`` of the last checks, and whether the embeddings' spread has fallen (`SPREAD_FELL`) since the
+        #: gradient norm's downward CUSUM last stood at 0
+        self._spread: deque[float] = deque(maxlen=CHECK_WINDOW)
+        self._spread_fell = False
+        #: the gradient norm's downward CUSUM with no fall held back (`SPREAD_FELL`), and the last step it stood at 0
+        self._fall = 0.0
+        self._fall_peak = 0.0
+        self._fall_zero_step = 0
         #: messages about how the detector is fed (said once each by the monitor); keys name the problem
         self.notes: dict[str, str] = {}
 
@@ -502,8 +520,16 @@ class CusumDetector:
                 z = state.score
                 if name == "grad_norm":
                     loss = self.states["loss"]
-                    if loss.step == step and loss.score < -ALLOWANCE and z > 0.0:
+                    if z > 0.0 and loss.step == step and loss.score < -ALLOWANCE:
                         z = 0.0  # a gradient norm that rises while the loss falls: learning, leaving a plateau
+                    # the downward CUSUM as if no fall were held back: what a later check's contraction brings in
+                    fall = self._fall - z - spec.allowance
+                    if fall <= 0.0:
+                        fall, self._fall_peak, self._fall_zero_step = 0.0, 0.0, step
+                    self._fall = min(fall, self._caps[name])
+                    self._fall_peak = max(self._fall_peak, self._fall)
+                    if z < 0.0 and loss.s_neg > 0.0 and not self._spread_fell:
+                        z = 0.0  # falls while the loss falls, embeddings as spread as before: converging, so far
                 self._accumulate(name, state, z)
         if state.statistic(spec.side) == 0.0:
             state.zero_step = step
@@ -690,6 +716,16 @@ class CusumDetector:
         """A check's embeddings, for the absolute rule on a collapse to a point or to rank 1 (from the first check,
         the scale's calibration included): `COLLAPSED_CHECKS` such checks in a row alarm, and each one after keeps
         the episode open."""
+        if math.isfinite(std_l2) and std_l2 > 0.0:
+            spread = self._spread
+            fell = len(spread) >= SPREAD_MIN_REFERENCE and std_l2 < SPREAD_FELL * statistics.median(spread)
+            grad = self.states["grad_norm"]
+            if fell and not self._spread_fell and self._fall_peak > grad.s_neg:
+                # the falls held back while the embeddings kept their spread count from where they began, as far as
+                # they went (checks spaced by the overhead budget come long after; the reference has caught up since)
+                grad.s_neg, grad.zero_step = self._fall_peak, min(grad.zero_step, self._fall_zero_step)
+            self._spread_fell = fell or (self._spread_fell and grad.s_neg > 0.0)
+            spread.append(std_l2)
         point = math.isfinite(std_l2) and std_l2 * math.sqrt(max(d, 1)) < COLLAPSED_STD
         rank_one = math.isfinite(effective_rank) and effective_rank < COLLAPSED_RANK
         self._collapsed_checks = self._collapsed_checks + 1 if point or rank_one else 0
@@ -748,6 +784,7 @@ class CusumDetector:
             state.reference.clear()
             state.s_pos = state.s_neg = 0.0
             state.zero_step = step
+        self._fall, self._fall_peak, self._fall_zero_step = 0.0, 0.0, step
         return True
 
     # ----------------------------------------------------------------------------------------- episodes
@@ -865,6 +902,11 @@ class CusumDetector:
             "lr_reference": self._lr_reference,
             "lr_previous": self._lr_previous,
             "lr_max": self._lr_max,
+            "spread": list(self._spread),
+            "spread_fell": self._spread_fell,
+            "fall": self._fall,
+            "fall_peak": self._fall_peak,
+            "fall_zero_step": self._fall_zero_step,
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -898,6 +940,11 @@ class CusumDetector:
         previous = state.get("lr_previous")
         self._lr_previous = None if previous is None else float(previous)
         self._lr_max = float(state.get("lr_max", 0.0))
+        self._spread = deque((float(v) for v in state.get("spread", ())), maxlen=CHECK_WINDOW)
+        self._spread_fell = bool(state.get("spread_fell", False))
+        self._fall = float(state.get("fall", 0.0))
+        self._fall_peak = float(state.get("fall_peak", 0.0))
+        self._fall_zero_step = int(state.get("fall_zero_step", 0))
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
