@@ -28,6 +28,8 @@ Runs (healthy unless marked):
 - ``labels_shuffled`` (failure, at 1000): the MLP's training labels shuffled from step 1000
 - ``dead_layer`` (failure, at 30): the watched layer's biases pushed to -50 at step 30 (its output constant 0)
 - ``simsiam_adamw_collapse`` (failure, at 600): ``simsiam_adamw`` whose stop-gradient is removed from step 600
+- ``dormant_units`` (failure, at 300): the MLP under SGD, a buggy regulariser from step 300 pushing both hidden layers'
+  biases down (0.1 per bias): units stop firing one after another
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Run:
     resume_at: int | None = None
     #: SimSiam only: the step from which the stop-gradient is gone (its collapse)
     no_stop_gradient_from: int | None = None
+    #: MLP only: the step from which a regulariser pushes the hidden biases down (dormant units)
+    push_biases_from: int | None = None
 
 
 @dataclass
@@ -176,6 +180,7 @@ RUNS = [
     Run("labels_shuffled", "mlp", 1500, _sgd, fail_at=1000, shuffle_from=1000),
     Run("dead_layer", "mlp", 600, _sgd, fail_at=30, dead_at=30),
     Run("simsiam_adamw_collapse", "ssl", 2000, _ssl_warmup_cosine, fail_at=600, no_stop_gradient_from=600),
+    Run("dormant_units", "mlp", 1500, _sgd, fail_at=300, push_biases_from=300),
 ]
 
 
@@ -248,6 +253,9 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
                         loss = _simsiam_loss(model, x[idx], g, stop_gradient=cut is None or step < cut)
                     else:
                         loss = nn.functional.cross_entropy(model(x[idx]), labels) / run.accumulate
+                    if run.push_biases_from is not None and step >= run.push_biases_from:
+                        assert isinstance(model, DigitsMLP)
+                        loss = loss + 0.1 * (model.body[0].bias.sum() + model.embed[0].bias.sum())  # type: ignore[index]
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 total = total + loss.detach().float()
             if scaler is not None:

@@ -405,6 +405,34 @@ def test_a_simsiam_collapse_whose_loss_and_gradient_fall_alarms_once_a_check_see
     assert mons[0].detector.episodes[0]["start"] == first["start"]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_units_going_dormant_show_in_the_dead_unit_share(seed: int) -> None:
+    """A buggy regulariser pushes the hidden biases down from step 300 (``benchmarks/outside_runs.py``'s
+    ``dormant_units``): a third of the watched layer's units stop firing within 50 steps, while the loss keeps
+    falling. `collapse/dead_fraction` shows it; a detector fit with that channel alarms at the next check or two (the
+    shipped one does not use it: see the README)."""
+    model = DigitsMLP()
+
+    def push(step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step < 300:
+            return loss
+        return loss + 0.1 * (model.body[0].bias.sum() + model.embed[0].bias.sum())  # type: ignore[index]
+
+    cal = DetectorCalibration(0.05, ("loss", "grad_norm", "dead_fraction"),
+                              {"loss": 84.4, "grad_norm": 99.1, "dead_fraction": 4.1}, 1.0)  # fmt: skip
+    monitor, _, _ = plain_loop(400, model=model, every=25, seed=seed, loss_hook=push)
+    dead = {h["step"]: h["dead_fraction"] for h in monitor.history}
+    assert dead[300] < 0.2 < dead[350], dead
+    assert monitor.first_alarm_step is None  # the shipped detector: not seen
+    detector = CusumDetector(cal)
+    fired = [detector.observe_check(h["step"], {k: v for k, v in h.items() if isinstance(v, float)}, calibrating=False)
+             for h in monitor.history]  # fmt: skip
+    firings = [f for f in fired if f is not None]
+    assert firings, dead
+    assert 300 < firings[0].step <= 350, firings
+    assert firings[0].channel == "dead_fraction", firings
+
+
 # ------------------------------------------------------------------------------------ state after an episode
 def test_after_an_infinite_value_the_detector_is_finite_rearmed_and_tells_the_second_episode() -> None:
     monitor = CollapseMonitorCore("0", max_overhead=None)

@@ -13,6 +13,7 @@ from topo_callbacks.functional import (
     CollapseReport,
     anisotropy,
     collapse_index,
+    dead_unit_fraction,
     effective_rank,
     l2_normalized_std,
 )
@@ -67,6 +68,23 @@ def test_effective_rank_and_std_channels():
     assert effective_rank(torch.zeros(5, 3)) == 0.0
     assert l2_normalized_std(iso) == pytest.approx(1 / math.sqrt(128), rel=0.05)
     assert l2_normalized_std(iso[:1].repeat(10, 1)) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), d=st.integers(1, 60), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_dead_unit_fraction_is_the_share_of_columns_zero_on_every_row(n, d, p, seed):
+    """Against a plain loop over the columns, on ReLU outputs with whole columns and single entries zeroed (a column
+    zero on some rows only is alive) and negative values kept (a column of negatives is not silent)."""
+    g = gen(seed)
+    x = torch.randn(n, d, generator=g)
+    x = torch.where(torch.rand(n, d, generator=g) < p, torch.zeros(()), x)  # scattered zeros
+    dead = torch.rand(d, generator=g) < p
+    x[:, dead] = 0.0
+    expected = sum(all(float(v) == 0.0 for v in x[:, j]) for j in range(d)) / d
+    assert dead_unit_fraction(x) == pytest.approx(expected)
+    assert dead_unit_fraction(torch.relu(x)) >= dead_unit_fraction(x)
+    if n >= 2 and d >= 2:
+        assert collapse_index(x + 0.0).dead_fraction == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("d", DS)

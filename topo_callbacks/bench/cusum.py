@@ -47,8 +47,9 @@ PER_STEPS = 10_000
 #: chose the Betti channels instead and missed it).
 BASE_CHANNELS: tuple[str, ...] = ("loss", "grad_norm")
 
-#: What the default detector may be built from: the channels the monitor computes live with ``source="stream"``.
-DEFAULT_CANDIDATES = [c for c, spec in CHANNELS.items() if spec.live and spec.source == "any"]
+#: What the default detector may be built from: the channels the monitor computes live with ``source="stream"`` and
+#: offers to the default fit (`Channel.default_fit`).
+DEFAULT_CANDIDATES = [c for c, spec in CHANNELS.items() if spec.live and spec.source == "any" and spec.default_fit]
 
 
 def channel_values(rec: RunRecord, name: str) -> tuple[np.ndarray, np.ndarray] | None:

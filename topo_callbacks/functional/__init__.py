@@ -20,7 +20,13 @@ from topo_callbacks.functional.neurons import (
     merging_statistics,
     neuron_points,
 )
-from topo_callbacks.functional.spectral import anisotropy, effective_rank, l2_normalized_std, mean_cosine
+from topo_callbacks.functional.spectral import (
+    anisotropy,
+    dead_unit_fraction,
+    effective_rank,
+    l2_normalized_std,
+    mean_cosine,
+)
 from topo_callbacks.functional.topology import betti_numbers, persistence_diagrams, persistence_entropy
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "bilipschitz_constants",
     "collapse_index",
     "contracted_pairs",
+    "dead_unit_fraction",
     "effective_rank",
     "h0_death_scales",
     "h0_diagram_distance",

@@ -225,6 +225,21 @@ def l2_normalized_std(x: Tensor) -> float:
     return float(z.std(dim=0).mean())
 
 
+def dead_unit_fraction(x: Tensor) -> float:
+    """Share of the columns (units) that are exactly 0 on every row: units that did not fire on any sampled input, a
+    ReLU layer's dead or dormant units (Lu et al. 2019; Sokar et al. 2023 with tau = 0). 0 for a layer whose outputs
+    are never exactly 0 (GELU, a linear output). Two reductions over the rows, no copy of ``x``.
+
+    Example:
+        >>> import torch
+        >>> dead_unit_fraction(torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 3.0]]))
+        0.5
+    """
+    x = check_points(x, min_rows=1, min_features=1)
+    silent = (x.amax(dim=0) == 0) & (x.amin(dim=0) == 0)
+    return float(silent.float().mean())
+
+
 def mean_cosine(x: Tensor) -> float:
     """Mean cosine similarity over all pairs of distinct rows: 0 for isotropic data (about), 1 when every row points
     the same way. Computed as ``(||sum_i u_i||^2 - n) / (n (n - 1))`` over the unit rows ``u_i`` (O(n d)). Rows of
