@@ -42,6 +42,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -112,8 +113,8 @@ def _sgd(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     return opt, None
 
 
-def _warmup_cosine(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+def _warmup_cosine(model: nn.Module, steps: int, lr: float = 2e-3) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = 200
 
     def factor(i: int) -> float:
@@ -140,16 +141,6 @@ def _adam(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     return torch.optim.Adam(model.parameters(), lr=1e-3), None
 
 
-def _ssl_warmup_cosine(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
-    warm = 200
-
-    def factor(i: int) -> float:
-        return (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(steps - warm, 1)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def _simsiam_loss(model: SSLNet, x: torch.Tensor, g: torch.Generator, stop_gradient: bool) -> torch.Tensor:
     z1, z2 = model(augment(x, g)), model(augment(x, g))
     p1, p2 = model.predictor(z1), model.predictor(z2)
@@ -174,12 +165,14 @@ RUNS = [
     Run("resumed_finetune", "mlp", 3000, _adam, resume_at=1500),
     Run("accumulate_clip", "cnn", 2000, _rmsprop, accumulate=4, clip=1.0),
     Run("long_restarts", "mlp", 20000, _restarts),
-    Run("simsiam_adamw", "ssl", 2000, _ssl_warmup_cosine),
+    Run("simsiam_adamw", "ssl", 2000, partial(_warmup_cosine, lr=3e-4)),
     Run("lr_x50_at_40", "mlp", 600, _sgd, fail_at=40, lr_factor=lambda s: 50.0 if s >= 40 else 1.0),
     Run("lr_x20_jump", "cnn", 2500, _adam, fail_at=1500, lr_factor=lambda s: 20.0 if s >= 1500 else 1.0),
     Run("labels_shuffled", "mlp", 1500, _sgd, fail_at=1000, shuffle_from=1000),
     Run("dead_layer", "mlp", 600, _sgd, fail_at=30, dead_at=30),
-    Run("simsiam_adamw_collapse", "ssl", 2000, _ssl_warmup_cosine, fail_at=600, no_stop_gradient_from=600),
+    Run(
+        "simsiam_adamw_collapse", "ssl", 2000, partial(_warmup_cosine, lr=3e-4), fail_at=600, no_stop_gradient_from=600
+    ),
     Run("dormant_units", "mlp", 1500, _sgd, fail_at=300, push_biases_from=300),
 ]
 

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tests.scripts import load_benchmark
 from topo_callbacks.bench.tasks import DigitsMLP
 from topo_callbacks.core import CollapseMonitorCore
 from topo_callbacks.core.detector import CAP, CusumDetector, DetectorCalibration, default_calibration
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,16 +360,7 @@ def test_a_cnn_leaving_its_loss_plateau_does_not_alarm() -> None:
 @pytest.fixture(scope="module")
 def outside() -> Any:
     """``benchmarks/outside_runs.py``: the training runs the alarm was not fit on."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("outside_runs", ROOT / "benchmarks" / "outside_runs.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("outside_runs.py", "outside_runs")
 
 
 def test_an_adamw_run_converging_after_its_warm_up_does_not_alarm(outside: Any) -> None:
@@ -390,7 +380,7 @@ def test_a_simsiam_collapse_whose_loss_and_gradient_fall_alarms_once_a_check_see
     make = outside._monitor
     outside._monitor = lambda *a, **k: mons.append(make(*a, **k)) or mons[-1]
     try:
-        schedule = lambda model, _: outside._ssl_warmup_cosine(model, 2000)  # noqa: E731
+        schedule = lambda model, _: outside._warmup_cosine(model, 2000, lr=3e-4)  # noqa: E731
         run = outside.Run("simsiam_adamw_collapse", "ssl", 450, schedule, fail_at=300, no_stop_gradient_from=300)
         out = outside.train(run, seed=0, max_overhead=None, quick=False)
     finally:

@@ -14,7 +14,7 @@ from torch import Tensor
 from topo_callbacks.engine.reduction import flag_betti
 from topo_callbacks.functional._geometry import BatchGeometry, PairDistances
 from topo_callbacks.functional._validation import as_real, check_eps, check_points, check_prime
-from topo_callbacks.functional.spectral import _spectra_from_gram, anisotropy, dead_unit_fraction, effective_rank
+from topo_callbacks.functional.spectral import _dead_unit_fraction, _spectra_from_gram, anisotropy, effective_rank
 from topo_callbacks.functional.topology import _h0_from_tree, persistence_entropy
 
 __all__ = [
@@ -48,7 +48,8 @@ class CollapseReport:
     Channels: ``b0``, ``b1``, ``persistence_entropy`` (normalised, of the H0 diagram), ``effective_rank``,
     ``std_l2`` (lightly's statistic), ``mean_cosine`` (over pairs of rows), ``b0_fraction = b0/n``,
     ``nonfinite_fraction`` (rows dropped before the call, filled in by the monitors), ``dead_fraction`` (units 0 on
-    every row: dead ReLU units; `dead_unit_fraction`). ``eps`` is the scale used, ``time_s`` the wall time of the call.
+    every row: dead ReLU units; `topo_callbacks.functional.dead_unit_fraction`). ``eps`` is the scale used,
+    ``time_s`` the wall time of the call.
     """
 
     ci: float
@@ -401,6 +402,6 @@ def collapse_index(
         d=d,
         eps=float(eps),
         time_s=time.perf_counter() - start,
-        dead_fraction=dead_unit_fraction(x),
+        dead_fraction=_dead_unit_fraction(x),
         h0_deaths=tuple(float(v) for v in deaths.tolist()),
     )
