@@ -134,7 +134,13 @@ def test_leave_one_family_out_never_fits_on_the_held_out_family(bench):
         assert part["detector_calibrations"][fam] == full["detector_calibrations"][fam]
     # a control's held-out fit (the rollback arm's live detector on its runs) never sees its calibration seeds either
     rest = [r for r in records if not (r.family == "batch_size" and r.seed == 0)]
-    assert analyse(rest, [0])["detector_calibrations"]["batch_size"] == full["detector_calibrations"]["batch_size"]
+    part = analyse(rest, [0])
+    assert part["detector_calibrations"]["batch_size"] == full["detector_calibrations"]["batch_size"]
+    # ... and the held-out false alarms score every clean test run, a control's with that fit
+    held = full["heldout_false_alarms"]
+    assert held["clean_runs"] == sum(not r["failure"] and r["scored"] for r in full["runs"] if r["split"] == "test")
+    mine = [[a for a in res["heldout_false_alarms"]["alarms"] if a.startswith("batch_size/")] for res in (full, part)]
+    assert mine[0] == mine[1]
 
 
 @pytest.mark.slow

@@ -261,6 +261,34 @@ def test_calibration_gives_the_promised_false_alarm_rate_on_healthy_series() -> 
     assert lo <= alpha <= hi, (alarms, lo, hi)
 
 
+def test_the_fit_adds_a_channel_for_a_detection_never_for_lead_alone() -> None:
+    """A channel that only alarms earlier on failures the base channels already catch is left out (every channel is
+    one more way for an unseen healthy run to alarm); one that catches a failure they miss is taken."""
+    steps, t0, t_c = 100, 50, 90
+    rng = np.random.default_rng(0)
+
+    def run(loss_at: int | None, early_at: int | None, new_at: int | None) -> dict[str, np.ndarray]:
+        grids = {c: rng.uniform(0.0, 1.0, steps) for c in ("loss", "grad_norm", "b0_fraction", "effective_rank")}
+        for channel, at in (("loss", loss_at), ("b0_fraction", early_at), ("effective_rank", new_at)):
+            if at is not None:
+                grids[channel][at - 1 :] = 50.0
+        return grids
+
+    healthy = [run(None, None, None) for _ in range(40)]
+    caught = [run(80, 55, None) for _ in range(3)]  # the loss catches these; b0_fraction would only be earlier
+    missed = [run(None, None, 60)]  # only effective_rank catches this one
+    runs = healthy + caught + missed
+    fitted = fit_calibration(
+        runs,
+        [None] * len(healthy) + [t0 - 1] * (len(caught) + len(missed)),
+        [None] * len(healthy) + [(t0, t_c)] * (len(caught) + len(missed)),
+        0.05,
+        candidates=["loss", "grad_norm", "b0_fraction", "effective_rank"],
+    )
+    assert "effective_rank" in fitted.channels
+    assert "b0_fraction" not in fitted.channels
+
+
 def test_shipped_calibrations_are_valid_and_ordered() -> None:
     from topo_callbacks.core._calibration import CALIBRATIONS
 

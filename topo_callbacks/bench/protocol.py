@@ -481,6 +481,7 @@ def analyse(
         for fold in sorted({r.family for r in records} - set(failure_families)):
             calibrations[fold] = holdout_calibration(cal, grids, replay.truth, fold, alpha).as_dict()
         dets = {**cusums, **dets}
+        heldout_fa = heldout_false_alarms(test, grids, calibrations)
 
     def series_name(det: str, fold: str) -> str:
         return f"{det}|{fold}" if det.startswith("CI, weights learned") or det in CUSUM_VARIANTS else det
@@ -529,6 +530,8 @@ def analyse(
                 "curve": _curve(replay, sname, test),
                 **_cost(det, test),
             }
+    if failure_families:
+        results["heldout_false_alarms"] = heldout_fa
     if "all" in calibrations:
         default_cal = DetectorCalibration.from_dict(calibrations["all"])
         results["healthy_steps"] = healthy_step_alarms(test, replay.truth, default_cal)
@@ -544,6 +547,37 @@ def analyse(
     ]  # fmt: skip
     results["verification"] = verify(records, replay.truth)
     return results
+
+
+def heldout_false_alarms(
+    test: Sequence[RunRecord], grids: Mapping[str, Mapping[str, np.ndarray]], calibrations: Mapping[str, Any]
+) -> dict[str, Any]:
+    """False alarms of the default detector on kinds of runs its fit did not see: each clean test run scored with the
+    calibration fit with its own family held out (a control's arms with that control held out, a failure family's
+    healthy twins with that family held out). The pooled FA column scores clean runs with the fit on every family's
+    calibration seeds, the one a user gets, which has seen runs like them (other seeds of the same family); this is
+    the rate on a kind of run no family of the benchmark was like. ``calibrations`` maps a family to its held-out
+    `DetectorCalibration.as_dict`; runs of a family without one are skipped.
+
+    Example:
+        >>> heldout_false_alarms([], {}, {})
+        {'false_alarms': 0, 'clean_runs': 0, 'fa_upper95': 1.0, 'alarms': []}
+    """
+    alarms: list[str] = []
+    n = 0
+    for rec in test:
+        if is_failure(rec) or rec.family not in calibrations:
+            continue
+        n += 1
+        fold = DetectorCalibration.from_dict(calibrations[rec.family])
+        _, stat = fused_series(dict(grids[rec.key]), fold)
+        above = np.flatnonzero(stat >= 1.0)
+        if above.size:
+            episodes = replay_episodes(rec, fold)
+            channel = episodes[0]["channel"] if episodes else "?"
+            alarms.append(f"{rec.key}@{int(above[0]) + 1} ({channel})")
+    return {"false_alarms": len(alarms), "clean_runs": n, "fa_upper95": fa_upper_bound(len(alarms), n),
+            "alarms": alarms}  # fmt: skip
 
 
 def rate_upper_bound(k: int, exposure: float, level: float = 0.95) -> float:

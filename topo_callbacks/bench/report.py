@@ -105,6 +105,8 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
         "default_calibration": results.get("detector_calibrations", {}).get("all"),
         # the default detector re-armed after each episode, on the healthy steps of the test seeds
         "healthy_steps": {k: v for k, v in results.get("healthy_steps", {}).items() if k != "where"},
+        # clean test runs scored with the fit that held out their own family: false alarms on kinds of runs unseen
+        "heldout_false_alarms": results.get("heldout_false_alarms"),
         # the same default with the checks spaced k times further apart (an overhead budget), k -> outcomes
         "check_spacing": results.get("check_spacing", {}),
         "detectors": dets,
@@ -177,6 +179,20 @@ def write_markdown(results: Mapping[str, Any]) -> str:
             f"{_lead(p['median_lead'])} | {_ci(p['median_lead_ci95'], pct=False)} | {p['false_alarms']}/"
             f"{p['clean_runs']} | {_pct(p['fa_upper95'])} | {p['early']} | {cost} |"
         )
+    ho = results.get("heldout_false_alarms")
+    if ho:
+        lines += [
+            "",
+            "## False alarms on kinds of runs the fit did not see (default detector, test seeds)",
+            "",
+            "The FA column above scores clean runs with the fit on every family's calibration seeds (what the monitor"
+            " ships), which has seen other seeds of the same family. Here each clean test run is scored with the fit"
+            " that held out its own family (a control's arms with that control held out, a failure family's healthy"
+            f" twins with that family held out): **{ho['false_alarms']}/{ho['clean_runs']} clean runs alarmed"
+            f" (95% upper bound {_pct(ho['fa_upper95'])})**.",
+        ]
+        if ho["alarms"]:
+            lines += ["", "Where: " + "; ".join(ho["alarms"])]
     hs = results.get("healthy_steps")
     if hs:
         lines += [
