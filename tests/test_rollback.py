@@ -174,10 +174,18 @@ def test_lightning_rescues_a_learning_rate_blowup(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_lightning_gives_up_when_the_failure_survives_the_rollbacks(tmp_path: Path) -> None:
+    """Labels turned to noise (a data bug) bring the failure back at the first steps after each rollback: the
+    snapshot it came back from is retried (it was healthy: the first run from it went on quiet), the give-up leaves
+    it restored, and no older one is thrown at the problem."""
     policy = {**POLICY, "max_rollbacks": 2}
     _, monitor, trainer = run_lightning(tmp_path, policy, model=NoisyLabels(noise_from=GLITCH))
     assert monitor is not None
     assert len(monitor.rollbacks) == 2
+    first, second = monitor.rollbacks
+    assert GLITCH - SNAPSHOT_EVERY < first["restored_step"] < GLITCH  # the newest snapshot before the noise
+    assert second["onset"] - 1 == first["restored_step"]  # back at the first step after the resume
+    assert second["restored_step"] == first["restored_step"]
+    assert monitor.summary()["restored_on_stop"] == first["restored_step"]
     assert monitor.lr_factor == 0.25
     assert monitor.stopping_reason is StoppingReason.ROLLBACK_GAVE_UP
     assert monitor.stopped_step == trainer.global_step < STEPS

@@ -1345,11 +1345,15 @@ class CollapseMonitorCore:
         onset = alarm_step if onset is None else int(onset)
         # The values read at step t (loss, gradient norm, a check's rows) come from the weights after step t-1: the
         # first state the change may hold is the one after step onset-1, so the snapshot must be older than that.
-        # A failure back before a new snapshot was taken since the last rollback suspects that snapshot too.
+        # A failure back after a rollback retries the snapshot it came back from (with the rate lowered again) unless
+        # the change point lies before it: the detector resumed from it quiet, and a failure back from the first step
+        # after the resume, where that snapshot's first run went on healthy, comes with the configuration (the rate,
+        # the data, the objective), not with the snapshot. Going one snapshot further back at every return (until
+        # 2026-12-03) only threw training away, and the give-up then restored an older model.
         suspect = onset - 1
+        if controller.rollbacks and onset - 1 == controller.rollbacks[-1]["restored_step"]:
+            suspect = onset
         held = [snap.step for snap in controller.snapshots]
-        if controller.rollbacks and held and held[-1] == controller.rollbacks[-1]["restored_step"]:
-            suspect = min(suspect, held[-1])
         try:
             decision = controller.rollback(suspect, alarm_step, channel, detector_onset=onset - 1)
             if decision.action == "rollback":

@@ -922,8 +922,9 @@ class RollbackController:
         if n >= self.policy.max_rollbacks:
             return self._give_up(onset, alarm_step, channel, RollbackReason.MAX_ROLLBACKS)
         target = self.choose(onset)
-        # ``detector_onset``: the detector's own change point, when ``onset_step`` was moved back further (a caller
-        # that suspects the snapshot it last restored); the drift is judged on the detector's estimate
+        # ``detector_onset``: the detector's own change point, when the caller moved ``onset_step`` from it (the
+        # monitor lets a failure back at the first step after a resume retry that snapshot); the drift is judged on
+        # the detector's estimate
         drift = alarm_step - (onset if detector_onset is None else int(detector_onset)) > self.policy.snapshot_every
         oldest = self._ring[0] if self._ring else None
         restored_last = self.rollbacks[-1]["restored_step"] if self.rollbacks else None
@@ -972,10 +973,10 @@ class RollbackController:
     def _give_up(self, onset: int, alarm_step: int, channel: str, reason: RollbackReason) -> RollbackDecision:
         """Stop with the configuration diagnosis: the failure came back after ``num_rollbacks`` rollbacks, either
         ``max_rollbacks`` of them (`RollbackReason.MAX_ROLLBACKS`) or with no snapshot older than its onset left to
-        retry from (`RollbackReason.CAME_BACK`: each return suspects the snapshot it came back from, so quick
-        returns use up the ring before ``max_rollbacks``). With ``restore_on_stop`` the newest snapshot older than the
-        onset is restored first or, when none is, the oldest held (the state the last retry started from: taken
-        while the detector was quiet, and the least suspect left)."""
+        retry from (`RollbackReason.CAME_BACK`: a caller that passes a snapshot over, because the failure's change
+        point lies at or before it, can run out of older ones before ``max_rollbacks``). With ``restore_on_stop``
+        the newest snapshot older than the onset is restored first or, when none is, the oldest held (the state the
+        last retry started from: taken while the detector was quiet, and the least suspect left)."""
         n = self.num_rollbacks
         message = (
             f"The alarm on {channel!r} at step {alarm_step} came back after {n} rollback{'s' if n != 1 else ''},"
