@@ -173,11 +173,12 @@ def test_lightning_rescues_a_learning_rate_blowup(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_lightning_gives_up_when_the_failure_survives_the_rollbacks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("min_lookback", [0, 5])
+def test_lightning_gives_up_when_the_failure_survives_the_rollbacks(tmp_path: Path, min_lookback: int) -> None:
     """Labels turned to noise (a data bug) bring the failure back at the first steps after each rollback: the
     snapshot it came back from is retried (it was healthy: the first run from it went on quiet), the give-up leaves
-    it restored, and no older one is thrown at the problem."""
-    policy = {**POLICY, "max_rollbacks": 2}
+    it restored, and no older one is thrown at the problem; ``min_lookback`` changes none of that."""
+    policy = {**POLICY, "max_rollbacks": 2, "min_lookback": min_lookback}
     _, monitor, trainer = run_lightning(tmp_path, policy, model=NoisyLabels(noise_from=GLITCH))
     assert monitor is not None
     assert len(monitor.rollbacks) == 2

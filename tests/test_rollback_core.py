@@ -483,7 +483,8 @@ def test_giving_up_restores_the_last_healthy_snapshot_unless_told_not_to(restore
 
 @pytest.mark.parametrize("restore", [True, False])
 def test_a_failure_back_with_no_older_snapshot_left_gives_up_with_the_diagnosis(restore: bool) -> None:
-    """Quick returns use up the ring before ``max_rollbacks``: each suspects the snapshot it came back from. The stop
+    """Returns whose change point lies at or before the snapshot they came back from pass it over and can use up the
+    ring before ``max_rollbacks``. The stop
     then carries the configuration diagnosis (`RollbackReason.CAME_BACK`) and, with ``restore_on_stop``, leaves the
     oldest snapshot held (the state the last retry started from), not the failed weights."""
     run = Run(scaler=False)

@@ -481,7 +481,6 @@ def analyse(
         for fold in sorted({r.family for r in records} - set(failure_families)):
             calibrations[fold] = holdout_calibration(cal, grids, replay.truth, fold, alpha).as_dict()
         dets = {**cusums, **dets}
-        heldout_fa = heldout_false_alarms(test, grids, calibrations)
 
     def series_name(det: str, fold: str) -> str:
         return f"{det}|{fold}" if det.startswith("CI, weights learned") or det in CUSUM_VARIANTS else det
@@ -531,7 +530,7 @@ def analyse(
                 **_cost(det, test),
             }
     if failure_families:
-        results["heldout_false_alarms"] = heldout_fa
+        results["heldout_false_alarms"] = heldout_false_alarms(test, grids, calibrations)
     if "all" in calibrations:
         default_cal = DetectorCalibration.from_dict(calibrations["all"])
         results["healthy_steps"] = healthy_step_alarms(test, replay.truth, default_cal)
@@ -573,9 +572,9 @@ def heldout_false_alarms(
         _, stat = fused_series(dict(grids[rec.key]), fold)
         above = np.flatnonzero(stat >= 1.0)
         if above.size:
-            episodes = replay_episodes(rec, fold)
-            channel = episodes[0]["channel"] if episodes else "?"
-            alarms.append(f"{rec.key}@{int(above[0]) + 1} ({channel})")
+            step = int(above[0]) + 1
+            channel = next((e["channel"] for e in replay_episodes(rec, fold) if int(e["start"]) == step), "?")
+            alarms.append(f"{rec.key}@{step} ({channel})")
     return {"false_alarms": len(alarms), "clean_runs": n, "fa_upper95": fa_upper_bound(len(alarms), n),
             "alarms": alarms}  # fmt: skip
 

@@ -801,6 +801,20 @@ class CusumDetector:
         self._fall, self._fall_peak, self._fall_zero_step = 0.0, 0.0, step
         return True
 
+    def quiet_channels(self) -> frozenset[str]:
+        """The channels whose statistic stands at 0 (for the gradient norm: no fall held back either): a change on
+        one of them begins after now, whatever its change point says (a check channel's is its last quiet check).
+
+        Example:
+            >>> det = CusumDetector(default_calibration(0.05))
+            >>> sorted(det.quiet_channels())[:2]
+            ['b0_fraction', 'grad_norm']
+        """
+        quiet = {name for name, state in self.states.items() if state.statistic(CHANNELS[name].side) == 0.0}
+        if self._fall > 0.0:
+            quiet.discard("grad_norm")
+        return frozenset(quiet)
+
     # ----------------------------------------------------------------------------------------- episodes
     def _zero_gradient(self, step: int) -> DetectorFiring | None:
         self._zero_grad_steps += 1

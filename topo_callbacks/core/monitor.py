@@ -156,13 +156,14 @@ class CollapseMonitorCore:
             reduced over ranks; ``stop_on_alarm=True`` says the same). ``"rollback"`` or a `RollbackPolicy` (or, where
             the arguments must be plain, a dict of its fields): go back to the newest snapshot of the training state
             taken while the detector was quiet and older than the weights the alarm's first abnormal value came from
-            (the onset; a value read at step t comes from the weights after step t-1; a failure back before a new
-            snapshot was taken goes one snapshot further back), lower the learning rate by the policy's ``lr_factor``
-            (on top of the schedule, for the rest of the run) and continue on fresh data, the detector resuming from
-            the snapshot's state; after ``max_rollbacks`` rollbacks, or when the failure comes back with no older
-            snapshot left, the next alarm stops the run (`StoppingReason.ROLLBACK_GAVE_UP`). It needs the live
-            training objects: the adapters hand them over (`track`); a plain loop calls `track` and `after_step`. An
-            alarm of ``stopping_threshold`` (a good level reached) or ``patience`` (no improvement) only warns.
+            (the onset; a value read at step t comes from the weights after step t-1; a failure back after a rollback
+            retries the snapshot it came back from unless its change began before the resume), lower the learning
+            rate by the policy's ``lr_factor`` (on top of the schedule, for the rest of the run) and continue on fresh
+            data, the detector resuming from the snapshot's state; after ``max_rollbacks`` rollbacks, or when the
+            failure comes back with no older snapshot left, the next alarm stops the run
+            (`StoppingReason.ROLLBACK_GAVE_UP`). It needs the live training objects: the adapters hand them over
+            (`track`); a plain loop calls `track` and `after_step`. An alarm of ``stopping_threshold`` (a good level
+            reached) or ``patience`` (no improvement) only warns.
         stop_on_alarm: stop training when the alarm fires; False only warns and logs (the older spelling of
             ``on_alarm="stop"``; refused together with a rollback).
         strict: raise on a monitoring failure instead of warning and skipping the check.
@@ -431,6 +432,8 @@ class CollapseMonitorCore:
         self._boundary_step = 0
         self.rollback_stop: str | None = None
         self._rollback_told: set[str] = set()
+        #: the detector's channels whose statistic stood at 0 when it resumed from the last rollback's snapshot
+        self._resumed_quiet: frozenset[str] = frozenset()
         #: the per-tensor gradient norms of the last steps read, for the layers an alarm names (`LayerGradNorms`)
         self.layer_norms = LayerGradNorms()
         self._last_layers: list[list[Any]] | None = None
@@ -1351,8 +1354,12 @@ class CollapseMonitorCore:
         # the data, the objective), not with the snapshot. Going one snapshot further back at every return (until
         # 2026-12-03) only threw training away, and the give-up then restored an older model.
         suspect = onset - 1
-        if controller.rollbacks and onset - 1 == controller.rollbacks[-1]["restored_step"]:
-            suspect = onset
+        if controller.rollbacks and channel in self._resumed_quiet:
+            # that channel's statistic stood at 0 when the detector resumed: its change began after the resume (a
+            # check channel's change point is its last quiet check, which may predate the snapshot)
+            restored = int(controller.rollbacks[-1]["restored_step"])
+            if onset <= restored + 1:
+                suspect = restored + 1 + controller.policy.min_lookback
         held = [snap.step for snap in controller.snapshots]
         try:
             decision = controller.rollback(suspect, alarm_step, channel, detector_onset=onset - 1)
@@ -1411,6 +1418,7 @@ class CollapseMonitorCore:
                 episodes[-1]["end"] = step
                 episodes[-1]["rolled_back_to"] = restored
             detector.episodes, detector.fired, detector.skipped_steps, detector.notes = episodes, first, skipped, notes
+            self._resumed_quiet = detector.quiet_channels()
             self._episodes_ended_told = sum(e["end"] is not None for e in episodes)  # the rollback's warning told it
         if extra.get("rule") is not None:
             self.rule.load_state_dict(extra["rule"])
