@@ -141,6 +141,12 @@ def _adam(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     return torch.optim.Adam(model.parameters(), lr=1e-3), None
 
 
+def bias_push(model: DigitsMLP) -> torch.Tensor:
+    """``dormant_units``' buggy regulariser: 0.1 times the sum of both hidden layers' biases, added to the loss, so
+    that every step pushes each of those biases down by 0.1 x the learning rate and units stop firing."""
+    return 0.1 * (model.body[0].bias.sum() + model.embed[0].bias.sum())  # type: ignore[index]
+
+
 def _simsiam_loss(model: SSLNet, x: torch.Tensor, g: torch.Generator, stop_gradient: bool) -> torch.Tensor:
     z1, z2 = model(augment(x, g)), model(augment(x, g))
     p1, p2 = model.predictor(z1), model.predictor(z2)
@@ -248,7 +254,7 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
                         loss = nn.functional.cross_entropy(model(x[idx]), labels) / run.accumulate
                     if run.push_biases_from is not None and step >= run.push_biases_from:
                         assert isinstance(model, DigitsMLP)
-                        loss = loss + 0.1 * (model.body[0].bias.sum() + model.embed[0].bias.sum())  # type: ignore[index]
+                        loss = loss + bias_push(model)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 total = total + loss.detach().float()
             if scaler is not None:

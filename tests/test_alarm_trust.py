@@ -396,7 +396,7 @@ def test_a_simsiam_collapse_whose_loss_and_gradient_fall_alarms_once_a_check_see
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_units_going_dormant_show_in_the_dead_unit_share(seed: int) -> None:
+def test_units_going_dormant_show_in_the_dead_unit_share(outside: Any, seed: int) -> None:
     """A buggy regulariser pushes the hidden biases down from step 300 (``benchmarks/outside_runs.py``'s
     ``dormant_units``): a third of the watched layer's units stop firing within 50 steps, while the loss keeps
     falling. `collapse/dead_fraction` shows it; a detector fit with that channel alarms at the next check or two (the
@@ -404,9 +404,7 @@ def test_units_going_dormant_show_in_the_dead_unit_share(seed: int) -> None:
     model = DigitsMLP()
 
     def push(step: int, loss: torch.Tensor) -> torch.Tensor:
-        if step < 300:
-            return loss
-        return loss + 0.1 * (model.body[0].bias.sum() + model.embed[0].bias.sum())  # type: ignore[index]
+        return loss if step < 300 else loss + outside.bias_push(model)
 
     cal = DetectorCalibration(0.05, ("loss", "grad_norm", "dead_fraction"),
                               {"loss": 84.4, "grad_norm": 99.1, "dead_fraction": 4.1}, 1.0)  # fmt: skip

@@ -484,9 +484,9 @@ def test_giving_up_restores_the_last_healthy_snapshot_unless_told_not_to(restore
 @pytest.mark.parametrize("restore", [True, False])
 def test_a_failure_back_with_no_older_snapshot_left_gives_up_with_the_diagnosis(restore: bool) -> None:
     """Returns whose change point lies at or before the snapshot they came back from pass it over and can use up the
-    ring before ``max_rollbacks``. The stop
-    then carries the configuration diagnosis (`RollbackReason.CAME_BACK`) and, with ``restore_on_stop``, leaves the
-    oldest snapshot held (the state the last retry started from), not the failed weights."""
+    ring before ``max_rollbacks``. The stop then carries the configuration diagnosis (`RollbackReason.CAME_BACK`)
+    and, with ``restore_on_stop``, leaves the oldest snapshot held (the state the last retry started from), not the
+    failed weights."""
     run = Run(scaler=False)
     policy = RollbackPolicy(snapshot_every=5, keep=2, restore_on_stop=restore, lr_factor=0.5)
     ctl = RollbackController(run.state(), policy)

@@ -274,9 +274,9 @@ def fit_calibration(
                 hits, lead = hits + 1, lead + t_c - (above[0] + 1)
         return (hits, lead), h
 
-    # the base channels, then greedily the channel that detects most training failures (then: the largest total lead)
-    # while that detects more of them: a channel that only moves alarms earlier on the training families adds nothing
-    # a held-out run can count on, and every channel is a way for an unseen healthy run to alarm (an
+    # the base channels, then greedily the channel that detects most training failures (a tie goes to the first in
+    # ``names``) while that detects more of them: a channel that only moves alarms earlier on the training families
+    # adds nothing a held-out run can count on, and every channel is a way for an unseen healthy run to alarm (an
     # `effective_rank` chosen for its lead alone alarmed on every held-out loss_plateau run)
     chosen = [c for c in base if c in names]
     best: tuple[tuple[int, int], float] = score(chosen) if chosen else ((-1, 0), 1.0)

@@ -923,8 +923,8 @@ class RollbackController:
             return self._give_up(onset, alarm_step, channel, RollbackReason.MAX_ROLLBACKS)
         target = self.choose(onset)
         # ``detector_onset``: the detector's own change point, when the caller moved ``onset_step`` from it (the
-        # monitor lets a failure back at the first step after a resume retry that snapshot); the drift is judged on
-        # the detector's estimate
+        # monitor moves it past the snapshot it resumed from when the channel stood quiet there); the drift is judged
+        # on the detector's estimate
         drift = alarm_step - (onset if detector_onset is None else int(detector_onset)) > self.policy.snapshot_every
         oldest = self._ring[0] if self._ring else None
         restored_last = self.rollbacks[-1]["restored_step"] if self.rollbacks else None
