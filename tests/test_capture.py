@@ -222,11 +222,13 @@ def test_compiled_model_checks_without_recompiles(backend, model_name, caplog):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", ["sequential", "blocks"])
-def test_compiled_model_with_the_default_backend(model_name):
+def test_compiled_model_with_the_default_backend():
+    # Inductor's code generation on the sequential model only: on "blocks" (a graph break in the watched layer, the
+    # armed and disarmed variants, the odd batch size) it compiles ~10 graphs with their backward, 34 s of CI for
+    # nothing that aot_eager does not already check above (the same graphs, recompiles and captured rows).
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
-        reports, expected = compiled_training_run(model_name, "inductor", steps=24)
+        reports, expected = compiled_training_run("sequential", "inductor", steps=24)
     torch._dynamo.reset()
     assert reports == expected
 

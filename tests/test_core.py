@@ -26,16 +26,19 @@ from topo_callbacks.metrics import CollapseIndex
 FRAMEWORKS = ("lightning", "pytorch_lightning", "accelerate", "transformers")
 
 
-def imported_frameworks(modules: str) -> list[str]:
-    code = f"import sys, {modules}; print([m for m in {FRAMEWORKS!r} if m in sys.modules])"
+def imported_frameworks(*imports: str) -> list[list[str]]:
+    """The frameworks in ``sys.modules`` after each import statement in turn, in one fresh interpreter."""
+    seen = f"print([m for m in {FRAMEWORKS!r} if m in sys.modules])"
+    code = "; ".join(["import sys", *(f"{statement}; {seen}" for statement in imports)])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    return eval(out.stdout.strip())  # a printed list of str
+    return [eval(line) for line in out.stdout.splitlines()]  # printed lists of str
 
 
 def test_import_pulls_in_no_framework():
-    assert imported_frameworks("topo_callbacks, topo_callbacks.functional, topo_callbacks.core") == []
+    assert imported_frameworks("import topo_callbacks, topo_callbacks.functional, topo_callbacks.core") == [[]]
     # torchmetrics itself imports transformers when that is installed; the metric module must add nothing more
-    assert imported_frameworks("topo_callbacks.metrics") == imported_frameworks("torchmetrics")
+    with_torchmetrics, with_metrics = imported_frameworks("import torchmetrics", "import topo_callbacks.metrics")
+    assert with_metrics == with_torchmetrics
 
 
 def test_pooling_rules():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,13 +68,10 @@ SCRIPT = textwrap.dedent(
                 json.dump(result, fh)
 
 
-    if __name__ == "__main__":  # ddp_spawn re-imports this file in its workers
-        out, strategy = sys.argv[1], sys.argv[2]
-        seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    def fit(out, config, seed):
         # a fixed initialisation: the tiny model's healthy CI wanders with it (up to ~0.7 seen)
         pl.seed_everything(seed, verbose=False)
-        warnings.simplefilter("ignore")
-        strategy, _, source = strategy.partition("+")
+        strategy, _, source = config.partition("+")
         probe = torch.randn(40, 16, generator=torch.Generator().manual_seed(7)) if source == "probe" else None
         mon = CollapseMonitor(layer="encoder", every_n_train_steps=4, max_samples=96, divergence_threshold=0.9,
                               stop_on_alarm=True, source=source or "stream", probe=probe,
@@ -84,21 +82,54 @@ SCRIPT = textwrap.dedent(
 
             strategy, model = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), Sharded()
         trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=40,
-                             callbacks=[mon, Dump(mon, out)],
+                             callbacks=[mon, Dump(mon, f"{out}/{config}")],
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False)
         trainer.fit(model, loader(n=2048, batch_size=32))
-        del trainer, model, mon
+
+
+    if __name__ == "__main__":  # ddp_spawn re-imports this file in its workers
+        # several configurations in one launch, one Trainer after the other (the processes ddp starts run this same
+        # loop; the later Trainers reuse the process group): a launch costs ~8 s of imports per process
+        out, configs = sys.argv[1], sys.argv[2].split(",")
+        seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+        warnings.simplefilter("ignore")
+        for config in configs:
+            fit(out, config, seed)
         finish_distributed()
     """
 )
 
 
+LAUNCHES = {"ddp": "ddp,ddp+probe", "ddp_spawn": "ddp_spawn", "fsdp2": "fsdp2,fsdp2+probe"}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Run the launch that holds a configuration (once per module) and return that configuration's folder."""
+    done: dict[str, Path] = {}
+
+    def results(config: str) -> Path:
+        launch = next(configs for configs in LAUNCHES.values() if config in configs.split(","))
+        if launch not in done:
+            out = tmp_path_factory.mktemp("lightning_ddp")
+            for name in launch.split(","):
+                (out / name).mkdir()
+            done[launch] = run_script(SCRIPT, out, launch, timeout=400)
+        return done[launch] / config
+
+    return results
+
+
+def ranks(folder: Path) -> tuple[dict, dict]:
+    r0, r1 = (json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1))
+    return r0, r1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp2"])
-def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: str):
-    run_script(SCRIPT, tmp_path, strategy)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+def test_ddp_ranks_log_the_same_ci_and_stop_together(launched: Callable[[str], Path], strategy: str):
+    r0, r1 = ranks(launched(strategy))
     assert r0["ci"] == r1["ci"]  # identical CI series (values and gathered sample sizes) on both ranks
     sizes = {c[0]: c[2] for c in r0["ci"]}
     assert sizes[4] == 48 + 32  # uneven ranks: rank 0's budget share (48 of 96) + rank 1's 4 steps x 8 rows
@@ -114,11 +145,10 @@ def test_ddp_ranks_log_the_same_ci_and_stop_together(tmp_path: Path, strategy: s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_probe_checks_agree_on_both_ranks_and_stop_together(tmp_path: Path, strategy: str):
+def test_probe_checks_agree_on_both_ranks_and_stop_together(launched: Callable[[str], Path], strategy: str):
     """source="probe": each rank embeds the same probe (under FSDP2 a forward that all-gathers the shards, so
     every rank must take part); the engine is fed moves; the collapse stops both ranks."""
-    run_script(SCRIPT, tmp_path, f"{strategy}+probe")
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = ranks(launched(f"{strategy}+probe"))
     assert r0["ci"] == r1["ci"]
     assert {c[2] for c in r0["ci"]} == {40}  # the probe's 40 rows, counted once, at every check
     stop = r0["stopped_step"]
