@@ -172,6 +172,31 @@ def test_lightning_rescues_a_learning_rate_blowup(tmp_path: Path) -> None:
     assert_rescued(held_out_mse(rescued), held_out_mse(healthy), held_out_mse(diverged))
 
 
+def test_lightning_framework_snapshots_restore_what_memory_snapshots_restore(tmp_path: Path) -> None:
+    """``storage="framework"``: the rollback goes through ``trainer.save_checkpoint`` and the strategy's loaders, and
+    the run ends bit-identical to the same run with host-memory snapshots (model, AdamW moments, StepLR)."""
+    runs = {}
+    for storage in ("memory", "framework"):
+        policy = {**POLICY, "storage": storage}
+        pl.seed_everything(0, verbose=False)  # the same initial weights (run_lightning seeds after this)
+        model, monitor, trainer = run_lightning(tmp_path / storage, policy, glitch=LrGlitch(GLITCH), model=AdamModel())
+        assert monitor is not None
+        runs[storage] = (model, monitor, trainer)
+    (memory_model, memory_monitor, memory_trainer), (model, monitor, trainer) = runs["memory"], runs["framework"]
+    assert len(monitor.rollbacks) == 1
+    assert monitor.rollbacks == memory_monitor.rollbacks
+    assert_same_tensors(model.state_dict(), memory_model.state_dict())
+    opt, memory_opt = trainer.optimizers[0].state_dict(), memory_trainer.optimizers[0].state_dict()
+    assert opt["param_groups"] == memory_opt["param_groups"]
+    for index, state in opt["state"].items():
+        assert all(torch.equal(v, memory_opt["state"][index][k]) for k, v in state.items())
+    sched = trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    assert sched == memory_trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    # the snapshots were Lightning checkpoints under the Trainer's root; those left were deleted at the end
+    assert list((tmp_path / "framework" / "rollback_snapshots").iterdir()) == []
+    assert monitor.summary()["snapshots"]["taken"] == memory_monitor.summary()["snapshots"]["taken"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("min_lookback", [0, 5])
 def test_lightning_gives_up_when_the_failure_survives_the_rollbacks(tmp_path: Path, min_lookback: int) -> None:
@@ -269,6 +294,28 @@ def test_accelerate_rescues_a_learning_rate_blowup() -> None:
     assert_one_rollback_before_the_onset(monitor)
     assert monitor.global_step == STEPS
     assert_rescued(held_out_mse(rescued), held_out_mse(healthy), held_out_mse(diverged))
+
+
+def test_accelerate_framework_snapshots_restore_what_memory_snapshots_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``storage="framework"``: ``accelerator.save_state``/``load_state`` (the scheduler, not prepared, included), and
+    the run ends bit-identical to the same run with host-memory snapshots (model, AdamW moments)."""
+    monkeypatch.chdir(tmp_path)  # the default folder: rollback_snapshots under the working directory
+    runs = {}
+    for storage in ("memory", "framework"):
+        torch.manual_seed(0)
+        runs[storage] = run_accelerate({**POLICY, "storage": storage}, glitch=GLITCH, adam=True)
+    (memory_model, memory_monitor, _), (model, monitor, done) = runs["memory"], runs["framework"]
+    assert done == STEPS
+    assert len(monitor.rollbacks) == 1
+    assert monitor.rollbacks == memory_monitor.rollbacks
+    assert_same_tensors(model.state_dict(), memory_model.state_dict())
+    (scheduler,), (memory_scheduler,) = (m.rollback_controller.state.schedulers for m in (monitor, memory_monitor))
+    assert scheduler.state_dict() == memory_scheduler.state_dict()  # rewound at the rollback in both
+    assert scheduler.last_epoch < STEPS
+    assert monitor.summary()["snapshots"]["taken"] == memory_monitor.summary()["snapshots"]["taken"]
+    assert list((tmp_path / "rollback_snapshots").iterdir()) == []  # the snapshots left were deleted at the end
 
 
 def test_accelerate_gives_up_when_the_learning_rate_stays_too_high() -> None:
@@ -387,6 +434,35 @@ def test_hf_trainer_rescues_a_learning_rate_blowup(tmp_path: Path) -> None:
     assert set(trainer.lr_scheduler.base_lrs) == {BASE_LR}  # the glitch in the schedule was rolled back with it
     assert any(e.get("collapse/rollbacks") == 1.0 for e in trainer.state.log_history)  # through trainer.log
     assert_rescued(held_out_mse(rescued), held_out_mse(healthy), held_out_mse(diverged))
+
+
+def test_hf_framework_snapshots_restore_what_memory_snapshots_restore(tmp_path: Path) -> None:
+    """``storage="framework"`` under the HF Trainer: the snapshots go through the Trainer's accelerator
+    (``save_state``: model, optimizer, the schedule with its glitch), and the run ends bit-identical to the same run
+    with host-memory snapshots."""
+    runs = {}
+    for storage in ("memory", "framework"):
+        dirpath = str(tmp_path / "snaps") if storage == "framework" else None
+        runs[storage] = run_hf(tmp_path / storage, {**POLICY, "storage": storage, "dirpath": dirpath}, glitch=GLITCH)
+    (memory_model, memory_monitor, memory_trainer), (model, monitor, trainer) = runs["memory"], runs["framework"]
+    assert len(monitor.rollbacks) == 1
+    assert monitor.rollbacks == memory_monitor.rollbacks
+    assert_same_tensors(model.state_dict(), memory_model.state_dict())
+    assert set(trainer.lr_scheduler.base_lrs) == {BASE_LR}  # the glitch in the schedule was rolled back with it
+    assert trainer.lr_scheduler.state_dict() == memory_trainer.lr_scheduler.state_dict()
+    assert list((tmp_path / "snaps").iterdir()) == []
+
+
+def test_hf_framework_snapshots_need_the_trainer(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from topo_callbacks.transformers import CollapseMonitorCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, use_cpu=True, report_to="none", save_strategy="no")
+    monitor = CollapseMonitorCallback(**MONITOR, on_alarm={"storage": "framework"})
+    trainer = Trainer(model=HFRegressor(None), args=args, train_dataset=Rows(), callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"storage='framework'.*pass `trainer=`"):
+        trainer.train()
 
 
 def test_hf_trainer_gives_up_on_noisy_labels(tmp_path: Path) -> None:
@@ -650,9 +726,10 @@ def test_storage_framework_needs_the_hooks() -> None:
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import json, sys, warnings
+    import json, os, sys, warnings
     import lightning.pytorch as pl
     import torch
+    from torch.distributed.tensor import DTensor
     from tests.procs import finish_distributed
     from tests.lightning_helpers import TinyModel, loader
     from tests.test_rollback import BASE_LR, BLOWUP, GLITCH, MONITOR, POLICY, held_out_mse
@@ -668,6 +745,22 @@ DDP_SCRIPT = textwrap.dedent(
             return torch.nn.functional.mse_loss(self(x), y)
 
 
+    class Sharded(Uneven):
+        # FSDP2 through Lightning's ModelParallelStrategy: every Linear and the root sharded over the two ranks,
+        # AdamW (moments: sharded optimizer state for the checkpoint to hold)
+        def configure_model(self):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for module in self.modules():
+                if isinstance(module, torch.nn.Linear):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
     class Glitch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == GLITCH:
@@ -675,44 +768,75 @@ DDP_SCRIPT = textwrap.dedent(
                     group["lr"] = BASE_LR * BLOWUP
 
 
+    def full(module):  # the whole weights on every rank (an all-gather of each shard under FSDP2)
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).tolist() for k, v in module.state_dict().items()}
+
+
     class Dump(pl.Callback):
+        # runs after the monitor's hooks at each step boundary: sees the state a snapshot holds, and the restored one
         def __init__(self, monitor, out):
             self.monitor, self.out = monitor, out
-            self.restored = None
+            self.restored, self.seen = None, {}
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step <= GLITCH:
+                self.seen[trainer.global_step] = full(pl_module)
             if self.monitor.rollbacks and self.restored is None:  # right after the restore, before the next step
-                self.restored = {k: v.tolist() for k, v in pl_module.state_dict().items()}
+                self.restored = full(pl_module)
 
         def on_train_end(self, trainer, pl_module):
             mon = self.monitor
-            result = {"rank": trainer.global_rank, "global_step": trainer.global_step, "rollbacks": mon.rollbacks,
+            rollbacks = mon.rollbacks
+            result = {"rank": trainer.global_rank, "global_step": trainer.global_step, "rollbacks": rollbacks,
                       "episodes": mon.summary()["episodes"], "snapshots": mon.summary()["snapshots"]["taken"],
                       "restored": self.restored, "mse": held_out_mse(pl_module),
-                      "final": {k: v.tolist() for k, v in pl_module.state_dict().items()},
-                      "detector": mon.detector.state_dict()}
+                      "before": self.seen.get(rollbacks[0]["restored_step"]) if rollbacks else None,
+                      "final": full(pl_module), "detector": mon.detector.state_dict()}
             with open(f"{self.out}/rank{trainer.global_rank}.json", "w") as fh:
                 json.dump(result, fh)
 
 
-    if __name__ == "__main__":
-        out = sys.argv[1]
+    def fit(out, config):
         pl.seed_everything(0, verbose=False)
+        if config == "fsdp2":  # the framework's own, sharded checkpoints: each rank saves and loads its shard
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+            model, policy = Sharded(lr=BASE_LR / 10), {**POLICY, "storage": "framework", "dirpath": f"{out}/snaps"}
+        else:
+            strategy, model, policy = "ddp", Uneven(lr=BASE_LR), POLICY
+        mon = CollapseMonitor(**MONITOR, on_alarm=policy)
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=200,
+                             callbacks=[mon, Glitch(), Dump(mon, f"{out}/{config}")], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, loader(n=4096, batch_size=32))
+
+
+    if __name__ == "__main__":
+        # both configurations in one launch, one Trainer after the other (a launch is ~8 s of imports per process)
+        out = sys.argv[1]
         warnings.simplefilter("ignore")
-        mon = CollapseMonitor(**MONITOR, on_alarm=POLICY)
-        trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=200,
-                             callbacks=[mon, Glitch(), Dump(mon, out)], logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(Uneven(lr=BASE_LR), loader(n=4096, batch_size=32))
+        for config in ("ddp", "fsdp2"):
+            fit(out, config)
         finish_distributed()
     """
 )
 
 
+@pytest.fixture(scope="module")
+def ddp_rollbacks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_rollback")
+    for config in ("ddp", "fsdp2"):
+        (out / config).mkdir()
+    return run_script(DDP_SCRIPT, out, timeout=500)
+
+
 @pytest.mark.slow
-def test_ddp_ranks_roll_back_at_the_same_step_to_the_same_state(tmp_path: Path) -> None:
-    run_script(DDP_SCRIPT, tmp_path, timeout=400)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+@pytest.mark.parametrize("config", ["ddp", "fsdp2"])
+def test_ddp_ranks_roll_back_at_the_same_step_to_the_same_state(ddp_rollbacks: Path, config: str) -> None:
+    """ddp with host-memory snapshots; FSDP2 (ModelParallelStrategy) with ``storage="framework"``: Lightning's
+    sharded checkpoints, each rank saving and restoring its own shard."""
+    r0, r1 = (json.loads((ddp_rollbacks / config / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["rollbacks"] == r1["rollbacks"]
     (entry,) = r0["rollbacks"]
     assert GLITCH < entry["step"] <= GLITCH + 10
@@ -722,9 +846,11 @@ def test_ddp_ranks_roll_back_at_the_same_step_to_the_same_state(tmp_path: Path) 
     assert r0["snapshots"] == r1["snapshots"]
     assert r0["detector"] == r1["detector"]
     assert r0["global_step"] == r1["global_step"] == 200
-    # the same restored state on both ranks, bit for bit, and the same weights at the end (DDP keeps them equal)
+    # the same restored state on both ranks, bit for bit: the weights the run had at the restored step
     assert r0["restored"] is not None
-    assert r0["restored"] == r1["restored"]
+    assert r0["restored"] == r1["restored"] == r0["before"]
     assert r0["final"] == r1["final"]
     assert math.isfinite(r0["mse"])
     assert r0["mse"] < 0.2
+    if config == "fsdp2":  # the snapshots left were deleted when training ended
+        assert list((ddp_rollbacks / "snaps").iterdir()) == []

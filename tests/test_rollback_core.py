@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import json
 import math
 import random
 import weakref
@@ -647,6 +648,9 @@ def test_framework_storage_keeps_handles_and_deletes_evicted(tmp_path: Path) -> 
         ({"keep": 0}, "keep"),
         ({"min_lookback": -1}, "min_lookback"),
         ({"storage": "disk"}, "storage"),
+        ({"storage": "framework", "dirpath": 3}, "dirpath"),
+        ({"storage": "framework", "dirpath": ""}, "dirpath"),
+        ({"dirpath": "/tmp/snapshots"}, "dirpath"),  # memory snapshots are written nowhere
     ],
 )
 def test_policy_validation_names_the_argument(kwargs: dict[str, Any], name: str) -> None:
@@ -661,6 +665,9 @@ def test_policy_is_frozen_and_plain() -> None:
     with pytest.raises(AttributeError):
         policy.keep = 4  # type: ignore[misc]
     assert RollbackPolicy(**policy.as_dict()) == policy
+    on_disk = RollbackPolicy(storage="framework", dirpath=Path("/tmp/snapshots"))  # type: ignore[arg-type]
+    assert on_disk.dirpath == "/tmp/snapshots"  # a str: the policy stays plain data (JSON in the HF state)
+    assert RollbackPolicy(**json.loads(json.dumps(on_disk.as_dict()))) == on_disk
 
 
 @pytest.mark.parametrize(

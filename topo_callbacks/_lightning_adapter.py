@@ -7,8 +7,10 @@ what is importable (installing ``lightning`` installs ``pytorch_lightning`` too)
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +19,9 @@ from topo_callbacks.core.detector import loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
+from topo_callbacks.core.rollback import FrameworkStorage
 
-__all__ = ["build_callbacks", "diagram_path", "write_diagram"]
+__all__ = ["build_callbacks", "diagram_path", "lightning_storage", "write_diagram"]
 
 
 def build_callbacks(callback_base: type, module: str) -> tuple[type, type]:
@@ -57,12 +60,14 @@ def build_collapse_monitor(callback_base: type) -> type:
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self.optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            if self.rollback_policy is not None:  # on_alarm="rollback": the objects a rollback restores in place
+            policy = self.rollback_policy
+            if policy is not None:  # on_alarm="rollback": the objects a rollback restores in place
                 self.track(
                     models=pl_module,
                     optimizers=list(trainer.optimizers),
                     schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
                     scaler=getattr(trainer.precision_plugin, "scaler", None),
+                    framework=lightning_storage(trainer, policy.dirpath) if policy.storage == "framework" else None,
                 )
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -152,6 +157,41 @@ def build_collapse_monitor(callback_base: type) -> type:
             self.detach()
 
     return CollapseMonitor
+
+
+def lightning_storage(trainer: Any, dirpath: str | None = None) -> FrameworkStorage:
+    """Rollback snapshots through the Trainer's own checkpoints (``RollbackPolicy(storage="framework")``).
+
+    ``save`` is ``trainer.save_checkpoint`` (every rank takes part: under ``ModelParallelStrategy``/FSDP each rank
+    writes its own shard); ``load`` restores what resuming from a checkpoint restores while fitting, through the
+    strategy (the model, the precision plugin's loss scaler, the optimizers, the schedulers), and leaves the loops'
+    progress alone: the step counter and the data move on, as with memory snapshots. The callbacks' states are not
+    loaded (the monitor's own record must survive the rollback). ``delete`` is ``strategy.remove_checkpoint``.
+    """
+    folder = Path(dirpath) if dirpath is not None else Path(trainer.default_root_dir) / "rollback_snapshots"
+
+    def save(step: int) -> str:
+        path = str(folder / f"rollback-step={step}.ckpt")
+        trainer.save_checkpoint(path, weights_only=False)  # the optimizers too (None logs at every save)
+        return path
+
+    def load(path: str) -> None:
+        strategy = trainer.strategy
+        # written by this run, with the callbacks' plain states: not a weights-only file (Lightning < 2.5 has no flag)
+        takes_flag = "weights_only" in inspect.signature(strategy.load_checkpoint).parameters
+        checkpoint = strategy.load_checkpoint(path, **({"weights_only": False} if takes_flag else {}))
+        strategy.load_model_state_dict(checkpoint, strict=True)  # a no-op where load_checkpoint loaded the shards
+        plugin = trainer.precision_plugin
+        if type(plugin).__qualname__ in checkpoint:
+            plugin.load_state_dict(checkpoint[type(plugin).__qualname__])
+        strategy.load_optimizer_state_dict(checkpoint)
+        for config, state in zip(trainer.lr_scheduler_configs, checkpoint["lr_schedulers"], strict=True):
+            config.scheduler.load_state_dict(state)
+
+    def delete(path: str) -> None:
+        trainer.strategy.remove_checkpoint(path)
+
+    return FrameworkStorage(save=save, load=load, delete=delete)
 
 
 def build_neuron_monitor(callback_base: type) -> type:

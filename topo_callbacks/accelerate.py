@@ -6,6 +6,10 @@ Importing this module imports ``accelerate``; ``import topo_callbacks`` does not
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -15,8 +19,9 @@ from topo_callbacks.core.detector import loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
+from topo_callbacks.core.rollback import FrameworkStorage
 
-__all__ = ["AccelerateCollapseMonitor", "AccelerateNeuronTopologyMonitor"]
+__all__ = ["AccelerateCollapseMonitor", "AccelerateNeuronTopologyMonitor", "accelerate_storage"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -110,7 +115,10 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         if schedulers is None:
             schedulers = list(getattr(self.accelerator, "_schedulers", []))
         scaler = self.scaler if self.scaler is not None else getattr(self.accelerator, "scaler", None)
-        self.track(models=self.model, optimizers=optimizers, schedulers=schedulers, scaler=scaler)
+        framework = None
+        if self.rollback_policy.storage == "framework":
+            framework = accelerate_storage(self.accelerator, self, schedulers, self.rollback_policy.dirpath)
+        self.track(models=self.model, optimizers=optimizers, schedulers=schedulers, scaler=scaler, framework=framework)
 
     def step(
         self, step: int | None = None, *, loss: Any = None, grad_norm: Any = None, lr: float | None = None
@@ -203,6 +211,73 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         super().load_state_dict(state)
         self.global_step = int(state.get("global_step", self.global_step))
         self.prepare_step(self.global_step + 1)
+
+
+def accelerate_storage(
+    accelerator: Any, monitor: Any = None, schedulers: Any = (), dirpath: str | None = None
+) -> FrameworkStorage:
+    """Rollback snapshots through ``accelerator.save_state`` / ``load_state`` (``RollbackPolicy(storage="framework")``).
+
+    What the accelerator's checkpoint holds is restored: the prepared models and optimizers (under FSDP each rank its
+    own shard), the prepared schedulers, the loss scaler, the objects registered for checkpointing, and the
+    ``schedulers`` given here that were not prepared. Left out, so that a rollback moves on as memory snapshots do:
+    the monitor itself (its rollback record must survive the rollback; the detector's state comes back through the
+    snapshot) and the dataloaders' positions (the batches between the snapshot and the alarm are not replayed).
+    Automatic checkpoint naming is off for these saves: they neither take the user's checkpoint numbers nor count
+    against ``total_limit``. Every rank calls ``save``/``load``/``delete`` at the same step.
+
+    The adapter builds it for ``on_alarm=RollbackPolicy(storage="framework")``; by hand:
+        >>> import tempfile, torch
+        >>> from accelerate import Accelerator
+        >>> accelerator = Accelerator(cpu=True)
+        >>> layer = accelerator.prepare(torch.nn.Linear(2, 1))
+        >>> storage = accelerate_storage(accelerator, dirpath=tempfile.mkdtemp())
+        >>> path = storage.save(100)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.zero_()
+        >>> storage.load(path)
+        >>> bool(layer.weight.abs().sum() > 0), path.endswith("rollback-step=100")
+        (True, True)
+        >>> storage.delete(path)
+    """
+    root = Path(accelerator.project_dir or Path.cwd())
+    folder = Path(dirpath) if dirpath is not None else root / "rollback_snapshots"
+    prepared = getattr(accelerator, "_schedulers", [])  # AcceleratedScheduler wrappers, saved by save_state
+    unprepared = [
+        s for s in schedulers or () if not any(s is p or getattr(p, "scheduler", None) is s for p in prepared)
+    ]
+
+    @contextmanager
+    def own_objects() -> Iterator[None]:
+        objects, loaders = accelerator._custom_objects, accelerator._dataloaders
+        kept_objects, kept_loaders = list(objects), list(loaders)
+        config = accelerator.project_configuration
+        naming = config.automatic_checkpoint_naming
+        objects[:] = [o for o in kept_objects if o is not monitor] + unprepared
+        loaders[:] = []
+        config.automatic_checkpoint_naming = False
+        try:
+            yield
+        finally:
+            objects[:], loaders[:] = kept_objects, kept_loaders
+            config.automatic_checkpoint_naming = naming
+
+    def save(step: int) -> str:
+        path = str(folder / f"rollback-step={step}")
+        with own_objects():
+            accelerator.save_state(path)
+        return path
+
+    def load(path: str) -> None:
+        with own_objects():
+            accelerator.load_state(path)
+
+    def delete(path: str) -> None:
+        accelerator.wait_for_everyone()  # every rank has written its shard
+        if accelerator.is_main_process:
+            shutil.rmtree(path, ignore_errors=True)
+
+    return FrameworkStorage(save=save, load=load, delete=delete)
 
 
 class AccelerateNeuronTopologyMonitor(NeuronTopologyMonitorCore):

@@ -380,11 +380,26 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
         self.optimizer = kwargs.get("optimizer")
         if self.rollback_policy is not None:  # on_alarm="rollback": the objects a rollback restores in place
             bound = self._trainer() if self._trainer is not None else None
+            framework = None
+            if self.rollback_policy.storage == "framework":
+                if bound is None:
+                    raise ValueError(
+                        f"{type(self).__name__}(on_alarm=RollbackPolicy(storage='framework')) saves its snapshots"
+                        " through the Trainer's accelerator and needs the Trainer: pass `trainer=`"
+                        " (trainer.add_callback(Callback(trainer=trainer, ...))) or call `callback.bind(trainer)`."
+                    )
+                from topo_callbacks.accelerate import accelerate_storage  # the Trainer runs on Accelerate
+
+                scheduler = kwargs.get("lr_scheduler")
+                framework = accelerate_storage(
+                    bound.accelerator, self, [scheduler] if scheduler is not None else [], self.rollback_policy.dirpath
+                )
             self.track(
                 models=kwargs["model"],
                 optimizers=kwargs.get("optimizer"),
                 schedulers=kwargs.get("lr_scheduler"),
                 scaler=getattr(getattr(bound, "accelerator", None), "scaler", None),
+                framework=framework,
             )
         self.prepare_step(state.global_step + 1)
         self.last_observed_step = max(self.last_observed_step, state.global_step)

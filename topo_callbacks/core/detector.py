@@ -1036,6 +1036,14 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
     if not params:
         return None
     grads = [p.grad for p in params]
+    if any(_is_dtensor(g) for g in grads):
+        # sharded gradients (FSDP2, tensor parallel): a DTensor's norm read as a number is its own shard's norm, so
+        # each rank would read a different value; the shards' squares are summed over their meshes instead
+        stacked = _sharded_norms(grads)
+        norm = torch.linalg.vector_norm(stacked)
+        if stacked.device.type == "cpu":
+            return (norm if as_tensor else float(norm)), stacked.tolist(), params
+        return (norm if as_tensor else float(norm)), stacked, params
     if all(g.device.type == "cpu" for g in grads):
         # the CPU: the per-tensor norms are read as numbers and summed here (no second norm: there is no device to keep
         # waiting for). Right after a backward pass, reading each of `_foreach_norm`'s outputs cost 2x more than a norm
@@ -1058,6 +1066,40 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
         stacked = torch.stack(norms).float()
     norm = torch.linalg.vector_norm(stacked)
     return (norm if as_tensor else float(norm)), stacked, params
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__module__.startswith("torch.distributed.tensor")  # no import of torch.distributed unless sharded
+
+
+def _sharded_norms(grads: list[Any]) -> Any:
+    """The full norm of each gradient, some of them DTensors, as a 1-d float32 tensor equal on every rank: the
+    squares of the local shards' norms, summed over the mesh dimensions each gradient is sharded on (one collective
+    per mesh and layout, not one per tensor)."""
+    import torch
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    squares: list[Any] = [None] * len(grads)
+    groups: dict[tuple[Any, tuple[Any, ...]], list[int]] = {}
+    for i, g in enumerate(grads):
+        if isinstance(g, DTensor):
+            groups.setdefault((g.device_mesh, tuple(g.placements)), []).append(i)
+        else:
+            squares[i] = torch.linalg.vector_norm(g.detach(), dtype=torch.float32) ** 2
+    for (mesh, placements), members in groups.items():
+        if not all(isinstance(p, (Shard, Replicate)) for p in placements):  # unreduced (Partial): DTensor's own norm
+            for i in members:
+                squares[i] = torch.linalg.vector_norm(grads[i].detach(), dtype=torch.float32).full_tensor() ** 2
+            continue
+        local = torch.stack(
+            [torch.linalg.vector_norm(grads[i].to_local().detach(), dtype=torch.float32) for i in members]
+        )
+        summed = [Partial("sum") if isinstance(p, Shard) else Replicate() for p in placements]
+        total = DTensor.from_local(local**2, mesh, summed, run_check=False).full_tensor()
+        for j, i in enumerate(members):
+            squares[i] = total[j]
+    device = squares[0].device
+    return torch.stack([sq.to(device) for sq in squares]).sqrt()
 
 
 def learning_rate(optimizer: Any) -> float | None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import os
 import random
 import time
 import weakref
@@ -125,7 +126,13 @@ class RollbackPolicy:
         min_lookback: restore a snapshot taken strictly before ``onset - min_lookback`` (an int >= 0): a margin for
             an onset estimated late.
         storage: ``"memory"`` (host-memory copies, `TrainingState`) or ``"framework"`` (the framework's own
-            checkpoints through a `FrameworkStorage` the adapter provides).
+            checkpoints through a `FrameworkStorage` the adapter provides: Lightning's ``trainer.save_checkpoint``,
+            Accelerate's ``accelerator.save_state``; sharded states such as FSDP are saved and restored shard by
+            shard, each rank its own). For models whose copies do not fit in host memory.
+        dirpath: where framework storage writes its snapshots (a path, or None: ``rollback_snapshots`` under the
+            Lightning Trainer's ``default_root_dir`` or the Accelerator's ``project_dir``, else the working
+            directory). Every rank must see the same directory, as for the framework's own checkpoints. The
+            snapshots left are deleted when training ends. Only with ``storage="framework"``.
         restore_on_stop: when the policy gives up (after ``max_rollbacks``, or when the failure came back with no
             older snapshot left), restore the newest snapshot taken before the alarm's onset (or, with none, the
             oldest held) before the run stops (as Keras' ``EarlyStopping(restore_best_weights=True)``), so that
@@ -152,6 +159,7 @@ class RollbackPolicy:
     min_lookback: int = 0
     storage: Literal["memory", "framework"] = "memory"
     restore_on_stop: bool = True
+    dirpath: str | None = None
 
     def __post_init__(self) -> None:
         factor = as_real(self.lr_factor, "lr_factor", "a number in (0, 1]")
@@ -170,6 +178,15 @@ class RollbackPolicy:
             raise ValueError(f"`storage` must be 'memory' or 'framework'; got {self.storage!r}.")
         if not isinstance(self.restore_on_stop, bool):
             raise ValueError(f"`restore_on_stop` must be True or False; got {self.restore_on_stop!r}.")
+        if self.dirpath is not None:
+            if not isinstance(self.dirpath, (str, os.PathLike)) or not os.fspath(self.dirpath):
+                raise ValueError(f"`dirpath` must be a path (str or os.PathLike) or None; got {self.dirpath!r}.")
+            if self.storage != "framework":
+                raise ValueError(
+                    f"`dirpath` must be None unless storage='framework' (where it writes its snapshots); got"
+                    f" dirpath={self.dirpath!r} with storage={self.storage!r}."
+                )
+            object.__setattr__(self, "dirpath", str(os.fspath(self.dirpath)))  # plain data (a JSON state)
 
     def as_dict(self) -> dict[str, Any]:
         """The policy as plain data (for a JSON config or a constructor argument that must be plain).
