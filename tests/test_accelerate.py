@@ -126,18 +126,19 @@ WORKER = textwrap.dedent(
 
     warnings.simplefilter("ignore")
     accelerator = Accelerator(cpu=True)
-    model = make_model()
-    source = sys.argv[2]
-    probe = torch.randn(48, 16, generator=torch.Generator().manual_seed(3)) if source == "probe" else None
-    mon = AccelerateCollapseMonitor(accelerator, model, layer="module.0", every_n_train_steps=5, max_samples=64,
-                                    divergence_threshold=0.9, stop_on_alarm=True, source=source, probe=probe,
-                                    calibration_checks=1 if probe is not None else 3, max_overhead=None)
-    stopped = train(accelerator, model, mon, steps=60, collapse_at=30, uneven=True)
-    out = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stopped": stopped,
-           "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history],
-           "resets": mon.tracker.resets, "last_edit": mon.tracker.last_edit}
-    with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
-        json.dump(out, fh)
+    # each source in turn in one launch (a launch is seconds of imports per process)
+    for source in sys.argv[2].split(","):
+        model = make_model()
+        probe = torch.randn(48, 16, generator=torch.Generator().manual_seed(3)) if source == "probe" else None
+        mon = AccelerateCollapseMonitor(accelerator, model, layer="module.0", every_n_train_steps=5, max_samples=64,
+                                        divergence_threshold=0.9, stop_on_alarm=True, source=source, probe=probe,
+                                        calibration_checks=1 if probe is not None else 3, max_overhead=None)
+        stopped = train(accelerator, model, mon, steps=60, collapse_at=30, uneven=True)
+        out = {"rank": accelerator.process_index, "world": accelerator.num_processes, "stopped": stopped,
+               "stopped_step": mon.stopped_step, "ci": [[h["step"], h["ci"], h["n"]] for h in mon.history],
+               "resets": mon.tracker.resets, "last_edit": mon.tracker.last_edit}
+        with open(f"{sys.argv[1]}/{source}/rank{accelerator.process_index}.json", "w") as fh:
+            json.dump(out, fh)
     # exiting with the gloo group alive can abort at interpreter shutdown ("terminate called without an active
     # exception"): tear it down first, after freeing the DDP-wrapped model (freed later, it intermittently hung)
     del model
@@ -150,10 +151,17 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="module")
+def torchrun_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("accelerate_torchrun")
+    for source in ("stream", "probe"):
+        (out / source).mkdir()
+    return run_script(WORKER, out, "stream,probe", launcher="torchrun", timeout=400)
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_same_stop(tmp_path: Path):
-    run_script(WORKER, tmp_path, "stream", launcher="torchrun")
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_same_stop(torchrun_sources: Path):
+    r0, r1 = (json.loads((torchrun_sources / "stream" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2  # really distributed, not two independent processes
     assert r0["ci"] == r1["ci"]
     n_by_step = {s: n for s, _, n in r0["ci"]}
@@ -163,10 +171,9 @@ def test_torchrun_two_processes_uneven_and_empty_rank_same_ci_and_same_stop(tmp_
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_probe_source_same_ci_and_same_stop(tmp_path: Path):
+def test_torchrun_two_processes_probe_source_same_ci_and_same_stop(torchrun_sources: Path):
     """source="probe" under torchrun: both ranks embed the probe through the DDP-wrapped model; it counts once."""
-    run_script(WORKER, tmp_path, "probe", launcher="torchrun")
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((torchrun_sources / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["ci"] == r1["ci"]
     assert {n for _, _, n in r0["ci"]} == {48}  # the probe's rows, at every check, also when rank 1 had no batch

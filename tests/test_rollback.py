@@ -38,6 +38,8 @@ POLICY = {"snapshot_every": SNAPSHOT_EVERY, "keep": 3, "max_rollbacks": 3, "lr_f
 # 120x under the HF Trainer, whose SGD clips gradients at norm 1)
 RESCUED, DIVERGED = 1.25, 10.0
 MONITOR = {"layer": "encoder", "every_n_train_steps": 25, "max_samples": 64, "max_overhead": None}
+# the framework-storage runs compared with memory-storage ones: the rollback (~113) and 30 steps after it
+COMPARED_STEPS = 145
 
 
 def held_out_mse(model: nn.Module) -> float:
@@ -179,7 +181,9 @@ def test_lightning_framework_snapshots_restore_what_memory_snapshots_restore(tmp
     for storage in ("memory", "framework"):
         policy = {**POLICY, "storage": storage}
         pl.seed_everything(0, verbose=False)  # the same initial weights (run_lightning seeds after this)
-        model, monitor, trainer = run_lightning(tmp_path / storage, policy, glitch=LrGlitch(GLITCH), model=AdamModel())
+        model, monitor, trainer = run_lightning(
+            tmp_path / storage, policy, glitch=LrGlitch(GLITCH), model=AdamModel(), steps=COMPARED_STEPS
+        )
         assert monitor is not None
         runs[storage] = (model, monitor, trainer)
     (memory_model, memory_monitor, memory_trainer), (model, monitor, trainer) = runs["memory"], runs["framework"]
@@ -305,15 +309,15 @@ def test_accelerate_framework_snapshots_restore_what_memory_snapshots_restore(
     runs = {}
     for storage in ("memory", "framework"):
         torch.manual_seed(0)
-        runs[storage] = run_accelerate({**POLICY, "storage": storage}, glitch=GLITCH, adam=True)
+        runs[storage] = run_accelerate({**POLICY, "storage": storage}, glitch=GLITCH, adam=True, steps=COMPARED_STEPS)
     (memory_model, memory_monitor, _), (model, monitor, done) = runs["memory"], runs["framework"]
-    assert done == STEPS
+    assert done == COMPARED_STEPS
     assert len(monitor.rollbacks) == 1
     assert monitor.rollbacks == memory_monitor.rollbacks
     assert_same_tensors(model.state_dict(), memory_model.state_dict())
     (scheduler,), (memory_scheduler,) = (m.rollback_controller.state.schedulers for m in (monitor, memory_monitor))
     assert scheduler.state_dict() == memory_scheduler.state_dict()  # rewound at the rollback in both
-    assert scheduler.last_epoch < STEPS
+    assert scheduler.last_epoch < COMPARED_STEPS
     assert monitor.summary()["snapshots"]["taken"] == memory_monitor.summary()["snapshots"]["taken"]
     assert list((tmp_path / "rollback_snapshots").iterdir()) == []  # the snapshots left were deleted at the end
 
@@ -442,15 +446,15 @@ def test_hf_framework_snapshots_restore_what_memory_snapshots_restore(tmp_path: 
     with host-memory snapshots."""
     runs = {}
     for storage in ("memory", "framework"):
-        dirpath = str(tmp_path / "snaps") if storage == "framework" else None
-        runs[storage] = run_hf(tmp_path / storage, {**POLICY, "storage": storage, "dirpath": dirpath}, glitch=GLITCH)
+        runs[storage] = run_hf(tmp_path / storage, {**POLICY, "storage": storage}, glitch=GLITCH, steps=COMPARED_STEPS)
     (memory_model, memory_monitor, memory_trainer), (model, monitor, trainer) = runs["memory"], runs["framework"]
     assert len(monitor.rollbacks) == 1
     assert monitor.rollbacks == memory_monitor.rollbacks
     assert_same_tensors(model.state_dict(), memory_model.state_dict())
     assert set(trainer.lr_scheduler.base_lrs) == {BASE_LR}  # the glitch in the schedule was rolled back with it
     assert trainer.lr_scheduler.state_dict() == memory_trainer.lr_scheduler.state_dict()
-    assert list((tmp_path / "snaps").iterdir()) == []
+    # under the Trainer's output_dir by default; those left were deleted at the end
+    assert list((tmp_path / "framework" / "hf" / "rollback_snapshots").iterdir()) == []
 
 
 def test_hf_framework_snapshots_need_the_trainer(tmp_path: Path) -> None:

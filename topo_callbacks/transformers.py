@@ -9,6 +9,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -391,9 +392,9 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
                 from topo_callbacks.accelerate import accelerate_storage  # the Trainer runs on Accelerate
 
                 scheduler = kwargs.get("lr_scheduler")
-                framework = accelerate_storage(
-                    bound.accelerator, self, [scheduler] if scheduler is not None else [], self.rollback_policy.dirpath
-                )
+                dirpath = self.rollback_policy.dirpath or os.path.join(args.output_dir, "rollback_snapshots")
+                schedulers = [scheduler] if scheduler is not None else []
+                framework = accelerate_storage(bound.accelerator, self, schedulers, dirpath)
             self.track(
                 models=kwargs["model"],
                 optimizers=kwargs.get("optimizer"),

@@ -130,9 +130,10 @@ class RollbackPolicy:
             Accelerate's ``accelerator.save_state``; sharded states such as FSDP are saved and restored shard by
             shard, each rank its own). For models whose copies do not fit in host memory.
         dirpath: where framework storage writes its snapshots (a path, or None: ``rollback_snapshots`` under the
-            Lightning Trainer's ``default_root_dir`` or the Accelerator's ``project_dir``, else the working
-            directory). Every rank must see the same directory, as for the framework's own checkpoints. The
-            snapshots left are deleted when training ends. Only with ``storage="framework"``.
+            Lightning Trainer's ``default_root_dir``, the HF Trainer's ``output_dir``, or the Accelerator's
+            ``project_dir``, else the working directory). Every rank must see the same directory, as for the
+            framework's own checkpoints. The snapshots left are deleted when training ends. Only with
+            ``storage="framework"``.
         restore_on_stop: when the policy gives up (after ``max_rollbacks``, or when the failure came back with no
             older snapshot left), restore the newest snapshot taken before the alarm's onset (or, with none, the
             oldest held) before the run stops (as Keras' ``EarlyStopping(restore_best_weights=True)``), so that
