@@ -201,6 +201,45 @@ def test_lightning_framework_snapshots_restore_what_memory_snapshots_restore(tmp
     assert monitor.summary()["snapshots"]["taken"] == memory_monitor.summary()["snapshots"]["taken"]
 
 
+class LeavesOutFrozenWeights(TinyModel):
+    """Saves checkpoints without its frozen weights and loads them non-strictly (as fine-tuning modules do)."""
+
+    strict_loading = False
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr=lr)
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        del checkpoint["state_dict"]["frozen"]
+
+
+class SeesLoads(pl.Callback):
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self.loaded.append(checkpoint["global_step"])
+
+
+def test_lightning_framework_snapshots_load_as_lightning_resumes(tmp_path: Path) -> None:
+    """The restore follows Lightning's: the module's ``strict_loading`` and ``on_save_checkpoint`` edits are honoured
+    (a strict load of this checkpoint fails), other callbacks see ``on_load_checkpoint``."""
+    seen = SeesLoads()
+    pl.seed_everything(0, verbose=False)
+    model = LeavesOutFrozenWeights(lr=BASE_LR)
+    monitor = CollapseMonitor(**MONITOR, on_alarm={**POLICY, "storage": "framework"})
+    trainer = make_pl_trainer(tmp_path, max_steps=COMPARED_STEPS, callbacks=[monitor, LrGlitch(GLITCH), seen])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CollapseWarning)  # a failed restore warns: fail the test on it
+        warnings.filterwarnings("ignore", "Rolled back", CollapseWarning)
+        warnings.filterwarnings("ignore", ".*step", UserWarning)
+        trainer.fit(model, loader(n=4096, batch_size=32))
+    (entry,) = monitor.rollbacks
+    assert seen.loaded == [entry["restored_step"]]
+    assert math.isfinite(held_out_mse(model))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("min_lookback", [0, 5])
 def test_lightning_gives_up_when_the_failure_survives_the_rollbacks(tmp_path: Path, min_lookback: int) -> None:
@@ -320,6 +359,32 @@ def test_accelerate_framework_snapshots_restore_what_memory_snapshots_restore(
     assert scheduler.last_epoch < COMPARED_STEPS
     assert monitor.summary()["snapshots"]["taken"] == memory_monitor.summary()["snapshots"]["taken"]
     assert list((tmp_path / "rollback_snapshots").iterdir()) == []  # the snapshots left were deleted at the end
+
+
+def test_accelerate_storage_leaves_the_generators_and_the_users_checkpoint_numbers(tmp_path: Path) -> None:
+    """``load_state`` rewinds the random generators and ``save_state`` counts checkpoints: a rollback's framework
+    snapshot does neither (the controller decides the generators; the user's ``checkpoint_N`` stay theirs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from topo_callbacks.accelerate import accelerate_storage
+
+    config = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True)
+    accelerator = Accelerator(cpu=True, project_config=config)
+    layer = accelerator.prepare(nn.Linear(2, 1))
+    storage = accelerate_storage(accelerator, model=accelerator.unwrap_model(layer))
+    path = storage.save(10)
+    assert path == str(tmp_path / "rollback_snapshots" / "rollback-step=10")  # not checkpoints/checkpoint_0
+    assert (config.iteration, config.automatic_checkpoint_naming) == (0, True)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    storage.load(path)
+    assert torch.equal(torch.rand(3), expected)  # the generators were not rewound to the snapshot's
+    with pytest.raises(ValueError, match="not among its prepared models"):
+        accelerate_storage(accelerator, model=nn.Linear(2, 1)).save(11)
+    storage.delete(path)
+    assert list((tmp_path / "rollback_snapshots").iterdir()) == []
 
 
 def test_accelerate_gives_up_when_the_learning_rate_stays_too_high() -> None:

@@ -19,7 +19,7 @@ from topo_callbacks.core.detector import loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import diagram_path, write_diagram
 from topo_callbacks.core.monitor import CheckResult, CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
-from topo_callbacks.core.rollback import FrameworkStorage
+from topo_callbacks.core.rollback import FrameworkStorage, snapshot_name
 
 __all__ = ["build_callbacks", "diagram_path", "lightning_storage", "write_diagram"]
 
@@ -67,7 +67,11 @@ def build_collapse_monitor(callback_base: type) -> type:
                     optimizers=list(trainer.optimizers),
                     schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
                     scaler=getattr(trainer.precision_plugin, "scaler", None),
-                    framework=lightning_storage(trainer, policy.dirpath) if policy.storage == "framework" else None,
+                    framework=(
+                        lightning_storage(trainer, policy.dirpath, monitor=self, name=snapshot_name(self.monitor))
+                        if policy.storage == "framework"
+                        else None
+                    ),
                 )
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -159,29 +163,42 @@ def build_collapse_monitor(callback_base: type) -> type:
     return CollapseMonitor
 
 
-def lightning_storage(trainer: Any, dirpath: str | None = None) -> FrameworkStorage:
+def lightning_storage(
+    trainer: Any, dirpath: str | None = None, *, monitor: Any = None, name: str = "rollback"
+) -> FrameworkStorage:
     """Rollback snapshots through the Trainer's own checkpoints (``RollbackPolicy(storage="framework")``).
 
-    ``save`` is ``trainer.save_checkpoint`` (every rank takes part: under ``ModelParallelStrategy``/FSDP each rank
-    writes its own shard); ``load`` restores what resuming from a checkpoint restores while fitting, through the
-    strategy (the model, the precision plugin's loss scaler, the optimizers, the schedulers), and leaves the loops'
-    progress alone: the step counter and the data move on, as with memory snapshots. The callbacks' states are not
-    loaded (the monitor's own record must survive the rollback). ``delete`` is ``strategy.remove_checkpoint``.
+    ``save`` is ``trainer.save_checkpoint`` on every rank (with a sharded state dict, as ``ModelParallelStrategy``'s
+    default or ``FSDPStrategy(state_dict_type="sharded")``, each rank writes its own shard; otherwise rank 0 writes
+    the whole state); it runs the callbacks' and the LightningModule's ``on_save_checkpoint`` as any checkpoint does.
+    ``load`` restores what resuming from a checkpoint restores while fitting, in Lightning's order: the
+    LightningModule's ``on_load_checkpoint``, the weights (``strict_loading``), the callbacks' ``on_load_checkpoint``
+    (weight averaging swaps its weights back there), the precision plugin (loss scaler), the optimizers and the
+    schedulers. Not restored: the loops' progress (the step counter and the data move on, as with memory
+    snapshots) and the callbacks' ``load_state_dict`` (``monitor``'s record must survive the rollback). ``delete``
+    waits for every rank, then removes the checkpoint on rank 0. Files are named ``{name}-step={step}.ckpt``.
     """
     folder = Path(dirpath) if dirpath is not None else Path(trainer.default_root_dir) / "rollback_snapshots"
 
     def save(step: int) -> str:
-        path = str(folder / f"rollback-step={step}.ckpt")
+        path = str(folder / f"{name}-step={step}.ckpt")
         trainer.save_checkpoint(path, weights_only=False)  # the optimizers too (None logs at every save)
         return path
 
     def load(path: str) -> None:
-        strategy = trainer.strategy
+        strategy, module = trainer.strategy, trainer.lightning_module
         # written by this run, with the callbacks' plain states: not a weights-only file (Lightning < 2.5 has no flag)
         takes_flag = "weights_only" in inspect.signature(strategy.load_checkpoint).parameters
         checkpoint = strategy.load_checkpoint(path, **({"weights_only": False} if takes_flag else {}))
-        strategy.load_model_state_dict(checkpoint, strict=True)  # a no-op where load_checkpoint loaded the shards
+        module.on_load_checkpoint(checkpoint)
+        # a no-op where load_checkpoint loaded the shards
+        strategy.load_model_state_dict(checkpoint, strict=getattr(module, "strict_loading", True))
+        for callback in trainer.callbacks:
+            if callback is not monitor:
+                callback.on_load_checkpoint(trainer, module, checkpoint)
         plugin = trainer.precision_plugin
+        if callable(getattr(plugin, "on_load_checkpoint", None)):
+            plugin.on_load_checkpoint(checkpoint)
         if type(plugin).__qualname__ in checkpoint:
             plugin.load_state_dict(checkpoint[type(plugin).__qualname__])
         strategy.load_optimizer_state_dict(checkpoint)
@@ -189,6 +206,7 @@ def lightning_storage(trainer: Any, dirpath: str | None = None) -> FrameworkStor
             config.scheduler.load_state_dict(state)
 
     def delete(path: str) -> None:
+        trainer.strategy.barrier("topo_callbacks.rollback.delete")  # no rank still reads it
         trainer.strategy.remove_checkpoint(path)
 
     return FrameworkStorage(save=save, load=load, delete=delete)

@@ -19,7 +19,7 @@ from topo_callbacks.core.detector import loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
-from topo_callbacks.core.rollback import FrameworkStorage
+from topo_callbacks.core.rollback import FrameworkStorage, _rng_state, _set_rng_state, snapshot_name
 
 __all__ = ["AccelerateCollapseMonitor", "AccelerateNeuronTopologyMonitor", "accelerate_storage"]
 
@@ -117,7 +117,14 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
         scaler = self.scaler if self.scaler is not None else getattr(self.accelerator, "scaler", None)
         framework = None
         if self.rollback_policy.storage == "framework":
-            framework = accelerate_storage(self.accelerator, self, schedulers, self.rollback_policy.dirpath)
+            framework = accelerate_storage(
+                self.accelerator,
+                self,
+                schedulers,
+                self.rollback_policy.dirpath,
+                model=self.model,
+                name=snapshot_name(self.monitor),
+            )
         self.track(models=self.model, optimizers=optimizers, schedulers=schedulers, scaler=scaler, framework=framework)
 
     def step(
@@ -201,8 +208,11 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
     def __enter__(self) -> AccelerateCollapseMonitor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leaving on an error (maybe on one rank only): no summary, no collective such as a snapshot's delete
+            self.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "global_step": self.global_step}
@@ -214,17 +224,27 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
 
 
 def accelerate_storage(
-    accelerator: Any, monitor: Any = None, schedulers: Any = (), dirpath: str | None = None
+    accelerator: Any,
+    monitor: Any = None,
+    schedulers: Any = (),
+    dirpath: str | None = None,
+    *,
+    model: Any = None,
+    name: str = "rollback",
 ) -> FrameworkStorage:
     """Rollback snapshots through ``accelerator.save_state`` / ``load_state`` (``RollbackPolicy(storage="framework")``).
 
-    What the accelerator's checkpoint holds is restored: the prepared models and optimizers (under FSDP each rank its
-    own shard), the prepared schedulers, the loss scaler, the objects registered for checkpointing, and the
-    ``schedulers`` given here that were not prepared. Left out, so that a rollback moves on as memory snapshots do:
-    the monitor itself (its rollback record must survive the rollback; the detector's state comes back through the
-    snapshot) and the dataloaders' positions (the batches between the snapshot and the alarm are not replayed).
-    Automatic checkpoint naming is off for these saves: they neither take the user's checkpoint numbers nor count
-    against ``total_limit``. Every rank calls ``save``/``load``/``delete`` at the same step.
+    What the accelerator's checkpoint holds is restored: the prepared models and optimizers (with FSDP's
+    ``SHARDED_STATE_DICT`` each rank its own shard; with a full state dict rank 0 gathers the whole state), the
+    prepared schedulers, the loss scaler, the objects registered for checkpointing, and the ``schedulers`` given here
+    that were not prepared. Left out, so that a rollback moves on as memory snapshots do: the monitor itself (its
+    rollback record must survive the rollback; the detector's state comes back through the snapshot), the
+    dataloaders' positions (the batches between the snapshot and the alarm are not replayed) and the random
+    generators (``load_state`` rewinds them; they are put back: the controller decides, ``restore_rng``). Automatic
+    checkpoint naming and the iteration counter are left as they were: these saves neither take the user's checkpoint
+    numbers nor count against ``total_limit``. ``model``: the model the monitor watches; a save refuses to run
+    when the accelerator did not prepare it (its weights would not be in the snapshot). Every rank calls
+    ``save``/``load``/``delete`` at the same step; folders are named ``{name}-step={step}``.
 
     The adapter builds it for ``on_alarm=RollbackPolicy(storage="framework")``; by hand:
         >>> import tempfile, torch
@@ -242,17 +262,16 @@ def accelerate_storage(
     """
     root = Path(accelerator.project_dir or Path.cwd())
     folder = Path(dirpath) if dirpath is not None else root / "rollback_snapshots"
-    prepared = getattr(accelerator, "_schedulers", [])  # AcceleratedScheduler wrappers, saved by save_state
-    unprepared = [
-        s for s in schedulers or () if not any(s is p or getattr(p, "scheduler", None) is s for p in prepared)
-    ]
+    schedulers = list(schedulers or ())
 
     @contextmanager
     def own_objects() -> Iterator[None]:
+        prepared = getattr(accelerator, "_schedulers", [])  # AcceleratedScheduler wrappers, saved by save_state
+        unprepared = [s for s in schedulers if not any(s is p or getattr(p, "scheduler", None) is s for p in prepared)]
         objects, loaders = accelerator._custom_objects, accelerator._dataloaders
         kept_objects, kept_loaders = list(objects), list(loaders)
         config = accelerator.project_configuration
-        naming = config.automatic_checkpoint_naming
+        naming, iteration = config.automatic_checkpoint_naming, config.iteration
         objects[:] = [o for o in kept_objects if o is not monitor] + unprepared
         loaders[:] = []
         config.automatic_checkpoint_naming = False
@@ -260,17 +279,25 @@ def accelerate_storage(
             yield
         finally:
             objects[:], loaders[:] = kept_objects, kept_loaders
-            config.automatic_checkpoint_naming = naming
+            config.automatic_checkpoint_naming, config.iteration = naming, iteration
 
     def save(step: int) -> str:
-        path = str(folder / f"rollback-step={step}")
+        if model is not None and not any(accelerator.unwrap_model(m) is model for m in accelerator._models):
+            raise ValueError(
+                "storage='framework' saves what the accelerator prepared, and the watched model is not among its"
+                " prepared models (a Trainer that wraps the model itself?): the snapshot would hold no weights."
+                " Use storage='memory'."
+            )
+        path = str(folder / f"{name}-step={step}")
         with own_objects():
             accelerator.save_state(path)
         return path
 
     def load(path: str) -> None:
+        generators = _rng_state()
         with own_objects():
             accelerator.load_state(path)
+        _set_rng_state(generators)
 
     def delete(path: str) -> None:
         accelerator.wait_for_everyone()  # every rank has written its shard

@@ -25,7 +25,7 @@ from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.gather import sum_across_ranks
 from topo_callbacks.core.monitor import CollapseMonitorCore, CollapseWarning
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
-from topo_callbacks.core.rollback import RollbackPolicy
+from topo_callbacks.core.rollback import RollbackPolicy, snapshot_name
 
 __all__ = ["CollapseMonitorCallback", "NeuronTopologyCallback"]
 
@@ -394,7 +394,14 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
                 scheduler = kwargs.get("lr_scheduler")
                 dirpath = self.rollback_policy.dirpath or os.path.join(args.output_dir, "rollback_snapshots")
                 schedulers = [scheduler] if scheduler is not None else []
-                framework = accelerate_storage(bound.accelerator, self, schedulers, dirpath)
+                framework = accelerate_storage(
+                    bound.accelerator,
+                    self,
+                    schedulers,
+                    dirpath,
+                    model=kwargs["model"],
+                    name=snapshot_name(self.monitor),
+                )
             self.track(
                 models=kwargs["model"],
                 optimizers=kwargs.get("optimizer"),

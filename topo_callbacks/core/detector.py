@@ -1069,7 +1069,8 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
 
 
 def _is_dtensor(t: Any) -> bool:
-    return type(t).__module__.startswith("torch.distributed.tensor")  # no import of torch.distributed unless sharded
+    # no import of torch.distributed unless sharded; torch < 2.5 keeps DTensor in torch.distributed._tensor
+    return type(t).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor"))
 
 
 def _sharded_norms(grads: list[Any]) -> Any:
@@ -1077,7 +1078,11 @@ def _sharded_norms(grads: list[Any]) -> Any:
     squares of the local shards' norms, summed over the mesh dimensions each gradient is sharded on (one collective
     per mesh and layout, not one per tensor)."""
     import torch
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    try:
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor, Partial, Replicate, Shard  # type: ignore[no-redef]
 
     squares: list[Any] = [None] * len(grads)
     groups: dict[tuple[Any, tuple[Any, ...]], list[int]] = {}

@@ -127,12 +127,12 @@ class RollbackPolicy:
             an onset estimated late.
         storage: ``"memory"`` (host-memory copies, `TrainingState`) or ``"framework"`` (the framework's own
             checkpoints through a `FrameworkStorage` the adapter provides: Lightning's ``trainer.save_checkpoint``,
-            Accelerate's ``accelerator.save_state``; sharded states such as FSDP are saved and restored shard by
-            shard, each rank its own). For models whose copies do not fit in host memory.
+            Accelerate's ``accelerator.save_state``; with a sharded state dict, as FSDP2's, each rank saves and
+            restores its own shard). For models whose copies do not fit in host memory.
         dirpath: where framework storage writes its snapshots (a path, or None: ``rollback_snapshots`` under the
             Lightning Trainer's ``default_root_dir``, the HF Trainer's ``output_dir``, or the Accelerator's
             ``project_dir``, else the working directory). Every rank must see the same directory, as for the
-            framework's own checkpoints. The snapshots left are deleted when training ends. Only with
+            framework's own checkpoints. The snapshots left are deleted when training ends normally. Only with
             ``storage="framework"``.
         restore_on_stop: when the policy gives up (after ``max_rollbacks``, or when the failure came back with no
             older snapshot left), restore the newest snapshot taken before the alarm's onset (or, with none, the
@@ -682,6 +682,17 @@ class FrameworkStorage:
                 raise ValueError(f"`{name}` must be a function; got {getattr(self, name)!r}.")
         if self.delete is not None and not callable(self.delete):
             raise ValueError(f"`delete` must be a function or None; got {self.delete!r}.")
+
+
+def snapshot_name(monitor_key: str) -> str:
+    """The file-name stem of a monitor's framework snapshots: its log key made safe for a path, so that two monitors
+    write theirs side by side.
+
+    Example:
+        >>> snapshot_name("collapse/encoder/ci")
+        'rollback-collapse_encoder_ci'
+    """
+    return "rollback-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in monitor_key)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
