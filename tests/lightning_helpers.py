@@ -81,3 +81,14 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
     }
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def shard_every_linear(module: nn.Module, mesh: object) -> None:
+    """FSDP2 for the multi-process tests' models: each Linear, then the root, sharded over ``mesh`` (a LightningModule's
+    ``device_mesh["data_parallel"]`` under ``ModelParallelStrategy``, from ``configure_model``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            fully_shard(sub, mesh=mesh)
+    fully_shard(module, mesh=mesh)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,19 @@ def run_checked(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.Com
     return proc
 
 
-def run_script(source: str, tmp_path: Path, *args: str, launcher: str = "python", timeout: int = 240) -> Path:
+def run_script(
+    source: str,
+    tmp_path: Path,
+    *args: str,
+    launcher: str = "python",
+    timeout: int = 240,
+    folders: Sequence[str] = (),
+) -> Path:
     """Write ``source`` to ``tmp_path/script.py`` and run it with ``tmp_path`` and ``args`` as arguments, either
-    plainly (``launcher="python"``) or under ``torchrun`` with 2 processes; returns ``tmp_path``."""
+    plainly (``launcher="python"``) or under ``torchrun`` with 2 processes; returns ``tmp_path``. ``folders``: made
+    under ``tmp_path`` first (one per configuration a launch runs in turn, for its ranks' outputs)."""
+    for folder in folders:
+        (tmp_path / folder).mkdir()
     script = tmp_path / "script.py"
     script.write_text(source)
     cmd = [sys.executable, str(script)] if launcher == "python" else torchrun(script)

@@ -154,9 +154,7 @@ WORKER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def torchrun_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("accelerate_torchrun")
-    for source in ("stream", "probe"):
-        (out / source).mkdir()
-    return run_script(WORKER, out, "stream,probe", launcher="torchrun", timeout=400)
+    return run_script(WORKER, out, "stream,probe", launcher="torchrun", timeout=400, folders=("stream", "probe"))
 
 
 @pytest.mark.slow

@@ -69,10 +69,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def both_arms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("detector_ddp")
-    for arm in ("healthy", "failure"):
-        (out / arm).mkdir()
-    return run_script(SCRIPT, out, timeout=400)
+    return run_script(SCRIPT, tmp_path_factory.mktemp("detector_ddp"), timeout=400, folders=("healthy", "failure"))
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import lightning.pytorch as pl
     from tests.procs import destroy_group_at_exit, finish_distributed
-    from tests.lightning_helpers import TinyModel, loader
+    from tests.lightning_helpers import TinyModel, loader, shard_every_linear
     from topo_callbacks.lightning import CollapseMonitor
 
     destroy_group_at_exit()  # module level: runs in the processes ddp_spawn starts, which never reach the end below
@@ -44,13 +44,7 @@ SCRIPT = textwrap.dedent(
         # FSDP2 through Lightning's ModelParallelStrategy (Lightning's FSDPStrategy, FSDP1, needs a GPU): each
         # Linear and then the root sharded over the data-parallel mesh; the watched `encoder` is not itself sharded
         def configure_model(self):
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for module in self.modules():
-                if isinstance(module, torch.nn.Linear):
-                    fully_shard(module, mesh=mesh)
-            fully_shard(self, mesh=mesh)
+            shard_every_linear(self, self.device_mesh["data_parallel"])
 
 
     class Dump(pl.Callback):
@@ -113,9 +107,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
         launch = next(configs for configs in LAUNCHES.values() if config in configs.split(","))
         if launch not in done:
             out = tmp_path_factory.mktemp("lightning_ddp")
-            for name in launch.split(","):
-                (out / name).mkdir()
-            done[launch] = run_script(SCRIPT, out, launch, timeout=400)
+            done[launch] = run_script(SCRIPT, out, launch, timeout=400, folders=launch.split(","))
         return done[launch] / config
 
     return results

@@ -800,7 +800,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     from torch.distributed.tensor import DTensor
     from tests.procs import finish_distributed
-    from tests.lightning_helpers import TinyModel, loader
+    from tests.lightning_helpers import TinyModel, loader, shard_every_linear
     from tests.test_rollback import BASE_LR, BLOWUP, GLITCH, MONITOR, POLICY, held_out_mse
     from topo_callbacks.lightning import CollapseMonitor
 
@@ -818,13 +818,7 @@ DDP_SCRIPT = textwrap.dedent(
         # FSDP2 through Lightning's ModelParallelStrategy: every Linear and the root sharded over the two ranks,
         # AdamW (moments: sharded optimizer state for the checkpoint to hold)
         def configure_model(self):
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for module in self.modules():
-                if isinstance(module, torch.nn.Linear):
-                    fully_shard(module, mesh=mesh)
-            fully_shard(self, mesh=mesh)
+            shard_every_linear(self, self.device_mesh["data_parallel"])
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=self.lr)
@@ -894,10 +888,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ddp_rollbacks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ddp_rollback")
-    for config in ("ddp", "fsdp2"):
-        (out / config).mkdir()
-    return run_script(DDP_SCRIPT, out, timeout=500)
+    return run_script(DDP_SCRIPT, tmp_path_factory.mktemp("ddp_rollback"), timeout=500, folders=("ddp", "fsdp2"))
 
 
 @pytest.mark.slow
