@@ -99,6 +99,14 @@ SAMPLING_NOISE = 2.0
 #: The floor of the dead-unit share's robust scale, in units of the layer: this many units (of rare firing) may fall
 #: silent in one sample and fire in the next.
 DEAD_UNITS = 2.0
+#: The dormant-unit rule: a check whose share of dead units (0 on every sampled row: ``dead_fraction``) lies more than
+#: this many robust standard deviations above the median of the checks before (at least `DEAD_RISE_REFERENCE` of the
+#: last `CHECK_WINDOW`; the scale floored at `DEAD_UNITS` units of the layer) alarms at once: units fall silent faster
+#: than training silences them (Sokar et al. 2023, dormant neurons; Lu et al. 2019, dying ReLU). Set from clean runs
+#: only, never from a failure: twice the largest such rise on the benchmark's clean calibration runs (3.5, an
+#: augmented stream early in training; every failure family's calibration seeds held out, as any would be).
+DEAD_RISE = 7.0
+DEAD_RISE_REFERENCE = 3
 #: An absolute rule's level: it starts at ``CAP`` and falls to 0 over this many optimizer steps (at least twice the
 #: spacing of the observations that raised it), so its episode ends ``(CAP - END_LEVEL) / CAP`` of the way.
 ABSOLUTE_HOLD = 100
@@ -253,6 +261,7 @@ class AlarmKind(str, Enum):
     NO_GRADIENT = "no_gradient"
     LOSS_SCALE = "loss_scale"
     DEAD_LAYER = "dead_layer"
+    DORMANT = "dormant"
 
 
 @dataclass(frozen=True)
@@ -432,6 +441,8 @@ class CusumDetector:
         #: gradient norm's downward CUSUM last stood at 0
         self._spread: deque[float] = deque(maxlen=CHECK_WINDOW)
         self._spread_fell = False
+        #: the dead-unit share of the last checks (the dormant-unit rule's reference)
+        self._dead: deque[float] = deque(maxlen=CHECK_WINDOW)
         #: the gradient norm's downward CUSUM with no fall held back (`SPREAD_FELL`), and the last step it stood at 0
         self._fall = 0.0
         self._fall_peak = 0.0
@@ -679,6 +690,7 @@ class CusumDetector:
             effective_rank=float(values.get("effective_rank", math.nan)),
             hold=hold,
         )
+        fired = self._dead_rise(step, values.get("dead_fraction"), int(values.get("d", 0)), hold) or fired
         n = values.get("n", 0.0)
         for name in self.channels:
             if CHANNELS[name].reads == "check" and name in values and not (calibrating and name in SCALE_DEPENDENT):
@@ -710,6 +722,25 @@ class CusumDetector:
             f" {state.baseline:.4g} for {ABRUPT_STEPS} steps (now {value:.4g})."
         )
         return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail, onset=step - ABRUPT_STEPS + 1)
+
+    def _dead_rise(self, step: int, dead: float | None, d: int, hold: int) -> DetectorFiring | None:
+        """The dormant-unit rule (`DEAD_RISE`): a check's dead-unit share far above the checks before."""
+        if dead is None or d <= 0 or not math.isfinite(dead):
+            return None
+        reference = self._dead
+        self._dead = deque((*reference, float(dead)), maxlen=CHECK_WINDOW)
+        if len(reference) < DEAD_RISE_REFERENCE:
+            return None
+        baseline, scale = sorted_location_scale(sorted(reference), DEAD_UNITS / d)
+        z = (dead - baseline) / scale
+        if z < DEAD_RISE:
+            return None
+        detail = (
+            f"{dead:.0%} of the layer's {d} units are 0 on every sampled row, against {baseline:.0%} over the last"
+            f" {len(reference)} checks ({z:.3g} robust standard deviations): units are going dormant (a learning"
+            " rate too high, a regulariser or a shift of the data pushing pre-activations under 0)."
+        )
+        return self.absolute_event(step, "dead_fraction", dead, AlarmKind.DORMANT, detail, hold)
 
     def absolute_event(self, step: int, channel: str, value: float, kind: AlarmKind | str, detail: str,
                        hold: int = ABSOLUTE_HOLD, onset: int | None = None) -> DetectorFiring | None:  # fmt: skip
@@ -932,6 +963,7 @@ class CusumDetector:
             "lr_max": self._lr_max,
             "spread": list(self._spread),
             "spread_fell": self._spread_fell,
+            "dead": list(self._dead),
             "fall": self._fall,
             "fall_peak": self._fall_peak,
             "fall_zero_step": self._fall_zero_step,
@@ -970,6 +1002,7 @@ class CusumDetector:
         self._lr_max = float(state.get("lr_max", 0.0))
         self._spread = deque((float(v) for v in state.get("spread", ())), maxlen=CHECK_WINDOW)
         self._spread_fell = bool(state.get("spread_fell", False))
+        self._dead = deque((float(v) for v in state.get("dead", ())), maxlen=CHECK_WINDOW)
         self._fall = float(state.get("fall", 0.0))
         self._fall_peak = float(state.get("fall_peak", 0.0))
         self._fall_zero_step = int(state.get("fall_zero_step", 0))
