@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tests.scripts import load_benchmark
 from topo_callbacks.bench.tasks import DigitsMLP
 from topo_callbacks.core import CollapseMonitorCore
-from topo_callbacks.core.detector import CAP, CusumDetector, DetectorCalibration, default_calibration
+from topo_callbacks.core.detector import CAP, CHECK_WINDOW, CusumDetector, DetectorCalibration, default_calibration
 
 
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,11 +415,22 @@ def test_units_going_dormant_alarm_at_the_check_that_sees_them(outside: Any, see
     assert (first["channel"], first["kind"]) == ("dead_fraction", "dormant"), monitor.detector.episodes
     assert 300 < first["start"] <= 350, (first, dead)
     assert any("units are going dormant" in m for m in messages), messages
+    checks = [h["step"] for h in monitor.history]
+    assert (
+        first["onset"] == checks[checks.index(first["start"]) - 1] + 1
+    )  # after the check before: a rollback goes past it
     state = monitor.detector.state_dict()  # the rule's reference travels with the state (resume, rollback)
-    assert state["dead"] == [h["dead_fraction"] for h in monitor.history][-8:]
+    assert state["dead"] == [h["dead_fraction"] for h in monitor.history][-CHECK_WINDOW:]
     again = CusumDetector(monitor.detector.calibration)
     again.load_state_dict(state)
     assert again.state_dict() == state
+    # the same checks replayed with the sample halved from the failure on: fewer rows, more units 0 on all of them,
+    # so the reference starts again and these checks cannot be scored against the larger samples before
+    replay = CusumDetector(monitor.detector.calibration)
+    for h in monitor.history:
+        values = {k: v for k, v in h.items() if isinstance(v, float)}
+        replay.observe_check(h["step"], {**values, "n": values["n"] / (2 if h["step"] > 300 else 1)}, calibrating=False)
+    assert [e for e in replay.episodes if e["kind"] == "dormant" and e["start"] <= 375] == [], replay.episodes
 
 
 def test_a_healthy_run_whose_units_fall_silent_as_it_learns_does_not_alarm_on_them() -> None:

@@ -107,6 +107,8 @@ DEAD_UNITS = 2.0
 #: augmented stream early in training; every failure family's calibration seeds held out, as any would be).
 DEAD_RISE = 7.0
 DEAD_RISE_REFERENCE = 3
+#: A change of the rows a check samples by more than this share restarts the dormant-unit rule's reference.
+DEAD_ROWS_CHANGE = 0.1
 #: An absolute rule's level: it starts at ``CAP`` and falls to 0 over this many optimizer steps (at least twice the
 #: spacing of the observations that raised it), so its episode ends ``(CAP - END_LEVEL) / CAP`` of the way.
 ABSOLUTE_HOLD = 100
@@ -441,8 +443,11 @@ class CusumDetector:
         #: gradient norm's downward CUSUM last stood at 0
         self._spread: deque[float] = deque(maxlen=CHECK_WINDOW)
         self._spread_fell = False
-        #: the dead-unit share of the last checks (the dormant-unit rule's reference)
+        #: the dead-unit share of the last checks (the dormant-unit rule's reference), the rows they sampled and the
+        #: step of the last one (a unit counts as dead when 0 on every sampled row: fewer rows, more such units)
         self._dead: deque[float] = deque(maxlen=CHECK_WINDOW)
+        self._dead_rows = 0.0
+        self._dead_step = 0
         #: the gradient norm's downward CUSUM with no fall held back (`SPREAD_FELL`), and the last step it stood at 0
         self._fall = 0.0
         self._fall_peak = 0.0
@@ -690,7 +695,8 @@ class CusumDetector:
             effective_rank=float(values.get("effective_rank", math.nan)),
             hold=hold,
         )
-        fired = self._dead_rise(step, values.get("dead_fraction"), int(values.get("d", 0)), hold) or fired
+        dead = values.get("dead_fraction")
+        fired = self._dead_rise(step, dead, int(values.get("d", 0)), float(values.get("n", 0.0)), hold) or fired
         n = values.get("n", 0.0)
         for name in self.channels:
             if CHANNELS[name].reads == "check" and name in values and not (calibrating and name in SCALE_DEPENDENT):
@@ -723,12 +729,16 @@ class CusumDetector:
         )
         return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail, onset=step - ABRUPT_STEPS + 1)
 
-    def _dead_rise(self, step: int, dead: float | None, d: int, hold: int) -> DetectorFiring | None:
-        """The dormant-unit rule (`DEAD_RISE`): a check's dead-unit share far above the checks before."""
+    def _dead_rise(self, step: int, dead: float | None, d: int, rows: float, hold: int) -> DetectorFiring | None:
+        """The dormant-unit rule (`DEAD_RISE`): a check's dead-unit share far above the checks before, on samples
+        of about as many rows (the overhead budget may lower the sample: the reference starts again)."""
         if dead is None or d <= 0 or not math.isfinite(dead):
             return None
-        reference = self._dead
+        if self._dead_rows > 0 and abs(rows - self._dead_rows) > DEAD_ROWS_CHANGE * self._dead_rows:
+            self._dead.clear()
+        reference, previous = self._dead, self._dead_step
         self._dead = deque((*reference, float(dead)), maxlen=CHECK_WINDOW)
+        self._dead_rows, self._dead_step = rows, step
         if len(reference) < DEAD_RISE_REFERENCE:
             return None
         baseline, scale = sorted_location_scale(sorted(reference), DEAD_UNITS / d)
@@ -740,7 +750,8 @@ class CusumDetector:
             f" {len(reference)} checks ({z:.3g} robust standard deviations): units are going dormant (a learning"
             " rate too high, a regulariser or a shift of the data pushing pre-activations under 0)."
         )
-        return self.absolute_event(step, "dead_fraction", dead, AlarmKind.DORMANT, detail, hold)
+        # the units fell silent after the check before: that is the change point a rollback must go back past
+        return self.absolute_event(step, "dead_fraction", dead, AlarmKind.DORMANT, detail, hold, onset=previous + 1)
 
     def absolute_event(self, step: int, channel: str, value: float, kind: AlarmKind | str, detail: str,
                        hold: int = ABSOLUTE_HOLD, onset: int | None = None) -> DetectorFiring | None:  # fmt: skip
@@ -838,8 +849,8 @@ class CusumDetector:
 
         Example:
             >>> det = CusumDetector(default_calibration(0.05))
-            >>> sorted(det.quiet_channels())[:2]
-            ['b0_fraction', 'grad_norm']
+            >>> sorted(det.quiet_channels())
+            ['grad_norm', 'loss', 'loss_spike']
         """
         quiet = {name for name, state in self.states.items() if state.statistic(CHANNELS[name].side) == 0.0}
         if self._fall > 0.0:
@@ -964,6 +975,8 @@ class CusumDetector:
             "spread": list(self._spread),
             "spread_fell": self._spread_fell,
             "dead": list(self._dead),
+            "dead_rows": self._dead_rows,
+            "dead_step": self._dead_step,
             "fall": self._fall,
             "fall_peak": self._fall_peak,
             "fall_zero_step": self._fall_zero_step,
@@ -1003,6 +1016,8 @@ class CusumDetector:
         self._spread = deque((float(v) for v in state.get("spread", ())), maxlen=CHECK_WINDOW)
         self._spread_fell = bool(state.get("spread_fell", False))
         self._dead = deque((float(v) for v in state.get("dead", ())), maxlen=CHECK_WINDOW)
+        self._dead_rows = float(state.get("dead_rows", 0.0))
+        self._dead_step = int(state.get("dead_step", 0))
         self._fall = float(state.get("fall", 0.0))
         self._fall_peak = float(state.get("fall_peak", 0.0))
         self._fall_zero_step = int(state.get("fall_zero_step", 0))
