@@ -695,9 +695,8 @@ class CusumDetector:
             effective_rank=float(values.get("effective_rank", math.nan)),
             hold=hold,
         )
-        dead = values.get("dead_fraction")
-        fired = self._dead_rise(step, dead, int(values.get("d", 0)), float(values.get("n", 0.0)), hold) or fired
         n = values.get("n", 0.0)
+        fired = self._dead_rise(step, values.get("dead_fraction"), int(values.get("d", 0)), float(n), hold) or fired
         for name in self.channels:
             if CHANNELS[name].reads == "check" and name in values and not (calibrating and name in SCALE_DEPENDENT):
                 floor = None
@@ -736,12 +735,12 @@ class CusumDetector:
             return None
         if self._dead_rows > 0 and abs(rows - self._dead_rows) > DEAD_ROWS_CHANGE * self._dead_rows:
             self._dead.clear()
-        reference, previous = self._dead, self._dead_step
-        self._dead = deque((*reference, float(dead)), maxlen=CHECK_WINDOW)
+        reference, previous = sorted(self._dead), self._dead_step  # the checks before this one
+        self._dead.append(float(dead))
         self._dead_rows, self._dead_step = rows, step
         if len(reference) < DEAD_RISE_REFERENCE:
             return None
-        baseline, scale = sorted_location_scale(sorted(reference), DEAD_UNITS / d)
+        baseline, scale = sorted_location_scale(reference, DEAD_UNITS / d)
         z = (dead - baseline) / scale
         if z < DEAD_RISE:
             return None
