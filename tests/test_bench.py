@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import QUICK_BENCH_FAMILIES
 from topo_callbacks.bench.detectors import (
     ema_zscore,
     first_at_or_above,
@@ -26,13 +27,12 @@ from topo_callbacks.bench.protocol import analyse, calibrated_threshold, clopper
 from topo_callbacks.bench.record import RunRecord, _monitor, _Recorder, _train, train_arms
 from topo_callbacks.cli import main
 
-SUBSET = ["classifier_lr", "dead_units", "batch_size"]
+SUBSET = list(QUICK_BENCH_FAMILIES)
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    assert main(["bench", "--quick", "--seeds", "2", "--jobs", "2", "--out", str(out), "--families", *SUBSET]) == 0
+def bench(quick_bench_dir):
+    out = quick_bench_dir
     records = [RunRecord.from_dict(json.loads(p.read_text())) for p in sorted((out / "runs").glob("*.json"))]
     return out, json.loads((out / "results.json").read_text()), records
 
