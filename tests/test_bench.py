@@ -574,6 +574,34 @@ def test_intervals_match_scipys_exact_binomial():
         assert fa_upper_bound(k, n) == pytest.approx(one_sided)
 
 
+def test_a_read_that_stands_for_k_steps_adds_the_evidence_of_k_steps():
+    """`CusumDetector.set_step_window`: read every k-th step (the budget on cheap steps), a read adds ``sqrt(k) z -
+    k k_allowance`` to its CUSUM, what k reads would, not one read's worth. A classifier whose learning rate ramps up
+    from step 300 (past the monitor's first `STEP_WINDOW` steps, read in full): its loss alarm, replayed reading one
+    step in 4 and in 8, comes less than 4k steps after the alarm of a detector reading every step (one read's worth,
+    it came 30 and 34 steps after); its healthy twin, read the same ways, raises no alarm."""
+    from topo_callbacks.bench.cusum import replay_episodes
+    from topo_callbacks.core.detector import default_calibration
+
+    torch.set_num_threads(1)
+    shipped = default_calibration(0.05)
+    fam = FAMILIES["classifier_lr"]
+    late = dataclasses.replace(fam, quick_t0=300, quick_steps=600)
+    failure, healthy = _straight(late, 0, "failure"), _straight(late, 0, "healthy")
+
+    def first(rec: RunRecord, k: int) -> int | None:
+        return min((int(e["start"]) for e in replay_episodes(rec, shipped, step_stride=k)), default=None)
+
+    every = first(failure, 1)
+    assert every is not None
+    assert every > failure.t0
+    for k in (4, 8):
+        strided = first(failure, k)
+        assert strided is not None, k
+        assert every <= strided < every + 4 * k, (k, every, strided)
+        assert first(healthy, k) is None, k
+
+
 def test_replay_reads_every_kth_step_as_the_budget_does():
     """`replay_episodes(step_stride=k)` feeds the per-step channels at every step of the monitor's first
     `STEP_WINDOW`, then at every k-th step and at the checks only (`CollapseMonitorCore.observes`), the loss of the

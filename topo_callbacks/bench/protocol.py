@@ -626,7 +626,7 @@ def spaced_checks(
     records: Sequence[RunRecord],
     truth: Mapping[str, int | None],
     cal: DetectorCalibration,
-    strides: Sequence[int | tuple[int, int]] = (1, 2, 4, 10, (10, 2), (10, 4), (10, 8)),
+    strides: Sequence[int | tuple[int, int]] = (1, 2, 4, 10, (1, 2), (1, 4), (1, 8), (10, 2), (10, 4), (10, 8)),
 ) -> dict[str, Any]:
     """The live detector with calibration ``cal`` when an overhead budget spaces the checks ``k`` times further apart
     (every k-th recorded check kept), for each ``k`` in ``strides``, and for each pair ``(k, s)`` the checks ``k``

@@ -220,7 +220,8 @@ def write_markdown(results: Mapping[str, Any]) -> str:
             " steps of a millisecond or less it reads the per-step channels at every s-th step only. The shipped"
             " calibration (fit on every family's calibration seeds: not held out, so 1x can read higher than the"
             " leave-one-family-out score above) replayed with every k-th recorded check only, and every s-th step's"
-            " per-step channels: failure runs detected before their metric dropped, clean runs with an alarm, alarm"
+            " per-step channels (the loss of the steps between averaged into the read, each read adding to its CUSUM"
+            " what s reads would): failure runs detected before their metric dropped, clean runs with an alarm, alarm"
             " episodes per 100,000 healthy steps.",
             "",
             "| checks spaced | per-step channels read | detected | clean runs alarmed | per 100k healthy steps |",
