@@ -191,9 +191,10 @@ class CollapseMonitorCore:
             per-step alarm comes up to that many steps later. Every one of a process's first `STEP_WINDOW` (200) steps
             is read whatever the stride (a run broken from its start is scored from its start), the loss of a step not
             read is averaged into the next read's, and the per-step references keep about 200 optimizer steps of
-            reads. The detector's calibration is per read for the per-step channels and per check for the check
-            channels: reading or checking less often makes false alarms rarer per step and alarms later, not more
-            frequent.
+            reads. The loss of k steps in one read adds to its CUSUMs what k reads would
+            (`CusumDetector.set_step_window`); the gradient norm, computed at the read step only, counts as one read,
+            and the check channels count per check: reading or checking less often makes their false alarms rarer
+            per step and their alarms later, not more frequent.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
             batches of this many steps, one non-blocking copy per batch (and, under DDP, one all-reduce per batch): no
             host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (8) on a GPU; on the CPU every
