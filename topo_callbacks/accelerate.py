@@ -19,7 +19,7 @@ from topo_callbacks.core.detector import loss_scale, scale_fell
 from topo_callbacks.core.diagram_file import write_diagram
 from topo_callbacks.core.monitor import CollapseMonitorCore
 from topo_callbacks.core.neurons import NeuronTopologyMonitorCore
-from topo_callbacks.core.rollback import FrameworkStorage, _rng_state, _set_rng_state, snapshot_name
+from topo_callbacks.core.rollback import FrameworkStorage, random_state, set_random_state, snapshot_name
 
 __all__ = ["AccelerateCollapseMonitor", "AccelerateNeuronTopologyMonitor", "accelerate_storage"]
 
@@ -294,10 +294,10 @@ def accelerate_storage(
         return path
 
     def load(path: str) -> None:
-        generators = _rng_state()
+        generators = random_state()
         with own_objects():
             accelerator.load_state(path)
-        _set_rng_state(generators)
+        set_random_state(generators)
 
     def delete(path: str) -> None:
         accelerator.wait_for_everyone()  # every rank has written its shard

@@ -77,7 +77,9 @@ __all__ = [
     "Snapshot",
     "TrainingState",
     "cusum_onset",
+    "random_state",
     "resolve_on_alarm",
+    "set_random_state",
 ]
 
 OnAlarm = Literal["warn", "stop", "rollback"]
@@ -489,7 +491,18 @@ def _as_list(value: Any, name: str) -> list[Any]:
     )
 
 
-def _rng_state() -> dict[str, Any]:
+def random_state() -> dict[str, Any]:
+    """The states of the random generators a training step draws from: Python's, torch's CPU generator, NumPy's
+    global one and, where CUDA is already in use, every GPU's (a snapshot's ``rng``; `set_random_state` restores
+    them). Shared by the in-memory snapshots and the adapters whose framework checkpoint leaves them out.
+
+    Example:
+        >>> state = random_state()
+        >>> first = torch.rand(2)
+        >>> set_random_state(state)
+        >>> torch.equal(torch.rand(2), first)
+        True
+    """
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
@@ -503,7 +516,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def set_random_state(state: Mapping[str, Any]) -> None:
+    """Restore the generators `random_state` captured (those it holds; the GPUs' only where CUDA is available)."""
     if "python" in state:
         random.setstate(state["python"])
     if "torch" in state:
@@ -601,7 +615,7 @@ class TrainingState:
             if self.scaler is not None:
                 snap.scaler = copier.copy(self.scaler.state_dict(), ("scaler",))
         if self.rng:
-            snap.rng = _rng_state()
+            snap.rng = random_state()
         if self.extra is not None:
             snap.extra = copy.deepcopy(dict(self.extra()))
         snap._events = copier.finish()
@@ -634,7 +648,7 @@ class TrainingState:
         if self.scaler is not None and snapshot.scaler:  # an empty dict: saved from a disabled scaler
             self.scaler.load_state_dict(_fresh(snapshot.scaler))
         if rng and snapshot.rng is not None:
-            _set_rng_state(snapshot.rng)
+            set_random_state(snapshot.rng)
         return None if snapshot.extra is None else copy.deepcopy(snapshot.extra)
 
 
