@@ -15,10 +15,14 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet "$torch_pin"
-if .venv/bin/python -m pip install --quiet uv 2>/dev/null \
-    && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python "$torch_pin" -e ".[${extras}]"; then
+# uv reads no pip configuration (local wheel folders, extra indexes): it resolves from PyPI, and keeps the torch
+# that pip installed because the pin admits it; the check after it makes sure, or pip takes over
+if .venv/bin/python -m pip install --quiet --timeout 30 --retries 1 uv \
+    && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python "$torch_pin" -e ".[${extras}]" \
+    && .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__ != '2.13.0+cpu')"; then
     exit 0
 fi
-echo "setup.sh: uv did not install the extras; installing them with pip" >&2
+echo "setup.sh: uv did not install the extras (or changed torch); installing them with pip" >&2
+.venv/bin/python -m pip install --quiet "$torch_pin"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"

@@ -575,8 +575,8 @@ def test_intervals_match_scipys_exact_binomial():
 
 
 def test_a_read_that_stands_for_k_steps_adds_the_evidence_of_k_steps():
-    """`CusumDetector.set_step_window`: read every k-th step (the budget on cheap steps), the mean loss of the k steps
-    adds ``sqrt(k) z - k k_allowance`` to its CUSUMs, what k reads would, not one read's worth. A classifier whose
+    """`CusumDetector.update`'s ``steps``: read every k-th step (the budget on cheap steps), the mean loss of the k
+    steps adds to its CUSUMs what k reads would, not one read's worth. A classifier whose
     learning rate ramps up from step 300 (past the monitor's first `STEP_WINDOW` steps, read in full): its loss alarm,
     replayed reading one step in 4 and in 8, comes less than 4k steps after the alarm of a detector reading every
     step (one read's worth, it came 30 and 34 steps after); its healthy twin, read the same ways, raises no alarm."""

@@ -336,3 +336,40 @@ def test_sorted_location_scale_is_numpys_median_and_mad(values: list[float], flo
     expected_mad = float(np.median(np.abs(x - expected_med)))
     assert med == pytest.approx(expected_med, rel=1e-12, abs=1e-9)
     assert scale == pytest.approx(max(1.4826 * expected_mad, floor), rel=1e-12, abs=1e-9)
+
+
+@pytest.mark.parametrize("read_steps", [4, 16, 100])
+def test_a_loss_read_that_stands_for_k_steps_adds_what_k_reads_would(read_steps: int) -> None:
+    """`CusumDetector.update`'s ``steps``: the mean loss of k optimizer steps (the overhead budget reading every k-th
+    step) adds ``k (min(z / sqrt(k), clip) - allowance)`` to each loss CUSUM, per read at most half the threshold (or a
+    one-step read's most, where more: an outlier batch and a lasting rise look alike in a mean); the gradient norm read
+    with it counts once. With the score clipped before it was weighted, a read of 64 steps or more added nothing."""
+    import math
+
+    from topo_callbacks.core.detector import CHANNELS
+
+    cal = default_calibration(0.05)
+    det = CusumDetector(cal)
+    det.set_step_window(read_steps)
+    for step in range(1, 41):  # a reference of means, with some spread
+        det.observe_step(step * read_steps, {"loss": 1.0 + 0.01 * (step % 5 - 2), "grad_norm": 1.0 + 0.01 * (step % 3)},
+                         read_steps=read_steps)  # fmt: skip
+    med, scale = det.states["loss"].reference.location_scale(CHANNELS["loss"].floor)
+    g_med, g_scale = det.states["grad_norm"].reference.location_scale(CHANNELS["grad_norm"].floor)
+    for mean_score, step in ((5.0, 41), (50.0, 42)):  # per-step z of the k steps: a moderate rise, then a large one
+        before = {n: det.states[n].s_pos for n in ("loss", "loss_spike", "grad_norm")}
+        raw = mean_score * math.sqrt(read_steps)
+        g_raw = 2.0
+        values = {"loss": med + raw * scale, "grad_norm": math.exp(g_med + g_raw * g_scale)}
+        fired = det.observe_step(step * read_steps, values, read_steps=read_steps)
+        for name in ("loss", "loss_spike"):
+            spec = CHANNELS[name]
+            most = max(0.5 * cal.threshold * cal.normalisers[name], spec.clip - spec.allowance)
+            added = min(read_steps * (min(mean_score, spec.clip) - spec.allowance), most)
+            assert det.states[name].s_pos - before[name] == pytest.approx(added, rel=1e-6), (name, mean_score)
+            assert added > 0
+        assert det.states["grad_norm"].s_pos - before["grad_norm"] == pytest.approx(g_raw - 1.0, rel=1e-6)
+        if step == 41:
+            assert fired is None  # one read, however large, adds at most half the threshold
+    det.observe_step(43 * read_steps, values, read_steps=read_steps)
+    assert det.in_alarm  # reads in a row that agree cross it

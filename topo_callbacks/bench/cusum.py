@@ -179,6 +179,7 @@ def _replay(
         if restart is not None and step == restart + 1:
             detector = make()
             read_all_until = restart + STEP_WINDOW
+            unread = []  # a new monitor averages none of the old one's losses
         values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used
@@ -187,11 +188,14 @@ def _replay(
         if step_stride > 1 and step == read_all_until + 1:
             detector.set_step_window(step_stride)
         if step_stride == 1 or step <= read_all_until or step % step_stride == 0 or step in checks:
+            read_steps = 1
             if unread and "loss" in values:
-                values["loss"] = (sum(unread) + values["loss"]) / (len(unread) + 1)
+                read_steps = len(unread) + 1
+                values["loss"] = (sum(unread) + values["loss"]) / read_steps
             unread = []
             detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale,
-                                  layer_lost=None if lost is None else step in lost)  # fmt: skip
+                                  layer_lost=None if lost is None else step in lost,
+                                  read_steps=read_steps)  # fmt: skip
         elif "loss" in values:
             unread.append(values["loss"])
         if step in checks:

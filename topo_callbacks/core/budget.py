@@ -13,10 +13,10 @@ step only (`step_stride`): the per-step cost becomes ``per_step / s``. Below tha
 every step even when the budget is then exceeded: on the benchmark they carry the detector. Replayed as the monitor
 reads (every step of its first 200, then every s-th, the loss of the steps between averaged into the next read and
 adding to its CUSUMs what s reads would, the references kept over about 200 steps; shipped calibration, test seeds),
-reading one step in 2, 4 and 8 detected 38, 35 and 31 of the 46 failure runs that every step detects 41 of, and 28,
-26 and 22 with the checks 10x apart as well. Striding from the budget itself (``STRIDE_FROM = 1``) was measured on
+reading one step in 2, 4 and 8 detected 39, 33 and 31 of the 46 failure runs that every step detects 41 of, and 29,
+24 and 20 with the checks 10x apart as well. Striding from the budget itself (``STRIDE_FROM = 1``) was measured on
 2026-12-03: the digits CNN then read 1 step in 7 (own share 5.6% -> 2.5%), the 784-1024-1024 MLP 1 in 3 (3.4% ->
-2.0%), a setting whose replay detects about 22-31 of 46: detection was kept first.
+2.0%), a setting whose replay detects about 20-31 of 46: detection was kept first.
 """
 
 from __future__ import annotations

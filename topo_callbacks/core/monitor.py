@@ -562,8 +562,10 @@ class CollapseMonitorCore:
             if skipped is True and self.detector is not None:  # counted (a flag on the device is not read here)
                 self.detector.skipped_steps += 1
             return None
+        read_steps = 1  # the steps this read's loss stands for (`CusumDetector.update`'s ``steps``)
         if self._unread_count and loss is not None:
-            loss = (self._unread_loss + loss) / (self._unread_count + 1)
+            read_steps = self._unread_count + 1
+            loss = (self._unread_loss + loss) / read_steps
         self._unread_loss, self._unread_count = 0.0, 0
         if self.detector is not None:
             # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride: a wider window lags
@@ -572,7 +574,7 @@ class CollapseMonitorCore:
         given = {"loss": loss, "grad_norm": grad_norm}
         start = time.perf_counter()
         lost = self._layer_lost[1] if self._layer_lost is not None and self._layer_lost[0] == step else None
-        row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale, lost]
+        row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale, lost, read_steps]
         reads = self._reads()
         if reads.read_every == 1 and not len(reads) and world_size() == 1 and not _on_gpu(row):
             fired = self._feed_steps([(step, [None if v is None else float(v) for v in row])])  # nothing to batch
@@ -692,11 +694,12 @@ class CollapseMonitorCore:
         first: CheckResult | None = None
         for step, row in rows:
             values = {name: v for name, v in zip(wanted, row, strict=False) if v is not None}
-            lr, skipped, scale, lost = row[len(wanted) :]
+            lr, skipped, scale, lost, read_steps = row[len(wanted) :]
             if values:
                 self._fed_steps += 1
             fired = detector.observe_step(step, values, lr=lr, skipped=bool(skipped), loss_scale=scale,
-                                          layer_lost=None if lost is None else lost > 0)  # fmt: skip
+                                          layer_lost=None if lost is None else lost > 0,
+                                          read_steps=1 if read_steps is None else round(read_steps))  # fmt: skip
             if fired is not None:
                 result = self._detector_alarm(step, fired, None)
                 first = first or result
@@ -1425,6 +1428,7 @@ class CollapseMonitorCore:
             self.rule.load_state_dict(extra["rule"])
         self._in_alarm = False
         self._previous_probe = None  # the next probe check is compared with nothing from the abandoned steps
+        self._unread_loss, self._unread_count = 0.0, 0  # nor the next read's loss with theirs
         # the rows captured and the per-step values not yet read belong to the abandoned steps: dropped, and no check
         # at this step (it would score the state just left)
         self.capture.reset()
