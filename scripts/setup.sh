@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"
-torch_pin="torch==2.13.0"
+torch_version="2.13.0"
+torch_pin="torch==${torch_version}"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
@@ -19,10 +20,9 @@ fi
 # that pip installed because the pin admits it; the check after it makes sure, or pip takes over
 if .venv/bin/python -m pip install --quiet --timeout 30 --retries 1 uv \
     && .venv/bin/python -m uv pip install --quiet --python .venv/bin/python "$torch_pin" -e ".[${extras}]" \
-    && .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__ != '2.13.0+cpu')"; then
+    && .venv/bin/python -c "import sys, torch; sys.exit(torch.__version__ != '${torch_version}+cpu')"; then
     exit 0
 fi
 echo "setup.sh: uv did not install the extras (or changed torch); installing them with pip" >&2
-.venv/bin/python -m pip install --quiet "$torch_pin"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"

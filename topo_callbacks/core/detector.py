@@ -511,6 +511,8 @@ class CusumDetector:
         spec = CHANNELS[name]
         if state is None or spec.of is not None:  # a derived channel is fed by the channel it reads
             return None
+        if name != "loss":
+            steps = 1  # only the loss is fed as the mean of the steps a read stands for
         # written out (no helper calls on the common path): this runs for two or three channels at every optimizer
         # step, and on a small model the monitor's per-step work is most of its cost
         if step > self._step:
@@ -547,11 +549,13 @@ class CusumDetector:
         calibrated = name in self._calibrated
         always = name in _ALWAYS
         scored = enough and (calibrated or always)
-        raw = 0.0
+        raw = mean = 0.0
         if scored:
             med, scale = reference.location_scale(max(spec.floor, floor or 0.0))
             state.baseline = _untransform(med, log)
             raw = (x - med) / scale
+            # a mean loss of ``steps`` steps: the mean of their own scores, clipped and weighted as they would be
+            mean = raw / math.sqrt(steps) if steps > 1 else raw
             clip = spec.clip
             state.score = -clip if raw < -clip else (clip if raw > clip else raw)
             if always:
@@ -570,10 +574,9 @@ class CusumDetector:
                     self._fall_peak = max(self._fall_peak, self._fall)
                     if z < 0.0 and loss.s_neg > 0.0 and not self._spread_fell:
                         z = 0.0  # falls while the loss falls, embeddings as spread as before: converging, so far
-                if steps > 1 and name == "loss":
-                    mean = raw / math.sqrt(steps)
-                    z = -spec.clip if mean < -spec.clip else (spec.clip if mean > spec.clip else mean)
-                self._accumulate(name, state, z, steps if name == "loss" else 1)
+                if steps > 1:
+                    z = -clip if mean < -clip else (clip if mean > clip else mean)
+                self._accumulate(name, state, z, steps)
         if state.statistic(spec.side) == 0.0:
             state.zero_step = step
         state.step = step
@@ -590,10 +593,7 @@ class CusumDetector:
                 d_state.baseline = state.baseline
                 d_clip = d_spec.clip
                 d_state.score = -d_clip if raw < -d_clip else (d_clip if raw > d_clip else raw)
-                d_z = d_state.score
-                if steps > 1:
-                    mean = raw / math.sqrt(steps)
-                    d_z = -d_clip if mean < -d_clip else (d_clip if mean > d_clip else mean)
+                d_z = d_state.score if steps == 1 else (-d_clip if mean < -d_clip else min(mean, d_clip))
                 self._accumulate(derived, d_state, d_z, steps)
             if d_state.statistic(d_spec.side) == 0.0:
                 d_state.zero_step = step
@@ -684,7 +684,7 @@ class CusumDetector:
             fired = self._layer_gradient(step, bool(layer_lost))
         for name in _ALWAYS:  # the loss first: the gradient norm reads its score
             if name in values:
-                fired = self.update(name, values[name], step, steps=read_steps if name == "loss" else 1) or fired
+                fired = self.update(name, values[name], step, steps=read_steps) or fired
         for name, value in values.items():
             if name not in _ALWAYS:
                 fired = self.update(name, value, step) or fired
