@@ -579,12 +579,16 @@ def test_a_read_that_stands_for_k_steps_adds_the_evidence_of_k_steps():
     steps adds to its CUSUMs what k reads would, not one read's worth. A classifier whose
     learning rate ramps up from step 300 (past the monitor's first `STEP_WINDOW` steps, read in full): its loss alarm,
     replayed reading one step in 4 and in 8, comes less than 4k steps after the alarm of a detector reading every
-    step (one read's worth, it came 30 and 34 steps after); its healthy twin, read the same ways, raises no alarm."""
+    step (one read's worth, it came 30 and 34 steps after); its healthy twin, read the same ways, raises no alarm.
+    The loss channel's alarm: `loss_spike` reading every step catches this run's first batches at 10x (steps 442 and
+    444) 3 steps later, which a mean of 4 or 8 steps, its other batches near the median, cannot resolve as well."""
     from topo_callbacks.bench.cusum import replay_episodes
-    from topo_callbacks.core.detector import default_calibration
+    from topo_callbacks.core.detector import DetectorCalibration, default_calibration
 
     torch.set_num_threads(1)
-    shipped = default_calibration(0.05)
+    cal = default_calibration(0.05)
+    shipped = DetectorCalibration(cal.false_alarm_rate, ("loss", "grad_norm"),
+                                  {c: cal.normalisers[c] for c in ("loss", "grad_norm")}, cal.threshold)  # fmt: skip
     fam = FAMILIES["classifier_lr"]
     late = dataclasses.replace(fam, quick_t0=300, quick_steps=600)
     failure, healthy = _straight(late, 0, "failure"), _straight(late, 0, "healthy")

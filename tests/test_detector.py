@@ -16,6 +16,7 @@ from topo_callbacks.core.detector import (
     ALLOWANCE,
     CHANNELS,
     CLIP,
+    SPIKE_ALLOWANCE,
     CusumDetector,
     DetectorCalibration,
     default_calibration,
@@ -159,12 +160,13 @@ def test_state_round_trip_continues_exactly() -> None:
 
 
 def test_the_loss_spike_channel_is_a_second_cusum_of_the_loss_scores() -> None:
-    """`loss_spike` is never fed itself: it accumulates the loss channel's raw scores (same reference) with its own
-    allowance and clip, written out here directly."""
+    """`loss_spike` is never fed itself: it accumulates the loss channel's scores (same reference, the scale at least 1%
+    of the largest of the first 200 losses) with its own allowance and clip, for rises that triple the loss, written
+    out here."""
     spike = CHANNELS["loss_spike"]
     rng = np.random.default_rng(4)
     losses = (1.0 + 0.02 * rng.standard_normal(300)).tolist()
-    losses[250:253] = [1.6, 2.5, 1.9]  # 30-75 robust standard deviations for three steps
+    losses[250:253] = [1.6, 4.0, 3.5]  # 20-100 robust standard deviations; the first under 3x the median
     cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 1.0, "loss_spike": 1.0}, math.inf)
     det = CusumDetector(cal)
     expected, s = [], 0.0
@@ -173,7 +175,11 @@ def test_the_loss_spike_channel_is_a_second_cusum_of_the_loss_scores() -> None:
         if len(ref) >= CHANNELS["loss"].min_reference:
             med = float(np.median(ref))
             scale = max(1.4826 * float(np.median(np.abs(np.array(ref) - med))), CHANNELS["loss"].floor)
-            s = max(0.0, s + min(max((v - med) / scale, -spike.clip), spike.clip) - spike.allowance)
+            scale = max(scale, spike.scale_share * max(losses[: min(step - 1, 200)]))  # of the first 200 losses
+            z = min(max((v - med) / scale, -spike.clip), spike.clip)
+            if z > 0 and v - med < spike.rtol * abs(med):
+                z = 0.0  # not the relative rise of a spike
+            s = max(0.0, s + z - spike.allowance)
         assert det.update("loss_spike", v, step) is None  # fed through the loss only
         det.update("loss", v, step)
         expected.append(s)
@@ -183,11 +189,12 @@ def test_the_loss_spike_channel_is_a_second_cusum_of_the_loss_scores() -> None:
 
 
 def test_a_loss_far_out_for_two_steps_alarms_on_the_spike_channel_only() -> None:
-    """With the shipped normalisers' proportions (spike about twice the loss's), a loss 130 robust SD up for two steps
-    alarms on `loss_spike` at the second step; the loss channel would need 12 such steps."""
+    """With the normalisers' proportions of the fit before 2026-12-04 (spike about twice the loss's, over what one step
+    adds), a loss 200 robust SD up (4x) for two steps alarms on `loss_spike` at the second step; the loss channel would
+    need 12 such steps."""
     cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 85.0, "loss_spike": 150.0}, 1.0)
     det = CusumDetector(cal)
-    losses = [1.0 + 0.01 * (i % 5) for i in range(100)] + [3.0, 3.0, 3.0]
+    losses = [1.0 + 0.01 * (i % 5) for i in range(100)] + [4.0, 4.0, 4.0]
     fired = [f for f in (det.update("loss", v, s) for s, v in enumerate(losses, 1)) if f is not None]
     assert len(fired) == 1
     assert (fired[0].channel, fired[0].step, fired[0].onset) == ("loss_spike", 102, 101)
@@ -195,6 +202,94 @@ def test_a_loss_far_out_for_two_steps_alarms_on_the_spike_channel_only() -> None
     restored = CusumDetector(cal)
     restored.load_state_dict(det.state_dict())
     assert restored.states["loss_spike"].s_pos == det.states["loss_spike"].s_pos
+
+
+@pytest.mark.parametrize(("factor", "spike"), [(2.5, False), (3.2, True)])
+def test_a_loss_spike_must_at_least_triple_the_loss(factor: float, spike: bool) -> None:
+    """A low-noise loss that steps up 2.5x (an objective changed: a contrastive temperature) is 34 robust SD up at every
+    step but is no spike (Lightning's `SpikeDetection` default ``rtol=2`` as well); 3.2x (49 SD) is. Either way the loss
+    channel sees the rise, at most 8 a step."""
+    cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 85.0, "loss_spike": 150.0}, 1.0)
+    det = CusumDetector(cal)
+    losses = [1.0 + 0.03 * (i % 5 - 2) for i in range(100)] + [factor] * 5
+    fired = [f for f in (det.update("loss", v, s) for s, v in enumerate(losses, 1)) if f is not None]
+    assert det.states["loss"].s_pos > 30.0
+    if spike:
+        assert [(f.channel, f.step) for f in fired] == [("loss_spike", 104)]
+    else:
+        assert fired == []
+        assert det.states["loss_spike"].s_pos == 0.0
+
+
+def test_a_spike_at_a_converged_loss_is_measured_against_the_runs_own_losses() -> None:
+    """At a converged loss (0.003, batches spread 0.0015) one batch of 0.12 (40x, 80 robust SD) is no spike: its scale
+    is at least 1% of the largest loss the run has shown (2.3, its first); the same loss back at 2.0 is."""
+    cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 85.0, "loss_spike": 30.0}, 1.0)
+    rng = np.random.default_rng(0)
+    start = np.linspace(2.3, 0.003, 300).tolist()
+    converged = (0.003 + 0.0015 * np.abs(rng.standard_normal(300))).tolist()
+    for jump, spike in ((0.12, False), (2.0, True)):
+        det = CusumDetector(cal)
+        fired = [det.update("loss", v, s) for s, v in enumerate([*start, *converged, jump], 1)]
+        assert [f.channel for f in fired if f is not None] == (["loss_spike"] if spike else [])
+        assert (det.states["loss_spike"].score > 60.0) is spike  # 2.0 is 87 floored SD up; 0.12 is 5
+    assert det.states["loss"].score == CHANNELS["loss"].clip  # the loss channel's own score is not floored
+
+
+@pytest.mark.parametrize("read_steps", [4, 16])
+def test_a_strided_spike_read_adds_what_its_steps_would(read_steps: int) -> None:
+    """Read as the mean of k steps, `loss_spike`'s floor stands for the k steps: a lasting rise at a converged loss adds
+    what k single-step reads add (the floor is a step's, over sqrt(k) for a mean); its tripling rule asks the mean to
+    triple (one outlier batch and a lasting rise look alike in a mean): one of the k steps at 4x does not count."""
+    cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 1e4, "loss_spike": 1e4}, 1.0)
+    start = np.linspace(2.3, 0.003, 200).tolist()
+    converged = [0.003 + 1e-7 * (i % 3) for i in range(250)]  # the whole window
+
+    def added(k: int, value: float, reads: int) -> float:
+        det = CusumDetector(cal)
+        for s, v in enumerate([*start, *converged], 1):
+            det.update("loss", v, s, steps=k if s > 200 else 1)
+        before = det.states["loss_spike"].s_pos
+        for r in range(reads):
+            det.update("loss", value, 451 + r, steps=k)
+        return det.states["loss_spike"].s_pos - before
+
+    one_step = added(1, 0.5, read_steps)  # the rise read at every step: 21.6 floored SD, 18.6 a step
+    assert one_step == pytest.approx(read_steps * ((0.5 - 0.003) / 0.023 - 3.0), rel=1e-3)
+    assert added(read_steps, 0.5, 1) == pytest.approx(one_step, rel=1e-3)
+    # away from convergence (the floor under the spread): one of the k steps at 4x, the others at the median, far up
+    # by its z, does not count; the k steps all at 3.2x do
+    det = CusumDetector(cal)
+    for s, v in enumerate([*start, *(1.0 + 0.01 * (i % 5 - 2) for i in range(250))], 1):
+        det.update("loss", v, s, steps=read_steps if s > 200 else 1)
+    for step, (mean, counts) in enumerate(((1.0 + 3.0 / read_steps, False), (3.2, True)), 451):
+        before = det.states["loss_spike"].s_pos
+        det.update("loss", mean, step, steps=read_steps)
+        assert det.states["loss"].score == CLIP  # the loss channel sees it either way
+        assert (det.states["loss_spike"].s_pos > before) is counts, mean
+
+
+def test_a_negative_loss_is_not_gated_by_the_tripling_rule() -> None:
+    """A loss with no zero to be relative to (a negative cosine at -0.9) rising to -0.2 is still a spike by its z."""
+    cal = DetectorCalibration(0.05, ("loss", "loss_spike"), {"loss": 1e4, "loss_spike": 1e4}, 1.0)
+    det = CusumDetector(cal)
+    for s, v in enumerate([-0.9 + 0.01 * (i % 5 - 2) for i in range(100)], 1):
+        det.update("loss", v, s)
+    det.update("loss", -0.2, 101)
+    # median -0.9, robust scale 1.4826 x 0.01: 47 SD, no floor (the run's first losses are negative)
+    assert det.states["loss_spike"].s_pos == pytest.approx(0.7 / 0.014826 - SPIKE_ALLOWANCE, rel=1e-3)
+
+
+def test_at_the_shipped_calibration_one_batch_far_up_alarms_on_loss_spike() -> None:
+    """The shipped fit's spike normaliser (32) is under what one step adds at most (97): a single batch at 4x its
+    median, 40 robust SD up, alarms on its own, as Lightning's `SpikeDetection` flags one; at 2.5x it does not."""
+    cal = default_calibration(0.05)
+    assert cal.threshold * cal.normalisers["loss_spike"] < CHANNELS["loss_spike"].clip - SPIKE_ALLOWANCE
+    for factor, alarms in ((4.0, True), (2.5, False)):
+        det = CusumDetector(cal)
+        losses = [1.0 + 0.05 * (i % 5 - 2) for i in range(100)] + [factor]
+        fired = [f for f in (det.update("loss", v, s) for s, v in enumerate(losses, 1)) if f is not None]
+        assert [(f.channel, f.step) for f in fired] == ([("loss_spike", 101)] if alarms else [])
 
 
 def test_an_extreme_loss_must_pass_every_loss_the_run_has_shown() -> None:
@@ -346,13 +441,15 @@ def test_a_loss_read_that_stands_for_k_steps_adds_what_k_reads_would(read_steps:
     with it counts once. With the score clipped before it was weighted, a read of 64 steps or more added nothing."""
     import math
 
-    from topo_callbacks.core.detector import CHANNELS
+    from topo_callbacks.core.detector import CAP, CHANNELS
 
-    cal = default_calibration(0.05)
+    # a spike normaliser over what one read may add (`clip - allowance`): so one read alone cannot cross it
+    cal = DetectorCalibration(0.05, ("loss", "grad_norm", "loss_spike"),
+                              {"loss": 85.0, "grad_norm": 99.0, "loss_spike": 160.0}, 1.0)  # fmt: skip
     det = CusumDetector(cal)
     det.set_step_window(read_steps)
-    for step in range(1, 41):  # a reference of means, with some spread
-        det.observe_step(step * read_steps, {"loss": 1.0 + 0.01 * (step % 5 - 2), "grad_norm": 1.0 + 0.01 * (step % 3)},
+    for step in range(1, 41):  # a reference of means, spread enough that 5 SD tripling it is a spike (`SPIKE_RTOL`)
+        det.observe_step(step * read_steps, {"loss": 1.0 + 0.2 * (step % 5 - 2), "grad_norm": 1.0 + 0.01 * (step % 3)},
                          read_steps=read_steps)  # fmt: skip
     med, scale = det.states["loss"].reference.location_scale(CHANNELS["loss"].floor)
     g_med, g_scale = det.states["grad_norm"].reference.location_scale(CHANNELS["grad_norm"].floor)
@@ -366,6 +463,7 @@ def test_a_loss_read_that_stands_for_k_steps_adds_what_k_reads_would(read_steps:
             spec = CHANNELS[name]
             most = max(0.5 * cal.threshold * cal.normalisers[name], spec.clip - spec.allowance)
             added = min(read_steps * (min(mean_score, spec.clip) - spec.allowance), most)
+            added = min(before[name] + added, CAP * cal.threshold * cal.normalisers[name]) - before[name]  # held at CAP
             assert det.states[name].s_pos - before[name] == pytest.approx(added, rel=1e-6), (name, mean_score)
             assert added > 0
         assert det.states["grad_norm"].s_pos - before["grad_norm"] == pytest.approx(g_raw - 1.0, rel=1e-6)

@@ -52,11 +52,27 @@ CHECK_MIN_REFERENCE = 4
 ALLOWANCE = 1.0
 CLIP = 8.0
 #: The loss's second CUSUM, for large rises (a CUSUM paired with a Shewhart-like one, Lucas 1982): the loss
-#: channel's own scores (same reference), with allowance 3 and up to 100 a step, so that a loss tens of robust
-#: standard deviations up for two or three steps alarms. Chosen on the benchmark's calibration seeds (allowances 2-10,
-#: clips 20-100: most failures detected at a threshold with at most 2 healthy calibration runs over it).
+#: channel's own scores (same reference), with allowance 3 and up to 100 a step. Chosen on the benchmark's calibration
+#: seeds (allowances 2-10, clips 20-100: most failures detected at a threshold with at most 2 healthy calibration runs
+#: over it). Its fitted normaliser (32 at the default rate, since 2026-12-04) is under one step's most (97): one batch
+#: far enough up alarms on its own, as Lightning's `SpikeDetection` flags one.
 SPIKE_ALLOWANCE = 3.0
 SPIKE_CLIP = 100.0
+#: A step adds to `loss_spike` only when its loss at least triples the reference median (``loss - median >= SPIKE_RTOL
+#: median``, Lightning's `SpikeDetection` default ``rtol=2``; a read of the mean of k steps: the mean; a median of 0
+#: or less has no zero to be relative to and is not gated). A z-score alone made any
+#: level shift of a low-noise loss a spike: a contrastive temperature change (its loss 2.1-3.2x the median for a few
+#: steps, most under 3x, calibration seeds) crossed at once and set the channel's normaliser; the failures' spikes on
+#: the calibration seeds are 4.6-15x (a rate 50x too high), 48-62x (labels broken) and orders of magnitude. Smaller
+#: lasting rises are the loss channel's (its CUSUM needs ~10-15 steps of them). A loss with a large offset (a constant
+#: added) never triples: only its loss channel and the absolute rules watch it.
+SPIKE_RTOL = 2.0
+#: ...and its robust scale is at least this share of the largest of the run's first `STEP_WINDOW` losses (where it
+#: started; a later spike does not raise it): at a converged loss the spread of the batches can be a thousandth of
+#: that, and a batch 40x the median is still a small loss (RMSprop at a loss of 0.003, a run outside the benchmark: 71
+#: robust SD, 5 so floored). A loss that falls over 4 orders of magnitude (an MSE) leaves spikes under ~300x of its
+#: converged value to the loss channel, those over 100x its window's largest to the extreme rule.
+SPIKE_SCALE_SHARE = 0.01
 #: A channel's CUSUM is held at or under ``CAP`` times its share of the threshold, so that no value, however
 #: extreme, keeps the detector in alarm for longer than about ``CAP x threshold`` quiet points.
 CAP = 2.0
@@ -145,6 +161,11 @@ class Channel:
     clip: float = CLIP
     #: a channel that accumulates another channel's scores with its own allowance and clip (it is never fed itself)
     of: str | None = None
+    #: a derived channel counts a value only when it is over the reference median by ``rtol`` times the median's
+    #: size (as Lightning's `SpikeDetection`); None: always
+    rtol: float | None = None
+    #: a derived channel's robust scale is at least this share of the largest value the run has shown; None: no floor
+    scale_share: float | None = None
     #: offered to the fit of the shipped detector (`topo_callbacks.bench.cusum.DEFAULT_CANDIDATES`); a channel that is
     #: logged and measured but lost that place on runs outside the benchmark is not
     default_fit: bool = True
@@ -163,8 +184,10 @@ CHANNELS: dict[str, Channel] = {
     for c in (
         Channel("loss", "step", "up", False, 1e-3, "training loss against its median over the last 200 steps"),
         Channel("loss_spike", "step", "up", False, 1e-3,
-                "the loss channel's scores accumulated for large rises only (allowance 3, at most 100 a step)",
-                allowance=SPIKE_ALLOWANCE, clip=SPIKE_CLIP, of="loss"),
+                "the loss channel's scores accumulated for large rises only (allowance 3, at most 100 a step, a loss at"
+                " least 3x a positive median)",
+                allowance=SPIKE_ALLOWANCE, clip=SPIKE_CLIP, of="loss", rtol=SPIKE_RTOL,
+                scale_share=SPIKE_SCALE_SHARE),
         Channel("grad_norm", "step", "both", True, 0.01, "global gradient norm (log) against the last 200 steps"),
         Channel("update_ratio", "step", "both", True, 0.01,
                 "||delta theta|| / (lr ||theta||) of the first parameter group (log)", live=False),
@@ -358,6 +381,10 @@ class _ChannelState:
     zero_step: int = 0
     #: the largest value fed (on the channel's scale), kept when the reference restarts
     peak: float = -math.inf
+    #: the largest of the first `STEP_WINDOW` (or `CHECK_WINDOW`) values fed, and how many were fed up to that many:
+    #: the run's starting scale, which a later spike does not raise
+    early_peak: float = -math.inf
+    fed: int = 0
 
     def statistic(self, side: str) -> float:
         return max(self.s_pos, self.s_neg) if side == "both" else (self.s_pos if side == "up" else self.s_neg)
@@ -501,11 +528,12 @@ class CusumDetector:
         what that many reads would: ``k (min(z / sqrt(k), clip) - allowance)``, the sum of the steps' own scores
         when they rose alike (``z / sqrt(k)`` is their mean), and per read at most half the threshold (or a one-step
         read's most, ``clip - allowance``, where that is more): in a mean, one outlier batch and a lasting rise look
-        alike, so two reads in a row must agree, as two or three steps must for `loss_spike`. Read at one step of the
-        k, the gradient norm is a sample of them and counts as one read. Replayed on the benchmark (shipped
-        calibration, test seeds, reading 1 step in 2, 4 and 8 with every check): 39, 33 and 31 of the 46 failure runs
-        that every step detects 41 of, with 2, 1 and 1 of 158 clean runs alarmed; one read's worth detected 36, 24
-        and 23, with none.
+        alike, so where half the threshold is the more, two reads in a row must agree (`loss_spike`'s shipped
+        normaliser, 32, is under one read's most, 97: there its tripling rule asks the mean itself to triple). Read at
+        one step of the k, the gradient norm is a sample of them and counts as one read. Replayed on the benchmark
+        (shipped calibration, test seeds, reading 1 step in 2, 4 and 8 with every check): 38, 36 and 35 of the 46
+        failure runs that every step detects 42 of, with 2, 1 and 1 of 158 clean runs alarmed; one read's worth
+        detected 36, 24 and 23 (of 41), with none.
         """
         state = self.states.get(name)
         spec = CHANNELS[name]
@@ -581,6 +609,11 @@ class CusumDetector:
             state.zero_step = step
         state.step = step
         reference.append(x)
+        shown = state.early_peak  # the largest of the first values, before this one
+        if state.fed < spec.window:
+            state.fed += 1
+            if x > state.early_peak:
+                state.early_peak = x
         if x > state.peak:
             state.peak = x
         limit = self._limits.get(name, math.inf)
@@ -592,8 +625,24 @@ class CusumDetector:
             if scored:
                 d_state.baseline = state.baseline
                 d_clip = d_spec.clip
-                d_state.score = -d_clip if raw < -d_clip else (d_clip if raw > d_clip else raw)
-                d_z = d_state.score if steps == 1 else (-d_clip if mean < -d_clip else min(mean, d_clip))
+                d_raw, d_mean = raw, mean
+                share = d_spec.scale_share
+                if share is not None and shown > 0.0:
+                    # a step's scale floored at ``share`` of the largest of the run's first losses; a mean of k steps',
+                    # whose spread is 1 / sqrt(k) of a step's, at that over sqrt(k)
+                    least = share * shown / (math.sqrt(steps) if steps > 1 else 1.0)
+                    if scale < least:
+                        d_raw = (x - med) / least
+                        d_mean = d_raw / math.sqrt(steps) if steps > 1 else d_raw
+                d_state.score = -d_clip if d_raw < -d_clip else (d_clip if d_raw > d_clip else d_raw)
+                d_z = d_state.score if steps == 1 else (-d_clip if d_mean < -d_clip else min(d_mean, d_clip))
+                d_rtol = d_spec.rtol
+                # a mean of k steps must itself triple (in a mean one outlier batch and a lasting rise look alike;
+                # gating the k steps' rise in all instead alarmed 5-6 of 160 clean calibration runs read 1 step in
+                # 2-8, against 1-3, with the same detections). Only a positive loss has a zero to be relative to: a
+                # negative one (a negative cosine, a loss plus a reward) is gated by its z alone
+                if d_rtol is not None and d_z > 0.0 and med > 0.0 and x - med < d_rtol * med:
+                    d_z = 0.0  # up, but not by the relative tolerance: no evidence of a spike
                 self._accumulate(derived, d_state, d_z, steps)
             if d_state.statistic(d_spec.side) == 0.0:
                 d_state.zero_step = step
@@ -989,7 +1038,8 @@ class CusumDetector:
             "channels": {
                 name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": _nan_none(s.value),
                        "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step, "up": s.up, "down": s.down,
-                       "zero_step": s.zero_step, "peak": None if s.peak == -math.inf else s.peak}
+                       "zero_step": s.zero_step, "peak": None if s.peak == -math.inf else s.peak,
+                       "early_peak": None if s.early_peak == -math.inf else s.early_peak, "fed": s.fed}
                 for name, s in self.states.items()
             },
             "fired": None if self.fired is None else _plain(vars(self.fired)),
@@ -1030,6 +1080,10 @@ class CusumDetector:
             s.zero_step = int(data.get("zero_step", 0))
             peak = data.get("peak")
             s.peak = -math.inf if peak is None else float(peak)
+            # a state saved before `early_peak` was kept: the largest value then stands for it
+            early = data.get("early_peak", peak)
+            s.early_peak = -math.inf if early is None else float(early)
+            s.fed = int(data.get("fed", CHANNELS[name].window if peak is not None else 0))
         fired = state.get("fired")
         self.fired = None if fired is None else DetectorFiring(**_unplain(fired))
         self.episodes = [_unplain(dict(e)) for e in state.get("episodes", [])]
