@@ -99,7 +99,7 @@ def test_bench_writes_its_outputs_and_the_summary_schema(bench):
     # the rollback arm: every failure arm of the test seed trained live (cached beside the runs, not among them)
     recovery = summary["recovery"]
     assert set(recovery["per_family"]) == set(SUBSET)
-    assert recovery["policy"] == {**recovery["policy"], "max_rollbacks": 3, "lr_factor": 0.25}
+    assert recovery["policy"] == {**recovery["policy"], "max_rollbacks": 4, "lr_factor": 0.25}
     assert recovery["inconsistent"] == []
     assert set(recovery["targets"]) >= {"optimizer_rescued_of_detected", "configuration_stopped_with_diagnosis"}
     cached = sorted(p.name for p in (out / "recovery").glob("*.json"))
