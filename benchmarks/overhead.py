@@ -121,7 +121,7 @@ def monitored_step(
     grad_norm = None
     if monitor is not None:
         monitor.add_loss(loss)
-        grad_norm = monitor.step_grad_norm(model.parameters(), step)
+        grad_norm = monitor.step_grad_norm(model, step)
     opt.step()
     if monitor is not None:
         monitor.observe_step(step, grad_norm=grad_norm, lr=lr)
@@ -274,7 +274,7 @@ def small_run(name: str, steps: int, arm: str, seed: int) -> dict[str, Any]:
     if monitor is not None:
         info = monitor.summary()
         out.update(own_share=info["overhead"], check_every=info["check_every"], max_samples=info["max_samples"],
-                   observe_every=info["observe_every"])  # fmt: skip
+                   observe_every=info["observe_every"], grad_every=info.get("grad_every"))  # fmt: skip
         monitor.detach()
     return out
 

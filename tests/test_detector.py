@@ -3,6 +3,7 @@ offline replay, the calibration's false-alarm rate on synthetic healthy series, 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -471,3 +472,61 @@ def test_a_loss_read_that_stands_for_k_steps_adds_what_k_reads_would(read_steps:
             assert fired is None  # one read, however large, adds at most half the threshold
     det.observe_step(43 * read_steps, values, read_steps=read_steps)
     assert det.in_alarm  # reads in a row that agree cross it
+
+
+@pytest.mark.parametrize("grad_every", [2, 4])
+def test_a_gradient_norm_read_at_one_read_in_g_adds_what_g_reads_would(grad_every: int) -> None:
+    """A gradient norm read at one read in g (`CollapseMonitorCore.grad_every`) counts for the g reads it stands for
+    (``grad_steps``): a lasting rise reaches the threshold at most g steps after it does read every step (counted as
+    one read, 4x later at g = 4); one read adds at most half the threshold."""
+    cal = DetectorCalibration(0.05, ("loss", "grad_norm"), {"loss": 100.0, "grad_norm": 30.0}, 1.0)
+
+    def first_alarm(every: int, factor: float) -> tuple[int | None, float]:
+        det = CusumDetector(cal)
+        rng = np.random.default_rng(0)
+        most = 0.0
+        for step in range(1, 401):
+            values = {"loss": 1.0}  # flat: a gradient norm rising while the loss falls would not be scored
+            norm = math.exp(0.05 * rng.standard_normal()) * (factor if step > 250 else 1.0)
+            if step <= 200 or step % every == 0:
+                values["grad_norm"] = norm
+            before = det.states["grad_norm"].s_pos
+            fired = det.observe_step(step, values, grad_steps=every if step > 200 else 1)
+            most = max(most, det.states["grad_norm"].s_pos - before)
+            if fired is not None:
+                return fired.step, most
+        return None, most
+
+    every_step, _ = first_alarm(1, 1.5)
+    strided, most = first_alarm(grad_every, 1.5)
+    assert every_step is not None
+    assert strided is not None
+    assert every_step <= strided <= every_step + grad_every
+    assert most <= max(0.5 * 30.0, CHANNELS["grad_norm"].clip - ALLOWANCE) + 1e-9
+    assert first_alarm(grad_every, 1.0)[0] is None  # no change: no alarm
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(1e-3, 1e3), min_size=0, max_size=40),
+    st.lists(st.floats(1e-3, 1e3), min_size=0, max_size=40),
+    st.sampled_from([0.0, math.nan, math.inf, -math.inf, -1.0, 1e-9, 0.5, 1.0, 2.0, 3.9, 4.0, 4.1, 1e6]),
+    st.floats(0.1, 10.0),
+)
+def test_urgent_above_flags_at_least_what_urgent_flags(
+    losses: list[float], norms: list[float], probe: float, scale: float
+) -> None:
+    """`CusumDetector.urgent_above` is the per-step form of `CusumDetector.urgent`: every value `urgent` would score
+    at once is outside its bound (a value at the bound itself may be scored early: that changes when, never what)."""
+    det = CusumDetector(default_calibration(0.05))
+    for step, (loss, norm) in enumerate(itertools.zip_longest(losses, norms), 1):
+        values = {k: v for k, v in (("loss", loss), ("grad_norm", norm)) if v is not None}
+        det.observe_step(step, values)
+    above_loss, above_grad = det.urgent_above()
+    for value in (probe, probe * scale):
+        if det.urgent({"loss": value}):
+            assert not (-math.inf < value < above_loss) or value == 0.0
+        if det.urgent({"grad_norm": value}):
+            assert not (-math.inf < value < above_grad) or value == 0.0
+        if not (-math.inf < value < above_loss) and math.isfinite(value) and value != 0.0:
+            assert value >= above_loss  # only a value over the bound, never one under it, is flagged by the bound

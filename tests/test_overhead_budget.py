@@ -392,3 +392,82 @@ def test_a_batch_of_host_values_alarms_on_the_same_step_at_most_a_batch_later() 
         for s, v in enumerate(losses[:300], start=1):
             assert monitor.observe_step(s, loss=v, grad_norm=1.0) is None
         assert monitor.observe_step(301, loss=1e6, grad_norm=1.0) is not None
+
+
+def test_the_gradient_norm_is_read_at_one_read_in_grad_every() -> None:
+    """With ``grad_every = 4`` (what the budget sets where the gradient norm is most of the per-step work) the loss is
+    read at every step and the gradient norm at every 4th (and at each check, and at every one of the first
+    `STEP_WINDOW` steps); a norm given at another step (a framework's clipping norm) is not read; the gradient
+    norm's reference keeps about `STEP_WINDOW` optimizer steps."""
+    monitor = CollapseMonitorCore("0", every_n_train_steps=1000, max_overhead=None)
+    for step in range(1, STEP_WINDOW + 1):
+        assert monitor.reads_grad_norm(step)
+        monitor.observe_step(step, loss=1.0, grad_norm=1.0)
+    monitor.grad_every = 4
+    assert [monitor.reads_grad_norm(s) for s in range(201, 209)] == [False, False, False, True] * 2
+    assert monitor.reads_grad_norm(1000)  # a check step
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    given = [monitor.step_grad_norm([p], s) for s in range(201, 209)]
+    assert given == [None, None, None, 5.0] * 2
+    for step in range(201, 209):
+        monitor.observe_step(step, loss=1.0, grad_norm=1.0 + (step - 200) / 100)
+    states = monitor.detector.states
+    assert [round(math.exp(v), 6) for v in list(states["grad_norm"].reference)[-3:]] == [1.0, 1.04, 1.08]
+    assert (states["loss"].reference.maxlen, states["grad_norm"].reference.maxlen) == (STEP_WINDOW, STEP_WINDOW // 4)
+    assert list(states["loss"].reference)[-8:] == [1.0] * 8
+    assert monitor._fed_steps == STEP_WINDOW + 8
+    assert monitor.summary()["grad_every"] == 4
+    fresh = CollapseMonitorCore("0", every_n_train_steps=1000, max_overhead=None)
+    fresh.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert fresh.grad_every == 4
+
+
+def test_the_budget_reads_the_gradient_norm_less_often_where_it_costs_most() -> None:
+    """A model whose gradient norm is costly next to the rest of the per-step work (a 4M-value parameter, 20 ms
+    steps, a 2% budget): the budget computes the norm at one read in 2 or 4 and still reads the loss at every step;
+    a model whose norm is cheap keeps it at every read."""
+    torch.manual_seed(0)
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(16, 4)
+            self.table = nn.Parameter(torch.zeros(4_000_000))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x) + self.table[:4]  # every value of the table gets a gradient (zeros but 4)
+
+    monitor = CollapseMonitorCore("head", every_n_train_steps=10, max_samples=128)
+    monitor.attach(model := Wide())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (its gradient norm falls as the toy regression converges)
+        trained = _train(monitor, model, 260, sleep_s=0.02)
+    assert monitor.grad_every in (2, 4)
+    assert monitor.observe_every == 1
+    late = [s for s in trained.normed if s > STEP_WINDOW]
+    assert 0 < len(late) < 60 / monitor.grad_every + len(monitor.history) + 1
+    assert monitor._fed_steps + len(monitor._reads()) == 260  # the loss of every step reaches the detector
+
+    cheap = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128, max_overhead=0.1)
+    cheap.attach(model := _mlp())
+    _train(cheap, model, 60, sleep_s=0.02)
+    assert cheap.grad_every == 1
+
+
+def test_a_model_given_for_its_parameters_is_listed_again_at_each_check() -> None:
+    """`step_grad_norm` of a module equals that of its parameters; the list is kept between checks (walking the
+    module costs as much as a small model's norms) and read again after one."""
+    model = _mlp()
+    monitor = CollapseMonitorCore("1", every_n_train_steps=5, max_samples=64, max_overhead=None)
+    monitor.attach(model)
+    out = model(torch.randn(8, 16)).sum()
+    out.backward()
+    expected = monitor.step_grad_norm(model.parameters(), 1)
+    assert monitor.step_grad_norm(model, 2) == pytest.approx(expected)
+    extra = nn.Parameter(torch.ones(1))
+    extra.grad = torch.tensor([100.0])
+    model.register_parameter("extra", extra)
+    assert monitor.step_grad_norm(model, 3) == pytest.approx(expected)  # listed before the parameter came
+    monitor.last_checked_step = 5  # a check ran
+    assert monitor.step_grad_norm(model, 6) == pytest.approx(math.hypot(expected, 100.0))

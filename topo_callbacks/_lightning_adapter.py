@@ -83,7 +83,7 @@ def build_collapse_monitor(callback_base: type) -> type:
             # gradients are unscaled (AMP) and synced (DDP) here; the rate is the one this step uses
             # tensors, not read here: the monitor reads GPU values in batches (no host sync per step)
             # (None at a step ``max_overhead`` leaves unread: `observes`)
-            self._grad_norm: Any = self.step_grad_norm(pl_module.parameters(), trainer.global_step + 1)
+            self._grad_norm: Any = self.step_grad_norm(pl_module, trainer.global_step + 1)
             self._lr: float | None = self.schedule_lr(optimizer)  # without a rollback's factor
             # an fp16 loss scaler (`MixedPrecision` plugin) skips the update whose gradients overflowed and then
             # lowers its scale: the scale before the step tells, after it, whether this one was skipped

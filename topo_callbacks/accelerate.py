@@ -149,7 +149,7 @@ class AccelerateCollapseMonitor(CollapseMonitorCore):
             self._track_objects()  # the optimizer was prepared after the monitor was built
         if self.step_channels:
             if grad_norm is None and "grad_norm" in self.step_channels and self.model is not None:
-                grad_norm = self.step_grad_norm(self.model.parameters(), current)
+                grad_norm = self.step_grad_norm(self.model, current)
             fired = self.observe_step(
                 current,
                 grad_norm=grad_norm,  # a tensor is read with a batch of steps: no host sync per step on a GPU

@@ -445,9 +445,9 @@ class CollapseMonitorCallback(CollapseMonitorCore, _TrainerAdapter, TrainerCallb
             self._grad_norm: Any = self._pre_clip
             self._pre_clip = None
             if model is not None and self._grad_norm is not None:  # for the layers an alarm names
-                self.record_layer_norms(model.parameters(), state.global_step + 1, total=self._grad_norm)
+                self.record_layer_norms(model, state.global_step + 1, total=self._grad_norm)
         elif model is not None:  # gradients unscaled and all-reduced here
-            self._grad_norm = self.step_grad_norm(model.parameters(), state.global_step + 1)
+            self._grad_norm = self.step_grad_norm(model, state.global_step + 1)
 
     @_forwarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -122,14 +122,17 @@ def replay_channels(rec: RunRecord, channels: Sequence[str] | None = None) -> di
 
 
 def replay_episodes(
-    rec: RunRecord, cal: DetectorCalibration, check_stride: int = 1, step_stride: int = 1
+    rec: RunRecord, cal: DetectorCalibration, check_stride: int = 1, step_stride: int = 1, grad_stride: int = 1
 ) -> list[dict[str, Any]]:
     """The alarm episodes the live detector with calibration ``cal`` has on ``rec`` (re-armed after each): what a
     user of the monitor would be warned about, for false alarms per healthy step. ``check_stride``: keep every
     ``check_stride``-th check only (the first, then every k-th), as a monitor whose overhead budget spaced its checks
     ``check_stride`` times further apart would have seen the run. ``step_stride``: read the per-step channels at
     every ``step_stride``-th step (and at the checks kept, and every step of the monitor's first `STEP_WINDOW`) only,
-    the loss of the steps between averaged into the next read, as the budget does on steps of a millisecond."""
+    the loss of the steps between averaged into the next read, as the budget does on steps of a millisecond.
+    ``grad_stride``: of those reads, the gradient norm at every ``grad_stride``-th only (every
+    ``step_stride x grad_stride``-th step, the checks kept and the first `STEP_WINDOW` steps), as the budget reads it
+    where computing it costs most of the per-step work."""
     finished: list[dict[str, Any]] = []
     current: list[CusumDetector] = []
 
@@ -139,7 +142,7 @@ def replay_episodes(
         current.append(CusumDetector(cal))
         return current[-1]
 
-    for _ in _replay(rec, cal.channels, make, check_stride, step_stride):
+    for _ in _replay(rec, cal.channels, make, check_stride, step_stride, grad_stride):
         pass
     return finished + (current[-1].episodes if current else [])
 
@@ -154,6 +157,7 @@ def _replay(
     make: Callable[[], CusumDetector],
     check_stride: int = 1,
     step_stride: int = 1,
+    grad_stride: int = 1,
 ) -> Iterator[tuple[int, CusumDetector]]:
     """Feed ``rec`` to a detector from ``make`` as the monitor does, yielding it after each step (a fresh one after
     the record's ``monitor_restart``, as a fine-tuning run's new monitor)."""
@@ -175,27 +179,40 @@ def _replay(
     detector = make()
     read_all_until = STEP_WINDOW  # a monitor reads every step of its first STEP_WINDOW
     unread: list[float] = []  # losses of the steps not read since the last read
+    reads_since_grad = 0
     for step in range(1, rec.steps + 1):
         if restart is not None and step == restart + 1:
             detector = make()
             read_all_until = restart + STEP_WINDOW
             unread = []  # a new monitor averages none of the old one's losses
+            reads_since_grad = 0
         values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used
         scale = float(scales[step]) if step < len(scales) else None
         # `CollapseMonitorCore.observes`: the loss of a step not read is fed averaged with the next read's
-        if step_stride > 1 and step == read_all_until + 1:
-            detector.set_step_window(step_stride)
+        if (step_stride > 1 or grad_stride > 1) and step == read_all_until + 1:
+            detector.set_step_window(step_stride, grad_stride)
         if step_stride == 1 or step <= read_all_until or step % step_stride == 0 or step in checks:
+            # `CollapseMonitorCore.reads_grad_norm`: of the reads, the gradient norm at every grad_stride-th only,
+            # standing for the reads since the last one
+            reads_since_grad += 1
+            grad_steps, lost_here = 1, None if lost is None else step in lost
+            if grad_stride > 1 and step > read_all_until:
+                if step % (step_stride * grad_stride) and step not in checks:
+                    values.pop("grad_norm", None)
+                    lost_here = None
+                else:
+                    grad_steps = min(reads_since_grad, grad_stride)
+            if "grad_norm" in values:
+                reads_since_grad = 0
             read_steps = 1
             if unread and "loss" in values:
                 read_steps = len(unread) + 1
                 values["loss"] = (sum(unread) + values["loss"]) / read_steps
             unread = []
             detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale,
-                                  layer_lost=None if lost is None else step in lost,
-                                  read_steps=read_steps)  # fmt: skip
+                                  layer_lost=lost_here, read_steps=read_steps, grad_steps=grad_steps)  # fmt: skip
         elif "loss" in values:
             unread.append(values["loss"])
         if step in checks:

@@ -626,22 +626,38 @@ def spaced_checks(
     records: Sequence[RunRecord],
     truth: Mapping[str, int | None],
     cal: DetectorCalibration,
-    strides: Sequence[int | tuple[int, int]] = (1, 2, 4, 10, (1, 2), (1, 4), (1, 8), (10, 2), (10, 4), (10, 8)),
+    strides: Sequence[int | tuple[int, ...]] = (
+        1,
+        2,
+        4,
+        10,
+        (1, 2),
+        (1, 4),
+        (1, 8),
+        (10, 2),
+        (10, 4),
+        (10, 8),
+        (1, 1, 2),
+        (1, 1, 4),
+        (1, 1, 8),
+        (10, 1, 4),
+    ),
 ) -> dict[str, Any]:
     """The live detector with calibration ``cal`` when an overhead budget spaces the checks ``k`` times further apart
     (every k-th recorded check kept), for each ``k`` in ``strides``, and for each pair ``(k, s)`` the checks ``k``
-    times further apart and the per-step channels read at every ``s``-th step only (keyed ``"k/s"``): failure runs
+    times further apart and the per-step channels read at every ``s``-th step only (keyed ``"k/s"``), and for each
+    triple ``(k, s, g)`` that with the gradient norm read at every ``g``-th read only (keyed ``"k/s/g"``): failure runs
     detected before their metric dropped (first episode at or after the fork and before the drop), clean runs with
     an alarm, alarms per 100,000 healthy steps. Pass the test seeds' records: ``cal`` is not refit per stride."""
     out: dict[str, Any] = {}
     for setting in strides:
-        k, s = setting if isinstance(setting, tuple) else (setting, 1)
+        k, s, g = (*setting, 1, 1)[:3] if isinstance(setting, tuple) else (setting, 1, 1)
         detected = failures = false_alarms = clean = alarms = steps = 0
         for rec in records:
             t_c = truth[rec.key]
             if not is_scored(rec, t_c):
                 continue
-            episodes = replay_episodes(rec, cal, check_stride=k, step_stride=s)
+            episodes = replay_episodes(rec, cal, check_stride=k, step_stride=s, grad_stride=g)
             healthy = rec.t0 - 1 if is_failure(rec) else rec.steps
             alarms += sum(int(e["start"]) <= healthy for e in episodes)
             steps += healthy
@@ -652,7 +668,7 @@ def spaced_checks(
             else:
                 clean += 1
                 false_alarms += bool(episodes)
-        out[f"{k}/{s}" if isinstance(setting, tuple) else str(k)] = {
+        out["/".join(map(str, setting)) if isinstance(setting, tuple) else str(k)] = {
             "detected": detected,
             "failures": failures,
             "false_alarms": false_alarms,

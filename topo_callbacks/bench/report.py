@@ -221,16 +221,19 @@ def write_markdown(results: Mapping[str, Any]) -> str:
             " calibration (fit on every family's calibration seeds: not held out, so 1x can read higher than the"
             " leave-one-family-out score above) replayed with every k-th recorded check only, and every s-th step's"
             " per-step channels (the loss of the steps between averaged into the read, each read adding to its CUSUM"
-            " what s reads would): failure runs detected before their metric dropped, clean runs with an alarm, alarm"
-            " episodes per 100,000 healthy steps.",
+            " what s reads would), and the gradient norm at every g-th read only (each adding what g reads would):"
+            " failure runs detected before their metric dropped, clean runs with an alarm, alarm episodes per 100,000"
+            " healthy steps.",
             "",
-            "| checks spaced | per-step channels read | detected | clean runs alarmed | per 100k healthy steps |",
-            "|---|---|---|---|---|",
+            "| checks spaced | per-step channels read | gradient norm read | detected | clean runs alarmed |"
+            " per 100k healthy steps |",
+            "|---|---|---|---|---|---|",
         ]
         for key, v in spacing.items():
-            k, _, s = key.partition("/")
+            k, s, g = (*key.split("/"), "1", "1")[:3]
             lines.append(
-                f"| {k}x | {'every step' if s in ('', '1') else f'1 step in {s}'} | {v['detected']}/{v['failures']}"
+                f"| {k}x | {'every step' if s == '1' else f'1 step in {s}'}"
+                f" | {'at every read' if g == '1' else f'1 read in {g}'} | {v['detected']}/{v['failures']}"
                 f" | {v['false_alarms']}/{v['clean']} | {v['per_100k']:.2f} |"
             )
     lines += ["", "## Per failure family (held out)", ""]

@@ -7,16 +7,19 @@ the gradient norm, the detector's update). Over ``I`` steps of training time ``t
 
 and it stays at most ``budget`` when ``I >= check x (1 - budget) / (budget x t - (1 - budget) x per_step)``.
 
-When the per-step work alone costs more than `STRIDE_FROM` times the budget (steps of a millisecond or less, where
-reading the gradient norm and updating the detector take a tenth of the step or more), it is done on every ``s``-th
-step only (`step_stride`): the per-step cost becomes ``per_step / s``. Below that the per-step channels are read at
-every step even when the budget is then exceeded: on the benchmark they carry the detector. Replayed as the monitor
-reads (every step of its first 200, then every s-th, the loss of the steps between averaged into the next read and
-adding to its CUSUMs what s reads would, the references kept over about 200 steps; shipped calibration, test seeds),
-reading one step in 2, 4 and 8 detected 39, 33 and 31 of the 46 failure runs that every step detects 41 of, and 29,
-24 and 20 with the checks 10x apart as well. Striding from the budget itself (``STRIDE_FROM = 1``) was measured on
-2026-12-03: the digits CNN then read 1 step in 7 (own share 5.6% -> 2.5%), the 784-1024-1024 MLP 1 in 3 (3.4% ->
-2.0%), a setting whose replay detects about 20-31 of 46: detection was kept first.
+When the per-step work costs more than `GRAD_STRIDE_FROM` of the budget, the gradient norm (on a small model most of
+that work: listing the parameters and one norm per tensor right after the backward pass) is computed at one read in
+2 or 4 only (`grad_stride`), each read of it adding to its CUSUMs what the reads it stands for would; the loss is
+still read at every step. When the per-step work alone costs more than `STRIDE_FROM` times the budget (steps of a
+millisecond or less, where reading the gradient norm and updating the detector take a tenth of the step or more), it
+is done on every ``s``-th step only (`step_stride`): the per-step cost becomes ``per_step / s``. Below that the per-
+step channels are read at every step even when the budget is then exceeded: on the benchmark they carry the
+detector. Replayed as the monitor reads (every step of its first 200, then every s-th, the loss of the steps between
+averaged into the next read and adding to its CUSUMs what s reads would, the references kept over about 200 steps;
+shipped calibration, test seeds), reading one step in 2, 4 and 8 detected 39, 33 and 31 of the 46 failure runs that
+every step detects 41 of, and 29, 24 and 20 with the checks 10x apart as well. Striding from the budget itself
+(``STRIDE_FROM = 1``) was measured on 2026-12-03: the digits CNN then read 1 step in 7 (own share 5.6% -> 2.5%), the
+784-1024-1024 MLP 1 in 3 (3.4% -> 2.0%), a setting whose replay detects about 20-31 of 46: detection was kept first.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "GRAD_STRIDE_FROM",
     "HOST_BATCH_FROM",
     "LONGEST_SPACING",
+    "MAX_GRAD_STRIDE",
     "MAX_SPACING",
     "MAX_STRIDE",
     "MIN_SAMPLES",
     "PLANNED_SHARE",
     "STRIDE_FROM",
     "check_spacing",
+    "grad_stride",
     "step_stride",
 ]
 
@@ -48,6 +54,13 @@ MAX_STRIDE = 100
 #: On the CPU the per-step values are scored in batches (`topo_callbacks.core.step_reads.HOST_READ_EVERY` steps) once
 #: the per-step work costs more than this share of ``max_overhead``: every step is still scored, only later.
 HOST_BATCH_FROM = 0.25
+#: The gradient norm is computed at one read in 2 or 4 (`grad_stride`) once the per-step work costs more than this
+#: share of ``max_overhead`` (what it leaves the checks is then under half the budget).
+GRAD_STRIDE_FROM = 0.5
+#: The most reads of the per-step channels per gradient norm: replayed on the benchmark's calibration seeds (shipped
+#: calibration), reading it at 1 read in 2 changed nothing, at 1 in 4 the same 41 of 47 failure runs were detected
+#: with 2 of 160 clean runs alarmed instead of 1, at 1 in 8 with 5.
+MAX_GRAD_STRIDE = 4
 #: The per-step channels are read at every step unless they alone cost more than this many times ``max_overhead``.
 STRIDE_FROM = 4.0
 #: The share of ``max_overhead`` the schedule is planned for: the rest pays a run's start (the trial check, the steps
@@ -69,6 +82,26 @@ def check_spacing(check_s: float, per_step_s: float, step_s: float, budget: floa
     """
     room = budget * step_s - (1.0 - budget) * per_step_s
     return math.inf if room <= 0 else check_s * (1.0 - budget) / room
+
+
+def grad_stride(other_s: float, grad_s: float, step_s: float, budget: float) -> int:
+    """Reads of the per-step channels per computation of the gradient norm (1, 2 or `MAX_GRAD_STRIDE`): the fewest
+    whose per-read cost, ``other_s + grad_s / g`` (``grad_s``: computing the gradient norm once; ``other_s``: the rest
+    of a read), is at most `GRAD_STRIDE_FROM` times ``budget`` of a training step of ``step_s`` seconds, else the
+    most. A gradient norm read at one read in ``g`` adds to its CUSUMs what ``g`` reads would
+    (`topo_callbacks.core.detector.CusumDetector.update`).
+
+    Example:
+        >>> grad_stride(other_s=20e-6, grad_s=60e-6, step_s=0.01, budget=0.016)  # 0.8% of the step: every read
+        1
+        >>> grad_stride(other_s=20e-6, grad_s=60e-6, step_s=0.005, budget=0.016)  # 1.6%: 1 read in 4 (0.7%)
+        4
+    """
+    limit = GRAD_STRIDE_FROM * budget * step_s
+    g = 1
+    while g < MAX_GRAD_STRIDE and other_s + grad_s / g > limit:
+        g *= 2
+    return g
 
 
 def step_stride(check_s: float, per_step_s: float, step_s: float, budget: float, longest: float) -> int:

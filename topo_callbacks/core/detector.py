@@ -539,8 +539,12 @@ class CusumDetector:
         spec = CHANNELS[name]
         if state is None or spec.of is not None:  # a derived channel is fed by the channel it reads
             return None
-        if name != "loss":
-            steps = 1  # only the loss is fed as the mean of the steps a read stands for
+        if name == "grad_norm":
+            grad_steps, steps = steps, 1
+        else:
+            grad_steps = 1
+            if name != "loss":
+                steps = 1  # only the loss is fed as the mean of the steps a read stands for
         # written out (no helper calls on the common path): this runs for two or three channels at every optimizer
         # step, and on a small model the monitor's per-step work is most of its cost
         if step > self._step:
@@ -595,7 +599,10 @@ class CusumDetector:
                     if z > 0.0 and loss.step == step and loss.score < -ALLOWANCE:
                         z = 0.0  # a gradient norm that rises while the loss falls: learning, leaving a plateau
                     # the downward CUSUM as if no fall were held back: what a later check's contraction brings in
-                    fall = self._fall - z - spec.allowance
+                    down = -z - spec.allowance
+                    if grad_steps > 1:  # what the reads it stands for would bring, as `_accumulate` counts them
+                        down = min(grad_steps * down, max(0.5 * self._limits[name], spec.clip - spec.allowance))
+                    fall = self._fall + down
                     if fall <= 0.0:
                         fall, self._fall_peak, self._fall_zero_step = 0.0, 0.0, step
                     self._fall = min(fall, self._caps[name])
@@ -604,7 +611,7 @@ class CusumDetector:
                         z = 0.0  # falls while the loss falls, embeddings as spread as before: converging, so far
                 if steps > 1:
                     z = -clip if mean < -clip else (clip if mean > clip else mean)
-                self._accumulate(name, state, z, steps)
+                self._accumulate(name, state, z, steps if grad_steps == 1 else grad_steps)
         if state.statistic(spec.side) == 0.0:
             state.zero_step = step
         state.step = step
@@ -698,6 +705,7 @@ class CusumDetector:
         loss_scale: float | None = None,
         layer_lost: bool | None = None,
         read_steps: int = 1,
+        grad_steps: int = 1,
     ) -> DetectorFiring | None:
         """One optimizer step's per-step channel values (the loss first: the gradient norm reads its score); what
         `topo_callbacks.core.CollapseMonitorCore.observe_step` calls after averaging them over ranks, and what the
@@ -733,7 +741,8 @@ class CusumDetector:
             fired = self._layer_gradient(step, bool(layer_lost))
         for name in _ALWAYS:  # the loss first: the gradient norm reads its score
             if name in values:
-                fired = self.update(name, values[name], step, steps=read_steps) or fired
+                fired = self.update(name, values[name], step,
+                                    steps=read_steps if name == "loss" else grad_steps) or fired  # fmt: skip
         for name, value in values.items():
             if name not in _ALWAYS:
                 fired = self.update(name, value, step) or fired
@@ -763,6 +772,30 @@ class CusumDetector:
             elif value > 2.0 * top and top > 0.0:
                 return True
         return False
+
+    def urgent_above(self) -> tuple[float, float]:
+        """`urgent` as two numbers to compare with, for a caller that checks every step: a loss or a gradient norm
+        is urgent exactly when it is not strictly between ``-inf`` and the number returned for it, or is 0 (the
+        numbers hold until the next value is fed).
+
+        Example:
+            >>> det = CusumDetector(default_calibration(0.05))
+            >>> _ = [det.observe_step(s, {"loss": 1.0, "grad_norm": 1.0}) for s in range(1, 30)]
+            >>> det.urgent_above()
+            (2.0, 2.0)
+        """
+        out = []
+        for name in _ALWAYS:
+            state = self.states.get(name)
+            if state is None or not len(state.reference):
+                out.append(math.inf)
+                continue
+            top = state.reference.max()
+            if CHANNELS[name].log:
+                out.append(2.0 * math.exp(top) if top < 700.0 else math.inf)
+            else:
+                out.append(2.0 * top if top > 0.0 else math.inf)
+        return out[0], out[1]
 
     def observe_check(
         self, step: int, values: dict[str, float], *, calibrating: bool, hold: int = ABSOLUTE_HOLD
@@ -876,19 +909,23 @@ class CusumDetector:
         )
         return self.absolute_event(step, "embeddings", effective_rank, AlarmKind.COLLAPSED, detail, hold)
 
-    def set_step_window(self, stride: int) -> None:
-        """The per-step channels read at every ``stride``-th optimizer step: their references keep the last
-        ``STEP_WINDOW // stride`` values (at least `STEP_MIN_REFERENCE`), about as many optimizer steps as a monitor
-        reading every step keeps, so that a trend (a warm-up, a decay) leaves them no further behind. Costs a
-        comparison when the length is already that (a loaded or restored state comes back with `STEP_WINDOW`). A
-        read's loss, the mean of the steps it stands for, is weighted by their number where it is fed (`update`'s
-        ``steps``)."""
-        reads = max(STEP_WINDOW // max(int(stride), 1), STEP_MIN_REFERENCE)
-        if self.states["loss"].reference.maxlen == reads:
+    def set_step_window(self, stride: int, grad_stride: int = 1) -> None:
+        """The per-step channels read at every ``stride``-th optimizer step (the gradient norm at every
+        ``stride x grad_stride``-th): their references keep the last ``STEP_WINDOW // stride`` values (the gradient
+        norm's ``STEP_WINDOW // (stride x grad_stride)``; at least `STEP_MIN_REFERENCE`), about as many optimizer steps
+        as a monitor reading every step keeps, so that a trend (a warm-up, a decay) leaves them no further behind.
+        Costs two comparisons when the lengths are already those (a loaded or restored state comes back with
+        `STEP_WINDOW`). A read's loss, the mean of the steps it stands for, is weighted by their number where it is
+        fed (`update`'s ``steps``)."""
+        stride = max(int(stride), 1)
+        reads = max(STEP_WINDOW // stride, STEP_MIN_REFERENCE)
+        grad_reads = max(STEP_WINDOW // (stride * max(int(grad_stride), 1)), STEP_MIN_REFERENCE)
+        if self.states["loss"].reference.maxlen == reads and self.states["grad_norm"].reference.maxlen == grad_reads:
             return
         for name, state in self.states.items():
-            if CHANNELS[name].reads == "step" and state.reference.maxlen != reads:
-                state.reference = ReferenceWindow(list(state.reference)[-reads:], maxlen=reads)
+            want = grad_reads if name == "grad_norm" else reads
+            if CHANNELS[name].reads == "step" and state.reference.maxlen != want:
+                state.reference = ReferenceWindow(list(state.reference)[-want:], maxlen=want)
 
     def observe_lr(self, step: int, lr: float) -> bool:
         """The learning rate of optimizer step ``step``. A change the schedule made restarts every channel's reference
@@ -1172,6 +1209,15 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
     if not params:
         return None
     grads = [p.grad for p in params]
+    # the common case decided in one pass (a plain tensor is neither sharded nor on a device): on a small model this
+    # runs right after the backward pass, where each call costs several times its warm time
+    if all(type(g) is torch.Tensor and g.is_cpu for g in grads):
+        if len(grads) <= FEW_TENSORS:
+            per_tensor = [torch.linalg.vector_norm(g).item() for g in grads]
+        else:
+            per_tensor = torch.stack(torch._foreach_norm(grads)).tolist()
+        total = math.sqrt(sum(n * n for n in per_tensor))
+        return (torch.tensor(total, dtype=torch.float32) if as_tensor else total), per_tensor, params
     if any(_is_dtensor(g) for g in grads):
         # sharded gradients (FSDP2, tensor parallel): a DTensor's norm read as a number is its own shard's norm, so
         # each rank would read a different value; the shards' squares are summed over their meshes instead

@@ -27,6 +27,7 @@ from topo_callbacks.core.budget import (
     MIN_SAMPLES,
     PLANNED_SHARE,
     check_spacing,
+    grad_stride,
     step_stride,
 )
 from topo_callbacks.core.capture import POOLS, EmbeddingCapture, LayerSpec, resolve_layer
@@ -185,7 +186,11 @@ class CollapseMonitorCore:
             loss, the detector's update: tens to hundreds of microseconds on a CPU) is done at every step. On the CPU,
             once it costs more than a quarter of the budget, the detector scores it in batches of `HOST_READ_EVERY`
             (8) steps (every step scored, a CUSUM alarm up to 7 steps later, a non-finite, zero or doubled value at
-            once). If it alone still costs more than `STRIDE_FROM` (4) times the budget (steps of a millisecond or
+            once). Once it costs more than half the budget, the gradient norm is computed at one read in 2 or 4 only
+            (`grad_every`, `reads_grad_norm`; the loss is still read at every step), each read of it adding to its
+            CUSUMs what the reads it stands for would (replayed on the benchmark's calibration seeds: at one read in 4
+            the same detections, one clean run more alarmed of 160). If it alone still costs more than `STRIDE_FROM`
+            (4) times the budget (steps of a millisecond or
             less; below that the budget may be exceeded: the per-step channels carry the detector), the per-step
             channels are read at every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a
             per-step alarm comes up to that many steps later. Every one of a process's first `STEP_WINDOW` (200) steps
@@ -408,8 +413,19 @@ class CollapseMonitorCore:
         self._next_check = self.every_n_train_steps
         #: the per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)
         self.observe_every = 1
+        #: of the steps read, the gradient norm is computed at every this many only (1 unless ``max_overhead`` finds it
+        #: most of the per-step work; at most `MAX_GRAD_STRIDE`): `reads_grad_norm`
+        self.grad_every = 1
+        self._reads_since_grad = 0
+        self._grad_spent_s = 0.0
+        self._grad_count = 0
+        self._grad_mark = (0.0, 0)
+        self._parameter_list: tuple[nn.Module, int, list[Any]] | None = None
         #: whether the CPU's per-step values are scored in batches of `HOST_READ_EVERY` steps (set by the budget)
         self._host_batch = False
+        #: `CusumDetector.urgent_above` after the last batch scored (``_host_batch``)
+        self._urgent_above = (math.inf, math.inf)
+        self._no_values: list[None] = []
         #: every step is read up to this one (the first `STEP_WINDOW` of this process, set at its first step), whatever
         #: ``observe_every``: a run broken from its start is scored from its start, on references of single steps
         self._read_all_until: int | None = None
@@ -500,6 +516,7 @@ class CollapseMonitorCore:
                 if CHANNELS[c].reads == "step" and c not in _ALWAYS and CHANNELS[c].of is None
             ]  # fmt: skip
             self._step_channels = (*_ALWAYS, *calibrated)
+            self._no_values = [None] * len(calibrated)
         return self._step_channels
 
     def observe_step(
@@ -542,6 +559,7 @@ class CollapseMonitorCore:
             >>> first.reason.name, first.step, monitor.skipped_steps
             ('DETECTOR', 302, 1)
         """
+        start = time.perf_counter()
         wanted = self.step_channels
         if loss is None and self._loss_count:
             loss = self._loss_sum / self._loss_count  # a tensor stays one (read with the batch, below)
@@ -553,7 +571,8 @@ class CollapseMonitorCore:
             self._start_clock(step - 1)
         if self._read_all_until is None:
             self._read_all_until = step - 1 + STEP_WINDOW
-        if not self.observes(step):
+        every = self.observe_every  # `observes`, written out: this runs at every optimizer step
+        if every > 1 and step % every and step > self._read_all_until and not self.is_check_step(step):
             # ``max_overhead`` reads every `observe_every`-th step only; this step's loss joins the next read's (a
             # number on the CPU, a tensor added on the device elsewhere: no read here either way)
             if loss is not None:
@@ -561,31 +580,69 @@ class CollapseMonitorCore:
                 self._unread_count += 1
             if skipped is True and self.detector is not None:  # counted (a flag on the device is not read here)
                 self.detector.skipped_steps += 1
+            self.time_spent_s += time.perf_counter() - start
             return None
         read_steps = 1  # the steps this read's loss stands for (`CusumDetector.update`'s ``steps``)
         if self._unread_count and loss is not None:
             read_steps = self._unread_count + 1
             loss = (self._unread_loss + loss) / read_steps
         self._unread_loss, self._unread_count = 0.0, 0
+        # a gradient norm read at one read in `grad_every` stands for the reads since the last (`CusumDetector.update`);
+        # one given at another step (a framework's own clipping norm) is not read, as the benchmark's replay reads it
+        if self.grad_every > 1 and grad_norm is not None and not self.reads_grad_norm(step):
+            grad_norm = None
+        self._reads_since_grad += 1
+        grad_steps = 1
+        if grad_norm is not None:
+            if self.grad_every > 1 and step > self._read_all_until:
+                grad_steps = min(self._reads_since_grad, self.grad_every)
+            self._reads_since_grad = 0
         if self.detector is not None:
             # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride: a wider window lags
             # behind a trend (a warm-up) and false-alarmed on the benchmark's replay
-            self.detector.set_step_window(1 if step <= self._read_all_until else self.observe_every)
-        given = {"loss": loss, "grad_norm": grad_norm}
-        start = time.perf_counter()
+            if step <= self._read_all_until:
+                self.detector.set_step_window(1)
+            else:
+                self.detector.set_step_window(self.observe_every, self.grad_every)
         lost = self._layer_lost[1] if self._layer_lost is not None and self._layer_lost[0] == step else None
-        row = [given.get(name) for name in wanted] + [lr, skipped, loss_scale, lost, read_steps]
+        # the loss and the gradient norm lead `step_channels` (`_ALWAYS`); nothing else is given per step
+        row = [loss, grad_norm, *self._no_values, lr, skipped, loss_scale, lost, read_steps, grad_steps]
         reads = self._reads()
-        if reads.read_every == 1 and not len(reads) and world_size() == 1 and not _on_gpu(row):
+        if self._host_batch:
+            # the CPU's values scored in batches (`HOST_READ_EVERY`): a step outside a check and with nothing urgent
+            # (`CusumDetector.urgent_above`) is only queued; most steps end here, so this path is kept short
+            fed = 1.0 if loss is None else float(loss)  # CPU numbers or tensors only (``_host_batch``)
+            norm = 1.0 if grad_norm is None else float(grad_norm)
+            if isinstance(skipped, Tensor):
+                skipped = bool(skipped)
+            row[0], row[1] = None if loss is None else fed, None if grad_norm is None else norm
+            row[len(wanted) + 1] = skipped
+            if isinstance(loss_scale, Tensor):
+                row[len(wanted) + 2] = float(loss_scale)
+            queued = reads.add_host(step, row)
+            above_loss, above_grad = self._urgent_above
+            urgent = (
+                not (-math.inf < fed < above_loss and -math.inf < norm < above_grad)
+                or fed == 0.0
+                or norm == 0.0
+                or skipped is True
+            )
+            fired = None
+            if urgent or queued >= reads.read_every or self.is_check_step(step):
+                fired = self._feed_steps(reads.take_host())
+                self._urgent_above = self.detector.urgent_above()  # type: ignore[union-attr]  # set with _host_batch
+                self._tell_detector_news(step)
+        elif reads.read_every == 1 and not len(reads) and world_size() == 1 and not _on_gpu(row):
             fired = self._feed_steps([(step, [None if v is None else float(v) for v in row])])  # nothing to batch
+            self._tell_detector_news(step)
         else:
             stored = reads.add(step, row)
             # a check step reads the device anyway: the detector then sees every step up to the check. Host values
-            # in a batch (`HOST_READ_EVERY`, or ``read_every_n_steps`` on the CPU) are scored at once when the rules
-            # that act fast need them (under DDP a rank cannot decide that alone: its peers wait for the batch)
+            # in a batch (``read_every_n_steps`` on the CPU) are scored at once when the rules that act fast need
+            # them (under DDP a rank cannot decide that alone: its peers wait for the batch)
             force = self.is_check_step(step) or (world_size() == 1 and self._urgent(wanted, stored))
             fired = self._feed_steps(reads.ready(self._device, force=force))
-        self._tell_detector_news(step)
+            self._tell_detector_news(step)
         now = time.perf_counter()
         self.time_spent_s += now - start
         if not self._remarked and self._fed_steps:
@@ -622,9 +679,26 @@ class CollapseMonitorCore:
             or self.is_check_step(step)
         )
 
+    def reads_grad_norm(self, step: int) -> bool:
+        """Whether the detector reads the gradient norm at optimizer step ``step``: at the steps it reads
+        (`observes`), and of those at every `grad_every`-th only once the first `STEP_WINDOW` steps are read (and at
+        every check step): an adapter computes it only then."""
+        if not self.observes(step):
+            return False
+        every = self.grad_every
+        return (
+            every == 1
+            or self._read_all_until is None
+            or step <= self._read_all_until
+            or step % (every * self.observe_every) == 0
+            or self.is_check_step(step)
+        )
+
     def step_grad_norm(self, parameters: Any, step: int) -> Tensor | float | None:
         """`global_grad_norm` of ``parameters`` (a tensor on an accelerator, not read) for optimizer step ``step``
-        when the detector reads that step (`observes`), else None; timed as the monitor's own work.
+        when the detector reads it at that step (`reads_grad_norm`), else None; timed as the monitor's own work.
+        ``parameters``: an iterable of parameters, or the model (an ``nn.Module``: its parameters are listed once
+        per check, not at every read).
 
         Example:
             >>> import torch
@@ -633,18 +707,33 @@ class CollapseMonitorCore:
             >>> CollapseMonitorCore("0").step_grad_norm([p], step=1)
             5.0
         """
-        if "grad_norm" not in self.step_channels or not self.observes(step):
+        if "grad_norm" not in self.step_channels or not self.reads_grad_norm(step):
             return None
         start = time.perf_counter()
-        norms = grad_norms(parameters, as_tensor=self._device.type != "cpu")  # a CPU number costs no wait
+        norms = grad_norms(self._parameters_of(parameters), as_tensor=self._device.type != "cpu")  # CPU: no wait
         if norms is None:
-            self.time_spent_s += time.perf_counter() - start
+            self._spent_on_grad(time.perf_counter() - start)
             return None
         total, per_tensor, params = norms
         self.layer_norms.record(step, params, per_tensor)  # kept for the layers an alarm names (nothing read)
         self._layer_lost = (step, _any_zero(per_tensor))
-        self.time_spent_s += time.perf_counter() - start
+        self._spent_on_grad(time.perf_counter() - start)
         return total
+
+    def _parameters_of(self, parameters: Any) -> Any:
+        """A module's parameters, listed again at each check only (walking a module's tree costs as much as the norms
+        of a small model's gradients); anything else as it is."""
+        if not isinstance(parameters, nn.Module):
+            return parameters
+        cached = self._parameter_list
+        if cached is None or cached[0] is not parameters or cached[1] != self.last_checked_step:
+            cached = self._parameter_list = (parameters, self.last_checked_step, list(parameters.parameters()))
+        return cached[2]
+
+    def _spent_on_grad(self, seconds: float) -> None:
+        self.time_spent_s += seconds
+        self._grad_spent_s += seconds
+        self._grad_count += 1
 
     def record_layer_norms(self, parameters: Any, step: int, total: Tensor | float | None = None) -> None:
         """Keep the per-tensor gradient norms of ``parameters`` at optimizer step ``step`` for the layer diagnosis,
@@ -662,10 +751,10 @@ class CollapseMonitorCore:
             >>> monitor.layer_norms._rows[0][2]
             [10.0]
         """
-        if "grad_norm" not in self.step_channels or not self.observes(step):
+        if "grad_norm" not in self.step_channels or not self.reads_grad_norm(step):
             return
         start = time.perf_counter()
-        norms = grad_norms(parameters, as_tensor=self._device.type != "cpu")
+        norms = grad_norms(self._parameters_of(parameters), as_tensor=self._device.type != "cpu")
         if norms is not None:
             seen, per_tensor, params = norms
             if total is not None:
@@ -676,7 +765,7 @@ class CollapseMonitorCore:
                     per_tensor = [v * scale for v in per_tensor]
             self.layer_norms.record(step, params, per_tensor)
             self._layer_lost = (step, _any_zero(per_tensor))
-        self.time_spent_s += time.perf_counter() - start
+        self._spent_on_grad(time.perf_counter() - start)
 
     def _reads(self) -> StepReads:
         if self._step_reads is None:
@@ -694,12 +783,13 @@ class CollapseMonitorCore:
         first: CheckResult | None = None
         for step, row in rows:
             values = {name: v for name, v in zip(wanted, row, strict=False) if v is not None}
-            lr, skipped, scale, lost, read_steps = row[len(wanted) :]
+            lr, skipped, scale, lost, read_steps, grad_steps = row[len(wanted) :]
             if values:
                 self._fed_steps += 1
             fired = detector.observe_step(step, values, lr=lr, skipped=bool(skipped), loss_scale=scale,
                                           layer_lost=None if lost is None else lost > 0,
-                                          read_steps=1 if read_steps is None else round(read_steps))  # fmt: skip
+                                          read_steps=1 if read_steps is None else round(read_steps),
+                                          grad_steps=1 if grad_steps is None else round(grad_steps))  # fmt: skip
             if fired is not None:
                 result = self._detector_alarm(step, fired, None)
                 first = first or result
@@ -740,12 +830,11 @@ class CollapseMonitorCore:
     def add_loss(self, loss: Tensor | float | None) -> None:
         """One micro-batch's training loss; `observe_step` feeds their mean when it is given no ``loss``. Kept as a
         tensor until then, so a GPU loss costs one copy to the host per optimizer step."""
-        if loss is None or "loss" not in self.step_channels:
+        if loss is None or self.detector is None:
             return
         start = time.perf_counter()
         if isinstance(loss, Tensor):  # on the CPU reading a number costs less than the tensor ops that average it
-            on_host = loss.device.type == "cpu" and loss.numel() == 1
-            value: Tensor | float = loss.item() if on_host else loss.detach().float().mean()
+            value: Tensor | float = loss.item() if loss.is_cpu and loss.numel() == 1 else loss.detach().float().mean()
         else:
             value = float(loss)
         self._loss_sum = self._loss_sum + value
@@ -832,9 +921,12 @@ class CollapseMonitorCore:
         if steps < 1:  # no step timed since the mark (a check at the first step read): decide at the next check,
             self._next_check = step + self.check_every  # a trial still pending
             return
-        own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1)]
+        grad_mark, self._grad_mark = self._grad_mark, (self._grad_spent_s, self._grad_count)
+        grads = self._grad_count - grad_mark[1]
+        grad_s = (self._grad_spent_s - grad_mark[0]) / grads if grads > 0 else 0.0
+        own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1), grad_s]
         world = world_size()
-        check_s, per_step, train_step = (v / world for v in sum_floats_across_ranks(own, self._device))
+        check_s, per_step, train_step, grad_s = (v / world for v in sum_floats_across_ranks(own, self._device))
         every = self.every_n_train_steps
         trial, self._trial_samples = self._trial_samples, None
         if trial is not None:  # a trial check: predict a check of max_samples rows (measured: ~ linear from 128 rows,
@@ -858,7 +950,15 @@ class CollapseMonitorCore:
             # several times its warm time, a batch pays that once. The stride is decided on the batched cost
             self._host_batch = True
             self._reads().read_every = HOST_READ_EVERY
+            if self.detector is not None:
+                self._urgent_above = self.detector.urgent_above()
         per_read = per_step * self.observe_every
+        if grad_s > 0.0:
+            # the gradient norm first, at one read in 2 or 4 (`grad_stride`): detection barely changes, the cost of
+            # the step it is computed at is most of the per-step work on a small model
+            other = max(per_read - grad_s / self.grad_every, 0.0)
+            self.grad_every = grad_stride(other, grad_s, train_step, budget)
+            per_read = other + grad_s / self.grad_every
         self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
         per_step = per_read / self.observe_every
         # the checks get what the per-step work leaves of the budget, and at least half of it: the per-step work is
@@ -1142,6 +1242,7 @@ class CollapseMonitorCore:
             "overhead": self.overhead,
             "check_every": self.check_every,
             "observe_every": self.observe_every,
+            "grad_every": self.grad_every,
             "max_samples": self.max_samples,
             # every alarm episode of the detector: start, end (None while open), channel, kind, peak level, message
             "episodes": [] if self.detector is None else [dict(e) for e in self.detector.episodes],
@@ -1429,6 +1530,7 @@ class CollapseMonitorCore:
         self._in_alarm = False
         self._previous_probe = None  # the next probe check is compared with nothing from the abandoned steps
         self._unread_loss, self._unread_count = 0.0, 0  # nor the next read's loss with theirs
+        self._reads_since_grad = 0
         # the rows captured and the per-step values not yet read belong to the abandoned steps: dropped, and no check
         # at this step (it would score the state just left)
         self.capture.reset()
@@ -1438,6 +1540,8 @@ class CollapseMonitorCore:
             reads = StepReads(self._step_reads.read_every)
             reads.reads = self._step_reads.reads
             self._step_reads = reads
+        if self._host_batch and self.detector is not None:
+            self._urgent_above = self.detector.urgent_above()
         self.last_checked_step = max(self.last_checked_step, step)
 
     # ------------------------------------------------------------------- state
@@ -1464,6 +1568,7 @@ class CollapseMonitorCore:
             "episodes_ended_told": self._episodes_ended_told,
             "check_every": self.check_every,
             "observe_every": self.observe_every,
+            "grad_every": self.grad_every,
             "next_check": self._next_check,
             "max_samples": self.max_samples,
             # on_alarm="rollback": the record and the learning-rate factor (plain data; the snapshots are a cache)
@@ -1501,6 +1606,7 @@ class CollapseMonitorCore:
         self._episodes_ended_told = int(state.get("episodes_ended_told", 0))
         self.check_every = int(state.get("check_every", self.every_n_train_steps))
         self.observe_every = int(state.get("observe_every", 1))
+        self.grad_every = int(state.get("grad_every", 1))
         if self.history or self.last_checked_step >= 0 or self.eps is not None:
             self._trial_samples = None  # a resumed run has measured its checks already: no trial again
         self._next_check = int(state.get("next_check", self.last_checked_step + self.check_every))

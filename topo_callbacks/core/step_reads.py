@@ -76,6 +76,17 @@ class StepReads:
         self._rows.append((int(step), row))
         return row
 
+    def add_host(self, step: int, row: list[Any]) -> int:
+        """Queue a row of host numbers (no tensor: a single process on the CPU), as it is; returns the rows queued."""
+        self._rows.append((step, row))
+        return len(self._rows)
+
+    def take_host(self) -> list[tuple[int, list[float | None]]]:
+        """Every row queued by `add_host`, oldest first (one read)."""
+        rows, self._rows = self._rows, []
+        self.reads += 1
+        return rows  # type: ignore[return-value]  # `add_host` queues host numbers only
+
     def ready(self, device: torch.device, *, force: bool = False) -> list[tuple[int, list[float | None]]]:
         """The queued steps whose values are on the host now, oldest first; every rank must call it at the same steps
         (under DDP it all-reduces when a batch is due). ``force``: read everything queued now (at a check, at the end
