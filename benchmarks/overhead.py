@@ -306,8 +306,8 @@ def main_small(args: argparse.Namespace) -> None:
     print(f"whole runs of {steps} steps, {repeats} repeats per arm (rotating order); monitor defaults"
           " (every_n_train_steps=50, max_samples=1024) with max_overhead=None ('all') and 0.02 ('budget')")  # fmt: skip
     header = (f"{'model':<11} {'step off':>9} {'all: ratio':>10} {'checks':>6} {'check':>8} {'budget: ratio':>13}"
-              f" {'checks':>6} {'check':>8} {'every':>6} {'read 1/k':>8} {'samples':>7} {'own share':>9}"
-              f" {'off: spread':>11}")  # fmt: skip
+              f" {'checks':>6} {'check':>8} {'every':>6} {'read 1/k':>8} {'grad 1/g':>8} {'samples':>7}"
+              f" {'own share':>9} {'off: spread':>11}")  # fmt: skip
     print(header)
     for name in SMALL_MODELS:
         runs = small_arms(name, steps, repeats)
@@ -318,7 +318,7 @@ def main_small(args: argparse.Namespace) -> None:
         print(f"{name:<11} {step['off'] * 1e3:7.2f}ms {step['all'] / step['off']:10.3f}"
               f" {len(runs['all'][-1]['checks']):6d} {_median_check_ms(runs['all'])}"
               f" {step['budget'] / step['off']:13.3f} {len(last['checks']):6d} {_median_check_ms(runs['budget'])}"
-              f" {last['check_every']:6d} {last['observe_every']:8d} {last['max_samples']:7d}"
+              f" {last['check_every']:6d} {last['observe_every']:8d} {last['grad_every']:8d} {last['max_samples']:7d}"
               f" {statistics.median(x['own_share'] for x in runs['budget']):9.3f} {spread:11.3f}")  # fmt: skip
 
 
