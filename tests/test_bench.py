@@ -638,3 +638,52 @@ def test_replay_reads_every_kth_step_as_the_budget_does():
     for k in (3, 4):
         assert first[1] <= first[k] < first[1] + k
         assert first[k] % k == 0 or first[k] in checks
+
+
+@pytest.mark.parametrize("grad_every", [1, 2, 4])
+def test_replay_reads_the_gradient_norm_as_the_live_monitor_does(grad_every: int) -> None:
+    """`replay_episodes(grad_stride=g)` (how the budget's gradient-norm stride is scored on the benchmark) takes the
+    decisions the live monitor takes with ``grad_every = g``, fed as an adapter feeds it (the norm computed only where
+    `reads_grad_norm` says): the same episodes on a run whose gradient norm rises 1.6x at step 400 and on one without
+    the rise; the rise alarms after it starts and at most g steps after reading every step does (a read standing for g
+    reads can also bring the alarm a few steps earlier: one read's score counts g times)."""
+    import random
+    import warnings
+
+    from topo_callbacks.bench.cusum import replay_episodes
+    from topo_callbacks.core import CollapseMonitorCore
+    from topo_callbacks.core.detector import default_calibration
+
+    rng = random.Random(3)
+    steps = 700
+    loss = [1.0 + 0.02 * rng.gauss(0, 1) for _ in range(steps)]
+    noise = [math.exp(0.05 * rng.gauss(0, 1)) for _ in range(steps)]
+    cal = default_calibration(0.05)
+
+    def record(rise: float) -> RunRecord:
+        grad = [n * (rise if s >= 400 else 1.0) for s, n in enumerate(noise, 1)]
+        zeros = [0.0] * steps
+        return RunRecord("f", "healthy", 0, steps, 10, loss, grad, [0.1] * steps, [[0.0]] * steps, [[1.0]] * steps,
+                         zeros, zeros, zeros, [], [], None, layer_lost_steps=None)  # fmt: skip
+
+    def live(rec: RunRecord) -> list[tuple[int, str]]:
+        monitor = CollapseMonitorCore("0", every_n_train_steps=10**6, max_overhead=None)
+        monitor.grad_every = grad_every  # as the budget sets it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for s in range(1, steps + 1):
+                grad = rec.grad_norm[s - 1] if monitor.reads_grad_norm(s) else None
+                monitor.observe_step(s, loss=rec.loss[s - 1], grad_norm=grad, lr=0.1)
+        return [(e["start"], e["channel"]) for e in monitor.summary()["episodes"]]
+
+    def replayed(rec: RunRecord, g: int) -> list[tuple[int, str]]:
+        return [(e["start"], e["channel"]) for e in replay_episodes(rec, cal, grad_stride=g)]
+
+    rising, flat = record(1.6), record(1.0)
+    assert live(rising) == replayed(rising, grad_every)
+    assert live(flat) == replayed(flat, grad_every) == []
+    every = replayed(rising, 1)[0]
+    strided = replayed(rising, grad_every)[0]
+    assert every[1] == strided[1] == "grad_norm"
+    assert every[0] >= 400
+    assert 400 <= strided[0] <= every[0] + grad_every
