@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from topo_callbacks.bench.cusum import fit_calibration, fused_series, on_step_grid
 from topo_callbacks.bench.protocol import clopper_pearson
 from topo_callbacks.core.detector import (
+    ABRUPT_STEPS,
     ALLOWANCE,
     CHANNELS,
     CLIP,
+    DEAD_LAYER_STEPS,
     SPIKE_ALLOWANCE,
     CusumDetector,
     DetectorCalibration,
@@ -530,3 +532,33 @@ def test_urgent_above_flags_at_least_what_urgent_flags(
             assert not (-math.inf < value < above_grad) or value == 0.0
         if not (-math.inf < value < above_loss) and math.isfinite(value) and value != 0.0:
             assert value >= above_loss  # only a value over the bound, never one under it, is flagged by the bound
+
+
+def test_onsets_of_streak_rules_are_steps_when_reads_skip_steps() -> None:
+    """Read at one step in 4 (the gradient norm under the overhead budget), the dead-layer and fast rules count reads
+    in a row, and their onset (where a rollback goes back to) is the step after the last read before the streak, not
+    the alarm step minus the count: a layer dead from step 301, read at 304, 308, ..., has its onset at 301."""
+    det = CusumDetector(default_calibration(0.05))
+    fired = None
+    for step in range(4, 600, 4):
+        lost = step > 300
+        fired = det.observe_step(step, {"loss": 1.0, "grad_norm": 1.0}, layer_lost=lost, grad_steps=4) or fired
+        if fired is not None:
+            break
+    assert fired is not None
+    assert fired.kind == "dead_layer"
+    assert fired.step == 300 + 4 * DEAD_LAYER_STEPS
+    assert fired.onset == 301
+    # the fast rule: the gradient norm 30x (far past `ABRUPT_UP`, under the extreme rule's 1000x) from the read at 404
+    det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 100.0}, 1.0))  # no CUSUM on the norm
+    rng = np.random.default_rng(0)
+    for step in range(4, 600, 4):
+        norm = math.exp(0.05 * rng.standard_normal()) * (30.0 if step > 400 else 1.0)
+        fired = det.observe_step(step, {"loss": 1.0, "grad_norm": norm}, grad_steps=4)
+        abrupt = [e for e in det.episodes if e["kind"] == "abrupt"]
+        if abrupt:
+            assert abrupt[0]["start"] == 400 + 4 * ABRUPT_STEPS
+            assert abrupt[0]["onset"] == 401
+            break
+    else:
+        raise AssertionError("no abrupt episode")

@@ -60,6 +60,11 @@ def build_collapse_monitor(callback_base: type) -> type:
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self.optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            # `setup` runs before the strategy moves the model to its device: read on a CPU-placed model, the device
+            # would send the per-step path down the host branch (a CUDA value read at every step)
+            param = next(pl_module.parameters(), None)
+            if param is not None:
+                self._device = param.device
             policy = self.rollback_policy
             if policy is not None:  # on_alarm="rollback": the objects a rollback restores in place
                 self.track(

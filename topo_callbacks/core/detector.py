@@ -374,9 +374,11 @@ class _ChannelState:
     score: float = 0.0
     #: the step of the last value scored (the gradient-norm channel reads the loss's score of the same step)
     step: int = -1
-    #: consecutive steps past the fast rule's limits, up and down
+    #: consecutive reads past the fast rule's limits, up and down, and the step after the last read before them (a read
+    #: may stand for several optimizer steps: the onset is a step, not a count back)
     up: int = 0
     down: int = 0
+    streak_start: int = -1
     #: the last step (or check's step) at which the channel's CUSUM stood at 0: the change point of an alarm on it
     zero_step: int = 0
     #: the largest value fed (on the channel's scale), kept when the reference restarts
@@ -463,6 +465,8 @@ class CusumDetector:
         #: which some tensor's gradient was exactly 0
         self._gradient_steps = 0
         self._lost_steps = 0
+        self._lost_since = -1
+        self._layer_read = -1
         self._lr_reference: float | None = None
         self._lr_previous: float | None = None
         self._lr_max = 0.0
@@ -774,9 +778,10 @@ class CusumDetector:
         return False
 
     def urgent_above(self) -> tuple[float, float]:
-        """`urgent` as two numbers to compare with, for a caller that checks every step: a loss or a gradient norm
-        is urgent exactly when it is not strictly between ``-inf`` and the number returned for it, or is 0 (the
-        numbers hold until the next value is fed).
+        """`urgent` as two numbers to compare with, for a caller that checks every step: whatever `urgent` flags
+        is not strictly between ``-inf`` and the number returned for it, or is 0 (a value at the bound may be flagged
+        too: that changes when it is scored, never what). The numbers hold until the next value is fed or the
+        references change (`set_step_window`, `load_state_dict`).
 
         Example:
             >>> det = CusumDetector(default_calibration(0.05))
@@ -833,15 +838,19 @@ class CusumDetector:
         learning = name == "grad_norm" and loss.step == step and loss.score < -ALLOWANCE
         state.up = state.up + 1 if raw >= ABRUPT_UP and not learning else 0
         state.down = state.down + 1 if name == "grad_norm" and raw <= -ABRUPT_DOWN else 0
+        if state.up == 1 or state.down == 1:  # (a value is past one limit at most)
+            # from the step after the last read not past it: a read may stand for steps not read
+            state.streak_start = state.step + 1 if 0 <= state.step < step else step
         if ABRUPT_STEPS not in (state.up, state.down):
             return None
         way, limit = ("risen", ABRUPT_UP) if state.up == ABRUPT_STEPS else ("fallen", ABRUPT_DOWN)
+        onset = state.streak_start if 0 <= state.streak_start <= step else step - ABRUPT_STEPS + 1
         scale = " (log scale)" if CHANNELS[name].log else ""
         detail = (
             f"it has {way} more than {limit:g} robust standard deviations{scale} from its baseline"
-            f" {state.baseline:.4g} for {ABRUPT_STEPS} steps (now {value:.4g})."
+            f" {state.baseline:.4g} for {ABRUPT_STEPS} reads in a row, from step {onset} (now {value:.4g})."
         )
-        return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail, onset=step - ABRUPT_STEPS + 1)
+        return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail, onset=onset)
 
     def _dead_rise(self, step: int, dead: float | None, d: int, rows: float, hold: int) -> DetectorFiring | None:
         """The dormant-unit rule (`DEAD_RISE`): a check's dead-unit share far above the checks before, on samples
@@ -1006,6 +1015,7 @@ class CusumDetector:
         """The dead-layer rule: some parameter tensors' gradients exactly 0 for `DEAD_LAYER_STEPS` reads in a row,
         after `STEP_MIN_REFERENCE` reads in a row in which every tensor had a gradient (a layer without one from the
         start, or one that gets it only now and then, never arms it)."""
+        previous, self._layer_read = self._layer_read, step
         if not lost:
             self._gradient_steps += 1
             self._lost_steps = 0
@@ -1014,15 +1024,18 @@ class CusumDetector:
             self._gradient_steps = 0
             return None
         self._lost_steps += 1
+        if self._lost_steps == 1:  # from the step after the last read with every gradient (reads may skip steps)
+            self._lost_since = previous + 1 if 0 <= previous < step else step
         if self._lost_steps < DEAD_LAYER_STEPS:
             return None
+        onset = self._lost_since if 0 <= self._lost_since <= step else step - self._lost_steps + 1
         detail = (
-            f"some parameters' gradient has been exactly 0 for {self._lost_steps} steps in a row after"
-            f" {self._gradient_steps} in which every parameter had one: a layer stopped passing gradient (its units"
-            " dead, or its output constant); the layers are named below."
+            f"some parameters' gradient has been exactly 0 for {self._lost_steps} reads in a row (from step"
+            f" {onset}) after {self._gradient_steps} in which every parameter had one: a layer stopped passing"
+            " gradient (its units dead, or its output constant); the layers are named below."
         )
         return self.absolute_event(step, "grad_norm", 0.0, AlarmKind.DEAD_LAYER, detail,
-                                   onset=step - self._lost_steps + 1)  # fmt: skip
+                                   onset=onset)  # fmt: skip
 
     def _start(self, firing: DetectorFiring) -> DetectorFiring:
         if self.fired is None:
@@ -1075,6 +1088,7 @@ class CusumDetector:
             "channels": {
                 name: {"reference": list(s.reference), "s_pos": s.s_pos, "s_neg": s.s_neg, "value": _nan_none(s.value),
                        "baseline": _nan_none(s.baseline), "score": s.score, "step": s.step, "up": s.up, "down": s.down,
+                       "streak_start": s.streak_start,
                        "zero_step": s.zero_step, "peak": None if s.peak == -math.inf else s.peak,
                        "early_peak": None if s.early_peak == -math.inf else s.early_peak, "fed": s.fed}
                 for name, s in self.states.items()
@@ -1090,6 +1104,8 @@ class CusumDetector:
             "zero_grad_steps": self._zero_grad_steps,
             "gradient_steps": self._gradient_steps,
             "lost_steps": self._lost_steps,
+            "lost_since": self._lost_since,
+            "layer_read": self._layer_read,
             "lr_reference": self._lr_reference,
             "lr_previous": self._lr_previous,
             "lr_max": self._lr_max,
@@ -1114,6 +1130,7 @@ class CusumDetector:
             s.score = float(data["score"])
             s.step = int(data.get("step", -1))
             s.up, s.down = int(data.get("up", 0)), int(data.get("down", 0))
+            s.streak_start = int(data.get("streak_start", -1))
             s.zero_step = int(data.get("zero_step", 0))
             peak = data.get("peak")
             s.peak = -math.inf if peak is None else float(peak)
@@ -1133,6 +1150,8 @@ class CusumDetector:
         self._zero_grad_steps = int(state.get("zero_grad_steps", 0))
         self._gradient_steps = int(state.get("gradient_steps", 0))
         self._lost_steps = int(state.get("lost_steps", 0))
+        self._lost_since = int(state.get("lost_since", -1))
+        self._layer_read = int(state.get("layer_read", -1))
         lr_ref = state.get("lr_reference")
         self._lr_reference = None if lr_ref is None else float(lr_ref)
         previous = state.get("lr_previous")

@@ -420,7 +420,7 @@ class CollapseMonitorCore:
         self._grad_spent_s = 0.0
         self._grad_count = 0
         self._grad_mark = (0.0, 0)
-        self._parameter_list: tuple[nn.Module, int, list[Any]] | None = None
+        self._parameter_list: tuple[nn.Module, tuple[int, int], list[Any]] | None = None
         #: whether the CPU's per-step values are scored in batches of `HOST_READ_EVERY` steps (set by the budget)
         self._host_batch = False
         #: `CusumDetector.urgent_above` after the last batch scored (``_host_batch``)
@@ -597,13 +597,6 @@ class CollapseMonitorCore:
             if self.grad_every > 1 and step > self._read_all_until:
                 grad_steps = min(self._reads_since_grad, self.grad_every)
             self._reads_since_grad = 0
-        if self.detector is not None:
-            # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride: a wider window lags
-            # behind a trend (a warm-up) and false-alarmed on the benchmark's replay
-            if step <= self._read_all_until:
-                self.detector.set_step_window(1)
-            else:
-                self.detector.set_step_window(self.observe_every, self.grad_every)
         lost = self._layer_lost[1] if self._layer_lost is not None and self._layer_lost[0] == step else None
         # the loss and the gradient norm lead `step_channels` (`_ALWAYS`); nothing else is given per step
         row = [loss, grad_norm, *self._no_values, lr, skipped, loss_scale, lost, read_steps, grad_steps]
@@ -611,8 +604,9 @@ class CollapseMonitorCore:
         if self._host_batch:
             # the CPU's values scored in batches (`HOST_READ_EVERY`): a step outside a check and with nothing urgent
             # (`CusumDetector.urgent_above`) is only queued; most steps end here, so this path is kept short
-            fed = 1.0 if loss is None else float(loss)  # CPU numbers or tensors only (``_host_batch``)
-            norm = 1.0 if grad_norm is None else float(grad_norm)
+            # CPU numbers or tensors only (``_host_batch``); a value not given stands in as -1, inside every bound
+            fed = -1.0 if loss is None else float(loss)
+            norm = -1.0 if grad_norm is None else float(grad_norm)
             if isinstance(skipped, Tensor):
                 skipped = bool(skipped)
             row[0], row[1] = None if loss is None else fed, None if grad_norm is None else norm
@@ -721,13 +715,22 @@ class CollapseMonitorCore:
         return total
 
     def _parameters_of(self, parameters: Any) -> Any:
-        """A module's parameters, listed again at each check only (walking a module's tree costs as much as the norms
-        of a small model's gradients); anything else as it is."""
+        """A module's parameters, kept between reads (walking a module's tree right after the backward pass costs as
+        much as the norms of a small model's gradients) and listed again after a check, after a parameter or a module
+        was registered anywhere in the process (a head added, ``load_state_dict(assign=True)``), or when its first
+        parameter is another tensor (a conversion that replaced them); anything else as it is."""
         if not isinstance(parameters, nn.Module):
             return parameters
+        _watch_registrations()
+        key = (self.last_checked_step, _REGISTRATIONS[0])
         cached = self._parameter_list
-        if cached is None or cached[0] is not parameters or cached[1] != self.last_checked_step:
-            cached = self._parameter_list = (parameters, self.last_checked_step, list(parameters.parameters()))
+        if (
+            cached is None
+            or cached[0] is not parameters
+            or cached[1] != key
+            or (cached[2] and next(parameters.parameters(), None) is not cached[2][0])
+        ):
+            cached = self._parameter_list = (parameters, key, list(parameters.parameters()))
         return cached[2]
 
     def _spent_on_grad(self, seconds: float) -> None:
@@ -781,7 +784,16 @@ class CollapseMonitorCore:
         assert detector is not None
         wanted = self.step_channels
         first: CheckResult | None = None
+        read_all_until = self._read_all_until if self._read_all_until is not None else math.inf
+        strides = (self.observe_every, self.grad_every)
         for step, row in rows:
+            # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride (a wider window lags
+            # behind a trend, a warm-up, and false-alarmed on the benchmark's replay); set as each row is scored, so
+            # that the rows queued before the first STEP_WINDOW steps ended are scored as the replay scores them
+            if step <= read_all_until:
+                detector.set_step_window(1)
+            else:
+                detector.set_step_window(*strides)
             values = {name: v for name, v in zip(wanted, row, strict=False) if v is not None}
             lr, skipped, scale, lost, read_steps, grad_steps = row[len(wanted) :]
             if values:
@@ -922,11 +934,14 @@ class CollapseMonitorCore:
             self._next_check = step + self.check_every  # a trial still pending
             return
         grad_mark, self._grad_mark = self._grad_mark, (self._grad_spent_s, self._grad_count)
-        grads = self._grad_count - grad_mark[1]
-        grad_s = (self._grad_spent_s - grad_mark[0]) / grads if grads > 0 else 0.0
-        own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1), grad_s]
+        grads, grad_spent = self._grad_count - grad_mark[1], self._grad_spent_s - grad_mark[0]
+        grad_s = grad_spent / grads if grads > 0 else 0.0
+        own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1), grad_s,
+               grad_spent / max(steps, 1)]  # fmt: skip
         world = world_size()
-        check_s, per_step, train_step, grad_s = (v / world for v in sum_floats_across_ranks(own, self._device))
+        check_s, per_step, train_step, grad_s, grad_per_step = (
+            v / world for v in sum_floats_across_ranks(own, self._device)
+        )
         every = self.every_n_train_steps
         trial, self._trial_samples = self._trial_samples, None
         if trial is not None:  # a trial check: predict a check of max_samples rows (measured: ~ linear from 128 rows,
@@ -956,7 +971,7 @@ class CollapseMonitorCore:
         if grad_s > 0.0:
             # the gradient norm first, at one read in 2 or 4 (`grad_stride`): detection barely changes, the cost of
             # the step it is computed at is most of the per-step work on a small model
-            other = max(per_read - grad_s / self.grad_every, 0.0)
+            other = max(per_step - grad_per_step, 0.0) * self.observe_every  # (the norm was computed more often early)
             self.grad_every = grad_stride(other, grad_s, train_step, budget)
             per_read = other + grad_s / self.grad_every
         self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
@@ -1598,6 +1613,8 @@ class CollapseMonitorCore:
         self._capture_steps = saved_window if same_world else self.every_n_train_steps
         if self.detector is not None and state.get("detector"):
             self.detector.load_state_dict(state["detector"])
+            if self._host_batch:
+                self._urgent_above = self.detector.urgent_above()
         self.last_observed_step = int(state.get("last_observed_step", 0))
         first_alarm = state.get("first_alarm")
         self._first_alarm = None if first_alarm is None else dict(first_alarm)
@@ -1621,6 +1638,31 @@ class CollapseMonitorCore:
                 self._rollback_state = dict(saved)  # applied by `track`
         stop = state.get("rollback_stop")
         self.rollback_stop = None if stop is None else str(stop)
+
+
+#: parameters and modules registered in this process since `_watch_registrations` first ran (a one-item list: the
+#: hooks bump it in place)
+_REGISTRATIONS = [0]
+_WATCHING = [False]
+
+
+def _count_registration(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Install, once per process, the global hooks that count parameter and module registrations (a module's cached
+    parameter list is stale after one)."""
+    if _WATCHING[0]:
+        return
+    from torch.nn.modules.module import (
+        register_module_module_registration_hook,
+        register_module_parameter_registration_hook,
+    )
+
+    register_module_parameter_registration_hook(_count_registration)
+    register_module_module_registration_hook(_count_registration)
+    _WATCHING[0] = True
 
 
 def _any_zero(per_tensor: Any) -> Any:
