@@ -605,7 +605,7 @@ class CusumDetector:
                     # the downward CUSUM as if no fall were held back: what a later check's contraction brings in
                     down = -z - spec.allowance
                     if grad_steps > 1:  # what the reads it stands for would bring, as `_accumulate` counts them
-                        down = min(grad_steps * down, max(0.5 * self._limits[name], spec.clip - spec.allowance))
+                        down = min(grad_steps * down, self._most_per_read(name))
                     fall = self._fall + down
                     if fall <= 0.0:
                         fall, self._fall_peak, self._fall_zero_step = 0.0, 0.0, step
@@ -670,9 +670,8 @@ class CusumDetector:
         if steps > 1 and math.isfinite(z):
             # a read standing for ``steps`` optimizer steps (`update`): what they would add, at most half the threshold
             # (or what one read adds at most, where that is more: never less than a read of one step)
-            spec = CHANNELS[name]
-            k = spec.allowance
-            most = max(0.5 * self._limits[name], spec.clip - k)
+            k = CHANNELS[name].allowance
+            most = self._most_per_read(name)
             up, down = steps * (z - k), steps * (-z - k)
             s_pos = state.s_pos + (up if up < most else most)
             s_neg = state.s_neg + (down if down < most else most)
@@ -687,6 +686,12 @@ class CusumDetector:
             s_pos, s_neg = cusum_update(state.s_pos, state.s_neg, z, CHANNELS[name].allowance)
         state.s_pos = s_pos if s_pos < cap else cap
         state.s_neg = s_neg if s_neg < cap else cap
+
+    def _most_per_read(self, name: str) -> float:
+        """What one read standing for several steps adds to a CUSUM at most: half the threshold, or a one-step read's
+        most (``clip - allowance``) where that is more."""
+        spec = CHANNELS[name]
+        return max(0.5 * self._limits[name], spec.clip - spec.allowance)
 
     def _crossed(self, name: str, step: int, value: float, state: _ChannelState) -> DetectorFiring | None:
         """The firing when calibrated channel ``name``'s CUSUM reached the threshold outside an episode."""
@@ -1228,16 +1233,10 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
     if not params:
         return None
     grads = [p.grad for p in params]
-    # the common case decided in one pass (a plain tensor is neither sharded nor on a device): on a small model this
-    # runs right after the backward pass, where each call costs several times its warm time
-    if all(type(g) is torch.Tensor and g.is_cpu for g in grads):
-        if len(grads) <= FEW_TENSORS:
-            per_tensor = [torch.linalg.vector_norm(g).item() for g in grads]
-        else:
-            per_tensor = torch.stack(torch._foreach_norm(grads)).tolist()
-        total = math.sqrt(sum(n * n for n in per_tensor))
-        return (torch.tensor(total, dtype=torch.float32) if as_tensor else total), per_tensor, params
-    if any(_is_dtensor(g) for g in grads):
+    # a plain tensor is not sharded: the common case skips the DTensor test (on a small model this runs right after
+    # the backward pass, where each call costs several times its warm time)
+    sharded = not all(type(g) is torch.Tensor for g in grads) and any(_is_dtensor(g) for g in grads)
+    if sharded:
         # sharded gradients (FSDP2, tensor parallel): a DTensor's norm read as a number is its own shard's norm, so
         # each rank would read a different value; the shards' squares are summed over their meshes instead
         stacked = _sharded_norms(grads)
@@ -1245,7 +1244,7 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
         if stacked.device.type == "cpu":
             return (norm if as_tensor else float(norm)), stacked.tolist(), params
         return (norm if as_tensor else float(norm)), stacked, params
-    if all(g.device.type == "cpu" for g in grads):
+    if all(g.is_cpu for g in grads):
         # the CPU: the per-tensor norms are read as numbers and summed here (no second norm: there is no device to keep
         # waiting for). Right after a backward pass, reading each of `_foreach_norm`'s outputs cost 2x more than a norm
         # per tensor on a model of a few tensors (0.12 ms against 0.05 on the digits CNN), one stacked read less on

@@ -571,8 +571,7 @@ class CollapseMonitorCore:
             self._start_clock(step - 1)
         if self._read_all_until is None:
             self._read_all_until = step - 1 + STEP_WINDOW
-        every = self.observe_every  # `observes`, written out: this runs at every optimizer step
-        if every > 1 and step % every and step > self._read_all_until and not self.is_check_step(step):
+        if not self.observes(step):
             # ``max_overhead`` reads every `observe_every`-th step only; this step's loss joins the next read's (a
             # number on the CPU, a tensor added on the device elsewhere: no read here either way)
             if loss is not None:
