@@ -687,3 +687,38 @@ def test_replay_reads_the_gradient_norm_as_the_live_monitor_does(grad_every: int
     assert every[1] == strided[1] == "grad_norm"
     assert every[0] >= 400
     assert 400 <= strided[0] <= every[0] + grad_every
+
+
+def test_replay_brings_a_spaced_check_forward_as_the_monitor_does() -> None:
+    """`replay_episodes(check_stride=k)` keeps every k-th check; when the detector `wants_check` (here: embeddings
+    collapsed at a check, `COLLAPSED_CHECKS` in a row alarm) it takes the first recorded check a whole interval later
+    too, and counts the spaced ones on from it (`CollapseMonitorCore._bring_check_forward`): the collapse at step 300
+    alarms within a few intervals of the first spaced check that sees it, not after three spaced checks."""
+    from topo_callbacks.bench.cusum import replay_episodes
+    from topo_callbacks.core.detector import COLLAPSED_CHECKS, default_calibration
+
+    steps, every, collapse = 1000, 10, 300
+    zeros = [0.0] * steps
+    checks = [
+        {"step": s, "std_l2": 0.0 if s >= collapse else 0.5, "d": 16.0, "effective_rank": 1.0 if s >= collapse else 8.0,
+         "n": 128.0, "b0": 10.0, "b1": 0.0, "calibrating": False}
+        for s in range(every, steps + 1, every)
+    ]  # fmt: skip
+    rec = RunRecord("f", "failure", 0, steps, collapse, [1.0] * steps, [1.0] * steps, [0.1] * steps, [[0.0]] * steps,
+                    [[1.0]] * steps, zeros, zeros, zeros, [], checks, None, layer_lost_steps=None)  # fmt: skip
+    cal = default_calibration(0.05)
+
+    def first(k: int, pull: bool) -> int:
+        starts = [int(e["start"]) for e in replay_episodes(rec, cal, check_stride=k, pull=pull)]
+        assert starts, (k, pull)
+        return starts[0]
+
+    every_check = first(1, pull=True)
+    assert every_check == collapse + every * (COLLAPSED_CHECKS - 1)
+    spaced = first(20, pull=False)
+    pulled = first(20, pull=True)
+    # the spaced checks are the first recorded one (step 10) and every 20th after it: the first to see the collapse
+    seen = every + 20 * every * -(-(collapse - every) // (20 * every))
+    assert seen == 410
+    assert spaced == seen + (COLLAPSED_CHECKS - 1) * 20 * every  # two more spaced checks
+    assert pulled == seen + (COLLAPSED_CHECKS - 1) * every  # each brought forward to the next interval

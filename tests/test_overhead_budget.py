@@ -483,3 +483,40 @@ def test_a_model_given_for_its_parameters_is_listed_again_when_they_change() -> 
     extra.grad = torch.tensor([100.0])
     model[2].register_parameter("extra", extra)  # not the first parameter: seen through the registration hook
     assert monitor.step_grad_norm(model, 6) == pytest.approx(math.hypot(replaced, 100.0))
+
+
+def test_a_spaced_out_check_is_brought_forward_when_the_detector_needs_one() -> None:
+    """Under the budget the checks of a fast model are hundreds of steps apart; the embeddings of a layer that is
+    constant from the start need `COLLAPSED_CHECKS` checks in a row to alarm, so each collapsed check brings the next
+    one forward (`CusumDetector.wants_check`): the alarm comes within a few check intervals of the first check, not
+    after the spaced ones. Without the budget nothing is brought forward."""
+    from topo_callbacks.core.detector import COLLAPSED_CHECKS
+
+    every = 10
+
+    def run(max_overhead: float | None) -> tuple[CollapseMonitorCore, Trained]:
+        model = _mlp()
+        frozen = model[0]
+        with torch.no_grad():
+            frozen.weight.zero_()  # the watched Tanh's output is the same row for every input
+            frozen.bias.fill_(0.5)
+        frozen.requires_grad_(False)
+        monitor = CollapseMonitorCore("1", every_n_train_steps=every, max_samples=128, max_overhead=max_overhead)
+        monitor.attach(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return monitor, _train(monitor, model, 400)
+
+    monitor, trained = run(0.02)
+    first_check = trained.checks[0].step
+    assert monitor.check_every >= 5 * every  # the budget spaced the checks out
+    alarms = [r for r in trained.checks if r.alarm]
+    assert alarms
+    assert alarms[0].reason.name == "DETECTOR"
+    assert "collapsed" in alarms[0].message
+    # each collapsed check brought the next to the end of the next full interval
+    assert alarms[0].step <= first_check + 2 * every * (COLLAPSED_CHECKS - 1)
+    assert monitor.summary()["pulled_checks"] >= COLLAPSED_CHECKS - 1
+
+    plain, _ = run(None)
+    assert plain.summary()["pulled_checks"] == 0

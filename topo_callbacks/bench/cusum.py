@@ -16,6 +16,7 @@ the allowance first.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -122,7 +123,12 @@ def replay_channels(rec: RunRecord, channels: Sequence[str] | None = None) -> di
 
 
 def replay_episodes(
-    rec: RunRecord, cal: DetectorCalibration, check_stride: int = 1, step_stride: int = 1, grad_stride: int = 1
+    rec: RunRecord,
+    cal: DetectorCalibration,
+    check_stride: int = 1,
+    step_stride: int = 1,
+    grad_stride: int = 1,
+    pull: bool = True,
 ) -> list[dict[str, Any]]:
     """The alarm episodes the live detector with calibration ``cal`` has on ``rec`` (re-armed after each): what a
     user of the monitor would be warned about, for false alarms per healthy step. ``check_stride``: keep every
@@ -132,7 +138,9 @@ def replay_episodes(
     the loss of the steps between averaged into the next read, as the budget does on steps of a millisecond.
     ``grad_stride``: of those reads, the gradient norm at every ``grad_stride``-th only (every
     ``step_stride x grad_stride``-th step, the checks kept and the first `STEP_WINDOW` steps), as the budget reads it
-    where computing it costs most of the per-step work."""
+    where computing it costs most of the per-step work. ``pull``: when the detector `wants_check` after a step, the
+    first recorded check a whole check interval later is taken too, and the spaced ones count on from it, as the
+    monitor brings its next check forward (False: the fixed spacing alone)."""
     finished: list[dict[str, Any]] = []
     current: list[CusumDetector] = []
 
@@ -142,7 +150,7 @@ def replay_episodes(
         current.append(CusumDetector(cal))
         return current[-1]
 
-    for _ in _replay(rec, cal.channels, make, check_stride, step_stride, grad_stride):
+    for _ in _replay(rec, cal.channels, make, check_stride, step_stride, grad_stride, pull):
         pass
     return finished + (current[-1].episodes if current else [])
 
@@ -158,14 +166,19 @@ def _replay(
     check_stride: int = 1,
     step_stride: int = 1,
     grad_stride: int = 1,
+    pull: bool = True,
 ) -> Iterator[tuple[int, CusumDetector]]:
     """Feed ``rec`` to a detector from ``make`` as the monitor does, yielding it after each step (a fresh one after
-    the record's ``monitor_restart``, as a fine-tuning run's new monitor)."""
+    the record's ``monitor_restart``, as a fine-tuning run's new monitor); the checks as `replay_episodes` keeps
+    them."""
     step_channels = {c for c in (*channels, "loss", "grad_norm") if CHANNELS[c].reads == "step"}
     series = {c: data[1] for c in step_channels if (data := channel_values(rec, c)) is not None}
-    checks = {int(c["step"]): c for c in rec.checks if c.get("reason") != "SKIPPED"}
-    if check_stride > 1:
-        checks = {s: c for i, (s, c) in enumerate(sorted(checks.items())) if i % check_stride == 0}
+    recorded = {int(c["step"]): c for c in rec.checks if c.get("reason") != "SKIPPED"}
+    order = sorted(recorded)
+    every = int(np.median(np.diff(order))) if len(order) > 1 else 50  # the monitor's every_n_train_steps
+    # the checks kept: the first, then every check_stride-th counted from the last one kept (`pull` adds some)
+    checks = {s: c for i, (s, c) in enumerate(sorted(recorded.items())) if i % check_stride == 0}
+    next_index = 0  # the index in ``order`` of the next check kept
     side = {int(c["step"]): c for c in rec.side_checks}
     # records written before the benchmark held loss scalers and fine-tuning restarts have none
     skipped = set(getattr(rec, "skipped_steps", ()))
@@ -186,6 +199,8 @@ def _replay(
             read_all_until = restart + STEP_WINDOW
             unread = []  # a new monitor averages none of the old one's losses
             reads_since_grad = 0
+        if pull and check_stride > 1 and next_index < len(order) and step == order[next_index]:
+            checks[step] = recorded[step]  # kept: on the spaced schedule, or brought forward
         values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used
@@ -216,11 +231,20 @@ def _replay(
         elif "loss" in values:
             unread.append(values["loss"])
         if step in checks:
+            if next_index < len(order) and step == order[next_index]:
+                next_index += check_stride
             row = checks[step]
             check = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             check["b1_fraction"] = check.get("b1", 0.0) / max(check.get("n", 1.0), 1.0)
             check.update({k: float(v) for k, v in side.get(step, {}).items() if k != "step"})
             detector.observe_check(step, check, calibrating=bool(row.get("calibrating")), hold=hold)
+        if pull and check_stride > 1 and detector.wants_check():
+            # `CollapseMonitorCore` brings its next check to a whole interval from now (a full capture window)
+            due = bisect.bisect_left(order, step + every)
+            if due < next_index:
+                next_index = due
+                for s in [s for s in checks if s > step]:
+                    del checks[s]  # the spaced schedule counts on from the check brought forward
         yield step, detector
 
 

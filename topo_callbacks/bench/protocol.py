@@ -631,6 +631,7 @@ def spaced_checks(
         2,
         4,
         10,
+        50,
         (1, 2),
         (1, 4),
         (1, 8),
@@ -641,14 +642,17 @@ def spaced_checks(
         (1, 1, 4),
         (1, 1, 8),
         (10, 1, 4),
+        (50, 1, 4),
     ),
+    pull: bool = True,
 ) -> dict[str, Any]:
     """The live detector with calibration ``cal`` when an overhead budget spaces the checks ``k`` times further apart
     (every k-th recorded check kept), for each ``k`` in ``strides``, and for each pair ``(k, s)`` the checks ``k``
     times further apart and the per-step channels read at every ``s``-th step only (keyed ``"k/s"``), and for each
     triple ``(k, s, g)`` that with the gradient norm read at every ``g``-th read only (keyed ``"k/s/g"``): failure runs
     detected before their metric dropped (first episode at or after the fork and before the drop), clean runs with
-    an alarm, alarms per 100,000 healthy steps. Pass the test seeds' records: ``cal`` is not refit per stride."""
+    an alarm, alarms per 100,000 healthy steps. Pass the test seeds' records: ``cal`` is not refit per stride.
+    ``pull``: a check the detector asks for is brought forward, as the monitor does (`replay_episodes`)."""
     out: dict[str, Any] = {}
     for setting in strides:
         k, s, g = (*setting, 1, 1)[:3] if isinstance(setting, tuple) else (setting, 1, 1)
@@ -657,7 +661,7 @@ def spaced_checks(
             t_c = truth[rec.key]
             if not is_scored(rec, t_c):
                 continue
-            episodes = replay_episodes(rec, cal, check_stride=k, step_stride=s, grad_stride=g)
+            episodes = replay_episodes(rec, cal, check_stride=k, step_stride=s, grad_stride=g, pull=pull)
             healthy = rec.t0 - 1 if is_failure(rec) else rec.steps
             alarms += sum(int(e["start"]) <= healthy for e in episodes)
             steps += healthy

@@ -221,9 +221,10 @@ def write_markdown(results: Mapping[str, Any]) -> str:
             " calibration (fit on every family's calibration seeds: not held out, so 1x can read higher than the"
             " leave-one-family-out score above) replayed with every k-th recorded check only, and every s-th step's"
             " per-step channels (the loss of the steps between averaged into the read, each read adding to its CUSUM"
-            " what s reads would), and the gradient norm at every g-th read only (each adding what g reads would):"
-            " failure runs detected before their metric dropped, clean runs with an alarm, alarm episodes per 100,000"
-            " healthy steps.",
+            " what s reads would), and the gradient norm at every g-th read only (each adding what g reads would);"
+            " a check the detector asks for (`CusumDetector.wants_check`) is taken one interval later, as the monitor"
+            " brings it forward: failure runs detected before their metric dropped, clean runs with an alarm, alarm"
+            " episodes per 100,000 healthy steps.",
             "",
             "| checks spaced | per-step channels read | gradient norm read | detected | clean runs alarmed |"
             " per 100k healthy steps |",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "CHECK_SHARE_FLOOR",
     "GRAD_STRIDE_FROM",
     "HOST_BATCH_FROM",
     "LONGEST_SPACING",
@@ -63,6 +64,11 @@ GRAD_STRIDE_FROM = 0.5
 MAX_GRAD_STRIDE = 4
 #: The per-step channels are read at every step unless they alone cost more than this many times ``max_overhead``.
 STRIDE_FROM = 4.0
+#: The checks get what the per-step work leaves of the budget, and at least this share of it (with the per-step work
+#: over the budget the monitor then takes up to ``STRIDE_FROM + CHECK_SHARE_FLOOR`` times it). A quarter, not the half
+#: of before 2026-12-04: checks the detector asks for are brought forward (`CusumDetector.wants_check`), and on the
+#: benchmark's calibration seeds the checks 20x or 50x apart then detect what 10x apart does.
+CHECK_SHARE_FLOOR = 0.25
 #: The share of ``max_overhead`` the schedule is planned for: the rest pays a run's start (the trial check, the steps
 #: read before the first decision) and what the monitor does not time (the hook's copies, the adapters' calls), so
 #: that a short run stays under the budget too.

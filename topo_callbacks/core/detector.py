@@ -483,6 +483,8 @@ class CusumDetector:
         self._fall = 0.0
         self._fall_peak = 0.0
         self._fall_zero_step = 0
+        #: how many times the threshold the held-back fall had reached at the last check (`wants_check`)
+        self._fall_checked = 0
         #: messages about how the detector is fed (said once each by the monitor); keys name the problem
         self.notes: dict[str, str] = {}
 
@@ -608,7 +610,7 @@ class CusumDetector:
                         down = min(grad_steps * down, self._most_per_read(name))
                     fall = self._fall + down
                     if fall <= 0.0:
-                        fall, self._fall_peak, self._fall_zero_step = 0.0, 0.0, step
+                        fall, self._fall_peak, self._fall_zero_step, self._fall_checked = 0.0, 0.0, step, 0
                     self._fall = min(fall, self._caps[name])
                     self._fall_peak = max(self._fall_peak, self._fall)
                     if z < 0.0 and loss.s_neg > 0.0 and not self._spread_fell:
@@ -813,6 +815,9 @@ class CusumDetector:
         """One check's channel values (a `CollapseReport`'s, ``b1_fraction`` and any probe channels): the absolute
         collapse rule and the channels that do not depend on the Vietoris-Rips scale from the first check, the Betti
         channels (`SCALE_DEPENDENT`) once the scale is held (``calibrating`` False)."""
+        limit = self._limits.get("grad_norm")
+        if limit is not None:
+            self._fall_checked = int(self._fall // limit)
         fired = self.observe_embedding(
             step,
             std_l2=float(values.get("std_l2", math.nan)),
@@ -834,6 +839,24 @@ class CusumDetector:
                 fired = self.update(name, float(values[name]), step, floor) or fired
         self._close(step)
         return fired
+
+    def wants_check(self) -> bool:
+        """Whether the next check would decide an alarm that only a check can: the gradient norm's fall, held back
+        until the embeddings confirm it (`SPREAD_FELL`), has reached the threshold (or another multiple of it since
+        the last check), or the last check's embeddings were collapsed (`COLLAPSED_CHECKS` in a row alarm). A monitor
+        whose overhead budget spaces its checks out brings the next one forward then.
+
+        Example:
+            >>> det = CusumDetector(default_calibration(0.05))
+            >>> det.wants_check()
+            False
+        """
+        if self.in_alarm:
+            return False
+        if 0 < self._collapsed_checks < COLLAPSED_CHECKS:
+            return True
+        limit = self._limits.get("grad_norm")
+        return limit is not None and not self._spread_fell and self._fall >= limit * (self._fall_checked + 1)
 
     def _abrupt(self, step: int, name: str, value: float, raw: float, state: _ChannelState) -> DetectorFiring | None:
         """The fast rule: `ABRUPT_STEPS` steps in a row further than `ABRUPT_UP` (a rise of the loss or the
@@ -974,7 +997,7 @@ class CusumDetector:
             state.reference.clear()
             state.s_pos = state.s_neg = 0.0
             state.zero_step = step
-        self._fall, self._fall_peak, self._fall_zero_step = 0.0, 0.0, step
+        self._fall, self._fall_peak, self._fall_zero_step, self._fall_checked = 0.0, 0.0, step, 0
         return True
 
     def quiet_channels(self) -> frozenset[str]:
@@ -1122,6 +1145,7 @@ class CusumDetector:
             "fall": self._fall,
             "fall_peak": self._fall_peak,
             "fall_zero_step": self._fall_zero_step,
+            "fall_checked": self._fall_checked,
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1170,6 +1194,7 @@ class CusumDetector:
         self._fall = float(state.get("fall", 0.0))
         self._fall_peak = float(state.get("fall_peak", 0.0))
         self._fall_zero_step = int(state.get("fall_zero_step", 0))
+        self._fall_checked = int(state.get("fall_checked", 0))
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:

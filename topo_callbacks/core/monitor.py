@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from topo_callbacks.core.alarm import AlarmRule, StoppingReason
 from topo_callbacks.core.budget import (
+    CHECK_SHARE_FLOOR,
     HOST_BATCH_FROM,
     LONGEST_SPACING,
     MAX_SPACING,
@@ -397,6 +398,8 @@ class CollapseMonitorCore:
         self._last_prepared = -1
         self._capture_steps = self.every_n_train_steps  # until the rows per step are known
         self.skipped_checks = 0
+        #: checks brought forward because the detector asked for one (`CusumDetector.wants_check`)
+        self.pulled_checks = 0
         self.time_spent_s = 0.0
         self.last_step = 0
         self.detector = None if self._calibration is None else CusumDetector(self._calibration)
@@ -812,7 +815,23 @@ class CollapseMonitorCore:
             if fired is not None:
                 result = self._detector_alarm(step, fired, None)
                 first = first or result
+        if rows:
+            self._bring_check_forward(rows[-1][0])
         return first
+
+    def _bring_check_forward(self, step: int) -> None:
+        """When the detector needs a check's evidence (`CusumDetector.wants_check`) and the overhead budget has
+        spaced the checks out, the next check comes a whole ``every_n_train_steps`` interval after ``step`` (a full
+        capture window) instead; the spaced schedule then counts on from it. Every rank decides alike: the detector
+        is fed the same values on each."""
+        detector = self.detector
+        if detector is None or self.max_overhead is None or not detector.wants_check():
+            return
+        every = self.every_n_train_steps
+        target = -(-(step + every) // every) * every
+        if target < self.next_check_step(step + 1):
+            self._next_check = target
+            self.pulled_checks += 1
 
     def _urgent(self, wanted: tuple[str, ...], row: list[Any]) -> bool:
         """Whether a batched row of host values holds one the detector must score now (`CusumDetector.urgent`), or
@@ -905,6 +924,7 @@ class CollapseMonitorCore:
         if result.report is None:
             self.skipped_checks += 1
         self._schedule_next(step, time.perf_counter() - start)
+        self._bring_check_forward(step)
         if result.report is not None and self.max_overhead is not None:
             result.logged[f"{self.prefix}overhead"] = self.overhead
         if result.report is not None and self.rollback_policy is not None:
@@ -983,9 +1003,10 @@ class CollapseMonitorCore:
             per_read = other + grad_s / self.grad_every
         self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
         per_step = per_read / self.observe_every
-        # the checks get what the per-step work leaves of the budget, and at least half of it: the per-step work is
-        # kept at every step up to STRIDE_FROM x the budget (it carries the detector), the checks are not dropped
-        check_budget = max(budget - per_step / max(train_step, 1e-12), budget / 2)
+        # the checks get what the per-step work leaves of the budget, and at least CHECK_SHARE_FLOOR of it: the
+        # per-step work is kept at every step up to STRIDE_FROM x the budget (it carries the detector), the checks are
+        # not dropped (and a check the detector asks for comes sooner: `_bring_check_forward`)
+        check_budget = max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
         need = check_spacing(check_s, 0.0, train_step, check_budget)
         if (
             need > MAX_SPACING * every
@@ -1248,6 +1269,8 @@ class CollapseMonitorCore:
             "monitor": self.monitor,
             "checks": len(self.history),
             "skipped_checks": self.skipped_checks,
+            # checks the detector brought forward under the overhead budget (`CusumDetector.wants_check`)
+            "pulled_checks": self.pulled_checks,
             "last_check_step": self.history[-1]["step"] if self.history else None,
             "first_alarm_step": self.first_alarm_step,
             "first_alarm_reason": None if first is None else first["reason"],
