@@ -484,6 +484,11 @@ def test_a_model_given_for_its_parameters_is_listed_again_when_they_change() -> 
     model[2].register_parameter("extra", extra)  # not the first parameter: seen through the registration hook
     assert monitor.step_grad_norm(model, 6) == pytest.approx(math.hypot(replaced, 100.0))
 
+    del model[0]  # the first layer removed: no hook runs, its parameters still have gradients
+    remaining = monitor.step_grad_norm(model, 7)
+    assert remaining == pytest.approx(monitor.step_grad_norm(list(model.parameters()), 8))
+    assert remaining < math.hypot(replaced, 100.0)  # without the removed layer's gradients
+
 
 def test_a_spaced_out_check_is_brought_forward_when_the_detector_needs_one() -> None:
     """Under the budget the checks of a fast model are hundreds of steps apart; the embeddings of a layer that is
@@ -514,8 +519,8 @@ def test_a_spaced_out_check_is_brought_forward_when_the_detector_needs_one() -> 
     assert alarms
     assert alarms[0].reason.name == "DETECTOR"
     assert "collapsed" in alarms[0].message
-    # each collapsed check brought the next to the end of the next full interval
-    assert alarms[0].step <= first_check + 2 * every * (COLLAPSED_CHECKS - 1)
+    # each collapsed check brought the next one interval on (no trial check at 128 rows: the first one counts)
+    assert alarms[0].step == first_check + every * (COLLAPSED_CHECKS - 1)
     assert monitor.summary()["pulled_checks"] >= COLLAPSED_CHECKS - 1
 
     plain, _ = run(None)

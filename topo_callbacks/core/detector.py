@@ -816,8 +816,8 @@ class CusumDetector:
         collapse rule and the channels that do not depend on the Vietoris-Rips scale from the first check, the Betti
         channels (`SCALE_DEPENDENT`) once the scale is held (``calibrating`` False)."""
         limit = self._limits.get("grad_norm")
-        if limit is not None:
-            self._fall_checked = int(self._fall // limit)
+        if limit is not None:  # never lowered until the fall ends: a fall hovering at the threshold pulls once
+            self._fall_checked = max(self._fall_checked, int(self._fall // limit))
         fired = self.observe_embedding(
             step,
             std_l2=float(values.get("std_l2", math.nan)),

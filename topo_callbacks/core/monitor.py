@@ -423,7 +423,7 @@ class CollapseMonitorCore:
         self._grad_spent_s = 0.0
         self._grad_count = 0
         self._grad_mark = (0.0, 0)
-        self._parameter_list: tuple[nn.Module, tuple[int, int], list[Any], Mapping[str, Any], str] | None = None
+        self._parameter_list: tuple[nn.Module, tuple[int, int], list[Any], _Path | None] | None = None
         #: whether the CPU's per-step values are scored in batches of `HOST_READ_EVERY` steps (set by the budget)
         self._host_batch = False
         #: `CusumDetector.urgent_above` after the last batch scored (``_host_batch``)
@@ -726,21 +726,9 @@ class CollapseMonitorCore:
         _watch_registrations()
         key = (self.last_checked_step, _REGISTRATIONS[0])
         cached = self._parameter_list
-        # the first parameter is looked up in its owner's own dict: ``next(module.parameters())`` walks the module
-        # tree (15 us on an 8-module Sequential, half the cost of the norms it guards)
-        if (
-            cached is None
-            or cached[0] is not parameters
-            or cached[1] != key
-            or (cached[2] and cached[3].get(cached[4]) is not cached[2][0])
-        ):
+        if cached is None or cached[0] is not parameters or cached[1] != key or not _first_in_place(*cached[2:]):
             params = list(parameters.parameters())
-            owner: Mapping[str, Any] = {}
-            name = ""
-            if params:
-                path, _, name = next(n for n, p in parameters.named_parameters() if p is params[0]).rpartition(".")
-                owner = parameters.get_submodule(path)._parameters
-            cached = self._parameter_list = (parameters, key, params, owner, name)
+            cached = self._parameter_list = (parameters, key, params, _path_to_first(parameters, params))
         return cached[2]
 
     def _spent_on_grad(self, seconds: float) -> None:
@@ -796,6 +784,8 @@ class CollapseMonitorCore:
         first: CheckResult | None = None
         read_all_until = self._read_all_until if self._read_all_until is not None else math.inf
         strides = (self.observe_every, self.grad_every)
+        wanted_at = None  # the first row after which the detector asked for a check (`_bring_check_forward`)
+        pulls = self.max_overhead is not None
         for step, row in rows:
             # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride (a wider window lags
             # behind a trend, a warm-up, and false-alarmed on the benchmark's replay); set as each row is scored, so
@@ -815,21 +805,27 @@ class CollapseMonitorCore:
             if fired is not None:
                 result = self._detector_alarm(step, fired, None)
                 first = first or result
-        if rows:
-            self._bring_check_forward(rows[-1][0])
+            if pulls and wanted_at is None and detector.wants_check():
+                wanted_at = step
+        if wanted_at is not None:
+            self._bring_check_forward(wanted_at, rows[-1][0])
         return first
 
-    def _bring_check_forward(self, step: int) -> None:
-        """When the detector needs a check's evidence (`CusumDetector.wants_check`) and the overhead budget has
-        spaced the checks out, the next check comes a whole ``every_n_train_steps`` interval after ``step`` (a full
-        capture window) instead; the spaced schedule then counts on from it. Every rank decides alike: the detector
-        is fed the same values on each."""
+    def _bring_check_forward(self, step: int, now: int | None = None) -> None:
+        """When the detector needed a check's evidence after optimizer step ``step`` (`CusumDetector.wants_check`)
+        and the overhead budget has spaced the checks out, the next check comes at the first multiple of
+        ``every_n_train_steps`` a whole interval after ``step`` (a full capture window; after ``now``, the step whose
+        values are being read, where rows are read in batches: the window is then short by at most the batch)
+        instead; the spaced schedule then counts on from it. Every rank decides alike: the detector is fed the same
+        values on each, and a check's report is the same everywhere (``compute_on``)."""
         detector = self.detector
-        if detector is None or self.max_overhead is None or not detector.wants_check():
+        if detector is None or self.max_overhead is None:
+            return
+        if now is None and not detector.wants_check():
             return
         every = self.every_n_train_steps
-        target = -(-(step + every) // every) * every
-        if target < self.next_check_step(step + 1):
+        target = -(-max(step + every, (now or step) + 1) // every) * every
+        if target < self.next_check_step((now or step) + 1):
             self._next_check = target
             self.pulled_checks += 1
 
@@ -1693,6 +1689,42 @@ def _watch_registrations() -> None:
     register_module_parameter_registration_hook(_count_registration)
     register_module_module_registration_hook(_count_registration)
     _WATCHING[0] = True
+
+
+#: The links from a module down to its first parameter: ``(dict, key, value)`` for each submodule on the way (in its
+#: parent's ``_modules``) and the parameter itself (in its owner's ``_parameters``).
+_Path = list[tuple[Mapping[str, Any], str, Any]]
+
+
+def _path_to_first(module: nn.Module, params: list[Any]) -> _Path | None:
+    """`_first_in_place`'s links for ``module``'s first parameter; None when it has none or cannot be found by name
+    (a module whose ``parameters`` is overridden)."""
+    if not params:
+        return None
+    name = next((n for n, p in module.named_parameters() if p is params[0]), None)
+    if name is None:
+        return None
+    *parts, leaf = name.split(".")
+    path: _Path = []
+    owner = module
+    for part in parts:
+        child = owner._modules.get(part)
+        if child is None:
+            return None
+        path.append((owner._modules, part, child))
+        owner = child
+    path.append((owner._parameters, leaf, params[0]))
+    return path
+
+
+def _first_in_place(params: list[Any], path: _Path | None) -> bool:
+    """Whether the module a parameter list was taken from still holds its first parameter where it was: every
+    submodule on the way in its parent, the parameter in its owner (a few dict lookups: walking the module tree,
+    ``next(module.parameters())``, costs 15 us on an 8-module Sequential right after a backward pass, half the norms
+    it guards). Catches a first layer removed, inserted or replaced, or its tensor replaced, without a hook."""
+    if path is None:
+        return not params
+    return all(holder.get(key) is value for holder, key, value in path)
 
 
 def _any_zero(per_tensor: Any) -> Any:
