@@ -176,8 +176,7 @@ def _replay(
     recorded = {int(c["step"]): c for c in rec.checks if c.get("reason") != "SKIPPED"}
     order = sorted(recorded)
     every = int(np.median(np.diff(order))) if len(order) > 1 else 50  # the monitor's every_n_train_steps
-    # the checks kept: the first, then every check_stride-th counted from the last one kept (`pull` adds some)
-    checks = {s: c for i, (s, c) in enumerate(sorted(recorded.items())) if i % check_stride == 0}
+    # the checks kept: the first, then every check_stride-th counted from the last one kept (a pull moves it closer)
     next_index = 0  # the index in ``order`` of the next check kept
     side = {int(c["step"]): c for c in rec.side_checks}
     # records written before the benchmark held loss scalers and fine-tuning restarts have none
@@ -187,7 +186,8 @@ def _replay(
     lost_steps = getattr(rec, "layer_lost_steps", None)
     lost = None if lost_steps is None else set(lost_steps)
     restart = getattr(rec, "monitor_restart", None)
-    spacing = int(np.median(np.diff(sorted(checks)))) if len(checks) > 1 else 50
+    kept = order[::check_stride]  # the schedule without pulls
+    spacing = int(np.median(np.diff(kept))) if len(kept) > 1 else 50
     hold = max(ABSOLUTE_HOLD, 2 * spacing)
     detector = make()
     read_all_until = STEP_WINDOW  # a monitor reads every step of its first STEP_WINDOW
@@ -199,8 +199,7 @@ def _replay(
             read_all_until = restart + STEP_WINDOW
             unread = []  # a new monitor averages none of the old one's losses
             reads_since_grad = 0
-        if pull and check_stride > 1 and next_index < len(order) and step == order[next_index]:
-            checks[step] = recorded[step]  # kept: on the spaced schedule, or brought forward
+        is_check = next_index < len(order) and step == order[next_index]
         values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used
@@ -208,13 +207,13 @@ def _replay(
         # `CollapseMonitorCore.observes`: the loss of a step not read is fed averaged with the next read's
         if (step_stride > 1 or grad_stride > 1) and step == read_all_until + 1:
             detector.set_step_window(step_stride, grad_stride)
-        if step_stride == 1 or step <= read_all_until or step % step_stride == 0 or step in checks:
+        if step_stride == 1 or step <= read_all_until or step % step_stride == 0 or is_check:
             # `CollapseMonitorCore.reads_grad_norm`: of the reads, the gradient norm at every grad_stride-th only,
             # standing for the reads since the last one
             reads_since_grad += 1
             grad_steps, lost_here = 1, None if lost is None else step in lost
             if grad_stride > 1 and step > read_all_until:
-                if step % (step_stride * grad_stride) and step not in checks:
+                if step % (step_stride * grad_stride) and not is_check:
                     values.pop("grad_norm", None)
                     lost_here = None
                 else:
@@ -230,21 +229,17 @@ def _replay(
                                   layer_lost=lost_here, read_steps=read_steps, grad_steps=grad_steps)  # fmt: skip
         elif "loss" in values:
             unread.append(values["loss"])
-        if step in checks:
-            if next_index < len(order) and step == order[next_index]:
-                next_index += check_stride
-            row = checks[step]
+        if is_check:
+            next_index += check_stride
+            row = recorded[step]
             check = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             check["b1_fraction"] = check.get("b1", 0.0) / max(check.get("n", 1.0), 1.0)
             check.update({k: float(v) for k, v in side.get(step, {}).items() if k != "step"})
             detector.observe_check(step, check, calibrating=bool(row.get("calibrating")), hold=hold)
         if pull and check_stride > 1 and detector.wants_check():
-            # `CollapseMonitorCore` brings its next check to a whole interval from now (a full capture window)
-            due = bisect.bisect_left(order, step + every)
-            if due < next_index:
-                next_index = due
-                for s in [s for s in checks if s > step]:
-                    del checks[s]  # the spaced schedule counts on from the check brought forward
+            # `CollapseMonitorCore` brings its next check to a whole interval from now (a full capture window); the
+            # spaced schedule then counts on from it
+            next_index = min(next_index, bisect.bisect_left(order, step + every))
         yield step, detector
 
 

@@ -785,7 +785,6 @@ class CollapseMonitorCore:
         read_all_until = self._read_all_until if self._read_all_until is not None else math.inf
         strides = (self.observe_every, self.grad_every)
         wanted_at = None  # the first row after which the detector asked for a check (`_bring_check_forward`)
-        pulls = self.max_overhead is not None
         for step, row in rows:
             # the per-step references keep about STEP_WINDOW optimizer steps whatever the stride (a wider window lags
             # behind a trend, a warm-up, and false-alarmed on the benchmark's replay); set as each row is scored, so
@@ -805,27 +804,27 @@ class CollapseMonitorCore:
             if fired is not None:
                 result = self._detector_alarm(step, fired, None)
                 first = first or result
-            if pulls and wanted_at is None and detector.wants_check():
+            if wanted_at is None and self._wants_check():
                 wanted_at = step
         if wanted_at is not None:
             self._bring_check_forward(wanted_at, rows[-1][0])
         return first
 
-    def _bring_check_forward(self, step: int, now: int | None = None) -> None:
-        """When the detector needed a check's evidence after optimizer step ``step`` (`CusumDetector.wants_check`)
-        and the overhead budget has spaced the checks out, the next check comes at the first multiple of
-        ``every_n_train_steps`` a whole interval after ``step`` (a full capture window; after ``now``, the step whose
-        values are being read, where rows are read in batches: the window is then short by at most the batch)
-        instead; the spaced schedule then counts on from it. Every rank decides alike: the detector is fed the same
-        values on each, and a check's report is the same everywhere (``compute_on``)."""
-        detector = self.detector
-        if detector is None or self.max_overhead is None:
-            return
-        if now is None and not detector.wants_check():
-            return
+    def _wants_check(self) -> bool:
+        """Whether the detector asks for a check's evidence (`CusumDetector.wants_check`) while the overhead budget
+        spaces the checks out (without it every check already comes)."""
+        return self.max_overhead is not None and self.detector is not None and self.detector.wants_check()
+
+    def _bring_check_forward(self, step: int, now: int) -> None:
+        """The detector needed a check's evidence after optimizer step ``step`` (`_wants_check`): the next check comes
+        at the first multiple of ``every_n_train_steps`` a whole interval after ``step`` (a full capture window; after
+        ``now``, the step whose values are being read, where rows are read in batches: the window is then short by at
+        most the batch) when that is sooner than planned; the spaced schedule then counts on from it. Every rank
+        decides alike: the detector is fed the same values on each, and a check's report is the same everywhere
+        (``compute_on``)."""
         every = self.every_n_train_steps
-        target = -(-max(step + every, (now or step) + 1) // every) * every
-        if target < self.next_check_step((now or step) + 1):
+        target = -(-max(step + every, now + 1) // every) * every
+        if target < self.next_check_step(now + 1):
             self._next_check = target
             self.pulled_checks += 1
 
@@ -920,7 +919,8 @@ class CollapseMonitorCore:
         if result.report is None:
             self.skipped_checks += 1
         self._schedule_next(step, time.perf_counter() - start)
-        self._bring_check_forward(step)
+        if self._wants_check():
+            self._bring_check_forward(step, step)
         if result.report is not None and self.max_overhead is not None:
             result.logged[f"{self.prefix}overhead"] = self.overhead
         if result.report is not None and self.rollback_policy is not None:
