@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (issue #18) in one command: the CUDA tests, the engine benchmark on the GPU and the overhead
-# benchmark's GPU models, each step under its own time limit, all within 8 minutes. For a machine with one NVIDIA
+# The GPU check (issue #18) in one command: the host synchronisations per step, the overhead benchmark's GPU models
+# and the rollback snapshots' cost (the measurements first), then the CUDA tests and the engine benchmark on the GPU,
+# each step under its own time limit, all within 8 minutes. For a machine with one NVIDIA
 # GPU, no network, and a Python that already has torch (CUDA), lightning, accelerate, transformers, torchmetrics,
 # numpy, scipy, scikit-learn, matplotlib, hypothesis and pytest.
 #
@@ -162,6 +163,37 @@ except ImportError:
 '
 LABEL="$PY -c <import every package, print versions>" run imports 45 "$PY" -c "$IMPORTS_PY"
 
+# The steps that measure come first (each is short), then the tests, then the engine benchmark: a budget cut (the
+# first run on a GPU had no timings to size the limits by) takes the engine's larger sizes first.
+# ------------------------------------------------------------------------------------------------- step syncs
+# Host synchronisations per optimizer step with the monitor's per-step path (torch.cuda.set_sync_debug_mode): zero
+# between the batched reads is the target (issue 24)
+run step-syncs 60 "$PY" benchmarks/step_syncs.py --device "$DEVICE" --steps "$([ "$DEVICE" = cuda ] && echo 200 || echo 48)"
+
+# --------------------------------------------------------------------------------------------- overhead bench
+# The monitor's cost on realistic models (benchmarks/overhead.py --model): a GPU-sized model takes its warm-up,
+# steps without and with the monitor, and the checks; 120 s each (the step is cut at the budget's end anyway).
+for model in resnet18 gpt2; do
+    name=overhead-$model
+    cmd="$PY benchmarks/overhead.py --model $model --device $DEVICE"
+    if [ "$DEVICE" = cpu ]; then
+        echo "skipped: the GPU models run with --device cuda only" >"$OUT/logs/$name.log"
+        record "$name" skipped - 0 0 "$cmd" "CPU setting: GPU models only"
+    else
+        run "$name" 120 "$PY" benchmarks/overhead.py --model "$model" --device "$DEVICE"
+    fi
+done
+
+# ------------------------------------------------------------------------------------------------ snapshots
+# What on_alarm="rollback"'s snapshots cost (pinned host buffers, non-blocking copies on CUDA) and a restore checked
+# bit for bit against a direct copy (issue 23)
+if [ "$DEVICE" = cuda ]; then
+    run snapshots-resnet18 60 "$PY" benchmarks/snapshots.py --model resnet18 --device cuda
+    run snapshots-gpt2 90 "$PY" benchmarks/snapshots.py --model gpt2 --device cuda --blocks 4
+else
+    run snapshots-resnet18 60 "$PY" benchmarks/snapshots.py --model resnet18 --device cpu --quick
+fi
+
 # ------------------------------------------------------------------------------------------------------ tests
 # tests/test_devices.py: every test on the CPU and, where there is one, on CUDA (engine against the CPU after resets
 # and 1%/5%/100% moves, the collapse index, the Lightning monitor in fp32 and bf16-mixed, the neuron monitor; -m slow:
@@ -220,25 +252,6 @@ for spec in "${ENGINE_RUNS[@]}"; do
     run "$name" "$limit" "$PY" benchmarks/engine.py --device "$DEVICE" "${args[@]}" --json "$OUT/logs/$name.json"
 done
 
-# ------------------------------------------------------------------------------------------------- step syncs
-# Host synchronisations per optimizer step with the monitor's per-step path (torch.cuda.set_sync_debug_mode): zero
-# between the batched reads is the target (issue 24)
-run step-syncs 60 "$PY" benchmarks/step_syncs.py --device "$DEVICE" --steps "$([ "$DEVICE" = cuda ] && echo 200 || echo 48)"
-
-# --------------------------------------------------------------------------------------------- overhead bench
-# The monitor's cost on realistic models (benchmarks/overhead.py --model): a GPU-sized model takes its warm-up,
-# steps without and with the monitor, and the checks; 120 s each (the step is cut at the budget's end anyway).
-for model in resnet18 gpt2; do
-    name=overhead-$model
-    cmd="$PY benchmarks/overhead.py --model $model --device $DEVICE"
-    if [ "$DEVICE" = cpu ]; then
-        echo "skipped: the GPU models run with --device cuda only" >"$OUT/logs/$name.log"
-        record "$name" skipped - 0 0 "$cmd" "CPU setting: GPU models only"
-    else
-        run "$name" 120 "$PY" benchmarks/overhead.py --model "$model" --device "$DEVICE"
-    fi
-done
-
 # ---------------------------------------------------------------------------------------------------- results
 TOTAL=$(($(date +%s) - START))
 {
@@ -281,6 +294,21 @@ TOTAL=$(($(date +%s) - START))
         grep '^| \(gauss\|collapsed\) ' "$OUT/logs/$name.log" | awk '!seen[$0]++'
         grep -h 'DISAGREEMENT\|Error\|error:' "$OUT/logs/$name.log" | tail -n 5
     done
+    echo
+    echo "## Rollback snapshots (benchmarks/snapshots.py --device $DEVICE)"
+    for name in snapshots-resnet18 snapshots-gpt2; do
+        [ -f "$OUT/logs/$name.log" ] || continue
+        echo
+        echo "\`$name\`:"
+        echo '```'
+        tail -n 8 "$OUT/logs/$name.log"
+        echo '```'
+    done
+    echo
+    echo "## Step synchronisations (benchmarks/step_syncs.py --device $DEVICE)"
+    echo '```'
+    tail -n 15 "$OUT/logs/step-syncs.log"
+    echo '```'
     echo
     echo "## Overhead benchmark (benchmarks/overhead.py --model M --device $DEVICE)"
     for model in resnet18 gpt2; do

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import textwrap
 import warnings
 from pathlib import Path
@@ -355,3 +356,122 @@ def test_gather_keeps_rows_on_device_across_two_ranks(tmp_path: Path, device: st
     assert r0["cis_rank0"] == r1["cis_rank0"] == r0["cis"]  # computed on rank 0 and broadcast: the same values
     assert set(r0["gathered"]) == set(r1["gathered"]) == {device}
     assert len(r0["gathered"]) == 6  # one gather per check, 3 checks per run
+
+
+# ----------------------------------------------------------------------------------------------------- rollback
+def _state_copy(obj: Any) -> Any:
+    """A host-memory deep copy of a state tree, to compare a restore with."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _state_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_state_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _assert_same_state(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype, where
+        assert torch.equal(a.cpu(), b.cpu()), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snapshot_on_device_restores_model_optimizer_scheduler_scaler_and_rng_bit_for_bit(device: str):
+    """A snapshot of a model training on ``device`` (AdamW moments, a step schedule, a real ``GradScaler``: on CUDA
+    with fp16 autocast and a live scale, on the CPU disabled) is copied to host memory (pinned, non-blocking on
+    CUDA: the copies overlap the next steps), the run goes on and changes every piece of state, and a restore gives
+    back exactly what a direct copy taken at the snapshot holds, the device's random generator included; the
+    restored tensors live on the device again, and training continues from them."""
+    from topo_callbacks.core import TrainingState
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.BatchNorm1d(64), nn.Linear(64, 4)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2, enabled=device == "cuda")
+    gen = torch.Generator().manual_seed(1)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            x = torch.randn(32, 16, generator=gen).to(dev)
+            y = torch.randint(0, 4, (32,), generator=gen).to(dev)
+            with torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
+                loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+
+    def direct() -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if device == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(dev)
+        return _state_copy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "scaler": scaler.state_dict(), "rng": rng})  # fmt: skip
+
+    train(5)
+    state = TrainingState(model, opt, sched, scaler)
+    expected = direct()
+    snap = state.snapshot(step=5)
+    buffers = list(snap._buffers.values())
+    assert buffers
+    assert all(b.device.type == "cpu" for b in buffers)
+    assert all(b.is_pinned() for b in buffers) == (device == "cuda")  # pinned host buffers for a device's tensors
+    torch.rand(3, device=dev)  # move the device's generator on
+    train(5)
+    moved = direct()
+    assert not torch.equal(moved["model"]["0.weight"], expected["model"]["0.weight"])
+    assert moved["sched"] != expected["sched"]
+    if device == "cuda":
+        assert moved["scaler"]["scale"] != expected["scaler"]["scale"]  # growth every 2 steps changed it
+        assert not torch.equal(moved["rng"]["cuda"], expected["rng"]["cuda"])
+    state.restore(snap)
+    _assert_same_state(direct(), expected)
+    assert {p.device.type for p in model.parameters()} == {device}
+    assert {v.device.type for s in opt.state.values() for v in s.values() if v.dim() > 0} == {device}
+    if device == "cuda":
+        assert snap.device_ms is not None  # the copies' time, read off CUDA events
+        assert snap.device_ms >= 0.0
+    train(2)  # the optimizer holds the restored moments on the device, and steps with them
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_lightning_rollback_on_device_rescues_a_learning_rate_blowup(tmp_path: Path, device: str):
+    """tests/test_rollback.py's Lightning rescue with the model on ``device``: the learning rate x50 at one step; the
+    monitor alarms within steps, restores (from pinned host memory, on CUDA) the newest snapshot before the onset,
+    halves the rate, and the run ends as well as its healthy twin on the same device."""
+    from tests.test_rollback import (
+        GLITCH,
+        POLICY,
+        RESCUED,
+        LrGlitch,
+        assert_one_rollback_before_the_onset,
+        held_out_mse,
+        run_lightning,
+    )
+
+    accelerator = lightning_accelerator(device)
+    healthy, _, _ = run_lightning(tmp_path, accelerator=accelerator)
+    rescued, monitor, trainer = run_lightning(tmp_path, POLICY, glitch=LrGlitch(GLITCH), accelerator=accelerator)
+    assert monitor is not None
+    assert_one_rollback_before_the_onset(monitor)
+    assert trainer.strategy.root_device.type == device
+    assert monitor.summary()["snapshots"]["taken"] >= 2
+    assert math.isfinite(held_out_mse(rescued))
+    assert held_out_mse(rescued) <= RESCUED * held_out_mse(healthy)

@@ -45,7 +45,7 @@ COMPARED_STEPS = 145
 def held_out_mse(model: nn.Module) -> float:
     """Mean squared error on 2048 fresh rows of the task the runs train on (y = 2 x_0)."""
     g = torch.Generator().manual_seed(99)
-    x = torch.randn(2048, 16, generator=g)
+    x = torch.randn(2048, 16, generator=g).to(next(model.parameters()).device)
     with torch.no_grad():
         pred = model(x)
         pred = pred["logits"] if isinstance(pred, dict) else pred
@@ -138,13 +138,14 @@ def run_lightning(
     glitch: LrGlitch | None = None,
     model: pl.LightningModule | None = None,
     steps: int = STEPS,
+    accelerator: str = "cpu",
     **monitor_kwargs: Any,
 ) -> tuple[pl.LightningModule, CollapseMonitor | None, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     model = model if model is not None else TinyModel(lr=BASE_LR)
     monitor = None if on_alarm is None else CollapseMonitor(**{**MONITOR, **monitor_kwargs}, on_alarm=on_alarm)
     callbacks = [c for c in (monitor, glitch) if c is not None]
-    trainer = make_pl_trainer(tmp_path, max_steps=steps, callbacks=callbacks, logger=False)
+    trainer = make_pl_trainer(tmp_path, max_steps=steps, callbacks=callbacks, logger=False, accelerator=accelerator)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore")
         warnings.simplefilter("always", CollapseWarning)
