@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check (issue #18) in one command: the host synchronisations per step, the overhead benchmark's GPU models
-# and the rollback snapshots' cost (the measurements first), then the CUDA tests and the engine benchmark on the GPU,
+# The GPU check (issue #18) in one command: the host synchronisations per step, the overhead benchmark's GPU models,
+# the per-step cost by part and the rollback snapshots' cost (the measurements first), then the CUDA tests and the engine benchmark on the GPU,
 # each step under its own time limit, all within 8 minutes. For a machine with one NVIDIA
 # GPU, no network, and a Python that already has torch (CUDA), lightning, accelerate, transformers, torchmetrics,
 # numpy, scipy, scikit-learn, matplotlib, hypothesis and pytest.
 #
-#   bash scripts/gpu_check.sh                    # on the GPU machine (--device cuda): at most 460 s of steps
+#   bash scripts/gpu_check.sh                    # on the GPU machine (--device cuda): at most 480 s of steps
 #   PYTHON=.venv/bin/python bash scripts/gpu_check.sh --device cpu   # small sizes, no bf16, nothing that needs
 #                                                # CUDA: the script's own check, on any machine (CI), ~1-2 minutes
 #   options: --device cuda|cpu (default cuda), --out DIR (default gpu_check_results), --budget SECONDS (default
-#   460: no step starts, and every step is cut, at that many seconds after the start), --no-tests (skip the two
+#   480: no step starts, and every step is cut, at that many seconds after the start), --no-tests (skip the two
 #   pytest steps: CI, whose test suite has just run the same tests)
 #   environment: PYTHON, the interpreter to use (default python3)
 #
@@ -38,7 +38,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 DEVICE=cuda
 OUT=gpu_check_results
-BUDGET=460
+BUDGET=480
 RUN_TESTS=1
 while [ $# -gt 0 ]; do
     case $1 in
@@ -184,6 +184,15 @@ for model in resnet18 gpt2; do
     fi
 done
 
+# ------------------------------------------------------------------------------------------------ step cost
+# Where the per-step cost goes on a host-bound model (ResNet-18 at batch 128: 16% slower with every step read on an
+# H200, 2026-12-04): wall time per arm, the monitor's own timing (what the budget steers by), kernel launches
+if [ "$DEVICE" = cuda ]; then
+    run step-cost-resnet18 100 "$PY" benchmarks/step_cost.py --model resnet18 --device cuda
+else
+    run step-cost-resnet18 60 "$PY" benchmarks/step_cost.py --model resnet18 --device cpu --quick
+fi
+
 # ------------------------------------------------------------------------------------------------ snapshots
 # What on_alarm="rollback"'s snapshots cost (pinned host buffers, non-blocking copies on CUDA) and a restore checked
 # bit for bit against a direct copy (issue 23)
@@ -304,6 +313,11 @@ TOTAL=$(($(date +%s) - START))
         tail -n 8 "$OUT/logs/$name.log"
         echo '```'
     done
+    echo
+    echo "## Per-step cost by part (benchmarks/step_cost.py --device $DEVICE)"
+    echo '```'
+    grep -v '^\(STAGE\|USDT\|\[W\)' "$OUT/logs/step-cost-resnet18.log" | tail -n 12
+    echo '```'
     echo
     echo "## Step synchronisations (benchmarks/step_syncs.py --device $DEVICE)"
     echo '```'
