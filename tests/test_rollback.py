@@ -248,6 +248,7 @@ def test_lightning_gives_up_when_the_failure_survives_the_rollbacks(tmp_path: Pa
     snapshot it came back from is retried (it was healthy: the first run from it went on quiet), the give-up leaves
     it restored, and no older one is thrown at the problem; ``min_lookback`` changes none of that."""
     policy = {**POLICY, "max_rollbacks": 2, "min_lookback": min_lookback}
+    pl.seed_everything(0, verbose=False)  # initial weights that do not depend on the tests run before
     _, monitor, trainer = run_lightning(tmp_path, policy, model=NoisyLabels(noise_from=GLITCH))
     assert monitor is not None
     assert len(monitor.rollbacks) == 2
@@ -557,7 +558,11 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def test_lightning_run_without_alarm_is_bit_identical_to_one_without_the_monitor(tmp_path: Path) -> None:
     policy = {"snapshot_every": 5, "keep": 2}  # many snapshots, the ring full: its buffers reused
+    # the same initial weights (run_lightning seeds after the model is built): without this the two models were
+    # built from whatever state the generator was left in, and the test passed only after some other tests
+    pl.seed_everything(0, verbose=False)
     plain, _, t0 = run_lightning(tmp_path, model=AdamModel(), steps=80)
+    pl.seed_everything(0, verbose=False)
     watched, monitor, t1 = run_lightning(tmp_path, policy, model=AdamModel(), steps=80)
     assert monitor is not None
     assert monitor.first_alarm_step is None
