@@ -11,9 +11,10 @@ each arm alternating so that drift hits them alike:
 - ``budget``: the defaults (``max_overhead=0.02``): the budget spaces the checks and thins the per-step reads.
 
 For each arm: wall ms per step and the difference to ``off``; the monitor's own timing of its calls (``time_s``, the
-figure the budget steers by: what it cannot see, it cannot bound) per step; the strides the budget chose; and, from
-a short profiled window, the kernel launches (CUDA) or ATen calls (CPU) per step beside ``off``'s. The monitor is fed
-as the adapters feed it (`overhead.monitored_step`'s order, with the workload's autocast).
+figure the budget steers by: what it cannot see, it cannot bound) per step; the strides the budget chose; from a
+short profiled window, the kernel launches (CUDA) or ATen calls (CPU) per step beside ``off``'s; and the host time
+inside each of the monitor's calls, timed around the call here (the forward hook's copies are inside the forward).
+The monitor is fed as the adapters feed it (`overhead.monitored_step`'s order, with the workload's autocast).
 
     python benchmarks/step_cost.py --model resnet18 --device cuda
     python benchmarks/step_cost.py --quick            # CPU, small: the script's own check
@@ -34,6 +35,7 @@ from overhead import _autocast, _fresh, _inputs, _sync, build_workload  # run as
 from topo_callbacks.core import CollapseMonitorCore
 
 ARMS = ("off", "steps", "every", "budget")
+CALLS = ("prepare_step", "add_loss", "step_grad_norm", "observe_step", "run_check")
 
 
 class Arm:
@@ -54,14 +56,19 @@ class Arm:
         self.step = 0
         self.seconds = 0.0
         self.timed_steps = 0
+        #: host seconds inside each of the monitor's calls over the timed steps (no device sync: what the host pays)
+        self.calls: dict[str, float] = dict.fromkeys(CALLS, 0.0)
+        self._timing = False
 
     def train(self, steps: int, timed: bool = True) -> None:
         device = self.workload.device
         _sync(device)
+        self._timing = timed
         start = time.perf_counter()
         for _ in range(steps):
             self._one()
         _sync(device)
+        self._timing = False
         if timed:
             self.seconds += time.perf_counter() - start
             self.timed_steps += steps
@@ -70,21 +77,30 @@ class Arm:
         self.step += 1
         step, mon, w = self.step, self.monitor, self.workload
         x, y = self.batches[step % len(self.batches)]
+        call = self._call
         if mon is not None:
-            mon.prepare_step(step)
+            call("prepare_step", mon.prepare_step, step)
         with _autocast(w):
             loss = w.loss(self.model(_inputs(w, x)), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None
         if mon is not None:
-            mon.add_loss(loss)
-            grad_norm = mon.step_grad_norm(self.model, step)
+            call("add_loss", mon.add_loss, loss)
+            grad_norm = call("step_grad_norm", mon.step_grad_norm, self.model, step)
         self.opt.step()
         if mon is not None:
-            mon.observe_step(step, grad_norm=grad_norm, lr=self.opt.param_groups[0]["lr"])
+            call("observe_step", mon.observe_step, step, grad_norm=grad_norm, lr=self.opt.param_groups[0]["lr"])
             if mon.is_check_step(step):
-                mon.run_check(step)
+                call("run_check", mon.run_check, step)
+
+    def _call(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._timing:
+            return fn(*args, **kwargs)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.calls[name] += time.perf_counter() - start
+        return out
 
     def launches(self, steps: int) -> float:
         """Kernel launches (CUDA) or ATen calls (CPU) per step over ``steps`` profiled steps."""
@@ -154,6 +170,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {name} | {1000 * per_step:.2f} | {diff:+.2f} ms ({100 * (per_step / off - 1):+.1f}%) | {own} |"
               f" {strides} | {checks} | {launches[name]:.0f} ({launches[name] - launches['off']:+.0f}) |")  # fmt: skip
     print("the monitor's own timing includes its checks; strides: the check interval, and 1 read in N steps")
+    print()
+    print("host time per step inside each call (timed around the call, no device sync), us:")
+    print("| arm | " + " | ".join(CALLS) + " |")
+    print("|---|" + "---|" * len(CALLS))
+    for name, arm in arms.items():
+        if arm.monitor is not None:
+            cells = " | ".join(f"{1e6 * arm.calls[c] / arm.timed_steps:.0f}" for c in CALLS)
+            print(f"| {name} | {cells} |")
     if statistics.fmean(a.timed_steps for a in arms.values()) != per_block * blocks:
         raise SystemExit("an arm did not train every block")
 
