@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue #18) in one command: the host synchronisations per step, the overhead benchmark's GPU models,
-# the per-step cost by part and the rollback snapshots' cost (the measurements first), then the CUDA tests and the engine benchmark on the GPU,
-# each step under its own time limit, all within 8 minutes. For a machine with one NVIDIA
+# the per-step cost by part and the rollback snapshots' cost (the measurements first), then the CUDA tests and the
+# engine benchmark on the GPU, each step under its own time limit, all within 8 minutes. For a machine with one NVIDIA
 # GPU, no network, and a Python that already has torch (CUDA), lightning, accelerate, transformers, torchmetrics,
 # numpy, scipy, scikit-learn, matplotlib, hypothesis and pytest.
 #
@@ -316,7 +316,7 @@ TOTAL=$(($(date +%s) - START))
     echo
     echo "## Per-step cost by part (benchmarks/step_cost.py --device $DEVICE)"
     echo '```'
-    grep -v '^\(STAGE\|USDT\|\[W\)' "$OUT/logs/step-cost-resnet18.log" | tail -n 12
+    grep -v '^\(STAGE\|USDT\|\[W\)' "$OUT/logs/step-cost-resnet18.log" | tail -n 20
     echo '```'
     echo
     echo "## Step synchronisations (benchmarks/step_syncs.py --device $DEVICE)"

@@ -1,11 +1,13 @@
-"""The engine, the collapse index, the monitors and the gatherer on every device this machine has.
+"""The engine, the collapse index, the monitors, the gatherer and the rollback on every device this machine has.
 
 Each test takes ``device``: ``"cpu"`` always, so that the test's own logic runs on every machine (CI has no GPU),
 and ``"cuda"`` where this machine has one (skipped elsewhere; scripts/gpu_check.sh runs this file on a GPU machine
 and counts any skip there as a failure). The CUDA runs are compared with the CPU: the same points give the same
 eps-graph and Betti numbers, a Lightning run on the GPU (fp32 and ``bf16-mixed``) keeps the monitor's tensors on
 the GPU and stops where the CPU run does, and under DDP the gathered rows stay on the device (NCCL with one GPU;
-gloo with two ranks on one GPU, since NCCL cannot put two ranks on one device).
+gloo with two ranks on one GPU, since NCCL cannot put two ranks on one device); a snapshot of a model on the
+device (pinned host buffers, non-blocking copies on CUDA) restores it bit for bit, and a rollback rescues a
+learning-rate blow-up there.
 """
 
 from __future__ import annotations
