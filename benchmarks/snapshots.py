@@ -4,12 +4,13 @@ The overhead benchmark's ResNet-18 and GPT-2 workloads train in a plain loop; a 
 monitor uses; ``keep=3``) takes a snapshot every ``--every`` steps. Blocks of steps with and without the controller
 alternate, so that drift hits both arms alike; the extra wall time of the arm with snapshots, divided by the
 snapshots it took, is a snapshot's cost as the run feels it (on CUDA the device-to-host copies go to pinned buffers
-with ``non_blocking=True`` and overlap the next steps, so the host-side time of the call alone would understate or
-overstate it). The ring fills first (``keep`` snapshots with new buffers, a one-off cost printed apart), then the
-arms alternate with its buffers reused. Printed: the step time, the host memory per snapshot, the call's host time
-while the ring fills and once buffers are reused, the copies' device time (CUDA events), the cost per snapshot, its
-share of the training time at the default interval (``RollbackPolicy().snapshot_every``), and a restore's time,
-checked bit for bit against a direct copy of the state taken at the snapshot.
+with ``non_blocking=True``, so the host-side time of the call alone would understate it; each block's snapshot comes
+at its last step and the block's closing sync waits for the copies, so the figure is an upper bound: in a run they
+overlap the steps after). The ring fills first (``keep`` snapshots with new buffers, a one-off cost printed apart),
+then the arms alternate with its buffers reused. Printed: the step time, the host memory per snapshot, the call's
+host time while the ring fills and once buffers are reused, the copies' device time (CUDA events), the cost per
+snapshot, its share of the training time at the default interval (``RollbackPolicy().snapshot_every``), and a
+restore's time, checked bit for bit against a direct copy of the state taken at the snapshot.
 
     python benchmarks/snapshots.py --model resnet18 --device cuda
     python benchmarks/snapshots.py --model gpt2 --device cuda
@@ -75,6 +76,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     controller = RollbackController(TrainingState(model, opt), RollbackPolicy(snapshot_every=args.every, keep=3))
     # the ring fills first (keep=3 snapshots, each allocating its buffers: pinned host memory on CUDA, slow to
     # allocate), a one-off cost reported apart; the arms then compare steady snapshots, whose buffers are reused
+    # (with the controller's clock set to the step before a block, its snapshot comes at the block's last step: the
+    # block's closing sync waits for the copies, so a block holds a snapshot's whole cost, none of it overlapped with
+    # steps outside the block: an upper bound of what a run feels)
     filling: list[float] = []
     for _ in range(3):
         controller._last_step = step
@@ -85,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.blocks):
         seconds, step = block(None, step)
         plain.append(seconds)
-        controller._last_step = step  # the first step of the next block takes a snapshot, as every `every` steps
+        controller._last_step = step  # one snapshot in the block, at its last step (above)
         seconds, step = block(controller, step)
         watched.append(seconds)
     snaps = controller.snapshots

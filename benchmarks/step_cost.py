@@ -23,7 +23,6 @@ The monitor is fed as the adapters feed it (`overhead.monitored_step`'s order, w
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 from collections.abc import Sequence
@@ -178,8 +177,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if arm.monitor is not None:
             cells = " | ".join(f"{1e6 * arm.calls[c] / arm.timed_steps:.0f}" for c in CALLS)
             print(f"| {name} | {cells} |")
-    if statistics.fmean(a.timed_steps for a in arms.values()) != per_block * blocks:
-        raise SystemExit("an arm did not train every block")
 
 
 if __name__ == "__main__":
