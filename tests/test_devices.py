@@ -394,6 +394,50 @@ def _assert_same_state(a: Any, b: Any, where: str = "") -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_per_step_path_on_device_feeds_the_detector_the_values_it_was_given(device: str):
+    """The per-step path as the adapters drive it (`add_loss` with the loss tensor, `step_grad_norm` of the model,
+    `observe_step`) on ``device``: on CUDA the values stay there and are read in batches (a stack and one copy per
+    batch, `StepReads`), and the detector ends with exactly the references of a CPU monitor fed the same values as
+    numbers. On the CPU the same test runs the host path against itself."""
+    from topo_callbacks.core import CollapseMonitorCore
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    on_device = CollapseMonitorCore("1", every_n_train_steps=10**6, max_overhead=None)
+    on_device.attach(model)
+    on_host = CollapseMonitorCore("1", every_n_train_steps=10**6, max_overhead=None)
+    gen = torch.Generator().manual_seed(1)
+    steps = 100
+    for step in range(1, steps + 1):
+        on_device.prepare_step(step)
+        x = torch.randn(64, 16, generator=gen).to(device)
+        loss = (model(x) - x[:, :4]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        on_device.add_loss(loss)
+        grad_norm = on_device.step_grad_norm(model, step)
+        opt.step()
+        on_device.observe_step(step, grad_norm=grad_norm, lr=0.05)
+        assert grad_norm is not None
+        on_host.observe_step(step, loss=float(loss), grad_norm=float(grad_norm), lr=0.05)
+    on_device.end_of_training(steps)
+    on_host.end_of_training(steps)
+    assert on_device.detector is not None
+    assert on_host.detector is not None
+    for name in ("loss", "grad_norm"):
+        got = list(on_device.detector.states[name].reference)
+        assert len(got) == steps
+        assert got == list(on_host.detector.states[name].reference), name
+    reads = on_device._step_reads
+    if device == "cuda":
+        assert reads is not None
+        assert reads.reads <= steps // 8 + 2
+        assert isinstance(grad_norm, torch.Tensor)
+        assert grad_norm.device.type == "cuda"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_snapshot_on_device_restores_model_optimizer_scheduler_scaler_and_rng_bit_for_bit(device: str):
     """A snapshot of a model training on ``device`` (AdamW moments, a step schedule, a real ``GradScaler``: on CUDA
     with fp16 autocast and a live scale, on the CPU disabled) is copied to host memory (pinned, non-blocking on

@@ -1280,17 +1280,36 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
             per_tensor = torch.stack(torch._foreach_norm(grads)).tolist()
         total = math.sqrt(sum(n * n for n in per_tensor))
         return (torch.tensor(total, dtype=torch.float32) if as_tensor else total), per_tensor, params
-    grads = [g.detach() for g in grads]
+    norm, stacked = _device_grad_norms(grads)
+    return (norm if as_tensor else float(norm)), stacked, params
+
+
+def _device_grad_norms(grads: list[Any]) -> tuple[Any, Any]:
+    """The global norm (0-d) and the per-tensor norms (1-d float32) of ``grads``, computed where they are and not
+    read: what `grad_norms` does on an accelerator. A fixed handful of calls whatever the number of tensors (each
+    call is host time on a GPU whose step the host bounds), the per-tensor norms in one ``_foreach_norm``.
+
+    Example:
+        >>> import torch
+        >>> total, per_tensor = _device_grad_norms([torch.tensor([3.0, 4.0]), torch.tensor([12.0])])
+        >>> total, per_tensor
+        (tensor(13.), tensor([ 5., 12.]))
+    """
+    import torch
+
+    if any(g.requires_grad for g in grads):  # gradients of a double backward: a detach per tensor only then
+        grads = [g.detach() for g in grads]
     if len(grads) == 1:
         stacked = torch.linalg.vector_norm(grads[0], dtype=torch.float32).reshape(1)
     else:
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-        devices = {n.device for n in norms}
-        if len(devices) > 1:  # a model split over devices (pipeline): meet on the first one
-            norms = [n.to(grads[0].device) for n in norms]
-        stacked = torch.stack(norms).float()
-    norm = torch.linalg.vector_norm(stacked)
-    return (norm if as_tensor else float(norm)), stacked, params
+        first = norms[0].device
+        if any(n.device != first for n in norms):  # a model split over devices (pipeline): meet on the first one
+            norms = [n.to(first) for n in norms]
+        stacked = torch.stack(norms)
+        if stacked.dtype != torch.float32:
+            stacked = stacked.float()
+    return torch.linalg.vector_norm(stacked), stacked
 
 
 def _is_dtensor(t: Any) -> bool:

@@ -565,7 +565,8 @@ class CollapseMonitorCore:
         start = time.perf_counter()
         wanted = self.step_channels
         if loss is None and self._loss_count:
-            loss = self._loss_sum / self._loss_count  # a tensor stays one (read with the batch, below)
+            # a tensor stays one (read with the batch, below); one micro-batch's is fed as it is (no call on a device)
+            loss = self._loss_sum if self._loss_count == 1 else self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = 0.0, 0
         if not wanted or step <= self.last_observed_step:
             return None
@@ -578,7 +579,7 @@ class CollapseMonitorCore:
             # ``max_overhead`` reads every `observe_every`-th step only; this step's loss joins the next read's (a
             # number on the CPU, a tensor added on the device elsewhere: no read here either way)
             if loss is not None:
-                self._unread_loss = self._unread_loss + loss
+                self._unread_loss = loss if not self._unread_count else self._unread_loss + loss
                 self._unread_count += 1
             if skipped is True and self.detector is not None:  # counted (a flag on the device is not read here)
                 self.detector.skipped_steps += 1
@@ -866,11 +867,16 @@ class CollapseMonitorCore:
         if loss is None or self.detector is None:
             return
         start = time.perf_counter()
-        if isinstance(loss, Tensor):  # on the CPU reading a number costs less than the tensor ops that average it
-            value: Tensor | float = loss.item() if loss.is_cpu and loss.numel() == 1 else loss.detach().float().mean()
-        else:
+        value: Tensor | float
+        if not isinstance(loss, Tensor):
             value = float(loss)
-        self._loss_sum = self._loss_sum + value
+        elif loss.is_cpu and loss.numel() == 1:  # on the CPU reading a number costs less than the tensor ops
+            value = loss.item()
+        elif loss.dim() == 0 and loss.dtype == torch.float32:
+            value = loss.detach()  # on a device every call is a launch the host pays: none for the common loss
+        else:
+            value = loss.detach().float().mean()
+        self._loss_sum = value if not self._loss_count else self._loss_sum + value
         self._loss_count += 1
         self.time_spent_s += time.perf_counter() - start
 

@@ -12,7 +12,7 @@ when the next batch is due (a step every rank agrees on), so a per-step alarm co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,6 +39,12 @@ class StepReads:
     `add` queues a step; `ready` returns the steps whose values have reached the host, averaged over the ranks that
     gave one (None where no rank did). Host-only rows on a single process are returned at once, as given.
 
+    A batch costs the host a fixed handful of tensor calls whatever its size: on one process the device values are
+    stacked and copied to the host in one go (the host numbers never become a tensor); under DDP the host numbers
+    travel to the device as one table, the device values are added to it as one block, and the table is all-reduced
+    once. ``keep_cpu_tensors`` keeps CPU tensors unread too, as a GPU's are (for tests and benchmarks of that path
+    on the CPU; the copies are then plain, not pinned, and nothing waits on an event).
+
     Example:
         >>> import torch
         >>> reads = StepReads(read_every=3)
@@ -53,15 +59,16 @@ class StepReads:
         ([(4, [4.0, None, 0.5])], 2)
     """
 
-    def __init__(self, read_every: int = 1) -> None:
+    def __init__(self, read_every: int = 1, *, keep_cpu_tensors: bool = False) -> None:
         self.read_every = int(read_every)
+        self.keep_cpu_tensors = bool(keep_cpu_tensors)
         #: batches moved to the host so far (device-to-host copies when the values live on a GPU)
         self.reads = 0
         self._rows: list[tuple[int, list[Item]]] = []
-        self._in_flight: tuple[list[int], Tensor, Any] | None = None
+        self._in_flight: _InFlight | None = None
 
     def __len__(self) -> int:
-        return len(self._rows) + (0 if self._in_flight is None else len(self._in_flight[0]))
+        return len(self._rows) + (0 if self._in_flight is None else len(self._in_flight.steps))
 
     def add(self, step: int, items: Sequence[Item]) -> list[Item]:
         """Queue optimizer step ``step``'s values; returns the row as queued. A tensor off the GPU is read now (that
@@ -69,8 +76,9 @@ class StepReads:
         row: list[Item] = []
         for item in items:
             if isinstance(item, Tensor):
-                item = item.detach()
-                if item.device.type != "cuda":
+                if item.requires_grad:  # a graph is not kept alive by the queue (a detach costs a call: only then)
+                    item = item.detach()
+                if item.device.type != "cuda" and not self.keep_cpu_tensors:
                     item = float(item.reshape(()))
             row.append(item)
         self._rows.append((int(step), row))
@@ -105,53 +113,108 @@ class StepReads:
         return out
 
     def _send(self, rows: list[tuple[int, list[Item]]], device: torch.device) -> None:
-        """Start moving ``rows`` to the host: (sum, count) per value, one all-reduce over ranks, one copy."""
+        """Start moving ``rows`` to the host: (sum, count) per value; under DDP one all-reduce over ranks."""
         width = len(rows[0][1])
-        host = torch.zeros(len(rows), 2 * width, dtype=torch.float64)
-        on_device: list[tuple[int, int, Tensor]] = []
+        lines: list[list[float]] = []  # per row: value, count, value, count, ... (a device value's own is 0 here)
+        cells: list[tuple[int, int]] = []
+        values: list[Tensor] = []
         for r, (_, row) in enumerate(rows):
+            line = [0.0] * (2 * width)
             for c, item in enumerate(row):
                 if item is None:
                     continue
-                host[r, 2 * c + 1] = 1.0
+                line[2 * c + 1] = 1.0
                 if isinstance(item, Tensor):
-                    on_device.append((r, 2 * c, item))
+                    cells.append((r, c))
+                    values.append(item)
                 else:
-                    host[r, 2 * c] = float(item)
-        cuda = device.type == "cuda" or bool(on_device)
-        target = (on_device[0][2].device if on_device else device) if cuda else torch.device("cpu")
-        if cuda:
-            table = host.pin_memory().to(target, non_blocking=True)
-            for r, c, value in on_device:
-                table[r, c].copy_(value.reshape(()))
-        else:
-            table = host
+                    line[2 * c] = float(item)
+            lines.append(line)
+        steps = [s for s, _ in rows]
         if world_size() > 1:
-            torch.distributed.all_reduce(table)
+            self._in_flight = self._all_reduce(steps, lines, cells, values, width, device)
+            return
+        # one process: only the device values move, in one stack and one copy
+        block = _stack(values)
+        cuda = block.device.type == "cuda"
+        landing = torch.empty(block.shape, dtype=block.dtype, pin_memory=cuda)
+        landing.copy_(block, non_blocking=cuda)
+        self._in_flight = _InFlight(steps, lines, cells, landing, _recorded_event() if cuda else None)
+
+    def _all_reduce(
+        self,
+        steps: list[int],
+        lines: list[list[float]],
+        cells: list[tuple[int, int]],
+        values: list[Tensor],
+        width: int,
+        device: torch.device,
+    ) -> _InFlight:
+        """Every rank's table (the same shape everywhere: a value a rank lacks counts 0 there) summed over the ranks.
+        The host numbers go to the device as one table and the device values are added to it as one block, so that
+        the batch costs one all-reduce and a fixed number of calls whatever its size."""
+        table = torch.tensor(lines, dtype=torch.float64)
+        target = values[0].device if values else device
+        cuda = target.type == "cuda"
         if cuda:
-            landing = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
-            landing.copy_(table, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._in_flight = ([s for s, _ in rows], landing, event)
-        else:
-            self._in_flight = ([s for s, _ in rows], table, None)
+            table = table.pin_memory().to(target, non_blocking=True)
+        if values:
+            block = _stack(values).to(table.device, torch.float64)
+            flat = torch.tensor([2 * (r * width + c) for r, c in cells], dtype=torch.long)
+            if cuda:
+                flat = flat.pin_memory().to(target, non_blocking=True)
+            table.view(-1).index_add_(0, flat, block)
+        torch.distributed.all_reduce(table)
+        if not cuda:
+            return _InFlight(steps, None, None, table, None)
+        landing = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+        landing.copy_(table, non_blocking=True)
+        return _InFlight(steps, None, None, landing, _recorded_event())
 
     def _landed(self, force: bool) -> list[tuple[int, list[float | None]]]:
         """The batch in flight, if its copy has landed (waited for when ``force``)."""
-        if self._in_flight is None:
+        flight = self._in_flight
+        if flight is None:
             return []
-        steps, table, event = self._in_flight
-        if event is not None:
+        if flight.event is not None:
             if force:
-                event.synchronize()
-            elif world_size() > 1 or not event.query():
+                flight.event.synchronize()
+            elif world_size() > 1 or not flight.event.query():
                 # under DDP a rank-local query could pick the batch up at different steps on different ranks (and an
                 # alarm in it would fire at different steps): it is picked up when the next batch is due, everywhere
                 return []
         self._in_flight = None
-        values = table.tolist()
+        if flight.lines is None:  # the all-reduced table
+            lines = flight.landing.tolist()
+        else:
+            lines = flight.lines
+            for (r, c), value in zip(flight.cells or (), flight.landing.tolist(), strict=True):
+                lines[r][2 * c] = value
         return [
             (step, [row[2 * c] / row[2 * c + 1] if row[2 * c + 1] > 0 else None for c in range(len(row) // 2)])
-            for step, row in zip(steps, values, strict=True)
+            for step, row in zip(flight.steps, lines, strict=True)
         ]
+
+
+class _InFlight(NamedTuple):
+    """A batch on its way to the host: its steps; on one process its host lines, the (row, column) of each device
+    value and those values' landing buffer; under DDP (``lines`` None) the landing buffer holds the whole table."""
+
+    steps: list[int]
+    lines: list[list[float]] | None
+    cells: list[tuple[int, int]] | None
+    landing: Tensor
+    event: Any
+
+
+def _stack(values: list[Tensor]) -> Tensor:
+    """0-d (or one-element) tensors of one device as a 1-d tensor, exactly (float64 if any is, else float32: every
+    value the monitor queues, a float32 or bfloat16 number or a flag, is exact in float32)."""
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    return torch.stack([(v if v.dim() == 0 else v.reshape(())).to(dtype) for v in values])
+
+
+def _recorded_event() -> Any:
+    event = torch.cuda.Event()
+    event.record()
+    return event
