@@ -12,11 +12,14 @@ each arm alternating so that drift hits them alike:
 
 For each arm: wall ms per step and the difference to ``off``; the monitor's own timing of its calls (``time_s``, the
 figure the budget steers by: what it cannot see, it cannot bound) per step; the strides the budget chose; from a
-short profiled window, the kernel launches (CUDA) or ATen calls (CPU) per step beside ``off``'s; and the host time
-inside each of the monitor's calls, timed around the call here (the forward hook's copies are inside the forward).
-The monitor is fed as the adapters feed it (`overhead.monitored_step`'s order, with the workload's autocast).
+short profiled window, the kernel launches (CUDA) or ATen calls (CPU) per step beside ``off``'s; the host time
+inside each of the monitor's calls, timed around the call here (the forward hook's copies are inside the forward);
+and the ATen calls made inside each of them (a `TorchDispatchMode` over a short window: every call is host time on
+a GPU whose step the host bounds, so their count is what the CPU can measure of that cost). The monitor is fed as
+the adapters feed it (`overhead.monitored_step`'s order, with the workload's autocast).
 
     python benchmarks/step_cost.py --model resnet18 --device cuda
+    python benchmarks/step_cost.py --device-path      # CPU: the GPU's per-step path (tensors read in batches)
     python benchmarks/step_cost.py --quick            # CPU, small: the script's own check
 """
 
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 from overhead import _autocast, _fresh, _inputs, _sync, build_workload  # run as a script: benchmarks/ is on sys.path
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from topo_callbacks.core import CollapseMonitorCore
 
@@ -40,7 +44,7 @@ CALLS = ("prepare_step", "add_loss", "step_grad_norm", "observe_step", "run_chec
 class Arm:
     """One arm's model, optimizer and monitor, trained block by block."""
 
-    def __init__(self, name: str, workload: Any, batches: list[Any]) -> None:
+    def __init__(self, name: str, workload: Any, batches: list[Any], device_path: bool = False) -> None:
         self.name, self.workload, self.batches = name, workload, batches
         self.model, self.opt = _fresh(workload, seed=0)
         self.monitor: CollapseMonitorCore | None = None
@@ -51,13 +55,17 @@ class Arm:
                 max_samples=1024,
                 max_overhead=0.02 if name == "budget" else None,
             )
+            self.monitor._device_path = device_path  # the accelerator's per-step path on the CPU (`--device-path`)
             self.monitor.attach(self.model)
         self.step = 0
         self.seconds = 0.0
         self.timed_steps = 0
         #: host seconds inside each of the monitor's calls over the timed steps (no device sync: what the host pays)
         self.calls: dict[str, float] = dict.fromkeys(CALLS, 0.0)
+        #: ATen calls inside each of the monitor's calls over the counted steps (`count_calls`)
+        self.aten: dict[str, int] = dict.fromkeys(CALLS, 0)
         self._timing = False
+        self._counting = False
 
     def train(self, steps: int, timed: bool = True) -> None:
         device = self.workload.device
@@ -94,12 +102,25 @@ class Arm:
                 call("run_check", mon.run_check, step)
 
     def _call(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._counting:
+            with _Calls() as counter:
+                out = fn(*args, **kwargs)
+            self.aten[name] += counter.count
+            return out
         if not self._timing:
             return fn(*args, **kwargs)
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         self.calls[name] += time.perf_counter() - start
         return out
+
+    def count_calls(self, steps: int) -> None:
+        """ATen calls inside each of the monitor's calls over ``steps`` steps (`aten`)."""
+        self._counting = True
+        try:
+            self.train(steps, timed=False)
+        finally:
+            self._counting = False
 
     def launches(self, steps: int) -> float:
         """Kernel launches (CUDA) or ATen calls (CPU) per step over ``steps`` profiled steps."""
@@ -116,6 +137,18 @@ class Arm:
         return count / steps
 
 
+class _Calls(TorchDispatchMode):
+    """Counts the ATen calls made inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["resnet18", "gpt2"], default="resnet18")
@@ -123,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 400 on CUDA, 60 CPU)")
     parser.add_argument("--blocks", type=int, default=4, help="blocks per arm, alternating (default 4)")
     parser.add_argument("--quick", action="store_true", help="small sizes on the CPU: the script's own check")
+    parser.add_argument(
+        "--device-path",
+        action="store_true",
+        help="on the CPU, the monitor takes the accelerator's per-step path (tensors read in batches)",
+    )
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--gpt-layers", type=int, default=None)
     parser.add_argument("--context", type=int, default=None)
@@ -142,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     workload = build_workload(args, device)
     batches = [(x.to(device), y.to(device)) for x, y in workload.batches(8, seed=1)]
-    arms = {name: Arm(name, workload, batches) for name in ARMS}
+    if args.device_path and cuda:
+        raise SystemExit("--device-path is for the CPU: on CUDA the monitor takes that path anyway")
+    arms = {name: Arm(name, workload, batches, args.device_path) for name in ARMS}
     for arm in arms.values():
         arm.train(warm_up, timed=False)  # warm-up: kernels chosen, optimizer state made, the first steps' one-off costs
     spent0 = {name: (a.monitor.time_spent_s if a.monitor else 0.0) for name, a in arms.items()}
@@ -151,8 +191,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             arms[name].train(per_block)
     profiled = 2 if args.quick else 30
     launches = {name: arm.launches(profiled) for name, arm in arms.items()}
+    for arm in arms.values():
+        arm.count_calls(profiled)
     where = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{workload.description}; {where}")
+    print(
+        f"{workload.description}; {where}"
+        + ("; the accelerator's per-step path (--device-path)" if args.device_path else "")
+    )
     print(f"{blocks} alternating blocks of {per_block} timed steps per arm, after {warm_up} warm-up steps;"
           f" launches over {profiled} profiled steps ({'cudaLaunchKernel' if cuda else 'ATen calls'})")  # fmt: skip
     off = arms["off"].seconds / arms["off"].timed_steps
@@ -177,6 +222,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if arm.monitor is not None:
             cells = " | ".join(f"{1e6 * arm.calls[c] / arm.timed_steps:.0f}" for c in CALLS)
             print(f"| {name} | {cells} |")
+
+    print()
+    print(f"ATen calls per step inside each call (over {profiled} steps):")
+    print("| arm | " + " | ".join(CALLS) + " | all |")
+    print("|---|" + "---|" * (len(CALLS) + 1))
+    for name, arm in arms.items():
+        if arm.monitor is not None:
+            cells = " | ".join(f"{arm.aten[c] / profiled:.1f}" for c in CALLS)
+            print(f"| {name} | {cells} | {sum(arm.aten.values()) / profiled:.1f} |")
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ TOTAL=$(($(date +%s) - START))
     echo
     echo "## Per-step cost by part (benchmarks/step_cost.py --device $DEVICE)"
     echo '```'
-    grep -v '^\(STAGE\|USDT\|\[W\)' "$OUT/logs/step-cost-resnet18.log" | tail -n 20
+    grep -v '^\(STAGE\|USDT\|\[W\)' "$OUT/logs/step-cost-resnet18.log" | tail -n 32
     echo '```'
     echo
     echo "## Step synchronisations (benchmarks/step_syncs.py --device $DEVICE)"

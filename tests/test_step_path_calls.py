@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,66 @@ def test_ddp_ranks_average_device_and_host_values_in_one_table(tmp_path: Path) -
     want = [[s, [s + 1.0, 10.0 * s if s % 2 else None, 0.5]] for s in range(1, 10)]
     assert ranks[0]["out"] == want
     assert ranks[0]["reads"] == 3
+
+
+def _net(blocks: int) -> nn.Module:
+    """An MLP of ``blocks`` hidden Linear+LayerNorm blocks: 4 + 4 x blocks parameter tensors."""
+    layers: list[nn.Module] = [nn.Linear(16, 32)]
+    for _ in range(blocks):
+        layers += [nn.ReLU(), nn.Linear(32, 32), nn.LayerNorm(32)]
+    return nn.Sequential(*layers, nn.Linear(32, 4))
+
+
+def _monitored(model: nn.Module, device_path: bool, steps: int, count_from: int) -> tuple[Any, float]:
+    """Train ``model`` for ``steps`` steps fed as the adapters feed the monitor (no check due); returns the monitor
+    and the ATen calls per step inside its calls from step ``count_from`` on (the gradient norm read at each)."""
+    from topo_callbacks.core import CollapseMonitorCore
+
+    monitor = CollapseMonitorCore("1", every_n_train_steps=10**6, max_overhead=None)
+    monitor._device_path = device_path
+    monitor.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    calls = 0
+    for step in range(1, steps + 1):
+        x = torch.randn(32, 16, generator=gen)
+        counting = step >= count_from
+        monitor.prepare_step(step)
+        loss = (model(x) - x[:, :4]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with _Calls() as counter:
+            monitor.add_loss(loss)
+            grad_norm = monitor.step_grad_norm(model, step)
+        calls += counter.count if counting else 0
+        opt.step()
+        with _Calls() as counter:
+            monitor.observe_step(step, grad_norm=grad_norm, lr=0.01)
+        calls += counter.count if counting else 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no check ran in so short a run: said, not what this measures
+        monitor.end_of_training(steps)
+    return monitor, calls / (steps - count_from + 1)
+
+
+def test_the_monitors_device_path_makes_a_fixed_few_calls_per_step_and_scores_what_the_host_path_does() -> None:
+    """The monitor's whole per-step path as on a GPU (`_device_path`: loss and gradient norm kept as tensors, read
+    in batches of `DEVICE_READ_EVERY`) makes the same few ATen calls per step on a model of 6 or 62 parameter tensors
+    (the per-tensor norms in one call; before: 130 on 62 tensors), and its detector ends with the references of the
+    host path on the same run, but for float32 rounding of the global norm."""
+    per_step = {}
+    for blocks in (1, 15):
+        torch.manual_seed(3)
+        model = _net(blocks)
+        n_tensors = len(list(model.parameters()))
+        device, per_step[n_tensors] = _monitored(model, True, 64, count_from=9)
+        torch.manual_seed(3)
+        host, _ = _monitored(_net(blocks), False, 64, count_from=64)
+        assert device._step_reads.reads <= 64 // 8 + 1  # batches, not one read per step
+        assert list(device.detector.states["loss"].reference) == list(host.detector.states["loss"].reference)
+        np_dev = torch.tensor(list(device.detector.states["grad_norm"].reference), dtype=torch.float64)
+        np_host = torch.tensor(list(host.detector.states["grad_norm"].reference), dtype=torch.float64)
+        torch.testing.assert_close(np_dev, np_host, rtol=0, atol=1e-6)  # log scale: float32 sums, 1e-6 relative
+    assert set(per_step) == {8, 64}
+    assert per_step[8] == per_step[64], per_step
+    assert per_step[64] <= 8, per_step

@@ -1239,10 +1239,13 @@ def global_grad_norm(parameters: Any, *, as_tensor: bool = False) -> Any:
     return None if norms is None else norms[0]
 
 
-def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, list[Any]] | None:
+def grad_norms(
+    parameters: Any, *, as_tensor: bool = False, device_path: bool = False
+) -> tuple[Any, Any, list[Any]] | None:
     """`global_grad_norm` with what it is made of: ``(total, per_tensor, params)``, the parameters that have a
     gradient and the norm of each one's gradient (a list of floats on the CPU; on an accelerator a 1-d float32
-    tensor on the gradients' device, not read). None when no parameter has a gradient.
+    tensor on the gradients' device, not read). None when no parameter has a gradient. ``device_path``: compute
+    them as on an accelerator whatever the device (for tests and benchmarks of that path on the CPU).
 
     Example:
         >>> import torch
@@ -1269,7 +1272,7 @@ def grad_norms(parameters: Any, *, as_tensor: bool = False) -> tuple[Any, Any, l
         if stacked.device.type == "cpu":
             return (norm if as_tensor else float(norm)), stacked.tolist(), params
         return (norm if as_tensor else float(norm)), stacked, params
-    if all(g.is_cpu for g in grads):
+    if not device_path and all(g.is_cpu for g in grads):
         # the CPU: the per-tensor norms are read as numbers and summed here (no second norm: there is no device to keep
         # waiting for). Right after a backward pass, reading each of `_foreach_norm`'s outputs cost 2x more than a norm
         # per tensor on a model of a few tensors (0.12 ms against 0.05 on the digits CNN), one stacked read less on

@@ -382,6 +382,9 @@ class CollapseMonitorCore:
         self.module: nn.Module | None = None
         self.model: nn.Module | None = None
         self._device: torch.device = torch.device("cpu")
+        #: take the accelerator's per-step path on the CPU too (values kept as tensors, read in batches): for tests and
+        #: benchmarks that count that path's tensor calls where there is no GPU (`tests/test_step_path_calls.py`)
+        self._device_path = False
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -629,7 +632,7 @@ class CollapseMonitorCore:
                 fired = self._feed_steps(reads.take_host())
                 self._urgent_above = self.detector.urgent_above()  # type: ignore[union-attr]  # set with _host_batch
                 self._tell_detector_news(step)
-        elif reads.read_every == 1 and not len(reads) and world_size() == 1 and not _on_gpu(row):
+        elif reads.read_every == 1 and not len(reads) and world_size() == 1 and not (self._device_path or _on_gpu(row)):
             fired = self._feed_steps([(step, [None if v is None else float(v) for v in row])])  # nothing to batch
             self._tell_detector_news(step)
         else:
@@ -707,7 +710,7 @@ class CollapseMonitorCore:
         if "grad_norm" not in self.step_channels or not self.reads_grad_norm(step):
             return None
         start = time.perf_counter()
-        norms = grad_norms(self._parameters_of(parameters), as_tensor=self._device.type != "cpu")  # CPU: no wait
+        norms = grad_norms(self._parameters_of(parameters), as_tensor=self._on_device, device_path=self._device_path)
         if norms is None:
             self._spent_on_grad(time.perf_counter() - start)
             return None
@@ -756,7 +759,7 @@ class CollapseMonitorCore:
         if "grad_norm" not in self.step_channels or not self.reads_grad_norm(step):
             return
         start = time.perf_counter()
-        norms = grad_norms(self._parameters_of(parameters), as_tensor=self._device.type != "cpu")
+        norms = grad_norms(self._parameters_of(parameters), as_tensor=self._on_device, device_path=self._device_path)
         if norms is not None:
             seen, per_tensor, params = norms
             if total is not None:
@@ -769,12 +772,17 @@ class CollapseMonitorCore:
             self._layer_lost = (step, _any_zero(per_tensor))
         self._spent_on_grad(time.perf_counter() - start)
 
+    @property
+    def _on_device(self) -> bool:
+        """Whether the per-step values stay tensors, read in batches (an accelerator, or `_device_path`)."""
+        return self._device.type != "cpu" or self._device_path
+
     def _reads(self) -> StepReads:
         if self._step_reads is None:
             every = self.read_every_n_steps
             if every is None:
-                every = DEVICE_READ_EVERY if self._device.type == "cuda" else 1
-            self._step_reads = StepReads(every)
+                every = DEVICE_READ_EVERY if self._device.type == "cuda" or self._device_path else 1
+            self._step_reads = StepReads(every, keep_cpu_tensors=self._device_path)
         return self._step_reads
 
     def _feed_steps(self, rows: list[tuple[int, list[float | None]]]) -> CheckResult | None:
@@ -870,7 +878,7 @@ class CollapseMonitorCore:
         value: Tensor | float
         if not isinstance(loss, Tensor):
             value = float(loss)
-        elif loss.is_cpu and loss.numel() == 1:  # on the CPU reading a number costs less than the tensor ops
+        elif loss.is_cpu and loss.numel() == 1 and not self._device_path:  # a number costs less than tensor ops
             value = loss.item()
         elif loss.dim() == 0 and loss.dtype == torch.float32:
             value = loss.detach()  # on a device every call is a launch the host pays: none for the common loss
@@ -986,7 +994,7 @@ class CollapseMonitorCore:
             not self._host_batch
             and per_step > HOST_BATCH_FROM * budget * train_step
             and self.read_every_n_steps is None
-            and self._device.type == "cpu"
+            and not self._on_device
             and world == 1
         ):
             # score the per-step values in batches first (each step still scored, an alarm up to HOST_READ_EVERY - 1
