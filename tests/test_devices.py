@@ -438,6 +438,20 @@ def test_per_step_path_on_device_feeds_the_detector_the_values_it_was_given(devi
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_step_reads_batch_values_of_two_devices_in_one_copy(device: str):
+    """A batch whose values lie on two devices (a model split over devices: its loss on the last, its gradient norm
+    met on the first) lands whole and exact: the values are stacked on the first one's device and copied once."""
+    from topo_callbacks.core.step_reads import StepReads
+
+    reads = StepReads(2, keep_cpu_tensors=True)
+    reads.add(1, [torch.tensor(1.5, device=device), torch.tensor(2.0), 0.25])
+    assert reads.ready(torch.device(device)) == []
+    reads.add(2, [torch.tensor(3.0, device=device, dtype=torch.bfloat16), None, torch.tensor(True, device=device)])
+    out = reads.ready(torch.device(device), force=True)
+    assert out == [(1, [1.5, 2.0, 0.25]), (2, [3.0, None, 1.0])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_snapshot_on_device_restores_model_optimizer_scheduler_scaler_and_rng_bit_for_bit(device: str):
     """A snapshot of a model training on ``device`` (AdamW moments, a step schedule, a real ``GradScaler``: on CUDA
     with fp16 autocast and a live scale, on the CPU disabled) is copied to host memory (pinned, non-blocking on

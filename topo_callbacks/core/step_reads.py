@@ -208,10 +208,12 @@ class _InFlight(NamedTuple):
 
 
 def _stack(values: list[Tensor]) -> Tensor:
-    """0-d (or one-element) tensors of one device as a 1-d tensor, exactly (float64 if any is, else float32: every
-    value the monitor queues, a float32 or bfloat16 number or a flag, is exact in float32)."""
+    """0-d (or one-element) tensors as a 1-d tensor on the first one's device (a model split over devices gives its
+    loss on the last), exactly: float64 if any is, else float32 (every value the monitor queues, a float32 or
+    bfloat16 number or a flag, is exact in float32)."""
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
-    return torch.stack([(v if v.dim() == 0 else v.reshape(())).to(dtype) for v in values])
+    device = values[0].device
+    return torch.stack([(v if v.dim() == 0 else v.reshape(())).to(device, dtype) for v in values])
 
 
 def _recorded_event() -> Any:
