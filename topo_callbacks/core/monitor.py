@@ -880,9 +880,9 @@ class CollapseMonitorCore:
             value = float(loss)
         elif loss.is_cpu and loss.numel() == 1 and not self._device_path:  # a number costs less than tensor ops
             value = loss.item()
-        elif loss.dim() == 0 and loss.dtype == torch.float32:
-            value = loss.detach()  # on a device every call is a launch the host pays: none for the common loss
         else:
+            # a copy, not the tensor itself: frameworks change the loss in place after the forward (the HF Trainer's
+            # ``loss *= num_processes`` under DDP with ``average_tokens_across_devices``), and it is read steps later
             value = loss.detach().float().mean()
         self._loss_sum = value if not self._loss_count else self._loss_sum + value
         self._loss_count += 1
