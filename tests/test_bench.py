@@ -106,6 +106,13 @@ def test_bench_writes_its_outputs_and_the_summary_schema(bench):
     assert {"classifier_lr__failure__1__quick.json", "dead_units__failure__1__quick.json"} <= set(cached)
     assert not [name for name in cached if "__0__" in name]  # test seeds only
     assert "## Recovery" in (out / "results.md").read_text()
+    # on a GPU the per-step values are read in batches: the detection each batch size keeps
+    batched = summary["batched_reads"]
+    assert list(batched)[:3] == ["at the step", "1 read in 2, one process", "1 read in 2, DDP"]
+    at_once = batched["at the step"]
+    assert at_once["failures"] == default["failure_runs"]
+    assert all(v["detected"] <= at_once["detected"] for v in batched.values())
+    assert "## Per-step values read in batches on a GPU" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow

@@ -536,6 +536,8 @@ def analyse(
         results["healthy_steps"] = healthy_step_alarms(test, replay.truth, default_cal)
         # an overhead budget (`max_overhead`) spaces the checks out: the same calibration with fewer checks
         results["check_spacing"] = spaced_checks(test, replay.truth, default_cal)
+        # on a GPU the per-step values reach the host in batches: the same alarms, known a few steps later
+        results["batched_reads"] = batched_reads(test, replay.truth, default_cal)
     results["runs"] = [
         {"run": r.key, "family": r.family, "arm": r.arm, "seed": r.seed, "t0": r.t0, "steps": r.steps,
          "split": "calibration" if r.seed in calibration_seeds else "test", "t_c": replay.truth[r.key],
@@ -682,6 +684,86 @@ def spaced_checks(
             "per_100k": 1e5 * alarms / max(steps, 1),
         }
     return out
+
+
+def batched_reads(
+    records: Sequence[RunRecord],
+    truth: Mapping[str, int | None],
+    cal: DetectorCalibration,
+    everies: Sequence[int] = (2, 4, 8),
+) -> dict[str, Any]:
+    """What reading the per-step values in batches costs detection: on a GPU the monitor reads the loss and the
+    gradient norm once per k steps (`topo_callbacks.core.step_reads.StepReads`; k in ``everies``; the default
+    `DEVICE_READ_EVERY` is 2), so an alarm those values
+    raise is known when its batch reaches the host, not at the step that caused it. The detector sees the same
+    values in the same order (its episodes are `replay_episodes`' with every check and every step); what moves is the
+    step at which the monitor warns or acts: the first batch read at or after the alarm's step (a check reads
+    everything queued at once), then on one process the step after (the copy lands while the next step runs) and
+    under DDP the next batch (every rank picks it up at a step they agree on). Per setting: failure runs whose first
+    alarm is known before their metric dropped, and the median steps between the alarm's step and that. Clean runs
+    are not affected (the same alarms, later)."""
+    settings: dict[str, tuple[int, int | None]] = {"at the step": (1, None)}
+    for every in everies:
+        settings[f"1 read in {every}, one process"] = (every, 1)
+        settings[f"1 read in {every}, DDP"] = (every, every)
+    out: dict[str, Any] = {}
+    firsts: list[tuple[RunRecord, int | None, int | None]] = []
+    for rec in records:
+        t_c = truth[rec.key]
+        if not is_failure(rec) or not is_scored(rec, t_c):
+            continue
+        episodes = replay_episodes(rec, cal)
+        first = min((int(e["start"]) for e in episodes), default=None)
+        firsts.append((rec, first, t_c))
+    for label, (every, lag) in settings.items():
+        detected, delays, lost = 0, [], []
+        for rec, first, t_c in firsts:
+            if first is None or t_c is None or first < rec.t0:
+                continue
+            known = first if lag is None else known_after_batched_reads(first, every, lag, _check_steps(rec))
+            if known < t_c:
+                detected += 1
+                delays.append(known - first)
+            elif first < t_c:
+                lost.append(rec.key)
+        out[label] = {
+            "detected": detected,
+            "failures": len(firsts),
+            "median_delay": statistics.median(delays) if delays else None,
+            "max_delay": max(delays) if delays else None,
+            "lost": lost,
+        }
+    return out
+
+
+def known_after_batched_reads(step: int, every: int, lag: int, checks: Sequence[int]) -> int:
+    """The step at which a monitor reading its per-step values in batches of ``every`` knows optimizer step
+    ``step``'s values: batches run from step 1 and from the step after each check (a check reads everything queued
+    at once); a batch is sent at its last step and known ``lag`` steps later, or at a check that comes first.
+
+    Example:
+        >>> known_after_batched_reads(10, 8, 1, checks=[50]), known_after_batched_reads(49, 8, 1, checks=[50])
+        (17, 50)
+        >>> known_after_batched_reads(51, 8, 8, checks=[50, 100])  # batches 51-58, 59-66, ...: sent at 58
+        66
+        >>> known_after_batched_reads(95, 8, 8, checks=[50, 100])  # sent at 98, picked up by the check at 100
+        100
+    """
+    marks = sorted(c for c in checks if c >= 1)
+    start = 1
+    for check in marks:
+        if check >= step:
+            break
+        start = check + 1
+    boundary = start + -(-(step - start + 1) // every) * every - 1
+    forced = next((c for c in marks if c >= step), None)
+    if forced is not None and forced <= boundary:
+        return forced
+    return boundary + lag if forced is None else min(boundary + lag, forced)
+
+
+def _check_steps(rec: RunRecord) -> list[int]:
+    return [int(c["step"]) for c in rec.checks if c.get("step") is not None]
 
 
 def verify(records: Sequence[RunRecord], truth: Mapping[str, int | None]) -> dict[str, Any]:

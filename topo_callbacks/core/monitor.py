@@ -203,13 +203,15 @@ class CollapseMonitorCore:
             per step and their alarms later, not more frequent.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
             batches of this many steps, one non-blocking copy per batch (and, under DDP, one all-reduce per batch): no
-            host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (8) on a GPU; on the CPU every
+            host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (2) on a GPU; on the CPU every
             step, or `HOST_READ_EVERY` (8) when ``max_overhead`` finds the per-step work costly. An alarm of a
-            per-step rule then comes up to this many steps (plus one, while the copy lands; under DDP up to twice this
-            many: a batch is picked up when the next one is due, at the same step on every rank) after the step that
-            caused it, times `observe_every` when ``max_overhead`` reads only every k-th step; a check step reads
-            everything first, and on one process a CPU value that is non-finite, zero or over twice its reference's
-            largest is scored at once.
+            per-step rule then comes up to this many steps (plus the copy's landing: on one process a copy is picked
+            up as soon as it has landed, never waited for while fewer than `MAX_IN_FLIGHT` are in flight; under DDP up
+            to twice this many: a batch is picked up when the next one is due, at the same step on every rank) after
+            the step that caused it, times `observe_every` when ``max_overhead`` reads only every k-th step; a check
+            step reads everything first, and on one process a CPU value that is non-finite, zero or over twice its
+            reference's largest is scored at once. On the benchmark, batches of 2 detect as many failures before
+            their metric drops as reading at the step; batches of 8 lose the abrupt ones (`DEVICE_READ_EVERY`).
 
     Example (a plain PyTorch loop; the framework adapters make these calls for you):
         >>> import torch

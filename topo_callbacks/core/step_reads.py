@@ -4,13 +4,16 @@ Reading a CUDA tensor as a Python float (``float(t)``, ``.item()``) waits until 
 queued before it: done at every optimizer step, it stops the host from queueing the next step ahead and costs most
 on fast steps. `StepReads` keeps each step's values where they are (CUDA tensors stay on the device, Python numbers
 on the host) and moves a batch of steps in one go: one pinned, non-blocking device-to-host copy every
-``read_every`` steps (under DDP, one all-reduce per batch instead of one per step). The copy is picked up when it
-has landed (`CudaEvent.query`, which does not wait), at the latest when the next batch is due; under DDP always
-when the next batch is due (a step every rank agrees on), so a per-step alarm comes up to two batches late there.
+``read_every`` steps (under DDP, one all-reduce per batch instead of one per step). On one process each copy is
+picked up as soon as it has landed (`CudaEvent.query`, which does not wait), oldest first; several may be in flight
+while the host runs ahead of the device, and the host waits for the oldest only when `MAX_IN_FLIGHT` are. Under DDP
+a batch is picked up when the next one is due (a step every rank agrees on), so a per-step alarm comes up to two
+batches late there.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -19,11 +22,18 @@ from torch import Tensor
 
 from topo_callbacks.core.gather import world_size
 
-__all__ = ["DEVICE_READ_EVERY", "HOST_READ_EVERY", "StepReads"]
+__all__ = ["DEVICE_READ_EVERY", "HOST_READ_EVERY", "MAX_IN_FLIGHT", "StepReads"]
 
 #: Optimizer steps per read when the values are CUDA tensors and ``read_every_n_steps`` is not given: an alarm of a
 #: per-step rule comes at most this many steps (plus the one the copy takes to land) after the step that caused it.
-DEVICE_READ_EVERY = 8
+#: Chosen on the benchmark's calibration seeds (`topo_callbacks.bench.protocol.batched_reads`): read in batches of 2
+#: (known a step later; two batches under DDP), the default detects the 41 of 47 failure runs it detects at the step;
+#: in batches of 4 or 8, 33 (the abrupt families break their metric 3-4 steps after the alarm).
+DEVICE_READ_EVERY = 2
+
+#: Batches whose copies may be in flight at once on one process before the host waits for the oldest: a host that
+#: runs this many batches ahead of the device is slowed to it (a stall only a device far behind the host can feel).
+MAX_IN_FLIGHT = 8
 
 #: Optimizer steps per batch when ``max_overhead`` finds the per-step work costly on the CPU (a quarter of its budget
 #: or more, `topo_callbacks.core.budget.HOST_BATCH_FROM`): each step is still scored, a CUSUM alarm comes up to this
@@ -65,10 +75,10 @@ class StepReads:
         #: batches moved to the host so far (device-to-host copies when the values live on a GPU)
         self.reads = 0
         self._rows: list[tuple[int, list[Item]]] = []
-        self._in_flight: _InFlight | None = None
+        self._in_flight: deque[_InFlight] = deque()
 
     def __len__(self) -> int:
-        return len(self._rows) + (0 if self._in_flight is None else len(self._in_flight.steps))
+        return len(self._rows) + sum(len(flight.steps) for flight in self._in_flight)
 
     def add(self, step: int, items: Sequence[Item]) -> list[Item]:
         """Queue optimizer step ``step``'s values; returns the row as queued. A tensor off the GPU is read now (that
@@ -101,8 +111,10 @@ class StepReads:
         of training: where the monitor reads the device anyway)."""
         out = self._landed(force)
         if self._rows and (force or len(self._rows) >= self.read_every):
-            if self._in_flight is not None:  # the last copy has not landed in a whole batch of steps: wait for it
-                out += self._landed(True)
+            if self._in_flight and (world_size() > 1 or len(self._in_flight) >= MAX_IN_FLIGHT):
+                # under DDP the last batch is picked up now, at a step every rank agrees on; on one process the oldest
+                # only when too many are in flight (the device is that far behind the host)
+                out += self._landed(True, oldest_only=world_size() == 1)
             rows, self._rows = self._rows, []
             self.reads += 1
             if world_size() == 1 and not any(isinstance(i, Tensor) for _, row in rows for i in row):
@@ -132,14 +144,14 @@ class StepReads:
             lines.append(line)
         steps = [s for s, _ in rows]
         if world_size() > 1:
-            self._in_flight = self._all_reduce(steps, lines, cells, values, width, device)
+            self._in_flight.append(self._all_reduce(steps, lines, cells, values, width, device))
             return
         # one process: only the device values move, in one stack and one copy
         block = _stack(values)
         cuda = block.device.type == "cuda"
         landing = torch.empty(block.shape, dtype=block.dtype, pin_memory=cuda)
         landing.copy_(block, non_blocking=cuda)
-        self._in_flight = _InFlight(steps, lines, cells, landing, _recorded_event() if cuda else None)
+        self._in_flight.append(_InFlight(steps, lines, cells, landing, _landing_event(block.device)))
 
     def _all_reduce(
         self,
@@ -169,31 +181,40 @@ class StepReads:
             return _InFlight(steps, None, None, table, None)
         landing = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
         landing.copy_(table, non_blocking=True)
-        return _InFlight(steps, None, None, landing, _recorded_event())
+        return _InFlight(steps, None, None, landing, _landing_event(table.device))
 
-    def _landed(self, force: bool) -> list[tuple[int, list[float | None]]]:
-        """The batch in flight, if its copy has landed (waited for when ``force``)."""
-        flight = self._in_flight
-        if flight is None:
-            return []
-        if flight.event is not None:
-            if force:
-                flight.event.synchronize()
-            elif world_size() > 1 or not flight.event.query():
-                # under DDP a rank-local query could pick the batch up at different steps on different ranks (and an
-                # alarm in it would fire at different steps): it is picked up when the next batch is due, everywhere
-                return []
-        self._in_flight = None
-        if flight.lines is None:  # the all-reduced table
-            lines = flight.landing.tolist()
-        else:
-            lines = flight.lines
-            for (r, c), value in zip(flight.cells or (), flight.landing.tolist(), strict=True):
-                lines[r][2 * c] = value
-        return [
-            (step, [row[2 * c] / row[2 * c + 1] if row[2 * c + 1] > 0 else None for c in range(len(row) // 2)])
-            for step, row in zip(flight.steps, lines, strict=True)
-        ]
+    def _landed(self, force: bool, oldest_only: bool = False) -> list[tuple[int, list[float | None]]]:
+        """The batches in flight whose copies have landed, oldest first (all of them waited for when ``force``; with
+        ``oldest_only``, the oldest waited for and the others only if landed)."""
+        out: list[tuple[int, list[float | None]]] = []
+        while self._in_flight:
+            flight = self._in_flight[0]
+            if flight.event is not None:
+                if force:
+                    flight.event.synchronize()
+                elif world_size() > 1 or not flight.event.query():
+                    # under DDP a rank-local query could pick the batch up at different steps on different ranks (and
+                    # an alarm in it would fire at different steps): it is picked up when the next batch is due
+                    break
+            self._in_flight.popleft()
+            out += _rows_of(flight)
+            if oldest_only:
+                force = False
+        return out
+
+
+def _rows_of(flight: _InFlight) -> list[tuple[int, list[float | None]]]:
+    """A landed batch's rows: each value the sum over ranks over the count of ranks that gave one (None: none did)."""
+    if flight.lines is None:  # the all-reduced table
+        lines = flight.landing.tolist()
+    else:
+        lines = flight.lines
+        for (r, c), value in zip(flight.cells or (), flight.landing.tolist(), strict=True):
+            lines[r][2 * c] = value
+    return [
+        (step, [row[2 * c] / row[2 * c + 1] if row[2 * c + 1] > 0 else None for c in range(len(row) // 2)])
+        for step, row in zip(flight.steps, lines, strict=True)
+    ]
 
 
 class _InFlight(NamedTuple):
@@ -216,7 +237,11 @@ def _stack(values: list[Tensor]) -> Tensor:
     return torch.stack([(v if v.dim() == 0 else v.reshape(())).to(device, dtype) for v in values])
 
 
-def _recorded_event() -> Any:
+def _landing_event(device: torch.device) -> Any:
+    """An event recorded after a copy from ``device`` was queued, to ask whether it has landed; None where copies
+    are synchronous (the CPU)."""
+    if device.type != "cuda":
+        return None
     event = torch.cuda.Event()
     event.record()
     return event
