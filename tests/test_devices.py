@@ -397,9 +397,11 @@ def _assert_same_state(a: Any, b: Any, where: str = "") -> None:
 def test_per_step_path_on_device_feeds_the_detector_the_values_it_was_given(device: str):
     """The per-step path as the adapters drive it (`add_loss` with the loss tensor, `step_grad_norm` of the model,
     `observe_step`) on ``device``: on CUDA the values stay there and are read in batches (a stack and one copy per
-    batch, `StepReads`), and the detector ends with exactly the references of a CPU monitor fed the same values as
-    numbers. On the CPU the same test runs the host path against itself."""
+    batch of `DEVICE_READ_EVERY`, several in flight, `StepReads`), and the detector ends with exactly the
+    references of a CPU monitor fed the same values as numbers. On the CPU the same test runs the host path against
+    itself."""
     from topo_callbacks.core import CollapseMonitorCore
+    from topo_callbacks.core.step_reads import DEVICE_READ_EVERY
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
@@ -432,7 +434,7 @@ def test_per_step_path_on_device_feeds_the_detector_the_values_it_was_given(devi
     reads = on_device._step_reads
     if device == "cuda":
         assert reads is not None
-        assert reads.reads <= steps // 8 + 2
+        assert reads.reads <= steps // DEVICE_READ_EVERY + 2  # batches, not a read per step
         assert isinstance(grad_norm, torch.Tensor)
         assert grad_norm.device.type == "cuda"
 
