@@ -83,6 +83,13 @@ def test_device_values_of_other_dtypes_land_exactly() -> None:
     assert out == [(1, [0.1, 1.0]), (2, [2.5, 7.0]), (3, [1 / 3, None])]
 
 
+def test_values_exact_in_float64_only_are_not_rounded_to_float32() -> None:
+    reads = StepReads(2, keep_cpu_tensors=True)
+    reads.add(1, [torch.tensor(2**24 + 1), torch.tensor(0.1, dtype=torch.float32)])
+    reads.add(2, [torch.tensor(3), torch.tensor(True)])
+    assert reads.ready(CPU) == [(1, [float(2**24 + 1), float(torch.tensor(0.1))]), (2, [3.0, 1.0])]
+
+
 def test_a_queued_loss_with_a_graph_is_detached_and_read_later() -> None:
     w = torch.ones(2, requires_grad=True)
     loss = (w * 3).sum()
@@ -329,3 +336,63 @@ def test_copies_in_flight_are_picked_up_in_order_once_landed_and_waited_for_only
     assert [s for s, _ in got] == list(range(7, 8 + 2 * step_reads.MAX_IN_FLIGHT))
     assert [v for _, (v,) in got] == [float(s) for s in range(7, 8 + 2 * step_reads.MAX_IN_FLIGHT)]
     assert len(reads) == 0
+
+
+def test_a_batch_of_host_numbers_waits_behind_device_batches_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows without a tensor (a loss given as a number, no gradient norm at that step) are not returned ahead of
+    older rows whose copy has not landed: the detector takes the steps in order."""
+    from topo_callbacks.core import step_reads
+
+    events: list[_FakeEvent] = []
+
+    def event(device: torch.device) -> _FakeEvent:
+        events.append(_FakeEvent())
+        return events[-1]
+
+    monkeypatch.setattr(step_reads, "_landing_event", event)
+    reads = StepReads(2, keep_cpu_tensors=True)
+    out: list[Any] = []
+    for step, value in ((1, torch.tensor(1.0)), (2, torch.tensor(2.0)), (3, 3.0), (4, 4.0)):
+        reads.add(step, [value])
+        out += reads.ready(CPU)
+    assert out == []
+    events[0].landed = True
+    reads.add(5, [5.0])
+    assert reads.ready(CPU) == [(1, [1.0]), (2, [2.0]), (3, [3.0]), (4, [4.0])]
+
+
+class _NextStepEvent(_FakeEvent):
+    """An event that has landed by the second time it is asked: the copy lands while the next step runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def query(self) -> bool:
+        self.asked += 1
+        return self.landed or self.asked > 1
+
+
+@pytest.mark.parametrize(("jump_at", "known_at"), [(283, 285), (298, 299), (301, 303), (349, 350)])
+def test_the_benchmarks_one_step_landing_is_when_the_live_monitor_reports(
+    monkeypatch: pytest.MonkeyPatch, jump_at: int, known_at: int
+) -> None:
+    """With copies that land while the next step runs (a device keeping up with the host), the live monitor reading
+    in batches of 2 returns the alarm one step after the batch's last, or at a check, as `known_after_batched_reads`
+    says with ``lag=1`` (the benchmark's "one process" row)."""
+    from tests.test_overhead_budget import _mlp, _train
+    from topo_callbacks.bench.protocol import known_after_batched_reads
+    from topo_callbacks.core import CollapseMonitorCore, step_reads
+
+    monkeypatch.setattr(step_reads, "_landing_event", lambda device: _NextStepEvent())
+    monitor = CollapseMonitorCore("1", every_n_train_steps=50, max_samples=64, max_overhead=None, read_every_n_steps=2)
+    monitor._device_path = True
+    monitor.attach(model := _mlp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = _train(monitor, model, 360, jump_at=jump_at)
+    returned_at, result = trained.fired[0]
+    checks = [c.step for c in trained.checks if c is not None]
+    assert result.step == jump_at
+    assert returned_at == known_at
+    assert known_after_batched_reads(jump_at, 2, 1, checks) == known_at

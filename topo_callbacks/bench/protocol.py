@@ -701,7 +701,10 @@ def batched_reads(
     everything queued at once), then on one process the step after (the copy lands while the next step runs) and
     under DDP the next batch (every rank picks it up at a step they agree on). Per setting: failure runs whose first
     alarm is known before their metric dropped, and the median steps between the alarm's step and that. Clean runs
-    are not affected (the same alarms, later)."""
+    are not affected (the same alarms, later). Assumed: the device keeps up with the host (a device running behind
+    computes the values later anyway, and its copies land later: up to `MAX_IN_FLIGHT` batches); a step a loss
+    scaler skipped, which the monitor reads at once where the flag is a number, is not modelled (the benchmark's
+    failure runs skip none)."""
     settings: dict[str, tuple[int, int | None]] = {"at the step": (1, None)}
     for every in everies:
         settings[f"1 read in {every}, one process"] = (every, 1)

@@ -1594,7 +1594,7 @@ class CollapseMonitorCore:
         self._armed_steps = 0
         self.layer_norms.clear()
         if self._step_reads is not None:
-            reads = StepReads(self._step_reads.read_every)
+            reads = StepReads(self._step_reads.read_every, keep_cpu_tensors=self._step_reads.keep_cpu_tensors)
             reads.reads = self._step_reads.reads
             self._step_reads = reads
         if self._host_batch and self.detector is not None:

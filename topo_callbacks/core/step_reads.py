@@ -117,7 +117,11 @@ class StepReads:
                 out += self._landed(True, oldest_only=world_size() == 1)
             rows, self._rows = self._rows, []
             self.reads += 1
-            if world_size() == 1 and not any(isinstance(i, Tensor) for _, row in rows for i in row):
+            if (
+                world_size() == 1
+                and not self._in_flight  # else behind the batches in flight: steps reach the detector in order
+                and not any(isinstance(i, Tensor) for _, row in rows for i in row)
+            ):
                 out += [(step, [None if i is None else float(i) for i in row]) for step, row in rows]
             else:
                 self._send(rows, device)
@@ -145,6 +149,9 @@ class StepReads:
         steps = [s for s, _ in rows]
         if world_size() > 1:
             self._in_flight.append(self._all_reduce(steps, lines, cells, values, width, device))
+            return
+        if not values:  # host numbers only, queued behind batches still in flight
+            self._in_flight.append(_InFlight(steps, lines, [], torch.empty(0), None))
             return
         # one process: only the device values move, in one stack and one copy
         block = _stack(values)
@@ -230,9 +237,10 @@ class _InFlight(NamedTuple):
 
 def _stack(values: list[Tensor]) -> Tensor:
     """0-d (or one-element) tensors as a 1-d tensor on the first one's device (a model split over devices gives its
-    loss on the last), exactly: float64 if any is, else float32 (every value the monitor queues, a float32 or
-    bfloat16 number or a flag, is exact in float32)."""
-    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    loss on the last), exactly: float32 when every value is a float of at most 32 bits or a flag (what the monitor
+    queues), else float64."""
+    exact = all(v.dtype == torch.bool or (v.is_floating_point() and v.dtype.itemsize <= 4) for v in values)
+    dtype = torch.float32 if exact else torch.float64
     device = values[0].device
     return torch.stack([(v if v.dim() == 0 else v.reshape(())).to(device, dtype) for v in values])
 
@@ -243,5 +251,5 @@ def _landing_event(device: torch.device) -> Any:
     if device.type != "cuda":
         return None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))  # the copy's stream: the tensors' device, not the current one
     return event
