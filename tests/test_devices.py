@@ -364,6 +364,47 @@ def test_gather_keeps_rows_on_device_across_two_ranks(tmp_path: Path, device: st
     assert len(r0["gathered"]) == 6  # one gather per check, 3 checks per run
 
 
+READS_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch, torch.distributed as dist
+    from tests.procs import finish_distributed
+    from topo_callbacks.core.step_reads import StepReads
+
+    out, device = sys.argv[1], torch.device(sys.argv[2])
+    dist.init_process_group("gloo")  # gloo moves CUDA tensors through host memory: two ranks can share one GPU
+    rank = dist.get_rank()
+    reads = StepReads(2, keep_cpu_tensors=True)
+    got = []
+    for step in range(1, 10):
+        # rank 0 gives a device loss, rank 1 a host number; only rank 1 has a gradient norm, at odd steps
+        loss = torch.tensor(float(step), device=device) if rank == 0 else float(step + 2)
+        grad = torch.tensor(10.0 * step, device=device) if (rank == 1 and step % 2) else None
+        reads.add(step, [loss, grad, 0.5])
+        got.append([step, reads.ready(device, force=step == 9)])
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump(got, fh)
+    finish_distributed()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_read_device_values_in_batches_at_the_same_steps(tmp_path: Path, device: str):
+    """Under DDP the per-step values of a batch (here 2 steps) are one table all-reduced once, the device values
+    added to the host numbers on the device; each batch is picked up when the next is due, at the same step on
+    both ranks, and averaged over the ranks that gave a value."""
+    run_script(READS_WORKER, tmp_path, device, launcher="torchrun", timeout=180)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    seen = {step: at for at, rows in r0 for step, _ in rows}
+    values = {step: row for _, rows in r0 for step, row in rows}
+    assert values == {s: [s + 1.0, 10.0 * s if s % 2 else None, 0.5] for s in range(1, 10)}
+    if device == "cuda":  # a batch sent at 2, 4, 6 is picked up when the next is due (4, 6, 8); the rest forced
+        assert seen == {1: 4, 2: 4, 3: 6, 4: 6, 5: 8, 6: 8, 7: 9, 8: 9, 9: 9}
+
+
 # ----------------------------------------------------------------------------------------------------- rollback
 def _state_copy(obj: Any) -> Any:
     """A host-memory deep copy of a state tree, to compare a restore with."""
