@@ -115,6 +115,29 @@ def test_bench_writes_its_outputs_and_the_summary_schema(bench):
     assert "## Per-step values read in batches on a GPU" in (out / "results.md").read_text()
 
 
+def test_host_batches_are_scored_at_checks_every_8_steps_and_at_once_when_urgent(bench):
+    """`host_batch_flushes`: a CPU monitor scoring in batches of 8 scores at every check, never more than 8 steps
+    apart, at once at a loss over twice its reference's largest; its alarms are `replay_episodes`' own."""
+    from topo_callbacks.bench.cusum import host_batch_flushes, replay_episodes
+    from topo_callbacks.core.detector import default_calibration
+
+    _, _, records = bench
+    cal = default_calibration(0.05)
+    for rec in records:
+        episodes, flushes = host_batch_flushes(rec, cal, 8)
+        assert episodes == replay_episodes(rec, cal)
+        assert flushes == sorted(set(flushes))
+        gaps = [b - a for a, b in zip([0, *flushes], flushes, strict=False)]
+        assert max(gaps) <= 8, rec.key
+        assert {int(c["step"]) for c in rec.checks if c.get("reason") != "SKIPPED"} <= set(flushes)
+    rec = records[0]
+    _, flushes = host_batch_flushes(rec, cal, 8)
+    step = next(s for s in range(3 * len(rec.loss) // 4, len(rec.loss)) if s not in flushes)  # queued, not scored
+    loss = [*rec.loss[: step - 1], abs(rec.loss[step - 2]) * 100 + 1, *rec.loss[step:]]
+    _, jumped = host_batch_flushes(dataclasses.replace(rec, loss=loss), cal, 8)
+    assert step in jumped  # 100x the loss before: urgent, scored at its own step
+
+
 @pytest.mark.slow
 def test_cached_runs_are_reused(bench):
     out, results, _ = bench

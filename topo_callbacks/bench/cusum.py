@@ -159,6 +159,47 @@ def _uncapped(names: Sequence[str]) -> CusumDetector:
     return CusumDetector(DetectorCalibration(0.05, tuple(names), dict.fromkeys(names, 1.0), math.inf))
 
 
+def host_batch_flushes(rec: RunRecord, cal: DetectorCalibration, every: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """`replay_episodes` of ``rec`` (every check, every step), and the steps at which a CPU monitor that scores its
+    per-step values in batches of ``every`` (what ``max_overhead`` does on small models:
+    `topo_callbacks.core.step_reads.HOST_READ_EVERY`) would score them, so that an alarm is known at the first such
+    step at or after its own: a batch is scored when ``every`` steps are queued, at a check, and at once for a step
+    the monitor finds urgent (`CusumDetector.urgent_above` as of the last batch scored: a loss or gradient norm over
+    twice its reference's largest, non-finite or 0; a step the loss scaler skipped). Batches from the first step on:
+    the budget turns them on at its first check, so this is the most they can cost."""
+    finished: list[dict[str, Any]] = []
+    current: list[CusumDetector] = []
+
+    def make() -> CusumDetector:
+        if current:
+            finished.extend(current.pop().episodes)
+        current.append(CusumDetector(cal))
+        return current[-1]
+
+    checks = {int(c["step"]) for c in rec.checks if c.get("reason") != "SKIPPED"}
+    skipped = set(getattr(rec, "skipped_steps", ()))
+    restart = getattr(rec, "monitor_restart", None)
+    flushes: list[int] = []
+    above, queued = (math.inf, math.inf), 0
+    for step, detector in _replay(rec, cal.channels, make):
+        if restart is not None and step == restart + 1:  # a new monitor: nothing queued, nothing learned
+            above, queued = (math.inf, math.inf), 0
+        loss = float(rec.loss[step - 1]) if step - 1 < len(rec.loss) else -1.0
+        norm = float(rec.grad_norm[step - 1]) if step - 1 < len(rec.grad_norm) else -1.0
+        queued += 1
+        urgent = (
+            not (-math.inf < loss < above[0] and -math.inf < norm < above[1])
+            or loss == 0.0
+            or norm == 0.0
+            or step in skipped
+        )
+        if urgent or queued >= every or step in checks:
+            flushes.append(step)
+            queued = 0
+            above = detector.urgent_above()
+    return finished + (current[-1].episodes if current else []), flushes
+
+
 def _replay(
     rec: RunRecord,
     channels: Sequence[str],
