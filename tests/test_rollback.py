@@ -704,6 +704,43 @@ def test_rollback_restores_the_detector_and_reads_nothing_of_the_abandoned_steps
     assert len(monitor.history) >= 3
 
 
+def test_embeddings_that_collapse_again_after_a_rollback_stop_with_the_configuration_diagnosis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rollback rescued a blow-up; from step 100 the rows the monitor captures from the watched layer lie on one
+    direction while the loss goes on as before (a collapse the loss does not show and the lowered rate does not fix,
+    as SimSiam without its stop-gradient). The effective rank falls under
+    `RECOLLAPSE_RATIO` of the restored snapshot's at the checks of 125 and 150: the run stops at 150 with the
+    configuration diagnosis and the snapshot it had rolled back to restored. Without the collapse the same run goes
+    on (`rolled_back_loop` ends with no stop)."""
+    from topo_callbacks.core.rollback import RECOLLAPSE_CHECKS, RollbackReason
+
+    loop = rolled_back_loop()
+    monitor = loop.monitor
+    assert monitor.stopped_step is None
+    restored = monitor.rollbacks[-1]["restored_step"]
+    ranks = [h["effective_rank"] for h in monitor.history if h["step"] <= restored]
+    assert ranks
+    from topo_callbacks.core import capture
+
+    capture_rows = capture._capture_outside_graph
+    monkeypatch.setattr(
+        capture,
+        "_capture_outside_graph",
+        lambda cap, module, out: capture_rows(cap, module, out[:, :1].expand_as(out).contiguous()),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop.run(250)
+    assert RECOLLAPSE_CHECKS == 2
+    assert monitor.rollback_stop == RollbackReason.COLLAPSED_AGAIN.value
+    assert monitor.stopped_step == 150
+    assert monitor.stopping_reason.name == "ROLLBACK_GAVE_UP"
+    assert "collapsed again" in monitor.stopping_reason_message
+    assert any("collapsed again" in str(w.message) for w in caught)
+    assert len(monitor.rollbacks) == 1  # no second rollback: the policy stopped
+
+
 def test_a_failed_rollback_warns_and_training_goes_on_or_raises_with_strict() -> None:
     class Broken(torch.optim.lr_scheduler.LambdaLR):
         def load_state_dict(self, state_dict: dict[str, Any]) -> None:

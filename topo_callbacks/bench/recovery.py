@@ -86,7 +86,11 @@ CLEAN_COST_RELATIVE = 0.025
 
 
 #: The stop reasons (`RollbackReason` values, as a `RecoveryRun` stores them) that carry the configuration diagnosis.
-DIAGNOSIS = (RollbackReason.MAX_ROLLBACKS.value, RollbackReason.CAME_BACK.value)
+DIAGNOSIS = (
+    RollbackReason.MAX_ROLLBACKS.value,
+    RollbackReason.CAME_BACK.value,
+    RollbackReason.COLLAPSED_AGAIN.value,
+)
 
 
 def recovery_class(family: str) -> str:

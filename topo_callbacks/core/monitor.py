@@ -55,6 +55,8 @@ from topo_callbacks.core.gather import (
 from topo_callbacks.core.layer_norms import LayerGradNorms
 from topo_callbacks.core.probe import embed_probe, probe_rows
 from topo_callbacks.core.rollback import (
+    RECOLLAPSE_CHECKS,
+    RECOLLAPSE_RATIO,
     FrameworkStorage,
     RollbackController,
     RollbackDecision,
@@ -456,6 +458,9 @@ class CollapseMonitorCore:
         self._new_alarm: tuple[int, int | None, str] | None = None
         self._boundary_step = 0
         self.rollback_stop: str | None = None
+        #: after a rollback: the effective rank of the restored snapshot's last check, and the checks in a row since
+        #: under `RECOLLAPSE_RATIO` of it (the embeddings collapsing again: `_collapsed_again`)
+        self._recollapse: list[float] | None = None
         self._rollback_told: set[str] = set()
         #: the detector's channels whose statistic stood at 0 when it resumed from the last rollback's snapshot
         self._resumed_quiet: frozenset[str] = frozenset()
@@ -941,6 +946,8 @@ class CollapseMonitorCore:
             result.logged[f"{self.prefix}overhead"] = self.overhead
         if result.report is not None and self.rollback_policy is not None:
             result.logged[f"{self.prefix}rollbacks"] = float(len(self.rollbacks))
+        if self._recollapse is not None and result.report is not None and self._new_alarm is None:
+            result = self._collapsed_again(step, result)
         if self._new_alarm is not None:
             result = self._act_on_alarm(step, result)  # type: ignore[assignment]  # a result in, a result out
         return result
@@ -1566,6 +1573,38 @@ class CollapseMonitorCore:
         logged = {**result.logged, f"{self.prefix}rollbacks": float(n)}
         return dataclasses.replace(result, logged=logged, rollback=entry)
 
+    def _collapsed_again(self, step: int, result: CheckResult) -> CheckResult:
+        """After a rollback, the embeddings collapsing again at the lowered learning rate (the effective rank under
+        `RECOLLAPSE_RATIO` of the restored snapshot's for `RECOLLAPSE_CHECKS` checks in a row): a slow second
+        collapse that the per-step channels' references learn as they go. The policy stops with the configuration
+        diagnosis (`RollbackReason.COLLAPSED_AGAIN`), the snapshot rolled back to restored with ``restore_on_stop``.
+        Every rank decides alike: a check's report is the same everywhere."""
+        controller, watch, report = self.rollback_controller, self._recollapse, result.report
+        if controller is None or watch is None or report is None or self.stopped_step is not None:
+            return result
+        rank = float(report.effective_rank)
+        watch[1] = watch[1] + 1 if math.isfinite(rank) and rank < RECOLLAPSE_RATIO * watch[0] else 0
+        if watch[1] < RECOLLAPSE_CHECKS:
+            return result
+        self._recollapse = None
+        restored = int(controller.rollbacks[-1]["restored_step"]) if controller.rollbacks else step
+        try:
+            decision = controller.give_up(restored + 1, step, str(self.layer), RollbackReason.COLLAPSED_AGAIN)
+        except Exception as err:  # never break training: a warning (an error with strict=True)
+            if self.strict:
+                raise
+            self._rollback_failed(step, f"the give-up's restore failed, training goes on: {err!r}")
+            return result
+        self.rollback_stop = decision.reason.value
+        message = (
+            f"{decision.message} (effective rank {rank:.3g}, under {RECOLLAPSE_RATIO:g}x the {watch[0]:.3g} of the"
+            f" snapshot of step {restored}, {RECOLLAPSE_CHECKS} checks in a row)"
+        )
+        self._warn(f"{self.monitor}: {message}")
+        return dataclasses.replace(
+            result, reason=StoppingReason.ROLLBACK_GAVE_UP, message=message, alarm=True, should_stop=True
+        )
+
     def _resume_after_rollback(self, step: int, decision: RollbackDecision) -> None:
         """The training state was restored: the detector and the alarm rule resume from the snapshot's state, the
         alarm episode is closed (and kept in the record), and nothing of the abandoned steps is read."""
@@ -1600,6 +1639,13 @@ class CollapseMonitorCore:
         if self._host_batch and self.detector is not None:
             self._urgent_above = self.detector.urgent_above()
         self.last_checked_step = max(self.last_checked_step, step)
+        # the embeddings are watched against the snapshot's: a second collapse after it is no longer learned as normal
+        ranks = [
+            float(h["effective_rank"])
+            for h in self.history
+            if restored is not None and h.get("step", math.inf) <= restored and h.get("effective_rank") is not None
+        ]
+        self._recollapse = [ranks[-1], 0.0] if ranks and math.isfinite(ranks[-1]) and ranks[-1] > 0 else None
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -84,6 +84,14 @@ __all__ = [
 
 OnAlarm = Literal["warn", "stop", "rollback"]
 _ON_ALARM = ("warn", "stop", "rollback")
+
+#: After a rollback, a watched layer whose effective rank falls under this share of the restored snapshot's (its last
+#: check before the snapshot) for `RECOLLAPSE_CHECKS` checks in a row collapsed again at the lowered learning rate: the
+#: policy stops with the configuration diagnosis (`RollbackReason.COLLAPSED_AGAIN`). Chosen on the benchmark's
+#: calibration seeds: after their rollback, SimSiam without its stop-gradient fell to 0.27-0.28 of it (a slow second
+#: collapse the per-step channels learn as normal), every other run that rolled back stayed at 0.52 or more.
+RECOLLAPSE_RATIO = 0.4
+RECOLLAPSE_CHECKS = 2
 _STORAGE = ("memory", "framework")
 _Path = tuple[Any, ...]
 
@@ -769,6 +777,9 @@ class RollbackReason(Enum):
     #: the failure came back after a rollback and no snapshot older than its onset is left: stop, with the same
     #: diagnosis (a retry from further back is not possible)
     CAME_BACK = "came_back"
+    #: after a rollback the watched layer's embeddings collapsed again (`RECOLLAPSE_RATIO`): stop, with the same
+    #: diagnosis (the collapse survived a lower learning rate and fresh data)
+    COLLAPSED_AGAIN = "collapsed_again"
 
 
 @dataclass(frozen=True)
@@ -1016,6 +1027,12 @@ class RollbackController:
         )
         return RollbackDecision("rollback", RollbackReason.ROLLED_BACK, message, dict(entry), extra)
 
+    def give_up(self, onset: int, alarm_step: int, channel: str, reason: RollbackReason) -> RollbackDecision:
+        """Stop with the configuration diagnosis for ``reason`` (the caller's own evidence, such as
+        `RollbackReason.COLLAPSED_AGAIN`), restoring the newest snapshot older than ``onset`` with
+        ``restore_on_stop``; see `rollback` for the policy's own give-ups."""
+        return self._give_up(int(onset), int(alarm_step), channel, reason)
+
     def _give_up(self, onset: int, alarm_step: int, channel: str, reason: RollbackReason) -> RollbackDecision:
         """Stop with the configuration diagnosis: the failure came back after ``num_rollbacks`` rollbacks, either
         ``max_rollbacks`` of them (`RollbackReason.MAX_ROLLBACKS`) or with no snapshot older than its onset left to
@@ -1024,10 +1041,15 @@ class RollbackController:
         the newest snapshot older than the onset is restored first or, when none is, the oldest held (the state the
         last retry started from: taken while the detector was quiet, and the least suspect left)."""
         n = self.num_rollbacks
+        what = (
+            f"The embeddings of {channel!r} collapsed again by step {alarm_step}"
+            if reason is RollbackReason.COLLAPSED_AGAIN
+            else f"The alarm on {channel!r} at step {alarm_step} came back"
+        )
         message = (
-            f"The alarm on {channel!r} at step {alarm_step} came back after {n} rollback{'s' if n != 1 else ''},"
+            f"{what} after {n} rollback{'s' if n != 1 else ''},"
             f" each with a lower learning rate (now {self.total_factor:g}x the schedule) and fresh data"
-            + ("" if reason is RollbackReason.MAX_ROLLBACKS else ", and no older snapshot is left to retry from")
+            + ("" if reason is not RollbackReason.CAME_BACK else ", and no older snapshot is left to retry from")
             + ": the failure is probably in the configuration (objective, architecture, data), not in a bad batch or"
             " an unlucky step. Stopping"
         )
