@@ -655,11 +655,14 @@ def test_state_roundtrip_through_weights_only_load_keeps_the_record_and_the_fact
     state = torch.load(buffer, weights_only=True)["callbacks"]["collapse"]
     assert state["rollback"]["num_rollbacks"] == 1
     assert state["rollback"]["total_factor"] == 0.5
+    assert state["recollapse"] == monitor._recollapse  # the watch for a second collapse resumes with the run
+    assert state["recollapse"] is not None
 
     resumed = core_monitor()
     resumed.load_state_dict(state)  # before the objects are known (Lightning restores before on_train_start)
     assert resumed.rollbacks == monitor.rollbacks
     assert resumed.lr_factor == 0.5
+    assert resumed._recollapse == monitor._recollapse
     loop = Loop(resumed)  # track(): the factor is on the new optimizer from its first step
     seen: list[float] = []
     loop.opt.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))

@@ -138,8 +138,8 @@ class RecoveryRun:
     #: the monitor's rollback entries: ``step`` (of the alarm), ``restored_step``, ``onset``, ``channel``, factors
     rollbacks: list[dict[str, Any]]
     first_alarm: int | None
-    #: the step the run stopped at (the policy gave up), its reason (``"max_rollbacks"`` or ``"came_back"``: the
-    #: configuration diagnosis; ``"no_snapshot"``) and the monitor's message
+    #: the step the run stopped at (the policy gave up), its reason (``"max_rollbacks"``, ``"came_back"`` or
+    #: ``"collapsed_again"``: the configuration diagnosis; ``"no_snapshot"``) and the monitor's message
     stopped_step: int | None = None
     stop_reason: str | None = None
     stop_message: str | None = None

@@ -344,9 +344,11 @@ def recovery_markdown(section: Mapping[str, Any]) -> list[str]:
         " rollback (the step counter and the data do not rewind). Trained live: "
         f"{live} ({section['live_runs']} of {section['planned_runs']} runs); a clean run without an alarm is its"
         " plain arm again, bit for bit, and is counted as such. *Rescued*: ran to the end within 2 points (5%"
-        " perplexity) of the healthy twin. *Stopped*: the policy gave up (`max_rollbacks`, or `came_back`: the"
-        " failure came back after a rollback with no older snapshot left; both the configuration diagnosis;"
-        " `no_snapshot`: nothing older than the onset was held before any rollback). *Steps lost*: trained, then"
+        " perplexity) of the healthy twin. *Stopped*: the policy gave up (`max_rollbacks`; `came_back`: the"
+        " failure came back after a rollback with no older snapshot left; `collapsed_again`: after a rollback the"
+        " watched layer's effective rank fell under 0.4 of the restored snapshot's for two checks; all three the"
+        " configuration diagnosis; `no_snapshot`: nothing older than the onset was held before any rollback)."
+        " *Steps lost*: trained, then"
         " discarded by a rollback. Failure arms whose metric did not drop after t0, and clean arms whose metric"
         " dropped anyway, are listed and not counted.",
         "",

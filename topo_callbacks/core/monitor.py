@@ -1679,6 +1679,8 @@ class CollapseMonitorCore:
                 self.rollback_controller.state_dict() if self.rollback_controller is not None else self._rollback_state
             ),
             "rollback_stop": self.rollback_stop,
+            # after a rollback: the restored snapshot's effective rank and the checks under its share since
+            "recollapse": None if self._recollapse is None else [float(v) for v in self._recollapse],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1726,6 +1728,8 @@ class CollapseMonitorCore:
                 self._rollback_state = dict(saved)  # applied by `track`
         stop = state.get("rollback_stop")
         self.rollback_stop = None if stop is None else str(stop)
+        watch = state.get("recollapse")
+        self._recollapse = None if watch is None else [float(watch[0]), float(watch[1])]
 
 
 #: parameters and modules registered in this process since `_watch_registrations` first ran (a one-item list: the
