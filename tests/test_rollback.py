@@ -707,41 +707,56 @@ def test_rollback_restores_the_detector_and_reads_nothing_of_the_abandoned_steps
     assert len(monitor.history) >= 3
 
 
+@pytest.mark.parametrize("directions", [0, 1, 2])
 def test_embeddings_that_collapse_again_after_a_rollback_stop_with_the_configuration_diagnosis(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, directions: int
 ) -> None:
-    """A rollback rescued a blow-up; from step 100 the rows the monitor captures from the watched layer lie on one
-    direction while the loss goes on as before (a collapse the loss does not show and the lowered rate does not fix,
-    as SimSiam without its stop-gradient). The effective rank falls under
-    `RECOLLAPSE_RATIO` of the restored snapshot's at the checks of 125 and 150: the run stops at 150 with the
-    configuration diagnosis and the snapshot it had rolled back to restored. Without the collapse the same run goes
-    on (`rolled_back_loop` ends with no stop)."""
-    from topo_callbacks.core.rollback import RECOLLAPSE_CHECKS, RollbackReason
+    """A rollback rescued a blow-up; from step 100 the rows the monitor captures from the watched layer lie on one or
+    two directions while the loss goes on as before (a collapse the loss does not show and the lowered rate does not
+    fix, as SimSiam without its stop-gradient; two directions stay above the absolute rank-1 rule). The effective
+    rank falls under `RECOLLAPSE_RATIO` of the restored snapshot's at the checks of 125 and 150: the run stops at 150
+    with the configuration diagnosis. Without the collapse
+    (``directions=0``) the same run goes on to the end."""
+    from topo_callbacks.core import capture
+    from topo_callbacks.core.rollback import RECOLLAPSE_CHECKS, RECOLLAPSE_RATIO, RollbackReason
 
     loop = rolled_back_loop()
     monitor = loop.monitor
     assert monitor.stopped_step is None
     restored = monitor.rollbacks[-1]["restored_step"]
-    ranks = [h["effective_rank"] for h in monitor.history if h["step"] <= restored]
-    assert ranks
-    from topo_callbacks.core import capture
+    watch = monitor._recollapse
+    assert watch is not None
+    assert watch[0] * RECOLLAPSE_RATIO > 2.2  # two directions fall under the ratio
+    if directions:
+        capture_rows = capture._capture_outside_graph
 
-    capture_rows = capture._capture_outside_graph
-    monkeypatch.setattr(
-        capture,
-        "_capture_outside_graph",
-        lambda cap, module, out: capture_rows(cap, module, out[:, :1].expand_as(out).contiguous()),
-    )
+        # the rows projected on a few random directions (on coordinates they would look like dormant units)
+        basis = torch.linalg.qr(torch.randn(16, directions, generator=torch.Generator().manual_seed(0)))[0].T
+
+        def collapsed(cap: Any, module: nn.Module, out: torch.Tensor) -> None:
+            capture_rows(cap, module, (out @ basis.T @ basis).contiguous())
+
+        monkeypatch.setattr(capture, "_capture_outside_graph", collapsed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loop.run(250)
+    if not directions:
+        assert monitor.stopped_step is None
+        assert monitor.rollback_stop is None
+        return
     assert RECOLLAPSE_CHECKS == 2
     assert monitor.rollback_stop == RollbackReason.COLLAPSED_AGAIN.value
     assert monitor.stopped_step == 150
     assert monitor.stopping_reason.name == "ROLLBACK_GAVE_UP"
     assert "collapsed again" in monitor.stopping_reason_message
-    assert any("collapsed again" in str(w.message) for w in caught)
+    assert sum("collapsed again" in str(w.message) for w in caught) == 1  # told once, by `record_stop`
     assert len(monitor.rollbacks) == 1  # no second rollback: the policy stopped
+    # the snapshot rolled back to (step 41) left the ring (3 kept, 20 steps apart) long before: nothing newer is
+    # healthy, so the run stops on the weights it has, and says so
+    assert restored < 150 - 3 * 20
+    assert monitor.summary()["restored_on_stop"] is None
+    assert "restored" not in monitor.stopping_reason_message
+    assert monitor.history[-1]["alarm"] is True
 
 
 def test_a_failed_rollback_warns_and_training_goes_on_or_raises_with_strict() -> None:

@@ -57,6 +57,7 @@ from topo_callbacks.core.probe import embed_probe, probe_rows
 from topo_callbacks.core.rollback import (
     RECOLLAPSE_CHECKS,
     RECOLLAPSE_RATIO,
+    RECOLLAPSE_WINDOW,
     FrameworkStorage,
     RollbackController,
     RollbackDecision,
@@ -458,8 +459,8 @@ class CollapseMonitorCore:
         self._new_alarm: tuple[int, int | None, str] | None = None
         self._boundary_step = 0
         self.rollback_stop: str | None = None
-        #: after a rollback: the effective rank of the restored snapshot's last check, and the checks in a row since
-        #: under `RECOLLAPSE_RATIO` of it (the embeddings collapsing again: `_collapsed_again`)
+        #: after a rollback: the effective rank of the restored snapshot's last check, that check's rows, the checks
+        #: in a row since under `RECOLLAPSE_RATIO` of it, and the checks left to watch (`_collapsed_again`)
         self._recollapse: list[float] | None = None
         self._rollback_told: set[str] = set()
         #: the detector's channels whose statistic stood at 0 when it resumed from the last rollback's snapshot
@@ -948,6 +949,8 @@ class CollapseMonitorCore:
             result.logged[f"{self.prefix}rollbacks"] = float(len(self.rollbacks))
         if self._recollapse is not None and result.report is not None and self._new_alarm is None:
             result = self._collapsed_again(step, result)
+        if self.rollback_stop is not None:
+            self._recollapse = None
         if self._new_alarm is not None:
             result = self._act_on_alarm(step, result)  # type: ignore[assignment]  # a result in, a result out
         return result
@@ -1577,19 +1580,30 @@ class CollapseMonitorCore:
         """After a rollback, the embeddings collapsing again at the lowered learning rate (the effective rank under
         `RECOLLAPSE_RATIO` of the restored snapshot's for `RECOLLAPSE_CHECKS` checks in a row): a slow second
         collapse that the per-step channels' references learn as they go. The policy stops with the configuration
-        diagnosis (`RollbackReason.COLLAPSED_AGAIN`), the snapshot rolled back to restored with ``restore_on_stop``.
+        diagnosis (`RollbackReason.COLLAPSED_AGAIN`); with ``restore_on_stop`` the snapshot rolled back to is
+        restored if the ring still holds it (no newer one is healthy: else the run stops on the weights it has).
         Every rank decides alike: a check's report is the same everywhere."""
         controller, watch, report = self.rollback_controller, self._recollapse, result.report
         if controller is None or watch is None or report is None or self.stopped_step is not None:
             return result
+        if self.rollback_stop is not None or result.rollback is not None:
+            return result
+        watch[3] -= 1
+        if watch[3] < 0:  # past `RECOLLAPSE_WINDOW` checks: no longer watched
+            self._recollapse = None
+            return result
         rank = float(report.effective_rank)
-        watch[1] = watch[1] + 1 if math.isfinite(rank) and rank < RECOLLAPSE_RATIO * watch[0] else 0
-        if watch[1] < RECOLLAPSE_CHECKS:
+        if int(report.n) != int(watch[1]):  # a check of another size: its rank is not comparable
+            watch[2] = 0.0
+            return result
+        watch[2] = watch[2] + 1 if math.isfinite(rank) and rank < RECOLLAPSE_RATIO * watch[0] else 0.0
+        if watch[2] < RECOLLAPSE_CHECKS:
             return result
         self._recollapse = None
         restored = int(controller.rollbacks[-1]["restored_step"]) if controller.rollbacks else step
+        onset = restored + 1 + controller.policy.min_lookback  # the snapshot rolled back to, as `choose` counts
         try:
-            decision = controller.give_up(restored + 1, step, str(self.layer), RollbackReason.COLLAPSED_AGAIN)
+            decision = controller.give_up(onset, step, str(self.layer), RollbackReason.COLLAPSED_AGAIN)
         except Exception as err:  # never break training: a warning (an error with strict=True)
             if self.strict:
                 raise
@@ -1600,9 +1614,18 @@ class CollapseMonitorCore:
             f"{decision.message} (effective rank {rank:.3g}, under {RECOLLAPSE_RATIO:g}x the {watch[0]:.3g} of the"
             f" snapshot of step {restored}, {RECOLLAPSE_CHECKS} checks in a row)"
         )
-        self._warn(f"{self.monitor}: {message}")
+        # the check now counts as an alarm, in the state, the log and the history alike (`record_stop` warns)
+        self._in_alarm = True
+        logged = {**result.logged, f"{self.prefix}alarm": 1.0}
+        if self.history and self.history[-1].get("step") == step:
+            self.history[-1].update(alarm=True, reason=StoppingReason.ROLLBACK_GAVE_UP.name)
         return dataclasses.replace(
-            result, reason=StoppingReason.ROLLBACK_GAVE_UP, message=message, alarm=True, should_stop=True
+            result,
+            reason=StoppingReason.ROLLBACK_GAVE_UP,
+            message=message,
+            alarm=True,
+            should_stop=True,
+            logged=logged,
         )
 
     def _resume_after_rollback(self, step: int, decision: RollbackDecision) -> None:
@@ -1640,12 +1663,30 @@ class CollapseMonitorCore:
             self._urgent_above = self.detector.urgent_above()
         self.last_checked_step = max(self.last_checked_step, step)
         # the embeddings are watched against the snapshot's: a second collapse after it is no longer learned as normal
-        ranks = [
-            float(h["effective_rank"])
-            for h in self.history
-            if restored is not None and h.get("step", math.inf) <= restored and h.get("effective_rank") is not None
+        self._recollapse = self._snapshot_rank(restored)
+
+    def _snapshot_rank(self, restored: int | None) -> list[float] | None:
+        """The watch `_collapsed_again` starts from after a rollback to step ``restored``: the effective rank and rows
+        of the last full check at or before it on the timeline kept (not a trial check, not one of the stretches an
+        earlier rollback discarded), no check seen under the ratio yet, `RECOLLAPSE_WINDOW` checks to go."""
+        if restored is None:
+            return None
+        discarded = [
+            (int(e["restored_step"]), int(e["step"])) for e in self.rollbacks[:-1] if e.get("restored_step") is not None
         ]
-        self._recollapse = [ranks[-1], 0.0] if ranks and math.isfinite(ranks[-1]) and ranks[-1] > 0 else None
+        kept = [
+            h
+            for h in self.history
+            if h.get("step", math.inf) <= restored
+            and not h.get("trial")
+            and not any(lo < h["step"] <= hi for lo, hi in discarded)
+        ]
+        if not kept:
+            return None
+        rank, rows = kept[-1].get("effective_rank"), kept[-1].get("n")
+        if rank is None or rows is None or not math.isfinite(float(rank)) or float(rank) <= 0.0:
+            return None
+        return [float(rank), float(rows), 0.0, float(RECOLLAPSE_WINDOW)]
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -1729,7 +1770,7 @@ class CollapseMonitorCore:
         stop = state.get("rollback_stop")
         self.rollback_stop = None if stop is None else str(stop)
         watch = state.get("recollapse")
-        self._recollapse = None if watch is None else [float(watch[0]), float(watch[1])]
+        self._recollapse = None if watch is None or len(watch) != 4 else [float(v) for v in watch]
 
 
 #: parameters and modules registered in this process since `_watch_registrations` first ran (a one-item list: the

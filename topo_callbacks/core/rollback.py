@@ -92,6 +92,10 @@ _ON_ALARM = ("warn", "stop", "rollback")
 #: collapse the per-step channels learn as normal), every other run that rolled back stayed at 0.52 or more.
 RECOLLAPSE_RATIO = 0.4
 RECOLLAPSE_CHECKS = 2
+#: The watch lasts this many checks after the rollback: later, a representation that keeps changing for ordinary
+#: reasons (a classifier's penultimate layer narrowing late in training) is not taken for a second collapse. On the
+#: calibration seeds SimSiam's second collapse was caught 13-16 checks after its rollback.
+RECOLLAPSE_WINDOW = 20
 _STORAGE = ("memory", "framework")
 _Path = tuple[Any, ...]
 
@@ -1030,7 +1034,7 @@ class RollbackController:
     def give_up(self, onset: int, alarm_step: int, channel: str, reason: RollbackReason) -> RollbackDecision:
         """Stop with the configuration diagnosis for ``reason`` (the caller's own evidence, such as
         `RollbackReason.COLLAPSED_AGAIN`), restoring the newest snapshot older than ``onset`` with
-        ``restore_on_stop``; see `rollback` for the policy's own give-ups."""
+        ``restore_on_stop`` when one is held; see `rollback` for the policy's own give-ups."""
         return self._give_up(int(onset), int(alarm_step), channel, reason)
 
     def _give_up(self, onset: int, alarm_step: int, channel: str, reason: RollbackReason) -> RollbackDecision:
