@@ -33,8 +33,10 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "PER_STEPS",
     "channel_values",
+    "check_steps",
     "fit_calibration",
     "fused_series",
+    "host_batch_flushes",
     "on_step_grid",
     "replay_channels",
     "replay_episodes",
@@ -141,18 +143,34 @@ def replay_episodes(
     where computing it costs most of the per-step work. ``pull``: when the detector `wants_check` after a step, the
     first recorded check a whole check interval later is taken too, and the spaced ones count on from it, as the
     monitor brings its next check forward (False: the fixed spacing alone)."""
-    finished: list[dict[str, Any]] = []
-    current: list[CusumDetector] = []
-
-    def make() -> CusumDetector:
-        if current:
-            finished.extend(current.pop().episodes)
-        current.append(CusumDetector(cal))
-        return current[-1]
-
-    for _ in _replay(rec, cal.channels, make, check_stride, step_stride, grad_stride, pull):
+    detectors = _Rearmed(cal)
+    for _ in _replay(rec, cal.channels, detectors.make, check_stride, step_stride, grad_stride, pull):
         pass
-    return finished + (current[-1].episodes if current else [])
+    return detectors.episodes()
+
+
+class _Rearmed:
+    """The detectors `_replay` makes (a fresh one for each monitor a record holds), and every episode they had."""
+
+    def __init__(self, cal: DetectorCalibration) -> None:
+        self.cal = cal
+        self._finished: list[dict[str, Any]] = []
+        self._current: CusumDetector | None = None
+
+    def make(self) -> CusumDetector:
+        if self._current is not None:
+            self._finished.extend(self._current.episodes)
+        self._current = CusumDetector(self.cal)
+        return self._current
+
+    def episodes(self) -> list[dict[str, Any]]:
+        return self._finished + (self._current.episodes if self._current is not None else [])
+
+
+def check_steps(rec: RunRecord) -> list[int]:
+    """The steps at which ``rec``'s monitor ran a check (skipped ones included: a check step reads everything
+    queued, whatever the check then does)."""
+    return [int(c["step"]) for c in rec.checks if c.get("step") is not None]
 
 
 def _uncapped(names: Sequence[str]) -> CusumDetector:
@@ -167,21 +185,13 @@ def host_batch_flushes(rec: RunRecord, cal: DetectorCalibration, every: int) -> 
     the monitor finds urgent (`CusumDetector.urgent_above` as of the last batch scored: a loss or gradient norm over
     twice its reference's largest, non-finite or 0; a step the loss scaler skipped). Batches from the first step on:
     the budget turns them on at its first check, so this is the most they can cost."""
-    finished: list[dict[str, Any]] = []
-    current: list[CusumDetector] = []
-
-    def make() -> CusumDetector:
-        if current:
-            finished.extend(current.pop().episodes)
-        current.append(CusumDetector(cal))
-        return current[-1]
-
-    checks = {int(c["step"]) for c in rec.checks if c.get("reason") != "SKIPPED"}
+    detectors = _Rearmed(cal)
+    checks = set(check_steps(rec))
     skipped = set(getattr(rec, "skipped_steps", ()))
     restart = getattr(rec, "monitor_restart", None)
     flushes: list[int] = []
     above, queued = (math.inf, math.inf), 0
-    for step, detector in _replay(rec, cal.channels, make):
+    for step, detector in _replay(rec, cal.channels, detectors.make):
         if restart is not None and step == restart + 1:  # a new monitor: nothing queued, nothing learned
             above, queued = (math.inf, math.inf), 0
         loss = float(rec.loss[step - 1]) if step - 1 < len(rec.loss) else -1.0
@@ -197,7 +207,7 @@ def host_batch_flushes(rec: RunRecord, cal: DetectorCalibration, every: int) -> 
             flushes.append(step)
             queued = 0
             above = detector.urgent_above()
-    return finished + (current[-1].episodes if current else []), flushes
+    return detectors.episodes(), flushes
 
 
 def _replay(

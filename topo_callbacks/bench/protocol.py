@@ -41,6 +41,7 @@ import numpy as np
 from topo_callbacks.bench.cusum import (
     DEFAULT_CANDIDATES,
     PER_STEPS,
+    check_steps,
     fit_calibration,
     fused_series,
     host_batch_flushes,
@@ -731,7 +732,7 @@ def batched_reads(
             if label == host:
                 known = next((f for f in flushes if f >= first), rec.steps)
             else:
-                known = first if lag is None else known_after_batched_reads(first, every, lag, _check_steps(rec))
+                known = first if lag is None else known_after_batched_reads(first, every, lag, check_steps(rec))
             if known < t_c:
                 detected += 1
                 delays.append(known - first)
@@ -771,10 +772,6 @@ def known_after_batched_reads(step: int, every: int, lag: int, checks: Sequence[
     if forced is not None and forced <= boundary:
         return forced
     return boundary + lag if forced is None else min(boundary + lag, forced)
-
-
-def _check_steps(rec: RunRecord) -> list[int]:
-    return [int(c["step"]) for c in rec.checks if c.get("step") is not None]
 
 
 def verify(records: Sequence[RunRecord], truth: Mapping[str, int | None]) -> dict[str, Any]:

@@ -95,6 +95,17 @@ class CheckResult:
     rollback: dict[str, Any] | None = None
 
 
+@dataclasses.dataclass
+class _RecollapseWatch:
+    """After a rollback (`CollapseMonitorCore._collapsed_again`): the effective rank of the restored snapshot's last
+    check and that check's rows, the checks in a row since under `RECOLLAPSE_RATIO` of it, and the checks left."""
+
+    rank: float
+    rows: int
+    below: int = 0
+    left: int = RECOLLAPSE_WINDOW
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -459,9 +470,8 @@ class CollapseMonitorCore:
         self._new_alarm: tuple[int, int | None, str] | None = None
         self._boundary_step = 0
         self.rollback_stop: str | None = None
-        #: after a rollback: the effective rank of the restored snapshot's last check, that check's rows, the checks
-        #: in a row since under `RECOLLAPSE_RATIO` of it, and the checks left to watch (`_collapsed_again`)
-        self._recollapse: list[float] | None = None
+        #: after a rollback, what `_collapsed_again` compares the checks with
+        self._recollapse: _RecollapseWatch | None = None
         self._rollback_told: set[str] = set()
         #: the detector's channels whose statistic stood at 0 when it resumed from the last rollback's snapshot
         self._resumed_quiet: frozenset[str] = frozenset()
@@ -949,8 +959,6 @@ class CollapseMonitorCore:
             result.logged[f"{self.prefix}rollbacks"] = float(len(self.rollbacks))
         if self._recollapse is not None and result.report is not None and self._new_alarm is None:
             result = self._collapsed_again(step, result)
-        if self.rollback_stop is not None:
-            self._recollapse = None
         if self._new_alarm is not None:
             result = self._act_on_alarm(step, result)  # type: ignore[assignment]  # a result in, a result out
         return result
@@ -1586,18 +1594,16 @@ class CollapseMonitorCore:
         controller, watch, report = self.rollback_controller, self._recollapse, result.report
         if controller is None or watch is None or report is None or self.stopped_step is not None:
             return result
-        if self.rollback_stop is not None or result.rollback is not None:
-            return result
-        watch[3] -= 1
-        if watch[3] < 0:  # past `RECOLLAPSE_WINDOW` checks: no longer watched
+        if self.rollback_stop is not None or watch.left <= 0:  # the policy gave up; past `RECOLLAPSE_WINDOW` checks
             self._recollapse = None
             return result
+        watch.left -= 1
         rank = float(report.effective_rank)
-        if int(report.n) != int(watch[1]):  # a check of another size: its rank is not comparable
-            watch[2] = 0.0
+        if int(report.n) != watch.rows:  # a check of another size: its rank is not comparable
+            watch.below = 0
             return result
-        watch[2] = watch[2] + 1 if math.isfinite(rank) and rank < RECOLLAPSE_RATIO * watch[0] else 0.0
-        if watch[2] < RECOLLAPSE_CHECKS:
+        watch.below = watch.below + 1 if math.isfinite(rank) and rank < RECOLLAPSE_RATIO * watch.rank else 0
+        if watch.below < RECOLLAPSE_CHECKS:
             return result
         self._recollapse = None
         restored = int(controller.rollbacks[-1]["restored_step"]) if controller.rollbacks else step
@@ -1611,7 +1617,7 @@ class CollapseMonitorCore:
             return result
         self.rollback_stop = decision.reason.value
         message = (
-            f"{decision.message} (effective rank {rank:.3g}, under {RECOLLAPSE_RATIO:g}x the {watch[0]:.3g} of the"
+            f"{decision.message} (effective rank {rank:.3g}, under {RECOLLAPSE_RATIO:g}x the {watch.rank:.3g} of the"
             f" snapshot of step {restored}, {RECOLLAPSE_CHECKS} checks in a row)"
         )
         # the check now counts as an alarm, in the state, the log and the history alike (`record_stop` warns)
@@ -1665,7 +1671,7 @@ class CollapseMonitorCore:
         # the embeddings are watched against the snapshot's: a second collapse after it is no longer learned as normal
         self._recollapse = self._snapshot_rank(restored)
 
-    def _snapshot_rank(self, restored: int | None) -> list[float] | None:
+    def _snapshot_rank(self, restored: int | None) -> _RecollapseWatch | None:
         """The watch `_collapsed_again` starts from after a rollback to step ``restored``: the effective rank and rows
         of the last full check at or before it on the timeline kept (not a trial check, not one of the stretches an
         earlier rollback discarded), no check seen under the ratio yet, `RECOLLAPSE_WINDOW` checks to go."""
@@ -1686,7 +1692,7 @@ class CollapseMonitorCore:
         rank, rows = kept[-1].get("effective_rank"), kept[-1].get("n")
         if rank is None or rows is None or not math.isfinite(float(rank)) or float(rank) <= 0.0:
             return None
-        return [float(rank), float(rows), 0.0, float(RECOLLAPSE_WINDOW)]
+        return _RecollapseWatch(float(rank), int(rows))
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -1721,7 +1727,7 @@ class CollapseMonitorCore:
             ),
             "rollback_stop": self.rollback_stop,
             # after a rollback: the restored snapshot's effective rank and the checks under its share since
-            "recollapse": None if self._recollapse is None else [float(v) for v in self._recollapse],
+            "recollapse": None if self._recollapse is None else dataclasses.asdict(self._recollapse),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1770,7 +1776,7 @@ class CollapseMonitorCore:
         stop = state.get("rollback_stop")
         self.rollback_stop = None if stop is None else str(stop)
         watch = state.get("recollapse")
-        self._recollapse = None if watch is None or len(watch) != 4 else [float(v) for v in watch]
+        self._recollapse = None if not isinstance(watch, dict) else _RecollapseWatch(**watch)
 
 
 #: parameters and modules registered in this process since `_watch_registrations` first ran (a one-item list: the
