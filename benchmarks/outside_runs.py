@@ -11,6 +11,8 @@ third is measured every 25 steps; a run's metric "dropped" at the first evaluati
     python benchmarks/outside_runs.py               # every run, seeds 0 and 1 (about 10 min on 2 cores)
     python benchmarks/outside_runs.py --seeds 1 --quick   # short runs: a smoke test, not results
     python benchmarks/outside_runs.py --max-overhead none # the per-step channels read at every step
+    python benchmarks/outside_runs.py --on-alarm rollback # each run again with on_alarm="rollback" (and the failures'
+                                                          # healthy twins): what acting on the alarm saves or costs
 
 Runs (healthy unless marked):
 - ``adamw_warmup_cosine``: the CNN, AdamW, linear warm-up over 200 steps, cosine to 0 (3000 steps)
@@ -35,6 +37,7 @@ Runs (healthy unless marked):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -89,6 +92,12 @@ class Outcome:
     alarms: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: int = 0
     wall_s: float = 0.0
+    #: the accuracy (kNN probe for SimSiam) at the last evaluation, or at the step the run stopped
+    final_metric: float = math.nan
+    on_alarm: str = "warn"
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    stopped_at: int | None = None
+    stop_reason: str | None = None
 
     @property
     def detected(self) -> bool:
@@ -195,12 +204,23 @@ def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
-def _monitor(max_overhead: float | None, layer: str = "embed") -> CollapseMonitorCore:
-    return CollapseMonitorCore(layer, every_n_train_steps=25, max_samples=256, max_overhead=max_overhead)
+def _monitor(max_overhead: float | None, layer: str = "embed", on_alarm: str = "warn") -> CollapseMonitorCore:
+    return CollapseMonitorCore(
+        layer, every_n_train_steps=25, max_samples=256, max_overhead=max_overhead, on_alarm=on_alarm
+    )
 
 
-def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outcome:
-    """Train ``run`` with the default monitor and return what its alarm did."""
+def twin(run: Run) -> Run:
+    """A failure run's healthy twin: the same model, optimizer, schedule, data and seed without the failure."""
+    return dataclasses.replace(
+        run, name=f"{run.name}/twin", fail_at=None, lr_factor=lambda step: 1.0, shuffle_from=None, dead_at=None,
+        no_stop_gradient_from=None, push_biases_from=None,
+    )  # fmt: skip
+
+
+def train(run: Run, seed: int, max_overhead: float | None, quick: bool, on_alarm: str = "warn") -> Outcome:
+    """Train ``run`` with the default monitor and return what its alarm did (``on_alarm="rollback"``: what the
+    monitor's default `RollbackPolicy` did with it; a rollback that gives up stops the run)."""
     torch.manual_seed(seed)
     steps = min(run.steps, 600) if quick else run.steps
     x, y, xv, yv = _data(seed)
@@ -210,13 +230,16 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
     opt, sched = run.make_opt(model, steps)
     base_lrs = [g["lr"] for g in opt.param_groups]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100) if run.fp16 else None
-    monitor = _monitor(max_overhead, layer)
+    monitor = _monitor(max_overhead, layer, on_alarm)
     monitor.attach(model)
+    monitor.track(models=model, optimizers=opt, schedulers=sched, scaler=scaler)  # a no-op unless rolling back
     episodes: list[dict[str, Any]] = []
     g = torch.Generator().manual_seed(seed)
     pool = torch.arange(len(x)) if run.resume_at is None else torch.arange(len(x) // 2)
-    best, dropped = -1.0, None
+    best, dropped, acc = -1.0, None, math.nan
     skipped_total = 0
+    rollbacks: list[dict[str, Any]] = []
+    stopped_at, stop_reason = None, None
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -225,11 +248,15 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
                 # a fine-tuning run: a new process would build a new monitor and optimizer
                 episodes += monitor.summary().get("episodes", [])
                 skipped_total += int(monitor.summary().get("skipped_steps", 0))
+                rollbacks += monitor.rollbacks
                 monitor.detach()
-                monitor = _monitor(max_overhead)
+                if monitor.rollback_controller is not None:
+                    monitor.rollback_controller.remove_hooks()
+                monitor = _monitor(max_overhead, on_alarm=on_alarm)
                 monitor.attach(model)
                 opt = torch.optim.Adam(model.parameters(), lr=1e-4)
                 sched, base_lrs = None, [1e-4]
+                monitor.track(models=model, optimizers=opt, scaler=scaler)
                 pool = torch.arange(len(x) // 2, len(x))
             if run.dead_at is not None and step == run.dead_at:
                 with torch.no_grad():
@@ -273,10 +300,11 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
                 opt.step()
             if sched is not None:
                 sched.step()
-            monitor.observe_step(step, grad_norm=grad_norm, lr=lr, skipped=skipped)
-            if monitor.is_check_step(step):
-                monitor.run_check(step)
-            if step % EVAL_EVERY == 0:
+            fired = monitor.observe_step(step, grad_norm=grad_norm, lr=lr, skipped=skipped)
+            checked = monitor.run_check(step) if monitor.is_check_step(step) else None
+            monitor.after_step(step)  # on_alarm="rollback": a snapshot when one is due; else nothing
+            stop = next((r for r in (fired, checked) if r is not None and r.should_stop), None)
+            if step % EVAL_EVERY == 0 or stop is not None:
                 model.eval()
                 with torch.no_grad():
                     acc = _accuracy(run, model, (x, y, xv, yv))
@@ -285,12 +313,21 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool) -> Outco
                 if dropped is None and step >= since and acc < best - DROP_POINTS:
                     dropped = step
                 best = max(best, acc)
+            if stop is not None:  # only a rollback that gave up stops a run (the default only warns)
+                monitor.record_stop(step, stop)
+                stopped_at, stop_reason = step, monitor.rollback_stop
+                break
     summary = monitor.summary()
     monitor.detach()
+    if monitor.rollback_controller is not None:
+        monitor.rollback_controller.remove_hooks()
     episodes += summary.get("episodes", [])
     skipped_total += int(summary.get("skipped_steps", 0))
+    rollbacks += monitor.rollbacks
     alarms = [{k: e.get(k) for k in ("start", "end", "channel", "kind")} for e in episodes]
-    return Outcome(run.name, seed, steps, run.fail_at, dropped, alarms, skipped_total, time.perf_counter() - start)
+    kept = [{k: e.get(k) for k in ("step", "restored_step", "channel", "total_factor")} for e in rollbacks]
+    return Outcome(run.name, seed, steps, run.fail_at, dropped, alarms, skipped_total, time.perf_counter() - start,
+                   acc, on_alarm, kept, stopped_at, stop_reason)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-overhead", default="0.02", help="the monitor's max_overhead (a share, or 'none')")
     parser.add_argument("--quick", action="store_true", help="runs cut to 600 steps: a smoke test")
     parser.add_argument("--json", help="write the outcomes here")
+    parser.add_argument("--on-alarm", default="warn", choices=("warn", "rollback"),
+                        help="rollback: each run is trained again with on_alarm='rollback', and each failure's healthy"
+                             " twin, to show what the default rollback policy saves or costs")  # fmt: skip
     args = parser.parse_args(argv)
     budget = None if args.max_overhead.lower() == "none" else float(args.max_overhead)
     torch.set_num_threads(1)
@@ -331,10 +371,59 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(o.detected for o in failing)}/{len(failing)} (runs whose metric did not drop: "
           f"{sum(1 for o in outcomes if o.fail_at is not None and o.dropped_at is None)}); healthy runs whose metric "
           f"dropped anyway, not scored: {[(o.run, o.seed, o.dropped_at) for o in unscored]}")  # fmt: skip
+    if args.on_alarm == "rollback":
+        outcomes += rollback_arms([r for r in RUNS if r.name in args.runs], outcomes, budget, args.quick)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([o.__dict__ for o in outcomes], fh, indent=1)
     return 0
+
+
+#: a failure run is rescued when its final metric is within this many points of its healthy twin's (the benchmark's)
+RESCUE_POINTS = 2.0
+
+
+def rollback_arms(runs: list[Run], plain: list[Outcome], budget: float | None, quick: bool) -> list[Outcome]:
+    """Each run and seed of ``plain`` trained again with ``on_alarm="rollback"``, and each failure's healthy twin;
+    prints what the rollback did: a failure rescued (final metric within `RESCUE_POINTS` of its twin's), stopped
+    with the configuration diagnosis, or not rescued; a healthy run's cost (its final metric against the plain
+    arm's, the same run without rollbacks)."""
+    print(f"\non_alarm='rollback' (default RollbackPolicy), max_overhead={budget}:")
+    out: list[Outcome] = []
+    rescued, failures, stopped, costs = 0, 0, 0, []
+    for o in plain:
+        run = next(r for r in runs if r.name == o.run)
+        rb = train(run, o.seed, budget, quick, on_alarm="rollback")
+        out.append(rb)
+        done = [(e["step"], e["restored_step"]) for e in rb.rollbacks]
+        stop = "" if rb.stopped_at is None else f", stopped at {rb.stopped_at} ({rb.stop_reason})"
+        line = (f"{run.name:22s} seed {o.seed}: plain {o.final_metric:5.1f} (alarms {[a['start'] for a in o.alarms]});"
+                f" rollback {rb.final_metric:5.1f}: rollbacks {done}{stop}")  # fmt: skip
+        if run.fail_at is None:
+            if rb.rollbacks or rb.stopped_at is not None:
+                costs.append(o.final_metric - rb.final_metric)
+                line += f"; cost {o.final_metric - rb.final_metric:+.1f} pt"
+            print(line, flush=True)
+            continue
+        healthy = train(twin(run), o.seed, budget, quick)
+        out.append(healthy)
+        failures += 1
+        if rb.stopped_at is not None:
+            verdict = "stopped: configuration diagnosis"
+            stopped += 1
+        elif rb.final_metric >= healthy.final_metric - RESCUE_POINTS:
+            verdict = "rescued"
+            rescued += 1
+        else:
+            verdict = "not rescued"
+        print(f"{line}; twin {healthy.final_metric:5.1f}, without rollback {o.final_metric:5.1f}: {verdict}",
+              flush=True)  # fmt: skip
+    worst = f"{max(costs):+.1f} pt" if costs else "-"
+    print(
+        f"failures: {rescued}/{failures} rescued (within {RESCUE_POINTS:g} points of the healthy twin), {stopped} "
+        f"stopped with the configuration diagnosis; healthy runs rolled back: {len(costs)}, worst cost {worst}"
+    )
+    return out
 
 
 if __name__ == "__main__":

@@ -433,6 +433,33 @@ def test_units_going_dormant_alarm_at_the_check_that_sees_them(outside: Any, see
     assert [e for e in replay.episodes if e["kind"] == "dormant" and e["start"] <= 375] == [], replay.episodes
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_layer_broken_once_outside_the_benchmark_is_rolled_back_to_before_it(outside: Any, seed: int) -> None:
+    """``benchmarks/outside_runs.py``'s ``dead_layer`` with ``on_alarm="rollback"``: the watched layer's biases are
+    pushed to -50 once, at step 30 (its output constant 0; without a rollback the run ends near 10%). The dead-layer
+    rule alarms at 34, the rollback restores step 1's snapshot (taken before the damage), and the run, at a quarter of
+    the rate from then on, ends within 2 points of the same run never broken (its healthy twin)."""
+    run = next(r for r in outside.RUNS if r.name == "dead_layer")
+    rolled = outside.train(run, seed, None, False, on_alarm="rollback")
+    healthy = outside.train(outside.twin(run), seed, None, False)
+    assert [(e["step"], e["restored_step"]) for e in rolled.rollbacks] == [(34, 1)], rolled.rollbacks
+    assert rolled.stopped_at is None
+    assert healthy.alarms == [] and healthy.rollbacks == []
+    assert rolled.final_metric >= healthy.final_metric - outside.RESCUE_POINTS, (rolled, healthy)
+
+
+def test_labels_shuffled_outside_the_benchmark_stop_with_the_configuration_diagnosis(outside: Any) -> None:
+    """``labels_shuffled`` (a data bug from step 1000) with ``on_alarm="rollback"``: the failure is in the data, so it
+    comes back after every rollback whatever the rate; after `max_rollbacks` (4) the run stops, on the restored
+    weights of before the bug, with the configuration diagnosis."""
+    run = next(r for r in outside.RUNS if r.name == "labels_shuffled")
+    rolled = outside.train(run, 0, None, False, on_alarm="rollback")
+    assert len(rolled.rollbacks) == 4 and {e["restored_step"] for e in rolled.rollbacks} == {901}, rolled.rollbacks
+    assert rolled.stop_reason == "max_rollbacks" and rolled.stopped_at is not None
+    assert rolled.stopped_at < run.steps
+    assert rolled.final_metric > 90.0  # the weights of step 901, not the broken ones (without rollback: ~10%)
+
+
 def test_a_healthy_run_whose_units_fall_silent_as_it_learns_does_not_alarm_on_them() -> None:
     """The same MLP without the regulariser, checked every 5 steps from its first: a tenth to a sixth of its units
     fall silent and fire again as it learns, the dead-unit share moving by a few units from check to check."""
