@@ -5,6 +5,7 @@ steps, a CNN leaving its loss plateau, a loss that jumps a millionfold, and the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -444,7 +445,8 @@ def test_a_layer_broken_once_outside_the_benchmark_is_rolled_back_to_before_it(o
     healthy = outside.train(outside.twin(run), seed, None, False)
     assert [(e["step"], e["restored_step"]) for e in rolled.rollbacks] == [(34, 1)], rolled.rollbacks
     assert rolled.stopped_at is None
-    assert healthy.alarms == [] and healthy.rollbacks == []
+    assert healthy.alarms == []
+    assert healthy.rollbacks == []
     assert rolled.final_metric >= healthy.final_metric - outside.RESCUE_POINTS, (rolled, healthy)
 
 
@@ -454,10 +456,37 @@ def test_labels_shuffled_outside_the_benchmark_stop_with_the_configuration_diagn
     weights of before the bug, with the configuration diagnosis."""
     run = next(r for r in outside.RUNS if r.name == "labels_shuffled")
     rolled = outside.train(run, 0, None, False, on_alarm="rollback")
-    assert len(rolled.rollbacks) == 4 and {e["restored_step"] for e in rolled.rollbacks} == {901}, rolled.rollbacks
-    assert rolled.stop_reason == "max_rollbacks" and rolled.stopped_at is not None
+    assert len(rolled.rollbacks) == 4, rolled.rollbacks
+    assert {e["restored_step"] for e in rolled.rollbacks} == {901}, rolled.rollbacks
+    assert rolled.stop_reason == "max_rollbacks"
+    assert rolled.stopped_at is not None
     assert rolled.stopped_at < run.steps
     assert rolled.final_metric > 90.0  # the weights of step 901, not the broken ones (without rollback: ~10%)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_units_going_dormant_alarm_between_the_checks_the_budget_spaced_out(outside: Any, seed: int) -> None:
+    """The same failure (``dormant_units``) with the default ``max_overhead``: on this MLP's sub-millisecond steps the
+    budget spaces the checks thousands of steps apart, so the dormant-unit rule, which compares a check with the three
+    before, never ran (0 of 4 outside the benchmark, 2026-12-04). The unit checks between them (the rows captured at
+    every ``every_n_train_steps``, their share of dead units alone) feed it: it alarms within three intervals of the
+    units going, and no check is added to the history."""
+    mons: list[CollapseMonitorCore] = []
+    make = outside._monitor
+    outside._monitor = lambda *a, **k: mons.append(make(*a, **k)) or mons[-1]
+    try:
+        run = next(r for r in outside.RUNS if r.name == "dormant_units")
+        out = outside.train(dataclasses.replace(run, steps=450), seed, 0.02, False)
+    finally:
+        outside._monitor = make
+    monitor = mons[0]
+    assert monitor.check_every >= 10 * monitor.every_n_train_steps  # spaced out
+    assert len(monitor.history) <= 2
+    assert monitor.unit_checks >= 10
+    first = out.alarms[0]
+    assert (first["channel"], first["kind"]) == ("dead_fraction", "dormant"), out.alarms
+    assert 300 < first["start"] <= 375, out.alarms
+    assert monitor.summary()["unit_checks"] == monitor.unit_checks
 
 
 def test_a_healthy_run_whose_units_fall_silent_as_it_learns_does_not_alarm_on_them() -> None:

@@ -752,3 +752,31 @@ def test_replay_brings_a_spaced_check_forward_as_the_monitor_does() -> None:
     assert seen == 410
     assert spaced == seen + (COLLAPSED_CHECKS - 1) * 20 * every  # two more spaced checks
     assert pulled == seen + (COLLAPSED_CHECKS - 1) * every  # each brought forward to the next interval
+
+
+def test_replay_feeds_the_dormant_unit_rule_between_spaced_checks_as_the_monitor_does() -> None:
+    """With the checks spaced out (`replay_episodes(check_stride=k)`), every recorded check the schedule skips is a
+    unit check (`CollapseMonitorCore._units_check`): its share of dead units goes to the dormant-unit rule alone. Units
+    going silent at step 500 alarm at 500 whatever the spacing, as with every check; fed at the spaced checks only,
+    the rule needs three of them before it to compare with, and alarms 275 steps later."""
+    from topo_callbacks.bench.cusum import replay_episodes
+    from topo_callbacks.core.detector import CusumDetector, default_calibration
+
+    steps, every, broken = 1000, 25, 500
+    zeros = [0.0] * steps
+    checks = [
+        {"step": s, "dead_fraction": 0.5 if s >= broken else 0.05, "std_l2": 0.5, "d": 64.0, "effective_rank": 20.0,
+         "n": 256.0, "b0": 10.0, "b1": 0.0, "calibrating": False}
+        for s in range(every, steps + 1, every)
+    ]  # fmt: skip
+    rec = RunRecord("f", "failure", 0, steps, broken, [1.0] * steps, [1.0] * steps, [0.1] * steps, [[0.0]] * steps,
+                    [[1.0]] * steps, zeros, zeros, zeros, [], checks, None, layer_lost_steps=None)  # fmt: skip
+    cal = default_calibration(0.05)
+    for k in (1, 10, 40):
+        episodes = replay_episodes(rec, cal, check_stride=k)
+        assert [(e["start"], e["channel"], e["kind"]) for e in episodes][:1] == [(broken, "dead_fraction", "dormant")]
+    # the spaced checks alone (25, 275, 525, 775, ...): two before the units went, so 525 cannot be compared yet
+    detector = CusumDetector(cal)
+    for check in checks[::10]:
+        detector.observe_check(int(check["step"]), check, calibrating=False)
+    assert [(e["start"], e["kind"]) for e in detector.episodes] == [(775, "dormant")]

@@ -325,6 +325,7 @@ DDP_SCRIPT = textwrap.dedent(
     out = {"steps": [h["step"] for h in monitor.history], "check_every": monitor.check_every,
            "observe_every": monitor.observe_every,
            "max_samples": monitor.max_samples, "reads": monitor._step_reads.reads,
+           "unit_checks": monitor.unit_checks,
            "detector": monitor.detector.state_dict()}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
         json.dump(out, fh)
@@ -340,8 +341,12 @@ def test_every_rank_takes_the_same_schedule_and_reads(tmp_path: Path) -> None:
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["steps"] == r1["steps"]
     assert len(r0["steps"]) >= 1
-    schedule = ("check_every", "observe_every", "max_samples", "reads")
+    schedule = ("check_every", "observe_every", "max_samples", "reads", "unit_checks")
     assert [r0[k] for k in schedule] == [r1[k] for k in schedule]
+    # the checks spaced out, the unit checks between them gathered every rank's rows at the same steps: the dormant-unit
+    # rule's reference (in the detector's state) is the same on both
+    assert r0["check_every"] > 10
+    assert r0["unit_checks"] > 0
     assert r0["detector"] == r1["detector"]  # the per-step values were averaged over the ranks, batch by batch
 
 

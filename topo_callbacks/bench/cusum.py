@@ -251,6 +251,13 @@ def _replay(
             unread = []  # a new monitor averages none of the old one's losses
             reads_since_grad = 0
         is_check = next_index < len(order) and step == order[next_index]
+        if check_stride > 1 and not is_check and step in recorded and step > order[0]:
+            # a recorded check the spaced schedule skips: the monitor's unit check there (`_units_check`) feeds the
+            # dormant-unit rule its share of dead units, before the step's own values
+            unit = recorded[step]
+            if unit.get("dead_fraction") is not None and unit.get("d"):
+                detector.observe_units(step, float(unit["dead_fraction"]), d=int(unit["d"]), n=int(unit.get("n", 0)),
+                                       hold=max(ABSOLUTE_HOLD, 2 * every))  # fmt: skip
         values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used

@@ -228,8 +228,9 @@ def write_markdown(results: Mapping[str, Any]) -> str:
             " per-step channels (the loss of the steps between averaged into the read, each read adding to its CUSUM"
             " what s reads would), and the gradient norm at every g-th read only (each adding what g reads would);"
             " a check the detector asks for (`CusumDetector.wants_check`) is taken one interval later, as the monitor"
-            " brings it forward: failure runs detected before their metric dropped, clean runs with an alarm, alarm"
-            " episodes per 100,000 healthy steps.",
+            " brings it forward; a recorded check the spacing skips feeds its share of dead units to the dormant-unit"
+            " rule alone, as the monitor's unit check between spaced checks does: failure runs detected before their"
+            " metric dropped, clean runs with an alarm, alarm episodes per 100,000 healthy steps.",
             "",
             "| checks spaced | per-step channels read | gradient norm read | detected | clean runs alarmed |"
             " per 100k healthy steps |",

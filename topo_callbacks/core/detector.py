@@ -880,6 +880,25 @@ class CusumDetector:
         )
         return self.absolute_event(step, name, value, AlarmKind.ABRUPT, detail, onset=onset)
 
+    def observe_units(
+        self, step: int, dead_fraction: float, *, d: int, n: int, hold: int = ABSOLUTE_HOLD
+    ) -> DetectorFiring | None:
+        """The share of the watched layer's ``d`` units that are 0 on every one of ``n`` sampled rows, seen between two
+        checks: the dormant-unit rule alone (`DEAD_RISE`), as a check feeds it (`observe_check`), so that a monitor
+        whose overhead budget spaces its checks out still compares each interval with the ones before.
+
+        Example:
+            >>> det = CusumDetector(default_calibration(0.05))
+            >>> [det.observe_units(s, 0.05, d=64, n=256) for s in (25, 50, 75)]
+            [None, None, None]
+            >>> fired = det.observe_units(100, 0.5, d=64, n=256)  # a third of the layer fell silent at once
+            >>> fired.channel, fired.kind, fired.onset
+            ('dead_fraction', 'dormant', 76)
+        """
+        # no episode is closed here: episodes end where they did without unit checks (at reads and checks), so that a
+        # failure the per-step rules keep raising at a stride does not become one episode per interval
+        return self._dead_rise(step, float(dead_fraction), int(d), float(n), hold)
+
     def _dead_rise(self, step: int, dead: float | None, d: int, rows: float, hold: int) -> DetectorFiring | None:
         """The dormant-unit rule (`DEAD_RISE`): a check's dead-unit share far above the checks before, on samples
         of about as many rows (the overhead budget may lower the sample: the reference starts again)."""

@@ -9,7 +9,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["broadcast_from_rank0", "gather_samples", "subsample_rows", "sum_across_ranks", "world_size"]
+__all__ = [
+    "broadcast_from_rank0",
+    "dead_units_across_ranks",
+    "gather_samples",
+    "subsample_rows",
+    "sum_across_ranks",
+    "world_size",
+]
 
 
 def world_size() -> int:
@@ -80,6 +87,32 @@ def gather_samples(
         if not receiving:
             return torch.zeros(0, d, dtype=torch.float32, device=device)
     return torch.cat([part[:r] for part, r in zip(parts, rows, strict=False)])
+
+
+def dead_units_across_ranks(
+    x: Tensor | None, width: int, max_samples: int, device: torch.device | str = "cpu"
+) -> tuple[float, int]:
+    """The share of the ``width`` units (columns) that are exactly 0 on every row of the sample `gather_samples` takes
+    from all ranks' ``x`` (each rank's evenly spaced rows, ``max_samples`` in all), and that sample's rows, without
+    gathering the rows: one all-reduce of ``width + 1`` numbers when a process group exists (on ``device``). The
+    share is `topo_callbacks.functional.spectral.dead_unit_fraction` of the gathered sample, to the bit. ``x`` of
+    another width than ``width``, or None, adds no rows.
+
+    Example:
+        >>> import torch
+        >>> dead_units_across_ranks(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, -3.0]]), width=3, max_samples=8)
+        (0.3333333432674408, 2)
+    """
+    if x is not None and x.ndim == 2 and x.shape[1] == width and x.shape[0] > 0:
+        x = subsample_rows(x, math.ceil(max_samples / world_size()))
+        device = x.device
+        counts = torch.cat([(x.abs().amax(dim=0) != 0).to(torch.float32), torch.tensor([x.shape[0]], device=device)])
+    else:
+        counts = torch.zeros(width + 1, device=device)
+    if world_size() > 1:
+        dist.all_reduce(counts)
+    silent = counts[:width] == 0
+    return float(silent.float().mean()), int(counts[width])
 
 
 def sum_across_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:

@@ -47,6 +47,7 @@ from topo_callbacks.core.detector import (
 )
 from topo_callbacks.core.gather import (
     broadcast_from_rank0,
+    dead_units_across_ranks,
     gather_samples,
     sum_across_ranks,
     sum_floats_across_ranks,
@@ -214,7 +215,10 @@ class CollapseMonitorCore:
             reads. The loss of k steps in one read adds to its CUSUMs what k reads would
             (`CusumDetector.set_step_window`); the gradient norm, computed at the read step only, counts as one read,
             and the check channels count per check: reading or checking less often makes their false alarms rarer
-            per step and their alarms later, not more frequent.
+            per step and their alarms later, not more frequent. Between checks spaced out, a unit check at every
+            ``every_n_train_steps`` feeds the dormant-unit rule the share of dead units of the rows captured
+            (`summary`'s ``unit_checks``): that rule compares a check with the three before and would otherwise wait
+            for thousands of steps.
         read_every_n_steps: per-step values that are CUDA tensors (the loss, the gradient norm) are read to the host in
             batches of this many steps, one non-blocking copy per batch (and, under DDP, one all-reduce per batch): no
             host synchronisation at the other steps. None (default): `DEVICE_READ_EVERY` (2) on a GPU; on the CPU every
@@ -432,6 +436,10 @@ class CollapseMonitorCore:
         self._step_reads: StepReads | None = None
         #: optimizer steps between checks: ``every_n_train_steps`` times the spacing ``max_overhead`` needs
         self.check_every = self.every_n_train_steps
+        #: unit checks run between the checks ``max_overhead`` spaced out (`_units_check`), and the width of the watched
+        #: rows the last check found (what a unit check reduces over)
+        self.unit_checks = 0
+        self._unit_width = 0
         self._next_check = self.every_n_train_steps
         #: the per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)
         self.observe_every = 1
@@ -521,6 +529,9 @@ class CollapseMonitorCore:
         if self._wall_start is None:
             self._start_clock(next_step - 1)
         until_check = self.next_check_step(next_step) - next_step
+        if self._units_between_checks():  # and before each unit check between them
+            every = self.every_n_train_steps
+            until_check = min(until_check, -(-next_step // every) * every - next_step)
         armed = self.source == "stream" and next_step > 0 and until_check < self._capture_steps
         if armed and not (self.capture.armed and self._last_prepared == next_step):
             self._armed_steps += 1
@@ -596,6 +607,11 @@ class CollapseMonitorCore:
             self._start_clock(step - 1)
         if self._read_all_until is None:
             self._read_all_until = step - 1 + STEP_WINDOW
+        units = None
+        if step % self.every_n_train_steps == 0 and self._units_between_checks() and not self.is_check_step(step):
+            self.time_spent_s += time.perf_counter() - start
+            units = self._units_check(step)  # timed on its own
+            start = time.perf_counter()
         if not self.observes(step):
             # ``max_overhead`` reads every `observe_every`-th step only; this step's loss joins the next read's (a
             # number on the CPU, a tensor added on the device elsewhere: no read here either way)
@@ -605,7 +621,9 @@ class CollapseMonitorCore:
             if skipped is True and self.detector is not None:  # counted (a flag on the device is not read here)
                 self.detector.skipped_steps += 1
             self.time_spent_s += time.perf_counter() - start
-            return None
+            if units is not None and self._new_alarm is not None:
+                return self._act_on_alarm(step, units)  # type: ignore[return-value]  # a result in, a result out
+            return units
         read_steps = 1  # the steps this read's loss stands for (`CusumDetector.update`'s ``steps``)
         if self._unread_count and loss is not None:
             read_steps = self._unread_count + 1
@@ -667,9 +685,60 @@ class CollapseMonitorCore:
             # the budget measures from after the first step read: it paid one-time costs (lazy initialisation)
             self._remarked = True
             self._budget_mark = (now, self.time_spent_s, step)
+        fired = fired or units
         if self._new_alarm is not None:
             fired = self._act_on_alarm(step, fired)
         return fired
+
+    def _units_between_checks(self) -> bool:
+        """Whether unit checks run at the multiples of ``every_n_train_steps`` between checks (`_units_check`): the
+        overhead budget spaced the checks further apart, its trial check is done, and the detector is on."""
+        return (
+            self.check_every > self.every_n_train_steps
+            and self.detector is not None
+            and self.source == "stream"
+            and self._trial_samples is None
+            and self._unit_width > 0
+        )
+
+    def _units_check(self, step: int) -> CheckResult | None:
+        """A unit check, at a multiple of ``every_n_train_steps`` between the checks ``max_overhead`` spaced out: the
+        share of dead units (`dead_unit_fraction`) of the sample a check would gather from the rows captured since the
+        last check or unit check (`dead_units_across_ranks`: one all-reduce of the layer's width under DDP, every rank
+        at the same step), fed to the dormant-unit rule (`CusumDetector.observe_units`). That rule compares a check
+        with the three before, so with the checks spaced out it would wait thousands of steps (on the digits MLP
+        outside the benchmark it never ran); its evidence costs a reduction over the rows (~0.2 ms on the CPU; on a
+        GPU the result is read at once: one wait for the device per interval), the check's own cost is the topology
+        and the spectra. Nothing is logged and no history is kept: an alarm is warned and recorded as any alarm of
+        the detector."""
+        start = time.perf_counter()
+        fired = None
+        try:
+            local = self.capture.take()
+            if self.capture.error is not None:  # this rank's rows are not read; it still takes part in the reduction
+                local, self.capture.error = None, None
+            if self._armed_steps and self.capture.seen:
+                per_step = self.capture.seen / self._armed_steps
+                self._capture_steps = min(
+                    max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps
+                )
+            self._armed_steps = 0
+            self.capture.reset()
+            width = self._unit_width
+            dead, rows = dead_units_across_ranks(local, width, self._sample_size, self._device)
+            if rows >= 2 and self.detector is not None:
+                hold = max(ABSOLUTE_HOLD, 2 * self.every_n_train_steps)
+                fired = self.detector.observe_units(step, dead, d=width, n=rows, hold=hold)
+                self.unit_checks += 1
+        except Exception as err:  # never break training: a warning (an error with strict=True), the unit check skipped
+            if self.strict:
+                raise
+            if "units" not in self._told:
+                self._told.add("units")
+                self._warn(f"{self.monitor}: a unit check between checks failed at step {step} (said once): {err!r}")
+        finally:
+            self.time_spent_s += time.perf_counter() - start
+        return None if fired is None else self._detector_alarm(step, fired, None)
 
     @property
     def _sample_size(self) -> int:
@@ -1103,6 +1172,7 @@ class CollapseMonitorCore:
         if report is None:
             return self._skip(step, why or "no report", err)
         report = dataclasses.replace(report, nonfinite_fraction=nonfinite / max(seen, 1))
+        self._unit_width = int(report.d)
         if calibrating:
             self.eps_candidates.append(report.eps)
             if len(self.eps_candidates) >= self.calibration_checks:
@@ -1316,6 +1386,8 @@ class CollapseMonitorCore:
             "skipped_steps": self.skipped_steps,
             "overhead": self.overhead,
             "check_every": self.check_every,
+            # dormant-unit rule checks between the checks the budget spaced out (`_units_check`)
+            "unit_checks": self.unit_checks,
             "observe_every": self.observe_every,
             "grad_every": self.grad_every,
             "max_samples": self.max_samples,
@@ -1717,6 +1789,7 @@ class CollapseMonitorCore:
             "told": sorted(self._told),
             "episodes_ended_told": self._episodes_ended_told,
             "check_every": self.check_every,
+            "unit_width": self._unit_width,
             "observe_every": self.observe_every,
             "grad_every": self.grad_every,
             "next_check": self._next_check,
@@ -1759,6 +1832,7 @@ class CollapseMonitorCore:
         self._told = set(state.get("told", []))
         self._episodes_ended_told = int(state.get("episodes_ended_told", 0))
         self.check_every = int(state.get("check_every", self.every_n_train_steps))
+        self._unit_width = int(state.get("unit_width", 0))  # a resumed run's unit checks go on before its next check
         self.observe_every = int(state.get("observe_every", 1))
         self.grad_every = int(state.get("grad_every", 1))
         if self.history or self.last_checked_step >= 0 or self.eps is not None:
