@@ -88,6 +88,32 @@ def test_check_spacing_solves_the_budget() -> None:
     assert math.isinf(check_spacing(0.1, 0.0002, 0.005, 0.02))  # per-step work alone is 4%: spacing cannot help
 
 
+@pytest.mark.slow
+def test_a_unit_check_that_fails_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> None:
+    """A capture error on rank 1 before each unit check (steps 100 to 150), then taking its rows raising there (160 to
+    250): rank 1 still takes part in the unit check's all-reduce (no rank waits for it), every rank learns that one
+    rank failed and skips feeding the rule at the same steps, and the run ends on both ranks with the same detector
+    state and checks."""
+    script = DDP_SCRIPT.replace(
+        "    monitor.observe_step(step,",
+        "    if rank == 1 and 100 <= step <= 150 and step % 10 == 0:\n"
+        "        monitor.capture.error = RuntimeError('injected')\n"
+        "    if rank == 1 and 160 <= step <= 250 and step % 10 == 0 and not monitor.is_check_step(step):\n"
+        "        monitor.capture.take = lambda: 1 / 0  # raises where the rows are taken\n"
+        "    elif rank == 1:\n"
+        "        monitor.capture.__dict__.pop('take', None)\n"
+        "    monitor.observe_step(step,",
+    )
+    assert script != DDP_SCRIPT
+    run_script(script, tmp_path, launcher="torchrun", timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["unit_checks"] == r1["unit_checks"]
+    assert r0["check_every"] > 10  # spaced out: the unit checks ran, those from 100 to 250 were not fed
+    assert 0 < r0["unit_checks"] <= 13  # of the 29 multiples of 10 after the first check, 16 failed on rank 1
+    assert r0["detector"] == r1["detector"]
+    assert r0["steps"] == r1["steps"]
+
+
 def test_budget_off_checks_at_every_interval_and_on_spaces_them_out() -> None:
     off = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=256, max_overhead=None)
     off.attach(model := _mlp())

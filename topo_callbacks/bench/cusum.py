@@ -25,7 +25,14 @@ import numpy as np
 
 from topo_callbacks.bench.detectors import calibrated_threshold
 from topo_callbacks.bench.record import RunRecord
-from topo_callbacks.core.detector import ABSOLUTE_HOLD, CHANNELS, STEP_WINDOW, CusumDetector, DetectorCalibration
+from topo_callbacks.core.detector import (
+    ABSOLUTE_HOLD,
+    CHANNELS,
+    DEAD_ROWS_CHANGE,
+    STEP_WINDOW,
+    CusumDetector,
+    DetectorCalibration,
+)
 
 __all__ = [
     "ABSOLUTE",
@@ -241,23 +248,20 @@ def _replay(
     spacing = int(np.median(np.diff(kept))) if len(kept) > 1 else 50
     hold = max(ABSOLUTE_HOLD, 2 * spacing)
     detector = make()
+    # unit checks between spaced checks from the monitor's first check on (its width is known then)
+    units_from: int | None = None
+    last_rows = 0.0
     read_all_until = STEP_WINDOW  # a monitor reads every step of its first STEP_WINDOW
     unread: list[float] = []  # losses of the steps not read since the last read
     reads_since_grad = 0
     for step in range(1, rec.steps + 1):
         if restart is not None and step == restart + 1:
             detector = make()
+            units_from, last_rows = None, 0.0
             read_all_until = restart + STEP_WINDOW
             unread = []  # a new monitor averages none of the old one's losses
             reads_since_grad = 0
         is_check = next_index < len(order) and step == order[next_index]
-        if check_stride > 1 and not is_check and step in recorded and step > order[0]:
-            # a recorded check the spaced schedule skips: the monitor's unit check there (`_units_check`) feeds the
-            # dormant-unit rule its share of dead units, before the step's own values
-            unit = recorded[step]
-            if unit.get("dead_fraction") is not None and unit.get("d"):
-                detector.observe_units(step, float(unit["dead_fraction"]), d=int(unit["d"]), n=int(unit.get("n", 0)),
-                                       hold=max(ABSOLUTE_HOLD, 2 * every))  # fmt: skip
         values = {c: float(v[step - 1]) for c, v in series.items() if step - 1 < len(v)}
         lr = float(rec.lr[step - 1]) if step - 1 < len(rec.lr) else None
         # the scale after this step's update is the one the next step used
@@ -287,7 +291,19 @@ def _replay(
                                   layer_lost=lost_here, read_steps=read_steps, grad_steps=grad_steps)  # fmt: skip
         elif "loss" in values:
             unread.append(values["loss"])
+        if step in recorded and units_from is None:  # a monitor's first check (a new one's after a restart)
+            units_from, last_rows = step, float(recorded[step].get("n", 0.0))
+        if check_stride > 1 and not is_check and step in recorded and units_from is not None and step > units_from:
+            # a recorded check the spaced schedule skips: the monitor's unit check there (`_units_check`), after the
+            # step's own values, feeds the dormant-unit rule its share of dead units (a sample much smaller than the
+            # last check's is not fed)
+            unit = recorded[step]
+            rows = float(unit.get("n", 0.0))
+            if unit.get("dead_fraction") is not None and unit.get("d") and rows >= (1 - DEAD_ROWS_CHANGE) * last_rows:
+                detector.observe_units(step, float(unit["dead_fraction"]), d=int(unit["d"]), n=int(rows),
+                                       hold=max(ABSOLUTE_HOLD, 2 * every))  # fmt: skip
         if is_check:
+            last_rows = float(recorded[step].get("n", 0.0))
             next_index += check_stride
             row = recorded[step]
             check = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -90,29 +90,36 @@ def gather_samples(
 
 
 def dead_units_across_ranks(
-    x: Tensor | None, width: int, max_samples: int, device: torch.device | str = "cpu"
-) -> tuple[float, int]:
+    x: Tensor | None, width: int, max_samples: int, device: torch.device | str = "cpu", failed: bool = False
+) -> tuple[float, int, int]:
     """The share of the ``width`` units (columns) that are exactly 0 on every row of the sample `gather_samples` takes
-    from all ranks' ``x`` (each rank's evenly spaced rows, ``max_samples`` in all), and that sample's rows, without
-    gathering the rows: one all-reduce of ``width + 1`` numbers when a process group exists (on ``device``). The
-    share is `topo_callbacks.functional.spectral.dead_unit_fraction` of the gathered sample, to the bit. ``x`` of
-    another width than ``width``, or None, adds no rows.
+    from all ranks' ``x`` (each rank's evenly spaced rows, ``max_samples`` in all), that sample's rows, and the ranks
+    that could not say (``failed``, or their reduction raised), without gathering the rows: one all-reduce of
+    ``width + 2`` numbers when a process group exists (on ``device``). Every rank takes part whatever happened on it,
+    so a failure on one rank never leaves the others waiting. The share is
+    `topo_callbacks.functional.spectral.dead_unit_fraction` of the gathered sample, to the bit. ``x`` of another
+    width than ``width``, or None, adds no rows.
 
     Example:
         >>> import torch
         >>> dead_units_across_ranks(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, -3.0]]), width=3, max_samples=8)
-        (0.3333333432674408, 2)
+        (0.3333333432674408, 2, 0)
     """
-    if x is not None and x.ndim == 2 and x.shape[1] == width and x.shape[0] > 0:
-        x = subsample_rows(x, math.ceil(max_samples / world_size()))
-        device = x.device
-        counts = torch.cat([(x.abs().amax(dim=0) != 0).to(torch.float32), torch.tensor([x.shape[0]], device=device)])
-    else:
-        counts = torch.zeros(width + 1, device=device)
+    counts = torch.zeros(width + 2, dtype=torch.float32, device=device)
+    if failed:
+        counts[width + 1] = 1.0
+    elif x is not None and x.ndim == 2 and x.shape[1] == width and x.shape[0] > 0:
+        try:
+            x = subsample_rows(x, math.ceil(max_samples / world_size()))
+            fired = (x.abs().amax(dim=0) != 0).to(device=device, dtype=torch.float32)
+            counts = torch.cat([fired, torch.tensor([float(x.shape[0]), 0.0], device=device)])
+        except Exception:  # this rank still takes part in the all-reduce (its peers are already waiting in it)
+            counts = torch.zeros(width + 2, dtype=torch.float32, device=device)
+            counts[width + 1] = 1.0
     if world_size() > 1:
         dist.all_reduce(counts)
     silent = counts[:width] == 0
-    return float(silent.float().mean()), int(counts[width])
+    return float(silent.float().mean()), int(counts[width]), int(counts[width + 1])
 
 
 def sum_across_ranks(values: list[int], device: torch.device | str = "cpu") -> list[int]:

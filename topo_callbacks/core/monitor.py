@@ -36,6 +36,7 @@ from topo_callbacks.core.detector import (
     _ALWAYS,
     ABSOLUTE_HOLD,
     CHANNELS,
+    DEAD_ROWS_CHANGE,
     STEP_WINDOW,
     ZERO_GRAD_STEPS,
     CusumDetector,
@@ -440,6 +441,7 @@ class CollapseMonitorCore:
         #: rows the last check found (what a unit check reduces over)
         self.unit_checks = 0
         self._unit_width = 0
+        self._unit_rows = 0
         self._next_check = self.every_n_train_steps
         #: the per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)
         self.observe_every = 1
@@ -607,11 +609,9 @@ class CollapseMonitorCore:
             self._start_clock(step - 1)
         if self._read_all_until is None:
             self._read_all_until = step - 1 + STEP_WINDOW
-        units = None
-        if step % self.every_n_train_steps == 0 and self._units_between_checks() and not self.is_check_step(step):
-            self.time_spent_s += time.perf_counter() - start
-            units = self._units_check(step)  # timed on its own
-            start = time.perf_counter()
+        # a unit check (`_units_check`) at this step comes after every step up to it reached the detector, as the
+        # benchmark's replay scores it: a batch queued is scored now
+        units = step % self.every_n_train_steps == 0 and self._units_between_checks() and not self.is_check_step(step)
         if not self.observes(step):
             # ``max_overhead`` reads every `observe_every`-th step only; this step's loss joins the next read's (a
             # number on the CPU, a tensor added on the device elsewhere: no read here either way)
@@ -620,10 +620,22 @@ class CollapseMonitorCore:
                 self._unread_count += 1
             if skipped is True and self.detector is not None:  # counted (a flag on the device is not read here)
                 self.detector.skipped_steps += 1
+            if not units:
+                self.time_spent_s += time.perf_counter() - start
+                return None
+            pending = self._step_reads
+            fired = None
+            if pending is not None and len(pending):
+                rows = pending.take_host() if self._host_batch else pending.ready(self._device, force=True)
+                fired = self._feed_steps(rows)
+                if self._host_batch and self.detector is not None:
+                    self._urgent_above = self.detector.urgent_above()
+                self._tell_detector_news(step)
             self.time_spent_s += time.perf_counter() - start
-            if units is not None and self._new_alarm is not None:
-                return self._act_on_alarm(step, units)  # type: ignore[return-value]  # a result in, a result out
-            return units
+            fired = fired or self._units_check(step)
+            if self._new_alarm is not None:
+                fired = self._act_on_alarm(step, fired)
+            return fired
         read_steps = 1  # the steps this read's loss stands for (`CusumDetector.update`'s ``steps``)
         if self._unread_count and loss is not None:
             read_steps = self._unread_count + 1
@@ -664,7 +676,7 @@ class CollapseMonitorCore:
                 or skipped is True
             )
             fired = None
-            if urgent or queued >= reads.read_every or self.is_check_step(step):
+            if urgent or queued >= reads.read_every or units or self.is_check_step(step):
                 fired = self._feed_steps(reads.take_host())
                 self._urgent_above = self.detector.urgent_above()  # type: ignore[union-attr]  # set with _host_batch
                 self._tell_detector_news(step)
@@ -676,7 +688,7 @@ class CollapseMonitorCore:
             # a check step reads the device anyway: the detector then sees every step up to the check. Host values
             # in a batch (``read_every_n_steps`` on the CPU) are scored at once when the rules that act fast need
             # them (under DDP a rank cannot decide that alone: its peers wait for the batch)
-            force = self.is_check_step(step) or (world_size() == 1 and self._urgent(wanted, stored))
+            force = units or self.is_check_step(step) or (world_size() == 1 and self._urgent(wanted, stored))
             fired = self._feed_steps(reads.ready(self._device, force=force))
             self._tell_detector_news(step)
         now = time.perf_counter()
@@ -685,7 +697,8 @@ class CollapseMonitorCore:
             # the budget measures from after the first step read: it paid one-time costs (lazy initialisation)
             self._remarked = True
             self._budget_mark = (now, self.time_spent_s, step)
-        fired = fired or units
+        if units:
+            fired = fired or self._units_check(step)  # timed on its own
         if self._new_alarm is not None:
             fired = self._act_on_alarm(step, fired)
         return fired
@@ -705,39 +718,50 @@ class CollapseMonitorCore:
         """A unit check, at a multiple of ``every_n_train_steps`` between the checks ``max_overhead`` spaced out: the
         share of dead units (`dead_unit_fraction`) of the sample a check would gather from the rows captured since the
         last check or unit check (`dead_units_across_ranks`: one all-reduce of the layer's width under DDP, every rank
-        at the same step), fed to the dormant-unit rule (`CusumDetector.observe_units`). That rule compares a check
-        with the three before, so with the checks spaced out it would wait thousands of steps (on the digits MLP
-        outside the benchmark it never ran); its evidence costs a reduction over the rows (~0.2 ms on the CPU; on a
-        GPU the result is read at once: one wait for the device per interval), the check's own cost is the topology
-        and the spectra. Nothing is logged and no history is kept: an alarm is warned and recorded as any alarm of
-        the detector."""
+        at the same step whatever happened on it), fed to the dormant-unit rule (`CusumDetector.observe_units`). That
+        rule compares a check with the three before, so with the checks spaced out it would wait thousands of steps
+        (on the digits MLP outside the benchmark it never ran); its evidence costs a reduction over the rows (~0.2 ms
+        on the CPU; on a GPU the result is read at once: one wait for the device per interval) and the hook's copies,
+        the check's own cost is the topology and the spectra. A sample much smaller than the last check's (a window
+        cut short by a resume or a rollback) is not fed: the rule would start its reference again. Nothing is logged
+        and no history is kept: an alarm is warned and recorded as any alarm of the detector."""
         start = time.perf_counter()
-        fired = None
+        capture, local, error = self.capture, None, self.capture.error
         try:
-            local = self.capture.take()
-            if self.capture.error is not None:  # this rank's rows are not read; it still takes part in the reduction
-                local, self.capture.error = None, None
-            if self._armed_steps and self.capture.seen:
-                per_step = self.capture.seen / self._armed_steps
-                self._capture_steps = min(
-                    max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps
-                )
-            self._armed_steps = 0
-            self.capture.reset()
-            width = self._unit_width
-            dead, rows = dead_units_across_ranks(local, width, self._sample_size, self._device)
-            if rows >= 2 and self.detector is not None:
-                hold = max(ABSOLUTE_HOLD, 2 * self.every_n_train_steps)
-                fired = self.detector.observe_units(step, dead, d=width, n=rows, hold=hold)
-                self.unit_checks += 1
-        except Exception as err:  # never break training: a warning (an error with strict=True), the unit check skipped
+            local = capture.take()
+            if self._armed_steps and capture.seen:  # this rank's window for the next capture
+                per_step = capture.seen / self._armed_steps
+                self._capture_steps = min(max(math.ceil(capture.max_samples / per_step), 1), self.every_n_train_steps)
+        except Exception as err:  # the error stays for the next check to report; this rank says it failed
+            error = error or err
+        self._armed_steps = 0
+        capture.reset()
+        self.time_spent_s += capture.spent_s  # the hook's copies of these rows
+        capture.spent_s = 0.0
+        width = self._unit_width
+        dead, rows, failures = dead_units_across_ranks(
+            local, width, self._sample_size, self._device, failed=error is not None
+        )
+        fired = None
+        # every rank has the same three numbers: they all take the same decision
+        if failures:
+            self.time_spent_s += time.perf_counter() - start
             if self.strict:
-                raise
+                raise RuntimeError(
+                    f"{self.monitor}: the unit check at step {step} failed on {failures} rank(s): {error!r}"
+                )
             if "units" not in self._told:
                 self._told.add("units")
-                self._warn(f"{self.monitor}: a unit check between checks failed at step {step} (said once): {err!r}")
-        finally:
-            self.time_spent_s += time.perf_counter() - start
+                self._warn(
+                    f"{self.monitor}: a unit check between checks failed at step {step} on {failures} rank(s) (said"
+                    f" once; the checks report the capture's errors): {error!r}"
+                )
+            return None
+        if self.detector is not None and rows >= max(2.0, (1.0 - DEAD_ROWS_CHANGE) * self._unit_rows):
+            hold = max(ABSOLUTE_HOLD, 2 * self.every_n_train_steps)
+            fired = self.detector.observe_units(step, dead, d=width, n=rows, hold=hold)
+            self.unit_checks += 1
+        self.time_spent_s += time.perf_counter() - start
         return None if fired is None else self._detector_alarm(step, fired, None)
 
     @property
@@ -1150,6 +1174,8 @@ class CollapseMonitorCore:
             self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
         self._armed_steps = 0
         self.capture.reset()
+        self.time_spent_s += self.capture.spent_s  # the hook's copies of these rows
+        self.capture.spent_s = 0.0
         on_rank0 = self.compute_on == "rank0" and world_size() > 1
         if self.source == "probe":
             x = local if local is not None else torch.zeros(0, 0, device=self._device)
@@ -1161,6 +1187,8 @@ class CollapseMonitorCore:
         if failed:
             where = f"{error!r}" if error is not None else f"on {failed} other rank(s)"
             return self._skip(step, f"capturing the layer output failed: {where}", error)
+        if self.source == "stream" and x.ndim == 2:
+            self._unit_width = int(x.shape[1])  # every rank's (rank 0's rows or none: the width all the same)
         calibrating = self.eps is None
         trial = self._trial_samples is not None
         report: CollapseReport | None = None
@@ -1172,7 +1200,7 @@ class CollapseMonitorCore:
         if report is None:
             return self._skip(step, why or "no report", err)
         report = dataclasses.replace(report, nonfinite_fraction=nonfinite / max(seen, 1))
-        self._unit_width = int(report.d)
+        self._unit_rows = int(report.n)  # what the unit checks' samples are compared with (the same on every rank)
         if calibrating:
             self.eps_candidates.append(report.eps)
             if len(self.eps_candidates) >= self.calibration_checks:
@@ -1790,6 +1818,8 @@ class CollapseMonitorCore:
             "episodes_ended_told": self._episodes_ended_told,
             "check_every": self.check_every,
             "unit_width": self._unit_width,
+            "unit_rows": self._unit_rows,
+            "unit_checks": self.unit_checks,
             "observe_every": self.observe_every,
             "grad_every": self.grad_every,
             "next_check": self._next_check,
@@ -1832,7 +1862,9 @@ class CollapseMonitorCore:
         self._told = set(state.get("told", []))
         self._episodes_ended_told = int(state.get("episodes_ended_told", 0))
         self.check_every = int(state.get("check_every", self.every_n_train_steps))
-        self._unit_width = int(state.get("unit_width", 0))  # a resumed run's unit checks go on before its next check
+        # a resumed run's unit checks go on before its next check
+        self._unit_width, self._unit_rows = int(state.get("unit_width", 0)), int(state.get("unit_rows", 0))
+        self.unit_checks = int(state.get("unit_checks", 0))
         self.observe_every = int(state.get("observe_every", 1))
         self.grad_every = int(state.get("grad_every", 1))
         if self.history or self.last_checked_step >= 0 or self.eps is not None:

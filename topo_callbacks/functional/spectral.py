@@ -228,7 +228,7 @@ def l2_normalized_std(x: Tensor) -> float:
 def dead_unit_fraction(x: Tensor) -> float:
     """Share of the columns (units) that are exactly 0 on every row: units that did not fire on any sampled input, a
     ReLU layer's dead or dormant units (Lu et al. 2019; Sokar et al. 2023 with tau = 0). 0 for a layer whose outputs
-    are never exactly 0 (GELU, a linear output). Two reductions over the rows, no copy of ``x``.
+    are never exactly 0 (GELU, a linear output). One reduction over the rows (of their magnitudes).
 
     Example:
         >>> import torch
