@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -302,16 +301,6 @@ def _capture(capture: EmbeddingCapture, module: nn.Module, output: Any) -> None:
     """The armed hook's work; runs eagerly, outside any compiled graph (see `EmbeddingCapture`)."""
     if capture._handle is None or _in_backward():  # a hook kept by a compiled graph after `detach`; a recompute
         return
-    start = time.perf_counter()
-    try:
-        _copy_rows(capture, module, output)
-    finally:
-        # the monitor's own work, charged to its overhead budget where it takes the rows
-        capture.spent_s += time.perf_counter() - start
-
-
-def _copy_rows(capture: EmbeddingCapture, module: nn.Module, output: Any) -> None:
-    """`_capture`'s copy of the watched rows into ``capture`` (an error is kept for the monitor to report)."""
     try:
         with torch.no_grad():
             selected = capture.select(output)
@@ -393,8 +382,6 @@ class EmbeddingCapture:
         self.pool = pool
         self.select = select or select_tensor
         self.armed = False
-        #: seconds the armed hook spent copying rows since the monitor last took them into its own time
-        self.spent_s = 0.0
         self.error: Exception | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         # kept across `reset`: each distinct warning is recorded once per capture object

@@ -721,10 +721,11 @@ class CollapseMonitorCore:
         at the same step whatever happened on it), fed to the dormant-unit rule (`CusumDetector.observe_units`). That
         rule compares a check with the three before, so with the checks spaced out it would wait thousands of steps
         (on the digits MLP outside the benchmark it never ran); its evidence costs a reduction over the rows (~0.2 ms
-        on the CPU; on a GPU the result is read at once: one wait for the device per interval) and the hook's copies,
-        the check's own cost is the topology and the spectra. A sample much smaller than the last check's (a window
-        cut short by a resume or a rollback) is not fed: the rule would start its reference again. Nothing is logged
-        and no history is kept: an alarm is warned and recorded as any alarm of the detector."""
+        on the CPU; on a GPU the result is read at once: one wait for the device per interval) and the hook's copies
+        (not timed, as for the checks), the check's own cost is the topology and the spectra. A sample much smaller
+        than the last check's (a window cut short by a resume or a rollback) is not fed: the rule would start its
+        reference again. Nothing is logged and no history is kept: an alarm is warned and recorded as any alarm of
+        the detector."""
         start = time.perf_counter()
         capture, local, error = self.capture, None, self.capture.error
         try:
@@ -736,8 +737,6 @@ class CollapseMonitorCore:
             error = error or err
         self._armed_steps = 0
         capture.reset()
-        self.time_spent_s += capture.spent_s  # the hook's copies of these rows
-        capture.spent_s = 0.0
         width = self._unit_width
         dead, rows, failures = dead_units_across_ranks(
             local, width, self._sample_size, self._device, failed=error is not None
@@ -1174,8 +1173,6 @@ class CollapseMonitorCore:
             self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
         self._armed_steps = 0
         self.capture.reset()
-        self.time_spent_s += self.capture.spent_s  # the hook's copies of these rows
-        self.capture.spent_s = 0.0
         on_rank0 = self.compute_on == "rank0" and world_size() > 1
         if self.source == "probe":
             x = local if local is not None else torch.zeros(0, 0, device=self._device)
