@@ -7,6 +7,7 @@ import json
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -719,6 +720,14 @@ def test_replay_reads_the_gradient_norm_as_the_live_monitor_does(grad_every: int
     assert 400 <= strided[0] <= every[0] + grad_every
 
 
+def _flat_failure_with_checks(steps: int, t0: int, checks: list[dict[str, Any]]) -> RunRecord:
+    """A failure record whose per-step channels are flat (loss and gradient norm 1, the rate 0.1) and whose checks are
+    ``checks``: what a replay of its checks alone decides."""
+    zeros = [0.0] * steps
+    return RunRecord("f", "failure", 0, steps, t0, [1.0] * steps, [1.0] * steps, [0.1] * steps, [[0.0]] * steps,
+                     [[1.0]] * steps, zeros, zeros, zeros, [], checks, None, layer_lost_steps=None)  # fmt: skip
+
+
 def test_replay_brings_a_spaced_check_forward_as_the_monitor_does() -> None:
     """`replay_episodes(check_stride=k)` keeps every k-th check; when the detector `wants_check` (here: embeddings
     collapsed at a check, `COLLAPSED_CHECKS` in a row alarm) it takes the first recorded check a whole interval later
@@ -728,14 +737,12 @@ def test_replay_brings_a_spaced_check_forward_as_the_monitor_does() -> None:
     from topo_callbacks.core.detector import COLLAPSED_CHECKS, default_calibration
 
     steps, every, collapse = 1000, 10, 300
-    zeros = [0.0] * steps
     checks = [
         {"step": s, "std_l2": 0.0 if s >= collapse else 0.5, "d": 16.0, "effective_rank": 1.0 if s >= collapse else 8.0,
          "n": 128.0, "b0": 10.0, "b1": 0.0, "calibrating": False}
         for s in range(every, steps + 1, every)
     ]  # fmt: skip
-    rec = RunRecord("f", "failure", 0, steps, collapse, [1.0] * steps, [1.0] * steps, [0.1] * steps, [[0.0]] * steps,
-                    [[1.0]] * steps, zeros, zeros, zeros, [], checks, None, layer_lost_steps=None)  # fmt: skip
+    rec = _flat_failure_with_checks(steps, collapse, checks)
     cal = default_calibration(0.05)
 
     def first(k: int, pull: bool) -> int:
@@ -763,14 +770,12 @@ def test_replay_feeds_the_dormant_unit_rule_between_spaced_checks_as_the_monitor
     from topo_callbacks.core.detector import CusumDetector, default_calibration
 
     steps, every, broken = 1000, 25, 500
-    zeros = [0.0] * steps
     checks = [
         {"step": s, "dead_fraction": 0.5 if s >= broken else 0.05, "std_l2": 0.5, "d": 64.0, "effective_rank": 20.0,
          "n": 256.0, "b0": 10.0, "b1": 0.0, "calibrating": False}
         for s in range(every, steps + 1, every)
     ]  # fmt: skip
-    rec = RunRecord("f", "failure", 0, steps, broken, [1.0] * steps, [1.0] * steps, [0.1] * steps, [[0.0]] * steps,
-                    [[1.0]] * steps, zeros, zeros, zeros, [], checks, None, layer_lost_steps=None)  # fmt: skip
+    rec = _flat_failure_with_checks(steps, broken, checks)
     cal = default_calibration(0.05)
     for k in (1, 10, 40):
         episodes = replay_episodes(rec, cal, check_stride=k)

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from topo_callbacks.functional.spectral import silent_units
+
 __all__ = [
     "broadcast_from_rank0",
     "dead_units_across_ranks",
@@ -111,7 +113,7 @@ def dead_units_across_ranks(
     elif x is not None and x.ndim == 2 and x.shape[1] == width and x.shape[0] > 0:
         try:
             x = subsample_rows(x, math.ceil(max_samples / world_size()))
-            fired = (x.abs().amax(dim=0) != 0).to(device=device, dtype=torch.float32)
+            fired = (~silent_units(x)).to(device=device, dtype=torch.float32)
             counts = torch.cat([fired, torch.tensor([float(x.shape[0]), 0.0], device=device)])
         except Exception:  # this rank still takes part in the all-reduce (its peers are already waiting in it)
             counts = torch.zeros(width + 2, dtype=torch.float32, device=device)

@@ -625,11 +625,10 @@ class CollapseMonitorCore:
                 return None
             pending = self._step_reads
             fired = None
-            if pending is not None and len(pending):
-                rows = pending.take_host() if self._host_batch else pending.ready(self._device, force=True)
-                fired = self._feed_steps(rows)
-                if self._host_batch and self.detector is not None:
-                    self._urgent_above = self.detector.urgent_above()
+            if pending is not None and len(pending) and self._host_batch:
+                fired = self._flush_host_batch(step)
+            elif pending is not None and len(pending):
+                fired = self._feed_steps(pending.ready(self._device, force=True))
                 self._tell_detector_news(step)
             self.time_spent_s += time.perf_counter() - start
             fired = fired or self._units_check(step)
@@ -677,9 +676,7 @@ class CollapseMonitorCore:
             )
             fired = None
             if urgent or queued >= reads.read_every or units or self.is_check_step(step):
-                fired = self._feed_steps(reads.take_host())
-                self._urgent_above = self.detector.urgent_above()  # type: ignore[union-attr]  # set with _host_batch
-                self._tell_detector_news(step)
+                fired = self._flush_host_batch(step)
         elif reads.read_every == 1 and not len(reads) and world_size() == 1 and not (self._device_path or _on_gpu(row)):
             fired = self._feed_steps([(step, [None if v is None else float(v) for v in row])])  # nothing to batch
             self._tell_detector_news(step)
@@ -701,6 +698,22 @@ class CollapseMonitorCore:
             fired = fired or self._units_check(step)  # timed on its own
         if self._new_alarm is not None:
             fired = self._act_on_alarm(step, fired)
+        return fired
+
+    def _end_capture_window(self) -> None:
+        """After a check or unit check took the rows: the next window's length on this rank (the armed steps that
+        collect ``max_samples`` rows at the rate just seen, at most an interval), and the capture emptied."""
+        if self._armed_steps and self.capture.seen:
+            per_step = self.capture.seen / self._armed_steps
+            self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
+        self._armed_steps = 0
+        self.capture.reset()
+
+    def _flush_host_batch(self, step: int) -> CheckResult | None:
+        """The CPU's queued per-step values (``_host_batch``) scored now, and the urgency bounds renewed."""
+        fired = self._feed_steps(self._reads().take_host())
+        self._urgent_above = self.detector.urgent_above()  # type: ignore[union-attr]  # set with _host_batch
+        self._tell_detector_news(step)
         return fired
 
     def _units_between_checks(self) -> bool:
@@ -730,13 +743,9 @@ class CollapseMonitorCore:
         capture, local, error = self.capture, None, self.capture.error
         try:
             local = capture.take()
-            if self._armed_steps and capture.seen:  # this rank's window for the next capture
-                per_step = capture.seen / self._armed_steps
-                self._capture_steps = min(max(math.ceil(capture.max_samples / per_step), 1), self.every_n_train_steps)
         except Exception as err:  # the error stays for the next check to report; this rank says it failed
             error = error or err
-        self._armed_steps = 0
-        capture.reset()
+        self._end_capture_window()
         width = self._unit_width
         dead, rows, failures = dead_units_across_ranks(
             local, width, self._sample_size, self._device, failed=error is not None
@@ -1168,11 +1177,7 @@ class CollapseMonitorCore:
         seen, nonfinite, failed, degenerate = sum_across_ranks(
             [own_seen, own_nonfinite, int(error is not None), len(selection)], self._device
         )
-        if self._armed_steps and self.capture.seen:
-            per_step = self.capture.seen / self._armed_steps
-            self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
-        self._armed_steps = 0
-        self.capture.reset()
+        self._end_capture_window()
         on_rank0 = self.compute_on == "rank0" and world_size() > 1
         if self.source == "probe":
             x = local if local is not None else torch.zeros(0, 0, device=self._device)

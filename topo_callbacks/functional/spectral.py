@@ -239,10 +239,21 @@ def dead_unit_fraction(x: Tensor) -> float:
 
 
 def _dead_unit_fraction(x: Tensor) -> float:
-    """`dead_unit_fraction` of points already checked (`collapse_index` validates its input once; the monitor's unit
-    checks read the rows its capture kept finite). A column is 0 on every row exactly when its largest magnitude is."""
-    silent = x.abs().amax(dim=0) == 0
-    return float(silent.float().mean())
+    """`dead_unit_fraction` of points already checked (`collapse_index` validates its input once)."""
+    return float(silent_units(x).float().mean())
+
+
+def silent_units(x: Tensor) -> Tensor:
+    """Which columns (units) of ``x`` (finite rows) are exactly 0 on every row: a boolean mask, one reduction over the
+    rows (a column is 0 everywhere exactly when its largest magnitude is). What `dead_unit_fraction` averages, and
+    what the monitor's unit checks sum over ranks.
+
+    Example:
+        >>> import torch
+        >>> silent_units(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, -2.0]])).tolist()
+        [True, False, False]
+    """
+    return x.abs().amax(dim=0) == 0
 
 
 def mean_cosine(x: Tensor) -> float:
