@@ -556,3 +556,77 @@ def test_a_spaced_out_check_is_brought_forward_when_the_detector_needs_one() -> 
 
     plain, _ = run(None)
     assert plain.summary()["pulled_checks"] == 0
+
+
+class _FixedSchedule(CollapseMonitorCore):
+    """The budget's decisions fixed (they follow measured times otherwise): the per-step values read 1 step in 7 and
+    scored in batches, the gradient norm at 1 read in 2, checks 4 intervals apart with unit checks between."""
+
+    def _schedule_next(self, step: int, check_s: float) -> None:
+        self._budget_mark = (time.perf_counter(), self.time_spent_s, step)
+        self._trial_samples = None
+        if not self._host_batch:
+            self._host_batch = True
+            self._reads().read_every = HOST_READ_EVERY
+            self._urgent_above = self.detector.urgent_above()  # type: ignore[union-attr]
+        self.observe_every, self.grad_every = 7, 2
+        self.check_every = 4 * self.every_n_train_steps
+        self._next_check = step + self.check_every
+
+
+def _without_times(value: object) -> str:
+    """``value`` as JSON without what measures time (NaN equal to NaN)."""
+
+    def strip(item: object) -> object:
+        if isinstance(item, dict):
+            return {k: strip(v) for k, v in item.items() if k not in ("overhead", "time_s", "seconds")}
+        if isinstance(item, list):
+            return [strip(v) for v in item]
+        return item
+
+    return json.dumps(strip(value), sort_keys=True, default=repr)
+
+
+@pytest.mark.parametrize("jump_at", [None, 520])
+def test_steps_in_a_quiet_stretch_end_at_once_and_change_nothing(
+    monkeypatch: pytest.MonkeyPatch, jump_at: int | None
+) -> None:
+    """Between reads, checks and capture windows, `prepare_step`, `step_grad_norm` and `observe_step` take a short
+    path (`_quiet_until`): the same run with that path turned off computes the same gradient norms at the same steps,
+    runs the same checks and unit checks, alarms at the same step and ends in the same state."""
+
+    def run() -> tuple[Trained, dict[str, object], dict[str, object]]:
+        monitor = _FixedSchedule("1", every_n_train_steps=20, max_samples=128)
+        monitor.attach(model := _mlp())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trained = _train(monitor, model, 640, jump_at=jump_at)
+        return trained, monitor.state_dict(), monitor.summary()
+
+    quick, quick_state, quick_summary = run()
+    quiet_steps = [s for s in range(1, 641) if s not in quick.normed]
+    stretches: list[int] = []
+    original = _FixedSchedule._quiet_until
+
+    def counted(self: CollapseMonitorCore, step: int) -> int:
+        end = original(self, step)
+        stretches.append(end - step)
+        return end
+
+    monkeypatch.setattr(_FixedSchedule, "_quiet_until", counted)
+    run()
+    assert sum(stretches) > 300  # most steps after the first STEP_WINDOW are in a quiet stretch
+    monkeypatch.setattr(_FixedSchedule, "_quiet_until", lambda self, step: step)  # every step the long way
+    full, full_state, full_summary = run()
+    assert quick.normed == full.normed
+    assert len(quiet_steps) > 300
+    assert all(c.report is not None for c in quick.checks if jump_at is None or c.step < jump_at)
+    assert [s for s, _ in quick.fired] == [s for s, _ in full.fired]
+    assert [c.step for c in quick.checks] == [c.step for c in full.checks]
+    assert len(quick.checks) >= 6
+    assert quick_summary["unit_checks"] == full_summary["unit_checks"] > 0
+    assert _without_times(quick_state) == _without_times(full_state)
+    assert _without_times(quick_summary) == _without_times(full_summary)
+    if jump_at is not None:
+        assert quick.fired
+        assert quick.fired[0][0] >= jump_at

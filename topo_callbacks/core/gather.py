@@ -107,6 +107,17 @@ def dead_units_across_ranks(
         >>> dead_units_across_ranks(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, -3.0]]), width=3, max_samples=8)
         (0.3333333432674408, 2, 0)
     """
+    if world_size() == 1:  # nothing to reduce: the mask itself (a unit check runs every interval on small models)
+        # what the counts below read as: no unit fired and no rows when there is nothing of this width
+        if failed:
+            return 1.0, 0, 1
+        if x is None or x.ndim != 2 or x.shape[1] != width or x.shape[0] == 0:
+            return 1.0, 0, 0
+        try:
+            x = subsample_rows(x, max_samples)
+            return float(silent_units(x).float().mean()), int(x.shape[0]), 0
+        except Exception:
+            return 1.0, 0, 1
     counts = torch.zeros(width + 2, dtype=torch.float32, device=device)
     if failed:
         counts[width + 1] = 1.0

@@ -435,7 +435,6 @@ class CollapseMonitorCore:
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
         self._step_reads: StepReads | None = None
-        #: optimizer steps between checks: ``every_n_train_steps`` times the spacing ``max_overhead`` needs
         self.check_every = self.every_n_train_steps
         #: unit checks run between the checks ``max_overhead`` spaced out (`_units_check`), and the width of the watched
         #: rows the last check found (what a unit check reduces over)
@@ -443,7 +442,9 @@ class CollapseMonitorCore:
         self._unit_width = 0
         self._unit_rows = 0
         self._next_check = self.every_n_train_steps
-        #: the per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)
+        #: the last optimizer step of the stretch in which nothing is read, checked or captured (`_quiet_until`): the
+        #: per-step calls end at once there; reset wherever what it is made of changes outside `observe_step`
+        self._quiet_through = 0
         self.observe_every = 1
         #: of the steps read, the gradient norm is computed at every this many only (1 unless ``max_overhead`` finds it
         #: most of the per-step work; at most `MAX_GRAD_STRIDE`): `reads_grad_norm`
@@ -502,6 +503,7 @@ class CollapseMonitorCore:
         if self.max_overhead is not None and self.source == "stream" and fresh and self.max_samples > MIN_SAMPLES:
             self._trial_samples = MIN_SAMPLES
         self._size_capture()
+        self._quiet_through = 0
         self.capture.attach(self.module)
         return self.module
 
@@ -511,6 +513,24 @@ class CollapseMonitorCore:
         self.capture.armed = False
 
     # ---------------------------------------------------------------- schedule
+    @property
+    def check_every(self) -> int:
+        """Optimizer steps between checks: ``every_n_train_steps`` times the spacing ``max_overhead`` needs."""
+        return self._check_every
+
+    @check_every.setter
+    def check_every(self, value: int) -> None:
+        self._check_every, self._quiet_through = value, 0
+
+    @property
+    def observe_every(self) -> int:
+        """The per-step channels are read at every this many optimizer steps (1 unless ``max_overhead`` needs more)."""
+        return self._observe_every
+
+    @observe_every.setter
+    def observe_every(self, value: int) -> None:
+        self._observe_every, self._quiet_through = value, 0
+
     def is_check_step(self, step: int) -> bool:
         """Whether the optimizer step just completed (global count ``step``) is due for a check."""
         return (
@@ -528,6 +548,10 @@ class CollapseMonitorCore:
 
     def prepare_step(self, next_step: int) -> None:
         """Arm the hook when optimizer step number ``next_step`` falls in the capture window before a check."""
+        if self.last_observed_step < next_step <= self._quiet_through:  # no window starts in a quiet stretch
+            self._last_prepared = next_step
+            self.capture.armed = False
+            return
         if self._wall_start is None:
             self._start_clock(next_step - 1)
         until_check = self.next_check_step(next_step) - next_step
@@ -597,11 +621,63 @@ class CollapseMonitorCore:
             ('DETECTOR', 302, 1)
         """
         start = time.perf_counter()
-        wanted = self.step_channels
         if loss is None and self._loss_count:
             # a tensor stays one (read with the batch, below); one micro-batch's is fed as it is (no call on a device)
             loss = self._loss_sum if self._loss_count == 1 else self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = 0.0, 0
+        if self.last_observed_step < step <= self._quiet_through:
+            # most steps under ``max_overhead`` on a small model: what the branch for a step not read below does,
+            # without working out again that nothing is due (a few microseconds, a share of such a step)
+            self.last_observed_step = step
+            self._hold_unread(loss, skipped)
+            self.time_spent_s += time.perf_counter() - start
+            return None
+        fired = self._observe_step(step, start, loss, grad_norm, lr, skipped, loss_scale)
+        self._quiet_through = self._quiet_until(self.last_observed_step)
+        return fired
+
+    def _quiet_until(self, step: int) -> int:
+        """The last optimizer step of the stretch after ``step`` in which nothing is due (`observes` is false, no
+        check, no unit check, the hook not armed), or ``step`` when there is none: `prepare_step`, `step_grad_norm`
+        and `observe_step` end at once there. Made of the schedule as it stands after ``step``; what changes it outside
+        `observe_step` (a check, a restored state, an attached model, a stride set by hand) resets it."""
+        if (
+            self.observe_every == 1
+            or self.detector is None
+            or self._wall_start is None
+            or self._read_all_until is None
+            or step < self._read_all_until
+        ):
+            return step
+        after = step + 1
+        read = -(-after // self.observe_every) * self.observe_every
+        due = self.next_check_step(after)
+        if self._units_between_checks():
+            due = min(due, -(-after // self.every_n_train_steps) * self.every_n_train_steps)
+        # the hook is armed `_capture_steps` steps before a check or unit check (`prepare_step`)
+        return max(step, min(read - 1, due - max(self._capture_steps, 1)))
+
+    def _hold_unread(self, loss: Tensor | float | None, skipped: Tensor | bool) -> None:
+        """A step not read: its loss joins the next read's (a number on the CPU, a tensor added on the device: no
+        read here either way), a skipped update is counted (a flag on the device is not read here)."""
+        if loss is not None:
+            self._unread_loss = loss if not self._unread_count else self._unread_loss + loss
+            self._unread_count += 1
+        if skipped is True and self.detector is not None:
+            self.detector.skipped_steps += 1
+
+    def _observe_step(
+        self,
+        step: int,
+        start: float,
+        loss: Tensor | float | None,
+        grad_norm: Tensor | float | None,
+        lr: Tensor | float | None,
+        skipped: Tensor | bool,
+        loss_scale: Tensor | float | None,
+    ) -> CheckResult | None:
+        """`observe_step` at a step that is not in a quiet stretch; ``start``: when the call began (timed whole)."""
+        wanted = self.step_channels
         if not wanted or step <= self.last_observed_step:
             return None
         self.last_observed_step = step
@@ -613,13 +689,7 @@ class CollapseMonitorCore:
         # benchmark's replay scores it: a batch queued is scored now
         units = step % self.every_n_train_steps == 0 and self._units_between_checks() and not self.is_check_step(step)
         if not self.observes(step):
-            # ``max_overhead`` reads every `observe_every`-th step only; this step's loss joins the next read's (a
-            # number on the CPU, a tensor added on the device elsewhere: no read here either way)
-            if loss is not None:
-                self._unread_loss = loss if not self._unread_count else self._unread_loss + loss
-                self._unread_count += 1
-            if skipped is True and self.detector is not None:  # counted (a flag on the device is not read here)
-                self.detector.skipped_steps += 1
+            self._hold_unread(loss, skipped)  # ``max_overhead`` reads every `observe_every`-th step only
             if not units:
                 self.time_spent_s += time.perf_counter() - start
                 return None
@@ -826,6 +896,8 @@ class CollapseMonitorCore:
             >>> CollapseMonitorCore("0").step_grad_norm([p], step=1)
             5.0
         """
+        if self.last_observed_step < step <= self._quiet_through:
+            return None
         if "grad_norm" not in self.step_channels or not self.reads_grad_norm(step):
             return None
         start = time.perf_counter()
@@ -1045,6 +1117,7 @@ class CollapseMonitorCore:
     def run_check(self, step: int) -> CheckResult:
         """Gather, compute the CI, update calibration and alarm, record history. Call on every rank."""
         start = time.perf_counter()
+        self._quiet_through = 0  # the check moves the schedule: the next step works it out again
         try:
             result = self._run_check(step)
         finally:
@@ -1836,6 +1909,7 @@ class CollapseMonitorCore:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._quiet_through = 0
         eps = state.get("eps", self.fixed_eps)
         self.eps = None if eps is None else float(eps)
         self.eps_candidates = [float(v) for v in state.get("eps_candidates", [])]
