@@ -110,24 +110,12 @@ def grad_stride(other_s: float, grad_s: float, step_s: float, budget: float) -> 
     return g
 
 
-def step_stride(
-    check_s: float,
-    per_step_s: float,
-    step_s: float,
-    budget: float,
-    longest: float,
-    unread_s: float = 0.0,
-    fixed_s: float = 0.0,
-) -> int:
+def step_stride(check_s: float, per_step_s: float, step_s: float, budget: float, longest: float) -> int:
     """Optimizer steps between two reads of the per-step channels (1: every step). 1 while one read and update
     (``per_step_s`` seconds) costs at most `STRIDE_FROM` times ``budget`` of a step; beyond, the fewest steps that keep
     the monitor within ``budget`` with its checks at most ``longest`` steps apart (the other arguments as
     `check_spacing`), at most `MAX_STRIDE`. The checks are spaced out first: the per-step channels carry the detector
     on the benchmark, the checks spaced 10x apart lost nothing there, reading one step in two lost more than half.
-    ``unread_s``: what a step not read costs over a step's ``fixed_s`` (what every step costs whatever the stride:
-    its loss is kept for the next read's mean, unit checks come every interval): ``k`` steps cost
-    ``k fixed_s + per_step_s + (k - 1) unread_s``, so the stride is ``(per_step_s - unread_s) / (allowed - unread_s)``
-    with ``allowed`` less ``fixed_s``, the most when an unread step alone is over what a step is allowed.
 
     Example:
         >>> step_stride(check_s=0.01, per_step_s=50e-6, step_s=0.01, budget=0.02, longest=5000)  # 0.5%: every step
@@ -136,15 +124,10 @@ def step_stride(
         1
         >>> step_stride(check_s=0.01, per_step_s=50e-6, step_s=0.0005, budget=0.02, longest=5000)  # 10%: every 7th
         7
-        >>> step_stride(0.01, 50e-6, 0.0005, 0.02, 5000, unread_s=4e-6)  # a step not read costs 4 us: every 11th
-        11
-        >>> step_stride(0.01, 50e-6, 0.0005, 0.02, 5000, unread_s=1e-6, fixed_s=8.5e-6)  # every step 1.7%: the most
-        100
     """
-    if per_step_s + fixed_s <= STRIDE_FROM * budget * step_s:
+    if per_step_s <= STRIDE_FROM * budget * step_s:
         return 1
-    allowed = (budget * step_s - check_s * (1.0 - budget) / longest) / (1.0 - budget) - fixed_s
-    unread_s = min(max(unread_s, 0.0), per_step_s)
-    if allowed <= unread_s:
+    allowed = (budget * step_s - check_s * (1.0 - budget) / longest) / (1.0 - budget)
+    if allowed <= 0:
         return MAX_STRIDE
-    return int(min(max(math.ceil((per_step_s - unread_s) / (allowed - unread_s)), 1), MAX_STRIDE))
+    return int(min(max(math.ceil(per_step_s / allowed), 1), MAX_STRIDE))

@@ -445,11 +445,6 @@ class CollapseMonitorCore:
         #: the last optimizer step of the stretch in which nothing is read, checked or captured (`_quiet_until`): the
         #: per-step calls end at once there; reset wherever what it is made of changes outside `observe_step`
         self._quiet_through = 0
-        #: what every step costs whatever the stride (`add_loss`, unit checks) and a step in a quiet stretch costs, for
-        #: the stride (`step_stride`'s ``fixed_s`` and ``unread_s``), and their values at the last schedule
-        self._loss_spent_s = self._unit_spent_s = self._quiet_spent_s = 0.0
-        self._quiet_steps = 0
-        self._unread_mark = (0.0, 0.0, 0.0, 0)
         self.observe_every = 1
         #: of the steps read, the gradient norm is computed at every this many only (1 unless ``max_overhead`` finds it
         #: most of the per-step work; at most `MAX_GRAD_STRIDE`): `reads_grad_norm`
@@ -635,10 +630,7 @@ class CollapseMonitorCore:
             # without working out again that nothing is due (a few microseconds, a share of such a step)
             self.last_observed_step = step
             self._hold_unread(loss, skipped)
-            spent = time.perf_counter() - start
-            self.time_spent_s += spent
-            self._quiet_spent_s += spent
-            self._quiet_steps += 1
+            self.time_spent_s += time.perf_counter() - start
             return None
         fired = self._observe_step(step, start, loss, grad_norm, lr, skipped, loss_scale)
         self._quiet_through = self._quiet_until(self.last_observed_step)
@@ -831,7 +823,7 @@ class CollapseMonitorCore:
         fired = None
         # every rank has the same three numbers: they all take the same decision
         if failures:
-            self._spent_on_units(time.perf_counter() - start)
+            self.time_spent_s += time.perf_counter() - start
             if self.strict:
                 raise RuntimeError(
                     f"{self.monitor}: the unit check at step {step} failed on {failures} rank(s): {error!r}"
@@ -847,12 +839,8 @@ class CollapseMonitorCore:
             hold = max(ABSOLUTE_HOLD, 2 * self.every_n_train_steps)
             fired = self.detector.observe_units(step, dead, d=width, n=rows, hold=hold)
             self.unit_checks += 1
-        self._spent_on_units(time.perf_counter() - start)
+        self.time_spent_s += time.perf_counter() - start
         return None if fired is None else self._detector_alarm(step, fired, None)
-
-    def _spent_on_units(self, seconds: float) -> None:
-        self.time_spent_s += seconds
-        self._unit_spent_s += seconds
 
     @property
     def _sample_size(self) -> int:
@@ -1089,9 +1077,7 @@ class CollapseMonitorCore:
             value = loss.detach().float().mean()
         self._loss_sum = value if not self._loss_count else self._loss_sum + value
         self._loss_count += 1
-        spent = time.perf_counter() - start
-        self.time_spent_s += spent
-        self._loss_spent_s += spent
+        self.time_spent_s += time.perf_counter() - start
 
     def _detector_alarm(self, step: int, fired: DetectorFiring, report: CollapseReport | None) -> CheckResult:
         message = fired.message(self.prefix.rstrip("/") or "collapse")
@@ -1181,20 +1167,10 @@ class CollapseMonitorCore:
         grad_mark, self._grad_mark = self._grad_mark, (self._grad_spent_s, self._grad_count)
         grads, grad_spent = self._grad_count - grad_mark[1], self._grad_spent_s - grad_mark[0]
         grad_s = grad_spent / grads if grads > 0 else 0.0
-        # a step not read still costs its loss's read and, in a quiet stretch, a short call: measured apart, so that
-        # the stride is not planned as if those steps cost nothing (the digits MLP read 1 step in 7 at twice the
-        # planned share)
-        mark_loss, mark_units, mark_quiet, mark_quiet_steps = self._unread_mark
-        self._unread_mark = (self._loss_spent_s, self._unit_spent_s, self._quiet_spent_s, self._quiet_steps)
-        quiet_steps, quiet_spent = self._quiet_steps - mark_quiet_steps, self._quiet_spent_s - mark_quiet
-        fixed_s = (self._loss_spent_s - mark_loss + self._unit_spent_s - mark_units) / max(steps, 1)
-        unread_s = quiet_spent / quiet_steps if quiet_steps > 0 else 0.0
-        # what depends on the stride: the steps read (and the other steps outside a quiet stretch)
-        varying = max(spent - check_s - quiet_spent, 0.0) / max(steps, 1) - fixed_s
-        own = [check_s, varying, max(wall - spent, 0.0) / max(steps, 1), grad_s, grad_spent / max(steps, 1), fixed_s,
-               unread_s]  # fmt: skip
+        own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1), grad_s,
+               grad_spent / max(steps, 1)]  # fmt: skip
         world = world_size()
-        check_s, per_step, train_step, grad_s, grad_per_step, fixed_s, unread_s = (
+        check_s, per_step, train_step, grad_s, grad_per_step = (
             v / world for v in sum_floats_across_ranks(own, self._device)
         )
         every = self.every_n_train_steps
@@ -1229,10 +1205,8 @@ class CollapseMonitorCore:
             other = max(per_step - grad_per_step, 0.0) * self.observe_every  # (the norm was computed more often early)
             self.grad_every = grad_stride(other, grad_s, train_step, budget)
             per_read = other + grad_s / self.grad_every
-        per_read = max(per_read, 0.0)
-        self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every, unread_s,
-                                         fixed_s)  # fmt: skip
-        per_step = fixed_s + (per_read + unread_s * (self.observe_every - 1)) / self.observe_every
+        self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
+        per_step = per_read / self.observe_every
         # the checks get what the per-step work leaves of the budget, and at least CHECK_SHARE_FLOOR of it: the
         # per-step work is kept at every step up to STRIDE_FROM x the budget (it carries the detector), the checks are
         # not dropped (and a check the detector asks for comes sooner: `_bring_check_forward`)
@@ -1251,12 +1225,6 @@ class CollapseMonitorCore:
             self._size_capture()
             self.eps_candidates = []  # the scale is calibrated again on samples of the new size
             self.tracker = EngineTracker(self.source)
-            # the stride was chosen for a check of the larger sample: the cheaper one leaves the per-step reads more
-            # (on the digits MLP 1 step in 100 became 1 in ~6 at the same planned share)
-            self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every,
-                                             unread_s, fixed_s)  # fmt: skip
-            per_step = fixed_s + (per_read + unread_s * (self.observe_every - 1)) / self.observe_every
-            check_budget = max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
             need = max(MAX_SPACING * every, check_spacing(check_s, 0.0, train_step, check_budget))
         spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
         self.check_every = max(1, spacing) * every
