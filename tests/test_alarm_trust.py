@@ -374,6 +374,24 @@ def test_an_adamw_run_converging_after_its_warm_up_does_not_alarm(outside: Any) 
     assert out.alarms == []
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_onecycle_run_read_one_step_in_22_does_not_alarm_on_its_converging_gradient(
+    outside: Any, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """``benchmarks/outside_runs.py``'s OneCycle run with the budget's stride fixed at 1 step in 22 (the gradient norm
+    at 1 read in 4: every 88 steps). Its gradient norm falls 30x while it converges; the reference keeps at least 20
+    reads, 1760 steps here, and lagged that fall, which counted 4 reads' worth per read and alarmed at 1320 and 1408
+    (the healthy runs' quiet depended on where the budget's stride fell). A read stands for fewer reads while the
+    reference spans more than `LAG_SPAN` x `STEP_WINDOW` steps."""
+    import topo_callbacks.core.monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "step_stride", lambda *args, **kwargs: 22)
+    run = next(r for r in outside.RUNS if r.name == "onecycle")
+    out = outside.train(run, seed=seed, max_overhead=0.02, quick=False)
+    assert out.final_metric > 90.0  # healthy: it learned
+    assert out.alarms == []
+
+
 def test_a_simsiam_collapse_whose_loss_and_gradient_fall_alarms_once_a_check_sees_it(outside: Any) -> None:
     """SimSiam under AdamW whose stop-gradient goes at step 300: its loss falls to -1 and its gradient norm with it, as
     a converging run's do; the check that finds its embeddings' spread fallen lets the fall count from its start."""

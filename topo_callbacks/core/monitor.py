@@ -214,8 +214,10 @@ class CollapseMonitorCore:
             is read whatever the stride (a run broken from its start is scored from its start), the loss of a step not
             read is averaged into the next read's, and the per-step references keep about 200 optimizer steps of
             reads. The loss of k steps in one read adds to its CUSUMs what k reads would
-            (`CusumDetector.set_step_window`); the gradient norm, computed at the read step only, counts as one read,
-            and the check channels count per check: reading or checking less often makes their false alarms rarer
+            (`CusumDetector.set_step_window`); the gradient norm, computed at the read step only, counts as one read
+            (as the reads since the last where it is computed at one read in `grad_every`, fewer once its reference
+            spans more than `LAG_SPAN` x 200 steps and lags a trend), and the check channels
+            count per check: reading or checking less often makes their false alarms rarer
             per step and their alarms later, not more frequent. Between checks spaced out, a unit check at every
             ``every_n_train_steps`` feeds the dormant-unit rule the share of dead units of the rows captured
             (`summary`'s ``unit_checks``): that rule compares a check with the three before and would otherwise wait
