@@ -22,7 +22,7 @@ from torch import nn
 
 from tests.procs import run_script
 from topo_callbacks.core import CollapseMonitorCore
-from topo_callbacks.core.budget import MAX_STRIDE, MIN_SAMPLES, check_spacing
+from topo_callbacks.core.budget import MAX_STRIDE, MIN_SAMPLES, STRIDE_FROM, check_spacing
 from topo_callbacks.core.detector import STEP_WINDOW
 from topo_callbacks.core.monitor import CheckResult
 from topo_callbacks.core.step_reads import HOST_READ_EVERY, StepReads
@@ -630,3 +630,32 @@ def test_steps_in_a_quiet_stretch_end_at_once_and_change_nothing(
     if jump_at is not None:
         assert quick.fired
         assert quick.fired[0][0] >= jump_at
+
+
+def test_the_stride_plans_what_unread_steps_and_every_step_still_cost() -> None:
+    """`step_stride` with the cost of a step not read (``unread_s``) and of every step (``fixed_s``, the loss read and
+    the unit checks): the stride it returns keeps the planned per-step cost within what the budget allows a step, and
+    one less would not; when every step's own cost leaves nothing, the most."""
+    from topo_callbacks.core.budget import step_stride
+
+    budget, longest, check_s = 0.016, 5000, 0.007
+    cases = 0
+    for step_s, read_s, unread_s, fixed_s in itertools.product(
+        (0.0004, 0.001, 0.005), (30e-6, 60e-6, 200e-6), (0.0, 1e-6, 3e-6), (0.0, 2e-6, 5e-6)
+    ):
+        k = step_stride(check_s, read_s, step_s, budget, longest, unread_s, fixed_s)
+        allowed = (budget * step_s - check_s * (1.0 - budget) / longest) / (1.0 - budget)
+
+        def planned(stride: int) -> float:
+            return fixed_s + (read_s + unread_s * (stride - 1)) / stride  # noqa: B023
+
+        if k == 1:
+            assert read_s + fixed_s <= STRIDE_FROM * budget * step_s  # every step kept while it is cheap enough
+        elif k < MAX_STRIDE:
+            cases += 1
+            assert planned(k) <= allowed * (1 + 1e-9)
+            assert planned(k - 1) > allowed
+        else:
+            assert planned(MAX_STRIDE - 1) > allowed
+        assert k >= step_stride(check_s, read_s, step_s, budget, longest)  # never fewer than with no such costs
+    assert cases > 5

@@ -11,15 +11,16 @@ When the per-step work costs more than `GRAD_STRIDE_FROM` of the budget, the gra
 that work: listing the parameters and one norm per tensor right after the backward pass) is computed at one read in
 2 or 4 only (`grad_stride`), each read of it adding to its CUSUMs what the reads it stands for would; the loss is
 still read at every step. When the per-step work alone costs more than `STRIDE_FROM` times the budget (steps of a
-millisecond or less, where reading the gradient norm and updating the detector take a tenth of the step or more), it
-is done on every ``s``-th step only (`step_stride`): the per-step cost becomes ``per_step / s``. Below that the per-
-step channels are read at every step even when the budget is then exceeded: on the benchmark they carry the
-detector. Replayed as the monitor reads (every step of its first 200, then every s-th, the loss of the steps between
+millisecond or less), it is done on every ``s``-th step only (`step_stride`): the per-step cost becomes about
+``per_step / s`` (a step not read still keeps its loss, and unit checks come every interval: planned as well).
+Replayed as the monitor reads (every step of its first 200, then every s-th, the loss of the steps between
 averaged into the next read and adding to its CUSUMs what s reads would, the references kept over about 200 steps;
 shipped calibration, test seeds), reading one step in 2, 4 and 8 detected 39, 33 and 31 of the 46 failure runs that
 every step detects 41 of, and 29, 24 and 20 with the checks 10x apart as well. Striding from the budget itself
 (``STRIDE_FROM = 1``) was measured on 2026-12-03: the digits CNN then read 1 step in 7 (own share 5.6% -> 2.5%), the
 784-1024-1024 MLP 1 in 3 (3.4% -> 2.0%), a setting whose replay detects about 20-31 of 46: detection was kept first.
+Since 2026-12-05 it is 2 (see `STRIDE_FROM`): those models now read every step within about the budget, and only
+steps of about a millisecond or less are strided.
 """
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ GRAD_STRIDE_FROM = 0.5
 #: with 2 of 160 clean runs alarmed instead of 1, at 1 in 8 with 5.
 MAX_GRAD_STRIDE = 4
 #: The per-step channels are read at every step unless they alone cost more than this many times ``max_overhead``.
-STRIDE_FROM = 4.0
+#: 4 until 2026-12-05 (detection kept first); 2 since: the per-step path got cheaper, a strided gradient-norm read no
+#: longer counts a lagging reference's drift (`topo_callbacks.core.detector.LAG_SPAN`), and at 4 the digits MLP read
+#: every step at 7% of its time or 1 step in 100, by the measured step time of the moment (now 1 in ~11). At 1 the
+#: digits CNN read 1 step in 2 for the same own share (1.9%) as every step. Outside the benchmark, at 1 and at 2: the
+#: same alarms as at 4 (4 healthy episodes in 155,856 steps, 19/23 failures before their drop).
+STRIDE_FROM = 2.0
 #: The checks get what the per-step work leaves of the budget, and at least this share of it (with the per-step work
 #: over the budget the monitor then takes up to ``STRIDE_FROM + CHECK_SHARE_FLOOR`` times it). A quarter, not the half
 #: of before 2026-12-04: checks the detector asks for are brought forward (`CusumDetector.wants_check`), and on the
@@ -110,12 +116,24 @@ def grad_stride(other_s: float, grad_s: float, step_s: float, budget: float) -> 
     return g
 
 
-def step_stride(check_s: float, per_step_s: float, step_s: float, budget: float, longest: float) -> int:
+def step_stride(
+    check_s: float,
+    per_step_s: float,
+    step_s: float,
+    budget: float,
+    longest: float,
+    unread_s: float = 0.0,
+    fixed_s: float = 0.0,
+) -> int:
     """Optimizer steps between two reads of the per-step channels (1: every step). 1 while one read and update
     (``per_step_s`` seconds) costs at most `STRIDE_FROM` times ``budget`` of a step; beyond, the fewest steps that keep
     the monitor within ``budget`` with its checks at most ``longest`` steps apart (the other arguments as
     `check_spacing`), at most `MAX_STRIDE`. The checks are spaced out first: the per-step channels carry the detector
     on the benchmark, the checks spaced 10x apart lost nothing there, reading one step in two lost more than half.
+    ``unread_s``: what a step not read costs over a step's ``fixed_s`` (what every step costs whatever the stride:
+    its loss is kept for the next read's mean, unit checks come every interval): ``k`` steps cost
+    ``k fixed_s + per_step_s + (k - 1) unread_s``, so the stride is ``(per_step_s - unread_s) / (allowed - unread_s)``
+    with ``allowed`` less ``fixed_s``, the most when an unread step alone is over what a step is allowed.
 
     Example:
         >>> step_stride(check_s=0.01, per_step_s=50e-6, step_s=0.01, budget=0.02, longest=5000)  # 0.5%: every step
@@ -124,10 +142,15 @@ def step_stride(check_s: float, per_step_s: float, step_s: float, budget: float,
         1
         >>> step_stride(check_s=0.01, per_step_s=50e-6, step_s=0.0005, budget=0.02, longest=5000)  # 10%: every 7th
         7
+        >>> step_stride(0.01, 50e-6, 0.0005, 0.02, 5000, unread_s=4e-6)  # a step not read costs 4 us: every 11th
+        11
+        >>> step_stride(0.01, 50e-6, 0.0005, 0.02, 5000, unread_s=1e-6, fixed_s=8.5e-6)  # every step 1.7%: the most
+        100
     """
-    if per_step_s <= STRIDE_FROM * budget * step_s:
+    if per_step_s + fixed_s <= STRIDE_FROM * budget * step_s:
         return 1
-    allowed = (budget * step_s - check_s * (1.0 - budget) / longest) / (1.0 - budget)
-    if allowed <= 0:
+    allowed = (budget * step_s - check_s * (1.0 - budget) / longest) / (1.0 - budget) - fixed_s
+    unread_s = min(max(unread_s, 0.0), per_step_s)
+    if allowed <= unread_s:
         return MAX_STRIDE
-    return int(min(max(math.ceil(per_step_s / allowed), 1), MAX_STRIDE))
+    return int(min(max(math.ceil((per_step_s - unread_s) / (allowed - unread_s)), 1), MAX_STRIDE))

@@ -207,9 +207,8 @@ class CollapseMonitorCore:
             (`grad_every`, `reads_grad_norm`; the loss is still read at every step), each read of it adding to its
             CUSUMs what the reads it stands for would (replayed on the benchmark's calibration seeds: at one read in 4
             the same detections, one clean run more alarmed of 160). If it alone still costs more than `STRIDE_FROM`
-            (4) times the budget (steps of a millisecond or
-            less; below that the budget may be exceeded: the per-step channels carry the detector), the per-step
-            channels are read at every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a
+            (2) times the budget (steps of a millisecond or less; 4 times until 2026-12-05), the per-step channels are
+            read at every `observe_every`-th step only (`observes`; at most `MAX_STRIDE`), and a
             per-step alarm comes up to that many steps later. Every one of a process's first `STEP_WINDOW` (200) steps
             is read whatever the stride (a run broken from its start is scored from its start), the loss of a step not
             read is averaged into the next read's, and the per-step references keep about 200 optimizer steps of
@@ -447,6 +446,11 @@ class CollapseMonitorCore:
         #: the last optimizer step of the stretch in which nothing is read, checked or captured (`_quiet_until`): the
         #: per-step calls end at once there; reset wherever what it is made of changes outside `observe_step`
         self._quiet_through = 0
+        #: what every step costs whatever the stride (`add_loss`, unit checks) and a step in a quiet stretch costs, for
+        #: the stride (`step_stride`'s ``fixed_s`` and ``unread_s``), and their values at the last schedule
+        self._loss_spent_s = self._unit_spent_s = self._quiet_spent_s = 0.0
+        self._quiet_steps = 0
+        self._unread_mark = (0.0, 0.0, 0.0, 0)
         self.observe_every = 1
         #: of the steps read, the gradient norm is computed at every this many only (1 unless ``max_overhead`` finds it
         #: most of the per-step work; at most `MAX_GRAD_STRIDE`): `reads_grad_norm`
@@ -632,7 +636,10 @@ class CollapseMonitorCore:
             # without working out again that nothing is due (a few microseconds, a share of such a step)
             self.last_observed_step = step
             self._hold_unread(loss, skipped)
-            self.time_spent_s += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            self.time_spent_s += spent
+            self._quiet_spent_s += spent
+            self._quiet_steps += 1
             return None
         fired = self._observe_step(step, start, loss, grad_norm, lr, skipped, loss_scale)
         self._quiet_through = self._quiet_until(self.last_observed_step)
@@ -825,7 +832,7 @@ class CollapseMonitorCore:
         fired = None
         # every rank has the same three numbers: they all take the same decision
         if failures:
-            self.time_spent_s += time.perf_counter() - start
+            self._spent_on_units(time.perf_counter() - start)
             if self.strict:
                 raise RuntimeError(
                     f"{self.monitor}: the unit check at step {step} failed on {failures} rank(s): {error!r}"
@@ -841,8 +848,12 @@ class CollapseMonitorCore:
             hold = max(ABSOLUTE_HOLD, 2 * self.every_n_train_steps)
             fired = self.detector.observe_units(step, dead, d=width, n=rows, hold=hold)
             self.unit_checks += 1
-        self.time_spent_s += time.perf_counter() - start
+        self._spent_on_units(time.perf_counter() - start)
         return None if fired is None else self._detector_alarm(step, fired, None)
+
+    def _spent_on_units(self, seconds: float) -> None:
+        self.time_spent_s += seconds
+        self._unit_spent_s += seconds
 
     @property
     def _sample_size(self) -> int:
@@ -1079,7 +1090,9 @@ class CollapseMonitorCore:
             value = loss.detach().float().mean()
         self._loss_sum = value if not self._loss_count else self._loss_sum + value
         self._loss_count += 1
-        self.time_spent_s += time.perf_counter() - start
+        spent = time.perf_counter() - start
+        self.time_spent_s += spent
+        self._loss_spent_s += spent
 
     def _detector_alarm(self, step: int, fired: DetectorFiring, report: CollapseReport | None) -> CheckResult:
         message = fired.message(self.prefix.rstrip("/") or "collapse")
@@ -1169,10 +1182,20 @@ class CollapseMonitorCore:
         grad_mark, self._grad_mark = self._grad_mark, (self._grad_spent_s, self._grad_count)
         grads, grad_spent = self._grad_count - grad_mark[1], self._grad_spent_s - grad_mark[0]
         grad_s = grad_spent / grads if grads > 0 else 0.0
-        own = [check_s, max(spent - check_s, 0.0) / max(steps, 1), max(wall - spent, 0.0) / max(steps, 1), grad_s,
-               grad_spent / max(steps, 1)]  # fmt: skip
+        # a step not read still costs its loss's read and, in a quiet stretch, a short call: measured apart, so that
+        # the stride is not planned as if those steps cost nothing (the digits MLP read 1 step in 7 at twice the
+        # planned share)
+        mark_loss, mark_units, mark_quiet, mark_quiet_steps = self._unread_mark
+        self._unread_mark = (self._loss_spent_s, self._unit_spent_s, self._quiet_spent_s, self._quiet_steps)
+        quiet_steps, quiet_spent = self._quiet_steps - mark_quiet_steps, self._quiet_spent_s - mark_quiet
+        fixed_s = (self._loss_spent_s - mark_loss + self._unit_spent_s - mark_units) / max(steps, 1)
+        unread_s = quiet_spent / quiet_steps if quiet_steps > 0 else 0.0
+        # what depends on the stride: the steps read (and the other steps outside a quiet stretch)
+        varying = max(spent - check_s - quiet_spent, 0.0) / max(steps, 1) - fixed_s
+        own = [check_s, varying, max(wall - spent, 0.0) / max(steps, 1), grad_s, grad_spent / max(steps, 1), fixed_s,
+               unread_s]  # fmt: skip
         world = world_size()
-        check_s, per_step, train_step, grad_s, grad_per_step = (
+        check_s, per_step, train_step, grad_s, grad_per_step, fixed_s, unread_s = (
             v / world for v in sum_floats_across_ranks(own, self._device)
         )
         every = self.every_n_train_steps
@@ -1207,8 +1230,10 @@ class CollapseMonitorCore:
             other = max(per_step - grad_per_step, 0.0) * self.observe_every  # (the norm was computed more often early)
             self.grad_every = grad_stride(other, grad_s, train_step, budget)
             per_read = other + grad_s / self.grad_every
-        self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every)
-        per_step = per_read / self.observe_every
+        per_read = max(per_read, 0.0)
+        self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every, unread_s,
+                                         fixed_s)  # fmt: skip
+        per_step = fixed_s + (per_read + unread_s * (self.observe_every - 1)) / self.observe_every
         # the checks get what the per-step work leaves of the budget, and at least CHECK_SHARE_FLOOR of it: the
         # per-step work is kept at every step up to STRIDE_FROM x the budget (it carries the detector), the checks are
         # not dropped (and a check the detector asks for comes sooner: `_bring_check_forward`)
@@ -1227,6 +1252,12 @@ class CollapseMonitorCore:
             self._size_capture()
             self.eps_candidates = []  # the scale is calibrated again on samples of the new size
             self.tracker = EngineTracker(self.source)
+            # the stride was chosen for a check of the larger sample: the cheaper one leaves the per-step reads more
+            # (on the digits MLP 1 step in 100 became 1 in ~6 at the same planned share)
+            self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every,
+                                             unread_s, fixed_s)  # fmt: skip
+            per_step = fixed_s + (per_read + unread_s * (self.observe_every - 1)) / self.observe_every
+            check_budget = max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
             need = max(MAX_SPACING * every, check_spacing(check_s, 0.0, train_step, check_budget))
         spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
         self.check_every = max(1, spacing) * every
