@@ -1231,13 +1231,18 @@ class CollapseMonitorCore:
             self.grad_every = grad_stride(other, grad_s, train_step, budget)
             per_read = other + grad_s / self.grad_every
         per_read = max(per_read, 0.0)
-        self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every, unread_s,
-                                         fixed_s)  # fmt: skip
-        per_step = fixed_s + (per_read + unread_s * (self.observe_every - 1)) / self.observe_every
-        # the checks get what the per-step work leaves of the budget, and at least CHECK_SHARE_FLOOR of it: the
-        # per-step work is kept at every step up to STRIDE_FROM x the budget (it carries the detector), the checks are
-        # not dropped (and a check the detector asks for comes sooner: `_bring_check_forward`)
-        check_budget = max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
+
+        def plan_reads(check_s: float) -> float:
+            """The stride for checks of ``check_s`` seconds (`observe_every`), and what it leaves the checks of the
+            budget: what the per-step work leaves, and at least CHECK_SHARE_FLOOR of it (the per-step work is kept at
+            every step up to STRIDE_FROM x the budget: it carries the detector; the checks are not dropped, and a
+            check the detector asks for comes sooner: `_bring_check_forward`)."""
+            stride = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every, unread_s, fixed_s)
+            self.observe_every = stride
+            per_step = fixed_s + (per_read + unread_s * (stride - 1)) / stride
+            return max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
+
+        check_budget = plan_reads(check_s)
         need = check_spacing(check_s, 0.0, train_step, check_budget)
         if (
             need > MAX_SPACING * every
@@ -1254,10 +1259,7 @@ class CollapseMonitorCore:
             self.tracker = EngineTracker(self.source)
             # the stride was chosen for a check of the larger sample: the cheaper one leaves the per-step reads more
             # (on the digits MLP 1 step in 100 became 1 in ~6 at the same planned share)
-            self.observe_every = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every,
-                                             unread_s, fixed_s)  # fmt: skip
-            per_step = fixed_s + (per_read + unread_s * (self.observe_every - 1)) / self.observe_every
-            check_budget = max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
+            check_budget = plan_reads(check_s)
             need = max(MAX_SPACING * every, check_spacing(check_s, 0.0, train_step, check_budget))
         spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
         self.check_every = max(1, spacing) * every
