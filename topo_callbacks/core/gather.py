@@ -107,30 +107,28 @@ def dead_units_across_ranks(
         >>> dead_units_across_ranks(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, -3.0]]), width=3, max_samples=8)
         (0.3333333432674408, 2, 0)
     """
-    if world_size() == 1:  # nothing to reduce: the mask itself (a unit check runs every interval on small models)
-        # what the counts below read as: no unit fired and no rows when there is nothing of this width
-        if failed:
-            return 1.0, 0, 1
-        if x is None or x.ndim != 2 or x.shape[1] != width or x.shape[0] == 0:
-            return 1.0, 0, 0
+    world = world_size()
+    silent, rows = None, 0
+    if not failed and x is not None and x.ndim == 2 and x.shape[1] == width and x.shape[0] > 0:
         try:
-            x = subsample_rows(x, max_samples)
-            return float(silent_units(x).float().mean()), int(x.shape[0]), 0
-        except Exception:
-            return 1.0, 0, 1
-    counts = torch.zeros(width + 2, dtype=torch.float32, device=device)
-    if failed:
-        counts[width + 1] = 1.0
-    elif x is not None and x.ndim == 2 and x.shape[1] == width and x.shape[0] > 0:
-        try:
-            x = subsample_rows(x, math.ceil(max_samples / world_size()))
-            fired = (~silent_units(x)).to(device=device, dtype=torch.float32)
-            counts = torch.cat([fired, torch.tensor([float(x.shape[0]), 0.0], device=device)])
+            x = subsample_rows(x, math.ceil(max_samples / world))
+            silent, rows = silent_units(x), int(x.shape[0])
         except Exception:  # this rank still takes part in the all-reduce (its peers are already waiting in it)
-            counts = torch.zeros(width + 2, dtype=torch.float32, device=device)
-            counts[width + 1] = 1.0
-    if world_size() > 1:
-        dist.all_reduce(counts)
+            failed = True
+    if world == 1:  # nothing to reduce: the mask itself (a unit check runs every interval on small models)
+        # no rows of this width read as a count of none: no unit fired
+        return (1.0 if silent is None else float(silent.float().mean())), rows, int(failed)
+    counts = None
+    if not failed and silent is not None:
+        try:
+            fired = (~silent).to(device=device, dtype=torch.float32)
+            counts = torch.cat([fired, torch.tensor([float(rows), 0.0], device=device)])
+        except Exception:  # as above: still in the all-reduce, as a rank that failed
+            failed = True
+    if counts is None:  # no rows of this width on this rank, or it failed
+        counts = torch.zeros(width + 2, dtype=torch.float32, device=device)
+        counts[width + 1] = float(failed)
+    dist.all_reduce(counts)
     silent = counts[:width] == 0
     return float(silent.float().mean()), int(counts[width]), int(counts[width + 1])
 
