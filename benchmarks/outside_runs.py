@@ -25,6 +25,9 @@ Runs (healthy unless marked):
 - ``simsiam_adamw``: SimSiam (the benchmark's SSL network, watched at its projector) under AdamW at 3e-4, warm-up over
   200 steps, cosine to 0, batches of 128 augmented pairs; the metric: a kNN probe on its backbone's clean views
   (2000 steps)
+- ``unfreeze_backbone``: transfer, as Lightning's ``BackboneFinetuning`` does it: the CNN pretrained on the digits 0-4
+  (800 Adam steps, no monitor), a new 10-class head trained alone under Adam at 1e-3, the rest unfrozen at step 500
+  as a new parameter group at 1e-4 (1500 steps)
 - ``lr_x50_at_40`` (failure, at 40): the MLP's rate x50 from step 40
 - ``lr_x20_jump`` (failure, at 1500): the CNN under Adam, rate x20 from step 1500
 - ``labels_shuffled`` (failure, at 1000): the MLP's training labels shuffled from step 1000
@@ -80,6 +83,9 @@ class Run:
     no_stop_gradient_from: int | None = None
     #: MLP only: the step from which a regulariser pushes the hidden biases down (dormant units)
     push_biases_from: int | None = None
+    #: a transfer run: the model pretrained on digits 0-4 (no monitor), a new 10-class head trained alone until this
+    #: step, then the rest unfrozen as a new parameter group at a tenth of the rate (Lightning's BackboneFinetuning)
+    unfreeze_at: int | None = None
 
 
 @dataclass
@@ -156,6 +162,28 @@ def bias_push(model: DigitsMLP) -> torch.Tensor:
     return 0.1 * (model.body[0].bias.sum() + model.embed[0].bias.sum())  # type: ignore[index]
 
 
+#: optimizer steps of `_pretrain_on_half`
+PRETRAIN_STEPS = 800
+
+
+def _pretrain_on_half(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> list[nn.Parameter]:
+    """A transfer run's start: ``model`` trained on the digits 0-4 with Adam (no monitor), its head replaced by a new
+    10-class one, everything else frozen; returns the frozen parameters."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    half = torch.nonzero(y < 5).flatten()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(PRETRAIN_STEPS):
+        idx = half[torch.randint(0, len(half), (64,), generator=g)]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.head = nn.Linear(model.head.in_features, 10)  # type: ignore[union-attr, arg-type]
+    backbone = [p for name, p in model.named_parameters() if not name.startswith("head.")]
+    for p in backbone:
+        p.requires_grad_(False)
+    return backbone
+
+
 def _simsiam_loss(model: SSLNet, x: torch.Tensor, g: torch.Generator, stop_gradient: bool) -> torch.Tensor:
     z1, z2 = model(augment(x, g)), model(augment(x, g))
     p1, p2 = model.predictor(z1), model.predictor(z2)
@@ -181,6 +209,7 @@ RUNS = [
     Run("accumulate_clip", "cnn", 2000, _rmsprop, accumulate=4, clip=1.0),
     Run("long_restarts", "mlp", 20000, _restarts),
     Run("simsiam_adamw", "ssl", 2000, partial(_warmup_cosine, lr=3e-4)),
+    Run("unfreeze_backbone", "cnn", 1500, _adam, unfreeze_at=500),
     Run("lr_x50_at_40", "mlp", 600, _sgd, fail_at=40, lr_factor=lambda s: 50.0 if s >= 40 else 1.0),
     Run("lr_x20_jump", "cnn", 2500, _adam, fail_at=1500, lr_factor=lambda s: 20.0 if s >= 1500 else 1.0),
     Run("labels_shuffled", "mlp", 1500, _sgd, fail_at=1000, shuffle_from=1000),
@@ -227,7 +256,10 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool, on_alarm
     model = {"mlp": DigitsMLP, "cnn": CNN, "ssl": lambda: SSLNet(predictor=True)}[run.model]()
     layer = "projector" if run.model == "ssl" else "embed"
     batch = 128 if run.model == "ssl" else 64
-    opt, sched = run.make_opt(model, steps)
+    backbone: list[nn.Parameter] = []
+    if run.unfreeze_at is not None:
+        backbone = _pretrain_on_half(model, x, y, seed)
+    opt, sched = run.make_opt(model.head if backbone else model, steps)  # type: ignore[arg-type]
     base_lrs = [g["lr"] for g in opt.param_groups]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100) if run.fp16 else None
     monitor = _monitor(max_overhead, layer, on_alarm)
@@ -258,6 +290,11 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool, on_alarm
                 sched, base_lrs = None, [1e-4]
                 monitor.track(models=model, optimizers=opt, scaler=scaler)
                 pool = torch.arange(len(x) // 2, len(x))
+            if run.unfreeze_at is not None and step == run.unfreeze_at + 1:
+                for p in backbone:
+                    p.requires_grad_(True)
+                opt.add_param_group({"params": backbone, "lr": base_lrs[0] / 10})
+                base_lrs.append(base_lrs[0] / 10)
             if run.dead_at is not None and step == run.dead_at:
                 with torch.no_grad():
                     model.embed[-2].bias.sub_(50.0)  # type: ignore[index]

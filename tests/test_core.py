@@ -112,12 +112,23 @@ def test_capture_budget_nonfinite_and_disarmed_cost():
         layer(x)
     rows = cap.take()
     # the newest 10 rows, less the 2 non-finite among them: the rows are dropped at `take` (counted on the device as
-    # they come), so that an armed step never waits for the GPU
+    # they leave the buffer), so that an armed step never waits for the GPU
     assert rows.shape == (8, 2)
     assert torch.isfinite(rows).all()
     assert rows[-1, 1] == 4.0
     assert rows[0, 1] == 2.0
     assert (cap.seen, cap.nonfinite) == (20, 5)
+    # a batch larger than the buffer, infinities of both signs, a huge finite value: every non-finite row is counted
+    # once, whether it was cut from the batch, pushed out by a later batch or kept
+    cap.reset()
+    big = torch.ones(25, 2)
+    big[[0, 7, 20], 1] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    big[3, 0] = 3e38
+    layer(big)
+    layer(torch.tensor([[float("-inf"), 1.0], [2.0, 2.0], [3.0, 3.0]]))
+    rows = cap.take()
+    assert rows.shape == (8, 2) and torch.isfinite(rows).all()  # newest 10: big[18:] and the 3 rows, 2 dropped
+    assert (cap.seen, cap.nonfinite) == (28, 4)
     cap.detach()
     assert not layer._forward_hooks
 

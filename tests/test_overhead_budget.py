@@ -659,3 +659,46 @@ def test_the_stride_plans_what_unread_steps_and_every_step_still_cost() -> None:
             assert planned(MAX_STRIDE - 1) > allowed
         assert k >= step_stride(check_s, read_s, step_s, budget, longest)  # never fewer than with no such costs
     assert cases > 5
+
+
+def test_the_hooks_copies_count_as_the_monitors_own_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The armed hook's work (select, pool, copy) is the monitor's: the window a check or a unit check takes adds its
+    seconds to ``time_spent_s`` (a check's, which `_schedule_next` plans with) or to the unit checks' share, so that the
+    budget plans for it. A `select` made slow (0.12 s per armed forward, more than a check of this model) shows it."""
+    sleep_s = 0.12
+    armed: list[int] = []
+
+    def slow_select(out: torch.Tensor) -> torch.Tensor:
+        armed.append(1)
+        time.sleep(sleep_s)
+        return out
+
+    windows: dict[str, list[tuple[int, float]]] = {"check": [], "unit": []}  # (armed forwards, seconds counted)
+    taken = [0]
+    run_check, units_check = _FixedSchedule.run_check, _FixedSchedule._units_check
+
+    def check(self: CollapseMonitorCore, step: int) -> CheckResult:
+        n, before = len(armed) - taken[0], self.time_spent_s
+        result = run_check(self, step)
+        taken[0] = len(armed)
+        windows["check"].append((n, self.time_spent_s - before))
+        return result
+
+    def unit(self: CollapseMonitorCore, step: int) -> CheckResult | None:
+        n, before = len(armed) - taken[0], self._unit_spent_s
+        result = units_check(self, step)
+        taken[0] = len(armed)
+        windows["unit"].append((n, self._unit_spent_s - before))
+        return result
+
+    monkeypatch.setattr(_FixedSchedule, "run_check", check)
+    monkeypatch.setattr(_FixedSchedule, "_units_check", unit)
+    monitor = _FixedSchedule("1", every_n_train_steps=20, max_samples=64, select=slow_select)
+    monitor.attach(model := _mlp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(monitor, model, 240)
+    assert len(windows["check"]) >= 3 and len(windows["unit"]) >= 3
+    for kind, held in windows.items():
+        assert all(n >= 1 for n, _ in held), kind  # every window held an armed forward
+        assert all(counted >= sleep_s * n for n, counted in held), (kind, held)

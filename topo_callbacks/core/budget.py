@@ -76,8 +76,8 @@ STRIDE_FROM = 2.0
 #: benchmark's calibration seeds the checks 20x or 50x apart then detect what 10x apart does.
 CHECK_SHARE_FLOOR = 0.25
 #: The share of ``max_overhead`` the schedule is planned for: the rest pays a run's start (the trial check, the steps
-#: read before the first decision) and what the monitor does not time (the hook's copies, the adapters' calls), so
-#: that a short run stays under the budget too.
+#: read before the first decision) and what the monitor does not time (the hook's call at steps it copies nothing,
+#: the adapters' calls), so that a short run stays under the budget too.
 PLANNED_SHARE = 0.8
 
 
