@@ -127,7 +127,8 @@ def test_capture_budget_nonfinite_and_disarmed_cost():
     layer(big)
     layer(torch.tensor([[float("-inf"), 1.0], [2.0, 2.0], [3.0, 3.0]]))
     rows = cap.take()
-    assert rows.shape == (8, 2) and torch.isfinite(rows).all()  # newest 10: big[18:] and the 3 rows, 2 dropped
+    assert rows.shape == (8, 2)  # the newest 10: big[18:] and the 3 rows, less the 2 non-finite
+    assert torch.isfinite(rows).all()
     assert (cap.seen, cap.nonfinite) == (28, 4)
     cap.detach()
     assert not layer._forward_hooks
