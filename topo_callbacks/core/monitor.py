@@ -420,7 +420,6 @@ class CollapseMonitorCore:
         self.first_alarm_step: int | None = None
         self._in_alarm = False
         self._armed_steps = 0
-        self._window_s = 0.0  # the armed hook's seconds in the window the running check took
         self._last_prepared = -1
         self._capture_steps = self.every_n_train_steps  # until the rows per step are known
         self.skipped_checks = 0
@@ -780,18 +779,14 @@ class CollapseMonitorCore:
             fired = self._act_on_alarm(step, fired)
         return fired
 
-    def _end_capture_window(self) -> float:
+    def _end_capture_window(self) -> None:
         """After a check or unit check took the rows: the next window's length on this rank (the armed steps that
-        collect ``max_samples`` rows at the rate just seen, at most an interval), and the capture emptied. Returns the
-        seconds the armed hook spent in the window, for the caller to count as its own (on the digits MLP the
-        copies were 1.3% of the wall time, and the budget did not see them)."""
-        spent = self.capture.spent_s
+        collect ``max_samples`` rows at the rate just seen, at most an interval), and the capture emptied."""
         if self._armed_steps and self.capture.seen:
             per_step = self.capture.seen / self._armed_steps
             self._capture_steps = min(max(math.ceil(self.capture.max_samples / per_step), 1), self.every_n_train_steps)
         self._armed_steps = 0
         self.capture.reset()
-        return spent
 
     def _flush_host_batch(self, step: int) -> CheckResult | None:
         """The CPU's queued per-step values (``_host_batch``) scored now, and the urgency bounds renewed."""
@@ -824,13 +819,15 @@ class CollapseMonitorCore:
         than the last check's (a window cut short by a resume or a rollback) is not fed: the rule would start its
         reference again. Nothing is logged and no history is kept: an alarm is warned and recorded as any alarm of
         the detector."""
-        start = time.perf_counter()
         capture, local, error = self.capture, None, self.capture.error
+        # the window's copies (timed by the hook) are the unit check's: on the digits MLP they were 1.3% of the wall
+        # time while the budget did not see them
+        start = time.perf_counter() - capture.spent_s
         try:
             local = capture.take()
         except Exception as err:  # the error stays for the next check to report; this rank says it failed
             error = error or err
-        start -= self._end_capture_window()  # the window's copies are the unit check's
+        self._end_capture_window()
         width = self._unit_width
         dead, rows, failures = dead_units_across_ranks(
             local, width, self._sample_size, self._device, failed=error is not None
@@ -1137,13 +1134,11 @@ class CollapseMonitorCore:
     # ------------------------------------------------------------------- check
     def run_check(self, step: int) -> CheckResult:
         """Gather, compute the CI, update calibration and alarm, record history. Call on every rank."""
-        start = time.perf_counter()
+        start = time.perf_counter() - self.capture.spent_s  # the capture window's copies are the check's
         self._quiet_through = 0  # the check moves the schedule: the next step works it out again
-        self._window_s = 0.0
         try:
             result = self._run_check(step)
         finally:
-            start -= self._window_s  # the capture window's copies are the check's
             self.time_spent_s += time.perf_counter() - start
         if result.report is None:
             self.skipped_checks += 1
@@ -1293,7 +1288,7 @@ class CollapseMonitorCore:
         seen, nonfinite, failed, degenerate = sum_across_ranks(
             [own_seen, own_nonfinite, int(error is not None), len(selection)], self._device
         )
-        self._window_s = self._end_capture_window()
+        self._end_capture_window()
         on_rank0 = self.compute_on == "rank0" and world_size() > 1
         if self.source == "probe":
             x = local if local is not None else torch.zeros(0, 0, device=self._device)
