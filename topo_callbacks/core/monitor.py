@@ -455,6 +455,7 @@ class CollapseMonitorCore:
         #: of the steps read, the gradient norm is computed at every this many only (1 unless ``max_overhead`` finds it
         #: most of the per-step work; at most `MAX_GRAD_STRIDE`): `reads_grad_norm`
         self.grad_every = 1
+        self._grad_need = 1  # the stride the last interval's costs asked for (`_schedule_next`)
         self._reads_since_grad = 0
         self._grad_spent_s = 0.0
         self._grad_count = 0
@@ -1231,7 +1232,11 @@ class CollapseMonitorCore:
             # the gradient norm first, at one read in 2 or 4 (`grad_stride`): detection barely changes, the cost of
             # the step it is computed at is most of the per-step work on a small model
             other = max(per_step - grad_per_step, 0.0) * self.observe_every  # (the norm was computed more often early)
-            self.grad_every = grad_stride(other, grad_s, train_step, budget)
+            # raised only when two intervals in a row need it: one pause of the process inside a read (a garbage
+            # collection, a preemption) made a 10-step interval of an MLP's 20 ms steps measure ~1 ms a read, and
+            # striding saves nothing of a pause (lowered at once: reading more costs detection nothing)
+            need = grad_stride(other, grad_s, train_step, budget)
+            self.grad_every, self._grad_need = min(need, self._grad_need), need
             per_read = other + grad_s / self.grad_every
         per_read = max(per_read, 0.0)
 
@@ -1981,6 +1986,7 @@ class CollapseMonitorCore:
         self.unit_checks = int(state.get("unit_checks", 0))
         self.observe_every = int(state.get("observe_every", 1))
         self.grad_every = int(state.get("grad_every", 1))
+        self._grad_need = self.grad_every  # a resumed run's stride stands as asked for once already
         if self.history or self.last_checked_step >= 0 or self.eps is not None:
             self._trial_samples = None  # a resumed run has measured its checks already: no trial again
         self._next_check = int(state.get("next_check", self.last_checked_step + self.check_every))
