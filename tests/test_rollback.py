@@ -391,8 +391,40 @@ def test_accelerate_storage_leaves_the_generators_and_the_users_checkpoint_numbe
 
 
 def test_accelerate_gives_up_when_the_learning_rate_stays_too_high() -> None:
-    """The rate is set 50x too high at every step from GLITCH on (a configuration bug): the rollbacks restore the
-    rate, the loop sets it again; after max_rollbacks the loop is told to stop."""
+    """The rate is set 200x too high at every step from step 61 on (a configuration bug): the rollbacks restore the
+    rate, the loop sets it again; after max_rollbacks the loop is told to stop. (With ``undo_rate_rise``, the default,
+    the first rollback brings the rate back instead: the next test.)"""
+    stopped_at, monitor, _ = _accelerate_rate_set_too_high(
+        {**POLICY, "max_rollbacks": 2, "lr_factor": 0.8, "undo_rate_rise": False}
+    )
+    assert stopped_at is not None
+    assert stopped_at == monitor.stopped_step
+    assert len(monitor.rollbacks) == 2
+    assert monitor.stopping_reason is StoppingReason.ROLLBACK_GAVE_UP
+    assert "after 2 rollbacks" in (monitor.stopping_reason_message or "")
+
+
+def test_accelerate_undoes_a_rate_that_rose_as_the_failure_began() -> None:
+    """The same bug with the default ``undo_rate_rise``: the loop still sets 200x the rate at every step, and a
+    quarter of it (what ``lr_factor`` alone gives) is still 40x too high; the first rollback's factor brings it back to
+    the rate the run trained at before (1/200), the run goes on to the end without another alarm, and ends as good as
+    the same run without the bug."""
+    healthy_model = _accelerate_rate_set_too_high({**POLICY, "max_rollbacks": 2, "lr_factor": 0.8}, bug=False)[2]
+    stopped_at, monitor, model = _accelerate_rate_set_too_high({**POLICY, "max_rollbacks": 2, "lr_factor": 0.8})
+    assert stopped_at is None
+    assert len(monitor.rollbacks) == 1
+    entry = monitor.rollbacks[0]
+    assert 60 < entry["step"] <= 70
+    assert entry["restored_step"] <= 60
+    assert entry["lr_factor"] == pytest.approx(1 / 200)
+    assert entry["total_factor"] == pytest.approx(1 / 200)
+    assert entry["rate_undone"] == pytest.approx(200)
+    assert_rescued(held_out_mse(model), held_out_mse(healthy_model), math.inf)
+
+
+def _accelerate_rate_set_too_high(policy: dict[str, Any], bug: bool = True) -> tuple[int | None, Any, nn.Module]:
+    """An Accelerate loop whose rate is set to 200x at every step from step 61 on (``bug``); the step the loop was
+    told to stop at (None: it ran to the end), the monitor, the model."""
     from accelerate import Accelerator
 
     from topo_callbacks.accelerate import AccelerateCollapseMonitor
@@ -401,14 +433,12 @@ def test_accelerate_gives_up_when_the_learning_rate_stays_too_high() -> None:
     model = accelerate_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR)
     model, optimizer, data = accelerator.prepare(model, optimizer, loader(n=4096, batch_size=32))
-    monitor = AccelerateCollapseMonitor(
-        accelerator, model, **{**MONITOR, "layer": "0"}, on_alarm={**POLICY, "max_rollbacks": 2, "lr_factor": 0.8}
-    )
+    monitor = AccelerateCollapseMonitor(accelerator, model, **{**MONITOR, "layer": "0"}, on_alarm=policy)
     stopped_at = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, (x, y) in enumerate(data):
-            if i >= 60:
+            if i >= 60 and bug:
                 for group in optimizer.param_groups:
                     group["lr"] = BASE_LR * 200
             loss = nn.functional.mse_loss(model(x), y)
@@ -418,11 +448,7 @@ def test_accelerate_gives_up_when_the_learning_rate_stays_too_high() -> None:
                 stopped_at = i + 1
                 break
             optimizer.zero_grad()
-    assert stopped_at is not None
-    assert stopped_at == monitor.stopped_step
-    assert len(monitor.rollbacks) == 2
-    assert monitor.stopping_reason is StoppingReason.ROLLBACK_GAVE_UP
-    assert "after 2 rollbacks" in (monitor.stopping_reason_message or "")
+    return stopped_at, monitor, accelerator.unwrap_model(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -332,6 +332,63 @@ def test_lr_factor_scales_the_actual_update() -> None:
     assert seen == [0.1]
 
 
+@pytest.mark.parametrize("restore_undoes_it", [False, True])
+def test_a_first_rollback_undoes_a_rate_rise_the_restore_left(restore_undoes_it: bool) -> None:
+    """The rate goes 0.1 -> 5.0 (50x) at step 6 and the alarm comes after it: with the rate written at every step (a
+    schedule computed from the step count, which a rollback does not rewind), the retry's first step finds it still
+    50x the highest rate before the onset, and the factor brings it back to 0.1 (1/50, not a quarter: 1.25 would
+    still be 12.5x); written once (the restore puts the old rate back), the policy's quarter applies. Either way the
+    entry and the state dict say what was taken, and the second rollback multiplies by a quarter."""
+    run = Run(opt="plain", sched="none", scaler=False)
+    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=4))
+    seen = record_lr(run.opt)
+    for step in range(1, 9):
+        if step == 6 or (step > 6 and not restore_undoes_it):
+            run.opt.param_groups[0]["lr"] = 5.0
+        run.step()
+        ctl.maybe_snapshot(step, quiet=step < 6)
+    ctl.rollback(onset_step=6, alarm_step=8, channel="loss", healthy_rate=0.1)
+    assert ctl.rate_cap == 0.1  # pending until the retry's first step
+    assert ctl.state_dict()["rate_cap"] == 0.1
+    if not restore_undoes_it:
+        run.opt.param_groups[0]["lr"] = 5.0  # the loop sets its rate again
+    run.step()
+    assert ctl.rate_cap is None
+    (entry,) = ctl.rollbacks
+    if restore_undoes_it:
+        assert seen[-1] == pytest.approx(0.1 * 0.25)
+        assert (entry["lr_factor"], ctl.total_factor) == (0.25, 0.25)
+        assert "rate_undone" not in entry
+    else:
+        assert seen[-1] == pytest.approx(0.1)
+        assert entry["lr_factor"] == pytest.approx(1 / 50)
+        assert ctl.total_factor == pytest.approx(1 / 50)
+        assert entry["rate_undone"] == pytest.approx(50)
+    fresh = RollbackController(Run(opt="plain", sched="none", scaler=False).state())
+    fresh.load_state_dict(ctl.state_dict())
+    assert fresh.state_dict() == ctl.state_dict()
+    before = ctl.total_factor
+    ctl.rollback(onset_step=9, alarm_step=9, channel="loss", healthy_rate=0.1)
+    run.opt.param_groups[0]["lr"] = 5.0
+    run.step()
+    assert ctl.total_factor == pytest.approx(before * 0.25)  # later rollbacks: lr_factor only
+    assert ctl.rollbacks[-1]["lr_factor"] == 0.25
+
+
+def test_undo_rate_rise_can_be_turned_off() -> None:
+    run = Run(opt="plain", sched="none", scaler=False)
+    ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=4, undo_rate_rise=False))
+    for step in range(1, 6):
+        run.step()
+        ctl.maybe_snapshot(step, quiet=True)
+    ctl.rollback(onset_step=5, alarm_step=5, channel="loss", healthy_rate=0.01)
+    assert ctl.rate_cap is None
+    run.step()
+    assert ctl.total_factor == 0.25
+    with pytest.raises(ValueError, match="`undo_rate_rise` must be True or False"):
+        RollbackPolicy(undo_rate_rise=1)  # type: ignore[arg-type]
+
+
 def test_lr_factor_survives_a_step_that_raises() -> None:
     run = Run(opt="plain", sched="none", scaler=False)
     ctl = RollbackController(run.state(), RollbackPolicy(lr_factor=0.5))

@@ -113,6 +113,9 @@ LOSS_STUCK = 0.05
 #: A learning-rate change by more than this factor, made by the schedule (a decay, or a return to a rate the run
 #: already trained at: a warm restart), restarts the per-step channels' references.
 LR_EVENT = 1.5
+#: The rises of the highest rate read are kept when they add more than this factor (1%): a warm-up from 1e-6 to 1e-3
+#: keeps ~700, and the highest rate before a step is known to 1% (`CusumDetector.highest_rate_before`).
+LR_RISE_STEP = 1.01
 #: A loss scale under this alarms (DeepSpeed's and Megatron's ``min_loss_scale`` default): halved at every skipped
 #: step, it gets there only when overflows keep coming.
 MIN_LOSS_SCALE = 1.0
@@ -479,6 +482,9 @@ class CusumDetector:
         self._lr_reference: float | None = None
         self._lr_previous: float | None = None
         self._lr_max = 0.0
+        #: ``[step, rate]`` each time the rate read passed every rate before it by more than `LR_RISE_STEP` (a
+        #: warm-up adds at most a few hundred): the highest rate read before a step, for `highest_rate_before`
+        self._lr_rises: list[list[float]] = []
         #: ``std_l2`` of the last checks, and whether the embeddings' spread has fallen (`SPREAD_FELL`) since the
         #: gradient norm's downward CUSUM last stood at 0
         self._spread: deque[float] = deque(maxlen=CHECK_WINDOW)
@@ -1021,6 +1027,8 @@ class CusumDetector:
             return False
         ref, previous, top = self._lr_reference, self._lr_previous, self._lr_max
         self._lr_previous, self._lr_max = lr, max(top, lr)
+        if lr > top and (not self._lr_rises or lr > self._lr_rises[-1][1] * LR_RISE_STEP):
+            self._lr_rises.append([step, lr])
         if ref is None or previous is None:
             self._lr_reference = lr
             return False
@@ -1036,6 +1044,21 @@ class CusumDetector:
             state.zero_step = step
         self._fall, self._fall_peak, self._fall_zero_step, self._fall_checked = 0.0, 0.0, step, 0
         return True
+
+    def highest_rate_before(self, step: int) -> float | None:
+        """The highest learning rate read (`observe_lr`) at the optimizer steps before ``step`` (to 1%: `LR_RISE_STEP`),
+        or None when none was read. A rollback whose alarm's first suspect state is the one after step ``step``
+        compares the schedule's rate with it (`topo_callbacks.core.rollback.RollbackPolicy.undo_rate_rise`).
+
+        Example:
+            >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 10.0}, 1.0))
+            >>> for s in range(1, 51):
+            ...     _ = det.observe_lr(s, 0.05 if s < 40 else 2.5)  # 50x from step 40
+            >>> det.highest_rate_before(40), det.highest_rate_before(41), det.highest_rate_before(1)
+            (0.05, 2.5, None)
+        """
+        before = [rate for at, rate in self._lr_rises if at < step]
+        return before[-1] if before else None
 
     def quiet_channels(self) -> frozenset[str]:
         """The channels whose statistic stands at 0 (for the gradient norm: no fall held back either): a change on
@@ -1174,6 +1197,7 @@ class CusumDetector:
             "lr_reference": self._lr_reference,
             "lr_previous": self._lr_previous,
             "lr_max": self._lr_max,
+            "lr_rises": [list(r) for r in self._lr_rises],
             "spread": list(self._spread),
             "spread_fell": self._spread_fell,
             "dead": list(self._dead),
@@ -1223,6 +1247,7 @@ class CusumDetector:
         previous = state.get("lr_previous")
         self._lr_previous = None if previous is None else float(previous)
         self._lr_max = float(state.get("lr_max", 0.0))
+        self._lr_rises = [[int(at), float(rate)] for at, rate in state.get("lr_rises", ())]
         self._spread = deque((float(v) for v in state.get("spread", ())), maxlen=CHECK_WINDOW)
         self._spread_fell = bool(state.get("spread_fell", False))
         self._dead = deque((float(v) for v in state.get("dead", ())), maxlen=CHECK_WINDOW)

@@ -1235,8 +1235,8 @@ class CollapseMonitorCore:
             # raised only when two intervals in a row need it: one pause of the process inside a read (a garbage
             # collection, a preemption) made a 10-step interval of an MLP's 20 ms steps measure ~1 ms a read, and
             # striding saves nothing of a pause (lowered at once: reading more costs detection nothing)
-            need = grad_stride(other, grad_s, train_step, budget)
-            self.grad_every, self._grad_need = min(need, self._grad_need), need
+            asked = grad_stride(other, grad_s, train_step, budget)
+            self.grad_every, self._grad_need = min(asked, self._grad_need), asked
             per_read = other + grad_s / self.grad_every
         per_read = max(per_read, 0.0)
 
@@ -1760,7 +1760,9 @@ class CollapseMonitorCore:
                 suspect = restored + 1 + controller.policy.min_lookback
         held = [snap.step for snap in controller.snapshots]
         try:
-            decision = controller.rollback(suspect, alarm_step, channel, detector_onset=onset - 1)
+            # the rates of the steps before onset-1 made the states read healthy
+            healthy = self.detector.highest_rate_before(onset - 1) if self.detector is not None else None
+            decision = controller.rollback(suspect, alarm_step, channel, detector_onset=onset - 1, healthy_rate=healthy)
             if decision.action == "rollback":
                 controller.rollbacks[-1]["onset"] = onset  # the record names the detector's onset
                 self._resume_after_rollback(step, decision)
@@ -1791,7 +1793,15 @@ class CollapseMonitorCore:
         self._warn(
             f"{self.monitor}: rolled back to the snapshot of step {entry['restored_step']} (alarm on `{channel}` at"
             f" step {alarm_step}, its change began at step {onset}); the learning rate is now"
-            f" {controller.total_factor:g}x the schedule (rollback {n} of {most}). The batches since step"
+            f" {controller.total_factor:g}x the schedule (rollback {n} of {most}"
+            + (
+                f"; if the schedule's rate for the retry's first step is still over"
+                f" {1 / controller.policy.lr_factor:g}x {controller.rate_cap:g}, the highest the run trained at before"
+                " the failure, the factor brings it back to that)"
+                if controller.rate_cap is not None
+                else ")"
+            )
+            + ". The batches since step"
             f" {entry['restored_step']} are not replayed: the data stream moves on."
             + (
                 ""

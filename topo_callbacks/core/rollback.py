@@ -154,6 +154,14 @@ class RollbackPolicy:
             ``project_dir``, else the working directory). Every rank must see the same directory, as for the
             framework's own checkpoints. The snapshots left are deleted when training ends normally. Only with
             ``storage="framework"``.
+        undo_rate_rise: at the first rollback, when the schedule's learning rate for the retry's first step is still
+            more than ``1 / lr_factor`` times the highest rate the run trained at before the alarm's onset (the rate
+            jumped as the failure began, and the restore did not put it back: a schedule computed from the step
+            count, which a rollback does not rewind), that rollback's factor brings it back to that highest healthy
+            rate instead: at a quarter, a rate 50x too high from step 40 and rolled back to step 1 (12.5x) plateaued
+            in 3 of 4 runs outside the benchmark. A rise the restore undid (a rate written into the optimizer once, a
+            scheduler rewound with the optimizer) keeps ``lr_factor``. Later rollbacks use ``lr_factor``. False:
+            ``lr_factor`` at every rollback.
         restore_on_stop: when the policy gives up (after ``max_rollbacks``, or when the failure came back with no
             older snapshot left), restore the newest snapshot taken before the alarm's onset (or, with none, the
             oldest held) before the run stops (as Keras' ``EarlyStopping(restore_best_weights=True)``), so that
@@ -181,6 +189,7 @@ class RollbackPolicy:
     storage: Literal["memory", "framework"] = "memory"
     restore_on_stop: bool = True
     dirpath: str | None = None
+    undo_rate_rise: bool = True
 
     def __post_init__(self) -> None:
         factor = as_real(self.lr_factor, "lr_factor", "a number in (0, 1]")
@@ -199,6 +208,8 @@ class RollbackPolicy:
             raise ValueError(f"`storage` must be 'memory' or 'framework'; got {self.storage!r}.")
         if not isinstance(self.restore_on_stop, bool):
             raise ValueError(f"`restore_on_stop` must be True or False; got {self.restore_on_stop!r}.")
+        if not isinstance(self.undo_rate_rise, bool):
+            raise ValueError(f"`undo_rate_rise` must be True or False; got {self.undo_rate_rise!r}.")
         if self.dirpath is not None:
             if not isinstance(self.dirpath, (str, os.PathLike)) or not os.fspath(self.dirpath):
                 raise ValueError(f"`dirpath` must be a path (str or os.PathLike) or None; got {self.dirpath!r}.")
@@ -735,7 +746,7 @@ def snapshot_name(monitor_key: str) -> str:
 class _LrScaler:
     """Step pre/post hooks on one torch optimizer: ``lr * factor`` inside ``step()``, the exact value outside."""
 
-    def __init__(self, optimizer: Optimizer, factor: Callable[[], float]) -> None:
+    def __init__(self, optimizer: Optimizer, factor: Callable[[Optimizer], float]) -> None:
         self.optimizer = optimizer
         self.factor = factor
         self._saved: list[tuple[Any, Any]] | None = None  # (schedule's lr, scaled lr) per group during a step
@@ -744,7 +755,7 @@ class _LrScaler:
     def _pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._saved is not None:  # the last step raised before the post-hook: put the schedule's values back
             self._post(optimizer, args, kwargs)
-        f = self.factor()
+        f = self.factor(optimizer)
         if f == 1.0:
             return
         saved = []
@@ -874,6 +885,9 @@ class RollbackController:
         self.restore_rng = bool(restore_rng)
         self.rollbacks: list[dict[str, Any]] = []
         self.total_factor = 1.0
+        #: after a first rollback, the highest rate the run trained at before the onset, until the retry's first step
+        #: compares the schedule's rate with it (`RollbackPolicy.undo_rate_rise`); None otherwise
+        self.rate_cap: float | None = None
         #: the step of the snapshot restored when the policy gave up (`RollbackPolicy.restore_on_stop`), else None
         self.restored_on_stop: int | None = None
         self._ring: deque[Snapshot] = deque()
@@ -971,10 +985,19 @@ class RollbackController:
     # -- acting on an alarm ------------------------------------------------------------------------------------------
 
     def rollback(
-        self, onset_step: int | None, alarm_step: int, channel: str, *, detector_onset: int | None = None
+        self,
+        onset_step: int | None,
+        alarm_step: int,
+        channel: str,
+        *,
+        detector_onset: int | None = None,
+        healthy_rate: float | None = None,
     ) -> RollbackDecision:
         """Act on an alarm at ``alarm_step`` whose change began at ``onset_step`` (`cusum_onset`; None: the alarm step,
-        as for an absolute rule such as a non-finite loss), raised by ``channel``.
+        as for an absolute rule such as a non-finite loss), raised by ``channel``. ``healthy_rate``: the highest
+        learning rate of the schedule (the first optimizer's first group) the run trained at before the onset
+        (`topo_callbacks.core.detector.CusumDetector.highest_rate_before`); at a first rollback the retry's first
+        step brings a rate still over ``1 / lr_factor`` times it back to it (`RollbackPolicy.undo_rate_rise`).
 
         Restores the chosen snapshot (call it at a step boundary, on every rank), drops the newer snapshots, lowers
         the learning rate and records ``{step, restored_step, onset, channel, lr_factor, total_factor}``; or, after
@@ -1014,7 +1037,11 @@ class RollbackController:
             self._forget(dropped)
             if not self._spare:
                 self._spare.append(dropped)
-        self.total_factor *= self.policy.lr_factor
+        factor = self.policy.lr_factor
+        self.total_factor *= factor
+        healthy = None if healthy_rate is None else float(healthy_rate)
+        if self.policy.undo_rate_rise and n == 0 and healthy is not None and math.isfinite(healthy) and healthy > 0:
+            self.rate_cap = healthy  # decided at the retry's first step (`_factor_for`)
         self._install_lr_hooks()
         self._last_restore_ms = (time.perf_counter() - t0) * 1000.0
         self._restart_clock = True
@@ -1023,7 +1050,7 @@ class RollbackController:
             "restored_step": target.step,
             "onset": onset,
             "channel": str(channel),
-            "lr_factor": self.policy.lr_factor,
+            "lr_factor": factor,
             "total_factor": self.total_factor,
         }
         self.rollbacks.append(entry)
@@ -1086,11 +1113,30 @@ class RollbackController:
             return
         ref = weakref.ref(self)  # the optimizer's hooks must not keep the controller (and its snapshots) alive
 
-        def factor() -> float:
+        def factor(optimizer: Any) -> float:
             controller = ref()
-            return 1.0 if controller is None else controller.total_factor
+            return 1.0 if controller is None else controller._factor_for(optimizer)
 
         self._scalers = [_LrScaler(opt, factor) for opt in self.state.optimizers]
+
+    def _factor_for(self, optimizer: Any) -> float:
+        """`total_factor`, for a step of ``optimizer`` about to run; at the retry's first step of the first optimizer
+        after a first rollback, lowered so that a schedule's rate still over ``1 / lr_factor`` times `rate_cap` comes
+        back to it (`RollbackPolicy.undo_rate_rise`; the rollback's entry records the factor taken)."""
+        cap = self.rate_cap
+        if cap is not None and self.state.optimizers and optimizer is self.state.optimizers[0]:
+            self.rate_cap = None
+            groups = getattr(optimizer, "param_groups", None)
+            lr = groups[0].get("lr") if groups else None
+            rate = float(lr) if isinstance(lr, (int, float)) else math.nan
+            if math.isfinite(rate) and rate * self.total_factor > cap:
+                before = self.total_factor / self.policy.lr_factor  # the factor before this rollback
+                self.total_factor = cap / rate
+                if self.rollbacks:
+                    self.rollbacks[-1]["lr_factor"] = self.total_factor / before
+                    self.rollbacks[-1]["total_factor"] = self.total_factor
+                    self.rollbacks[-1]["rate_undone"] = rate / cap
+        return self.total_factor
 
     def schedule_lr(self, optimizer: Any) -> float | None:
         """The schedule's own learning rate of ``optimizer``'s first parameter group, also when read inside its
@@ -1154,6 +1200,7 @@ class RollbackController:
             "rollbacks": [dict(e) for e in self.rollbacks],
             "total_factor": float(self.total_factor),
             "num_rollbacks": self.num_rollbacks,
+            "rate_cap": self.rate_cap,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -1166,8 +1213,11 @@ class RollbackController:
                 "channel": str(e["channel"]),
                 "lr_factor": float(e["lr_factor"]),
                 "total_factor": float(e["total_factor"]),
+                **({"rate_undone": float(e["rate_undone"])} if "rate_undone" in e else {}),
             }
             for e in state_dict.get("rollbacks", [])
         ]
         self.total_factor = float(state_dict.get("total_factor", 1.0))
+        cap = state_dict.get("rate_cap")
+        self.rate_cap = None if cap is None else float(cap)
         self._install_lr_hooks()
