@@ -28,6 +28,7 @@ from tests.lightning_helpers import TinyModel, loader
 from tests.lightning_helpers import trainer as make_pl_trainer
 from tests.procs import run_script
 from topo_callbacks.core import CollapseMonitorCore, CollapseWarning, RollbackPolicy, StoppingReason
+from topo_callbacks.core.rollback import RISE_KEPT
 from topo_callbacks.lightning import CollapseMonitor
 
 # the blow-up: the learning rate (0.05) is multiplied by BLOWUP for the optimizer step after step GLITCH on; the
@@ -405,21 +406,26 @@ def test_accelerate_gives_up_when_the_learning_rate_stays_too_high() -> None:
 
 
 def test_accelerate_undoes_a_rate_that_rose_as_the_failure_began() -> None:
-    """The same bug with the default ``undo_rate_rise``: the loop still sets 200x the rate at every step, and a
-    quarter of it (what ``lr_factor`` alone gives) is still 40x too high; the first rollback's factor brings it back to
-    the rate the run trained at before (1/200), the run goes on to the end without another alarm, and ends as good as
-    the same run without the bug."""
+    """The same bug with the default ``undo_rate_rise``: the loop still sets 200x the rate at every step, and the
+    policy's 0.8 of it would still be 160x too high; the first rollback's factor brings it down to `RISE_KEPT` (4)
+    times the rate the run trained at before (4/200). On this toy regression 4x still diverges: a second rollback at
+    0.8 (3.2x) is allowed (``max_rollbacks=2``), and the run goes on to the end where the factor alone gave up (the
+    test before), converging (its 128 steps at 3.2x the rate end ~4x the healthy run's error, not the run left at
+    the bug's rate, which diverges)."""
     healthy_model = _accelerate_rate_set_too_high({**POLICY, "max_rollbacks": 2, "lr_factor": 0.8}, bug=False)[2]
     stopped_at, monitor, model = _accelerate_rate_set_too_high({**POLICY, "max_rollbacks": 2, "lr_factor": 0.8})
     assert stopped_at is None
-    assert len(monitor.rollbacks) == 1
-    entry = monitor.rollbacks[0]
-    assert 60 < entry["step"] <= 70
-    assert entry["restored_step"] <= 60
-    assert entry["lr_factor"] == pytest.approx(1 / 200)
-    assert entry["total_factor"] == pytest.approx(1 / 200)
-    assert entry["rate_undone"] == pytest.approx(200)
-    assert_rescued(held_out_mse(model), held_out_mse(healthy_model), math.inf)
+    first, *later = monitor.rollbacks
+    assert 60 < first["step"] <= 70
+    assert first["restored_step"] <= 60
+    assert first["lr_factor"] == pytest.approx(RISE_KEPT / 200)
+    assert first["rate_rise"] == pytest.approx(200)
+    assert all(e["lr_factor"] == 0.8 and "rate_rise" not in e for e in later)
+    assert monitor.rollback_controller is not None
+    assert monitor.rollback_controller.total_factor == pytest.approx(RISE_KEPT / 200 * 0.8 ** len(later))
+    mse = held_out_mse(model)
+    assert math.isfinite(mse)
+    assert mse < DIVERGED * held_out_mse(healthy_model)
 
 
 def _accelerate_rate_set_too_high(policy: dict[str, Any], bug: bool = True) -> tuple[int | None, Any, nn.Module]:

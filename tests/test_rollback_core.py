@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from topo_callbacks.core.rollback import (
+    RISE_KEPT,
     FrameworkStorage,
     RollbackController,
     RollbackPolicy,
@@ -336,9 +337,9 @@ def test_lr_factor_scales_the_actual_update() -> None:
 def test_a_first_rollback_undoes_a_rate_rise_the_restore_left(restore_undoes_it: bool) -> None:
     """The rate goes 0.1 -> 5.0 (50x) at step 6 and the alarm comes after it: with the rate written at every step (a
     schedule computed from the step count, which a rollback does not rewind), the retry's first step finds it still
-    50x the highest rate before the onset, and the factor brings it back to 0.1 (1/50, not a quarter: 1.25 would
-    still be 12.5x); written once (the restore puts the old rate back), the policy's quarter applies. Either way the
-    entry and the state dict say what was taken, and the second rollback multiplies by a quarter."""
+    50x the highest rate before the onset, and the factor brings it down to `RISE_KEPT` (4) times 0.1 (0.08, not a
+    quarter: 1.25 would be 12.5x); written once (the restore puts the old rate back), the policy's quarter applies.
+    Either way the entry and the state dict say what was taken, and the second rollback multiplies by a quarter."""
     run = Run(opt="plain", sched="none", scaler=False)
     ctl = RollbackController(run.state(), RollbackPolicy(snapshot_every=4))
     seen = record_lr(run.opt)
@@ -358,12 +359,12 @@ def test_a_first_rollback_undoes_a_rate_rise_the_restore_left(restore_undoes_it:
     if restore_undoes_it:
         assert seen[-1] == pytest.approx(0.1 * 0.25)
         assert (entry["lr_factor"], ctl.total_factor) == (0.25, 0.25)
-        assert "rate_undone" not in entry
+        assert "rate_rise" not in entry
     else:
-        assert seen[-1] == pytest.approx(0.1)
-        assert entry["lr_factor"] == pytest.approx(1 / 50)
-        assert ctl.total_factor == pytest.approx(1 / 50)
-        assert entry["rate_undone"] == pytest.approx(50)
+        assert seen[-1] == pytest.approx(RISE_KEPT * 0.1)
+        assert entry["lr_factor"] == pytest.approx(RISE_KEPT / 50)
+        assert ctl.total_factor == pytest.approx(RISE_KEPT / 50)
+        assert entry["rate_rise"] == pytest.approx(50)
     fresh = RollbackController(Run(opt="plain", sched="none", scaler=False).state())
     fresh.load_state_dict(ctl.state_dict())
     assert fresh.state_dict() == ctl.state_dict()

@@ -60,6 +60,7 @@ from topo_callbacks.core.rollback import (
     RECOLLAPSE_CHECKS,
     RECOLLAPSE_RATIO,
     RECOLLAPSE_WINDOW,
+    RISE_KEPT,
     FrameworkStorage,
     RollbackController,
     RollbackDecision,
@@ -1795,9 +1796,8 @@ class CollapseMonitorCore:
             f" step {alarm_step}, its change began at step {onset}); the learning rate is now"
             f" {controller.total_factor:g}x the schedule (rollback {n} of {most}"
             + (
-                f"; if the schedule's rate for the retry's first step is still over"
-                f" {1 / controller.policy.lr_factor:g}x {controller.rate_cap:g}, the highest the run trained at before"
-                " the failure, the factor brings it back to that)"
+                f"; if the retry's first step would still train at over {RISE_KEPT:g}x {controller.rate_cap:g}, the"
+                " highest rate the run trained at before the failure, the factor brings it down to that)"
                 if controller.rate_cap is not None
                 else ")"
             )

@@ -99,6 +99,13 @@ RECOLLAPSE_CHECKS = 2
 #: reasons (a classifier's penultimate layer narrowing late in training) is not taken for a second collapse. On the
 #: calibration seeds SimSiam's second collapse was caught 13-16 checks after its rollback.
 RECOLLAPSE_WINDOW = 20
+#: `RollbackPolicy.undo_rate_rise`: a first rollback whose retry would still train at more than this many times the
+#: highest learning rate read before the onset (the schedule's rate times ``lr_factor``) brings it back to that many
+#: times it. Chosen on the benchmark's calibration seeds between 1 (the healthy rate itself) and 4: at 1 the byte-level
+#: LM whose rate rose 30x ended 4-5% over its healthy twin's perplexity (3 of 4 outside the 5% of a rescue; 1-2% under
+#: it at a quarter, 7.5x, as the lost steps are made up), at 4 it ends as at a quarter (4 of 4), and the rate raised
+#: 1000x is rescued by one rollback instead of three or four; nothing else changed there.
+RISE_KEPT = 4.0
 _STORAGE = ("memory", "framework")
 _Path = tuple[Any, ...]
 
@@ -154,14 +161,14 @@ class RollbackPolicy:
             ``project_dir``, else the working directory). Every rank must see the same directory, as for the
             framework's own checkpoints. The snapshots left are deleted when training ends normally. Only with
             ``storage="framework"``.
-        undo_rate_rise: at the first rollback, when the schedule's learning rate for the retry's first step is still
-            more than ``1 / lr_factor`` times the highest rate the run trained at before the alarm's onset (the rate
-            jumped as the failure began, and the restore did not put it back: a schedule computed from the step
-            count, which a rollback does not rewind), that rollback's factor brings it back to that highest healthy
-            rate instead: at a quarter, a rate 50x too high from step 40 and rolled back to step 1 (12.5x) plateaued
-            in 3 of 4 runs outside the benchmark. A rise the restore undid (a rate written into the optimizer once, a
-            scheduler rewound with the optimizer) keeps ``lr_factor``. Later rollbacks use ``lr_factor``. False:
-            ``lr_factor`` at every rollback.
+        undo_rate_rise: at the first rollback, when the retry's first step would still train at more than
+            `RISE_KEPT` (4) times the highest rate the run trained at before the alarm's onset (the schedule's rate
+            times ``lr_factor``: the rate jumped as the failure began, and the restore did not put it back, as with a
+            schedule computed from the step count, which a rollback does not rewind), that rollback's factor brings it
+            down to 4 times that healthy rate instead: at a quarter, a rate 50x too high from step 40 and rolled back
+            to step 1 (12.5x) plateaued in 3 of 4 runs outside the benchmark. A rise the restore undid (a rate written
+            into the optimizer once, a scheduler rewound with the optimizer) keeps ``lr_factor``. Later rollbacks use
+            ``lr_factor``. False: ``lr_factor`` at every rollback.
         restore_on_stop: when the policy gives up (after ``max_rollbacks``, or when the failure came back with no
             older snapshot left), restore the newest snapshot taken before the alarm's onset (or, with none, the
             oldest held) before the run stops (as Keras' ``EarlyStopping(restore_best_weights=True)``), so that
@@ -997,7 +1004,7 @@ class RollbackController:
         as for an absolute rule such as a non-finite loss), raised by ``channel``. ``healthy_rate``: the highest
         learning rate of the schedule (the first optimizer's first group) the run trained at before the onset
         (`topo_callbacks.core.detector.CusumDetector.highest_rate_before`); at a first rollback the retry's first
-        step brings a rate still over ``1 / lr_factor`` times it back to it (`RollbackPolicy.undo_rate_rise`).
+        step brings a rate still over `RISE_KEPT` times it down to that (`RollbackPolicy.undo_rate_rise`).
 
         Restores the chosen snapshot (call it at a step boundary, on every rank), drops the newer snapshots, lowers
         the learning rate and records ``{step, restored_step, onset, channel, lr_factor, total_factor}``; or, after
@@ -1121,21 +1128,21 @@ class RollbackController:
 
     def _factor_for(self, optimizer: Any) -> float:
         """`total_factor`, for a step of ``optimizer`` about to run; at the retry's first step of the first optimizer
-        after a first rollback, lowered so that a schedule's rate still over ``1 / lr_factor`` times `rate_cap` comes
-        back to it (`RollbackPolicy.undo_rate_rise`; the rollback's entry records the factor taken)."""
+        after a first rollback, lowered so that a rate still over `RISE_KEPT` times `rate_cap` comes down to that
+        (`RollbackPolicy.undo_rate_rise`; the rollback's entry records the factor taken and the rise, ``rate_rise``)."""
         cap = self.rate_cap
         if cap is not None and self.state.optimizers and optimizer is self.state.optimizers[0]:
             self.rate_cap = None
             groups = getattr(optimizer, "param_groups", None)
             lr = groups[0].get("lr") if groups else None
             rate = float(lr) if isinstance(lr, (int, float)) else math.nan
-            if math.isfinite(rate) and rate * self.total_factor > cap:
+            if math.isfinite(rate) and rate * self.total_factor > cap * RISE_KEPT:
                 before = self.total_factor / self.policy.lr_factor  # the factor before this rollback
-                self.total_factor = cap / rate
+                self.total_factor = cap * RISE_KEPT / rate
                 if self.rollbacks:
                     self.rollbacks[-1]["lr_factor"] = self.total_factor / before
                     self.rollbacks[-1]["total_factor"] = self.total_factor
-                    self.rollbacks[-1]["rate_undone"] = rate / cap
+                    self.rollbacks[-1]["rate_rise"] = rate / cap
         return self.total_factor
 
     def schedule_lr(self, optimizer: Any) -> float | None:
@@ -1213,7 +1220,7 @@ class RollbackController:
                 "channel": str(e["channel"]),
                 "lr_factor": float(e["lr_factor"]),
                 "total_factor": float(e["total_factor"]),
-                **({"rate_undone": float(e["rate_undone"])} if "rate_undone" in e else {}),
+                **({"rate_rise": float(e["rate_rise"])} if "rate_rise" in e else {}),
             }
             for e in state_dict.get("rollbacks", [])
         ]
