@@ -30,6 +30,9 @@ Runs (healthy unless marked):
   as a new parameter group at 1e-4 (1500 steps)
 - ``lr_x50_at_40`` (failure, at 40): the MLP's rate x50 from step 40
 - ``lr_x20_jump`` (failure, at 1500): the CNN under Adam, rate x20 from step 1500
+- ``cnn_sgd_x30_at_1000`` (failure, at 1000): the CNN under SGD with momentum, its rate x30 from step 1000 (a
+  milestone whose factor was written 30 for 1/30); added 2026-12-05 after `RollbackPolicy.undo_rate_rise`, to try it
+  on a run it was not designed on
 - ``labels_shuffled`` (failure, at 1000): the MLP's training labels shuffled from step 1000
 - ``dead_layer`` (failure, at 30): the watched layer's biases pushed to -50 at step 30 (its output constant 0)
 - ``simsiam_adamw_collapse`` (failure, at 600): ``simsiam_adamw`` whose stop-gradient is removed from step 600
@@ -212,6 +215,7 @@ RUNS = [
     Run("unfreeze_backbone", "cnn", 1500, _adam, unfreeze_at=500),
     Run("lr_x50_at_40", "mlp", 600, _sgd, fail_at=40, lr_factor=lambda s: 50.0 if s >= 40 else 1.0),
     Run("lr_x20_jump", "cnn", 2500, _adam, fail_at=1500, lr_factor=lambda s: 20.0 if s >= 1500 else 1.0),
+    Run("cnn_sgd_x30_at_1000", "cnn", 2000, _sgd, fail_at=1000, lr_factor=lambda s: 30.0 if s >= 1000 else 1.0),
     Run("labels_shuffled", "mlp", 1500, _sgd, fail_at=1000, shuffle_from=1000),
     Run("dead_layer", "mlp", 600, _sgd, fail_at=30, dead_at=30),
     Run(

@@ -20,6 +20,7 @@ from tests.scripts import load_benchmark
 from topo_callbacks.bench.tasks import DigitsMLP
 from topo_callbacks.core import CollapseMonitorCore
 from topo_callbacks.core.detector import CAP, CHECK_WINDOW, CusumDetector, DetectorCalibration, default_calibration
+from topo_callbacks.core.rollback import RISE_KEPT
 
 
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,6 +466,26 @@ def test_a_layer_broken_once_outside_the_benchmark_is_rolled_back_to_before_it(o
     assert rolled.stopped_at is None
     assert healthy.alarms == []
     assert healthy.rollbacks == []
+    assert rolled.final_metric >= healthy.final_metric - outside.RESCUE_POINTS, (rolled, healthy)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_rate_50x_too_high_outside_the_benchmark_is_rolled_back_to_a_rate_it_learns_at(
+    outside: Any, seed: int
+) -> None:
+    """``lr_x50_at_40`` with ``on_alarm="rollback"``: the loop sets the rate 50x from step 40 on (computed from the step
+    count: a rollback does not put it back). At a quarter (12.5x) three of four seeds plateaued near their first
+    loss without another alarm (2026-12-04); with ``undo_rate_rise`` the first rollback brings the retry down to
+    `RISE_KEPT` (4) times the rate of before the onset, and the run ends within 2 points of its healthy twin (with
+    every step read, seed 1 alarms once more at 413, on its converging gradient norm, and rolls back to 241 at a
+    quarter of that: later rollbacks are the policy's own)."""
+    run = next(r for r in outside.RUNS if r.name == "lr_x50_at_40")
+    rolled = outside.train(run, seed, None, False, on_alarm="rollback")
+    healthy = outside.train(outside.twin(run), seed, None, False)
+    first = rolled.rollbacks[0]
+    assert (first["step"], first["restored_step"]) == (41, 1), rolled.rollbacks
+    assert first["total_factor"] == pytest.approx(RISE_KEPT / 50)
+    assert rolled.stopped_at is None
     assert rolled.final_metric >= healthy.final_metric - outside.RESCUE_POINTS, (rolled, healthy)
 
 
