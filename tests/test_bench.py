@@ -354,7 +354,7 @@ def test_the_rollback_arm_equals_its_plain_arm_until_the_alarm_then_goes_back_be
     if run.stopped_step is None:
         assert len(run.record.loss) == 60
     else:  # the policy gave up: the run stops there, its last evaluation is the model it stopped with
-        assert run.stop_reason in ("max_rollbacks", "came_back", "no_snapshot")
+        assert run.stop_reason in ("max_rollbacks", "came_back", "no_snapshot", "collapsed_again")
         assert len(run.record.loss) == run.stopped_step == run.record.evals[-1][0]
         assert run.stop_message
     twin = train_rollback_arm(fam, 0, True, "healthy", cal, policy)
@@ -375,7 +375,7 @@ def test_the_rollback_arm_equals_its_plain_arm_until_the_alarm_then_goes_back_be
     assert row["reference"] == healthy.evals[-1][1]
     expected = "rescued" if row["within"] else "not rescued"
     if run.stopped_step is not None:
-        diagnosis = run.stop_reason in ("max_rollbacks", "came_back")
+        diagnosis = run.stop_reason in ("max_rollbacks", "came_back", "collapsed_again")
         expected = "stopped: configuration diagnosis" if diagnosis else "stopped: no_snapshot"
     assert row["outcome"] == expected
 

@@ -52,10 +52,11 @@ def _train(
     jump_at: int | None = None,
     sleep_s: float = 0.0,
     pause_at: int | None = None,
+    pause_s: float = 0.02,
 ) -> Trained:
     """A plain loop that feeds the monitor as the adapters do: the loss through `add_loss`, the gradient norm through
     `step_grad_norm` (only at the steps the monitor reads), the learning rate; ``jump_at``: the loss x1e6 from that
-    step on; ``sleep_s``: a slower model's step; ``pause_at``: the process pauses for 20 ms inside the monitor's
+    step on; ``sleep_s``: a slower model's step; ``pause_at``: the process pauses for ``pause_s`` inside the monitor's
     gradient-norm read at that step (a garbage collection, a preemption by another process)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(start)
@@ -70,7 +71,8 @@ def _train(
         loss.backward()
         if sleep_s:
             time.sleep(sleep_s)
-        grad = monitor.step_grad_norm(_paused(model.parameters()) if step == pause_at else model.parameters(), step)
+        params = _paused(model.parameters(), pause_s) if step == pause_at else model.parameters()
+        grad = monitor.step_grad_norm(params, step)
         if grad is not None:
             out.normed.append(step)
         opt.step()
@@ -83,8 +85,8 @@ def _train(
     return out
 
 
-def _paused(parameters: Iterator[nn.Parameter]) -> Iterator[nn.Parameter]:
-    time.sleep(0.02)
+def _paused(parameters: Iterator[nn.Parameter], seconds: float) -> Iterator[nn.Parameter]:
+    time.sleep(seconds)
     yield from parameters
 
 
@@ -502,9 +504,24 @@ def test_one_slow_read_does_not_make_the_budget_stride_the_gradient_norm() -> No
     intervals in a row need it (the cause of a test that failed at random on a busy machine)."""
     cheap = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128, max_overhead=0.1)
     cheap.attach(model := _mlp())
-    _train(cheap, model, 60, sleep_s=0.02, pause_at=55)
-    assert cheap.last_checked_step == 60  # the interval of the pause is the last one the budget decided on
+    _train(cheap, model, 50, sleep_s=0.02)
+    last = cheap.next_check_step(51)  # (the budget spaces the checks by measured time: 60 or later)
+    _train(cheap, model, last - 50, start=51, sleep_s=0.02, pause_at=last - 3)
+    assert cheap.last_checked_step == last  # the interval of the pause is the last one the budget decided on
     assert cheap.grad_every == 1
+
+
+def test_one_slow_read_does_not_make_the_budget_read_fewer_steps() -> None:
+    """The same for the per-step reads: a pause of 80 ms inside one read makes its interval measure ~8 ms a read,
+    over the 3.2 ms (`STRIDE_FROM` x the planned 8% of a 20 ms step) from which the budget reads every k-th step
+    only; the reads of the intervals before cost under a millisecond, and every step is still read."""
+    monitor = CollapseMonitorCore("1", every_n_train_steps=10, max_samples=128, max_overhead=0.1)
+    monitor.attach(model := _mlp())
+    _train(monitor, model, 50, sleep_s=0.02)
+    last = monitor.next_check_step(51)
+    _train(monitor, model, last - 50, start=51, sleep_s=0.02, pause_at=last - 3, pause_s=0.08)
+    assert monitor.last_checked_step == last
+    assert monitor.observe_every == 1
 
 
 def test_a_model_given_for_its_parameters_is_listed_again_when_they_change() -> None:

@@ -24,7 +24,9 @@ from topo_callbacks.core.budget import (
     CHECK_SHARE_FLOOR,
     HOST_BATCH_FROM,
     LONGEST_SPACING,
+    MAX_GRAD_STRIDE,
     MAX_SPACING,
+    MAX_STRIDE,
     MIN_SAMPLES,
     PLANNED_SHARE,
     check_spacing,
@@ -456,7 +458,8 @@ class CollapseMonitorCore:
         #: of the steps read, the gradient norm is computed at every this many only (1 unless ``max_overhead`` finds it
         #: most of the per-step work; at most `MAX_GRAD_STRIDE`): `reads_grad_norm`
         self.grad_every = 1
-        self._grad_need = 1  # the stride the last interval's costs asked for (`_schedule_next`)
+        # the strides the last interval's costs asked for (`_schedule_next`); the first interval decides alone
+        self._grad_need, self._stride_need = MAX_GRAD_STRIDE, MAX_STRIDE
         self._reads_since_grad = 0
         self._grad_spent_s = 0.0
         self._grad_count = 0
@@ -1233,9 +1236,10 @@ class CollapseMonitorCore:
             # the gradient norm first, at one read in 2 or 4 (`grad_stride`): detection barely changes, the cost of
             # the step it is computed at is most of the per-step work on a small model
             other = max(per_step - grad_per_step, 0.0) * self.observe_every  # (the norm was computed more often early)
-            # raised only when two intervals in a row need it: one pause of the process inside a read (a garbage
-            # collection, a preemption) made a 10-step interval of an MLP's 20 ms steps measure ~1 ms a read, and
-            # striding saves nothing of a pause (lowered at once: reading more costs detection nothing)
+            # after the first interval, raised only when two intervals in a row need it: one pause of the process
+            # inside a read (a garbage collection, a preemption) made a 10-step interval of an MLP's 20 ms steps
+            # measure ~1 ms a read, and striding saves nothing of a pause (lowered at once: reading more costs
+            # detection nothing)
             asked = grad_stride(other, grad_s, train_step, budget)
             self.grad_every, self._grad_need = min(asked, self._grad_need), asked
             per_read = other + grad_s / self.grad_every
@@ -1246,11 +1250,13 @@ class CollapseMonitorCore:
             budget: what the per-step work leaves, and at least CHECK_SHARE_FLOOR of it (the per-step work is kept at
             every step up to STRIDE_FROM x the budget: it carries the detector; the checks are not dropped, and a
             check the detector asks for comes sooner: `_bring_check_forward`)."""
-            stride = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every, unread_s, fixed_s)
-            self.observe_every = stride
+            asked = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every, unread_s, fixed_s)
+            stride = self.observe_every = min(asked, self._stride_need)  # as the gradient norm's stride, above
+            strides_asked.append(asked)
             per_step = fixed_s + (per_read + unread_s * (stride - 1)) / stride
             return max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
 
+        strides_asked: list[int] = []
         check_budget = plan_reads(check_s)
         need = check_spacing(check_s, 0.0, train_step, check_budget)
         if (
@@ -1270,6 +1276,7 @@ class CollapseMonitorCore:
             # (on the digits MLP 1 step in 100 became 1 in ~6 at the same planned share)
             check_budget = plan_reads(check_s)
             need = max(MAX_SPACING * every, check_spacing(check_s, 0.0, train_step, check_budget))
+        self._stride_need = strides_asked[-1]
         spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
         self.check_every = max(1, spacing) * every
         self._next_check = step + self.check_every
@@ -1996,7 +2003,8 @@ class CollapseMonitorCore:
         self.unit_checks = int(state.get("unit_checks", 0))
         self.observe_every = int(state.get("observe_every", 1))
         self.grad_every = int(state.get("grad_every", 1))
-        self._grad_need = self.grad_every  # a resumed run's stride stands as asked for once already
+        # a resumed run's strides stand as asked for once already
+        self._grad_need, self._stride_need = self.grad_every, self.observe_every
         if self.history or self.last_checked_step >= 0 or self.eps is not None:
             self._trial_samples = None  # a resumed run has measured its checks already: no trial again
         self._next_check = int(state.get("next_check", self.last_checked_step + self.check_every))
