@@ -43,11 +43,15 @@ def plain_loop(
     momentum: float = 0.9,
     grad_norms: list[float] | None = None,
     shuffle_labels_from: int | None = None,
+    smoothing_from: int | None = None,
+    restart_at: int | None = None,
     **monitor_kwargs: Any,
 ) -> tuple[CollapseMonitorCore, list[str], list[float]]:
     """A plain PyTorch loop on the digits with the core monitor, fed as the adapters feed it (loss, gradient norm,
     learning rate). ``lr`` may be a function of the 1-based step; ``loss_hook(step, loss)`` may replace the loss;
-    ``grad_norms`` collects the gradient norms; from ``shuffle_labels_from`` on the labels are shuffled."""
+    ``grad_norms`` collects the gradient norms; from ``shuffle_labels_from`` on the labels are shuffled; from
+    ``smoothing_from`` on the loss has label smoothing 0.3; before step ``restart_at`` the loop calls
+    `CollapseMonitorCore.restart_references`."""
     from topo_callbacks.core.detector import global_grad_norm
 
     torch.manual_seed(seed)
@@ -66,12 +70,15 @@ def plain_loop(
             rate = lr(step) if callable(lr) else lr
             for group in opt.param_groups:
                 group["lr"] = rate
+            if step == restart_at:
+                monitor.restart_references()
             monitor.prepare_step(step)
             idx = torch.randint(0, len(x), (64,), generator=g)
             labels = y[idx]
             if shuffle_labels_from is not None and step >= shuffle_labels_from:  # a data-loading bug
                 labels = labels[torch.randperm(len(labels), generator=g)]
-            loss = nn.functional.cross_entropy(model(x[idx]), labels)
+            smoothing = 0.3 if smoothing_from is not None and step >= smoothing_from else 0.0
+            loss = nn.functional.cross_entropy(model(x[idx]), labels, label_smoothing=smoothing)
             if loss_hook is not None:
                 loss = loss_hook(step, loss)
             opt.zero_grad()
@@ -88,6 +95,27 @@ def plain_loop(
                 break
     monitor.detach()
     return monitor, [str(w.message) for w in caught], losses
+
+
+# ------------------------------------------------------------------------------------------ deliberate changes
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_deliberate_change_told_to_the_monitor_is_learned_and_a_later_failure_still_alarms(seed: int) -> None:
+    """Label smoothing 0.3 switched on at step 300: the loss of the converged MLP jumps from ~0.05 to ~3 at once,
+    which the detector cannot tell from a failure (`loss_spike` alarms at 300). Told first
+    (``restart_references()`` before step 300), it learns the new level and stays quiet; labels shuffled from step 450
+    (a data bug) still alarm, before the end."""
+    plain, _, losses = plain_loop(400, seed=seed, smoothing_from=300)
+    assert plain.detector is not None
+    assert [e["start"] for e in plain.detector.episodes] == [300], plain.detector.episodes
+    assert losses[299] > 20 * max(losses[280:299])  # the jump the alarm was about
+    told, _, _ = plain_loop(450, seed=seed, smoothing_from=300, restart_at=300)
+    assert told.detector is not None
+    assert told.detector.episodes == []
+    broken, _, _ = plain_loop(600, seed=seed, smoothing_from=300, restart_at=300, shuffle_labels_from=450)
+    assert broken.detector is not None
+    starts = [e["start"] for e in broken.detector.episodes]
+    assert starts, "the data bug after the restart did not alarm"
+    assert 450 <= starts[0] < 500, broken.detector.episodes
 
 
 # ------------------------------------------------------------------------------------------------ fp16 scalers

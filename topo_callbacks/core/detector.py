@@ -1038,12 +1038,28 @@ class CusumDetector:
             self._lr_reference = max(ref, lr)  # a decay is measured from the highest rate since the last event
             return False
         self._lr_reference = lr
+        self.restart_references(step)
+        return True
+
+    def restart_references(self, step: int) -> None:
+        """Forget every channel's reference and accumulators from optimizer step ``step`` on, as a schedule's
+        learning-rate event does (`observe_lr`): the per-step channels score again after `STEP_MIN_REFERENCE` values,
+        the check channels after `CHECK_MIN_REFERENCE` checks, the extreme-value rule (it compares with the reference)
+        after `STEP_MIN_REFERENCE` too; the rules that need no reference go on. For a change made on purpose that is
+        not a learning rate (`topo_callbacks.core.CollapseMonitorCore.restart_references`).
+
+        Example:
+            >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 10.0}, 1.0))
+            >>> _ = [det.observe_step(s, {"loss": 1.0 + 0.01 * (s % 3)}) for s in range(1, 41)]
+            >>> det.restart_references(41)
+            >>> len(det.states["loss"].reference), det.observe_step(41, {"loss": 3.0})  # not scored: no reference
+            (0, None)
+        """
         for state in self.states.values():
             state.reference.clear()
             state.s_pos = state.s_neg = 0.0
             state.zero_step = step
         self._fall, self._fall_peak, self._fall_zero_step, self._fall_checked = 0.0, 0.0, step, 0
-        return True
 
     def highest_rate_before(self, step: int) -> float | None:
         """The highest learning rate read (`observe_lr`) at the optimizer steps before ``step`` (to 1%: `LR_RISE_STEP`),

@@ -650,6 +650,35 @@ class CollapseMonitorCore:
         self._quiet_through = self._quiet_until(self.last_observed_step)
         return fired
 
+    def restart_references(self) -> None:
+        """Tell the detector that the run changes on purpose from the next optimizer step on, in a way it cannot see
+        (a learning rate it does: `observe_step`'s ``lr``): an objective switched or re-weighted (label smoothing on, a
+        contrastive temperature changed, an auxiliary loss added), a harder data stage (stronger augmentation, a
+        curriculum step), layers unfrozen. Every channel's reference and accumulator restart, as at a schedule's
+        decay: the per-step channels score again after 20 reads, the check channels after 4 checks, so the new level
+        is learned instead of alarmed on (the extreme-value rule, which compares with the reference too, after 20
+        reads); the rules that need no reference go on (a non-finite loss or gradient, a collapsed representation, a
+        dead layer, a zero gradient). Values queued but not yet scored (a batch of reads) are scored against the new
+        references. Call it on every rank at the same step, between two optimizer steps.
+
+        What it costs: a failure that begins within the next ~20 steps is seen only by those rules. Without
+        the call, a deliberate change such as these alarms as a failure would (on the benchmark, a contrastive
+        temperature cut 10x alarms in most seeds: see docs/benchmark.md).
+
+        Example:
+            >>> monitor = CollapseMonitorCore("0", max_overhead=None)
+            >>> _ = [monitor.observe_step(s, loss=1.0 + 0.01 * (s % 5), grad_norm=2.0) for s in range(1, 301)]
+            >>> monitor.restart_references()  # e.g. label smoothing switched on for the steps from 301
+            >>> len(monitor.detector.states["loss"].reference)
+            0
+        """
+        if self.detector is None:
+            return
+        self.detector.restart_references(self.last_observed_step + 1)
+        if self._host_batch:
+            self._urgent_above = self.detector.urgent_above()  # bounds from the references: renewed with them
+        self._quiet_through = 0
+
     def _quiet_until(self, step: int) -> int:
         """The last optimizer step of the stretch after ``step`` in which nothing is due (`observes` is false, no
         check, no unit check, the hook not armed), or ``step`` when there is none: `prepare_step`, `step_grad_norm`
