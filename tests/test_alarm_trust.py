@@ -111,6 +111,8 @@ def test_a_deliberate_change_told_to_the_monitor_is_learned_and_a_later_failure_
     told, _, _ = plain_loop(450, seed=seed, smoothing_from=300, restart_at=300)
     assert told.detector is not None
     assert told.detector.episodes == []
+    assert told.summary()["reference_restarts"] == [[300, "told"]]
+    assert plain.summary()["reference_restarts"] == []
     broken, _, _ = plain_loop(600, seed=seed, smoothing_from=300, restart_at=300, shuffle_labels_from=450)
     assert broken.detector is not None
     starts = [e["start"] for e in broken.detector.episodes]

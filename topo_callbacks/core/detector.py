@@ -116,6 +116,8 @@ LR_EVENT = 1.5
 #: The rises of the highest rate read are kept when they add more than this factor (1%): a warm-up from 1e-6 to 1e-3
 #: keeps ~700, and the highest rate before a step is known to 1% (`CusumDetector.highest_rate_before`).
 LR_RISE_STEP = 1.01
+#: `CusumDetector.reference_restarts` keeps the last this many.
+MAX_RESTARTS_KEPT = 100
 #: A loss scale under this alarms (DeepSpeed's and Megatron's ``min_loss_scale`` default): halved at every skipped
 #: step, it gets there only when overflows keep coming.
 MIN_LOSS_SCALE = 1.0
@@ -485,6 +487,9 @@ class CusumDetector:
         #: ``[step, rate]`` each time the rate read passed every rate before it by more than `LR_RISE_STEP` (a
         #: warm-up adds at most a few hundred): the highest rate read before a step, for `highest_rate_before`
         self._lr_rises: list[list[float]] = []
+        #: ``[step, why]`` for each restart of the references (`restart_references`): ``"lr"`` at a schedule's event,
+        #: ``"told"`` when the user said so; the last `MAX_RESTARTS_KEPT`
+        self.reference_restarts: list[list[Any]] = []
         #: ``std_l2`` of the last checks, and whether the embeddings' spread has fallen (`SPREAD_FELL`) since the
         #: gradient norm's downward CUSUM last stood at 0
         self._spread: deque[float] = deque(maxlen=CHECK_WINDOW)
@@ -1038,15 +1043,16 @@ class CusumDetector:
             self._lr_reference = max(ref, lr)  # a decay is measured from the highest rate since the last event
             return False
         self._lr_reference = lr
-        self.restart_references(step)
+        self.restart_references(step, why="lr")
         return True
 
-    def restart_references(self, step: int) -> None:
+    def restart_references(self, step: int, why: str = "told") -> None:
         """Forget every channel's reference and accumulators from optimizer step ``step`` on, as a schedule's
         learning-rate event does (`observe_lr`): the per-step channels score again after `STEP_MIN_REFERENCE` values,
         the check channels after `CHECK_MIN_REFERENCE` checks, the extreme-value rule (it compares with the reference)
         after `STEP_MIN_REFERENCE` too; the rules that need no reference go on. For a change made on purpose that is
-        not a learning rate (`topo_callbacks.core.CollapseMonitorCore.restart_references`).
+        not a learning rate (`topo_callbacks.core.CollapseMonitorCore.restart_references`). Recorded in
+        `reference_restarts` as ``[step, why]``.
 
         Example:
             >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 10.0}, 1.0))
@@ -1060,6 +1066,7 @@ class CusumDetector:
             state.s_pos = state.s_neg = 0.0
             state.zero_step = step
         self._fall, self._fall_peak, self._fall_zero_step, self._fall_checked = 0.0, 0.0, step, 0
+        self.reference_restarts = [*self.reference_restarts[-(MAX_RESTARTS_KEPT - 1) :], [int(step), str(why)]]
 
     def highest_rate_before(self, step: int) -> float | None:
         """The highest learning rate read (`observe_lr`) at the optimizer steps before ``step`` (to 1%: `LR_RISE_STEP`),
@@ -1214,6 +1221,7 @@ class CusumDetector:
             "lr_previous": self._lr_previous,
             "lr_max": self._lr_max,
             "lr_rises": [list(r) for r in self._lr_rises],
+            "reference_restarts": [list(r) for r in self.reference_restarts],
             "spread": list(self._spread),
             "spread_fell": self._spread_fell,
             "dead": list(self._dead),
@@ -1264,6 +1272,7 @@ class CusumDetector:
         self._lr_previous = None if previous is None else float(previous)
         self._lr_max = float(state.get("lr_max", 0.0))
         self._lr_rises = [[int(at), float(rate)] for at, rate in state.get("lr_rises", ())]
+        self.reference_restarts = [[int(at), str(why)] for at, why in state.get("reference_restarts", ())]
         self._spread = deque((float(v) for v in state.get("spread", ())), maxlen=CHECK_WINDOW)
         self._spread_fell = bool(state.get("spread_fell", False))
         self._dead = deque((float(v) for v in state.get("dead", ())), maxlen=CHECK_WINDOW)

@@ -669,8 +669,8 @@ class CollapseMonitorCore:
             >>> monitor = CollapseMonitorCore("0", max_overhead=None)
             >>> _ = [monitor.observe_step(s, loss=1.0 + 0.01 * (s % 5), grad_norm=2.0) for s in range(1, 301)]
             >>> monitor.restart_references()  # e.g. label smoothing switched on for the steps from 301
-            >>> len(monitor.detector.states["loss"].reference)
-            0
+            >>> len(monitor.detector.states["loss"].reference), monitor.summary()["reference_restarts"]
+            (0, [[301, 'told']])
         """
         if self.detector is None:
             return
@@ -1576,6 +1576,9 @@ class CollapseMonitorCore:
             "max_samples": self.max_samples,
             # every alarm episode of the detector: start, end (None while open), channel, kind, peak level, message
             "episodes": [] if self.detector is None else [dict(e) for e in self.detector.episodes],
+            # steps at which the detector's references restarted: a schedule's event ("lr") or `restart_references`
+            # ("told"); each starts ~20 reads in which only the rules that need no reference score
+            "reference_restarts": [] if self.detector is None else [list(r) for r in self.detector.reference_restarts],
             "on_alarm": self.on_alarm,
             # on_alarm="rollback": one entry per rollback (alarm step, restored step, onset, channel, factors)
             "rollbacks": self.rollbacks,
