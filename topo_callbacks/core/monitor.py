@@ -1273,19 +1273,20 @@ class CollapseMonitorCore:
             self.grad_every, self._grad_need = min(asked, self._grad_need), asked
             per_read = other + grad_s / self.grad_every
         per_read = max(per_read, 0.0)
+        stride_asked = 1  # what the last `plan_reads` asked for
 
         def plan_reads(check_s: float) -> float:
             """The stride for checks of ``check_s`` seconds (`observe_every`), and what it leaves the checks of the
             budget: what the per-step work leaves, and at least CHECK_SHARE_FLOOR of it (the per-step work is kept at
             every step up to STRIDE_FROM x the budget: it carries the detector; the checks are not dropped, and a
             check the detector asks for comes sooner: `_bring_check_forward`)."""
-            asked = step_stride(check_s, per_read, train_step, budget, LONGEST_SPACING * every, unread_s, fixed_s)
-            stride = self.observe_every = min(asked, self._stride_need)  # as the gradient norm's stride, above
-            strides_asked.append(asked)
+            nonlocal stride_asked
+            longest = LONGEST_SPACING * every
+            stride_asked = step_stride(check_s, per_read, train_step, budget, longest, unread_s, fixed_s)
+            stride = self.observe_every = min(stride_asked, self._stride_need)  # as the gradient norm's stride, above
             per_step = fixed_s + (per_read + unread_s * (stride - 1)) / stride
             return max(budget - per_step / max(train_step, 1e-12), CHECK_SHARE_FLOOR * budget)
 
-        strides_asked: list[int] = []
         check_budget = plan_reads(check_s)
         need = check_spacing(check_s, 0.0, train_step, check_budget)
         if (
@@ -1305,7 +1306,7 @@ class CollapseMonitorCore:
             # (on the digits MLP 1 step in 100 became 1 in ~6 at the same planned share)
             check_budget = plan_reads(check_s)
             need = max(MAX_SPACING * every, check_spacing(check_s, 0.0, train_step, check_budget))
-        self._stride_need = strides_asked[-1]
+        self._stride_need = stride_asked
         spacing = math.ceil(min(need, LONGEST_SPACING * every) / every)
         self.check_every = max(1, spacing) * every
         self._next_check = step + self.check_every

@@ -1044,8 +1044,7 @@ class RollbackController:
             self._forget(dropped)
             if not self._spare:
                 self._spare.append(dropped)
-        factor = self.policy.lr_factor
-        self.total_factor *= factor
+        self.total_factor *= self.policy.lr_factor
         healthy = None if healthy_rate is None else float(healthy_rate)
         if self.policy.undo_rate_rise and n == 0 and healthy is not None and math.isfinite(healthy) and healthy > 0:
             self.rate_cap = healthy  # decided at the retry's first step (`_factor_for`)
@@ -1057,7 +1056,7 @@ class RollbackController:
             "restored_step": target.step,
             "onset": onset,
             "channel": str(channel),
-            "lr_factor": factor,
+            "lr_factor": self.policy.lr_factor,
             "total_factor": self.total_factor,
         }
         self.rollbacks.append(entry)
@@ -1122,7 +1121,10 @@ class RollbackController:
 
         def factor(optimizer: Any) -> float:
             controller = ref()
-            return 1.0 if controller is None else controller._factor_for(optimizer)
+            if controller is None:
+                return 1.0
+            # every optimizer step: a rate still to compare (`_factor_for`) only once after a first rollback
+            return controller.total_factor if controller.rate_cap is None else controller._factor_for(optimizer)
 
         self._scalers = [_LrScaler(opt, factor) for opt in self.state.optimizers]
 
