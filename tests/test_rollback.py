@@ -887,6 +887,8 @@ def test_storage_framework_needs_the_hooks() -> None:
 # DDP: every rank rolls back at the same step to the same state
 # ----------------------------------------------------------------------------------------------------------------------
 
+#: ddp with host-memory snapshots; FSDP2 with the framework's checkpoints; ddp with a rate set too high at every step
+CONFIGS = ("ddp", "fsdp2", "ddp_rate_kept")
 DDP_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, warnings
@@ -895,7 +897,7 @@ DDP_SCRIPT = textwrap.dedent(
     from torch.distributed.tensor import DTensor
     from tests.procs import finish_distributed
     from tests.lightning_helpers import TinyModel, loader, shard_every_linear
-    from tests.test_rollback import BASE_LR, BLOWUP, GLITCH, MONITOR, POLICY, held_out_mse
+    from tests.test_rollback import BASE_LR, BLOWUP, CONFIGS, GLITCH, MONITOR, POLICY, held_out_mse
     from topo_callbacks.lightning import CollapseMonitor
 
 
@@ -919,8 +921,13 @@ DDP_SCRIPT = textwrap.dedent(
 
 
     class Glitch(pl.Callback):
+        # once at GLITCH (a rollback undoes it), or (every_step) at every step from GLITCH on: a rate the restore
+        # leaves, which the first rollback's ``undo_rate_rise`` brings down on every rank alike
+        def __init__(self, every_step=False):
+            self.every_step = every_step
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == GLITCH:
+            if trainer.global_step == GLITCH or (self.every_step and trainer.global_step >= GLITCH):
                 for group in trainer.optimizers[0].param_groups:
                     group["lr"] = BASE_LR * BLOWUP
 
@@ -935,6 +942,12 @@ DDP_SCRIPT = textwrap.dedent(
             self.monitor, self.out = monitor, out
             self.restored, self.seen = None, {}
 
+        def on_train_start(self, trainer, pl_module):
+            # registered after the monitor's own step pre-hook: sees the rate each step applies
+            self.lr_used = None
+            trainer.optimizers[0].register_step_pre_hook(
+                lambda opt, args, kwargs: setattr(self, "lr_used", opt.param_groups[0]["lr"]))
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step <= GLITCH:
                 self.seen[trainer.global_step] = full(pl_module)
@@ -945,6 +958,8 @@ DDP_SCRIPT = textwrap.dedent(
             mon = self.monitor
             rollbacks = mon.rollbacks
             result = {"rank": trainer.global_rank, "global_step": trainer.global_step, "rollbacks": rollbacks,
+                      "total_factor": mon.rollback_controller.total_factor,
+                      "lr_used": self.lr_used,
                       "episodes": mon.summary()["episodes"], "snapshots": mon.summary()["snapshots"]["taken"],
                       "restored": self.restored, "mse": held_out_mse(pl_module),
                       "before": self.seen.get(rollbacks[0]["restored_step"]) if rollbacks else None,
@@ -963,8 +978,9 @@ DDP_SCRIPT = textwrap.dedent(
         else:
             strategy, model, policy = "ddp", Uneven(lr=BASE_LR), POLICY
         mon = CollapseMonitor(**MONITOR, on_alarm=policy)
+        glitch = Glitch(every_step=config == "ddp_rate_kept")
         trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=200,
-                             callbacks=[mon, Glitch(), Dump(mon, f"{out}/{config}")], logger=False,
+                             callbacks=[mon, glitch, Dump(mon, f"{out}/{config}")], logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(model, loader(n=4096, batch_size=32))
 
@@ -973,7 +989,7 @@ DDP_SCRIPT = textwrap.dedent(
         # both configurations in one launch, one Trainer after the other (a launch is ~8 s of imports per process)
         out = sys.argv[1]
         warnings.simplefilter("ignore")
-        for config in ("ddp", "fsdp2"):
+        for config in CONFIGS:
             fit(out, config)
         finish_distributed()
     """
@@ -982,7 +998,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def ddp_rollbacks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_script(DDP_SCRIPT, tmp_path_factory.mktemp("ddp_rollback"), timeout=500, folders=("ddp", "fsdp2"))
+    return run_script(DDP_SCRIPT, tmp_path_factory.mktemp("ddp_rollback"), timeout=600, folders=CONFIGS)
 
 
 @pytest.mark.slow
@@ -1008,3 +1024,27 @@ def test_ddp_ranks_roll_back_at_the_same_step_to_the_same_state(ddp_rollbacks: P
     assert r0["mse"] < 0.2
     if config == "fsdp2":  # the snapshots left were deleted when training ended
         assert list((ddp_rollbacks / "snaps").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ddp_ranks_undo_a_rate_rise_alike(ddp_rollbacks: Path) -> None:
+    """The rate is set 50x at every step from GLITCH on, on both ranks (a configuration bug the restore does not
+    undo): the first rollback's ``undo_rate_rise`` is decided at the retry's first optimizer step, on each rank from
+    its own optimizer and its detector's record of the rates read. Both ranks bring the rate down by the same factor,
+    to `RISE_KEPT` times the rate trained at before, and stay bit-identical."""
+    r0, r1 = (json.loads((ddp_rollbacks / "ddp_rate_kept" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["rollbacks"] == r1["rollbacks"]
+    first, *later = r0["rollbacks"]
+    assert GLITCH < first["step"] <= GLITCH + 10
+    assert first["restored_step"] <= GLITCH
+    assert first["rate_rise"] == pytest.approx(BLOWUP)
+    assert first["lr_factor"] == pytest.approx(RISE_KEPT / BLOWUP)
+    assert all("rate_rise" not in e for e in later)
+    assert r0["total_factor"] == r1["total_factor"] == pytest.approx(RISE_KEPT / BLOWUP * 0.5 ** len(later))
+    # the last step applied the bug's rate times that factor, on both ranks
+    assert r0["lr_used"] == r1["lr_used"] == pytest.approx(BASE_LR * BLOWUP * r0["total_factor"])
+    assert r0["detector"] == r1["detector"]
+    assert r0["global_step"] == r1["global_step"]
+    assert r0["restored"] == r1["restored"] == r0["before"]
+    assert r0["final"] == r1["final"]
+    assert math.isfinite(r0["mse"])
