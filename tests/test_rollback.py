@@ -1048,3 +1048,4 @@ def test_ddp_ranks_undo_a_rate_rise_alike(ddp_rollbacks: Path) -> None:
     assert r0["restored"] == r1["restored"] == r0["before"]
     assert r0["final"] == r1["final"]
     assert math.isfinite(r0["mse"])
+    assert r0["mse"] < 0.2  # measured 0.031 (two rollbacks: 4x the rate still diverged, 2x learned); ddp: 0.029
