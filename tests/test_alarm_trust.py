@@ -120,6 +120,121 @@ def test_a_deliberate_change_told_to_the_monitor_is_learned_and_a_later_failure_
     assert 450 <= starts[0] < 500, broken.detector.episodes
 
 
+class SmoothedDigits(nn.Module):
+    """The digits MLP as the HF Trainer takes it (``forward(x, labels) -> {"loss", "logits"}``), and as a
+    LightningModule's network; ``smoothing``: the label smoothing of its cross-entropy (switched on by the runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = DigitsMLP()
+        self.smoothing = 0.0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=self.smoothing)
+        return {"loss": loss, "logits": logits}
+
+
+#: the deliberate change in the adapters' runs: label smoothing 0.3 from this optimizer step on, of RUN_STEPS
+SMOOTH_FROM, RUN_STEPS = 300, 400
+
+
+def lightning_smoothing_run(tell: bool) -> Any:
+    """Lightning: the digits MLP, SGD with momentum; a user's callback switches label smoothing on for the steps
+    from `SMOOTH_FROM` and (``tell``) calls the monitor's `restart_references` there, as the docs say."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from topo_callbacks.lightning import CollapseMonitor
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = SmoothedDigits()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.model(*batch)["loss"]
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    class Smoothing(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step + 1 == SMOOTH_FROM:  # the step about to run
+                pl_module.model.smoothing = 0.3
+                if tell:
+                    monitor.restart_references()
+
+    pl.seed_everything(0, verbose=False)
+    x, y = digits()
+    data = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    monitor = CollapseMonitor(layer="model.net.embed", every_n_train_steps=10, max_samples=256, max_overhead=None)
+    trainer = pl.Trainer(max_steps=RUN_STEPS, accelerator="cpu", devices=1, callbacks=[monitor, Smoothing()],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(), data)
+    assert trainer.global_step == RUN_STEPS
+    return monitor
+
+
+def hf_smoothing_run(tmp_path: Path, tell: bool) -> Any:
+    """The same through the HF Trainer (its SGD, clipping at norm 1, a constant rate): a user's `TrainerCallback`
+    switches label smoothing on and (``tell``) calls the monitor's `restart_references` at ``on_step_begin``."""
+    transformers = pytest.importorskip("transformers")
+    from topo_callbacks.transformers import CollapseMonitorCallback
+
+    class Smoothing(transformers.TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if state.global_step + 1 == SMOOTH_FROM:
+                model.smoothing = 0.3
+                if tell:
+                    monitor.restart_references()
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.x, self.y = digits()
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    torch.manual_seed(0)
+    monitor = CollapseMonitorCallback(layer="net.embed", every_n_train_steps=10, max_samples=256, max_overhead=None)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=64, max_steps=RUN_STEPS, learning_rate=0.1, optim="sgd",
+        lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True, dataloader_drop_last=True, seed=0,
+        report_to="none", logging_steps=10_000, save_strategy="no",
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=SmoothedDigits(), args=args, train_dataset=Rows(),
+                                   callbacks=[monitor, Smoothing()])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert trainer.state.global_step == RUN_STEPS
+    return monitor
+
+
+@pytest.mark.parametrize("adapter", ["lightning", "hf"])
+def test_restart_references_through_the_adapters_learns_a_deliberate_change(adapter: str, tmp_path: Path) -> None:
+    """`restart_references` called from a user's own callback, in a real Lightning and HF Trainer run: label
+    smoothing switched on at step 300 alarms without the call (the loss of the converged MLP jumps), and with it the
+    new level is learned, no episode, the restart listed at step 300 in ``summary()``."""
+    run = (lambda tell: lightning_smoothing_run(tell)) if adapter == "lightning" else (
+        lambda tell: hf_smoothing_run(tmp_path / str(tell), tell))  # fmt: skip
+    plain = run(False)
+    starts = [e["start"] for e in plain.detector.episodes]
+    assert starts, "the deliberate change did not alarm without the call"
+    assert SMOOTH_FROM <= starts[0] < SMOOTH_FROM + 20, plain.detector.episodes
+    assert plain.summary()["reference_restarts"] == []
+    told = run(True)
+    assert told.detector.episodes == [], told.detector.episodes
+    assert told.summary()["reference_restarts"] == [[SMOOTH_FROM, "told"]]
+    assert told.first_alarm_step is None
+
+
 # ------------------------------------------------------------------------------------------------ fp16 scalers
 def test_lightning_fp16_with_a_real_grad_scaler_counts_skipped_steps_and_never_alarms() -> None:
     pl = pytest.importorskip("lightning.pytorch")
