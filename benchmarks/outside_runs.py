@@ -28,6 +28,13 @@ Runs (healthy unless marked):
 - ``unfreeze_backbone``: transfer, as Lightning's ``BackboneFinetuning`` does it: the CNN pretrained on the digits 0-4
   (800 Adam steps, no monitor), a new 10-class head trained alone under Adam at 1e-3, the rest unfrozen at step 500
   as a new parameter group at 1e-4 (1500 steps)
+- ``bf16_autocast``: the MLP under bf16 autocast (no loss scaler: bf16 needs none), SGD with momentum (3000 steps)
+- ``mixup_step_decay``: the CNN on mixup batches (alpha 0.4: every loss is a mix of two labels), SGD with momentum,
+  the rate x0.1 at steps 1000 and 2000 (3000 steps)
+- ``preempted_resume``: the MLP, AdamW with warm-up and cosine, preempted at step 1500: the model, optimizer,
+  scheduler and monitor states saved, a new process (new objects, the states loaded, a new data order) goes on
+  (3000 steps)
+  (these three added 2026-12-05, after the detector's last change, as kinds of healthy run nothing was fit on)
 - ``lr_x50_at_40`` (failure, at 40): the MLP's rate x50 from step 40
 - ``lr_x20_jump`` (failure, at 1500): the CNN under Adam, rate x20 from step 1500
 - ``cnn_sgd_x30_at_1000`` (failure, at 1000): the CNN under SGD with momentum, its rate x30 from step 1000 (a
@@ -36,6 +43,14 @@ Runs (healthy unless marked):
 - ``labels_shuffled`` (failure, at 1000): the MLP's training labels shuffled from step 1000
 - ``dead_layer`` (failure, at 30): the watched layer's biases pushed to -50 at step 30 (its output constant 0)
 - ``simsiam_adamw_collapse`` (failure, at 600): ``simsiam_adamw`` whose stop-gradient is removed from step 600
+- ``late_shuffle`` (failure, at 2400): ``preempted_resume``'s schedule without the preemption (AdamW, warm-up, cosine
+  to 0 over 3000 steps), the training labels shuffled from step 2400, where the rate is a tenth of its peak
+- ``late_shuffle_cnn`` (failure, at 2400): the same on the CNN
+- ``late_dormant_linear`` (failure, at 2000): the MLP under SGD with momentum and a linear decay to 0 over 3000 steps
+  (the HF Trainer's default schedule), ``dormant_units``' regulariser from step 2000
+  (the three added 2026-12-05: ``late_shuffle`` showed that a run read one step in 6-66 went unscored for the last
+  third of a cosine decay; the other two were written before the mend was run on them. A fourth written then,
+  ``simsiam_adamw`` without its stop-gradient from step 1400, is not kept: its kNN probe never dropped in 4 seeds)
 - ``dormant_units`` (failure, at 300): the MLP under SGD, a buggy regulariser from step 300 pushing both hidden layers'
   biases down (0.1 per bias): units stop firing one after another
 """
@@ -44,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -89,6 +105,12 @@ class Run:
     #: a transfer run: the model pretrained on digits 0-4 (no monitor), a new 10-class head trained alone until this
     #: step, then the rest unfrozen as a new parameter group at a tenth of the rate (Lightning's BackboneFinetuning)
     unfreeze_at: int | None = None
+    #: bf16 autocast (no loss scaler)
+    bf16: bool = False
+    #: mixup's alpha: each batch mixed with itself shuffled, the loss the same mix of the two labels' losses
+    mixup: float | None = None
+    #: the job is preempted after this step and resumed from its saved states in a new "process"
+    preempt_at: int | None = None
 
 
 @dataclass
@@ -155,6 +177,16 @@ def _restarts(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]
     return opt, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2000, eta_min=5e-4)
 
 
+def _sgd_step_decay(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[steps // 3, 2 * steps // 3], gamma=0.1)
+
+
+def _sgd_linear_decay(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / steps))
+
+
 def _adam(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     return torch.optim.Adam(model.parameters(), lr=1e-3), None
 
@@ -213,6 +245,9 @@ RUNS = [
     Run("long_restarts", "mlp", 20000, _restarts),
     Run("simsiam_adamw", "ssl", 2000, partial(_warmup_cosine, lr=3e-4)),
     Run("unfreeze_backbone", "cnn", 1500, _adam, unfreeze_at=500),
+    Run("bf16_autocast", "mlp", 3000, _sgd, bf16=True),
+    Run("mixup_step_decay", "cnn", 3000, _sgd_step_decay, mixup=0.4),
+    Run("preempted_resume", "mlp", 3000, _warmup_cosine, preempt_at=1500),
     Run("lr_x50_at_40", "mlp", 600, _sgd, fail_at=40, lr_factor=lambda s: 50.0 if s >= 40 else 1.0),
     Run("lr_x20_jump", "cnn", 2500, _adam, fail_at=1500, lr_factor=lambda s: 20.0 if s >= 1500 else 1.0),
     Run("cnn_sgd_x30_at_1000", "cnn", 2000, _sgd, fail_at=1000, lr_factor=lambda s: 30.0 if s >= 1000 else 1.0),
@@ -222,6 +257,9 @@ RUNS = [
         "simsiam_adamw_collapse", "ssl", 2000, partial(_warmup_cosine, lr=3e-4), fail_at=600, no_stop_gradient_from=600
     ),
     Run("dormant_units", "mlp", 1500, _sgd, fail_at=300, push_biases_from=300),
+    Run("late_shuffle", "mlp", 3000, _warmup_cosine, fail_at=2400, shuffle_from=2400),
+    Run("late_shuffle_cnn", "cnn", 3000, _warmup_cosine, fail_at=2400, shuffle_from=2400),
+    Run("late_dormant_linear", "mlp", 3000, _sgd_linear_decay, fail_at=2000, push_biases_from=2000),
 ]
 
 
@@ -294,6 +332,28 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool, on_alarm
                 sched, base_lrs = None, [1e-4]
                 monitor.track(models=model, optimizers=opt, scaler=scaler)
                 pool = torch.arange(len(x) // 2, len(x))
+            if run.preempt_at is not None and step == run.preempt_at + 1:
+                # preempted: what a checkpoint holds, loaded into new objects, as a new process would
+                saved = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                            "sched": None if sched is None else sched.state_dict(),
+                            "monitor": monitor.state_dict()}, saved)  # fmt: skip
+                monitor.detach()
+                if monitor.rollback_controller is not None:
+                    monitor.rollback_controller.remove_hooks()
+                saved.seek(0)
+                state = torch.load(saved, weights_only=True)
+                model = DigitsMLP() if run.model == "mlp" else CNN()
+                model.load_state_dict(state["model"])
+                opt, sched = run.make_opt(model, steps)
+                opt.load_state_dict(state["opt"])
+                if sched is not None:
+                    sched.load_state_dict(state["sched"])
+                monitor = _monitor(max_overhead, layer, on_alarm)
+                monitor.attach(model)
+                monitor.load_state_dict(state["monitor"])
+                monitor.track(models=model, optimizers=opt, schedulers=sched, scaler=scaler)
+                g = torch.Generator().manual_seed(500 + seed)  # the new process's data order
             if run.unfreeze_at is not None and step == run.unfreeze_at + 1:
                 for p in backbone:
                     p.requires_grad_(True)
@@ -314,10 +374,17 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool, on_alarm
                 labels = y[idx]
                 if run.shuffle_from is not None and step >= run.shuffle_from:
                     labels = labels[torch.randperm(len(labels), generator=g)]
-                with torch.autocast("cpu", dtype=torch.float16, enabled=run.fp16):
+                dtype = torch.bfloat16 if run.bf16 else torch.float16
+                with torch.autocast("cpu", dtype=dtype, enabled=run.fp16 or run.bf16):
                     if isinstance(model, SSLNet):
                         cut = run.no_stop_gradient_from
                         loss = _simsiam_loss(model, x[idx], g, stop_gradient=cut is None or step < cut)
+                    elif run.mixup is not None:
+                        lam = float(torch.distributions.Beta(run.mixup, run.mixup).sample())
+                        perm = torch.randperm(len(idx), generator=g)
+                        out = model(lam * x[idx] + (1 - lam) * x[idx][perm])
+                        ce = nn.functional.cross_entropy
+                        loss = (lam * ce(out, labels) + (1 - lam) * ce(out, labels[perm])) / run.accumulate
                     else:
                         loss = nn.functional.cross_entropy(model(x[idx]), labels) / run.accumulate
                     if run.push_biases_from is not None and step >= run.push_biases_from:

@@ -740,3 +740,56 @@ def test_the_hooks_copies_count_as_the_monitors_own_time(monkeypatch: pytest.Mon
     for kind, held in windows.items():
         assert all(n >= 1 for n, _ in held), kind  # every window held an armed forward
         assert all(counted >= sleep_s * n for n, counted in held), (kind, held)
+
+
+def test_the_steps_after_a_decay_are_read_in_full_so_a_late_failure_still_alarms() -> None:
+    """Read 1 step in 7 (the budget of a sub-millisecond step), a linear decay to 0 restarts the detector's references
+    at every fall by `LR_EVENT`, ever closer together (at about 300, 500, 640, 730, 790, ... of 900 steps). The steps
+    after each restart are read in full, each with its gradient norm (`_refill_after_restart`), so the references hold
+    `STEP_MIN_REFERENCE` values again within that many steps: targets broken at step 750 (a data bug late in the run)
+    alarm within a few steps (returned with the batch of reads it is scored in). Read at the stride alone, the
+    references never refilled between restarts after step ~600 and that run never alarmed."""
+    from topo_callbacks.core.detector import STEP_MIN_REFERENCE
+
+    monitor = _FixedSchedule("1", every_n_train_steps=20, max_samples=128)
+    model = _mlp()
+    monitor.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    steps, broken_from = 900, 750
+    normed, fired = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, steps + 1):
+            lr = 0.05 * (1 - (step - 1) / steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            monitor.prepare_step(step)
+            x = torch.randn(64, 16, generator=gen)
+            target = x[:, :4] if step < broken_from else 30 * torch.randn(64, 4, generator=gen)
+            loss = (model(x) - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            grad = monitor.step_grad_norm(model.parameters(), step)
+            if grad is not None:
+                normed.append(step)
+            opt.step()
+            monitor.add_loss(loss)
+            result = monitor.observe_step(step, grad_norm=grad, lr=lr)
+            if result is not None:
+                fired.append(step)
+            if monitor.is_check_step(step):
+                monitor.run_check(step)
+    assert monitor.observe_every == 7
+    restarts = [step for step, why in monitor.summary()["reference_restarts"] if why == "lr"]
+    assert len(restarts) >= 6, restarts
+    for restart in [r for r in restarts if r + 7 + STEP_MIN_REFERENCE <= steps]:
+        # known at the first read after it (a batch is scored then), then every step read
+        after = [s for s in normed if s > restart]
+        assert after[:STEP_MIN_REFERENCE] == list(range(after[0], after[0] + STEP_MIN_REFERENCE)), (restart, after)
+        assert after[0] - restart <= 7
+    assert fired, "the late data bug did not alarm"
+    assert monitor.detector is not None
+    start = monitor.detector.episodes[0]["start"]
+    assert broken_from <= start <= broken_from + 7, monitor.detector.episodes
+    assert start <= fired[0] < start + HOST_READ_EVERY  # returned with the batch it was scored in

@@ -29,6 +29,7 @@ from topo_callbacks.core.detector import (
     ABSOLUTE_HOLD,
     CHANNELS,
     DEAD_ROWS_CHANGE,
+    STEP_MIN_REFERENCE,
     STEP_WINDOW,
     CusumDetector,
     DetectorCalibration,
@@ -147,7 +148,9 @@ def replay_episodes(
     the loss of the steps between averaged into the next read, as the budget does on steps of a millisecond.
     ``grad_stride``: of those reads, the gradient norm at every ``grad_stride``-th only (every
     ``step_stride x grad_stride``-th step, the checks kept and the first `STEP_WINDOW` steps), as the budget reads it
-    where computing it costs most of the per-step work. ``pull``: when the detector `wants_check` after a step, the
+    where computing it costs most of the per-step work. With either stride, the `STEP_MIN_REFERENCE` steps after a
+    restart of the references (a schedule's decay or warm restart) are read in full, as the monitor reads them
+    (`CollapseMonitorCore._refill_after_restart`). ``pull``: when the detector `wants_check` after a step, the
     first recorded check a whole check interval later is taken too, and the spaced ones count on from it, as the
     monitor brings its next check forward (False: the fixed spacing alone)."""
     detectors = _Rearmed(cal)
@@ -254,6 +257,7 @@ def _replay(
     read_all_until = STEP_WINDOW  # a monitor reads every step of its first STEP_WINDOW
     unread: list[float] = []  # losses of the steps not read since the last read
     reads_since_grad = 0
+    restart_seen = None  # the detector's last reference restart read after (`reference_restarts`)
     for step in range(1, rec.steps + 1):
         if restart is not None and step == restart + 1:
             detector = make()
@@ -289,6 +293,14 @@ def _replay(
             unread = []
             detector.observe_step(step, values, lr=lr, skipped=step in skipped, loss_scale=scale,
                                   layer_lost=lost_here, read_steps=read_steps, grad_steps=grad_steps)  # fmt: skip
+            restarts = detector.reference_restarts
+            if (step_stride > 1 or grad_stride > 1) and restarts and restarts[-1] is not restart_seen:
+                # the monitor reads the steps after a restart in full (`_refill_after_restart`), on references of
+                # single steps as in its first STEP_WINDOW
+                restart_seen = restarts[-1]
+                if step >= read_all_until:
+                    detector.set_step_window(1)
+                read_all_until = max(read_all_until, step + STEP_MIN_REFERENCE)
         elif "loss" in values:
             unread.append(values["loss"])
         if step in recorded and units_from is None:  # a monitor's first check (a new one's after a restart)

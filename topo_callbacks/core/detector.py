@@ -1046,6 +1046,22 @@ class CusumDetector:
         self.restart_references(step, why="lr")
         return True
 
+    def lr_event_due(self, lr: float) -> bool:
+        """Whether the learning rate ``lr``, read next, would restart the references (`observe_lr`); changes nothing.
+        A monitor that scores its reads in batches scores the batch at once then, so that it knows of the restart
+        and reads the steps after it (`topo_callbacks.core.CollapseMonitorCore`'s refill after a restart).
+
+        Example:
+            >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 10.0}, 1.0))
+            >>> _ = [det.observe_lr(s, 0.1) for s in range(1, 4)]
+            >>> det.lr_event_due(0.09), det.lr_event_due(0.05)
+            (False, True)
+        """
+        ref, previous = self._lr_reference, self._lr_previous
+        if ref is None or previous is None or not (math.isfinite(lr) and lr > 0.0):
+            return False
+        return lr * LR_EVENT < ref or (lr > previous * LR_EVENT and lr <= self._lr_max * (1 + 1e-9))
+
     def restart_references(self, step: int, why: str = "told") -> None:
         """Forget every channel's reference and accumulators from optimizer step ``step`` on, as a schedule's
         learning-rate event does (`observe_lr`): the per-step channels score again after `STEP_MIN_REFERENCE` values,
