@@ -562,3 +562,40 @@ def test_onsets_of_streak_rules_are_steps_when_reads_skip_steps() -> None:
             break
     else:
         raise AssertionError("no abrupt episode")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["hold", "decay", "jump", "restart", "warmup"]), st.integers(1, 60)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.floats(1e-5, 1.0),
+)
+def test_lr_event_due_says_what_observe_lr_then_does(pieces: list[tuple[str, int]], peak: float) -> None:
+    """Over schedules made of held rates, decays towards 0, rises, warm restarts and warm-ups: `lr_event_due` before
+    each `observe_lr` says exactly whether it restarts the references, and no fall to under `LR_EVENT_FLOOR` of the
+    highest rate read restarts them (a decay's tail)."""
+    from topo_callbacks.core.detector import LR_EVENT, LR_EVENT_FLOOR
+
+    det = CusumDetector(default_calibration(0.05))
+    lr, step, top, previous = peak, 0, 0.0, math.nan
+    for kind, length in pieces:
+        start = lr
+        for i in range(1, length + 1):
+            if kind == "decay":
+                lr = start * (1 - i / (length + 1)) ** 3
+            elif kind == "jump":
+                lr = start * 7.0
+            elif kind == "restart":
+                lr = max(top, peak)
+            elif kind == "warmup":
+                lr = start * (1 + i / length)
+            step += 1
+            due = det.lr_event_due(lr)
+            restarted = det.observe_lr(step, lr)
+            assert restarted == due
+            if restarted and lr < LR_EVENT_FLOOR * top:
+                assert lr > previous * LR_EVENT  # down there only a jump back up (a warm restart) restarts them
+            top, previous = max(top, lr), lr

@@ -13,7 +13,7 @@ import math
 import textwrap
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -742,26 +742,22 @@ def test_the_hooks_copies_count_as_the_monitors_own_time(monkeypatch: pytest.Mon
         assert all(counted >= sleep_s * n for n, counted in held), (kind, held)
 
 
-def test_the_steps_after_a_decay_are_read_in_full_so_a_late_failure_still_alarms() -> None:
-    """Read 1 step in 7 (the budget of a sub-millisecond step), a linear decay to 0 restarts the detector's references
-    at every fall by `LR_EVENT`, ever closer together (at about 300, 500, 640, 730, 790, ... of 900 steps). The steps
-    after each restart are read in full, each with its gradient norm (`_refill_after_restart`), so the references hold
-    `STEP_MIN_REFERENCE` values again within that many steps: targets broken at step 750 (a data bug late in the run)
-    alarm within a few steps (returned with the batch of reads it is scored in). Read at the stride alone, the
-    references never refilled between restarts after step ~600 and that run never alarmed."""
-    from topo_callbacks.core.detector import STEP_MIN_REFERENCE
-
+def _decaying_run(
+    rate: Callable[[int], float], steps: int, broken_from: int
+) -> tuple[CollapseMonitorCore, list[int], list[int]]:
+    """`_train`'s regression read 1 step in 7 (`_FixedSchedule`), at the rate ``rate(step)`` (a schedule the monitor
+    is told of), its targets noise from step ``broken_from`` on (a data bug); the monitor, the steps whose gradient
+    norm it computed, the steps at which `observe_step` returned an alarm."""
     monitor = _FixedSchedule("1", every_n_train_steps=20, max_samples=128)
     model = _mlp()
     monitor.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(0)
-    steps, broken_from = 900, 750
     normed, fired = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(1, steps + 1):
-            lr = 0.05 * (1 - (step - 1) / steps)
+            lr = rate(step)
             for group in opt.param_groups:
                 group["lr"] = lr
             monitor.prepare_step(step)
@@ -775,12 +771,33 @@ def test_the_steps_after_a_decay_are_read_in_full_so_a_late_failure_still_alarms
                 normed.append(step)
             opt.step()
             monitor.add_loss(loss)
-            result = monitor.observe_step(step, grad_norm=grad, lr=lr)
-            if result is not None:
+            if monitor.observe_step(step, grad_norm=grad, lr=lr) is not None:
                 fired.append(step)
             if monitor.is_check_step(step):
                 monitor.run_check(step)
     assert monitor.observe_every == 7
+    return monitor, normed, fired
+
+
+def _alarmed_soon_after(monitor: CollapseMonitorCore, fired: list[int], broken_from: int) -> None:
+    assert fired, "the late data bug did not alarm"
+    assert monitor.detector is not None
+    start = monitor.detector.episodes[0]["start"]
+    assert broken_from <= start <= broken_from + 7, monitor.detector.episodes
+    assert start <= fired[0] < start + HOST_READ_EVERY  # returned with the batch it was scored in
+
+
+def test_the_steps_after_a_decay_are_read_in_full_so_a_late_failure_still_alarms() -> None:
+    """Read 1 step in 7 (the budget of a sub-millisecond step), a linear decay to 0 restarts the detector's references
+    at every fall by `LR_EVENT`, ever closer together (at about 300, 500, 640, 730, 790, ... of 900 steps). The steps
+    after each restart are read in full, each with its gradient norm (`_refill_after_restart`), so the references hold
+    `STEP_MIN_REFERENCE` values again within that many steps: targets broken at step 750 (a data bug late in the run)
+    alarm within a few steps (returned with the batch of reads it is scored in). Read at the stride alone, the
+    references never refilled between restarts after step ~600 and that run never alarmed."""
+    from topo_callbacks.core.detector import STEP_MIN_REFERENCE
+
+    steps, broken_from = 900, 750
+    monitor, normed, fired = _decaying_run(lambda step: 0.05 * (1 - (step - 1) / steps), steps, broken_from)
     restarts = [step for step, why in monitor.summary()["reference_restarts"] if why == "lr"]
     assert len(restarts) >= 6, restarts
     for restart in [r for r in restarts if r + 7 + STEP_MIN_REFERENCE <= steps]:
@@ -788,8 +805,21 @@ def test_the_steps_after_a_decay_are_read_in_full_so_a_late_failure_still_alarms
         after = [s for s in normed if s > restart]
         assert after[:STEP_MIN_REFERENCE] == list(range(after[0], after[0] + STEP_MIN_REFERENCE)), (restart, after)
         assert after[0] - restart <= 7
-    assert fired, "the late data bug did not alarm"
-    assert monitor.detector is not None
-    start = monitor.detector.episodes[0]["start"]
-    assert broken_from <= start <= broken_from + 7, monitor.detector.episodes
-    assert start <= fired[0] < start + HOST_READ_EVERY  # returned with the batch it was scored in
+    _alarmed_soon_after(monitor, fired, broken_from)
+
+
+def test_the_tail_of_a_decay_to_zero_is_scored() -> None:
+    """A cosine to 0 over 1000 steps: its falls by `LR_EVENT` come every few steps through its last ~5%, and each
+    restarted the references, so that stretch was never scored; under `LR_EVENT_FLOOR` (1%) of the peak rate a fall
+    restarts nothing (the updates are too small to move the levels the references hold): targets broken at step 980
+    (the rate at 0.1% of its peak) alarm within a few steps."""
+    from topo_callbacks.core.detector import LR_EVENT_FLOOR
+
+    steps, broken_from = 1000, 980
+    rate = lambda step: 0.05 * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))  # noqa: E731
+    monitor, _, fired = _decaying_run(rate, steps, broken_from)
+    restarts = [step for step, why in monitor.summary()["reference_restarts"] if why == "lr"]
+    assert restarts, "the decay restarted no reference"
+    assert all(rate(step) >= LR_EVENT_FLOOR * 0.05 for step in restarts), restarts
+    assert restarts[-1] < broken_from - 20, restarts
+    _alarmed_soon_after(monitor, fired, broken_from)

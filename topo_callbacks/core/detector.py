@@ -113,6 +113,10 @@ LOSS_STUCK = 0.05
 #: A learning-rate change by more than this factor, made by the schedule (a decay, or a return to a rate the run
 #: already trained at: a warm restart), restarts the per-step channels' references.
 LR_EVENT = 1.5
+#: A fall to a rate under this share of the highest the run has trained at restarts nothing: the updates are then too
+#: small to move the levels the references hold, and a decay to 0 (cosine, linear) would otherwise restart them every
+#: few steps through its last ~5%, leaving it unscored.
+LR_EVENT_FLOOR = 0.01
 #: The rises of the highest rate read are kept when they add more than this factor (1%): a warm-up from 1e-6 to 1e-3
 #: keeps ~700, and the highest rate before a step is known to 1% (`CusumDetector.highest_rate_before`).
 LR_RISE_STEP = 1.01
@@ -1017,7 +1021,8 @@ class CusumDetector:
         (the per-step channels score again after `STEP_MIN_REFERENCE` steps, the check channels after
         `CHECK_MIN_REFERENCE` checks; the absolute rules go on), so that the new level is learned and not scored as a
         failure: a fall by more than a factor
-        `LR_EVENT` from the rate the references were learned at (a decay, stepped or gradual), or a jump by more than
+        `LR_EVENT` from the rate the references were learned at (a decay, stepped or gradual; not to under
+        `LR_EVENT_FLOOR` of the highest rate, the tail of a decay to 0), or a jump by more than
         `LR_EVENT` in one step back to a rate the run already trained at (a warm restart). A rise past every rate the
         run has trained at, or a gradual rise (a warm-up, or a ramp to a rate far too high), is scored. Returns
         whether the references restarted.
@@ -1037,7 +1042,7 @@ class CusumDetector:
         if ref is None or previous is None:
             self._lr_reference = lr
             return False
-        fell = lr * LR_EVENT < ref
+        fell = lr * LR_EVENT < ref and lr >= LR_EVENT_FLOOR * top * (1 - 1e-9)
         restarted = lr > previous * LR_EVENT and lr <= top * (1 + 1e-9)
         if not (fell or restarted):
             self._lr_reference = max(ref, lr)  # a decay is measured from the highest rate since the last event
@@ -1060,7 +1065,9 @@ class CusumDetector:
         ref, previous = self._lr_reference, self._lr_previous
         if ref is None or previous is None or not (math.isfinite(lr) and lr > 0.0):
             return False
-        return lr * LR_EVENT < ref or (lr > previous * LR_EVENT and lr <= self._lr_max * (1 + 1e-9))
+        top = self._lr_max
+        fell = lr * LR_EVENT < ref and lr >= LR_EVENT_FLOOR * top * (1 - 1e-9)
+        return fell or (lr > previous * LR_EVENT and lr <= top * (1 + 1e-9))
 
     def restart_references(self, step: int, why: str = "told") -> None:
         """Forget every channel's reference and accumulators from optimizer step ``step`` on, as a schedule's
