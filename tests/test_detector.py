@@ -575,8 +575,8 @@ def test_onsets_of_streak_rules_are_steps_when_reads_skip_steps() -> None:
 )
 def test_lr_event_due_says_what_observe_lr_then_does(pieces: list[tuple[str, int]], peak: float) -> None:
     """Over schedules made of held rates, decays towards 0, rises, warm restarts and warm-ups: `lr_event_due` before
-    each `observe_lr` says exactly whether it restarts the references, and no fall to under `LR_EVENT_FLOOR` of the
-    highest rate read restarts them (a decay's tail)."""
+    each `observe_lr` says exactly whether it restarts the references, and once they were learned under
+    `LR_EVENT_FLOOR` of the highest rate read only a jump back up (a warm restart) restarts them (a decay's tail)."""
     from topo_callbacks.core.detector import LR_EVENT, LR_EVENT_FLOOR
 
     det = CusumDetector(default_calibration(0.05))
@@ -594,8 +594,9 @@ def test_lr_event_due_says_what_observe_lr_then_does(pieces: list[tuple[str, int
                 lr = start * (1 + i / length)
             step += 1
             due = det.lr_event_due(lr)
+            learned_at = det.lr_state()[0]
             restarted = det.observe_lr(step, lr)
             assert restarted == due
-            if restarted and lr < LR_EVENT_FLOOR * top:
+            if restarted and learned_at is not None and learned_at < LR_EVENT_FLOOR * top:
                 assert lr > previous * LR_EVENT  # down there only a jump back up (a warm restart) restarts them
             top, previous = max(top, lr), lr

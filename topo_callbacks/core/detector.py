@@ -34,11 +34,13 @@ __all__ = [
     "CusumDetector",
     "DetectorCalibration",
     "DetectorFiring",
+    "LrState",
     "default_calibration",
     "global_grad_norm",
     "grad_norms",
     "gradient_curvature",
     "loss_scale",
+    "lr_event",
 ]
 
 #: Per-step channels are scored against the 200 values before them, check channels against the 8 checks before
@@ -1035,26 +1037,21 @@ class CusumDetector:
         lr = float(lr)
         if not math.isfinite(lr) or lr <= 0.0:
             return False
-        ref, previous, top = self._lr_reference, self._lr_previous, self._lr_max
-        self._lr_previous, self._lr_max = lr, max(top, lr)
+        top = self._lr_max
         if lr > top and (not self._lr_rises or lr > self._lr_rises[-1][1] * LR_RISE_STEP):
             self._lr_rises.append([step, lr])
-        if ref is None or previous is None:
-            self._lr_reference = lr
-            return False
-        fell = lr * LR_EVENT < ref and lr >= LR_EVENT_FLOOR * top * (1 - 1e-9)
-        restarted = lr > previous * LR_EVENT and lr <= top * (1 + 1e-9)
-        if not (fell or restarted):
-            self._lr_reference = max(ref, lr)  # a decay is measured from the highest rate since the last event
-            return False
-        self._lr_reference = lr
-        self.restart_references(step, why="lr")
-        return True
+        event, self._lr_reference, self._lr_previous, self._lr_max = lr_event(lr, self.lr_state())
+        if event:
+            self.restart_references(step, why="lr")
+        return event
+
+    def lr_state(self) -> LrState:
+        """What `observe_lr` keeps of the rates read: the rate the references were learned at (the highest since the
+        last event), the last rate, the highest rate (None, None, 0 before the first); `lr_event`'s ``state``."""
+        return self._lr_reference, self._lr_previous, self._lr_max
 
     def lr_event_due(self, lr: float) -> bool:
         """Whether the learning rate ``lr``, read next, would restart the references (`observe_lr`); changes nothing.
-        A monitor that scores its reads in batches scores the batch at once then, so that it knows of the restart
-        and reads the steps after it (`topo_callbacks.core.CollapseMonitorCore`'s refill after a restart).
 
         Example:
             >>> det = CusumDetector(DetectorCalibration(0.05, ("loss",), {"loss": 10.0}, 1.0))
@@ -1062,12 +1059,7 @@ class CusumDetector:
             >>> det.lr_event_due(0.09), det.lr_event_due(0.05)
             (False, True)
         """
-        ref, previous = self._lr_reference, self._lr_previous
-        if ref is None or previous is None or not (math.isfinite(lr) and lr > 0.0):
-            return False
-        top = self._lr_max
-        fell = lr * LR_EVENT < ref and lr >= LR_EVENT_FLOOR * top * (1 - 1e-9)
-        return fell or (lr > previous * LR_EVENT and lr <= top * (1 + 1e-9))
+        return lr_event(float(lr), self.lr_state())[0]
 
     def restart_references(self, step: int, why: str = "told") -> None:
         """Forget every channel's reference and accumulators from optimizer step ``step`` on, as a schedule's
@@ -1305,6 +1297,41 @@ class CusumDetector:
         self._fall_peak = float(state.get("fall_peak", 0.0))
         self._fall_zero_step = int(state.get("fall_zero_step", 0))
         self._fall_checked = int(state.get("fall_checked", 0))
+
+
+#: `CusumDetector.lr_state`: the rate the references were learned at, the last rate, the highest rate
+LrState = tuple[float | None, float | None, float]
+
+
+def lr_event(lr: float, state: LrState) -> tuple[bool, float | None, float | None, float]:
+    """Whether a learning rate ``lr`` read after the rates summed up in ``state`` (`CusumDetector.lr_state`) is a
+    change the schedule made, which restarts the references (`CusumDetector.observe_lr`), and the state after it:
+    a fall by more than `LR_EVENT` from the rate the references were learned at, unless that rate is already under
+    `LR_EVENT_FLOOR` of the highest (the tail of a decay to 0: its updates are too small to move the levels the
+    references hold; the fall that crosses the floor still restarts them once), or a jump by more than `LR_EVENT` in
+    one read back to a rate the run already trained at (a warm restart). A rate that is not a positive number changes
+    nothing. Pure: a monitor that scores its reads in batches runs it over the rates it queues.
+
+    Example:
+        >>> state = (None, None, 0.0)
+        >>> events = []
+        >>> for lr in [0.1, 0.1, 0.01, 0.01, 0.1, 0.2, 3.0, 0.01, 0.005]:
+        ...     event, *state = lr_event(lr, tuple(state))
+        ...     events.append(event)
+        >>> events  # a decay, a warm restart, rises; a fall to 1/300 of the highest, then none under it
+        [False, False, True, False, True, False, False, True, False]
+    """
+    ref, previous, top = state
+    if not (math.isfinite(lr) and lr > 0.0):
+        return False, ref, previous, top
+    highest = top if top > lr else lr
+    if ref is None or previous is None:
+        return False, lr, lr, highest
+    fell = lr * LR_EVENT < ref and ref >= LR_EVENT_FLOOR * top * (1 - 1e-9)
+    jumped = lr > previous * LR_EVENT and lr <= top * (1 + 1e-9)
+    if fell or jumped:
+        return True, lr, lr, highest
+    return False, max(ref, lr), lr, highest  # a decay is measured from the highest rate since the last event
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:

@@ -44,10 +44,12 @@ from topo_callbacks.core.detector import (
     ZERO_GRAD_STEPS,
     CusumDetector,
     DetectorFiring,
+    LrState,
     default_calibration,
     grad_norms,
     gradient_curvature,
     learning_rate,
+    lr_event,
 )
 from topo_callbacks.core.gather import (
     broadcast_from_rank0,
@@ -476,6 +478,8 @@ class CollapseMonitorCore:
         self._read_all_until: int | None = None
         #: the detector's last reference restart the monitor has refilled after (`_refill_after_restart`)
         self._restart_seen: list[Any] | None = None
+        #: the detector's `lr_state` carried over the rates of the rows queued since the last batch scored
+        self._lr_queued: LrState = (None, None, 0.0)
         #: the losses of the steps not read since the last read: their mean with the read step's is what is fed
         self._unread_loss: Tensor | float = 0.0
         self._unread_count = 0
@@ -693,7 +697,7 @@ class CollapseMonitorCore:
         detector = self.detector
         if detector is not None and detector.reference_restarts:
             self._restart_seen = detector.reference_restarts[-1]
-        if self._read_all_until is not None and (self.observe_every > 1 or self.grad_every > 1):
+        if self._read_all_until is not None:  # with every step read already, costs nothing: strides may rise meanwhile
             self._read_all_until = max(self._read_all_until, step + STEP_MIN_REFERENCE)
             self._quiet_through = 0
 
@@ -798,14 +802,23 @@ class CollapseMonitorCore:
             if isinstance(loss_scale, Tensor):
                 row[len(wanted) + 2] = float(loss_scale)
             queued = reads.add_host(step, row)
+            lr_due = False
+            if lr is not None:
+                # a schedule's event among the queued rates (the detector's state is the last batch's: carried over
+                # the rows queued since, it is exact): read strided, the batch is scored now and the steps after the
+                # event read in full
+                if queued == 1:
+                    self._lr_queued = self.detector.lr_state()  # type: ignore[union-attr]
+                event, ref, previous, top = lr_event(float(lr), self._lr_queued)
+                self._lr_queued = (ref, previous, top)
+                lr_due = event and (self.observe_every > 1 or self.grad_every > 1)
             above_loss, above_grad = self._urgent_above
             urgent = (
                 not (-math.inf < fed < above_loss and -math.inf < norm < above_grad)
                 or fed == 0.0
                 or norm == 0.0
                 or skipped is True
-                # a schedule's decay or warm restart: the references restart, the steps after it are read
-                or (lr is not None and self.detector.lr_event_due(float(lr)))  # type: ignore[union-attr]
+                or lr_due
             )
             fired = None
             if urgent or queued >= reads.read_every or units or self.is_check_step(step):
@@ -1107,10 +1120,13 @@ class CollapseMonitorCore:
         assert self.detector is not None
         values = {n: v for n, v in zip(wanted, row, strict=False) if isinstance(v, float)}
         lr = row[len(wanted)]
+        strided = self.observe_every > 1 or self.grad_every > 1
         return (
             row[len(wanted) + 1] is True
             or self.detector.urgent(values)
-            or (isinstance(lr, float) and self.detector.lr_event_due(lr))
+            # a schedule's event, read strided: the steps after it are read in full once it is scored. Judged on the
+            # state of the rows scored so far (one more device read per event where the values are on a device)
+            or (strided and isinstance(lr, (float, int)) and self.detector.lr_event_due(float(lr)))
         )
 
     def _tell_detector_news(self, step: int) -> None:
@@ -1945,6 +1961,7 @@ class CollapseMonitorCore:
                 episodes[-1]["rolled_back_to"] = restored
             detector.episodes, detector.fired, detector.skipped_steps, detector.notes = episodes, first, skipped, notes
             self._resumed_quiet = detector.quiet_channels()
+            self._restart_seen = detector.reference_restarts[-1] if detector.reference_restarts else None
             self._episodes_ended_told = sum(e["end"] is not None for e in episodes)  # the rollback's warning told it
         if extra.get("rule") is not None:
             self.rule.load_state_dict(extra["rule"])
@@ -2050,6 +2067,8 @@ class CollapseMonitorCore:
         self._capture_steps = saved_window if same_world else self.every_n_train_steps
         if self.detector is not None and state.get("detector"):
             self.detector.load_state_dict(state["detector"])
+            restarts = self.detector.reference_restarts
+            self._restart_seen = restarts[-1] if restarts else None  # restarts loaded are not new ones
             if self._host_batch:
                 self._urgent_above = self.detector.urgent_above()
         self.last_observed_step = int(state.get("last_observed_step", 0))
