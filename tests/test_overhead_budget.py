@@ -849,3 +849,45 @@ def test_a_rate_event_among_queued_reads_is_scored_at_once() -> None:
     assert [s for s in read if 300 < s <= 315] == [301, 308, 315]
     assert [s for s in read if 315 < s <= 315 + STEP_MIN_REFERENCE] == list(range(316, 316 + STEP_MIN_REFERENCE))
     assert [s for s in read if s > 335] == [336, 343, 350, 357]  # strided again
+
+
+def test_a_loaded_state_does_not_take_its_restarts_for_new_ones() -> None:
+    """A monitor read 1 step in 7 whose references restarted at a decay (step ~300) loads its own state at step 500
+    (as a resume or a rollback's restore does): the restart it holds is not a new one, so no steps are read in full
+    after the load (they were after a restart: 20 in a row)."""
+    from topo_callbacks.core.detector import STEP_MIN_REFERENCE
+
+    monitor = _FixedSchedule("1", every_n_train_steps=20, max_samples=128)
+    model = _mlp()
+    monitor.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    normed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, 601):
+            lr = 0.05 if step < 300 else 0.01
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if step == 500:
+                monitor.load_state_dict(monitor.state_dict())
+            monitor.prepare_step(step)
+            x = torch.randn(64, 16, generator=gen)
+            loss = (model(x) - x[:, :4]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            grad = monitor.step_grad_norm(model.parameters(), step)
+            if grad is not None:
+                normed.append(step)
+            opt.step()
+            monitor.add_loss(loss)
+            monitor.observe_step(step, grad_norm=grad, lr=lr)
+            if monitor.is_check_step(step):
+                monitor.run_check(step)
+    restarts = [step for step, why in monitor.summary()["reference_restarts"] if why == "lr"]
+    assert len(restarts) == 1, restarts
+    assert 300 <= restarts[0] <= 307
+    after_restart = [s for s in normed if restarts[0] < s <= restarts[0] + 7 + STEP_MIN_REFERENCE]
+    assert len(after_restart) >= STEP_MIN_REFERENCE  # the refill after the decay
+    after_load = [s for s in normed if 500 <= s < 500 + STEP_MIN_REFERENCE]
+    assert len(after_load) <= 3, after_load  # strided: the gradient norm at 1 read in 2 of 1 step in 7
