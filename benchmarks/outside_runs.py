@@ -34,7 +34,11 @@ Runs (healthy unless marked):
 - ``preempted_resume``: the MLP, AdamW with warm-up and cosine, preempted at step 1500: the model, optimizer,
   scheduler and monitor states saved, a new process (new objects, the states loaded, a new data order) goes on
   (3000 steps)
-  (these three added 2026-12-05, after the detector's last change, as kinds of healthy run nothing was fit on)
+- ``plateau_decay``: the CNN under SGD with momentum, `ReduceLROnPlateau` (halved after 3 stretches of 100 steps
+  without a 5% better mean training loss) (3000 steps)
+- ``inverse_sqrt``: the MLP under Adam, a transformer's schedule: linear warm-up over 200 steps, then 1/sqrt(step)
+  (6000 steps)
+  (these five added 2026-12-05 as kinds of healthy run nothing was fit on, written before they were run)
 - ``lr_x50_at_40`` (failure, at 40): the MLP's rate x50 from step 40
 - ``lr_x20_jump`` (failure, at 1500): the CNN under Adam, rate x20 from step 1500
 - ``cnn_sgd_x30_at_1000`` (failure, at 1000): the CNN under SGD with momentum, its rate x30 from step 1000 (a
@@ -78,6 +82,8 @@ from topo_callbacks.bench.tasks import DigitsMLP, augment, knn_accuracy
 from topo_callbacks.core.monitor import CollapseMonitorCore
 
 EVAL_EVERY = 25
+#: ``plateau_decay``: `ReduceLROnPlateau` is stepped with the mean training loss of every this many steps
+PLATEAU_EVERY = 100
 DROP_POINTS = 5.0
 #: a healthy run's metric "dropped" (and the run is not scored, as in the benchmark) if it falls 5 points under its
 #: best after this many evaluations
@@ -177,6 +183,17 @@ def _restarts(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]
     return opt, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=2000, eta_min=5e-4)
 
 
+def _plateau(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2, threshold=0.05)
+
+
+def _inverse_sqrt(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    warm = 200
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, math.sqrt(warm / (i + 1))))
+
+
 def _sgd_step_decay(model: nn.Module, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[steps // 3, 2 * steps // 3], gamma=0.1)
@@ -248,6 +265,8 @@ RUNS = [
     Run("bf16_autocast", "mlp", 3000, _sgd, bf16=True),
     Run("mixup_step_decay", "cnn", 3000, _sgd_step_decay, mixup=0.4),
     Run("preempted_resume", "mlp", 3000, _warmup_cosine, preempt_at=1500),
+    Run("plateau_decay", "cnn", 3000, _plateau),
+    Run("inverse_sqrt", "mlp", 6000, _inverse_sqrt),
     Run("lr_x50_at_40", "mlp", 600, _sgd, fail_at=40, lr_factor=lambda s: 50.0 if s >= 40 else 1.0),
     Run("lr_x20_jump", "cnn", 2500, _adam, fail_at=1500, lr_factor=lambda s: 20.0 if s >= 1500 else 1.0),
     Run("cnn_sgd_x30_at_1000", "cnn", 2000, _sgd, fail_at=1000, lr_factor=lambda s: 30.0 if s >= 1000 else 1.0),
@@ -314,6 +333,7 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool, on_alarm
     skipped_total = 0
     rollbacks: list[dict[str, Any]] = []
     stopped_at, stop_reason = None, None
+    plateau_losses: list[float] = []
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -406,7 +426,12 @@ def train(run: Run, seed: int, max_overhead: float | None, quick: bool, on_alarm
                 skipped = scaler.get_scale() < before
             else:
                 opt.step()
-            if sched is not None:
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                plateau_losses.append(float(total))
+                if step % PLATEAU_EVERY == 0:  # the mean training loss of the last stretch, as a user would pass it
+                    sched.step(sum(plateau_losses) / len(plateau_losses))
+                    plateau_losses.clear()
+            elif sched is not None:
                 sched.step()
             fired = monitor.observe_step(step, grad_norm=grad_norm, lr=lr, skipped=skipped)
             checked = monitor.run_check(step) if monitor.is_check_step(step) else None
