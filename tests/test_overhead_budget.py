@@ -891,3 +891,65 @@ def test_a_loaded_state_does_not_take_its_restarts_for_new_ones() -> None:
     assert len(after_restart) >= STEP_MIN_REFERENCE  # the refill after the decay
     after_load = [s for s in normed if 500 <= s < 500 + STEP_MIN_REFERENCE]
     assert len(after_load) <= 3, after_load  # strided: the gradient norm at 1 read in 2 of 1 step in 7
+
+
+@pytest.mark.slow
+def test_every_rank_reads_the_same_steps_after_a_restart(tmp_path: Path) -> None:
+    """Two processes read 1 step in 7 (the gradient norm at 1 read in 2; their values all-reduced in batches of 4
+    reads) under a linear decay to 0: every restart of the references is found at the same batch on both ranks, both
+    read the same 20 steps in full after it, compute the gradient norm at the same steps and end with the same
+    detector state (rank 1's steps are slower: its own timings differ)."""
+    fixed = textwrap.dedent(
+        """
+        class Fixed(CollapseMonitorCore):
+            def _schedule_next(self, step, check_s):  # the budget's decisions fixed, alike on every rank
+                self._budget_mark = (time.perf_counter(), self.time_spent_s, step)
+                self._trial_samples = None
+                self.observe_every, self.grad_every = 7, 2
+                self.check_every = 4 * self.every_n_train_steps
+                self._next_check = step + self.check_every
+        """
+    )
+    imports = "from tests.procs import finish_distributed\n"
+    loop = (
+        "normed = []\n"
+        "for step in range(1, 401):\n"
+        "    lr = 0.05 * (1 - (step - 1) / 400)\n"
+        "    for group in opt.param_groups:\n"
+        "        group['lr'] = lr"
+    )
+    observe = (
+        "monitor.observe_step(step, loss=loss.detach(), grad_norm=monitor.step_grad_norm(model.parameters(), step))"
+    )
+    observed = (
+        "grad = monitor.step_grad_norm(model.parameters(), step)\n"
+        "    normed += [step] if grad is not None else []\n"
+        "    monitor.observe_step(step, loss=loss.detach(), grad_norm=grad, lr=lr)"
+    )
+    written = '"unit_checks": monitor.unit_checks,'
+    also = ' "normed": normed, "restarts": monitor.summary()["reference_restarts"],'
+    script = (
+        DDP_SCRIPT.replace(imports, imports + fixed)
+        .replace("monitor = CollapseMonitorCore(", "monitor = Fixed(")
+        .replace("for step in range(1, 301):", loop)
+        .replace(observe, observed)
+        .replace(written, written + also)
+    )
+    assert script.count("Fixed(") == 2
+    assert "normed += " in script
+    assert '"restarts"' in script
+    run_script(script, tmp_path, launcher="torchrun", timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["observe_every"] == r1["observe_every"] == 7
+    assert r0["restarts"] == r1["restarts"]
+    restarts = [step for step, why in r0["restarts"] if why == "lr"]
+    assert len(restarts) >= 4, restarts
+    assert r0["normed"] == r1["normed"]
+    normed = set(r0["normed"])
+    for restart in [
+        r for r in restarts if 200 < r <= 340
+    ]:  # after the first STEP_WINDOW, room for a batch and 20 steps
+        # found at the batch it is read in (4 reads of 1 step in 7), then 20 steps in a row read in full
+        runs = [s for s in range(restart, restart + 5 * 7 + 1) if all(s + i in normed for i in range(20))]
+        assert runs, (restart, str(sorted(s for s in normed if restart <= s <= restart + 60)))
+    assert r0["detector"] == r1["detector"]

@@ -1093,7 +1093,8 @@ class CollapseMonitorCore:
             self._bring_check_forward(wanted_at, rows[-1][0])
         restarts = detector.reference_restarts
         if restarts and restarts[-1] is not self._restart_seen and rows:
-            self._refill_after_restart(rows[-1][0])
+            # from the step being read now: a batch read from a device or across ranks arrives steps after its rows
+            self._refill_after_restart(max(rows[-1][0], self.last_observed_step))
         return first
 
     def _wants_check(self) -> bool:
