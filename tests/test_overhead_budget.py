@@ -743,11 +743,12 @@ def test_the_hooks_copies_count_as_the_monitors_own_time(monkeypatch: pytest.Mon
 
 
 def _decaying_run(
-    rate: Callable[[int], float], steps: int, broken_from: int
+    rate: Callable[[int], float], steps: int, broken_from: int | None, load_at: int | None = None
 ) -> tuple[CollapseMonitorCore, list[int], list[int]]:
     """`_train`'s regression read 1 step in 7 (`_FixedSchedule`), at the rate ``rate(step)`` (a schedule the monitor
-    is told of), its targets noise from step ``broken_from`` on (a data bug); the monitor, the steps whose gradient
-    norm it computed, the steps at which `observe_step` returned an alarm."""
+    is told of), its targets noise from step ``broken_from`` on (a data bug; None: never); before step ``load_at`` the
+    monitor loads its own state (as a resume or a rollback's restore does). Returns the monitor, the steps whose
+    gradient norm it computed, the steps at which `observe_step` returned an alarm."""
     monitor = _FixedSchedule("1", every_n_train_steps=20, max_samples=128)
     model = _mlp()
     monitor.attach(model)
@@ -760,9 +761,12 @@ def _decaying_run(
             lr = rate(step)
             for group in opt.param_groups:
                 group["lr"] = lr
+            if step == load_at:
+                monitor.load_state_dict(monitor.state_dict())
             monitor.prepare_step(step)
             x = torch.randn(64, 16, generator=gen)
-            target = x[:, :4] if step < broken_from else 30 * torch.randn(64, 4, generator=gen)
+            broken = broken_from is not None and step >= broken_from
+            target = 30 * torch.randn(64, 4, generator=gen) if broken else x[:, :4]
             loss = (model(x) - target).pow(2).mean()
             opt.zero_grad()
             loss.backward()
@@ -857,33 +861,7 @@ def test_a_loaded_state_does_not_take_its_restarts_for_new_ones() -> None:
     after the load (they were after a restart: 20 in a row)."""
     from topo_callbacks.core.detector import STEP_MIN_REFERENCE
 
-    monitor = _FixedSchedule("1", every_n_train_steps=20, max_samples=128)
-    model = _mlp()
-    monitor.attach(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    gen = torch.Generator().manual_seed(0)
-    normed = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for step in range(1, 601):
-            lr = 0.05 if step < 300 else 0.01
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if step == 500:
-                monitor.load_state_dict(monitor.state_dict())
-            monitor.prepare_step(step)
-            x = torch.randn(64, 16, generator=gen)
-            loss = (model(x) - x[:, :4]).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            grad = monitor.step_grad_norm(model.parameters(), step)
-            if grad is not None:
-                normed.append(step)
-            opt.step()
-            monitor.add_loss(loss)
-            monitor.observe_step(step, grad_norm=grad, lr=lr)
-            if monitor.is_check_step(step):
-                monitor.run_check(step)
+    monitor, normed, _ = _decaying_run(lambda step: 0.05 if step < 300 else 0.01, 600, None, load_at=500)
     restarts = [step for step, why in monitor.summary()["reference_restarts"] if why == "lr"]
     assert len(restarts) == 1, restarts
     assert 300 <= restarts[0] <= 307

@@ -694,12 +694,16 @@ class CollapseMonitorCore:
         that many strided reads later. Without this a cosine or linear decay to 0 (whose falls by `LR_EVENT` come
         ever closer) left a run read one step in 6-66 unscored for its last third: a data bug at 80% of such a run
         took its accuracy from 97% to 51-58% without an alarm (`benchmarks/outside_runs.py`'s ``late_shuffle``)."""
-        detector = self.detector
-        if detector is not None and detector.reference_restarts:
-            self._restart_seen = detector.reference_restarts[-1]
+        self._mark_restarts_seen()
         if self._read_all_until is not None:  # with every step read already, costs nothing: strides may rise meanwhile
             self._read_all_until = max(self._read_all_until, step + STEP_MIN_REFERENCE)
             self._quiet_through = 0
+
+    def _mark_restarts_seen(self) -> None:
+        """The detector's restarts so far are not new ones (`_feed_steps` refills after a new one): after a refill
+        and after its state is loaded or restored."""
+        restarts = None if self.detector is None else self.detector.reference_restarts
+        self._restart_seen = restarts[-1] if restarts else None
 
     def _quiet_until(self, step: int) -> int:
         """The last optimizer step of the stretch after ``step`` in which nothing is due (`observes` is false, no
@@ -1962,7 +1966,7 @@ class CollapseMonitorCore:
                 episodes[-1]["rolled_back_to"] = restored
             detector.episodes, detector.fired, detector.skipped_steps, detector.notes = episodes, first, skipped, notes
             self._resumed_quiet = detector.quiet_channels()
-            self._restart_seen = detector.reference_restarts[-1] if detector.reference_restarts else None
+            self._mark_restarts_seen()
             self._episodes_ended_told = sum(e["end"] is not None for e in episodes)  # the rollback's warning told it
         if extra.get("rule") is not None:
             self.rule.load_state_dict(extra["rule"])
@@ -2068,8 +2072,7 @@ class CollapseMonitorCore:
         self._capture_steps = saved_window if same_world else self.every_n_train_steps
         if self.detector is not None and state.get("detector"):
             self.detector.load_state_dict(state["detector"])
-            restarts = self.detector.reference_restarts
-            self._restart_seen = restarts[-1] if restarts else None  # restarts loaded are not new ones
+            self._mark_restarts_seen()  # restarts loaded are not new ones
             if self._host_batch:
                 self._urgent_above = self.detector.urgent_above()
         self.last_observed_step = int(state.get("last_observed_step", 0))
