@@ -520,6 +520,24 @@ def test_an_adamw_run_converging_after_its_warm_up_does_not_alarm(outside: Any) 
     assert out.alarms == []
 
 
+def test_a_language_models_off_by_one_targets_alarm_and_its_twin_does_not(outside: Any) -> None:
+    """``benchmarks/outside_runs.py``'s language model (PyTorch's own pre-LN transformer layers, AdamW with warm-up and
+    cosine, clipping at 1.0) whose data pipeline starts shifting the targets one byte too far at step 600: the loss
+    rises by about half (at step 1000 of the outside run: ~2.1 to 3.0-3.4, 4-7 robust standard deviations), and the
+    default alarm (every step read) fires on the loss within 20 steps (619: the perplexity was found 10% worse at
+    625), while the same run without the bug stays quiet."""
+    recipe = lambda model, _: outside._lm_recipe(model, 2000)  # noqa: E731
+    run = outside.Run("lm_off_by_one", "lm", 640, recipe, clip=1.0, fail_at=600, off_by_one_from=600)
+    broken = outside.train(run, seed=0, max_overhead=None, quick=False)
+    healthy = outside.train(outside.twin(run), seed=0, max_overhead=None, quick=False)
+    assert healthy.alarms == [], healthy.alarms
+    assert healthy.final_metric < 0.9 * broken.final_metric  # perplexity: the bug costs the metric
+    assert broken.alarms, broken
+    assert 600 <= broken.alarms[0]["start"] <= 620, broken.alarms
+    assert broken.detected, (broken.alarms, broken.dropped_at)  # before the evaluation that found it 10% worse
+    assert broken.alarms[0]["channel"] in ("loss", "loss_spike"), broken.alarms
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_a_onecycle_run_read_one_step_in_22_does_not_alarm_on_its_converging_gradient(
     outside: Any, monkeypatch: pytest.MonkeyPatch, seed: int

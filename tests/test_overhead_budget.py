@@ -855,6 +855,26 @@ def test_a_rate_event_among_queued_reads_is_scored_at_once() -> None:
     assert [s for s in read if s > 335] == [336, 343, 350, 357]  # strided again
 
 
+def test_a_rate_event_among_rows_batched_by_read_every_n_steps_is_scored_at_once() -> None:
+    """The same rates as above, in one process with ``read_every_n_steps=8`` on the CPU (the batched path a device's
+    values take, not the budget's host batches): the event at 315 is judged on the rates queued since the last batch
+    was scored, so the batch is scored there and the steps after it read in full."""
+    from topo_callbacks.core.detector import STEP_MIN_REFERENCE
+
+    monitor = CollapseMonitorCore("0", max_overhead=None, read_every_n_steps=8)
+    read = []
+    for step in range(1, 360):
+        if step == 201:
+            monitor.observe_every = 7
+        lr = 0.05 if step < 308 else (0.1 if step < 315 else 0.06)
+        if monitor.observes(step):
+            read.append(step)
+        monitor.observe_step(step, loss=1.0 + 0.01 * (step % 5), grad_norm=2.0 + 0.01 * (step % 3), lr=lr)
+    assert not monitor._host_batch
+    assert monitor.summary()["reference_restarts"] == [[315, "lr"]]
+    assert [s for s in read if 315 < s <= 315 + STEP_MIN_REFERENCE] == list(range(316, 316 + STEP_MIN_REFERENCE))
+
+
 def test_a_loaded_state_does_not_take_its_restarts_for_new_ones() -> None:
     """A monitor read 1 step in 7 whose references restarted at a decay (step ~300) loads its own state at step 500
     (as a resume or a rollback's restore does): the restart it holds is not a new one, so no steps are read in full

@@ -806,16 +806,7 @@ class CollapseMonitorCore:
             if isinstance(loss_scale, Tensor):
                 row[len(wanted) + 2] = float(loss_scale)
             queued = reads.add_host(step, row)
-            lr_due = False
-            if lr is not None:
-                # a schedule's event among the queued rates (the detector's state is the last batch's: carried over
-                # the rows queued since, it is exact): read strided, the batch is scored now and the steps after the
-                # event read in full
-                if queued == 1:
-                    self._lr_queued = self.detector.lr_state()  # type: ignore[union-attr]
-                event, ref, previous, top = lr_event(float(lr), self._lr_queued)
-                self._lr_queued = (ref, previous, top)
-                lr_due = event and (self.observe_every > 1 or self.grad_every > 1)
+            lr_due = self._queued_lr_event(lr, queued == 1)
             above_loss, above_grad = self._urgent_above
             urgent = (
                 not (-math.inf < fed < above_loss and -math.inf < norm < above_grad)
@@ -832,10 +823,12 @@ class CollapseMonitorCore:
             self._tell_detector_news(step)
         else:
             stored = reads.add(step, row)
+            lr_due = self._queued_lr_event(lr, len(reads) == 1)
             # a check step reads the device anyway: the detector then sees every step up to the check. Host values
             # in a batch (``read_every_n_steps`` on the CPU) are scored at once when the rules that act fast need
             # them (under DDP a rank cannot decide that alone: its peers wait for the batch)
-            force = units or self.is_check_step(step) or (world_size() == 1 and self._urgent(wanted, stored))
+            urgent = world_size() == 1 and (lr_due or self._urgent(wanted, stored))
+            force = units or self.is_check_step(step) or urgent
             fired = self._feed_steps(reads.ready(self._device, force=force))
             self._tell_detector_news(step)
         now = time.perf_counter()
@@ -1124,15 +1117,23 @@ class CollapseMonitorCore:
         a step the loss scaler skipped."""
         assert self.detector is not None
         values = {n: v for n, v in zip(wanted, row, strict=False) if isinstance(v, float)}
-        lr = row[len(wanted)]
-        strided = self.observe_every > 1 or self.grad_every > 1
-        return (
-            row[len(wanted) + 1] is True
-            or self.detector.urgent(values)
-            # a schedule's event, read strided: the steps after it are read in full once it is scored. Judged on the
-            # state of the rows scored so far (one more device read per event where the values are on a device)
-            or (strided and isinstance(lr, (float, int)) and self.detector.lr_event_due(float(lr)))
-        )
+        return row[len(wanted) + 1] is True or self.detector.urgent(values)
+
+    def _queued_lr_event(self, lr: Tensor | float | None, first: bool) -> bool:
+        """Whether the rate of a row just queued (not yet scored) makes a schedule's event that must be scored now:
+        read strided, the steps after an event are read in full once it is scored (`_refill_after_restart`). The
+        detector's rate state is the last scored row's; carried over the rows queued since (``first``: the queue
+        was empty), it is what the detector will hold when it reaches this row. A rate on a device is not read
+        here (it would wait for the device): its event is found when the batch is scored."""
+        if self.detector is None or lr is None:
+            return False
+        if first:
+            self._lr_queued = self.detector.lr_state()
+        if isinstance(lr, Tensor) and not lr.is_cpu:
+            return False
+        event, ref, previous, top = lr_event(float(lr), self._lr_queued)
+        self._lr_queued = (ref, previous, top)
+        return event and (self.observe_every > 1 or self.grad_every > 1)
 
     def _tell_detector_news(self, step: int) -> None:
         """Warn once about each note the detector has about how it is fed, and about each episode that ended."""
