@@ -575,12 +575,14 @@ def test_onsets_of_streak_rules_are_steps_when_reads_skip_steps() -> None:
 )
 def test_lr_event_due_says_what_observe_lr_then_does(pieces: list[tuple[str, int]], peak: float) -> None:
     """Over schedules made of held rates, decays towards 0, rises, warm restarts and warm-ups: `lr_event_due` before
-    each `observe_lr` says exactly whether it restarts the references, and once they were learned under
-    `LR_EVENT_FLOOR` of the highest rate read only a jump back up (a warm restart) restarts them (a decay's tail)."""
-    from topo_callbacks.core.detector import LR_EVENT, LR_EVENT_FLOOR
+    each `observe_lr` says exactly whether it restarts the references, once they were learned under
+    `LR_EVENT_FLOOR` of the highest rate read only a jump back up (a warm restart) restarts them (a decay's tail), and
+    a fall restarts them no sooner than `LR_EVENT_GAP` steps after the last restart (a short decay's tail)."""
+    from topo_callbacks.core.detector import LR_EVENT, LR_EVENT_FLOOR, LR_EVENT_GAP
 
     det = CusumDetector(default_calibration(0.05))
     lr, step, top, previous = peak, 0, 0.0, math.nan
+    last: int | None = None
     for kind, length in pieces:
         start = lr
         for i in range(1, length + 1):
@@ -593,10 +595,13 @@ def test_lr_event_due_says_what_observe_lr_then_does(pieces: list[tuple[str, int
             elif kind == "warmup":
                 lr = start * (1 + i / length)
             step += 1
-            due = det.lr_event_due(lr)
+            due = det.lr_event_due(lr, step)
             learned_at = det.lr_state()[0]
             restarted = det.observe_lr(step, lr)
             assert restarted == due
             if restarted and learned_at is not None and learned_at < LR_EVENT_FLOOR * top:
                 assert lr > previous * LR_EVENT  # down there only a jump back up (a warm restart) restarts them
+            if restarted and not lr > previous * LR_EVENT and last is not None:
+                assert step - last >= LR_EVENT_GAP  # a fall waits for the references to refill and score
+            last = step if restarted else last
             top, previous = max(top, lr), lr

@@ -829,6 +829,25 @@ def test_the_tail_of_a_decay_to_zero_is_scored() -> None:
     _alarmed_soon_after(monitor, fired, broken_from)
 
 
+def test_the_tail_of_a_short_decay_is_scored() -> None:
+    """A cosine to 0 over 300 steps (a short fine-tune): from about step 190 its falls by `LR_EVENT` came faster than a
+    reference refills (every 7-11 steps at the end), each restarted the references, and nothing was scored there
+    until `LR_EVENT_FLOOR`. A fall now waits until `LR_EVENT_GAP` steps after the last restart: the references
+    restart every 40 steps or more, refill and score in between, and targets broken at step 260 (15 steps after a
+    restart, the rate at 6% of its peak) alarm within a few steps."""
+    from topo_callbacks.core.detector import LR_EVENT_GAP
+
+    steps, broken_from = 300, 260
+    rate = lambda step: 0.05 * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))  # noqa: E731
+    monitor, _, fired = _decaying_run(rate, steps, broken_from)
+    restarts = [step for step, why in monitor.summary()["reference_restarts"] if why == "lr"]
+    assert len(restarts) >= 4, restarts
+    assert all(b - a >= LR_EVENT_GAP for a, b in itertools.pairwise(restarts)), restarts
+    assert fired, "the data bug in the decay's tail did not alarm"
+    assert monitor.detector is not None
+    assert broken_from <= monitor.detector.episodes[0]["start"] <= broken_from + 7, monitor.detector.episodes
+
+
 def test_a_rate_event_among_queued_reads_is_scored_at_once() -> None:
     """CPU reads scored in batches, 1 step in 7: a rise of the rate (read at step 308) and then a fall from it by more
     than `LR_EVENT` (0.1 -> 0.06, read at 315) sit in one batch. The detector's own state is the last batch's (0.05),

@@ -119,6 +119,13 @@ LR_EVENT = 1.5
 #: small to move the levels the references hold, and a decay to 0 (cosine, linear) would otherwise restart them every
 #: few steps through its last ~5%, leaving it unscored.
 LR_EVENT_FLOOR = 0.01
+#: A fall of the rate fewer than this many optimizer steps after the last restart of the references (a schedule's event
+#: or `CusumDetector.restart_references`) waits until then, the fall accumulating: a decay to 0 over a short run
+#: brings its 1.5x falls closer together than a reference refills (`STEP_MIN_REFERENCE`), through the last ~90 steps
+#: of a cosine over 300-1000 steps and ~40 of a linear decay (a short fine-tune), so nothing was scored there. Twice
+#: the refill: a restarted reference refills, then scores for as long again before the next fall restarts it. A jump
+#: (a warm restart) restarts at once.
+LR_EVENT_GAP = 2 * STEP_MIN_REFERENCE
 #: The rises of the highest rate read are kept when they add more than this factor (1%): a warm-up from 1e-6 to 1e-3
 #: keeps ~700, and the highest rate before a step is known to 1% (`CusumDetector.highest_rate_before`).
 LR_RISE_STEP = 1.01
@@ -1024,7 +1031,8 @@ class CusumDetector:
         `CHECK_MIN_REFERENCE` checks; the absolute rules go on), so that the new level is learned and not scored as a
         failure: a fall by more than a factor
         `LR_EVENT` from the rate the references were learned at (a decay, stepped or gradual; not to under
-        `LR_EVENT_FLOOR` of the highest rate, the tail of a decay to 0), or a jump by more than
+        `LR_EVENT_FLOOR` of the highest rate, the tail of a decay to 0; not within `LR_EVENT_GAP` steps of the last
+        restart: it waits, accumulating, so that a short decay's tail is scored), or a jump by more than
         `LR_EVENT` in one step back to a rate the run already trained at (a warm restart). A rise past every rate the
         run has trained at, or a gradual rise (a warm-up, or a ramp to a rate far too high), is scored. Returns
         whether the references restarted.
@@ -1040,17 +1048,19 @@ class CusumDetector:
         top = self._lr_max
         if lr > top and (not self._lr_rises or lr > self._lr_rises[-1][1] * LR_RISE_STEP):
             self._lr_rises.append([step, lr])
-        event, self._lr_reference, self._lr_previous, self._lr_max = lr_event(lr, self.lr_state())
+        event, (self._lr_reference, self._lr_previous, self._lr_max, _) = lr_event(lr, self.lr_state(), step)
         if event:
             self.restart_references(step, why="lr")
         return event
 
     def lr_state(self) -> LrState:
         """What `observe_lr` keeps of the rates read: the rate the references were learned at (the highest since the
-        last event), the last rate, the highest rate (None, None, 0 before the first); `lr_event`'s ``state``."""
-        return self._lr_reference, self._lr_previous, self._lr_max
+        last event), the last rate, the highest rate (None, None, 0 before the first), and the step of the last
+        restart of the references (None before the first); `lr_event`'s ``state``."""
+        last = self.reference_restarts[-1][0] if self.reference_restarts else None
+        return self._lr_reference, self._lr_previous, self._lr_max, last
 
-    def lr_event_due(self, lr: float) -> bool:
+    def lr_event_due(self, lr: float, step: int | None = None) -> bool:
         """Whether the learning rate ``lr``, read next, would restart the references (`observe_lr`); changes nothing.
 
         Example:
@@ -1059,7 +1069,7 @@ class CusumDetector:
             >>> det.lr_event_due(0.09), det.lr_event_due(0.05)
             (False, True)
         """
-        return lr_event(float(lr), self.lr_state())[0]
+        return lr_event(float(lr), self.lr_state(), step)[0]
 
     def restart_references(self, step: int, why: str = "told") -> None:
         """Forget every channel's reference and accumulators from optimizer step ``step`` on, as a schedule's
@@ -1299,39 +1309,51 @@ class CusumDetector:
         self._fall_checked = int(state.get("fall_checked", 0))
 
 
-#: `CusumDetector.lr_state`: the rate the references were learned at, the last rate, the highest rate
-LrState = tuple[float | None, float | None, float]
+#: `CusumDetector.lr_state`: the rate the references were learned at, the last rate, the highest rate, the step of the
+#: last restart of the references
+LrState = tuple[float | None, float | None, float, int | None]
 
 
-def lr_event(lr: float, state: LrState) -> tuple[bool, float | None, float | None, float]:
-    """Whether a learning rate ``lr`` read after the rates summed up in ``state`` (`CusumDetector.lr_state`) is a
-    change the schedule made, which restarts the references (`CusumDetector.observe_lr`), and the state after it:
-    a fall by more than `LR_EVENT` from the rate the references were learned at, unless that rate is already under
-    `LR_EVENT_FLOOR` of the highest (the tail of a decay to 0: its updates are too small to move the levels the
-    references hold; the fall that crosses the floor still restarts them once), or a jump by more than `LR_EVENT` in
-    one read back to a rate the run already trained at (a warm restart). A rate that is not a positive number changes
-    nothing. Pure: a monitor that scores its reads in batches runs it over the rates it queues.
+def lr_event(lr: float, state: LrState, step: int | None = None) -> tuple[bool, LrState]:
+    """Whether a learning rate ``lr`` read at optimizer step ``step`` after the rates summed up in ``state``
+    (`CusumDetector.lr_state`) is a change the schedule made, which restarts the references
+    (`CusumDetector.observe_lr`), and the state after it: a fall by more than `LR_EVENT` from the rate the references
+    were learned at, unless that rate is already under `LR_EVENT_FLOOR` of the highest (the tail of a decay to 0: its
+    updates are too small to move the levels the references hold; the fall that crosses the floor still restarts them
+    once) or the references restarted fewer than `LR_EVENT_GAP` steps before (the fall waits, accumulating), or a
+    jump by more than `LR_EVENT` in one read back to a rate the run already trained at (a warm restart). A rate that
+    is not a positive number changes nothing. Pure: a monitor that scores its reads in batches runs it over the rates
+    it queues.
 
     Example:
-        >>> state = (None, None, 0.0)
+        >>> state = (None, None, 0.0, None)
         >>> events = []
-        >>> for lr in [0.1, 0.1, 0.01, 0.01, 0.1, 0.2, 3.0, 0.01, 0.005]:
-        ...     event, *state = lr_event(lr, tuple(state))
+        >>> for step, lr in enumerate([0.1, 0.1, 0.01, 0.01, 0.1, 0.2, 3.0, 0.01, 0.005]):
+        ...     event, state = lr_event(lr, state)  # no step: no gap kept
         ...     events.append(event)
         >>> events  # a decay, a warm restart, rises; a fall to 1/300 of the highest, then none under it
         [False, False, True, False, True, False, False, True, False]
+        >>> state, restarts = (None, None, 0.0, None), []
+        >>> for step in range(100):  # a fall by 1.5x every 10 steps: restarts at most every LR_EVENT_GAP steps
+        ...     event, state = lr_event(0.96**step, state, step)
+        ...     restarts += [step] if event else []
+        >>> restarts
+        [10, 50, 90]
     """
-    ref, previous, top = state
+    ref, previous, top, restarted = state
     if not (math.isfinite(lr) and lr > 0.0):
-        return False, ref, previous, top
+        return False, state
     highest = top if top > lr else lr
     if ref is None or previous is None:
-        return False, lr, lr, highest
+        return False, (lr, lr, highest, restarted)
     fell = lr * LR_EVENT < ref and ref >= LR_EVENT_FLOOR * top * (1 - 1e-9)
     jumped = lr > previous * LR_EVENT and lr <= top * (1 + 1e-9)
+    if fell and not jumped and step is not None and restarted is not None and step - restarted < LR_EVENT_GAP:
+        return False, (ref, lr, highest, restarted)  # too soon after the last restart: the fall accumulates
     if fell or jumped:
-        return True, lr, lr, highest
-    return False, max(ref, lr), lr, highest  # a decay is measured from the highest rate since the last event
+        return True, (lr, lr, highest, step if step is not None else restarted)
+    # a decay is measured from the highest rate since the last event
+    return False, (max(ref, lr), lr, highest, restarted)
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:

@@ -479,7 +479,7 @@ class CollapseMonitorCore:
         #: the detector's last reference restart the monitor has refilled after (`_refill_after_restart`)
         self._restart_seen: list[Any] | None = None
         #: the detector's `lr_state` carried over the rates of the rows queued since the last batch scored
-        self._lr_queued: LrState = (None, None, 0.0)
+        self._lr_queued: LrState = (None, None, 0.0, None)
         #: the losses of the steps not read since the last read: their mean with the read step's is what is fed
         self._unread_loss: Tensor | float = 0.0
         self._unread_count = 0
@@ -806,7 +806,7 @@ class CollapseMonitorCore:
             if isinstance(loss_scale, Tensor):
                 row[len(wanted) + 2] = float(loss_scale)
             queued = reads.add_host(step, row)
-            lr_due = self._queued_lr_event(lr, queued == 1)
+            lr_due = self._queued_lr_event(step, lr, queued == 1)
             above_loss, above_grad = self._urgent_above
             urgent = (
                 not (-math.inf < fed < above_loss and -math.inf < norm < above_grad)
@@ -823,7 +823,7 @@ class CollapseMonitorCore:
             self._tell_detector_news(step)
         else:
             stored = reads.add(step, row)
-            lr_due = self._queued_lr_event(lr, len(reads) == 1)
+            lr_due = self._queued_lr_event(step, lr, len(reads) == 1)
             # a check step reads the device anyway: the detector then sees every step up to the check. Host values
             # in a batch (``read_every_n_steps`` on the CPU) are scored at once when the rules that act fast need
             # them (under DDP a rank cannot decide that alone: its peers wait for the batch)
@@ -1119,7 +1119,7 @@ class CollapseMonitorCore:
         values = {n: v for n, v in zip(wanted, row, strict=False) if isinstance(v, float)}
         return row[len(wanted) + 1] is True or self.detector.urgent(values)
 
-    def _queued_lr_event(self, lr: Tensor | float | None, first: bool) -> bool:
+    def _queued_lr_event(self, step: int, lr: Tensor | float | None, first: bool) -> bool:
         """Whether the rate of a row just queued (not yet scored) makes a schedule's event that must be scored now:
         read strided, the steps after an event are read in full once it is scored (`_refill_after_restart`). The
         detector's rate state is the last scored row's; carried over the rows queued since (``first``: the queue
@@ -1131,8 +1131,7 @@ class CollapseMonitorCore:
             self._lr_queued = self.detector.lr_state()
         if isinstance(lr, Tensor) and not lr.is_cpu:
             return False
-        event, ref, previous, top = lr_event(float(lr), self._lr_queued)
-        self._lr_queued = (ref, previous, top)
+        event, self._lr_queued = lr_event(float(lr), self._lr_queued, step)
         return event and (self.observe_every > 1 or self.grad_every > 1)
 
     def _tell_detector_news(self, step: int) -> None:
