@@ -92,6 +92,7 @@ import torch
 from torch import nn
 
 from topo_callbacks.bench.families import SSLNet
+from topo_callbacks.bench.recovery import RESCUE_POINTS, RESCUE_RELATIVE, metric_gap
 from topo_callbacks.bench.tasks import DigitsMLP, augment, knn_accuracy, stdlib_text
 from topo_callbacks.core.monitor import CollapseMonitorCore
 
@@ -625,21 +626,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-#: a failure run is rescued when its final metric is within this many points of its healthy twin's, or for the LM its
-#: perplexity within this share over the twin's (the benchmark's)
-RESCUE_POINTS, RESCUE_PERPLEXITY = 2.0, 0.05
-
-
-def _cost(run: Run, plain: float, rolled: float) -> tuple[float, str]:
-    """What the rollback arm lost against ``plain``: points of accuracy, or for the LM percent of perplexity."""
-    if run.model == "lm":
-        return 100.0 * (rolled / plain - 1.0), "% perplexity"
-    return plain - rolled, " pt"
+def _gap(run: Run, value: float, reference: float) -> tuple[float, str]:
+    """How much worse ``value`` is than ``reference`` (the benchmark's `metric_gap`): points of accuracy, or for the LM
+    percent of perplexity; and its unit."""
+    lm = run.model == "lm"
+    gap = metric_gap(value, reference, "min" if lm else "max")
+    assert gap is not None  # both are numbers
+    return gap, "% perplexity" if lm else " pt"
 
 
 def rollback_arms(runs: list[Run], plain: list[Outcome], budget: float | None, quick: bool) -> list[Outcome]:
     """Each run and seed of ``plain`` trained again with ``on_alarm="rollback"``, and each failure's healthy twin;
-    prints what the rollback did: a failure rescued (final metric within `RESCUE_POINTS` of its twin's), stopped
+    prints what the rollback did: a failure rescued (final metric within `RESCUE_POINTS`, or for the LM
+    `RESCUE_RELATIVE` of perplexity, of its twin's: the benchmark's rule), stopped
     with the configuration diagnosis, or not rescued; a healthy run's cost (its final metric against the plain
     arm's, the same run without rollbacks)."""
     print(f"\non_alarm='rollback' (default RollbackPolicy), max_overhead={budget}:")
@@ -655,7 +654,7 @@ def rollback_arms(runs: list[Run], plain: list[Outcome], budget: float | None, q
                 f" rollback {rb.final_metric:5.1f}: rollbacks {done}{stop}")  # fmt: skip
         if run.fail_at is None:
             if rb.rollbacks or rb.stopped_at is not None:
-                cost, unit = _cost(run, o.final_metric, rb.final_metric)
+                cost, unit = _gap(run, rb.final_metric, o.final_metric)
                 costs.setdefault(unit, []).append(cost)
                 line += f"; cost {cost:+.1f}{unit}"
             print(line, flush=True)
@@ -666,10 +665,8 @@ def rollback_arms(runs: list[Run], plain: list[Outcome], budget: float | None, q
         if rb.stopped_at is not None:
             verdict = "stopped: configuration diagnosis"
             stopped += 1
-        elif (
-            rb.final_metric <= healthy.final_metric * (1 + RESCUE_PERPLEXITY)
-            if run.model == "lm"
-            else rb.final_metric >= healthy.final_metric - RESCUE_POINTS
+        elif _gap(run, rb.final_metric, healthy.final_metric)[0] <= (
+            100 * RESCUE_RELATIVE if run.model == "lm" else RESCUE_POINTS
         ):
             verdict = "rescued"
             rescued += 1
@@ -679,7 +676,7 @@ def rollback_arms(runs: list[Run], plain: list[Outcome], budget: float | None, q
               flush=True)  # fmt: skip
     worst = ", ".join(f"{max(v):+.1f}{unit}" for unit, v in costs.items()) or "-"
     print(
-        f"failures: {rescued}/{failures} rescued (within {RESCUE_POINTS:g} points, or {100 * RESCUE_PERPLEXITY:g}%"
+        f"failures: {rescued}/{failures} rescued (within {RESCUE_POINTS:g} points, or {100 * RESCUE_RELATIVE:g}%"
         f" perplexity, of the healthy twin), {stopped} stopped with the configuration diagnosis; healthy runs rolled"
         f" back: {sum(len(v) for v in costs.values())}, worst cost {worst}"
     )

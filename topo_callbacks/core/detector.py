@@ -1328,7 +1328,7 @@ def lr_event(lr: float, state: LrState, step: int | None = None) -> tuple[bool, 
     Example:
         >>> state = (None, None, 0.0, None)
         >>> events = []
-        >>> for step, lr in enumerate([0.1, 0.1, 0.01, 0.01, 0.1, 0.2, 3.0, 0.01, 0.005]):
+        >>> for lr in [0.1, 0.1, 0.01, 0.01, 0.1, 0.2, 3.0, 0.01, 0.005]:
         ...     event, state = lr_event(lr, state)  # no step: no gap kept
         ...     events.append(event)
         >>> events  # a decay, a warm restart, rises; a fall to 1/300 of the highest, then none under it
